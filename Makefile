@@ -1,0 +1,65 @@
+# podvisor — build, run, test, bench. `make` boots the guest; `make test` runs every tier.
+# Every system dependency is installed from here (scripts/install-deps.sh), never by hand.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+PROFILE ?= release
+OUT ?= $(CURDIR)/out
+export PODVISOR_CACHE ?= $(HOME)/.cache/podvisor
+
+CARGO_PROFILE_FLAG := $(if $(filter release,$(PROFILE)),--release,)
+BIN := $(CURDIR)/target/$(if $(filter release,$(PROFILE)),release,debug)/podvisor
+INITRD := $(OUT)/boot-test.cpio
+
+.DEFAULT_GOAL := run
+.PHONY: run deps build guest-kernel rootfs test test-unit test-guest lint bench bench-boot clean
+
+## deps: install system packages (Debian) the build and tests need.
+deps:
+	@bash scripts/install-deps.sh
+
+## build: the podvisor binaries.
+build: deps
+	$(CARGO) build $(CARGO_PROFILE_FLAG) --workspace --bins
+
+## guest-kernel: build (or reuse from the cache) the guest vmlinux; prints its path.
+guest-kernel: deps
+	@bash guest-kernel/build.sh
+
+## rootfs: the boot-test initramfs (busybox init that marks the boot timer and powers off).
+rootfs: deps
+	@mkdir -p $(OUT)
+	@bash rootfs/build-initramfs.sh $(OUT) >/dev/null
+	@echo $(INITRD)
+
+## run: build everything and boot the guest with its console on this terminal.
+run: build rootfs
+	@kernel=$$(bash guest-kernel/build.sh) && \
+	  $(BIN) boot --kernel "$$kernel" --initrd $(INITRD) --timings
+
+## test: lint, unit and host-side tests, then the guest tier on real KVM.
+test: lint build rootfs
+	@kernel=$$(bash guest-kernel/build.sh) && \
+	  PODVISOR_KERNEL="$$kernel" PODVISOR_INITRD=$(INITRD) PODVISOR_BIN=$(BIN) \
+	  $(CARGO) test $(CARGO_PROFILE_FLAG) --workspace -- --test-threads=4
+
+## test-unit: unit and host-side tests only (no guest kernel needed).
+test-unit:
+	$(CARGO) test --workspace
+
+## lint: formatting and clippy, warnings are errors.
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy $(CARGO_PROFILE_FLAG) --workspace --all-targets -- -D warnings
+
+## bench: every benchmark table.
+bench: bench-boot
+
+## bench-boot: boot figures for 1 vCPU / 128 MiB, median of 3 fresh processes.
+bench-boot: build rootfs
+	@kernel=$$(bash guest-kernel/build.sh) && \
+	  $(BIN) bench boot --kernel "$$kernel" --initrd $(INITRD) --runs 3 --vcpus 1 --mem-mib 128
+
+clean:
+	$(CARGO) clean
+	rm -rf $(OUT)

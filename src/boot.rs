@@ -1,0 +1,148 @@
+//! `podvisor boot`: one VM in this process, console on stdio or in a file.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use vmm::config::DEFAULT_CMDLINE;
+use vmm::{BootTimings, ConsoleConfig, Vm, VmConfig};
+
+#[derive(Args, Debug, Clone)]
+pub struct BootArgs {
+    /// Guest kernel: ELF vmlinux (PVH entry) or bzImage.
+    #[arg(long, env = "PODVISOR_KERNEL")]
+    pub kernel: PathBuf,
+    /// Initramfs (newc cpio).
+    #[arg(long, env = "PODVISOR_INITRD")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (podvisor appends the words this host needs).
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: usize,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    pub mem_mib: u64,
+    /// Where the guest console goes: `stdio`, `none`, or a file path (appended).
+    #[arg(long, default_value = "stdio")]
+    pub console: String,
+    /// Print boot timings and memory use to stderr when the VM stops.
+    #[arg(long)]
+    pub timings: bool,
+    /// Write boot timings as JSON to this file when the VM stops.
+    #[arg(long)]
+    pub timings_json: Option<PathBuf>,
+    /// Stop the VM after this many seconds (exit status 3).
+    #[arg(long)]
+    pub timeout: Option<u64>,
+}
+
+fn console_config(spec: &str) -> ConsoleConfig {
+    match spec {
+        "stdio" => ConsoleConfig::Stdio,
+        "none" => ConsoleConfig::Discard,
+        path => ConsoleConfig::File(PathBuf::from(path)),
+    }
+}
+
+/// Boots the VM and returns the process exit status.
+pub fn run(args: BootArgs, process_start: Instant) -> Result<u8, Box<dyn std::error::Error>> {
+    let config = VmConfig {
+        kernel: args.kernel.clone(),
+        initrd: args.initrd.clone(),
+        cmdline: args.cmdline.clone(),
+        vcpus: args.vcpus,
+        mem_mib: args.mem_mib,
+        console: console_config(&args.console),
+    };
+    let vm = Vm::new(config, process_start)?;
+    let running = vm.start()?;
+    let report = running.wait(args.timeout.map(Duration::from_secs));
+    let _ = std::io::stdout().flush();
+    let code = report.reason.exit_code();
+    if code == 0 {
+        log::info!("{}", report.reason);
+    } else {
+        eprintln!("podvisor: {}", report.reason);
+        if !report.console_tail.is_empty() && args.console != "stdio" {
+            eprintln!("podvisor: last console lines:\n{}", report.console_tail);
+        }
+    }
+    if args.timings {
+        eprint!("{}", format_timings(&report.timings));
+    }
+    if let Some(path) = &args.timings_json {
+        let record = TimingsRecord::new(&report.timings, &report.reason.to_string(), code);
+        std::fs::write(path, serde_json::to_string(&record)?)?;
+    }
+    Ok(code as u8)
+}
+
+fn ms(d: Option<Duration>) -> String {
+    d.map_or("n/a".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+/// Human-readable timings.
+pub fn format_timings(t: &BootTimings) -> String {
+    let mut out = String::new();
+    out += &format!(
+        "host setup (process start -> first KVM_RUN): {}\n",
+        ms(t.host_setup)
+    );
+    out += &format!(
+        "guest time to init (first KVM_RUN -> boot marker): {}\n",
+        t.guest_to_init
+            .map_or("n/a (no marker)".into(), |d| format!(
+                "{:.2} s",
+                d.as_secs_f64()
+            ))
+    );
+    match t.memory_at_init {
+        Some(m) => {
+            out += &format!(
+                "VMM RSS outside guest RAM at init: {} (PSS {})\n",
+                mib(m.vmm_rss_kib),
+                mib(m.vmm_pss_kib)
+            );
+            out += &format!("guest RAM touched at init: {}\n", mib(m.guest_rss_kib));
+        }
+        None => out += "memory at init: n/a (no marker)\n",
+    }
+    out += &format!("total run time: {:.2} s\n", t.total.as_secs_f64());
+    out
+}
+
+/// One boot's figures, as `--timings-json` writes them (ms, KiB; null when not measured).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TimingsRecord {
+    pub host_setup_ms: Option<f64>,
+    pub guest_to_init_ms: Option<f64>,
+    pub vmm_rss_kib: Option<u64>,
+    pub vmm_pss_kib: Option<u64>,
+    pub guest_rss_kib: Option<u64>,
+    pub total_ms: f64,
+    pub exit_code: i32,
+    pub reason: String,
+}
+
+impl TimingsRecord {
+    pub fn new(t: &BootTimings, reason: &str, exit_code: i32) -> Self {
+        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
+        TimingsRecord {
+            host_setup_ms: ms(t.host_setup),
+            guest_to_init_ms: ms(t.guest_to_init),
+            vmm_rss_kib: t.memory_at_init.map(|m| m.vmm_rss_kib),
+            vmm_pss_kib: t.memory_at_init.map(|m| m.vmm_pss_kib),
+            guest_rss_kib: t.memory_at_init.map(|m| m.guest_rss_kib),
+            total_ms: t.total.as_secs_f64() * 1e3,
+            exit_code,
+            reason: reason.to_string(),
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! What a VM is made of: kernel, initrd, command line, vCPUs, memory, console.
+
+use std::path::PathBuf;
+
+use crate::arch::mptable;
+
+/// Smallest guest memory podvisor accepts. A minimal kernel loads at 16 MiB and needs room
+/// above it for itself and an initramfs.
+pub const MIN_MEM_MIB: u64 = 32;
+/// Largest guest memory podvisor accepts (a sanity bound, not a KVM limit).
+pub const MAX_MEM_MIB: u64 = 1 << 20;
+/// Largest vCPU count (the MP table's limit).
+pub const MAX_VCPUS: usize = mptable::MAX_CPUS;
+
+/// The command line used when none is given: serial console, reset through the i8042
+/// (the VMM stops on it), reboot on panic so a panicked guest ends the VM, no PCI probing.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule";
+
+/// Where the guest console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleConfig {
+    /// The VMM's stdout; stdin is fed to the guest.
+    Stdio,
+    /// Appended to a file.
+    File(PathBuf),
+    /// Kept only in memory (the console tail in errors).
+    Discard,
+}
+
+/// A VM's configuration.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Guest kernel: ELF `vmlinux` (PVH entry used when present) or `bzImage`.
+    pub kernel: PathBuf,
+    /// Initramfs (cpio, optionally compressed if the kernel supports it).
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; the VMM appends its own words (devices, host quirks).
+    pub cmdline: String,
+    /// Number of vCPUs.
+    pub vcpus: usize,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// Console output.
+    pub console: ConsoleConfig,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            kernel: PathBuf::new(),
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            vcpus: 1,
+            mem_mib: 128,
+            console: ConsoleConfig::Stdio,
+        }
+    }
+}
+
+/// Errors in a VM configuration.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("vCPU count must be 1 to {MAX_VCPUS}, not {0}")]
+    Vcpus(usize),
+    #[error("guest memory must be {MIN_MEM_MIB} to {MAX_MEM_MIB} MiB, not {0} MiB")]
+    Memory(u64),
+    #[error("kernel image {0} not found: pass --kernel, or build one with `make guest-kernel`")]
+    KernelMissing(PathBuf),
+    #[error("initrd {0} not found: pass --initrd, or build one with `make rootfs`")]
+    InitrdMissing(PathBuf),
+}
+
+impl VmConfig {
+    /// Checks the configuration before anything is created.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_mib) {
+            return Err(ConfigError::Memory(self.mem_mib));
+        }
+        if !self.kernel.is_file() {
+            return Err(ConfigError::KernelMissing(self.kernel.clone()));
+        }
+        if let Some(initrd) = &self.initrd {
+            if !initrd.is_file() {
+                return Err(ConfigError::InitrdMissing(initrd.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Guest memory in bytes.
+    pub fn mem_bytes(&self) -> u64 {
+        self.mem_mib << 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> VmConfig {
+        VmConfig {
+            kernel: std::env::current_exe().unwrap(), // any existing file
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn accepts_defaults() {
+        assert_eq!(config().validate(), Ok(()));
+        assert_eq!(config().mem_bytes(), 128 << 20);
+    }
+
+    #[test]
+    fn rejects_bad_sizes_and_paths() {
+        let c = VmConfig {
+            vcpus: 0,
+            ..config()
+        };
+        assert_eq!(c.validate(), Err(ConfigError::Vcpus(0)));
+        let c = VmConfig {
+            vcpus: MAX_VCPUS + 1,
+            ..config()
+        };
+        assert!(c.validate().is_err());
+        let c = VmConfig {
+            mem_mib: 16,
+            ..config()
+        };
+        assert_eq!(c.validate(), Err(ConfigError::Memory(16)));
+        let c = VmConfig {
+            kernel: "/nonexistent/vmlinux".into(),
+            ..config()
+        };
+        assert!(matches!(c.validate(), Err(ConfigError::KernelMissing(_))));
+        let c = VmConfig {
+            initrd: Some("/nonexistent/initrd".into()),
+            ..config()
+        };
+        assert!(matches!(c.validate(), Err(ConfigError::InitrdMissing(_))));
+        let msg = VmConfig {
+            kernel: "/x".into(),
+            ..config()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(msg.contains("make guest-kernel"), "{msg}");
+    }
+}

@@ -1,0 +1,30 @@
+//! podvisor's in-process virtual machine monitor.
+//!
+//! The VMM knows nothing about containers: it boots a kernel with devices and runs it on
+//! vCPU threads inside the calling process (the shim, or `podvisor boot`). Dependencies
+//! point one way: `podvisor` → `vmm` → `devices` → rust-vmm crates.
+//!
+//! * [`config`]: what a VM is made of, validated up front.
+//! * [`vm`]: creating, starting, pausing and stopping a VM.
+//! * [`vcpu`]: vCPU boot state and threads; [`event_loop`]: the device event thread.
+//! * [`memory`], [`loader`], [`arch`]: guest RAM, kernel/initrd loading, x86_64 boot set-up.
+//! * [`device_manager`]: devices on buses, interrupts.
+//! * [`host`]: host detection and its quirks; [`timings`]: boot timings and memory use.
+
+pub mod arch;
+pub mod config;
+pub mod device_manager;
+pub mod event_loop;
+pub mod exit;
+pub mod host;
+pub mod loader;
+pub mod memory;
+pub mod timings;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::{ConsoleConfig, VmConfig};
+pub use exit::ExitReason;
+pub use host::HostKind;
+pub use timings::{BootTimings, MemoryUsage};
+pub use vm::{RunningVm, Vm, VmError, VmReport};

@@ -1,0 +1,472 @@
+//! vCPUs: creation and boot state, and one thread per vCPU running `KVM_RUN`.
+//!
+//! Each vCPU thread loops: honour the controller's request (run / pause / stop), enter the
+//! guest, dispatch the exit (port I/O and MMIO to the buses, stop reasons to the VM). To get
+//! a thread out of `KVM_RUN` the controller sets the request and sends it a signal
+//! ([`kick_signal`]); the handler sets `immediate_exit` in that thread's `kvm_run`, so a
+//! signal that lands just before `KVM_RUN` is not lost. The controller repeats the kick until
+//! the thread acknowledges, which makes pausing robust against any remaining race.
+
+use std::cell::Cell;
+use std::os::raw::{c_int, c_void};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex, Once, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devices::Bus;
+use kvm_bindings::{
+    kvm_run, CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use log::{debug, error, warn};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::arch::regs::{self, BootProtocol};
+use crate::arch::{cpuid, msr, pagewalk};
+use crate::exit::{ExitReason, VmEvent};
+use crate::memory::GuestMem;
+
+/// Errors of vCPU creation and set-up.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot create vCPU {id}: {source}")]
+    Create {
+        id: usize,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot set up vCPU {id} ({what}): {source}")]
+    Setup {
+        id: usize,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {id}: KVM accepted only {set} of {total} boot MSRs; MSR {index:#x} was refused")]
+    Msr {
+        id: usize,
+        set: usize,
+        total: usize,
+        index: u32,
+    },
+    #[error("cannot set up vCPU {0}'s boot page tables: {1}")]
+    Regs(usize, regs::RegsError),
+    #[error("cannot start the thread of vCPU {id}: {source}")]
+    Spawn { id: usize, source: std::io::Error },
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+}
+
+/// Real-time signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> c_int {
+    SIGRTMIN()
+}
+
+thread_local! {
+    // The `kvm_run` of the vCPU this thread runs (null when none), for the kick handler.
+    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick(_: c_int, _: *mut libc::siginfo_t, _: *mut c_void) {
+    let run = KVM_RUN_PTR.with(|p| p.get());
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own kvm_run mapping, set while the VcpuFd that
+        // owns it is alive on this thread; a volatile byte store is async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+fn install_kick_handler() -> Result<(), VcpuError> {
+    static ONCE: Once = Once::new();
+    static RESULT: OnceLock<Result<(), vmm_sys_util::errno::Error>> = OnceLock::new();
+    ONCE.call_once(|| {
+        let _ = RESULT.set(register_signal_handler(kick_signal(), handle_kick));
+    });
+    RESULT
+        .get()
+        .cloned()
+        .unwrap_or(Ok(()))
+        .map_err(VcpuError::Signal)
+}
+
+/// Creates vCPU `id` and gives it its boot state. Only vCPU 0 gets the entry registers;
+/// the others wait for the guest's INIT/SIPI.
+#[allow(clippy::too_many_arguments)]
+pub fn create(
+    vm: &VmFd,
+    id: usize,
+    count: usize,
+    supported_cpuid: &CpuId,
+    masks: cpuid::CpuidMasks,
+    supported_msrs: &[u32],
+    boot: Option<(&GuestMem, BootProtocol, u64, u64)>,
+) -> Result<VcpuFd, VcpuError> {
+    let setup = |what, source| VcpuError::Setup { id, what, source };
+    let fd = vm
+        .create_vcpu(id as u64)
+        .map_err(|source| VcpuError::Create { id, source })?;
+
+    let mut table = supported_cpuid.clone();
+    cpuid::adjust(table.as_mut_slice(), id as u8, count as u8, masks);
+    fd.set_cpuid2(&table).map_err(|e| setup("CPUID", e))?;
+
+    let (entries, skipped) = msr::boot_entries(supported_msrs);
+    if !skipped.is_empty() && id == 0 {
+        debug!("boot MSRs not offered by this host's KVM, left at reset values: {skipped:#x?}");
+    }
+    let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Msr {
+        id,
+        set: 0,
+        total: entries.len(),
+        index: 0,
+    })?;
+    let set = fd.set_msrs(&msrs).map_err(|e| setup("MSRs", e))?;
+    if set != entries.len() {
+        return Err(VcpuError::Msr {
+            id,
+            set,
+            total: entries.len(),
+            index: entries[set].index,
+        });
+    }
+
+    let mut lapic = fd.get_lapic().map_err(|e| setup("LAPIC read", e))?;
+    regs::setup_lint(&mut lapic);
+    fd.set_lapic(&lapic).map_err(|e| setup("LAPIC", e))?;
+    fd.set_fpu(&regs::boot_fpu()).map_err(|e| setup("FPU", e))?;
+
+    if let Some((mem, protocol, entry, boot_info)) = boot {
+        let mut sregs = fd.get_sregs().map_err(|e| setup("sregs read", e))?;
+        regs::setup_sregs(mem, protocol, &mut sregs).map_err(|e| VcpuError::Regs(id, e))?;
+        fd.set_sregs(&sregs).map_err(|e| setup("sregs", e))?;
+        fd.set_regs(&regs::boot_regs(protocol, entry, boot_info))
+            .map_err(|e| setup("regs", e))?;
+    }
+    Ok(fd)
+}
+
+/// What the controller asks of a vCPU thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    Run,
+    Pause,
+    Stop,
+}
+
+#[derive(Debug)]
+struct ControlState {
+    request: Request,
+    /// The thread is parked (paused) outside `KVM_RUN`.
+    parked: bool,
+    /// The thread has left its loop.
+    exited: bool,
+}
+
+struct Control {
+    state: Mutex<ControlState>,
+    changed: Condvar,
+}
+
+impl Control {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Everything a vCPU thread needs.
+pub struct VcpuContext {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub mem: GuestMem,
+    /// Where stop reasons go (the VM controller).
+    pub exits: Sender<VmEvent>,
+    /// Set just before the first `KVM_RUN` of vCPU 0.
+    pub first_run: Arc<OnceLock<Instant>>,
+}
+
+/// The controller's handle on a running vCPU thread.
+pub struct VcpuHandle {
+    id: usize,
+    control: Arc<Control>,
+    thread: Option<JoinHandle<()>>,
+}
+
+const KICK_INTERVAL: Duration = Duration::from_millis(5);
+
+impl VcpuHandle {
+    /// Starts the thread of vCPU `id`.
+    pub fn spawn(id: usize, fd: VcpuFd, ctx: VcpuContext) -> Result<VcpuHandle, VcpuError> {
+        install_kick_handler()?;
+        let control = Arc::new(Control {
+            state: Mutex::new(ControlState {
+                request: Request::Run,
+                parked: false,
+                exited: false,
+            }),
+            changed: Condvar::new(),
+        });
+        let thread_control = control.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                let mut vcpu = VcpuThread {
+                    id,
+                    fd,
+                    ctx,
+                    control: thread_control.clone(),
+                };
+                vcpu.run();
+                let mut st = thread_control.lock();
+                st.exited = true;
+                st.parked = false;
+                thread_control.changed.notify_all();
+            })
+            .map_err(|source| VcpuError::Spawn { id, source })?;
+        Ok(VcpuHandle {
+            id,
+            control,
+            thread: Some(thread),
+        })
+    }
+
+    fn request(&self, request: Request) {
+        let mut st = self.control.lock();
+        if st.request != Request::Stop {
+            st.request = request;
+        }
+        self.control.changed.notify_all();
+    }
+
+    fn kick(&self) {
+        if let Some(t) = &self.thread {
+            if let Err(e) = t.kill(kick_signal()) {
+                debug!("vcpu{}: kick failed (thread gone?): {e}", self.id);
+            }
+        }
+    }
+
+    /// Asks the thread to pause and waits until it is parked outside `KVM_RUN` (or gone).
+    pub fn pause(&self, timeout: Duration) -> bool {
+        self.request(Request::Pause);
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.kick();
+            let st = self.control.lock();
+            let (st, _) = self
+                .control
+                .changed
+                .wait_timeout_while(st, KICK_INTERVAL, |s| !s.parked && !s.exited)
+                .unwrap_or_else(|p| p.into_inner());
+            if st.parked || st.exited {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+        }
+    }
+
+    /// Lets a paused thread run the guest again.
+    pub fn resume(&self) {
+        self.request(Request::Run);
+    }
+
+    /// Whether the thread is parked.
+    pub fn is_paused(&self) -> bool {
+        self.control.lock().parked
+    }
+
+    /// Stops the thread and joins it.
+    pub fn stop(mut self) {
+        {
+            let mut st = self.control.lock();
+            st.request = Request::Stop;
+            self.control.changed.notify_all();
+        }
+        if let Some(thread) = self.thread.take() {
+            // Kick until the thread has left its loop, then join.
+            while !self.control.lock().exited {
+                if let Err(e) = thread.kill(kick_signal()) {
+                    debug!("vcpu{}: kick failed: {e}", self.id);
+                    break;
+                }
+                let st = self.control.lock();
+                let _ = self
+                    .control
+                    .changed
+                    .wait_timeout_while(st, KICK_INTERVAL, |s| !s.exited);
+            }
+            if thread.join().is_err() {
+                error!("vcpu{} thread panicked", self.id);
+            }
+        }
+    }
+}
+
+/// Outcome of one exit.
+enum Next {
+    Continue,
+    Exit(ExitReason),
+}
+
+struct VcpuThread {
+    id: usize,
+    fd: VcpuFd,
+    ctx: VcpuContext,
+    control: Arc<Control>,
+}
+
+impl VcpuThread {
+    fn run(&mut self) {
+        KVM_RUN_PTR.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
+        self.run_loop();
+        KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+    }
+
+    /// Blocks while paused; returns false when the thread must stop.
+    fn honour_requests(&mut self) -> bool {
+        let mut st = self.control.lock();
+        loop {
+            match st.request {
+                Request::Run => {
+                    st.parked = false;
+                    return true;
+                }
+                Request::Stop => return false,
+                Request::Pause => {
+                    if !st.parked {
+                        st.parked = true;
+                        self.control.changed.notify_all();
+                    }
+                    st = self
+                        .control
+                        .changed
+                        .wait(st)
+                        .unwrap_or_else(|p| p.into_inner());
+                }
+            }
+        }
+    }
+
+    fn run_loop(&mut self) {
+        loop {
+            // Clear before checking requests: a kick after the check re-sets it and makes
+            // KVM_RUN return at once.
+            self.fd.set_kvm_immediate_exit(0);
+            if !self.honour_requests() {
+                return;
+            }
+            if self.id == 0 {
+                let _ = self.ctx.first_run.set(Instant::now());
+            }
+            let next = match self.fd.run() {
+                Ok(exit) => dispatch(self.id, exit, &self.ctx),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Next::Continue,
+                Err(e) => Next::Exit(ExitReason::VcpuError {
+                    cpu: self.id,
+                    message: format!("KVM_RUN failed: {e}"),
+                }),
+            };
+            let next = match next {
+                Next::Exit(ExitReason::EmulationFailure { .. }) => {
+                    Next::Exit(self.emulation_failure())
+                }
+                other => other,
+            };
+            if let Next::Exit(reason) = next {
+                debug!("vcpu{}: {reason}", self.id);
+                let _ = self.ctx.exits.send(VmEvent::Exit(reason));
+                // Park until the controller stops us: the VM is over.
+                let mut st = self.control.lock();
+                while st.request != Request::Stop {
+                    st.parked = true;
+                    self.control.changed.notify_all();
+                    st = self
+                        .control
+                        .changed
+                        .wait(st)
+                        .unwrap_or_else(|p| p.into_inner());
+                }
+                return;
+            }
+        }
+    }
+
+    /// Details of a `KVM_EXIT_INTERNAL_ERROR`: suberror, RIP and the instruction bytes.
+    fn emulation_failure(&mut self) -> ExitReason {
+        // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is the active
+        // member of the union.
+        let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        let (rip, bytes) = match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => {
+                let linear = s.cs.base.wrapping_add(r.rip);
+                let phys = pagewalk::translate(&self.ctx.mem, s.cr0, s.cr3, s.cr4, s.efer, linear);
+                let mut bytes = vec![0u8; 15];
+                let ok = phys
+                    .is_some_and(|p| self.ctx.mem.read_slice(&mut bytes, GuestAddress(p)).is_ok());
+                (r.rip, if ok { bytes } else { vec![] })
+            }
+            _ => (0, vec![]),
+        };
+        ExitReason::EmulationFailure {
+            cpu: self.id,
+            suberror,
+            rip,
+            bytes,
+        }
+    }
+}
+
+fn dispatch(id: usize, exit: VcpuExit, ctx: &VcpuContext) -> Next {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !ctx.pio.read(u64::from(port), data) {
+                data.fill(0xff); // nothing there: the bus floats high
+            }
+            Next::Continue
+        }
+        VcpuExit::IoOut(port, data) => {
+            ctx.pio.write(u64::from(port), data);
+            Next::Continue
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !ctx.mmio.read(addr, data) {
+                data.fill(0xff);
+            }
+            Next::Continue
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            ctx.mmio.write(addr, data);
+            Next::Continue
+        }
+        VcpuExit::Intr | VcpuExit::IrqWindowOpen => Next::Continue,
+        VcpuExit::Shutdown => Next::Exit(ExitReason::TripleFault { cpu: id }),
+        VcpuExit::SystemEvent(kind, _) => match kind {
+            KVM_SYSTEM_EVENT_SHUTDOWN => Next::Exit(ExitReason::GuestPowerOff),
+            KVM_SYSTEM_EVENT_RESET => Next::Exit(ExitReason::GuestReset),
+            KVM_SYSTEM_EVENT_CRASH => Next::Exit(ExitReason::GuestCrash { cpu: id }),
+            other => {
+                warn!("vcpu{id}: ignoring system event {other}");
+                Next::Continue
+            }
+        },
+        VcpuExit::InternalError => {
+            // Filled in by the caller, which can read the vCPU's registers.
+            Next::Exit(ExitReason::EmulationFailure {
+                cpu: id,
+                suberror: 0,
+                rip: 0,
+                bytes: vec![],
+            })
+        }
+        VcpuExit::FailEntry(reason, _) => Next::Exit(ExitReason::FailEntry { cpu: id, reason }),
+        VcpuExit::Hlt => Next::Exit(ExitReason::VcpuError {
+            cpu: id,
+            message: "halted with no in-kernel irqchip to wake it".into(),
+        }),
+        other => Next::Exit(ExitReason::VcpuError {
+            cpu: id,
+            message: format!("unexpected exit {other:?}"),
+        }),
+    }
+}

@@ -1,0 +1,536 @@
+//! The VM: KVM set-up, guest memory, devices, kernel loading, and the controller that runs
+//! the vCPU threads and the event loop and decides when the VM is over.
+//!
+//! ```text
+//! Vm::new(config)   open /dev/kvm, create the VM (irqchip, PIT), map + register RAM,
+//!                   devices, load kernel/initrd, command line, MP table, boot info, vCPUs
+//! Vm::start()       vCPU threads + event loop  -> RunningVm
+//! RunningVm::wait   until the guest stops (or a timeout) -> VmReport; stops all threads
+//! RunningVm::pause / resume
+//! ```
+
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use devices::legacy::ConsoleInput;
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::load_cmdline;
+use log::{info, warn};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, PVH_INFO_START, ZERO_PAGE_START};
+use crate::arch::regs::BootProtocol;
+use crate::arch::{boot, mptable};
+use crate::config::{ConfigError, ConsoleConfig, VmConfig};
+use crate::device_manager::{DeviceError, DeviceManager};
+use crate::event_loop::{EventLoop, EventLoopError, Subscriber};
+use crate::exit::{ExitReason, VmEvent};
+use crate::host::HostKind;
+use crate::loader::{self, LoaderError};
+use crate::memory::{self, GuestMem, MemoryError};
+use crate::timings::{BootTimings, MemoryUsage};
+use crate::vcpu::{self, VcpuContext, VcpuError, VcpuHandle};
+
+/// Environment variable naming the KVM device (default `/dev/kvm`).
+pub const KVM_DEVICE_ENV: &str = "PODVISOR_KVM_DEVICE";
+/// KVM API version podvisor is written for (stable since Linux 2.6.22).
+const KVM_API_VERSION: i32 = 12;
+/// Where KVM puts its real-mode TSS (three pages, inside the MMIO gap).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// How long a pause may take before it is reported as failed.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors of VM creation and control.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(
+        "cannot open {path}: {source}; podvisor needs KVM: load kvm_intel or kvm_amd (or run on \
+         a VM with nested virtualization) and give this user read/write access to /dev/kvm"
+    )]
+    KvmUnavailable {
+        path: String,
+        source: kvm_ioctls::Error,
+    },
+    #[error("/dev/kvm speaks KVM API {0}, podvisor needs {KVM_API_VERSION}")]
+    KvmApiVersion(i32),
+    #[error("this host's KVM lacks {0:?}, which podvisor needs")]
+    KvmCapability(Cap),
+    #[error("KVM refused {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    #[error("invalid kernel command line {cmdline:?}: {reason}")]
+    Cmdline { cmdline: String, reason: String },
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
+    #[error("vCPUs did not pause within {0:?}")]
+    PauseTimeout(Duration),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// A created VM, ready to start.
+pub struct Vm {
+    config: VmConfig,
+    host: HostKind,
+    process_start: Instant,
+    cmdline: String,
+    // Field order matters for drop: vCPUs and the VM fd go before guest memory.
+    vcpu_fds: Vec<VcpuFd>,
+    devices: DeviceManager,
+    vm_fd: VmFd,
+    _kvm: Kvm,
+    mem: GuestMem,
+}
+
+impl Vm {
+    /// Creates the VM described by `config`. `process_start` is when the process started
+    /// (for the host set-up timing).
+    pub fn new(config: VmConfig, process_start: Instant) -> Result<Vm, VmError> {
+        config.validate()?;
+        let kvm = open_kvm()?;
+        let api = kvm.get_api_version();
+        if api != KVM_API_VERSION {
+            return Err(VmError::KvmApiVersion(api));
+        }
+        for cap in [
+            Cap::Irqchip,
+            Cap::Irqfd,
+            Cap::Ioeventfd,
+            Cap::UserMemory,
+            Cap::Pit2,
+            Cap::ImmediateExit,
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::KvmCapability(cap));
+            }
+        }
+        let host = HostKind::detect();
+        if host == HostKind::NestedPvm {
+            info!(
+                "nested PVM host detected (kvm_pvm): masking CX16/XSAVE/POPCNT/SMAP in CPUID, adding {:?} \
+                 to the kernel command line",
+                host.cmdline_words()
+            );
+        }
+
+        let vm_fd = kvm.create_vm().map_err(kvm_err("VM creation"))?;
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("the TSS address"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("the in-kernel irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd
+            .create_pit2(pit)
+            .map_err(kvm_err("the in-kernel PIT"))?;
+
+        let mem_size = config.mem_bytes();
+        let mem = memory::create(mem_size)?;
+        memory::register(&vm_fd, &mem)?;
+
+        let devices = DeviceManager::new(&vm_fd, &config.console)?;
+
+        let kernel = loader::load_kernel(&mem, &config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(loader::load_initrd(
+                &mem,
+                mem_size,
+                path,
+                kernel.kernel_end,
+            )?),
+            None => None,
+        };
+        let cmdline = build_cmdline(&config.cmdline, host)?;
+        load_cmdline(&mem, GuestAddress(CMDLINE_START), &cmdline).map_err(|e| {
+            VmError::Cmdline {
+                cmdline: config.cmdline.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        let cmdline_str = cmdline
+            .as_cstring()
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        mptable::setup(&mem, config.vcpus)?;
+        let boot_info = match kernel.protocol {
+            BootProtocol::Pvh => {
+                boot::write_pvh(&mem, mem_size, initrd)?;
+                PVH_INFO_START
+            }
+            BootProtocol::Linux64 => {
+                boot::write_linux_boot_params(
+                    &mem,
+                    mem_size,
+                    kernel.setup_header,
+                    cmdline_str.len() + 1,
+                    initrd,
+                )?;
+                ZERO_PAGE_START
+            }
+        };
+        info!(
+            "kernel {} ({:?} entry at {:#x}), initrd {:?}, {} vCPU(s), {} MiB, cmdline: {cmdline_str}",
+            config.kernel.display(),
+            kernel.protocol,
+            kernel.entry,
+            initrd,
+            config.vcpus,
+            config.mem_mib
+        );
+
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let msr_list = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+        let mut vcpu_fds = Vec::with_capacity(config.vcpus);
+        for id in 0..config.vcpus {
+            let boot = (id == 0).then_some((&mem, kernel.protocol, kernel.entry, boot_info));
+            vcpu_fds.push(vcpu::create(
+                &vm_fd,
+                id,
+                config.vcpus,
+                &supported_cpuid,
+                host.cpuid_masks(),
+                msr_list.as_slice(),
+                boot,
+            )?);
+        }
+
+        Ok(Vm {
+            config,
+            host,
+            process_start,
+            cmdline: cmdline_str,
+            vcpu_fds,
+            devices,
+            vm_fd,
+            _kvm: kvm,
+            mem,
+        })
+    }
+
+    /// The final kernel command line (with the VMM's own words).
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// The KVM VM (devices register ioeventfds and irqfds on it).
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm_fd
+    }
+
+    /// The kind of host the VM runs on.
+    pub fn host(&self) -> HostKind {
+        self.host
+    }
+
+    /// Starts the vCPU threads and the event loop.
+    pub fn start(mut self) -> Result<RunningVm, VmError> {
+        let (events_tx, events_rx) = mpsc::channel();
+        let first_run = Arc::new(OnceLock::new());
+        let pio = Arc::new(std::mem::take(&mut self.devices.pio));
+        let mmio = Arc::new(std::mem::take(&mut self.devices.mmio));
+
+        let mut subscribers: Vec<Subscriber> = vec![Arc::new(Mutex::new(Notifier {
+            watched: vec![
+                (
+                    clone_evt(&self.devices.reset_evt)?,
+                    VmEvent::Exit(ExitReason::GuestReset),
+                ),
+                (clone_evt(&self.devices.init_evt)?, VmEvent::InitStarted),
+            ],
+            tx: events_tx.clone(),
+        }))];
+        if self.config.console == ConsoleConfig::Stdio {
+            subscribers.push(Arc::new(Mutex::new(ConsoleInput::new(
+                self.devices.serial.clone(),
+                std::io::stdin().as_raw_fd(),
+                clone_evt(&self.devices.console_fifo_empty)?,
+            ))));
+        }
+        let event_loop = EventLoop::start(subscribers)?;
+
+        let mut vcpus = Vec::with_capacity(self.vcpu_fds.len());
+        for (id, fd) in std::mem::take(&mut self.vcpu_fds).into_iter().enumerate() {
+            let ctx = VcpuContext {
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                mem: self.mem.clone(),
+                exits: events_tx.clone(),
+                first_run: first_run.clone(),
+            };
+            match VcpuHandle::spawn(id, fd, ctx) {
+                Ok(handle) => vcpus.push(handle),
+                Err(e) => {
+                    vcpus.into_iter().for_each(VcpuHandle::stop);
+                    event_loop.stop();
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(RunningVm {
+            vm: self,
+            vcpus,
+            event_loop: Some(event_loop),
+            events: events_rx,
+            first_run,
+            memory_at_init: None,
+        })
+    }
+}
+
+/// Opens `/dev/kvm` (or `$PODVISOR_KVM_DEVICE`, which tests use to simulate a host without
+/// KVM).
+fn open_kvm() -> Result<Kvm, VmError> {
+    let path = std::env::var(KVM_DEVICE_ENV).unwrap_or_else(|_| "/dev/kvm".to_string());
+    let c_path = std::ffi::CString::new(path.clone()).map_err(|_| VmError::KvmUnavailable {
+        path: path.clone(),
+        source: kvm_ioctls::Error::new(libc::EINVAL),
+    })?;
+    Kvm::new_with_path(&c_path).map_err(|source| VmError::KvmUnavailable { path, source })
+}
+
+fn clone_evt(evt: &EventFd) -> Result<EventFd, VmError> {
+    evt.try_clone().map_err(|source| {
+        VmError::Devices(DeviceError::EventFd {
+            what: "the VM controller",
+            source,
+        })
+    })
+}
+
+/// The user's command line plus the host's quirk words.
+fn build_cmdline(user: &str, host: HostKind) -> Result<Cmdline, VmError> {
+    let err = |reason: String| VmError::Cmdline {
+        cmdline: user.to_string(),
+        reason,
+    };
+    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| err(e.to_string()))?;
+    // Init arguments ("-- ...") must stay last: insert VMM words before them.
+    let (kernel_part, init_part) = match user.split_once(" -- ") {
+        Some((k, i)) => (k, Some(i)),
+        None => (user, None),
+    };
+    if !kernel_part.trim().is_empty() {
+        cmdline
+            .insert_str(kernel_part.trim())
+            .map_err(|e| err(e.to_string()))?;
+    }
+    for word in host.cmdline_words() {
+        cmdline.insert_str(&word).map_err(|e| err(e.to_string()))?;
+    }
+    if let Some(init) = init_part {
+        cmdline
+            .insert_init_args(init.trim())
+            .map_err(|e| err(e.to_string()))?;
+    }
+    Ok(cmdline)
+}
+
+/// Turns event-fd signals from devices into controller events.
+struct Notifier {
+    watched: Vec<(EventFd, VmEvent)>,
+    tx: Sender<VmEvent>,
+}
+
+impl MutEventSubscriber for Notifier {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (evt, _) in &self.watched {
+            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
+                warn!("cannot watch a device notification: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        for (evt, event) in &self.watched {
+            if evt.as_raw_fd() == events.fd() {
+                let _ = evt.read();
+                let _ = self.tx.send(event.clone());
+            }
+        }
+    }
+}
+
+/// What a finished VM reports.
+#[derive(Debug, Clone)]
+pub struct VmReport {
+    pub reason: ExitReason,
+    pub timings: BootTimings,
+    /// The last lines of the guest console.
+    pub console_tail: String,
+}
+
+/// A running VM.
+pub struct RunningVm {
+    vm: Vm,
+    vcpus: Vec<VcpuHandle>,
+    event_loop: Option<EventLoop>,
+    events: Receiver<VmEvent>,
+    first_run: Arc<OnceLock<Instant>>,
+    memory_at_init: Option<MemoryUsage>,
+}
+
+impl RunningVm {
+    /// Pauses every vCPU (outside `KVM_RUN`, state consistent for saving).
+    pub fn pause(&self) -> Result<(), VmError> {
+        for v in &self.vcpus {
+            if !v.pause(PAUSE_TIMEOUT) {
+                return Err(VmError::PauseTimeout(PAUSE_TIMEOUT));
+            }
+        }
+        Ok(())
+    }
+
+    /// Resumes every vCPU.
+    pub fn resume(&self) {
+        self.vcpus.iter().for_each(VcpuHandle::resume);
+    }
+
+    /// Whether every vCPU is paused.
+    pub fn is_paused(&self) -> bool {
+        self.vcpus.iter().all(VcpuHandle::is_paused)
+    }
+
+    /// Whether the guest has written the boot-timer marker.
+    pub fn init_started(&self) -> bool {
+        self.vm.devices.init_marked.get().is_some()
+    }
+
+    /// Waits until the guest stops, or `timeout` passes (then the VM is stopped); stops all
+    /// threads and reports.
+    pub fn wait(mut self, timeout: Option<Duration>) -> VmReport {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let reason = loop {
+            let event = match deadline {
+                Some(d) => match self
+                    .events
+                    .recv_timeout(d.saturating_duration_since(Instant::now()))
+                {
+                    Ok(e) => e,
+                    Err(RecvTimeoutError::Timeout) => {
+                        break ExitReason::Stopped(format!(
+                            "timed out after {:?}",
+                            timeout.unwrap_or_default()
+                        ))
+                    }
+                    Err(RecvTimeoutError::Disconnected) => {
+                        break ExitReason::Stopped("all vCPUs gone".into())
+                    }
+                },
+                None => match self.events.recv() {
+                    Ok(e) => e,
+                    Err(_) => break ExitReason::Stopped("all vCPUs gone".into()),
+                },
+            };
+            match event {
+                VmEvent::InitStarted => self.record_init_memory(),
+                VmEvent::Exit(reason) => break reason,
+            }
+        };
+        self.finish(reason)
+    }
+
+    /// Stops the VM now.
+    pub fn stop(self, why: &str) -> VmReport {
+        self.finish(ExitReason::Stopped(why.to_string()))
+    }
+
+    fn record_init_memory(&mut self) {
+        match MemoryUsage::measure(&memory::host_ranges(&self.vm.mem)) {
+            Ok(usage) => self.memory_at_init = Some(usage),
+            Err(e) => warn!("cannot measure memory use: {e}"),
+        }
+    }
+
+    fn finish(mut self, reason: ExitReason) -> VmReport {
+        let stopped = Instant::now();
+        for v in std::mem::take(&mut self.vcpus) {
+            v.stop();
+        }
+        if let Some(l) = self.event_loop.take() {
+            l.stop();
+        }
+        // A panic shows up as a reset (panic=-1 reboots through the i8042): tell them apart
+        // by the console.
+        let log = self
+            .vm
+            .devices
+            .console_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let reason = match (reason, log.panic_reason()) {
+            (ExitReason::GuestReset, Some(panic)) => ExitReason::GuestPanic(panic.to_string()),
+            (reason, _) => reason,
+        };
+        let mut timings = BootTimings::from_instants(
+            self.vm.process_start,
+            self.first_run.get().copied(),
+            self.vm.devices.init_marked.get().copied(),
+            stopped,
+        );
+        timings.memory_at_init = self.memory_at_init;
+        VmReport {
+            reason,
+            timings,
+            console_tail: log.tail_lines(20),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_gets_host_words_before_init_args() {
+        let c = build_cmdline("console=ttyS0 quiet -- -v", HostKind::NestedPvm).unwrap();
+        let s = c.as_cstring().unwrap().into_string().unwrap();
+        assert!(s.starts_with("console=ttyS0 quiet noxsave"), "{s}");
+        assert!(s.ends_with(" -- -v"), "{s}");
+        let c = build_cmdline("console=ttyS0", HostKind::Native).unwrap();
+        assert_eq!(
+            c.as_cstring().unwrap().into_string().unwrap(),
+            "console=ttyS0"
+        );
+    }
+
+    #[test]
+    fn oversized_cmdline_is_refused() {
+        let long = "x".repeat(CMDLINE_MAX_SIZE + 1);
+        assert!(matches!(
+            build_cmdline(&long, HostKind::Native),
+            Err(VmError::Cmdline { .. })
+        ));
+    }
+}
