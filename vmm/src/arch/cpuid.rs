@@ -72,10 +72,8 @@ pub fn adjust(entries: &mut [kvm_cpuid_entry2], cpu_id: u8, cpu_count: u8, masks
                 e.eax &= 0x3fff;
                 e.eax |= ((u32::from(cpu_count) - 1) << 26) | (sharing << 14);
             }
-            LEAF_EXT_FEATURES if e.index == 0 => {
-                if masks.emulator_unsafe {
-                    e.ebx &= !leaf7::EBX_SMAP;
-                }
+            LEAF_EXT_FEATURES if e.index == 0 && masks.emulator_unsafe => {
+                e.ebx &= !leaf7::EBX_SMAP;
             }
             LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {
                 e.edx = u32::from(cpu_id);

@@ -80,6 +80,9 @@ pub fn low_ram_end(mem_size: u64) -> u64 {
     mem_size.min(MMIO_GAP_START)
 }
 
+// The boot stack sits between the zero page and the page tables.
+const _: () = assert!(BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000 && BOOT_STACK_POINTER < PML4_START);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +124,5 @@ mod tests {
                 );
             }
         }
-        assert!(BOOT_STACK_POINTER > PVH_MEMMAP_START + 0x1000 && BOOT_STACK_POINTER < PML4_START);
     }
 }
