@@ -5,10 +5,12 @@
 //! (an irqfd registered by the VMM), and signal the VMM through event fds.
 //!
 //! * [`legacy`]: 16550 serial console, i8042 (reset only), and the boot timer.
+//! * [`virtio`]: the virtio-mmio transport and virtio devices (block).
 //!
 //! [`EventFd`]: vmm_sys_util::eventfd::EventFd
 
 pub mod bus;
 pub mod legacy;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

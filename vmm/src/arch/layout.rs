@@ -81,7 +81,8 @@ pub fn low_ram_end(mem_size: u64) -> u64 {
 }
 
 // The boot stack sits between the zero page and the page tables.
-const _: () = assert!(BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000 && BOOT_STACK_POINTER < PML4_START);
+const _: () =
+    assert!(BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000 && BOOT_STACK_POINTER < PML4_START);
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,236 @@
+//! Virtio devices (virtio 1.x) and their virtio-mmio transport.
+//!
+//! How the pieces fit, for maintainers:
+//!
+//! * A device implements [`VirtioDevice`]: what it is (type, queues, features, config space)
+//!   and what it does once the driver is ready ([`VirtioDevice::activate`]).
+//! * [`mmio::MmioTransport`] wraps one device and is the [`BusDevice`](crate::BusDevice) the
+//!   VMM puts on its MMIO bus. It owns the driver-facing registers, the status state machine
+//!   and queue configuration, and hands ready [`Queue`]s to the device at `DRIVER_OK`.
+//! * Each queue has a kick [`EventFd`] owned by the device ([`VirtioDevice::queue_events`]).
+//!   The VMM registers it as an ioeventfd on the window's `QueueNotify` register
+//!   (datamatch = queue index); the transport also writes it on a trapped `QueueNotify`.
+//! * Device work never runs on a vCPU thread: each device has an event-manager subscriber
+//!   ([`VirtioDevice::subscriber`]) that watches the kick fds on the VMM's event loop. It is
+//!   added to the loop once, when the VM is built; before activation it just drains kicks.
+//! * Interrupts go through an [`Interrupt`]: it sets the transport's `InterruptStatus` bits
+//!   and writes the irqfd the VMM registered on the device's GSI. It also carries the
+//!   "device needs reset" flag a device raises when the driver broke the protocol.
+//!
+//! Devices: [`block`] (virtio-blk). The test driver in `test_utils` (built for tests and
+//! with the `test-utils` feature) drives a device through the transport's registers exactly
+//! like the Linux virtio-mmio driver does.
+
+pub mod block;
+pub mod mmio;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use event_manager::MutEventSubscriber;
+use log::warn;
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use mmio::MmioTransport;
+
+/// Guest memory as devices see it (the same type as the VMM's guest RAM).
+pub type GuestMem = GuestMemoryMmap<()>;
+
+/// A device's event-loop subscriber, in the shape the VMM's event loop takes.
+pub type DeviceSubscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Device status bits (virtio 1.x §2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 0x01;
+    pub const DRIVER: u32 = 0x02;
+    pub const DRIVER_OK: u32 = 0x04;
+    pub const FEATURES_OK: u32 = 0x08;
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    pub const FAILED: u32 = 0x80;
+}
+
+/// Feature bits common to all devices (virtio 1.x §6).
+pub mod features {
+    /// Indirect descriptor tables.
+    pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
+    /// `used_event` / `avail_event` notification suppression.
+    pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+    /// A virtio 1.x (non-legacy) device: required by this transport.
+    pub const VIRTIO_F_VERSION_1: u32 = 32;
+
+    /// The mask of feature bit `bit`.
+    pub const fn bit(bit: u32) -> u64 {
+        1u64 << bit
+    }
+}
+
+/// Interrupt status bit: the device used buffers on a queue.
+pub const INT_USED_RING: u32 = 0x1;
+/// Interrupt status bit: the device's configuration (or status) changed.
+pub const INT_CONFIG_CHANGE: u32 = 0x2;
+
+/// A device's interrupt line as the transport exposes it: the `InterruptStatus` register,
+/// the device-needs-reset flag and the irqfd (edge-triggered GSI) the VMM registered.
+///
+/// Shared between the transport (which reads and acknowledges it) and the device's threads
+/// (which raise it); it never needs the transport's lock.
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    needs_reset: AtomicBool,
+    irq: EventFd,
+}
+
+impl Interrupt {
+    /// An interrupt that signals `irq` (registered by the VMM as an irqfd).
+    pub fn new(irq: EventFd) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
+            irq,
+        }
+    }
+
+    /// The event fd to register with KVM as the device's irqfd.
+    pub fn irq_event(&self) -> &EventFd {
+        &self.irq
+    }
+
+    /// Tells the driver that a queue has new used buffers.
+    pub fn signal_used_queue(&self) {
+        self.raise(INT_USED_RING);
+    }
+
+    /// Tells the driver that the configuration space (or the device status) changed.
+    pub fn signal_config_change(&self) {
+        self.raise(INT_CONFIG_CHANGE);
+    }
+
+    /// Puts the device into `DEVICE_NEEDS_RESET` (the driver broke the protocol in a way the
+    /// device cannot recover from) and tells the driver with a config-change interrupt.
+    pub fn set_needs_reset(&self) {
+        if !self.needs_reset.swap(true, Ordering::SeqCst) {
+            warn!("virtio: device needs reset; the guest driver must reset it");
+        }
+        self.signal_config_change();
+    }
+
+    /// Whether [`Interrupt::set_needs_reset`] was called since the last reset.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// The `InterruptStatus` register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// `InterruptACK`: clears the acknowledged bits.
+    pub(crate) fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Device reset: no pending interrupt, no needs-reset.
+    pub(crate) fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.irq.write(1) {
+            warn!("virtio: cannot signal the interrupt event fd, the guest may stall: {e}");
+        }
+    }
+}
+
+/// Why a device could not start with the queues the driver configured. The transport puts
+/// the device into `DEVICE_NEEDS_RESET` and the guest sees the failure; nothing panics.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("queue {index}: {reason}; the guest driver configured it wrongly")]
+    InvalidQueue { index: usize, reason: String },
+    #[error("the device got {got} queues but has {expected}: a transport bug")]
+    QueueCount { expected: usize, got: usize },
+    #[error("the device is already active: reset it first")]
+    AlreadyActive,
+    #[error("cannot start the device's worker: {0}; check the process's thread limit")]
+    Worker(io::Error),
+    #[error("device back end: {0}")]
+    Backend(String),
+}
+
+/// A virtio device behind a transport.
+///
+/// The transport calls these from vCPU threads (under its lock); the device's data path runs
+/// on its [`subscriber`](VirtioDevice::subscriber) and worker threads.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (e.g. 2 for block).
+    fn device_type(&self) -> u32;
+
+    /// The maximum size of each queue (powers of two); the device has this many queues.
+    fn queue_max_sizes(&self) -> &[u16];
+
+    /// One kick event fd per queue: the VMM registers them as ioeventfds, the transport
+    /// writes them on a trapped `QueueNotify`, the subscriber watches them.
+    fn queue_events(&self) -> &[EventFd];
+
+    /// The features the device offers.
+    fn avail_features(&self) -> u64;
+
+    /// The features the driver accepted (a subset of [`avail_features`]).
+    ///
+    /// [`avail_features`]: VirtioDevice::avail_features
+    fn acked_features(&self) -> u64;
+
+    /// Records the driver's accepted features at `FEATURES_OK` (already checked to be a
+    /// subset of the offered ones).
+    fn set_acked_features(&mut self, features: u64);
+
+    /// Reads the device configuration space at `offset` (out-of-range bytes read as 0).
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+
+    /// Writes the device configuration space (devices ignore what they do not support).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+
+    /// Starts the device at `DRIVER_OK` with the driver's queues (validated by the
+    /// transport, one per [`queue_max_sizes`](VirtioDevice::queue_max_sizes) entry).
+    fn activate(
+        &mut self,
+        mem: GuestMem,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError>;
+
+    /// Stops the device and forgets its queues (the driver wrote 0 to `Status`). When this
+    /// returns, the device no longer touches guest memory. Returns `false` if the device
+    /// cannot be reset; the transport then keeps it in `DEVICE_NEEDS_RESET` for good.
+    fn reset(&mut self) -> bool;
+
+    /// The subscriber to add to the VMM's event loop (once, when the VM is built).
+    fn subscriber(&self) -> DeviceSubscriber;
+}
+
+/// Locks `m`, recovering from poisoning: a panic on one thread must not take the device's
+/// other threads (or the vCPUs) down with it.
+pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Copies `src` (a little-endian config space image) into `data` from `offset`; bytes past
+/// the end read as 0. For [`VirtioDevice::read_config`] implementations.
+pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(avail) = src.get(start..) {
+        let n = avail.len().min(data.len());
+        data[..n].copy_from_slice(&avail[..n]);
+    }
+}
