@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use vmm::config::DEFAULT_CMDLINE;
+use vmm::config::{parse_disk, BlockConfig, DEFAULT_CMDLINE};
 use vmm::{BootTimings, ConsoleConfig, Vm, VmConfig};
 
 #[derive(Args, Debug, Clone)]
@@ -25,6 +25,9 @@ pub struct BootArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 128)]
     pub mem_mib: u64,
+    /// A virtio-blk disk, `PATH[,ro]` (repeatable; the guest sees /dev/vda, /dev/vdb, ...).
+    #[arg(long = "disk", value_name = "PATH[,ro]", value_parser = parse_disk)]
+    pub disks: Vec<BlockConfig>,
     /// Where the guest console goes: `stdio`, `none`, or a file path (appended).
     #[arg(long, default_value = "stdio")]
     pub console: String,
@@ -56,6 +59,7 @@ pub fn run(args: BootArgs, process_start: Instant) -> Result<u8, Box<dyn std::er
         vcpus: args.vcpus,
         mem_mib: args.mem_mib,
         console: console_config(&args.console),
+        disks: args.disks.clone(),
     };
     let vm = Vm::new(config, process_start)?;
     let running = vm.start()?;

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+pub use devices::virtio::block::BlockConfig;
+
 use crate::arch::mptable;
 
 /// Smallest guest memory podvisor accepts. A minimal kernel loads at 16 MiB and needs room
@@ -42,6 +44,8 @@ pub struct VmConfig {
     pub mem_mib: u64,
     /// Console output.
     pub console: ConsoleConfig,
+    /// virtio-blk disks, in the order the guest sees them (`/dev/vda`, `/dev/vdb`, ...).
+    pub disks: Vec<BlockConfig>,
 }
 
 impl Default for VmConfig {
@@ -53,6 +57,7 @@ impl Default for VmConfig {
             vcpus: 1,
             mem_mib: 128,
             console: ConsoleConfig::Stdio,
+            disks: Vec::new(),
         }
     }
 }
@@ -68,6 +73,32 @@ pub enum ConfigError {
     KernelMissing(PathBuf),
     #[error("initrd {0} not found: pass --initrd, or build one with `make rootfs`")]
     InitrdMissing(PathBuf),
+    #[error("disk image {0} not found: create it first (e.g. `truncate -s 64M disk.img`)")]
+    DiskMissing(PathBuf),
+    #[error("invalid disk {spec:?}: expected PATH[,ro]")]
+    DiskSpec { spec: String },
+}
+
+/// Parses a disk given as `PATH[,ro]`.
+pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
+    let err = || ConfigError::DiskSpec {
+        spec: spec.to_string(),
+    };
+    let mut parts = spec.split(',');
+    let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(err)?;
+    let mut read_only = false;
+    for opt in parts {
+        match opt {
+            "ro" => read_only = true,
+            "rw" => read_only = false,
+            _ => return Err(err()),
+        }
+    }
+    Ok(BlockConfig {
+        path: PathBuf::from(path),
+        read_only,
+        id: None,
+    })
 }
 
 impl VmConfig {
@@ -87,6 +118,9 @@ impl VmConfig {
                 return Err(ConfigError::InitrdMissing(initrd.clone()));
             }
         }
+        if let Some(disk) = self.disks.iter().find(|d| !d.path.exists()) {
+            return Err(ConfigError::DiskMissing(disk.path.clone()));
+        }
         Ok(())
     }
 
@@ -105,6 +139,15 @@ mod tests {
             kernel: std::env::current_exe().unwrap(), // any existing file
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn parses_disk_specs() {
+        let d = parse_disk("/var/a.img,ro").unwrap();
+        assert_eq!((d.path, d.read_only), (PathBuf::from("/var/a.img"), true));
+        assert!(!parse_disk("b.img").unwrap().read_only);
+        assert!(parse_disk("").is_err());
+        assert!(parse_disk("a.img,bogus").is_err());
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! The device manager: creates the VM's devices, places them on the port-I/O and MMIO buses,
 //! and wires their interrupts (irqfds on the in-kernel IOAPIC) and VMM notifications.
 //!
-//! Legacy devices only for now: COM1 (0x3f8, IRQ 4), the i8042 (0x60..0x64) and the boot
-//! timer (MMIO at the start of the gap). Virtio-mmio devices will be allocated windows from
-//! `VIRTIO_MMIO_START` and GSIs from `FIRST_DEVICE_GSI` here.
+//! Legacy devices: COM1 (0x3f8, IRQ 4), the i8042 (0x60..0x64) and the boot timer (MMIO at
+//! the start of the gap). Virtio-mmio devices get consecutive 4 KiB windows from
+//! `VIRTIO_MMIO_START` and consecutive GSIs from `FIRST_DEVICE_GSI` (edge-triggered irqfds),
+//! one ioeventfd per queue on the window's `QueueNotify`, and a
+//! `virtio_mmio.device=4K@base:gsi` word on the kernel command line.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -14,12 +16,17 @@ use devices::legacy::boot_timer::BOOT_TIMER_LEN;
 use devices::legacy::i8042::{I8042_PORT_BASE, I8042_PORT_LEN};
 use devices::legacy::serial::{SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN};
 use devices::legacy::{BootTimer, ConsoleLog, IrqTrigger, Serial, I8042};
+use devices::virtio::mmio::{kernel_cmdline_arg, MmioError, MMIO_WINDOW_SIZE, NOTIFY_OFFSET};
+use devices::virtio::{DeviceSubscriber, MmioTransport, VirtioDevice};
 use devices::{Bus, BusError};
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::arch::layout::BOOT_TIMER_START;
+use crate::arch::layout::{
+    BOOT_TIMER_START, FIRST_DEVICE_GSI, IOAPIC_PINS, VIRTIO_MMIO_END, VIRTIO_MMIO_START,
+};
 use crate::config::ConsoleConfig;
+use crate::memory::GuestMem;
 
 /// Errors of device set-up.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +45,19 @@ pub enum DeviceError {
     },
     #[error("device placement: {0}")]
     Bus(#[from] BusError),
+    #[error("too many virtio devices: at most {max} fit the interrupt lines and MMIO windows")]
+    TooManyDevices { max: usize },
+    #[error("cannot register the queue notification of the device at {base:#x}: {source}")]
+    Ioeventfd {
+        base: u64,
+        source: kvm_ioctls::Error,
+    },
+    #[error("virtio transport: {0}")]
+    Transport(#[from] MmioError),
 }
+
+/// How many virtio-mmio devices fit: one GSI each from `FIRST_DEVICE_GSI` to the last IOAPIC pin.
+pub const MAX_VIRTIO_DEVICES: usize = (IOAPIC_PINS - FIRST_DEVICE_GSI) as usize;
 
 fn event_fd(what: &'static str) -> Result<EventFd, DeviceError> {
     EventFd::new(EFD_NONBLOCK).map_err(|source| DeviceError::EventFd { what, source })
@@ -63,6 +82,11 @@ pub struct DeviceManager {
     pub console_fifo_empty: EventFd,
     /// When the guest wrote the boot-timer marker.
     pub init_marked: Arc<OnceLock<Instant>>,
+    /// Event-loop subscribers of the virtio devices.
+    pub subscribers: Vec<DeviceSubscriber>,
+    /// Kernel command-line words declaring the virtio devices.
+    pub cmdline_words: Vec<String>,
+    virtio_count: usize,
 }
 
 impl DeviceManager {
@@ -126,6 +150,44 @@ impl DeviceManager {
             init_evt,
             console_fifo_empty,
             init_marked,
+            subscribers: Vec::new(),
+            cmdline_words: Vec::new(),
+            virtio_count: 0,
         })
+    }
+
+    /// Puts `device` behind a virtio-mmio transport at the next free window and GSI.
+    pub fn add_virtio(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMem,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<(), DeviceError> {
+        let index = self.virtio_count;
+        let base = VIRTIO_MMIO_START + index as u64 * MMIO_WINDOW_SIZE;
+        if index >= MAX_VIRTIO_DEVICES || base + MMIO_WINDOW_SIZE > VIRTIO_MMIO_END {
+            return Err(DeviceError::TooManyDevices {
+                max: MAX_VIRTIO_DEVICES,
+            });
+        }
+        let gsi = FIRST_DEVICE_GSI + index as u32;
+        let irq = event_fd("a virtio interrupt")?;
+        vm.register_irqfd(&irq, gsi)
+            .map_err(|source| DeviceError::Irqfd { gsi, source })?;
+        let transport = MmioTransport::new(mem.clone(), device, irq)?;
+        for (queue, evt) in transport.queue_events().iter().enumerate() {
+            vm.register_ioevent(
+                evt,
+                &IoEventAddress::Mmio(base + NOTIFY_OFFSET),
+                queue as u32,
+            )
+            .map_err(|source| DeviceError::Ioeventfd { base, source })?;
+        }
+        self.subscribers.push(transport.subscriber());
+        self.mmio
+            .insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
+        self.cmdline_words.push(kernel_cmdline_arg(base, gsi));
+        self.virtio_count += 1;
+        Ok(())
     }
 }

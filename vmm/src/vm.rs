@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use devices::legacy::ConsoleInput;
+use devices::virtio::block::Block;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
@@ -70,6 +71,11 @@ pub enum VmError {
     },
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    #[error("disk {path}: {source}")]
+    Disk {
+        path: std::path::PathBuf,
+        source: devices::virtio::block::BlockError,
+    },
     #[error(transparent)]
     Devices(#[from] DeviceError),
     #[error(transparent)]
@@ -156,7 +162,14 @@ impl Vm {
         let mem = memory::create(mem_size)?;
         memory::register(&vm_fd, &mem)?;
 
-        let devices = DeviceManager::new(&vm_fd, &config.console)?;
+        let mut devices = DeviceManager::new(&vm_fd, &config.console)?;
+        for disk in &config.disks {
+            let block = Block::new(disk).map_err(|e| VmError::Disk {
+                path: disk.path.clone(),
+                source: e,
+            })?;
+            devices.add_virtio(&vm_fd, &mem, Box::new(block))?;
+        }
 
         let kernel = loader::load_kernel(&mem, &config.kernel)?;
         let initrd = match &config.initrd {
@@ -168,7 +181,9 @@ impl Vm {
             )?),
             None => None,
         };
-        let cmdline = build_cmdline(&config.cmdline, host)?;
+        let mut vmm_words = devices.cmdline_words.clone();
+        vmm_words.extend(host.cmdline_words());
+        let cmdline = build_cmdline(&config.cmdline, &vmm_words)?;
         load_cmdline(&mem, GuestAddress(CMDLINE_START), &cmdline).map_err(|e| {
             VmError::Cmdline {
                 cmdline: config.cmdline.clone(),
@@ -271,6 +286,7 @@ impl Vm {
             ],
             tx: events_tx.clone(),
         }))];
+        subscribers.append(&mut self.devices.subscribers);
         if self.config.console == ConsoleConfig::Stdio {
             subscribers.push(Arc::new(Mutex::new(ConsoleInput::new(
                 self.devices.serial.clone(),
@@ -329,8 +345,8 @@ fn clone_evt(evt: &EventFd) -> Result<EventFd, VmError> {
     })
 }
 
-/// The user's command line plus the host's quirk words.
-fn build_cmdline(user: &str, host: HostKind) -> Result<Cmdline, VmError> {
+/// The user's command line plus the VMM's words (devices, host quirks).
+fn build_cmdline(user: &str, vmm_words: &[String]) -> Result<Cmdline, VmError> {
     let err = |reason: String| VmError::Cmdline {
         cmdline: user.to_string(),
         reason,
@@ -346,8 +362,8 @@ fn build_cmdline(user: &str, host: HostKind) -> Result<Cmdline, VmError> {
             .insert_str(kernel_part.trim())
             .map_err(|e| err(e.to_string()))?;
     }
-    for word in host.cmdline_words() {
-        cmdline.insert_str(&word).map_err(|e| err(e.to_string()))?;
+    for word in vmm_words {
+        cmdline.insert_str(word).map_err(|e| err(e.to_string()))?;
     }
     if let Some(init) = init_part {
         cmdline
@@ -514,11 +530,15 @@ mod tests {
 
     #[test]
     fn cmdline_gets_host_words_before_init_args() {
-        let c = build_cmdline("console=ttyS0 quiet -- -v", HostKind::NestedPvm).unwrap();
+        let c = build_cmdline(
+            "console=ttyS0 quiet -- -v",
+            &HostKind::NestedPvm.cmdline_words(),
+        )
+        .unwrap();
         let s = c.as_cstring().unwrap().into_string().unwrap();
         assert!(s.starts_with("console=ttyS0 quiet noxsave"), "{s}");
         assert!(s.ends_with(" -- -v"), "{s}");
-        let c = build_cmdline("console=ttyS0", HostKind::Native).unwrap();
+        let c = build_cmdline("console=ttyS0", &HostKind::Native.cmdline_words()).unwrap();
         assert_eq!(
             c.as_cstring().unwrap().into_string().unwrap(),
             "console=ttyS0"
