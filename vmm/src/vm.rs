@@ -549,7 +549,7 @@ mod tests {
     fn oversized_cmdline_is_refused() {
         let long = "x".repeat(CMDLINE_MAX_SIZE + 1);
         assert!(matches!(
-            build_cmdline(&long, HostKind::Native),
+            build_cmdline(&long, &[]),
             Err(VmError::Cmdline { .. })
         ));
     }
