@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use vmm::config::{parse_disk, BlockConfig, DEFAULT_CMDLINE};
+use vmm::config::{parse_disk, BlockConfig, ShareConfig, DEFAULT_CMDLINE};
 use vmm::{BootTimings, ConsoleConfig, Vm, VmConfig};
 
 #[derive(Args, Debug, Clone)]
@@ -28,6 +28,10 @@ pub struct BootArgs {
     /// A virtio-blk disk, `PATH[,ro]` (repeatable; the guest sees /dev/vda, /dev/vdb, ...).
     #[arg(long = "disk", value_name = "PATH[,ro]", value_parser = parse_disk)]
     pub disks: Vec<BlockConfig>,
+    /// A virtio-fs share, `TAG=DIR[,ro][,cache=never|auto|always][,xattr=on|off]`
+    /// (repeatable; in the guest: `mount -t virtiofs TAG /mnt`).
+    #[arg(long = "share", value_name = "TAG=DIR[,ro]")]
+    pub shares: Vec<ShareConfig>,
     /// Where the guest console goes: `stdio`, `none`, or a file path (appended).
     #[arg(long, default_value = "stdio")]
     pub console: String,
@@ -60,6 +64,7 @@ pub fn run(args: BootArgs, process_start: Instant) -> Result<u8, Box<dyn std::er
         mem_mib: args.mem_mib,
         console: console_config(&args.console),
         disks: args.disks.clone(),
+        shares: args.shares.clone(),
     };
     let vm = Vm::new(config, process_start)?;
     let running = vm.start()?;

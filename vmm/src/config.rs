@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 pub use devices::virtio::block::BlockConfig;
+pub use devices::virtio::fs::ShareConfig;
 
 use crate::arch::mptable;
 
@@ -46,6 +47,8 @@ pub struct VmConfig {
     pub console: ConsoleConfig,
     /// virtio-blk disks, in the order the guest sees them (`/dev/vda`, `/dev/vdb`, ...).
     pub disks: Vec<BlockConfig>,
+    /// virtio-fs shares, one device per tag (`mount -t virtiofs TAG DIR` in the guest).
+    pub shares: Vec<ShareConfig>,
 }
 
 impl Default for VmConfig {
@@ -58,6 +61,7 @@ impl Default for VmConfig {
             mem_mib: 128,
             console: ConsoleConfig::Stdio,
             disks: Vec::new(),
+            shares: Vec::new(),
         }
     }
 }
@@ -77,6 +81,8 @@ pub enum ConfigError {
     DiskMissing(PathBuf),
     #[error("invalid disk {spec:?}: expected PATH[,ro]")]
     DiskSpec { spec: String },
+    #[error("virtio-fs share: {0}")]
+    Share(#[from] devices::virtio::fs::ConfigError),
 }
 
 /// Parses a disk given as `PATH[,ro]`.
@@ -121,6 +127,7 @@ impl VmConfig {
         if let Some(disk) = self.disks.iter().find(|d| !d.path.exists()) {
             return Err(ConfigError::DiskMissing(disk.path.clone()));
         }
+        ShareConfig::check_unique_tags(&self.shares)?;
         Ok(())
     }
 

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use devices::legacy::ConsoleInput;
 use devices::virtio::block::Block;
+use devices::virtio::fs::Fs;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
@@ -71,6 +72,8 @@ pub enum VmError {
     },
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    #[error("virtio-fs share {tag:?}: {source}")]
+    Share { tag: String, source: devices::virtio::fs::FsError },
     #[error("disk {path}: {source}")]
     Disk {
         path: std::path::PathBuf,
@@ -169,6 +172,10 @@ impl Vm {
                 source: e,
             })?;
             devices.add_virtio(&vm_fd, &mem, Box::new(block))?;
+        }
+        for share in &config.shares {
+            let fs = Fs::new(share.clone()).map_err(|source| VmError::Share { tag: share.tag.clone(), source })?;
+            devices.add_virtio(&vm_fd, &mem, Box::new(fs))?;
         }
 
         let kernel = loader::load_kernel(&mem, &config.kernel)?;

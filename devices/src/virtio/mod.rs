@@ -22,6 +22,7 @@
 //! like the Linux virtio-mmio driver does.
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;

@@ -339,9 +339,11 @@ impl MmioDriver {
         self.write32(regs::QUEUE_NOTIFY, q);
     }
 
-    /// Runs the device's subscriber for up to `ms` milliseconds of waiting.
-    pub fn run_events(&mut self, ms: i32) {
-        self.events.run_with_timeout(ms).expect("event loop");
+    /// Runs the device's subscriber for up to `ms` milliseconds of waiting; returns the
+    /// number of events dispatched (0 if nothing happened: a device with nothing to do must
+    /// not keep waking the loop).
+    pub fn run_events(&mut self, ms: i32) -> usize {
+        self.events.run_with_timeout(ms).expect("event loop")
     }
 
     /// Runs the event loop until queue `q` has `n` new used entries; panics after `timeout`.
@@ -370,6 +372,11 @@ impl MmioDriver {
             self.run_events(5);
         }
         self.queues[q].take_used(&self.mem)
+    }
+
+    /// The irqfd the device signals (to `poll` it instead of polling the used ring).
+    pub fn irq_event(&self) -> &EventFd {
+        &self.irq
     }
 
     /// Interrupts raised on the irqfd since the last call.
