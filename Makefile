@@ -26,11 +26,12 @@ build: deps
 guest-kernel: deps
 	@bash guest-kernel/build.sh
 
-## rootfs: the boot-test initramfs (busybox init that marks the boot timer and powers off).
+## rootfs: the test initramfs images: boot-test (busybox init that marks the boot timer and
+## powers off) and devices-test (runs the guest side of the virtio device checks).
 rootfs: deps
 	@mkdir -p $(OUT)
-	@bash rootfs/build-initramfs.sh $(OUT) >/dev/null
-	@echo $(INITRD)
+	@bash rootfs/build-initramfs.sh $(OUT) boot-test
+	@bash rootfs/build-initramfs.sh $(OUT) devices-test
 
 ## run: build everything and boot the guest with its console on this terminal.
 run: build rootfs

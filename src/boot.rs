@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use vmm::config::{parse_disk, BlockConfig, ShareConfig, DEFAULT_CMDLINE};
+use vmm::config::{
+    parse_disk, BlockConfig, ShareConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_GUEST_CID,
+};
 use vmm::{BootTimings, ConsoleConfig, Vm, VmConfig};
 
 #[derive(Args, Debug, Clone)]
@@ -32,6 +34,13 @@ pub struct BootArgs {
     /// (repeatable; in the guest: `mount -t virtiofs TAG /mnt`).
     #[arg(long = "share", value_name = "TAG=DIR[,ro]")]
     pub shares: Vec<ShareConfig>,
+    /// virtio-vsock through a Unix socket at this path (host -> guest: connect and send
+    /// `CONNECT <port>`; guest -> host port P: `<path>_P`).
+    #[arg(long)]
+    pub vsock: Option<PathBuf>,
+    /// The guest's vsock CID.
+    #[arg(long, default_value_t = DEFAULT_GUEST_CID)]
+    pub guest_cid: u64,
     /// Where the guest console goes: `stdio`, `none`, or a file path (appended).
     #[arg(long, default_value = "stdio")]
     pub console: String,
@@ -65,6 +74,10 @@ pub fn run(args: BootArgs, process_start: Instant) -> Result<u8, Box<dyn std::er
         console: console_config(&args.console),
         disks: args.disks.clone(),
         shares: args.shares.clone(),
+        vsock: args.vsock.clone().map(|uds_path| VsockConfig {
+            guest_cid: args.guest_cid,
+            uds_path,
+        }),
     };
     let vm = Vm::new(config, process_start)?;
     let running = vm.start()?;

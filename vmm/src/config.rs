@@ -49,6 +49,20 @@ pub struct VmConfig {
     pub disks: Vec<BlockConfig>,
     /// virtio-fs shares, one device per tag (`mount -t virtiofs TAG DIR` in the guest).
     pub shares: Vec<ShareConfig>,
+    /// virtio-vsock with the hybrid Unix-socket back end, if any.
+    pub vsock: Option<VsockConfig>,
+}
+
+/// The guest CID podvisor gives a VM's vsock device (each VM has its own device, so the
+/// CID only has to differ from the host's, 2).
+pub const DEFAULT_GUEST_CID: u64 = 3;
+
+/// virtio-vsock: the guest's CID and the VM's Unix socket (host → guest: connect to
+/// `uds_path` and send `CONNECT <port>`; guest → host port P: `<uds_path>_P`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    pub guest_cid: u64,
+    pub uds_path: PathBuf,
 }
 
 impl Default for VmConfig {
@@ -62,6 +76,7 @@ impl Default for VmConfig {
             console: ConsoleConfig::Stdio,
             disks: Vec::new(),
             shares: Vec::new(),
+            vsock: None,
         }
     }
 }

@@ -4,7 +4,8 @@
 //! KVM without hardware virtualization, guest kernel code run by KVM's instruction
 //! emulator) some instructions cannot be emulated at CPL0 and guest processes share AVX
 //! state; podvisor then:
-//! * masks CX16/XSAVE/POPCNT/SMAP in the CPUID table (see [`crate::arch::cpuid`]),
+//! * masks CX16/XSAVE/POPCNT/SMAP and KVM's PV IPI / sched-yield in the CPUID table (see
+//!   [`crate::arch::cpuid`]; with PV IPIs a second vCPU hangs in the IPI hypercall),
 //! * adds `noxsave clearcpuid=smap,popcnt` to the kernel command line (these features
 //!   leak into the guest whatever the CPUID table says),
 //! * puts `GLIBC_TUNABLES` (no AVX dispatch) into PID 1's environment via the command
@@ -54,7 +55,7 @@ impl HostKind {
     /// CPUID masks this host needs.
     pub fn cpuid_masks(self) -> CpuidMasks {
         CpuidMasks {
-            emulator_unsafe: self == HostKind::NestedPvm,
+            nested_pvm: self == HostKind::NestedPvm,
         }
     }
 
@@ -96,7 +97,7 @@ mod tests {
     #[test]
     fn quirks_only_on_pvm() {
         assert!(HostKind::Native.cmdline_words().is_empty());
-        assert!(!HostKind::Native.cpuid_masks().emulator_unsafe);
+        assert!(!HostKind::Native.cpuid_masks().nested_pvm);
         let words = HostKind::NestedPvm.cmdline_words();
         assert!(words.contains(&"noxsave".to_string()));
         assert!(words

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use devices::legacy::ConsoleInput;
 use devices::virtio::block::Block;
 use devices::virtio::fs::Fs;
+use devices::virtio::vsock::Vsock;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
@@ -73,7 +74,15 @@ pub enum VmError {
     #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error("virtio-fs share {tag:?}: {source}")]
-    Share { tag: String, source: devices::virtio::fs::FsError },
+    Share {
+        tag: String,
+        source: devices::virtio::fs::FsError,
+    },
+    #[error("vsock {path}: {source}")]
+    Vsock {
+        path: std::path::PathBuf,
+        source: devices::virtio::vsock::VsockError,
+    },
     #[error("disk {path}: {source}")]
     Disk {
         path: std::path::PathBuf,
@@ -140,8 +149,8 @@ impl Vm {
         let host = HostKind::detect();
         if host == HostKind::NestedPvm {
             info!(
-                "nested PVM host detected (kvm_pvm): masking CX16/XSAVE/POPCNT/SMAP in CPUID, adding {:?} \
-                 to the kernel command line",
+                "nested PVM host detected (kvm_pvm): masking CX16/XSAVE/POPCNT/SMAP and KVM PV IPIs in \
+                 CPUID, adding {:?} to the kernel command line",
                 host.cmdline_words()
             );
         }
@@ -174,8 +183,18 @@ impl Vm {
             devices.add_virtio(&vm_fd, &mem, Box::new(block))?;
         }
         for share in &config.shares {
-            let fs = Fs::new(share.clone()).map_err(|source| VmError::Share { tag: share.tag.clone(), source })?;
+            let fs = Fs::new(share.clone()).map_err(|source| VmError::Share {
+                tag: share.tag.clone(),
+                source,
+            })?;
             devices.add_virtio(&vm_fd, &mem, Box::new(fs))?;
+        }
+        if let Some(v) = &config.vsock {
+            let vsock = Vsock::new(v.guest_cid, &v.uds_path).map_err(|source| VmError::Vsock {
+                path: v.uds_path.clone(),
+                source,
+            })?;
+            devices.add_virtio(&vm_fd, &mem, Box::new(vsock))?;
         }
 
         let kernel = loader::load_kernel(&mem, &config.kernel)?;

@@ -26,6 +26,7 @@ pub mod fs;
 pub mod mmio;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
+pub mod vsock;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};

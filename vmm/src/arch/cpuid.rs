@@ -20,12 +20,18 @@ mod leaf1 {
 mod leaf7 {
     pub const EBX_SMAP: u32 = 1 << 20;
 }
+/// Bits of the KVM paravirtual feature leaf (0x4000_0001 EAX).
+mod kvm_features {
+    pub const PV_SEND_IPI: u32 = 1 << 11;
+    pub const PV_SCHED_YIELD: u32 = 1 << 13;
+}
 
 const LEAF_FEATURES: u32 = 1;
 const LEAF_CACHE_PARAMS: u32 = 4;
 const LEAF_EXT_FEATURES: u32 = 7;
 const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
+const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
 
 /// Topology level types of leaves 0xb / 0x1f (ECX[15:8]).
 const LEVEL_SMT: u32 = 1;
@@ -34,9 +40,10 @@ const LEVEL_CORE: u32 = 2;
 /// Feature masks to apply on top of what KVM reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CpuidMasks {
-    /// Hide instructions that a nested-PVM host's CPL0 emulator cannot execute:
-    /// CMPXCHG16B, XSAVE, POPCNT and SMAP (`clac`/`stac`).
-    pub emulator_unsafe: bool,
+    /// Nested-PVM host quirks: hide instructions its CPL0 emulator cannot execute
+    /// (CMPXCHG16B, XSAVE, POPCNT, SMAP's `clac`/`stac`), and the KVM paravirtual IPI and
+    /// sched-yield hypercalls (with them a second vCPU hangs in `__send_ipi_mask`).
+    pub nested_pvm: bool,
 }
 
 /// Adjusts a copy of the supported-CPUID table for vCPU `cpu_id` of `cpu_count`.
@@ -54,7 +61,7 @@ pub fn adjust(entries: &mut [kvm_cpuid_entry2], cpu_id: u8, cpu_count: u8, masks
                 } else {
                     e.edx &= !leaf1::EDX_HTT;
                 }
-                if masks.emulator_unsafe {
+                if masks.nested_pvm {
                     e.ecx &= !(leaf1::ECX_CX16
                         | leaf1::ECX_POPCNT
                         | leaf1::ECX_XSAVE
@@ -72,8 +79,11 @@ pub fn adjust(entries: &mut [kvm_cpuid_entry2], cpu_id: u8, cpu_count: u8, masks
                 e.eax &= 0x3fff;
                 e.eax |= ((u32::from(cpu_count) - 1) << 26) | (sharing << 14);
             }
-            LEAF_EXT_FEATURES if e.index == 0 && masks.emulator_unsafe => {
+            LEAF_EXT_FEATURES if e.index == 0 && masks.nested_pvm => {
                 e.ebx &= !leaf7::EBX_SMAP;
+            }
+            LEAF_KVM_FEATURES if masks.nested_pvm => {
+                e.eax &= !(kvm_features::PV_SEND_IPI | kvm_features::PV_SCHED_YIELD);
             }
             LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {
                 e.edx = u32::from(cpu_id);
@@ -140,6 +150,7 @@ mod tests {
             entry(0xb, 0),
             entry(0xb, 1),
             entry(0xb, 2),
+            entry(LEAF_KVM_FEATURES, 0),
         ]
     }
 
@@ -153,6 +164,10 @@ mod tests {
         assert_ne!(l1.ecx & leaf1::ECX_HYPERVISOR, 0);
         assert_ne!(l1.edx & leaf1::EDX_HTT, 0);
         assert_ne!(l1.ecx & leaf1::ECX_CX16, 0, "no masking on a normal host");
+        assert_ne!(
+            find(&t, LEAF_KVM_FEATURES, 0).eax & kvm_features::PV_SEND_IPI,
+            0
+        );
         assert_eq!(find(&t, 4, 0).eax >> 26, 3, "cores per package - 1");
         let smt = find(&t, 0xb, 0);
         assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (0, 1, 0x100, 2));
@@ -173,14 +188,7 @@ mod tests {
     #[test]
     fn emulator_masks_hide_unemulatable_instructions() {
         let mut t = table();
-        adjust(
-            &mut t,
-            0,
-            1,
-            CpuidMasks {
-                emulator_unsafe: true,
-            },
-        );
+        adjust(&mut t, 0, 1, CpuidMasks { nested_pvm: true });
         let l1 = find(&t, 1, 0);
         for bit in [
             leaf1::ECX_CX16,
@@ -191,6 +199,12 @@ mod tests {
             assert_eq!(l1.ecx & bit, 0);
         }
         assert_eq!(find(&t, 7, 0).ebx & leaf7::EBX_SMAP, 0);
+        let kvm = find(&t, LEAF_KVM_FEATURES, 0).eax;
+        assert_eq!(
+            kvm & (kvm_features::PV_SEND_IPI | kvm_features::PV_SCHED_YIELD),
+            0
+        );
+        assert_ne!(kvm, 0, "other KVM features stay");
     }
 
     #[test]

@@ -1,0 +1,218 @@
+//! The virtio-vsock device: configuration space, features, activation, reset and state.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use log::{info, warn};
+use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::muxer::Muxer;
+use super::queue_handler::{Active, VsockHandler};
+use super::uds::{self, SocketFile, UdsError};
+use super::{Timeouts, NUM_QUEUES, QUEUE_SIZE};
+use crate::virtio::features::{
+    bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use crate::virtio::{
+    lock, read_config_bytes, ActivateError, DeviceSubscriber, GuestMem, Interrupt, VirtioDevice,
+};
+
+/// Errors building a vsock device.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    #[error("guest CID {0} is not a valid guest CID (0, 1, 2 and 0xffffffff and above are reserved): use 3 or above")]
+    InvalidCid(u64),
+    #[error(transparent)]
+    Socket(#[from] UdsError),
+    #[error("cannot create the device's event fds: {0}; check the process's fd limit")]
+    EventFd(std::io::Error),
+    #[error("cannot create the connection timer: {0}; check the process's fd limit")]
+    Timer(std::io::Error),
+}
+
+/// The device's configuration (for snapshots and tests). Live streams are not part of it:
+/// a restored VM starts with none (the guest sees its connections reset, as after a
+/// transport reset event), and host clients reconnect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockState {
+    pub guest_cid: u64,
+    pub uds_path: PathBuf,
+    pub avail_features: u64,
+    pub acked_features: u64,
+}
+
+/// A virtio-vsock device with the Unix-socket back end (see the [module docs](super)).
+pub struct Vsock {
+    guest_cid: u64,
+    socket: SocketFile,
+    avail_features: u64,
+    acked_features: u64,
+    queue_events: Vec<EventFd>,
+    handler: Arc<Mutex<VsockHandler>>,
+}
+
+impl Vsock {
+    /// A device for guest `guest_cid` listening at `uds_path` (a stale socket file there is
+    /// replaced), with the default [`Timeouts`].
+    pub fn new(guest_cid: u64, uds_path: impl AsRef<Path>) -> Result<Vsock, VsockError> {
+        Self::with_timeouts(guest_cid, uds_path, Timeouts::default())
+    }
+
+    /// [`Vsock::new`] with explicit timeouts.
+    pub fn with_timeouts(
+        guest_cid: u64,
+        uds_path: impl AsRef<Path>,
+        timeouts: Timeouts,
+    ) -> Result<Vsock, VsockError> {
+        if guest_cid <= 2 || guest_cid >= u64::from(u32::MAX) {
+            return Err(VsockError::InvalidCid(guest_cid));
+        }
+        let uds_path = uds_path.as_ref();
+        let (listener, socket) = uds::bind_listener(uds_path)?;
+        let queue_events = (0..NUM_QUEUES)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(VsockError::EventFd)?;
+        let kicks = queue_events
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(VsockError::EventFd)?;
+        let wake = EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?;
+        let timer = TimerFd::new().map_err(|e| VsockError::Timer(e.into()))?;
+        set_nonblocking(&timer).map_err(VsockError::Timer)?;
+        let muxer = Muxer::new(guest_cid, uds_path, listener, timeouts);
+        let handler = VsockHandler::new(kicks, wake, timer, muxer);
+        info!(
+            "virtio-vsock: guest CID {guest_cid}, host socket {}",
+            uds_path.display()
+        );
+        Ok(Vsock {
+            guest_cid,
+            socket,
+            avail_features: bit(VIRTIO_F_VERSION_1)
+                | bit(VIRTIO_RING_F_INDIRECT_DESC)
+                | bit(VIRTIO_RING_F_EVENT_IDX),
+            acked_features: 0,
+            queue_events,
+            handler: Arc::new(Mutex::new(handler)),
+        })
+    }
+
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// The VM's listening socket (host clients connect here; guest connections to port `P`
+    /// go to `<uds_path>_P`).
+    pub fn uds_path(&self) -> &Path {
+        self.socket.path()
+    }
+
+    /// The event-loop handler (also reachable as [`VirtioDevice::subscriber`]).
+    pub fn handler(&self) -> Arc<Mutex<VsockHandler>> {
+        self.handler.clone()
+    }
+
+    /// The device's configuration (live streams are not included).
+    pub fn state(&self) -> VsockState {
+        VsockState {
+            guest_cid: self.guest_cid,
+            uds_path: self.socket.path().into(),
+            avail_features: self.avail_features,
+            acked_features: self.acked_features,
+        }
+    }
+}
+
+fn set_nonblocking(fd: &impl AsRawFd) -> std::io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: fcntl on an fd we own, with no pointers involved; the result is checked.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; NUM_QUEUES]
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_vsock_config { le64 guest_cid; }
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        warn!(
+            "virtio-vsock: guest wrote {} bytes at config offset {offset:#x}; the config space is read-only, ignored",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMem,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != NUM_QUEUES {
+            return Err(ActivateError::QueueCount {
+                expected: NUM_QUEUES,
+                got: queues.len(),
+            });
+        }
+        let mut handler = lock(&self.handler);
+        if handler.is_active() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        handler.activate(Active {
+            mem,
+            interrupt,
+            queues,
+            broken: false,
+        });
+        info!("virtio-vsock: guest CID {} active", self.guest_cid);
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        lock(&self.handler).reset();
+        self.acked_features = 0;
+        true
+    }
+
+    fn subscriber(&self) -> DeviceSubscriber {
+        self.handler.clone()
+    }
+}

@@ -1,0 +1,194 @@
+//! `pvtest`: guest side of podvisor's device tests, one static binary run by the test
+//! initramfs's `/init` (every extra guest process costs seconds on a nested host).
+//!
+//! `pvtest devices` runs, in order, and prints one `pvtest: <check> ok|FAIL ...` line each:
+//! * blk: reads the first MiB of `/dev/vda` and prints its FNV-1a hash (the host compares
+//!   it with the image it made), then writes a marker block at 1 MiB and `fsync`s;
+//! * fs: mounts virtio-fs tag `share` on `/mnt`, reads `/mnt/from-host.txt`, writes
+//!   `/mnt/from-guest.txt`, renames, hard-links, symlinks and unlinks files;
+//! * vsock (guest → host): connects to CID 2 port 5000, sends `hello from guest` and
+//!   expects it echoed back;
+//! * vsock (host → guest): listens on port 6000, accepts one connection, echoes what it reads
+//!   until EOF.
+//!
+//! The host test reads these lines on the console and checks the disk and share afterwards.
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+
+const HOST_CID: u32 = 2;
+const GUEST_TO_HOST_PORT: u32 = 5000;
+const HOST_TO_GUEST_PORT: u32 = 6000;
+/// Where the guest writes its marker on the disk.
+const MARKER_OFFSET: u64 = 1 << 20;
+const MARKER: &[u8] = b"podvisor-guest-was-here";
+
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn check_blk() -> io::Result<String> {
+    let mut disk = OpenOptions::new().read(true).write(true).open("/dev/vda")?;
+    let mut buf = vec![0u8; 1 << 20];
+    disk.read_exact(&mut buf)?;
+    let hash = fnv1a(&buf);
+    disk.seek(SeekFrom::Start(MARKER_OFFSET))?;
+    let mut block = vec![0u8; 4096];
+    block[..MARKER.len()].copy_from_slice(MARKER);
+    disk.write_all(&block)?;
+    disk.sync_all()?;
+    // Read back through the device.
+    let mut back = vec![0u8; 4096];
+    disk.read_exact_at(&mut back, MARKER_OFFSET)?;
+    if back != block {
+        return Err(io::Error::other("marker read back differs"));
+    }
+    Ok(format!("hash={hash:016x}"))
+}
+
+fn mount(source: &str, target: &str, fstype: &str) -> io::Result<()> {
+    let c = |s: &str| CString::new(s).expect("no NUL");
+    let (src, tgt, fs) = (c(source), c(target), c(fstype));
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn check_fs() -> io::Result<String> {
+    fs::create_dir_all("/mnt")?;
+    mount("share", "/mnt", "virtiofs")?;
+    let from_host = fs::read_to_string("/mnt/from-host.txt")?;
+    fs::write("/mnt/tmp.txt", format!("guest read: {}", from_host.trim()))?;
+    fs::rename("/mnt/tmp.txt", "/mnt/from-guest.txt")?;
+    fs::hard_link("/mnt/from-guest.txt", "/mnt/hardlink.txt")?;
+    std::os::unix::fs::symlink("from-guest.txt", "/mnt/symlink.txt")?;
+    fs::write("/mnt/doomed.txt", "x")?;
+    fs::remove_file("/mnt/doomed.txt")?;
+    let big: Vec<u8> = (0..(4u32 << 20)).map(|i| (i % 251) as u8).collect();
+    fs::write("/mnt/big.bin", &big)?;
+    if fs::read("/mnt/big.bin")? != big {
+        return Err(io::Error::other("big file read back differs"));
+    }
+    let entries = fs::read_dir("/mnt")?.count();
+    Ok(format!("entries={entries} big_hash={:016x}", fnv1a(&big)))
+}
+
+fn vsock_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call; the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh, valid descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
+    // SAFETY: sockaddr_vm is plain data; all-zero is valid.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    addr
+}
+
+fn check_vsock_connect() -> io::Result<String> {
+    use std::os::fd::AsRawFd;
+    let sock = vsock_socket()?;
+    let addr = vsock_addr(HOST_CID, GUEST_TO_HOST_PORT);
+    // SAFETY: addr is a valid sockaddr_vm of the given size.
+    let rc = unsafe {
+        libc::connect(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of_val(&addr) as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut stream = File::from(sock);
+    let msg = b"hello from guest\n";
+    stream.write_all(msg)?;
+    let mut echo = vec![0u8; msg.len()];
+    stream.read_exact(&mut echo)?;
+    if echo != msg {
+        return Err(io::Error::other(format!(
+            "echo differs: {:?}",
+            String::from_utf8_lossy(&echo)
+        )));
+    }
+    Ok("echoed".into())
+}
+
+fn check_vsock_listen() -> io::Result<String> {
+    use std::os::fd::AsRawFd;
+    let sock = vsock_socket()?;
+    let addr = vsock_addr(libc::VMADDR_CID_ANY, HOST_TO_GUEST_PORT);
+    // SAFETY: addr is a valid sockaddr_vm of the given size; listen/accept on our own fd.
+    unsafe {
+        if libc::bind(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of_val(&addr) as u32,
+        ) != 0
+            || libc::listen(sock.as_raw_fd(), 1) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    println!("pvtest: vsock-listen ready port={HOST_TO_GUEST_PORT}");
+    // SAFETY: accept on our listening fd; null address arguments are allowed.
+    let conn =
+        unsafe { libc::accept(sock.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut()) };
+    if conn < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: conn is a fresh descriptor we own.
+    let mut stream = unsafe { File::from_raw_fd(conn) };
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        stream.write_all(&buf[..n])?;
+        total += n;
+    }
+    Ok(format!("echoed_bytes={total}"))
+}
+
+fn report(name: &str, result: io::Result<String>) -> bool {
+    match result {
+        Ok(detail) => {
+            println!("pvtest: {name} ok {detail}");
+            true
+        }
+        Err(e) => {
+            println!("pvtest: {name} FAIL {e}");
+            false
+        }
+    }
+}
+
+fn main() {
+    let mode = std::env::args().nth(1).unwrap_or_default();
+    if mode != "devices" {
+        eprintln!("usage: pvtest devices");
+        std::process::exit(2);
+    }
+    let mut ok = report("blk", check_blk());
+    ok &= report("fs", check_fs());
+    ok &= report("vsock-connect", check_vsock_connect());
+    ok &= report("vsock-listen", check_vsock_listen());
+    println!("pvtest: done {}", if ok { "ok" } else { "FAIL" });
+}
