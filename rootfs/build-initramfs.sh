@@ -54,7 +54,7 @@ if [ "$name" = devices-test ]; then
     # (no musl toolchain is installable here).
     RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --release \
         -p podvisor-guest-test --target x86_64-unknown-linux-gnu --manifest-path "$repo/Cargo.toml"
-    pvtest="$repo/target/x86_64-unknown-linux-gnu/release/pvtest"
+    pvtest="${CARGO_TARGET_DIR:-$repo/target}/x86_64-unknown-linux-gnu/release/pvtest"
     if readelf -l "$pvtest" | grep 'Requesting program interpreter' >/dev/null; then
         die "$pvtest is dynamically linked"
     fi
