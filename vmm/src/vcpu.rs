@@ -158,7 +158,7 @@ struct ControlState {
     request: Request,
     /// The thread is parked (paused) outside `KVM_RUN`.
     parked: bool,
-    /// The thread has left its loop.
+    /// The thread runs the guest no more (the VM is over, or the thread has ended).
     exited: bool,
 }
 
@@ -266,9 +266,19 @@ impl VcpuHandle {
         }
     }
 
-    /// Lets a paused thread run the guest again.
-    pub fn resume(&self) {
+    /// Lets a paused thread run the guest again, and waits until it has left its parking
+    /// spot (or is gone). Returns false if it did not within `timeout`.
+    pub fn resume(&self, timeout: Duration) -> bool {
         self.request(Request::Run);
+        let st = self.control.lock();
+        let (st, _) = self
+            .control
+            .changed
+            .wait_timeout_while(st, timeout, |s| {
+                s.parked && !s.exited && s.request == Request::Run
+            })
+            .unwrap_or_else(|p| p.into_inner());
+        !st.parked || st.exited
     }
 
     /// Whether the thread is parked.
@@ -329,7 +339,10 @@ impl VcpuThread {
         loop {
             match st.request {
                 Request::Run => {
-                    st.parked = false;
+                    if st.parked {
+                        st.parked = false;
+                        self.control.changed.notify_all();
+                    }
                     return true;
                 }
                 Request::Stop => return false,
@@ -378,8 +391,9 @@ impl VcpuThread {
                 let _ = self.ctx.exits.send(VmEvent::Exit(reason));
                 // Park until the controller stops us: the VM is over.
                 let mut st = self.control.lock();
+                st.exited = true;
+                self.control.changed.notify_all();
                 while st.request != Request::Stop {
-                    st.parked = true;
                     self.control.changed.notify_all();
                     st = self
                         .control

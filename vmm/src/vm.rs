@@ -104,6 +104,8 @@ pub enum VmError {
     EventLoop(#[from] EventLoopError),
     #[error("vCPUs did not pause within {0:?}")]
     PauseTimeout(Duration),
+    #[error("vCPUs did not resume within {0:?}")]
+    ResumeTimeout(Duration),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -454,9 +456,14 @@ impl RunningVm {
         Ok(())
     }
 
-    /// Resumes every vCPU.
-    pub fn resume(&self) {
-        self.vcpus.iter().for_each(VcpuHandle::resume);
+    /// Resumes every vCPU; returns once all run again.
+    pub fn resume(&self) -> Result<(), VmError> {
+        for v in &self.vcpus {
+            if !v.resume(PAUSE_TIMEOUT) {
+                return Err(VmError::ResumeTimeout(PAUSE_TIMEOUT));
+            }
+        }
+        Ok(())
     }
 
     /// Whether every vCPU is paused.
