@@ -7,7 +7,9 @@
 //! * masks CX16/XSAVE/POPCNT/SMAP and KVM's PV IPI / sched-yield in the CPUID table (see
 //!   [`crate::arch::cpuid`]; with PV IPIs a second vCPU hangs in the IPI hypercall),
 //! * adds `noxsave clearcpuid=smap,popcnt` to the kernel command line (these features
-//!   leak into the guest whatever the CPUID table says),
+//!   leak into the guest whatever the CPUID table says) and suppresses RCU stall reports
+//!   (emulated kernel code trips them, and their NMI backtrace runs an instruction the
+//!   emulator cannot),
 //! * puts `GLIBC_TUNABLES` (no AVX dispatch) into PID 1's environment via the command
 //!   line, so concurrent guest programs do not corrupt each other's vector registers.
 //!
@@ -66,6 +68,10 @@ impl HostKind {
             HostKind::NestedPvm => vec![
                 "noxsave".into(),
                 "clearcpuid=smap,popcnt".into(),
+                // Emulated kernel code is so slow that long non-preemptible work (e.g.
+                // unpacking the initramfs on a second vCPU) looks like an RCU stall; the
+                // stall report's NMI backtrace then runs `lsl`, which the emulator cannot.
+                "rcupdate.rcu_cpu_stall_suppress=1".into(),
                 format!("GLIBC_TUNABLES={GLIBC_NO_AVX_TUNABLES}"),
             ],
         }
