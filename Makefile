@@ -12,7 +12,7 @@ BIN := $(CURDIR)/target/$(if $(filter release,$(PROFILE)),release,debug)/podviso
 INITRD := $(OUT)/boot-test.cpio
 
 .DEFAULT_GOAL := run
-.PHONY: run deps build guest-kernel rootfs test test-unit test-guest lint bench bench-boot clean
+.PHONY: run deps build guest-kernel rootfs test test-unit test-guest lint bench bench-boot bench-devices clean
 
 ## deps: install system packages (Debian) the build and tests need.
 deps:
@@ -55,12 +55,17 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## bench: every benchmark table.
-bench: bench-boot
+bench: bench-boot bench-devices
 
 ## bench-boot: boot figures for 1 vCPU / 128 MiB, median of 3 fresh processes.
 bench-boot: build rootfs
 	@kernel=$$(bash guest-kernel/build.sh) && \
 	  $(BIN) bench boot --kernel "$$kernel" --initrd $(INITRD) --runs 3 --vcpus 1 --mem-mib 128
+
+## bench-devices: virtio-blk/fs/vsock throughput (MiB/s, req/s at 4 KiB and 1 MiB) through the
+## virtio-mmio transport from a host-side driver, against raw file/socket baselines (~30 s).
+bench-devices:
+	$(CARGO) bench -p devices --features test-utils --bench devices
 
 clean:
 	$(CARGO) clean

@@ -15,6 +15,7 @@
 //! Guest memory layout: queue rings from [`QUEUE_AREA`], buffers from [`BUFFER_AREA`]
 //! (bump-allocated with [`MmioDriver::alloc`]).
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
@@ -361,6 +362,32 @@ impl MmioDriver {
                 got.len()
             );
             self.run_events(5);
+        }
+    }
+
+    /// Waits until queue `q` has new used entries and returns them; panics after `timeout`.
+    /// For devices that complete on worker threads: it runs the event loop without blocking
+    /// (to pass kicks on) and sleeps in `poll` on the irqfd, so it returns as soon as the
+    /// device signals (the driver must want interrupts for this queue).
+    pub fn wait_used_irq(&mut self, q: usize, timeout: Duration) -> Vec<(u32, u32)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.run_events(0);
+            let used = self.queues[q].take_used(&self.mem);
+            if !used.is_empty() {
+                return used;
+            }
+            let now = Instant::now();
+            assert!(now < deadline, "queue {q}: no used entry after {timeout:?}");
+            let ms = (deadline - now).as_millis().min(1000) as i32;
+            let mut pfd = libc::pollfd {
+                fd: self.irq.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: `pfd` is a valid pollfd for the duration of the call; count is 1.
+            unsafe { libc::poll(&mut pfd, 1, ms) };
+            self.take_irqs();
         }
     }
 

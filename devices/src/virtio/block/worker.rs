@@ -191,7 +191,10 @@ impl WorkerContext {
 
     /// Raises the used-buffer interrupt if the driver wants one.
     fn notify(&self) {
-        match lock(&self.queue).needs_notification(&self.mem) {
+        // Release the queue lock before writing the irqfd: the driver reacts at once by
+        // kicking the next request, and the event loop must not find the queue locked.
+        let wants = lock(&self.queue).needs_notification(&self.mem);
+        match wants {
             Ok(false) => {}
             Ok(true) => self.interrupt.signal_used_queue(),
             Err(e) => {

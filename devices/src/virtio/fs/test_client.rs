@@ -10,8 +10,7 @@
 //! breakage (they are test code).
 
 use std::mem::size_of;
-use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::*;
 use vm_memory::{ByteValued, GuestAddress};
@@ -198,29 +197,10 @@ impl FuseClient {
         self.drv.submit(q, bufs)
     }
 
-    /// Waits until queue `q` has new used entries and returns them; panics after `timeout`.
-    /// It runs the device's event loop without blocking and sleeps in `poll` on the irqfd,
-    /// so it returns as soon as the device signals.
+    /// Waits until queue `q` has new used entries and returns them; panics after `timeout`
+    /// (see [`MmioDriver::wait_used_irq`]).
     pub fn wait_used(&mut self, q: usize, timeout: Duration) -> Vec<(u32, u32)> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.drv.run_events(0);
-            let used = self.drv.queues[q].take_used(&self.drv.mem);
-            if !used.is_empty() {
-                return used;
-            }
-            let now = Instant::now();
-            assert!(now < deadline, "queue {q}: no used entry after {timeout:?}");
-            let ms = (deadline - now).as_millis().min(1000) as i32;
-            let mut pfd = libc::pollfd {
-                fd: self.drv.irq_event().as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: `pfd` is a valid pollfd for the duration of the call; count is 1.
-            unsafe { libc::poll(&mut pfd, 1, ms) };
-            self.drv.take_irqs();
-        }
+        self.drv.wait_used_irq(q, timeout)
     }
 
     /// Sends `opcode` on `nodeid` with `args` (each its own descriptor) and room for a reply

@@ -344,7 +344,9 @@ impl Serving {
 
     /// Raises the used-buffer interrupt if the driver wants one for queue `q`.
     fn notify(&self, q: usize) {
-        match lock(&self.ctx.queues[q]).needs_notification(&self.ctx.mem) {
+        // Release the queue lock before writing the irqfd (see the block worker).
+        let wants = lock(&self.ctx.queues[q]).needs_notification(&self.ctx.mem);
+        match wants {
             Ok(false) => {}
             Ok(true) => self.ctx.interrupt.signal_used_queue(),
             Err(e) => {

@@ -1,0 +1,249 @@
+//! `podvisor-agent`: PID 1 of a podvisor pod VM. It serves the `podvisor.agent.v1` ttrpc
+//! protocol (crate `podvisor-agent-protocol`) to the shim and runs the pod's containers.
+//!
+//! Two modes, one server:
+//! * guest (`--listen vsock://-1:1024`, the default as PID 1): PID-1 duties (`pid1`), RPCs
+//!   on vsock port 1024, stdio streams on port 1025; DestroySandbox reboots the VM.
+//! * host test (`--listen unix:///dir/agent.sock`): run on the host inside its own mount and
+//!   PID namespaces (e.g. `unshare --mount --pid --fork --mount-proc`); streams on
+//!   `agent.sock.stream`; `--private-cgroup2` mounts a private cgroup v2 on /sys/fs/cgroup
+//!   when the host has v1/hybrid there; DestroySandbox makes the agent exit.
+//!
+//! Modules: `server` (RPC handlers) → `sandbox` (the pod) → `container` (libcontainer) →
+//! `process` / `stream` (stdio pumps) / `cgroup` / `oom`; `reaper` collects children;
+//! `listener` binds vsock or Unix sockets; `error` maps failures to ttrpc codes.
+//!
+//! Threads: main (waits for DestroySandbox), reaper, OOM watcher, stream acceptor, ttrpc's
+//! listener + per connection reader/writer/handlers, and one pump per attached stdio stream.
+
+mod cgroup;
+mod container;
+mod error;
+mod listener;
+mod logger;
+mod oom;
+mod pid1;
+mod process;
+mod reaper;
+mod sandbox;
+mod server;
+mod stream;
+
+use std::os::fd::IntoRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::LevelFilter;
+
+use crate::container::Layout;
+use crate::listener::ListenAddr;
+use crate::oom::OomWatcher;
+use crate::reaper::Reaper;
+use crate::sandbox::{Sandbox, SandboxConfig};
+use crate::stream::Streams;
+
+/// Time given to ttrpc's writer thread to send the DestroySandbox reply before the agent
+/// exits or resets the VM (the client learns of the end from the connection anyway).
+const REPLY_GRACE: Duration = Duration::from_millis(200);
+
+const USAGE: &str = "\
+usage: podvisor-agent [options]
+  --listen URL          RPC listener: vsock://CID:PORT (CID -1 = any) or unix:///path
+                        (default vsock://-1:1024 when PID 1; required otherwise)
+  --stream-listen URL   stdio stream listener (default: vsock port 1025, or the RPC
+                        socket path + .stream)
+  --state-dir DIR       bundles and container state (default /run/podvisor-agent)
+  --cgroup-parent NAME  pod cgroup under /sys/fs/cgroup (default podvisor)
+  --resolv-conf PATH    where CreateSandbox writes DNS (default /etc/resolv.conf)
+  --private-cgroup2     host test: mount cgroup v2 on /sys/fs/cgroup in a private mount
+                        namespace if the host has v1/hybrid there
+  --log-level LEVEL     error|warn|info|debug|trace (default info)
+  --version             print the agent and protocol versions
+";
+
+/// Command-line errors.
+#[derive(Debug, thiserror::Error)]
+enum ArgsError {
+    #[error("{0} needs a value")]
+    MissingValue(String),
+    #[error("unknown option {0}")]
+    Unknown(String),
+    #[error("bad log level {0:?}")]
+    LogLevel(String),
+    #[error("--listen is required when not running as PID 1")]
+    NoListen,
+    #[error(transparent)]
+    Listen(#[from] listener::ListenError),
+}
+
+struct Args {
+    listen: ListenAddr,
+    stream_listen: ListenAddr,
+    state_dir: PathBuf,
+    cgroup_parent: String,
+    resolv_conf: PathBuf,
+    private_cgroup2: bool,
+    log_level: LevelFilter,
+}
+
+fn parse_args() -> Result<Option<Args>, ArgsError> {
+    let mut listen = None;
+    let mut stream_listen = None;
+    let mut state_dir = PathBuf::from("/run/podvisor-agent");
+    let mut cgroup_parent = "podvisor".to_string();
+    let mut resolv_conf = PathBuf::from("/etc/resolv.conf");
+    let mut private_cgroup2 = false;
+    let mut log_level = LevelFilter::Info;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| ArgsError::MissingValue(arg.clone()))
+        };
+        match arg.as_str() {
+            "--listen" => listen = Some(value()?.parse::<ListenAddr>()?),
+            "--stream-listen" => stream_listen = Some(value()?.parse::<ListenAddr>()?),
+            "--state-dir" => state_dir = value()?.into(),
+            "--cgroup-parent" => cgroup_parent = value()?,
+            "--resolv-conf" => resolv_conf = value()?.into(),
+            "--log-level" => {
+                let level = value()?;
+                log_level = level.parse().map_err(|_| ArgsError::LogLevel(level))?;
+            }
+            "--private-cgroup2" => private_cgroup2 = true,
+            "--version" => {
+                println!(
+                    "podvisor-agent {} (protocol {})",
+                    env!("CARGO_PKG_VERSION"),
+                    podvisor_agent_protocol::PROTOCOL_VERSION
+                );
+                return Ok(None);
+            }
+            "--help" | "-h" => {
+                print!("{USAGE}");
+                return Ok(None);
+            }
+            // The kernel passes unknown command-line words to init as arguments.
+            other if std::process::id() == 1 && !other.starts_with("--") => {}
+            other => return Err(ArgsError::Unknown(other.to_string())),
+        }
+    }
+    let listen = match listen {
+        Some(listen) => listen,
+        None if std::process::id() == 1 => ListenAddr::Vsock {
+            cid: libc::VMADDR_CID_ANY,
+            port: podvisor_agent_protocol::RPC_VSOCK_PORT,
+        },
+        None => return Err(ArgsError::NoListen),
+    };
+    let stream_listen = stream_listen.unwrap_or_else(|| listen.stream_addr());
+    Ok(Some(Args {
+        listen,
+        stream_listen,
+        state_dir,
+        cgroup_parent,
+        resolv_conf,
+        private_cgroup2,
+        log_level,
+    }))
+}
+
+/// Startup failures.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error(transparent)]
+    Listen(#[from] listener::ListenError),
+    #[error(transparent)]
+    Reaper(#[from] reaper::ReaperError),
+    #[error(transparent)]
+    Oom(#[from] oom::OomError),
+    #[error(transparent)]
+    Pid1(#[from] pid1::Pid1Error),
+    #[error("starting the stream listener: {0}")]
+    Streams(#[source] std::io::Error),
+    #[error("creating the state dir {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("ttrpc server: {0:?}")]
+    Ttrpc(ttrpc::Error),
+}
+
+fn run(args: &Args, guest: bool) -> Result<(), StartError> {
+    // Before any thread exists: unsharing the mount namespace needs a single thread.
+    if args.private_cgroup2 && !guest {
+        pid1::private_cgroup2()?;
+    }
+    std::fs::create_dir_all(&args.state_dir).map_err(|source| StartError::StateDir {
+        path: args.state_dir.clone(),
+        source,
+    })?;
+    let reaper = Arc::new(Reaper::default());
+    reaper.start()?;
+    let streams = Arc::new(Streams::default());
+    let stream_fd = args.stream_listen.bind()?;
+    streams
+        .serve(stream_fd, args.stream_listen.clone())
+        .map_err(StartError::Streams)?;
+    let oom = OomWatcher::start()?;
+    let config = SandboxConfig {
+        layout: Layout {
+            state_dir: args.state_dir.clone(),
+            cgroup_parent: args.cgroup_parent.clone(),
+        },
+        resolv_conf: args.resolv_conf.clone(),
+        base_env: pid1::inherited_env(),
+    };
+    let sandbox = Arc::new(Sandbox::new(config, reaper, streams, oom));
+    let service = server::AgentService::new(sandbox.clone());
+
+    let rpc_fd = args.listen.bind()?;
+    let mut server = ttrpc::Server::new()
+        .add_listener(rpc_fd.into_raw_fd())
+        .map_err(StartError::Ttrpc)?
+        .register_service(podvisor_agent_protocol::agent_ttrpc::create_agent(
+            Arc::new(service),
+        ))
+        .set_thread_count_default(2)
+        .set_thread_count_min(1)
+        .set_thread_count_max(3);
+    server.start().map_err(StartError::Ttrpc)?;
+    log::info!(
+        "serving {} (streams on {}), containers under {}",
+        args.listen,
+        args.stream_listen,
+        sandbox.cgroup_parent_path().display()
+    );
+
+    sandbox.wait_destroyed();
+    std::thread::sleep(REPLY_GRACE);
+    Ok(())
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(Some(args)) => args,
+        Ok(None) => return,
+        Err(err) => {
+            eprintln!("podvisor-agent: {err}\n{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    logger::init(args.log_level);
+    let guest = args.listen.is_vsock() && std::process::id() == 1;
+    if guest {
+        pid1::setup();
+    }
+    let result = run(&args, guest);
+    if let Err(err) = &result {
+        log::error!("{err}");
+    }
+    if guest {
+        // PID 1 must not exit (kernel panic): reset the VM, the VMM stops.
+        pid1::reboot();
+    }
+    std::process::exit(if result.is_ok() { 0 } else { 1 });
+}

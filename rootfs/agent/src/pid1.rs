@@ -1,0 +1,290 @@
+//! What the agent does as PID 1 of the pod VM (guest mode), and the host-test mode's
+//! private cgroup2 mount.
+//!
+//! Guest mode: mount proc, sys, dev (+ pts, shm), cgroup2, run and tmp; make the console
+//! stdio if the kernel gave none; bring up loopback; enable every cgroup v2 controller for
+//! the pod cgroup; on DestroySandbox kill everything, sync and `reboot(RB_AUTOBOOT)` (the
+//! guest is booted with `reboot=k`, so the kernel resets through the i8042 and the VMM stops;
+//! RB_POWER_OFF would need ACPI, which the VM has not). Reaping is in `reaper`.
+
+use std::fs::{self, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use nix::mount::{mount, MsFlags};
+
+use crate::cgroup::{is_cgroup2, CGROUP_ROOT};
+
+/// Errors of PID-1 setup.
+#[derive(Debug, thiserror::Error)]
+pub enum Pid1Error {
+    #[error("mounting {fstype} on {target}: {source}; the guest kernel needs this filesystem")]
+    Mount {
+        fstype: &'static str,
+        target: &'static str,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("bringing up loopback: {0}")]
+    Loopback(#[source] nix::Error),
+    #[error("unsharing the mount namespace for the private cgroup2 mount: {0}")]
+    Unshare(#[source] nix::Error),
+}
+
+struct Mount {
+    fstype: &'static str,
+    target: &'static str,
+    flags: MsFlags,
+    data: Option<&'static str>,
+}
+
+const NOSUID_NODEV: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV);
+const NOSUID_NODEV_NOEXEC: MsFlags = NOSUID_NODEV.union(MsFlags::MS_NOEXEC);
+
+/// The guest's base mounts, in order.
+const MOUNTS: &[Mount] = &[
+    Mount {
+        fstype: "proc",
+        target: "/proc",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    },
+    Mount {
+        fstype: "sysfs",
+        target: "/sys",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    },
+    Mount {
+        fstype: "devtmpfs",
+        target: "/dev",
+        flags: MsFlags::MS_NOSUID,
+        data: Some("mode=0755"),
+    },
+    Mount {
+        fstype: "devpts",
+        target: "/dev/pts",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        data: Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    },
+    Mount {
+        fstype: "tmpfs",
+        target: "/dev/shm",
+        flags: NOSUID_NODEV,
+        data: Some("mode=1777"),
+    },
+    Mount {
+        fstype: "cgroup2",
+        target: CGROUP_ROOT,
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    },
+    Mount {
+        fstype: "tmpfs",
+        target: "/run",
+        flags: NOSUID_NODEV,
+        data: Some("mode=0755"),
+    },
+    Mount {
+        fstype: "tmpfs",
+        target: "/tmp",
+        flags: NOSUID_NODEV,
+        data: Some("mode=1777"),
+    },
+];
+
+fn mount_one(m: &Mount) -> Result<(), Pid1Error> {
+    let _ = fs::create_dir_all(m.target);
+    match mount(Some(m.fstype), m.target, Some(m.fstype), m.flags, m.data) {
+        // Already mounted (e.g. devtmpfs by CONFIG_DEVTMPFS_MOUNT).
+        Ok(()) | Err(nix::Error::EBUSY) => Ok(()),
+        Err(source) => Err(Pid1Error::Mount {
+            fstype: m.fstype,
+            target: m.target,
+            source,
+        }),
+    }
+}
+
+/// Opens /dev/console as stdin/stdout/stderr if the kernel left them closed (no
+/// /dev/console in the initramfs when it started init).
+fn console_stdio() {
+    // SAFETY: F_GETFD only queries the descriptor flags of fd 2.
+    if unsafe { libc::fcntl(2, libc::F_GETFD) } >= 0 {
+        return;
+    }
+    let Ok(console) = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+    else {
+        return;
+    };
+    for fd in 0..=2 {
+        // SAFETY: dup2 onto the standard descriptors, which are closed; `console` stays
+        // valid for the call.
+        unsafe { libc::dup2(console.as_raw_fd(), fd) };
+    }
+}
+
+/// Sets IFF_UP on `lo` (SIOCGIFFLAGS + SIOCSIFFLAGS).
+pub fn loopback_up() -> Result<(), Pid1Error> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(Pid1Error::Loopback)?;
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS fills `req`, a valid ifreq naming "lo", for the call's duration.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(Pid1Error::Loopback(nix::Error::last()));
+    }
+    // SAFETY: after SIOCGIFFLAGS the union holds the flags member.
+    unsafe {
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    // SAFETY: SIOCSIFFLAGS reads `req`, valid for the call's duration.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(Pid1Error::Loopback(nix::Error::last()));
+    }
+    Ok(())
+}
+
+/// Enables every available controller for children of the cgroup root.
+fn enable_controllers() {
+    let root = Path::new(CGROUP_ROOT);
+    let Ok(available) = fs::read_to_string(root.join("cgroup.controllers")) else {
+        return;
+    };
+    for controller in available.split_whitespace() {
+        if let Err(err) = fs::write(
+            root.join("cgroup.subtree_control"),
+            format!("+{controller}"),
+        ) {
+            log::warn!("cannot enable cgroup controller {controller}: {err}");
+        }
+    }
+}
+
+/// Guest-mode setup. Failures are logged: PID 1 keeps going and serves what it can.
+pub fn setup() {
+    for m in MOUNTS {
+        if let Err(err) = mount_one(m) {
+            log::error!("{err}");
+        }
+    }
+    console_stdio();
+    if let Err(err) = loopback_up() {
+        log::error!("{err}");
+    }
+    enable_controllers();
+    log::info!("PID 1 setup done");
+}
+
+/// Host-test mode: gives the agent its own mount namespace with cgroup v2 on
+/// /sys/fs/cgroup (libcontainer and libcgroups look there), when the host has cgroup v1
+/// or hybrid there. Must run before any thread is started (unshare of the mount namespace
+/// fails in a multi-threaded process).
+pub fn private_cgroup2() -> Result<(), Pid1Error> {
+    if is_cgroup2(Path::new(CGROUP_ROOT)) {
+        return Ok(());
+    }
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(Pid1Error::Unshare)?;
+    // Nothing mounted from here on propagates to the host.
+    mount::<str, str, str, str>(None, "/", None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)
+        .map_err(|source| Pid1Error::Mount {
+            fstype: "(make-rprivate)",
+            target: "/",
+            source,
+        })?;
+    mount_one(&Mount {
+        fstype: "cgroup2",
+        target: CGROUP_ROOT,
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    })?;
+    log::info!("host-test mode: private cgroup2 mounted on {CGROUP_ROOT}");
+    Ok(())
+}
+
+/// The environment every process gets from the agent's own: GLIBC_TUNABLES (the kernel
+/// passes unknown `KEY=VALUE` command-line words to PID 1's environment; PVM hosts need
+/// it, see NOTES).
+pub fn inherited_env() -> Vec<String> {
+    let mut env = Vec::new();
+    if let Ok(value) = std::env::var("GLIBC_TUNABLES") {
+        log::info!("passing GLIBC_TUNABLES={value} to every process");
+        env.push(format!("GLIBC_TUNABLES={value}"));
+    }
+    env
+}
+
+/// Kills every process, syncs, and resets the VM. Never returns.
+pub fn reboot() -> ! {
+    log::info!("killing all processes, syncing, rebooting (the VMM stops on the reset)");
+    // SAFETY: kill(-1) signals every process but ourselves; no memory is involved.
+    unsafe { libc::kill(-1, libc::SIGKILL) };
+    nix::unistd::sync();
+    let err = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    log::error!("reboot failed: {err:?}; halting here");
+    loop {
+        std::thread::park();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lo_flags() -> libc::c_short {
+        use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+        let sock = socket(
+            AddressFamily::Inet,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        // SAFETY: as in loopback_up: a zeroed ifreq naming "lo", valid for the call.
+        unsafe {
+            let mut req: libc::ifreq = std::mem::zeroed();
+            req.ifr_name[0] = b'l' as libc::c_char;
+            req.ifr_name[1] = b'o' as libc::c_char;
+            assert!(libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) >= 0);
+            req.ifr_ifru.ifru_flags
+        }
+    }
+
+    #[test]
+    fn loopback_comes_up_in_a_new_network_namespace() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP loopback test: needs root for a new network namespace");
+            return;
+        }
+        // The network namespace is per thread: this one's dies with it.
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            assert_eq!(lo_flags() & libc::IFF_UP as libc::c_short, 0);
+            loopback_up().unwrap();
+            assert_ne!(lo_flags() & libc::IFF_UP as libc::c_short, 0);
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn guest_env_takes_glibc_tunables() {
+        // The test runner's environment decides; only check the shape.
+        for entry in inherited_env() {
+            assert!(entry.starts_with("GLIBC_TUNABLES="));
+        }
+    }
+}

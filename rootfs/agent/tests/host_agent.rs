@@ -1,0 +1,983 @@
+//! Fast tier: the real `podvisor-agent` binary on the host, in its own mount, PID, UTS and
+//! IPC namespaces (`unshare --kill-child`), listening on a Unix socket in a temp dir, driven
+//! with the real generated ttrpc client and the stream protocol. Containers run from a
+//! busybox rootfs built by the test (Debian's static /bin/busybox + applet links).
+//!
+//! Needs root (namespaces, mounts, cgroups) and busybox-static; without them each test says
+//! SKIP and passes. cgroup v2: the agent mounts a private cgroup2 on /sys/fs/cgroup; the
+//! container cgroups land in the host's cgroup2 hierarchy under a per-test parent, removed
+//! at the end even on failure. Memory statistics and OOM need the memory controller in
+//! cgroup v2; on a v1/hybrid host (this one) those checks are skipped with a message.
+//!
+//! No sleeps as synchronization: everything waits on a condition with a deadline.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::symlink;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio as ProcStdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use podvisor_agent_protocol::agent::*;
+use podvisor_agent_protocol::agent_ttrpc::AgentClient;
+use podvisor_agent_protocol::stream::{StreamHeader, StreamKind};
+use serde_json::{json, Value};
+use ttrpc::Code;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+/// The agent binary: this build's, or another one (e.g. the static release build that goes
+/// into the initramfs) named by PODVISOR_AGENT_BIN.
+fn agent_bin() -> PathBuf {
+    std::env::var_os("PODVISOR_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_podvisor-agent")))
+}
+const BUSYBOX: &str = "/bin/busybox";
+
+fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(TIMEOUT.as_nanos() as i64)
+}
+
+/// Polls `check` until it returns Some or the deadline passes.
+fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Why a test cannot run here, if it cannot.
+fn skip_reason() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root (namespaces, mounts, cgroups)".into());
+    }
+    if !Path::new(BUSYBOX).exists() {
+        return Some(format!("needs {BUSYBOX} (apt-get install busybox-static)"));
+    }
+    if host_cgroup2().is_none() {
+        return Some("needs a cgroup2 mount on the host".into());
+    }
+    None
+}
+
+macro_rules! require_host {
+    () => {
+        if let Some(reason) = skip_reason() {
+            eprintln!("SKIP {}: {reason}", module_path!());
+            return;
+        }
+    };
+}
+
+/// Where the host's cgroup2 hierarchy is mounted (/sys/fs/cgroup or .../unified).
+fn host_cgroup2() -> Option<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mount_point = left.split_whitespace().nth(4)?;
+        (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
+    })
+}
+
+fn cgroup2_has(controller: &str) -> bool {
+    host_cgroup2()
+        .and_then(|root| fs::read_to_string(root.join("cgroup.controllers")).ok())
+        .is_some_and(|c| c.split_whitespace().any(|x| x == controller))
+}
+
+fn rpc_code<T: std::fmt::Debug>(result: ttrpc::Result<T>) -> Code {
+    match result {
+        Err(ttrpc::Error::RpcStatus(status)) => status.code(),
+        other => panic!("expected an RPC status error, got {other:?}"),
+    }
+}
+
+/// Builds a busybox rootfs: /bin/busybox + a link per applet, empty mount points.
+fn build_rootfs(dir: &Path) -> PathBuf {
+    let rootfs = dir.join("rootfs");
+    let bin = rootfs.join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    for d in ["proc", "sys", "dev", "tmp", "etc", "root"] {
+        fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    fs::copy(BUSYBOX, bin.join("busybox")).unwrap();
+    let list = Command::new(BUSYBOX).arg("--list").output().unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            let _ = symlink("busybox", bin.join(applet));
+        }
+    }
+    fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    // Masked by the spec: containers must see neither.
+    fs::write(rootfs.join("root/secret"), "hidden\n").unwrap();
+    rootfs
+}
+
+/// A minimal OCI spec: pid/ipc/uts/mount namespaces, read-only rootfs, the usual mounts,
+/// default capabilities, masked and read-only paths.
+fn spec(args: &[&str], terminal: bool) -> Value {
+    let caps = json!([
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_FOWNER",
+        "CAP_KILL",
+        "CAP_SETGID",
+        "CAP_SETUID",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_SYS_CHROOT"
+    ]);
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": terminal,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/bin", "TERM=xterm"],
+            "cwd": "/",
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": true
+        },
+        "root": {"path": "rootfs", "readonly": true},
+        "hostname": "ctr",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "nodev", "mode=1777"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]}
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/sys/firmware", "/etc/passwd", "/root"],
+            "readonlyPaths": ["/proc/sys", "/proc/sysrq-trigger", "/proc/bus"]
+        }
+    })
+}
+
+fn process_json(args: &[&str], terminal: bool) -> Vec<u8> {
+    let mut spec = spec(args, terminal);
+    serde_json::to_vec(&spec["process"].take()).unwrap()
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// The agent process and what it leaves on the host; dropping it kills the agent (and so
+/// its PID namespace) and removes the temp dir and the test's cgroups, even on failure.
+struct AgentProcess {
+    unshare: Child,
+    dir: tempfile::TempDir,
+    cgroup_parent: String,
+}
+
+/// The agent under test with a connected client.
+struct Agent {
+    process: AgentProcess,
+    rootfs: PathBuf,
+    stream_sock: PathBuf,
+    client: AgentClient,
+}
+
+impl std::ops::Deref for Agent {
+    type Target = AgentProcess;
+    fn deref(&self) -> &AgentProcess {
+        &self.process
+    }
+}
+
+impl AgentProcess {
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// The agent's pid on the host (unshare's only child).
+    fn agent_pid(&self) -> u32 {
+        self.agent_pid_opt().expect("the agent runs")
+    }
+
+    fn agent_pid_opt(&self) -> Option<u32> {
+        let children =
+            fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.unshare.id())).ok()?;
+        children.split_whitespace().next()?.parse().ok()
+    }
+
+    /// Direct children of the agent (in host pids).
+    fn agent_children(&self) -> Vec<u32> {
+        let pid = self.agent_pid();
+        let mut children = Vec::new();
+        for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+            let text = fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            children.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+        children
+    }
+
+    /// Number of open descriptors of the agent.
+    fn agent_fds(&self) -> usize {
+        fs::read_dir(format!("/proc/{}/fd", self.agent_pid()))
+            .unwrap()
+            .count()
+    }
+
+    fn container_cgroup(&self, id: &str) -> PathBuf {
+        host_cgroup2().unwrap().join(&self.cgroup_parent).join(id)
+    }
+}
+
+impl Agent {
+    fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("pva-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let rootfs = build_rootfs(dir.path());
+        let sock = dir.path().join("agent.sock");
+        let cgroup_parent = format!(
+            "podvisor-test-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let log = fs::File::create(dir.path().join("agent.log")).unwrap();
+        let unshare = Command::new("unshare")
+            .args([
+                "--mount",
+                "--pid",
+                "--uts",
+                "--ipc",
+                "--fork",
+                "--kill-child",
+                "--mount-proc",
+                "--propagation",
+                "private",
+            ])
+            .arg(agent_bin())
+            .arg("--listen")
+            .arg(format!("unix://{}", sock.display()))
+            .arg("--state-dir")
+            .arg(dir.path().join("s"))
+            .args(["--cgroup-parent", &cgroup_parent, "--private-cgroup2"])
+            .arg("--resolv-conf")
+            .arg(dir.path().join("resolv.conf"))
+            .args(["--log-level", "debug"])
+            .env("GLIBC_TUNABLES", "glibc.malloc.check=0")
+            .stdin(ProcStdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("run unshare (util-linux)");
+        let mut process = AgentProcess {
+            unshare,
+            dir,
+            cgroup_parent,
+        };
+        let url = format!("unix://{}", sock.display());
+        let client = wait_for("the agent to listen", TIMEOUT, || {
+            if let Ok(Some(status)) = process.unshare.try_wait() {
+                panic!("agent exited early ({status}):\n{}", process.log());
+            }
+            let client = AgentClient::new(ttrpc::Client::connect(&url).ok()?);
+            client
+                .get_version(ctx(), &GetVersionRequest::new())
+                .ok()
+                .map(|_| client)
+        });
+        Self {
+            process,
+            rootfs,
+            stream_sock: PathBuf::from(format!("{}.stream", sock.display())),
+            client,
+        }
+    }
+
+    /// DestroySandbox, then waits for the agent to exit; returns its exit status.
+    fn destroy(&mut self) -> std::process::ExitStatus {
+        self.client
+            .destroy_sandbox(ctx(), &DestroySandboxRequest::new())
+            .unwrap();
+        let unshare = &mut self.process.unshare;
+        wait_for("the agent to exit", TIMEOUT, || unshare.try_wait().unwrap())
+    }
+    /// Attaches a stream for (id, exec id).
+    fn attach(&self, kind: StreamKind, id: &str, exec_id: &str) -> UnixStream {
+        let mut conn = UnixStream::connect(&self.stream_sock).unwrap();
+        conn.set_read_timeout(Some(TIMEOUT)).unwrap();
+        StreamHeader::new(kind, id, exec_id)
+            .attach(&mut conn)
+            .expect("stream attach");
+        conn
+    }
+
+    fn create(&self, id: &str, spec: &Value, stdio: Stdio) -> ttrpc::Result<u32> {
+        let mut req = CreateContainerRequest::new();
+        req.container_id = id.into();
+        req.oci_spec_json = serde_json::to_vec(spec).unwrap();
+        req.rootfs = self.rootfs.display().to_string();
+        req.stdio = Some(stdio).into();
+        self.client.create_container(ctx(), &req).map(|r| r.pid)
+    }
+
+    /// Creates and starts a container running `sleep 1000`, without stdio.
+    fn run_sleeper(&self, id: &str) {
+        self.create(id, &spec(&["sleep", "1000"], false), Stdio::new())
+            .unwrap();
+        self.start_container(id).unwrap();
+    }
+
+    fn start_container(&self, id: &str) -> ttrpc::Result<Empty> {
+        let mut req = ContainerRequest::new();
+        req.container_id = id.into();
+        self.client.start_container(ctx(), &req)
+    }
+
+    fn container_req(id: &str) -> ContainerRequest {
+        let mut req = ContainerRequest::new();
+        req.container_id = id.into();
+        req
+    }
+
+    fn exec(&self, id: &str, exec_id: &str, args: &[&str], stdio: Stdio) -> ttrpc::Result<u32> {
+        let mut req = ExecProcessRequest::new();
+        req.container_id = id.into();
+        req.exec_id = exec_id.into();
+        req.oci_process_json = process_json(args, stdio.terminal);
+        req.stdio = Some(stdio).into();
+        self.client.exec_process(ctx(), &req).map(|r| r.pid)
+    }
+
+    fn wait(&self, id: &str, exec_id: &str) -> ttrpc::Result<i32> {
+        let mut req = ProcessRequest::new();
+        req.container_id = id.into();
+        req.exec_id = exec_id.into();
+        self.client.wait_process(ctx(), &req).map(|r| r.exit_status)
+    }
+
+    fn signal(&self, id: &str, exec_id: &str, signal: i32) -> ttrpc::Result<Empty> {
+        let mut req = SignalProcessRequest::new();
+        req.container_id = id.into();
+        req.exec_id = exec_id.into();
+        req.signal = signal as u32;
+        self.client.signal_process(ctx(), &req)
+    }
+
+    fn remove(&self, id: &str) -> ttrpc::Result<Empty> {
+        self.client
+            .remove_container(ctx(), &Self::container_req(id))
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        // Kill the agent itself first: unshare reaps it, so no zombie is left to the host's
+        // init; `--kill-child` covers the case where unshare goes first.
+        if let Some(pid) = self.agent_pid_opt() {
+            // SAFETY: kill has no memory preconditions; pid is the agent's host pid.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let _ = wait_for("unshare to exit", TIMEOUT, || {
+            self.unshare.try_wait().ok().flatten().map(Some)
+        });
+        let _ = self.unshare.kill();
+        let _ = self.unshare.wait();
+        if std::thread::panicking() || std::env::var_os("PODVISOR_AGENT_TEST_LOG").is_some() {
+            eprintln!("---- agent log ----\n{}", self.log());
+        }
+        // The namespace's processes die with the agent; then their cgroups can go.
+        if let Some(root) = host_cgroup2() {
+            let parent = root.join(&self.cgroup_parent);
+            let deadline = Instant::now() + TIMEOUT;
+            while parent.exists() && Instant::now() < deadline {
+                if let Ok(entries) = fs::read_dir(&parent) {
+                    for entry in entries.flatten() {
+                        if entry.path().is_dir() {
+                            let _ = fs::remove_dir(entry.path());
+                        }
+                    }
+                }
+                if fs::remove_dir(&parent).is_err() {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+}
+
+fn stdio(stdin: bool, stdout: bool, stderr: bool) -> Stdio {
+    let mut s = Stdio::new();
+    s.stdin = stdin;
+    s.stdout = stdout;
+    s.stderr = stderr;
+    s
+}
+
+fn terminal() -> Stdio {
+    let mut s = Stdio::new();
+    s.terminal = true;
+    s
+}
+
+/// Reads a stream to EOF in a thread (so a large output never fills the socket buffer).
+fn collect(mut conn: UnixStream) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        conn.read_to_end(&mut out).expect("stream read");
+        out
+    })
+}
+
+#[test]
+fn version_and_health() {
+    require_host!();
+    let agent = Agent::start();
+    let version = agent
+        .client
+        .get_version(ctx(), &GetVersionRequest::new())
+        .unwrap();
+    assert_eq!(version.protocol_version, 1);
+    assert_eq!(version.agent_version, env!("CARGO_PKG_VERSION"));
+    let health = agent.client.health(ctx(), &HealthRequest::new()).unwrap();
+    assert_eq!(
+        health.status.enum_value().unwrap(),
+        health_response::Status::SERVING
+    );
+}
+
+#[test]
+fn output_and_exit_code() {
+    require_host!();
+    let mut agent = Agent::start();
+    let mut req = CreateSandboxRequest::new();
+    req.sandbox_id = "pod".into();
+    req.hostname = "podhost".into();
+    req.dns = vec!["nameserver 10.0.0.1".into()];
+    req.guest_env = vec!["EXTRA=1".into()];
+    agent.client.create_sandbox(ctx(), &req).unwrap();
+    assert_eq!(
+        rpc_code(agent.client.create_sandbox(ctx(), &req)),
+        Code::ALREADY_EXISTS
+    );
+    assert_eq!(
+        fs::read_to_string(agent.dir.path().join("resolv.conf")).unwrap(),
+        "nameserver 10.0.0.1\n"
+    );
+
+    // Fast exit with output on both streams and the guest env visible.
+    let out = collect(agent.attach(StreamKind::Stdout, "c1", ""));
+    let err = collect(agent.attach(StreamKind::Stderr, "c1", ""));
+    let script = "echo hello $EXTRA $GLIBC_TUNABLES; hostname; echo oops >&2; exit 7";
+    let pid = agent
+        .create(
+            "c1",
+            &spec(&["sh", "-c", script], false),
+            stdio(false, true, true),
+        )
+        .unwrap();
+    assert!(pid > 0);
+    agent.start_container("c1").unwrap();
+    assert_eq!(agent.wait("c1", "").unwrap(), 7);
+    assert_eq!(
+        String::from_utf8(out.join().unwrap()).unwrap(),
+        "hello 1 glibc.malloc.check=0\nctr\n"
+    );
+    assert_eq!(err.join().unwrap(), b"oops\n");
+
+    // 4 MiB written by a process that exits at once: WaitProcess answers only after all
+    // of it went out on the stream.
+    let conn = agent.attach(StreamKind::Stdout, "big", "");
+    let big = collect(conn);
+    agent
+        .create(
+            "big",
+            &spec(&["dd", "if=/dev/zero", "bs=64k", "count=64"], false),
+            stdio(false, true, false),
+        )
+        .unwrap();
+    agent.start_container("big").unwrap();
+    assert_eq!(agent.wait("big", "").unwrap(), 0);
+    let data = big.join().unwrap();
+    assert_eq!(data.len(), 4 << 20);
+    assert!(data.iter().all(|&b| b == 0));
+
+    for id in ["c1", "big"] {
+        agent.remove(id).unwrap();
+        assert!(!agent.container_cgroup(id).exists());
+        assert!(!agent.dir.path().join("s/c").join(id).exists());
+        assert!(!agent.dir.path().join("s/bundles").join(id).exists());
+    }
+    assert!(agent.destroy().success());
+}
+
+/// The OCI spec is honoured: user, cwd, env, rlimits, no_new_privs, capabilities,
+/// read-only rootfs, masked (file and directory) and read-only paths, hostname, PID
+/// namespace, default signal dispositions.
+#[test]
+fn spec_features() {
+    require_host!();
+    let agent = Agent::start();
+    let script = "id -u; id -g; id -G; pwd; echo $GREETING; ulimit -n; hostname; \
+        grep NoNewPrivs /proc/self/status | tr -d ' \t'; grep CapBnd /proc/self/status | tr -d ' \t'; \
+        grep -E '^Sig(Ign|Blk)' /proc/self/status | tr -d ' \t'; \
+        touch /bin/x 2>/dev/null && echo rootfs-writable || echo rootfs-ro; \
+        wc -c < /etc/passwd; ls /root | wc -l; \
+        (echo 1 > /proc/sys/kernel/ns_last_pid) 2>/dev/null && echo sys-writable || echo sys-ro; \
+        echo $$";
+    let mut spec = spec(&["sh", "-c", script], false);
+    spec["process"]["user"] = json!({"uid": 1000, "gid": 1000, "additionalGids": [5, 7]});
+    spec["process"]["cwd"] = json!("/tmp");
+    spec["process"]["env"] = json!(["PATH=/bin", "GREETING=hi there"]);
+    spec["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": 321, "soft": 321}]);
+    // CAP_KILL (bit 5) only. (A non-root user has no effective capabilities after exec
+    // without ambient ones, as with runc: check the bounding set.)
+    let caps = json!(["CAP_KILL"]);
+    spec["process"]["capabilities"] =
+        json!({"bounding": caps, "effective": caps, "permitted": caps});
+    let out = collect(agent.attach(StreamKind::Stdout, "f", ""));
+    agent.create("f", &spec, stdio(false, true, false)).unwrap();
+    agent.start_container("f").unwrap();
+    assert_eq!(agent.wait("f", "").unwrap(), 0);
+    let out = String::from_utf8(out.join().unwrap()).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "1000",
+            "1000",
+            "1000 5 7",
+            "/tmp",
+            "hi there",
+            "321",
+            "ctr",
+            "NoNewPrivs:1",
+            "CapBnd:0000000000000020",
+            // Nothing ignored or blocked is inherited from the agent (Rust ignores SIGPIPE).
+            "SigBlk:0000000000000000",
+            "SigIgn:0000000000000000",
+            "rootfs-ro",
+            "0",
+            "0",
+            "sys-ro",
+            "1",
+        ],
+        "{out}"
+    );
+    agent.remove("f").unwrap();
+}
+
+/// CreateSandbox's shared mounts are visible to containers, which bind from them.
+#[test]
+fn shared_mounts_and_binds() {
+    require_host!();
+    let agent = Agent::start();
+    let shared = agent.dir.path().join("shared");
+    let mut mount = SharedMount::new();
+    mount.fstype = "tmpfs".into();
+    mount.source = "podshare".into();
+    mount.target = shared.display().to_string();
+    mount.options = vec!["nodev".into(), "size=1m".into()];
+    let mut req = CreateSandboxRequest::new();
+    req.sandbox_id = "pod".into();
+    req.mounts = vec![mount];
+    agent.client.create_sandbox(ctx(), &req).unwrap();
+    let mountinfo = fs::read_to_string(format!("/proc/{}/mountinfo", agent.agent_pid())).unwrap();
+    assert!(
+        mountinfo.contains(&format!("{} ", shared.display())),
+        "{mountinfo}"
+    );
+
+    let bind = |spec: &mut Value, options: Value| {
+        spec["mounts"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"destination": "/data", "type": "bind",
+                         "source": shared.display().to_string(), "options": options}));
+    };
+    let mut writer = spec(&["sh", "-c", "echo from-writer > /data/note"], false);
+    bind(&mut writer, json!(["rbind", "rw"]));
+    agent.create("w", &writer, Stdio::new()).unwrap();
+    agent.start_container("w").unwrap();
+    assert_eq!(agent.wait("w", "").unwrap(), 0);
+
+    let mut reader = spec(
+        &[
+            "sh",
+            "-c",
+            "cat /data/note; echo x > /data/other || echo read-only",
+        ],
+        false,
+    );
+    bind(&mut reader, json!(["rbind", "ro"]));
+    let out = collect(agent.attach(StreamKind::Stdout, "r", ""));
+    agent
+        .create("r", &reader, stdio(false, true, false))
+        .unwrap();
+    agent.start_container("r").unwrap();
+    assert_eq!(agent.wait("r", "").unwrap(), 0);
+    assert_eq!(out.join().unwrap(), b"from-writer\nread-only\n");
+    agent.remove("w").unwrap();
+    agent.remove("r").unwrap();
+
+    // UpdateResources with nothing to change succeeds on any controller set.
+    agent.run_sleeper("u");
+    let mut update = UpdateResourcesRequest::new();
+    update.container_id = "u".into();
+    update.oci_resources_json = b"{}".to_vec();
+    agent.client.update_resources(ctx(), &update).unwrap();
+    if cgroup2_has("pids") {
+        update.oci_resources_json = br#"{"pids": {"limit": 42}}"#.to_vec();
+        agent.client.update_resources(ctx(), &update).unwrap();
+        let max = fs::read_to_string(agent.container_cgroup("u").join("pids.max")).unwrap();
+        assert_eq!(max.trim(), "42");
+    } else {
+        eprintln!("SKIP pids update: the host's cgroup2 has no pids controller");
+    }
+    agent.remove("u").unwrap();
+}
+
+#[test]
+fn exec_signal_and_stdin() {
+    require_host!();
+    let agent = Agent::start();
+    agent.run_sleeper("c");
+
+    // stdin: cat echoes, then CloseStdin after the bytes we sent gives it EOF.
+    let mut input = agent.attach(StreamKind::Stdin, "c", "cat");
+    let out = collect(agent.attach(StreamKind::Stdout, "c", "cat"));
+    agent
+        .exec("c", "cat", &["cat"], stdio(true, true, false))
+        .unwrap();
+    input.write_all(b"ping\npong\n").unwrap();
+    let mut req = CloseStdinRequest::new();
+    req.container_id = "c".into();
+    req.exec_id = "cat".into();
+    req.stdin_bytes = 10;
+    agent.client.close_stdin(ctx(), &req).unwrap();
+    assert_eq!(agent.wait("c", "cat").unwrap(), 0);
+    assert_eq!(out.join().unwrap(), b"ping\npong\n");
+
+    // stdin EOF by half-closing the stream.
+    let input = agent.attach(StreamKind::Stdin, "c", "wc");
+    let out = collect(agent.attach(StreamKind::Stdout, "c", "wc"));
+    agent
+        .exec("c", "wc", &["wc", "-c"], stdio(true, true, false))
+        .unwrap();
+    (&input).write_all(b"12345").unwrap();
+    input.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(agent.wait("c", "wc").unwrap(), 0);
+    assert_eq!(String::from_utf8(out.join().unwrap()).unwrap().trim(), "5");
+
+    // Exec sees the container's PID namespace: the init is PID 1 there.
+    let out = collect(agent.attach(StreamKind::Stdout, "c", "ps"));
+    agent
+        .exec(
+            "c",
+            "ps",
+            &["sh", "-c", "cat /proc/1/cmdline; echo"],
+            stdio(false, true, false),
+        )
+        .unwrap();
+    assert_eq!(agent.wait("c", "ps").unwrap(), 0);
+    assert_eq!(out.join().unwrap(), b"sleep\x001000\x00\n");
+
+    // Signals: TERM to an exec'd sleep, then ListProcesses no longer has it.
+    let pid = agent
+        .exec("c", "sleeper", &["sleep", "1000"], Stdio::new())
+        .unwrap();
+    let pids = agent
+        .client
+        .list_processes(ctx(), &Agent::container_req("c"))
+        .unwrap()
+        .pids;
+    assert!(pids.contains(&pid), "{pids:?} lacks {pid}");
+    agent.signal("c", "sleeper", libc::SIGTERM).unwrap();
+    assert_eq!(agent.wait("c", "sleeper").unwrap(), 128 + libc::SIGTERM);
+    assert_eq!(
+        rpc_code(agent.signal("c", "sleeper", libc::SIGTERM)),
+        Code::NOT_FOUND
+    );
+    let mut req = ProcessRequest::new();
+    req.container_id = "c".into();
+    req.exec_id = "sleeper".into();
+    agent.client.remove_process(ctx(), &req).unwrap();
+    assert_eq!(rpc_code(agent.wait("c", "sleeper")), Code::NOT_FOUND);
+
+    // SIGKILL to the init ends the container; exec is refused afterwards.
+    agent.signal("c", "", libc::SIGKILL).unwrap();
+    assert_eq!(agent.wait("c", "").unwrap(), 128 + libc::SIGKILL);
+    assert_eq!(
+        rpc_code(agent.exec("c", "late", &["true"], Stdio::new())),
+        Code::FAILED_PRECONDITION
+    );
+    agent.remove("c").unwrap();
+}
+
+#[test]
+fn terminal_stream_and_resize() {
+    require_host!();
+    let agent = Agent::start();
+    let mut pty = agent.attach(StreamKind::Pty, "t", "");
+    agent
+        .create(
+            "t",
+            &spec(&["sh", "-c", "read line; stty size; echo got:$line"], true),
+            terminal(),
+        )
+        .unwrap();
+    let mut req = ResizeTtyRequest::new();
+    req.container_id = "t".into();
+    req.rows = 33;
+    req.columns = 101;
+    agent.client.resize_tty(ctx(), &req).unwrap();
+    agent.start_container("t").unwrap();
+    pty.write_all(b"hi\n").unwrap();
+    assert_eq!(agent.wait("t", "").unwrap(), 0);
+    let mut out = Vec::new();
+    pty.read_to_end(&mut out).unwrap();
+    let out = String::from_utf8_lossy(&out).replace('\r', "");
+    assert!(out.contains("33 101\n"), "{out:?}");
+    assert!(out.contains("got:hi\n"), "{out:?}");
+
+    // A process without a terminal cannot be resized.
+    agent
+        .create("plain", &spec(&["true"], false), Stdio::new())
+        .unwrap();
+    req.container_id = "plain".into();
+    assert_eq!(
+        rpc_code(agent.client.resize_tty(ctx(), &req)),
+        Code::FAILED_PRECONDITION
+    );
+    agent.remove("t").unwrap();
+    agent.remove("plain").unwrap();
+}
+
+#[test]
+fn stats_pause_resume() {
+    require_host!();
+    let agent = Agent::start();
+    agent.run_sleeper("s");
+    let stats = agent
+        .client
+        .stats(ctx(), &Agent::container_req("s"))
+        .unwrap();
+    assert!(stats.has_cpu, "cpu.stat is always there in cgroup v2");
+    if cgroup2_has("memory") {
+        assert!(stats.has_memory && stats.memory.usage > 0);
+    } else {
+        eprintln!("SKIP memory stats: the host's cgroup2 has no memory controller");
+    }
+    if cgroup2_has("pids") {
+        assert!(stats.has_pids && stats.pids.current >= 1);
+    }
+
+    let events = agent.container_cgroup("s").join("cgroup.events");
+    agent
+        .client
+        .pause_container(ctx(), &Agent::container_req("s"))
+        .unwrap();
+    assert!(fs::read_to_string(&events).unwrap().contains("frozen 1"));
+    agent
+        .client
+        .resume_container(ctx(), &Agent::container_req("s"))
+        .unwrap();
+    assert!(fs::read_to_string(&events).unwrap().contains("frozen 0"));
+
+    // Paused containers can still be removed.
+    agent
+        .client
+        .pause_container(ctx(), &Agent::container_req("s"))
+        .unwrap();
+    agent.remove("s").unwrap();
+    assert!(!agent.container_cgroup("s").exists());
+}
+
+#[test]
+fn oom_event() {
+    require_host!();
+    if !cgroup2_has("memory") {
+        eprintln!(
+            "SKIP oom_event: the host's cgroup2 has no memory controller (cgroup v1/hybrid host)"
+        );
+        return;
+    }
+    let agent = Agent::start();
+    let mut spec = spec(&["sh", "-c", "x=y; while true; do x=$x$x; done"], false);
+    spec["linux"]["resources"] = json!({"memory": {"limit": 16 << 20, "swap": 16 << 20}});
+    agent.create("oom", &spec, Stdio::new()).unwrap();
+    agent.start_container("oom").unwrap();
+    let event = agent
+        .client
+        .get_oom_event(ctx(), &GetOOMEventRequest::new())
+        .unwrap();
+    assert_eq!(event.container_id, "oom");
+    assert_eq!(agent.wait("oom", "").unwrap(), 128 + libc::SIGKILL);
+    agent.remove("oom").unwrap();
+}
+
+#[test]
+fn bad_requests() {
+    require_host!();
+    let agent = Agent::start();
+    assert_eq!(rpc_code(agent.start_container("nope")), Code::NOT_FOUND);
+    assert_eq!(rpc_code(agent.remove("nope")), Code::NOT_FOUND);
+    assert_eq!(rpc_code(agent.wait("nope", "")), Code::NOT_FOUND);
+
+    let mut req = CreateContainerRequest::new();
+    req.container_id = "bad".into();
+    req.oci_spec_json = b"{not json".to_vec();
+    assert_eq!(
+        rpc_code(agent.client.create_container(ctx(), &req)),
+        Code::INVALID_ARGUMENT
+    );
+    req.container_id = "../escape".into();
+    assert_eq!(
+        rpc_code(agent.client.create_container(ctx(), &req)),
+        Code::INVALID_ARGUMENT
+    );
+    // stdout requested, no stream attached.
+    assert_eq!(
+        rpc_code(agent.create(
+            "nostream",
+            &spec(&["true"], false),
+            stdio(false, true, false)
+        )),
+        Code::FAILED_PRECONDITION
+    );
+
+    agent
+        .create("c", &spec(&["sleep", "1000"], false), Stdio::new())
+        .unwrap();
+    assert_eq!(
+        rpc_code(agent.create("c", &spec(&["true"], false), Stdio::new())),
+        Code::ALREADY_EXISTS
+    );
+    // Exec before start: not running.
+    assert_eq!(
+        rpc_code(agent.exec("c", "e", &["true"], Stdio::new())),
+        Code::FAILED_PRECONDITION
+    );
+    agent.start_container("c").unwrap();
+    assert_eq!(
+        rpc_code(agent.start_container("c")),
+        Code::FAILED_PRECONDITION
+    );
+    assert_eq!(rpc_code(agent.wait("c", "no-such-exec")), Code::NOT_FOUND);
+    assert_eq!(rpc_code(agent.signal("c", "", 999)), Code::INVALID_ARGUMENT);
+    agent.exec("c", "e", &["true"], Stdio::new()).unwrap();
+    assert_eq!(
+        rpc_code(agent.exec("c", "e", &["true"], Stdio::new())),
+        Code::ALREADY_EXISTS
+    );
+    let mut bad = ExecProcessRequest::new();
+    bad.container_id = "c".into();
+    bad.exec_id = "bad".into();
+    bad.oci_process_json = b"[]".to_vec();
+    assert_eq!(
+        rpc_code(agent.client.exec_process(ctx(), &bad)),
+        Code::INVALID_ARGUMENT
+    );
+    let mut update = UpdateResourcesRequest::new();
+    update.container_id = "c".into();
+    update.oci_resources_json = b"{\"pids\": 5}".to_vec();
+    assert_eq!(
+        rpc_code(agent.client.update_resources(ctx(), &update)),
+        Code::INVALID_ARGUMENT
+    );
+    // A duplicate stream is refused at attach time.
+    let _first = agent.attach(StreamKind::Stdout, "c", "x");
+    let mut conn = UnixStream::connect(&agent.stream_sock).unwrap();
+    assert!(StreamHeader::new(StreamKind::Stdout, "c", "x")
+        .attach(&mut conn)
+        .is_err());
+    agent.remove("c").unwrap();
+}
+
+#[test]
+fn nothing_leaks() {
+    require_host!();
+    let mut agent = Agent::start();
+    let rootfs = agent.rootfs.display().to_string();
+    let fds_at_start = agent.agent_fds();
+    let mut client_ends = Vec::new();
+    for id in ["a", "b"] {
+        client_ends.push(agent.attach(StreamKind::Stdout, id, ""));
+        agent
+            .create(
+                id,
+                &spec(&["sleep", "1000"], false),
+                stdio(false, true, false),
+            )
+            .unwrap();
+        agent.start_container(id).unwrap();
+        client_ends.push(agent.attach(StreamKind::Stdin, id, "bg"));
+        client_ends.push(agent.attach(StreamKind::Pty, id, "tty"));
+        agent
+            .exec(
+                id,
+                "bg",
+                &["sh", "-c", "sleep 1000 & cat"],
+                stdio(true, false, false),
+            )
+            .unwrap();
+        agent.exec(id, "tty", &["sh"], terminal()).unwrap();
+    }
+    // An attached stream that no process ever claims.
+    client_ends.push(agent.attach(StreamKind::Stderr, "a", "never"));
+    assert!(agent.agent_fds() > fds_at_start);
+    assert!(!agent.agent_children().is_empty());
+    agent.remove("a").unwrap();
+    assert_eq!(
+        rpc_code(
+            agent
+                .client
+                .list_processes(ctx(), &Agent::container_req("a"))
+        ),
+        Code::NOT_FOUND
+    );
+    assert!(!agent.container_cgroup("a").exists());
+    // "b" still runs: its init and two execs are the agent's only children (orphans of
+    // the removed container were reaped).
+    let children = wait_for("a's processes to be reaped", TIMEOUT, || {
+        let children = agent.agent_children();
+        (children.len() == 3).then_some(children)
+    });
+    assert_eq!(children.len(), 3);
+    // The removed container's mount namespace is gone: no mount of its rootfs anywhere.
+    let mountinfo = fs::read_to_string(format!("/proc/{}/mountinfo", agent.agent_pid())).unwrap();
+    assert!(
+        !mountinfo.contains(&rootfs),
+        "agent mounts the rootfs:\n{mountinfo}"
+    );
+
+    agent.remove("b").unwrap();
+    // Every pump ended and every stream, pipe and pty of the removed containers is closed,
+    // although the client still holds its ends.
+    wait_for("the agent's fds to return to the baseline", TIMEOUT, || {
+        (agent.agent_fds() == fds_at_start).then_some(())
+    });
+    drop(client_ends);
+
+    // DestroySandbox removes "c" as well, the pod cgroup, and the agent exits cleanly.
+    agent.run_sleeper("c");
+    let parent = host_cgroup2().unwrap().join(&agent.cgroup_parent);
+    assert!(agent.destroy().success());
+    assert!(!parent.exists(), "{} left behind", parent.display());
+    assert!(fs::read_dir(agent.dir.path().join("s/c"))
+        .unwrap()
+        .next()
+        .is_none());
+}
