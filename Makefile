@@ -8,7 +8,8 @@ OUT ?= $(CURDIR)/out
 export PODVISOR_CACHE ?= $(HOME)/.cache/podvisor
 
 CARGO_PROFILE_FLAG := $(if $(filter release,$(PROFILE)),--release,)
-BIN := $(CURDIR)/target/$(if $(filter release,$(PROFILE)),release,debug)/podvisor
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+BIN := $(TARGET_DIR)/$(if $(filter release,$(PROFILE)),release,debug)/podvisor
 INITRD := $(OUT)/boot-test.cpio
 
 .DEFAULT_GOAL := run
@@ -20,7 +21,7 @@ deps:
 
 ## build: the podvisor binaries.
 build: deps
-	$(CARGO) build $(CARGO_PROFILE_FLAG) --workspace --bins
+	$(CARGO) build $(CARGO_PROFILE_FLAG) -p podvisor --bins
 
 ## guest-kernel: build (or reuse from the cache) the guest vmlinux; prints its path.
 guest-kernel: deps
@@ -32,6 +33,7 @@ rootfs: deps
 	@mkdir -p $(OUT)
 	@bash rootfs/build-initramfs.sh $(OUT) boot-test
 	@bash rootfs/build-initramfs.sh $(OUT) devices-test
+	@bash rootfs/build-initramfs.sh $(OUT) agent-test
 
 ## run: build everything and boot the guest with its console on this terminal.
 run: build rootfs

@@ -5,12 +5,15 @@
 #   NAME = boot-test (default): init marks the boot timer, reports, reboots.
 #   NAME = devices-test: init also runs /bin/pvtest (rootfs/guest-test, a static Rust
 #          binary built here) against virtio-blk, virtio-fs and virtio-vsock.
+#   NAME = agent-test: /init is the guest agent (rootfs/agent, static, size-optimised
+#          build), nothing else: no busybox, no shell (tests/guest_agent.rs).
 # Prints ONLY the path of the archive on stdout; messages go to stderr.
 #
 # The archive is an UNCOMPRESSED newc cpio (the guest kernel has no RD_*
 # decompressors, and on nested-KVM hosts gunzip in the emulated guest kernel
 # costs ~50 s). Contents:
-#   /init                rootfs/NAME/init (busybox sh script)
+#   /init                rootfs/NAME/init (busybox sh script); agent-test: the agent
+#                        (then only /init, /etc, /run, /tmp and the mount points below)
 #   /bin/pvtest          devices-test only
 #   /bin/busybox         Debian's busybox-static (statically linked)
 #   /bin/{sh,mount,devmem,reboot} -> busybox   (only the applets init uses)
@@ -24,12 +27,12 @@
 set -euo pipefail
 exec 3>&1 1>&2
 
-[ $# -ge 1 ] && [ $# -le 2 ] || { echo "usage: $0 OUT_DIR [boot-test|devices-test]"; exit 2; }
+[ $# -ge 1 ] && [ $# -le 2 ] || { echo "usage: $0 OUT_DIR [boot-test|devices-test|agent-test]"; exit 2; }
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
 out_dir=$1
 name=${2:-boot-test}
-[ -f "$here/$name/init" ] || { echo "build-initramfs: error: no init for image '$name' ($here/$name/init)"; exit 2; }
+[ "$name" = agent-test ] || [ -f "$here/$name/init" ] || { echo "build-initramfs: error: no init for image '$name' ($here/$name/init)"; exit 2; }
 busybox=/bin/busybox
 applets=(sh mount devmem reboot)
 
@@ -60,6 +63,19 @@ if [ "$name" = devices-test ]; then
     fi
     extra_bins+=("$pvtest")
 fi
+if [ "$name" = agent-test ]; then
+    # PID 1 itself: static (crt-static, gnu target) and built for size, in a target dir of
+    # its own so that the workspace's release builds keep their profile.
+    agent_target="${CARGO_TARGET_DIR:-$repo/target}/agent-size"
+    CARGO_PROFILE_RELEASE_OPT_LEVEL=z CARGO_PROFILE_RELEASE_LTO=true \
+    CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 RUSTFLAGS="-C target-feature=+crt-static" \
+        cargo build --quiet --release -p podvisor-agent --target x86_64-unknown-linux-gnu \
+        --manifest-path "$repo/Cargo.toml" --target-dir "$agent_target"
+    agent="$agent_target/x86_64-unknown-linux-gnu/release/podvisor-agent"
+    if readelf -l "$agent" | grep 'Requesting program interpreter' >/dev/null; then
+        die "$agent is dynamically linked"
+    fi
+fi
 
 mkdir -p "$out_dir"
 out_dir=$(cd "$out_dir" && pwd)
@@ -68,7 +84,14 @@ tmp=$(mktemp "$out_dir/.$name.cpio.XXXXXX")
 stage=$(mktemp -d)
 trap 'rm -rf "$stage" "$tmp"' EXIT
 
-mkdir -m 0755 "$stage/bin" "$stage/dev" "$stage/etc" "$stage/proc" "$stage/sys"
+mkdir -m 0755 "$stage/dev" "$stage/etc" "$stage/proc" "$stage/sys"
+if [ "$name" = agent-test ]; then
+    # The agent mounts the rest (sys/fs/cgroup, dev/pts, dev/shm) itself.
+    mkdir -m 0755 "$stage/run" "$stage/tmp"
+    install -m 0755 "$agent" "$stage/init"
+    strip "$stage/init"
+else    # the busybox images
+mkdir -m 0755 "$stage/bin"
 install -m 0755 "$busybox" "$stage/bin/busybox"
 for a in "${applets[@]}"; do
     ln -s busybox "$stage/bin/$a"
@@ -84,6 +107,7 @@ sysfs    /sys  sysfs    defaults 0 0
 devtmpfs /dev  devtmpfs defaults 0 0
 EOF
 chmod 0644 "$stage/etc/fstab"
+fi  # agent-test / busybox images
 find "$stage" -exec touch -h -d @0 {} +
 
 (

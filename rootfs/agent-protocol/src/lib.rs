@@ -5,6 +5,8 @@
 //!   `create_agent` to register an implementation.
 //! * [`stream`]: the stdio stream header (one connection per stdin/stdout/stderr/pty),
 //!   described in the header comment of `proto/agent.proto`.
+//! * [`vsock`]: the host side of the hybrid vsock (`CONNECT <port>` on the VM's Unix
+//!   socket), to reach the agent's ports in the guest.
 //!
 //! This crate is the only thing the shim and the agent share.
 
@@ -42,6 +44,7 @@ pub mod agent_ttrpc {
 }
 
 pub mod stream;
+pub mod vsock;
 
 /// Version of the protocol in `proto/agent.proto`, returned by `GetVersion`.
 pub const PROTOCOL_VERSION: u32 = 1;

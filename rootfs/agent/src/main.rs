@@ -217,6 +217,9 @@ fn run(args: &Args, guest: bool) -> Result<(), StartError> {
         args.stream_listen,
         sandbox.cgroup_parent_path().display()
     );
+    if guest {
+        pid1::mark_boot_timer();
+    }
 
     sandbox.wait_destroyed();
     std::thread::sleep(REPLY_GRACE);

@@ -1,14 +1,17 @@
 //! What the agent does as PID 1 of the pod VM (guest mode), and the host-test mode's
 //! private cgroup2 mount.
 //!
-//! Guest mode: mount proc, sys, dev (+ pts, shm), cgroup2, run and tmp; make the console
-//! stdio if the kernel gave none; bring up loopback; enable every cgroup v2 controller for
-//! the pod cgroup; on DestroySandbox kill everything, sync and `reboot(RB_AUTOBOOT)` (the
+//! Guest mode: leave the initial rootfs for a bind mount of it (pivot_root, which
+//! libcontainer runs for every container, refuses the initial rootfs); mount proc, sys, dev
+//! (+ pts, shm), cgroup2, run and tmp; make the console stdio if the kernel gave none; bring
+//! up loopback; enable every cgroup v2 controller for the pod cgroup; mark the VMM's boot
+//! timer once the listeners are up; on DestroySandbox kill everything, sync and `reboot(RB_AUTOBOOT)` (the
 //! guest is booted with `reboot=k`, so the kernel resets through the i8042 and the VMM stops;
 //! RB_POWER_OFF would need ACPI, which the VM has not). Reaping is in `reaper`.
 
 use std::fs::{self, OpenOptions};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use nix::mount::{mount, MsFlags};
@@ -27,6 +30,12 @@ pub enum Pid1Error {
     },
     #[error("bringing up loopback: {0}")]
     Loopback(#[source] nix::Error),
+    #[error("moving / to a bind mount of the initramfs: {step}: {source}")]
+    RootBind {
+        step: &'static str,
+        #[source]
+        source: nix::Error,
+    },
     #[error("unsharing the mount namespace for the private cgroup2 mount: {0}")]
     Unshare(#[source] nix::Error),
 }
@@ -173,8 +182,37 @@ fn enable_controllers() {
     }
 }
 
+/// Where the initramfs root is bound before it is moved onto `/` (removed afterwards).
+const ROOT_BIND: &str = "/.podvisor-root";
+
+/// Makes PID 1's root a bind mount of the initramfs instead of the initial rootfs itself
+/// (what `switch_root` does, without copying anything): pivot_root(2) fails with EINVAL
+/// when the caller's root is the initial rootfs, which has no parent mount, and every
+/// container's init calls it (in its own mount namespace, a copy of this one). Must run
+/// before anything else is mounted.
+fn root_to_bind_mount() -> Result<(), Pid1Error> {
+    let step = |step: &'static str| move |source| Pid1Error::RootBind { step, source };
+    match nix::unistd::mkdir(ROOT_BIND, nix::sys::stat::Mode::from_bits_truncate(0o700)) {
+        Ok(()) | Err(nix::Error::EEXIST) => {}
+        Err(err) => return Err(step("mkdir")(err)),
+    }
+    mount::<str, str, str, str>(Some("/"), ROOT_BIND, None, MsFlags::MS_BIND, None)
+        .map_err(step("bind / there"))?;
+    nix::unistd::chdir(ROOT_BIND).map_err(step("chdir"))?;
+    mount::<str, str, str, str>(Some("."), "/", None, MsFlags::MS_MOVE, None)
+        .map_err(step("move onto /"))?;
+    nix::unistd::chroot(".").map_err(step("chroot"))?;
+    nix::unistd::chdir("/").map_err(step("chdir /"))?;
+    // The mount point is free again, and visible in the new root: drop it.
+    let _ = fs::remove_dir(ROOT_BIND);
+    Ok(())
+}
+
 /// Guest-mode setup. Failures are logged: PID 1 keeps going and serves what it can.
 pub fn setup() {
+    if let Err(err) = root_to_bind_mount() {
+        log::error!("{err}; containers cannot pivot_root");
+    }
     for m in MOUNTS {
         if let Err(err) = mount_one(m) {
             log::error!("{err}");
@@ -224,6 +262,54 @@ pub fn inherited_env() -> Vec<String> {
         env.push(format!("GLIBC_TUNABLES={value}"));
     }
     env
+}
+
+/// Physical address of the VMM's boot timer (Firecracker's convention).
+const BOOT_TIMER_ADDR: libc::off_t = 0xc000_0000;
+/// The byte a guest writes to the boot timer when its init is ready.
+const BOOT_TIMER_READY: u8 = 123;
+
+/// Tells the VMM that the agent is ready (its listeners are up): writes 123 to the boot
+/// timer at physical 0xc0000000 through a /dev/mem mapping, as `devmem 0xc0000000 8 123`
+/// does. The VMM times "guest time to init" to this write. Failures are logged only.
+pub fn mark_boot_timer() {
+    let mem = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_SYNC)
+        .open("/dev/mem")
+    {
+        Ok(mem) => mem,
+        Err(err) => {
+            log::warn!("boot timer: cannot open /dev/mem: {err}");
+            return;
+        }
+    };
+    // SAFETY: a new shared mapping of one page of /dev/mem at the boot timer's address;
+    // nothing else refers to it, and it is unmapped below.
+    let page = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            mem.as_raw_fd(),
+            BOOT_TIMER_ADDR,
+        )
+    };
+    if page == libc::MAP_FAILED {
+        log::warn!(
+            "boot timer: cannot map /dev/mem at {BOOT_TIMER_ADDR:#x}: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    // SAFETY: `page` is a valid writable mapping of at least one byte; the write is a
+    // single-byte MMIO store (volatile, so it is neither elided nor merged).
+    unsafe {
+        std::ptr::write_volatile(page.cast::<u8>(), BOOT_TIMER_READY);
+        libc::munmap(page, 4096);
+    }
 }
 
 /// Kills every process, syncs, and resets the VM. Never returns.

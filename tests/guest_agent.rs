@@ -1,0 +1,363 @@
+//! Guest tier of the agent (issue 5): one boot of the real guest kernel whose PID 1 is the
+//! agent (`out/agent-test.cpio`, nothing else in it), reached from the host through the
+//! hybrid vsock with the generated ttrpc client, exactly as the shim will. The container's
+//! rootfs is a busybox tree the test builds on the host inside a virtio-fs share.
+//!
+//! Checks: the agent answers on vsock port 1024 and marks the boot timer; CreateSandbox
+//! mounts the share; a container prints to a stdout stream (port 1025) and exits 42, which
+//! WaitProcess reports after the output; a second container reads the agent's own
+//! /proc/1/status (VmRSS, printed); RemoveContainer; DestroySandbox resets the VM and
+//! `podvisor boot` exits 0.
+
+mod common;
+
+use std::io::Read;
+use std::os::fd::IntoRawFd;
+use std::os::unix::fs::symlink;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio as ProcStdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::{guest_artifacts, temp_path};
+use podvisor_agent_protocol::agent::*;
+use podvisor_agent_protocol::agent_ttrpc::AgentClient;
+use podvisor_agent_protocol::stream::{StreamHeader, StreamKind};
+use podvisor_agent_protocol::vsock::connect_hybrid_vsock;
+use podvisor_agent_protocol::{ttrpc, RPC_VSOCK_PORT, STREAM_VSOCK_PORT};
+use serde_json::{json, Value};
+
+const BUSYBOX: &str = "/bin/busybox";
+/// The whole boot may take minutes on a nested-KVM host (the guest kernel is emulated).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// One RPC: container creation forks and execs in an emulated guest kernel.
+const RPC_TIMEOUT: Duration = Duration::from_secs(300);
+const SHARE_TAG: &str = "rootfs";
+const SHARED_IN_GUEST: &str = "/run/podvisor/shared";
+
+fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(RPC_TIMEOUT.as_nanos() as i64)
+}
+
+/// A busybox rootfs (static busybox + one link per applet) at `rootfs`.
+fn build_rootfs(rootfs: &Path) {
+    let bin = rootfs.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for d in ["proc", "sys", "dev", "tmp", "etc", "root"] {
+        std::fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    std::fs::copy(BUSYBOX, bin.join("busybox")).unwrap();
+    let list = Command::new(BUSYBOX).arg("--list").output().unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            let _ = symlink("busybox", bin.join(applet));
+        }
+    }
+    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+}
+
+/// A minimal OCI spec running `args` in the given namespaces, read-only rootfs.
+fn spec(args: &[&str], namespaces: &[&str]) -> Value {
+    let caps = json!(["CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_DAC_OVERRIDE"]);
+    let namespaces: Vec<Value> = namespaces.iter().map(|t| json!({ "type": t })).collect();
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/bin"],
+            "cwd": "/",
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+            "noNewPrivileges": true
+        },
+        "root": {"path": "rootfs", "readonly": true},
+        "hostname": "pod",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "nodev", "mode=1777"]}
+        ],
+        "linux": {"namespaces": namespaces}
+    })
+}
+
+/// Whether podvisor applies its nested-KVM quirks here (see README, *Nested hosts*).
+fn pvm_host() -> bool {
+    match std::env::var("PODVISOR_HOST_QUIRKS").as_deref() {
+        Ok("pvm") => true,
+        Ok(_) => false,
+        Err(_) => Path::new("/sys/module/kvm_pvm").exists(),
+    }
+}
+
+/// The VM (`podvisor boot`) with its stdout/stderr collected by threads.
+struct Vm {
+    child: Child,
+    stdout: Option<JoinHandle<String>>,
+    stderr: Option<JoinHandle<String>>,
+    console: std::path::PathBuf,
+}
+
+fn collect<R: Read + Send + 'static>(mut r: R) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = r.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    })
+}
+
+impl Vm {
+    /// What went on, for assertion messages: console, podvisor's stderr so far.
+    fn console(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// Waits for podvisor to exit; returns (exit code, stdout, stderr).
+    fn wait(&mut self, timeout: Duration) -> (Option<i32>, String, String) {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                break self.child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let out = self
+            .stdout
+            .take()
+            .map(|h| h.join().unwrap())
+            .unwrap_or_default();
+        let err = self
+            .stderr
+            .take()
+            .map(|h| h.join().unwrap())
+            .unwrap_or_default();
+        (status.code(), out, err)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- guest console ----\n{}", self.console());
+        }
+    }
+}
+
+/// Connects to guest vsock `port`, retrying until the agent listens; fails if the VM exits.
+fn connect(vm: &mut Vm, uds: &Path, port: u32, timeout: Duration) -> UnixStream {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match connect_hybrid_vsock(uds, port, Duration::from_secs(5)) {
+            Ok(stream) => return stream,
+            Err(err) => {
+                if let Some(status) = vm.child.try_wait().unwrap() {
+                    let (_, _, stderr) = vm.wait(Duration::ZERO);
+                    panic!(
+                        "the VM exited ({status}) before the agent listened on port {port}: \
+                         {err}\nstderr:\n{stderr}"
+                    );
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the agent did not listen on port {port} within {timeout:?}: {err}"
+                );
+            }
+        }
+    }
+}
+
+/// A stdout stream for (container, exec id), read to EOF by a thread.
+fn attach_stdout(vm: &mut Vm, uds: &Path, id: &str) -> JoinHandle<String> {
+    let mut conn = connect(vm, uds, STREAM_VSOCK_PORT, RPC_TIMEOUT);
+    conn.set_read_timeout(Some(RPC_TIMEOUT)).unwrap();
+    StreamHeader::new(StreamKind::Stdout, id, "")
+        .attach(&mut conn)
+        .expect("stream attach");
+    collect(conn)
+}
+
+/// Creates and starts container `id` with a stdout stream; returns (exit status, stdout).
+fn run_container(
+    client: &AgentClient,
+    vm: &mut Vm,
+    uds: &Path,
+    id: &str,
+    spec: &Value,
+) -> (i32, String) {
+    let out = attach_stdout(vm, uds, id);
+    let mut req = CreateContainerRequest::new();
+    req.container_id = id.into();
+    req.oci_spec_json = serde_json::to_vec(spec).unwrap();
+    req.rootfs = format!("{SHARED_IN_GUEST}/rootfs");
+    let mut stdio = podvisor_agent_protocol::agent::Stdio::new();
+    stdio.stdout = true;
+    req.stdio = Some(stdio).into();
+    let pid = client.create_container(ctx(), &req).unwrap().pid;
+    assert!(pid > 0);
+    let mut req = ContainerRequest::new();
+    req.container_id = id.into();
+    client.start_container(ctx(), &req).unwrap();
+    let mut req = ProcessRequest::new();
+    req.container_id = id.into();
+    let status = client.wait_process(ctx(), &req).unwrap().exit_status;
+    (status, out.join().unwrap())
+}
+
+#[test]
+fn guest_agent_runs_a_container() {
+    let Some(guest) = guest_artifacts("guest_agent_runs_a_container") else {
+        return;
+    };
+    let initrd = guest.initrd.with_file_name("agent-test.cpio");
+    for (path, why) in [
+        (initrd.as_path(), "run `make rootfs`"),
+        (Path::new(BUSYBOX), "apt-get install busybox-static"),
+    ] {
+        if !path.is_file() {
+            if common::kvm_required() {
+                panic!("{} missing: {why}", path.display());
+            }
+            eprintln!(
+                "*** SKIPPED guest_agent_runs_a_container: {} missing ({why}) ***",
+                path.display()
+            );
+            return;
+        }
+    }
+    let dir = temp_path("agent");
+    let share = dir.join("share");
+    build_rootfs(&share.join("rootfs"));
+    let uds = dir.join("vsock.sock");
+    let console = dir.join("console.log");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_podvisor"))
+        .args(["boot", "--kernel"])
+        .arg(&guest.kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .arg("--share")
+        .arg(format!("{SHARE_TAG}={}", share.display()))
+        .arg("--vsock")
+        .arg(&uds)
+        .arg("--console")
+        .arg(&console)
+        .args(["--mem-mib", "256", "--timings", "--timeout", "1200"])
+        .stdin(ProcStdio::null())
+        .stdout(ProcStdio::piped())
+        .stderr(ProcStdio::piped())
+        .spawn()
+        .unwrap();
+    let mut vm = Vm {
+        stdout: Some(collect(child.stdout.take().unwrap())),
+        stderr: Some(collect(child.stderr.take().unwrap())),
+        child,
+        console,
+    };
+
+    // The agent as PID 1 answers on vsock port 1024.
+    let boot = Instant::now();
+    let rpc = connect(&mut vm, &uds, RPC_VSOCK_PORT, BOOT_TIMEOUT);
+    let client = AgentClient::new(ttrpc::Client::new(rpc.into_raw_fd()).unwrap());
+    let version = client
+        .get_version(ctx(), &GetVersionRequest::new())
+        .unwrap();
+    assert_eq!(version.protocol_version, 1);
+    eprintln!(
+        "guest_agent: agent answered after {:.1} s",
+        boot.elapsed().as_secs_f64()
+    );
+
+    // The sandbox mounts the share; the container's rootfs is in it.
+    let mut req = CreateSandboxRequest::new();
+    req.sandbox_id = "pod".into();
+    req.hostname = "pod".into();
+    let mut mount = SharedMount::new();
+    mount.fstype = "virtiofs".into();
+    mount.source = SHARE_TAG.into();
+    mount.target = SHARED_IN_GUEST.into();
+    req.mounts.push(mount);
+    client.create_sandbox(ctx(), &req).unwrap();
+
+    // Output on the stdout stream, then the chosen exit code.
+    let (status, out) = run_container(
+        &client,
+        &mut vm,
+        &uds,
+        "c1",
+        &spec(
+            &["sh", "-c", "echo hello from the pod; exit 42"],
+            &["pid", "ipc", "uts", "mount"],
+        ),
+    );
+    assert_eq!(out, "hello from the pod\n");
+    assert_eq!(status, 42);
+
+    // The agent keeps serving after a container died. Without a PID namespace the
+    // container's /proc shows the agent as PID 1: its idle RSS. On a PVM host the
+    // GLIBC_TUNABLES word of the kernel command line reaches every container process.
+    let (status, out) = run_container(
+        &client,
+        &mut vm,
+        &uds,
+        "rss",
+        &spec(
+            &[
+                "sh",
+                "-c",
+                "grep -E '^(Name|VmRSS|VmHWM)' /proc/1/status; echo GLIBC_TUNABLES=$GLIBC_TUNABLES",
+            ],
+            &["ipc", "uts", "mount"],
+        ),
+    );
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains("VmRSS:"), "{out}");
+    if pvm_host() {
+        assert!(out.contains("GLIBC_TUNABLES=glibc.cpu.hwcaps="), "{out}");
+    }
+    eprintln!("guest_agent: agent (PID 1) after two containers:\n{out}");
+
+    for id in ["c1", "rss"] {
+        let mut req = ContainerRequest::new();
+        req.container_id = id.into();
+        client.remove_container(ctx(), &req).unwrap();
+    }
+
+    // DestroySandbox answers, then resets the VM: podvisor stops cleanly.
+    client
+        .destroy_sandbox(ctx(), &DestroySandboxRequest::new())
+        .unwrap();
+    let (code, stdout, stderr) = vm.wait(BOOT_TIMEOUT);
+    assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    eprintln!("guest_agent: podvisor timings:\n{stderr}");
+    let marker = "guest time to init (first KVM_RUN -> boot marker): ";
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with(marker))
+        .unwrap_or_else(|| panic!("no timings in:\n{stderr}"));
+    assert!(
+        !line.contains("n/a"),
+        "the agent did not mark the boot timer: {line}"
+    );
+    let console = vm.console();
+    assert!(console.contains("podvisor-agent: INFO"), "{console}");
+    let agent_log: Vec<&str> = console
+        .lines()
+        .filter(|l| l.contains("podvisor-agent:"))
+        .collect();
+    eprintln!("guest_agent: agent log:\n{}", agent_log.join("\n"));
+    assert!(!uds.exists(), "vsock socket left behind");
+    drop(vm);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
