@@ -551,6 +551,7 @@ mod tests {
 
     use super::*;
     use crate::virtio::test_utils::MmioDriver;
+    use crate::virtio::FeatureSet;
 
     struct Idle;
     impl MutEventSubscriber for Idle {
@@ -561,7 +562,7 @@ mod tests {
     /// A device with two queues that records what the transport does to it.
     struct Dummy {
         events: Vec<EventFd>,
-        acked: u64,
+        features: FeatureSet,
         active: bool,
         resettable: bool,
         config: [u8; 8],
@@ -573,7 +574,7 @@ mod tests {
                 events: (0..2)
                     .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
                     .collect(),
-                acked: 0,
+                features: FeatureSet::new(bit(VIRTIO_F_VERSION_1) | 0b101),
                 active: false,
                 resettable,
                 config: *b"abcdefgh",
@@ -591,14 +592,11 @@ mod tests {
         fn queue_events(&self) -> &[EventFd] {
             &self.events
         }
-        fn avail_features(&self) -> u64 {
-            bit(VIRTIO_F_VERSION_1) | 0b101
+        fn features(&self) -> &FeatureSet {
+            &self.features
         }
-        fn acked_features(&self) -> u64 {
-            self.acked
-        }
-        fn set_acked_features(&mut self, features: u64) {
-            self.acked = features;
+        fn features_mut(&mut self) -> &mut FeatureSet {
+            &mut self.features
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             crate::virtio::read_config_bytes(&self.config, offset, data);

@@ -151,6 +151,40 @@ impl Interrupt {
     }
 }
 
+/// The feature bits a device offers and the subset the driver accepted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FeatureSet {
+    avail: u64,
+    acked: u64,
+}
+
+impl FeatureSet {
+    /// A device offering `avail`, nothing accepted yet.
+    pub const fn new(avail: u64) -> Self {
+        Self { avail, acked: 0 }
+    }
+
+    /// The offered features.
+    pub fn avail(&self) -> u64 {
+        self.avail
+    }
+
+    /// The accepted features.
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    /// Records the driver's choice; bits that were not offered are dropped.
+    pub fn ack(&mut self, features: u64) {
+        self.acked = features & self.avail;
+    }
+
+    /// Forgets the driver's choice (device reset).
+    pub fn clear_acked(&mut self) {
+        self.acked = 0;
+    }
+}
+
 /// Why a device could not start with the queues the driver configured. The transport puts
 /// the device into `DEVICE_NEEDS_RESET` and the guest sees the failure; nothing panics.
 #[derive(Debug, thiserror::Error)]
@@ -182,17 +216,29 @@ pub trait VirtioDevice: Send {
     /// writes them on a trapped `QueueNotify`, the subscriber watches them.
     fn queue_events(&self) -> &[EventFd];
 
+    /// What the device offers and what the driver accepted.
+    fn features(&self) -> &FeatureSet;
+
+    /// Mutable access to the feature set (the transport records the driver's choice).
+    fn features_mut(&mut self) -> &mut FeatureSet;
+
     /// The features the device offers.
-    fn avail_features(&self) -> u64;
+    fn avail_features(&self) -> u64 {
+        self.features().avail()
+    }
 
     /// The features the driver accepted (a subset of [`avail_features`]).
     ///
     /// [`avail_features`]: VirtioDevice::avail_features
-    fn acked_features(&self) -> u64;
+    fn acked_features(&self) -> u64 {
+        self.features().acked()
+    }
 
     /// Records the driver's accepted features at `FEATURES_OK` (already checked to be a
     /// subset of the offered ones).
-    fn set_acked_features(&mut self, features: u64);
+    fn set_acked_features(&mut self, features: u64) {
+        self.features_mut().ack(features);
+    }
 
     /// Reads the device configuration space at `offset` (out-of-range bytes read as 0).
     fn read_config(&self, offset: u64, data: &mut [u8]);

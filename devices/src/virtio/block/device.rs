@@ -24,7 +24,8 @@ use crate::virtio::features::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::virtio::{
-    lock, read_config_bytes, ActivateError, DeviceSubscriber, GuestMem, Interrupt, VirtioDevice,
+    lock, read_config_bytes, ActivateError, DeviceSubscriber, FeatureSet, GuestMem, Interrupt,
+    VirtioDevice,
 };
 
 /// Size of the part of `struct virtio_blk_config` the device fills (up to
@@ -67,8 +68,7 @@ pub struct BlockState {
 /// A virtio-blk device.
 pub struct Block {
     disk: Arc<Disk>,
-    avail_features: u64,
-    acked_features: u64,
+    features: FeatureSet,
     config: [u8; CONFIG_LEN],
     queue_events: Vec<EventFd>,
     active: ActiveSlot,
@@ -102,8 +102,7 @@ impl Block {
         let config = config_space(disk.capacity());
         Ok(Block {
             disk: Arc::new(disk),
-            avail_features,
-            acked_features: 0,
+            features: FeatureSet::new(avail_features),
             config,
             queue_events: vec![kick],
             active,
@@ -129,8 +128,8 @@ impl Block {
             capacity: self.disk.capacity(),
             read_only: self.disk.read_only(),
             id: *self.disk.id(),
-            avail_features: self.avail_features,
-            acked_features: self.acked_features,
+            avail_features: self.features.avail(),
+            acked_features: self.features.acked(),
             config: self.config.to_vec(),
             queue,
         }
@@ -175,16 +174,12 @@ impl VirtioDevice for Block {
         &self.queue_events
     }
 
-    fn avail_features(&self) -> u64 {
-        self.avail_features
+    fn features(&self) -> &FeatureSet {
+        &self.features
     }
 
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
+    fn features_mut(&mut self) -> &mut FeatureSet {
+        &mut self.features
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -223,7 +218,7 @@ impl VirtioDevice for Block {
             interrupt: interrupt.clone(),
         })
         .map_err(ActivateError::Worker)?;
-        let acked = self.acked_features;
+        let acked = self.features.acked();
         *slot = Some(Active {
             mem,
             queue,
@@ -247,7 +242,7 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) -> bool {
         self.stop();
-        self.acked_features = 0;
+        self.features.clear_acked();
         true
     }
 

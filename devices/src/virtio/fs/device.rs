@@ -17,7 +17,8 @@ use crate::virtio::features::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::virtio::{
-    lock, read_config_bytes, ActivateError, DeviceSubscriber, GuestMem, Interrupt, VirtioDevice,
+    lock, read_config_bytes, ActivateError, DeviceSubscriber, FeatureSet, GuestMem, Interrupt,
+    VirtioDevice,
 };
 
 /// `struct virtio_fs_config`: `char tag[36]` + `le32 num_request_queues`.
@@ -53,8 +54,7 @@ pub struct FsState {
 /// A virtio-fs device serving one share.
 pub struct Fs {
     share: ShareConfig,
-    avail_features: u64,
-    acked_features: u64,
+    features: FeatureSet,
     config: [u8; CONFIG_LEN],
     queue_events: Vec<EventFd>,
     active: ActiveSlot,
@@ -80,10 +80,11 @@ impl Fs {
         config[TAG_LEN..].copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
         Ok(Fs {
             share,
-            avail_features: bit(VIRTIO_F_VERSION_1)
-                | bit(VIRTIO_RING_F_INDIRECT_DESC)
-                | bit(VIRTIO_RING_F_EVENT_IDX),
-            acked_features: 0,
+            features: FeatureSet::new(
+                bit(VIRTIO_F_VERSION_1)
+                    | bit(VIRTIO_RING_F_INDIRECT_DESC)
+                    | bit(VIRTIO_RING_F_EVENT_IDX),
+            ),
             config,
             queue_events,
             active,
@@ -115,8 +116,8 @@ impl Fs {
             tag: self.share.tag.clone(),
             dir: self.share.dir.clone(),
             options: self.share.options,
-            avail_features: self.avail_features,
-            acked_features: self.acked_features,
+            avail_features: self.features.avail(),
+            acked_features: self.features.acked(),
             queues,
         }
     }
@@ -142,16 +143,12 @@ impl VirtioDevice for Fs {
         &self.queue_events
     }
 
-    fn avail_features(&self) -> u64 {
-        self.avail_features
+    fn features(&self) -> &FeatureSet {
+        &self.features
     }
 
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
+    fn features_mut(&mut self) -> &mut FeatureSet {
+        &mut self.features
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -220,7 +217,7 @@ impl VirtioDevice for Fs {
 
     fn reset(&mut self) -> bool {
         self.stop();
-        self.acked_features = 0;
+        self.features.clear_acked();
         true
     }
 

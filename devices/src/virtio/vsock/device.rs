@@ -18,7 +18,8 @@ use crate::virtio::features::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::virtio::{
-    lock, read_config_bytes, ActivateError, DeviceSubscriber, GuestMem, Interrupt, VirtioDevice,
+    lock, read_config_bytes, ActivateError, DeviceSubscriber, FeatureSet, GuestMem, Interrupt,
+    VirtioDevice,
 };
 
 /// Errors building a vsock device.
@@ -49,8 +50,7 @@ pub struct VsockState {
 pub struct Vsock {
     guest_cid: u64,
     socket: SocketFile,
-    avail_features: u64,
-    acked_features: u64,
+    features: FeatureSet,
     queue_events: Vec<EventFd>,
     handler: Arc<Mutex<VsockHandler>>,
 }
@@ -94,10 +94,11 @@ impl Vsock {
         Ok(Vsock {
             guest_cid,
             socket,
-            avail_features: bit(VIRTIO_F_VERSION_1)
-                | bit(VIRTIO_RING_F_INDIRECT_DESC)
-                | bit(VIRTIO_RING_F_EVENT_IDX),
-            acked_features: 0,
+            features: FeatureSet::new(
+                bit(VIRTIO_F_VERSION_1)
+                    | bit(VIRTIO_RING_F_INDIRECT_DESC)
+                    | bit(VIRTIO_RING_F_EVENT_IDX),
+            ),
             queue_events,
             handler: Arc::new(Mutex::new(handler)),
         })
@@ -123,8 +124,8 @@ impl Vsock {
         VsockState {
             guest_cid: self.guest_cid,
             uds_path: self.socket.path().into(),
-            avail_features: self.avail_features,
-            acked_features: self.acked_features,
+            avail_features: self.features.avail(),
+            acked_features: self.features.acked(),
         }
     }
 }
@@ -156,16 +157,12 @@ impl VirtioDevice for Vsock {
         &self.queue_events
     }
 
-    fn avail_features(&self) -> u64 {
-        self.avail_features
+    fn features(&self) -> &FeatureSet {
+        &self.features
     }
 
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
+    fn features_mut(&mut self) -> &mut FeatureSet {
+        &mut self.features
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -208,7 +205,7 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) -> bool {
         lock(&self.handler).reset();
-        self.acked_features = 0;
+        self.features.clear_acked();
         true
     }
 
