@@ -39,7 +39,9 @@ applets=(sh mount devmem reboot)
 die() { echo "build-initramfs: error: $*"; exit 1; }
 
 if ! command -v cpio >/dev/null 2>&1 ||
-   [ "$(dpkg-query -W -f='${db:Status-Status}' busybox-static 2>/dev/null)" != installed ]; then
+   [ "$(dpkg-query -W -f='${db:Status-Status}' busybox-static 2>/dev/null)" != installed ] ||
+   { [ "$name" = agent-test ] &&
+     [ "$(dpkg-query -W -f='${db:Status-Status}' libseccomp-dev 2>/dev/null)" != installed ]; }; then
     "$repo/scripts/install-deps.sh"
 fi
 [ -x "$busybox" ] || die "$busybox missing (package busybox-static)"
@@ -65,8 +67,13 @@ if [ "$name" = devices-test ]; then
 fi
 if [ "$name" = agent-test ]; then
     # PID 1 itself: static (crt-static, gnu target) and built for size, in a target dir of
-    # its own so that the workspace's release builds keep their profile.
+    # its own so that the workspace's release builds keep their profile. Seccomp links
+    # Debian's libseccomp.a (libseccomp-dev) statically; the same variables are in the
+    # repo's .cargo/config.toml, which cargo reads only when started inside the repo.
+    seccomp_lib=/usr/lib/x86_64-linux-gnu
+    [ -f "$seccomp_lib/libseccomp.a" ] || die "$seccomp_lib/libseccomp.a missing (package libseccomp-dev)"
     agent_target="${CARGO_TARGET_DIR:-$repo/target}/agent-size"
+    LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH="$seccomp_lib" \
     CARGO_PROFILE_RELEASE_OPT_LEVEL=z CARGO_PROFILE_RELEASE_LTO=true \
     CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 RUSTFLAGS="-C target-feature=+crt-static" \
         cargo build --quiet --release -p podvisor-agent --target x86_64-unknown-linux-gnu \

@@ -19,6 +19,7 @@ cpio
 lz4
 e2fsprogs
 socat
+libseccomp-dev
 protobuf-compiler
 ccache
 libssl-dev

@@ -6,12 +6,16 @@
 //! Checks: the agent answers on vsock port 1024 and marks the boot timer; CreateSandbox
 //! mounts the share; a container prints to a stdout stream (port 1025) and exits 42, which
 //! WaitProcess reports after the output; a second container reads the agent's own
-//! /proc/1/status (VmRSS, printed); RemoveContainer; DestroySandbox resets the VM and
-//! `podvisor boot` exits 0.
+//! /proc/1/status (VmRSS, printed) under a seccomp profile that makes mkdir fail with
+//! EPERM; a third container under a 4 MiB memory limit (the guest's cgroup2 has the
+//! memory controller, unlike many hosts of the fast tier): Stats while it waits on its
+//! stdin stream (memory usage, the limit, pids), then dd fills a 32 MiB buffer until the
+//! OOM killer ends it and GetOOMEvent names it; RemoveContainer; DestroySandbox resets the
+//! VM and `podvisor boot` exits 0.
 
 mod common;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::IntoRawFd;
 use std::os::unix::fs::symlink;
 use std::os::unix::net::UnixStream;
@@ -33,6 +37,15 @@ const BUSYBOX: &str = "/bin/busybox";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// One RPC: container creation forks and execs in an emulated guest kernel.
 const RPC_TIMEOUT: Duration = Duration::from_secs(300);
+/// GetOOMEvent blocks until an event: bounded, so a missing event fails the test.
+const OOM_TIMEOUT: Duration = Duration::from_secs(120);
+/// The memory-limited container's `linux.resources.memory.limit`: small, because every
+/// page the guest faults in costs milliseconds of emulated kernel code on nested-KVM hosts
+/// (the container's peak before the hog starts is ~0.5 MiB).
+const MEM_LIMIT: u64 = 4 << 20;
+/// An OCI seccomp profile: mkdir/mkdirat fail with EPERM, the rest is allowed.
+const SECCOMP_DENY_MKDIR: &str =
+    include_str!("../rootfs/agent/tests/fixtures/seccomp-deny-mkdir.json");
 const SHARE_TAG: &str = "rootfs";
 const SHARED_IN_GUEST: &str = "/run/podvisor/shared";
 
@@ -306,29 +319,89 @@ fn guest_agent_runs_a_container() {
 
     // The agent keeps serving after a container died. Without a PID namespace the
     // container's /proc shows the agent as PID 1: its idle RSS. On a PVM host the
-    // GLIBC_TUNABLES word of the kernel command line reaches every container process.
-    let (status, out) = run_container(
-        &client,
-        &mut vm,
-        &uds,
-        "rss",
-        &spec(
-            &[
-                "sh",
-                "-c",
-                "grep -E '^(Name|VmRSS|VmHWM)' /proc/1/status; echo GLIBC_TUNABLES=$GLIBC_TUNABLES",
-            ],
-            &["ipc", "uts", "mount"],
-        ),
+    // GLIBC_TUNABLES word of the kernel command line reaches every container process. The
+    // spec's seccomp profile (static libseccomp in PID 1) makes mkdir fail with EPERM.
+    let mut spec_rss = spec(
+        &[
+            "sh",
+            "-c",
+            "grep -E '^(Name|VmRSS|VmHWM)' /proc/1/status; echo GLIBC_TUNABLES=$GLIBC_TUNABLES; \
+             mkdir /tmp/x 2>&1; echo mkdir=$?",
+        ],
+        &["ipc", "uts", "mount"],
     );
+    spec_rss["linux"]["seccomp"] = serde_json::from_str(SECCOMP_DENY_MKDIR).unwrap();
+    let (status, out) = run_container(&client, &mut vm, &uds, "rss", &spec_rss);
     assert_eq!(status, 0, "{out}");
     assert!(out.contains("VmRSS:"), "{out}");
+    assert!(out.contains("Operation not permitted"), "{out}");
+    assert!(out.ends_with("mkdir=1\n"), "{out}");
     if pvm_host() {
         assert!(out.contains("GLIBC_TUNABLES=glibc.cpu.hwcaps="), "{out}");
     }
     eprintln!("guest_agent: agent (PID 1) after two containers:\n{out}");
 
-    for id in ["c1", "rss"] {
+    // Memory stats and an OOM event: the container waits for a line on stdin, so Stats
+    // sees it running under its limit; then dd reads 32 MiB of /dev/zero into one buffer
+    // (one page fault per page, not several as when a shell variable doubles).
+    let mem_start = Instant::now();
+    let id = "mem";
+    let mut spec_mem = spec(
+        &[
+            "sh",
+            "-c",
+            "read go; exec dd if=/dev/zero of=/dev/null bs=32M count=1",
+        ],
+        &["pid", "ipc", "uts", "mount"],
+    );
+    spec_mem["linux"]["resources"] = json!({"memory": {"limit": MEM_LIMIT}});
+    let mut stdin = connect(&mut vm, &uds, STREAM_VSOCK_PORT, RPC_TIMEOUT);
+    StreamHeader::new(StreamKind::Stdin, id, "")
+        .attach(&mut stdin)
+        .expect("stdin stream attach");
+    let mut req = CreateContainerRequest::new();
+    req.container_id = id.into();
+    req.oci_spec_json = serde_json::to_vec(&spec_mem).unwrap();
+    req.rootfs = format!("{SHARED_IN_GUEST}/rootfs");
+    let mut stdio = podvisor_agent_protocol::agent::Stdio::new();
+    stdio.stdin = true;
+    req.stdio = Some(stdio).into();
+    client.create_container(ctx(), &req).unwrap();
+    let mut req = ContainerRequest::new();
+    req.container_id = id.into();
+    client.start_container(ctx(), &req).unwrap();
+    let stats = client.stats(ctx(), &req).unwrap();
+    assert!(stats.has_memory, "no memory stats: {stats:?}");
+    assert!(stats.memory.usage > 0, "{stats:?}");
+    assert_eq!(stats.memory.limit, MEM_LIMIT, "{stats:?}");
+    assert!(stats.has_pids && stats.pids.current >= 1, "{stats:?}");
+    eprintln!(
+        "guest_agent: stats of {id}: memory usage {} (peak {}) of {}, pids {}",
+        stats.memory.usage, stats.memory.max_usage, stats.memory.limit, stats.pids.current
+    );
+    stdin.write_all(b"go\n").unwrap();
+    drop(stdin);
+    let event = client
+        .get_oom_event(
+            ttrpc::context::with_timeout(OOM_TIMEOUT.as_nanos() as i64),
+            &GetOOMEventRequest::new(),
+        )
+        .unwrap();
+    assert_eq!(event.container_id, id);
+    let mut req = ProcessRequest::new();
+    req.container_id = id.into();
+    let status = client.wait_process(ctx(), &req).unwrap().exit_status;
+    assert_eq!(
+        status,
+        128 + libc::SIGKILL,
+        "the OOM killer ends the container"
+    );
+    eprintln!(
+        "guest_agent: memory stats and OOM checks took {:.1} s",
+        mem_start.elapsed().as_secs_f64()
+    );
+
+    for id in ["c1", "rss", "mem"] {
         let mut req = ContainerRequest::new();
         req.container_id = id.into();
         client.remove_container(ctx(), &req).unwrap();

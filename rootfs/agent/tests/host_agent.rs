@@ -579,6 +579,37 @@ fn spec_features() {
     agent.remove("f").unwrap();
 }
 
+/// An OCI seccomp profile: mkdir/mkdirat fail with EPERM (errnoRet 1), the rest is allowed.
+/// (Shared with the guest tier, tests/guest_agent.rs.)
+const SECCOMP_DENY_MKDIR: &str = include_str!("fixtures/seccomp-deny-mkdir.json");
+
+/// The spec's seccomp profile is applied (libcontainer + static libseccomp): a profile
+/// that makes mkdir/mkdirat fail with EPERM, next to the same container without it.
+#[test]
+fn seccomp_profile() {
+    require_host!();
+    let agent = Agent::start();
+    let script = "mkdir /tmp/x 2>&1; echo rc=$?";
+    for (id, profile) in [("sc", true), ("nosc", false)] {
+        let mut spec = spec(&["sh", "-c", script], false);
+        if profile {
+            spec["linux"]["seccomp"] = serde_json::from_str(SECCOMP_DENY_MKDIR).unwrap();
+        }
+        let out = collect(agent.attach(StreamKind::Stdout, id, ""));
+        agent.create(id, &spec, stdio(false, true, false)).unwrap();
+        agent.start_container(id).unwrap();
+        assert_eq!(agent.wait(id, "").unwrap(), 0);
+        let out = String::from_utf8(out.join().unwrap()).unwrap();
+        if profile {
+            assert!(out.contains("Operation not permitted"), "{out}");
+            assert!(out.ends_with("rc=1\n"), "{out}");
+        } else {
+            assert_eq!(out, "rc=0\n");
+        }
+        agent.remove(id).unwrap();
+    }
+}
+
 /// CreateSandbox's shared mounts are visible to containers, which bind from them.
 #[test]
 fn shared_mounts_and_binds() {
