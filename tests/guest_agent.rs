@@ -17,7 +17,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::fd::IntoRawFd;
-use std::os::unix::fs::symlink;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio as ProcStdio};
@@ -51,23 +50,6 @@ const SHARED_IN_GUEST: &str = "/run/podvisor/shared";
 
 fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(RPC_TIMEOUT.as_nanos() as i64)
-}
-
-/// A busybox rootfs (static busybox + one link per applet) at `rootfs`.
-fn build_rootfs(rootfs: &Path) {
-    let bin = rootfs.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    for d in ["proc", "sys", "dev", "tmp", "etc", "root"] {
-        std::fs::create_dir_all(rootfs.join(d)).unwrap();
-    }
-    std::fs::copy(BUSYBOX, bin.join("busybox")).unwrap();
-    let list = Command::new(BUSYBOX).arg("--list").output().unwrap();
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" {
-            let _ = symlink("busybox", bin.join(applet));
-        }
-    }
-    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
 }
 
 /// A minimal OCI spec running `args` in the given namespaces, read-only rootfs.
@@ -251,7 +233,7 @@ fn guest_agent_runs_a_container() {
     }
     let dir = temp_path("agent");
     let share = dir.join("share");
-    build_rootfs(&share.join("rootfs"));
+    common::build_busybox_rootfs(&share.join("rootfs"));
     let uds = dir.join("vsock.sock");
     let console = dir.join("console.log");
 

@@ -1,0 +1,103 @@
+//! The containerd shim (task API v2, `containerd-shim` 0.11): the `start`/`delete` command
+//! contract ([`PodvisorShim`]) and the task service ([`task::Service`]) that runs the pod's
+//! containers in a VM hosted by this process ([`sandbox::Sandbox`]).
+//!
+//! Host state of a pod: `<run dir>/<shim id>/` (run dir `/run/podvisor`, or
+//! `PODVISOR_RUN_DIR`) holds the VM's vsock socket, its console log and `shared/`, the root
+//! of the pod's virtio-fs share, where each container's rootfs is mounted at
+//! `shared/<container id>/rootfs`.
+
+mod config;
+mod sandbox;
+mod stdio;
+mod task;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::{
+    publisher::RemotePublisher, util::write_address, Config, DeleteResponse, ExitSignal, Flags,
+    StartOpts,
+};
+
+pub use config::ShimConfig;
+
+/// containerd's runtime name for podvisor.
+pub const RUNTIME_ID: &str = "io.containerd.podvisor.v2";
+
+/// The shim binary: `start`, `delete`, and the long-running server.
+pub struct PodvisorShim {
+    id: String,
+    namespace: String,
+    exit: Arc<ExitSignal>,
+}
+
+impl containerd_shim::Shim for PodvisorShim {
+    type T = task::Service;
+
+    fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        Self {
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        // One shim (and one VM) per container for now; grouping containers of a pod by
+        // annotation is issue 6's next step.
+        let grouping = opts.id.clone();
+        let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+        write_address(&address)?;
+        Ok(address)
+    }
+
+    fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        // After the shim is gone (normal exit or SIGKILL): whatever it left behind.
+        let config = ShimConfig::from_env();
+        let state_dir = config.run_dir.join(&self.id);
+        sandbox::cleanup_state_dir(&state_dir);
+        let mut resp = DeleteResponse::new();
+        resp.exit_status = 128 + libc::SIGKILL as u32;
+        resp.exited_at = Some(now()).into();
+        Ok(resp)
+    }
+
+    fn wait(&mut self) {
+        self.exit.wait();
+    }
+
+    fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        task::Service::new(
+            &self.id,
+            &self.namespace,
+            ShimConfig::from_env(),
+            publisher,
+            self.exit.clone(),
+        )
+    }
+}
+
+/// The current time as a protobuf timestamp.
+pub fn now() -> Timestamp {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    timestamp_ns(d.as_nanos() as i64)
+}
+
+/// A protobuf timestamp from Unix nanoseconds.
+pub fn timestamp_ns(ns: i64) -> Timestamp {
+    let mut ts = Timestamp::new();
+    ts.seconds = ns.div_euclid(1_000_000_000);
+    ts.nanos = ns.rem_euclid(1_000_000_000) as i32;
+    ts
+}
+
+/// The last `lines` lines of a text file (the guest console), for error messages.
+pub fn file_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

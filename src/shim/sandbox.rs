@@ -1,0 +1,348 @@
+//! The pod's VM and its agent: boot the VM in this process (kernel + agent initramfs, a
+//! virtio-fs share rooted at `<state>/shared`, the hybrid vsock at `<state>/vsock.sock`, the
+//! console in `<state>/console.log`), wait for the agent, set the sandbox up; at the end
+//! destroy it, wait for the VM to stop and remove the host state.
+
+use std::os::fd::IntoRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use podvisor_agent_protocol::agent::{
+    CreateSandboxRequest, DestroySandboxRequest, GetVersionRequest, SharedMount,
+};
+use podvisor_agent_protocol::agent_ttrpc::AgentClient;
+use podvisor_agent_protocol::stream::{StreamHeader, StreamKind};
+use podvisor_agent_protocol::vsock::{connect_hybrid_vsock, connect_hybrid_vsock_once};
+use podvisor_agent_protocol::{ttrpc, PROTOCOL_VERSION, RPC_VSOCK_PORT, STREAM_VSOCK_PORT};
+use vmm::config::{ShareConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_GUEST_CID};
+use vmm::{ConsoleConfig, Vm, VmConfig, VmReport};
+
+use super::{file_tail, ShimConfig};
+
+/// virtio-fs tag of the pod's share.
+pub const SHARE_TAG: &str = "podvisor";
+/// Where the agent mounts the share in the guest.
+pub const SHARED_IN_GUEST: &str = "/run/podvisor/shared";
+/// One agent RPC (container creation forks and execs in a guest that may be slow).
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the VM may take to stop after DestroySandbox.
+const STOP_TIMEOUT: Duration = Duration::from_secs(120);
+/// Console lines quoted in errors.
+const TAIL_LINES: usize = 30;
+
+/// An RPC context bounded by [`RPC_TIMEOUT`].
+pub fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(RPC_TIMEOUT.as_nanos() as i64)
+}
+
+/// Host paths of a pod's state.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    pub root: PathBuf,
+}
+
+impl StateDir {
+    pub fn shared(&self) -> PathBuf {
+        self.root.join("shared")
+    }
+    pub fn vsock(&self) -> PathBuf {
+        self.root.join("vsock.sock")
+    }
+    pub fn console(&self) -> PathBuf {
+        self.root.join("console.log")
+    }
+    /// A container's directory in the share (its rootfs is mounted at `rootfs` below it).
+    pub fn container(&self, id: &str) -> PathBuf {
+        self.shared().join(id)
+    }
+    /// The same directory as the guest sees it.
+    pub fn container_in_guest(id: &str) -> String {
+        format!("{SHARED_IN_GUEST}/{id}")
+    }
+}
+
+/// A running pod VM with its agent.
+pub struct Sandbox {
+    pub state: StateDir,
+    pub client: AgentClient,
+    vm: Mutex<Option<JoinHandle<VmReport>>>,
+}
+
+/// Builds, starts and waits for a VM in its own thread; `ready` gets the start result.
+fn vm_thread(config: VmConfig, ready: mpsc::Sender<Result<(), String>>) -> JoinHandle<VmReport> {
+    std::thread::Builder::new()
+        .name("vm-wait".into())
+        .spawn(move || {
+            let started = Vm::new(config, Instant::now()).and_then(Vm::start);
+            match started {
+                Ok(running) => {
+                    let _ = ready.send(Ok(()));
+                    let report = running.wait(None);
+                    log::info!("VM stopped: {}", report.reason);
+                    report
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    let _ = ready.send(Err(msg.clone()));
+                    VmReport {
+                        reason: vmm::ExitReason::Stopped(msg),
+                        timings: Default::default(),
+                        console_tail: String::new(),
+                    }
+                }
+            }
+        })
+        .expect("spawn the VM thread")
+}
+
+impl Sandbox {
+    /// Boots the pod VM and sets up the sandbox in the agent. On failure nothing runs any
+    /// more (the caller removes the state directory).
+    pub fn create(id: &str, config: &ShimConfig, state: StateDir) -> Result<Sandbox, String> {
+        let kernel = config.kernel.clone().ok_or(
+            "no guest kernel: set PODVISOR_KERNEL in containerd's environment \
+             (`make guest-kernel` prints the path)",
+        )?;
+        let initrd = config.initrd.clone().ok_or(
+            "no agent initramfs: set PODVISOR_INITRD in containerd's environment \
+             (`make rootfs` builds out/agent-test.cpio)",
+        )?;
+        for (path, var) in [(&kernel, "PODVISOR_KERNEL"), (&initrd, "PODVISOR_INITRD")] {
+            if !path.is_file() {
+                return Err(format!(
+                    "{} ({var} in containerd's environment) is not a file",
+                    path.display()
+                ));
+            }
+        }
+        std::fs::create_dir_all(state.shared())
+            .map_err(|e| format!("create {}: {e}", state.shared().display()))?;
+        let share = ShareConfig::new(SHARE_TAG, state.shared(), Default::default())
+            .map_err(|e| format!("virtio-fs share: {e}"))?;
+        let vm_config = VmConfig {
+            kernel,
+            initrd: Some(initrd),
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            vcpus: config.vcpus,
+            mem_mib: config.mem_mib,
+            console: ConsoleConfig::File(state.console()),
+            disks: Vec::new(),
+            shares: vec![share],
+            vsock: Some(VsockConfig {
+                guest_cid: DEFAULT_GUEST_CID,
+                uds_path: state.vsock(),
+            }),
+        };
+        let (tx, rx) = mpsc::channel();
+        let vm = vm_thread(vm_config, tx);
+        match rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = vm.join();
+                return Err(format!("cannot start the pod VM: {e}"));
+            }
+            Err(_) => return Err("the VM thread died while starting the VM".into()),
+        }
+        log::info!("pod VM {id} started; waiting for the agent");
+
+        let booted = Instant::now();
+        let rpc = match wait_for_agent(&state, &vm, config.agent_timeout) {
+            Ok(rpc) => rpc,
+            Err(e) => {
+                // The VM thread keeps running if the guest hangs: this process ends soon
+                // anyway (containerd deletes the shim after a failed Create).
+                return Err(format!(
+                    "{e}\nlast guest console lines ({}):\n{}",
+                    state.console().display(),
+                    file_tail(&state.console(), TAIL_LINES)
+                ));
+            }
+        };
+        let fd = rpc.into_raw_fd();
+        let client = AgentClient::new(
+            ttrpc::Client::new(fd).map_err(|e| format!("ttrpc client on the vsock: {e}"))?,
+        );
+        let version = client
+            .get_version(ctx(), &GetVersionRequest::new())
+            .map_err(|e| format!("agent GetVersion: {e}"))?;
+        if version.protocol_version != PROTOCOL_VERSION {
+            return Err(format!(
+                "the agent speaks protocol {}, this shim {PROTOCOL_VERSION}",
+                version.protocol_version
+            ));
+        }
+        log::info!(
+            "agent {} answered {:.1} s after the VM started",
+            version.agent_version,
+            booted.elapsed().as_secs_f64()
+        );
+
+        let mut req = CreateSandboxRequest::new();
+        req.sandbox_id = id.to_string();
+        req.hostname = id.chars().take(63).collect();
+        let mut mount = SharedMount::new();
+        mount.fstype = "virtiofs".into();
+        mount.source = SHARE_TAG.into();
+        mount.target = SHARED_IN_GUEST.into();
+        req.mounts.push(mount);
+        client
+            .create_sandbox(ctx(), &req)
+            .map_err(|e| format!("agent CreateSandbox: {e}"))?;
+        Ok(Sandbox {
+            state,
+            client,
+            vm: Mutex::new(Some(vm)),
+        })
+    }
+
+    /// Whether the VM has stopped.
+    pub fn vm_stopped(&self) -> bool {
+        match self.vm.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(vm) => vm.is_finished(),
+            None => true,
+        }
+    }
+
+    /// A stream connection attached to (container, exec, kind).
+    pub fn attach_stream(
+        &self,
+        kind: StreamKind,
+        container: &str,
+        exec: &str,
+    ) -> Result<UnixStream, String> {
+        let mut conn = connect_hybrid_vsock(&self.state.vsock(), STREAM_VSOCK_PORT, RPC_TIMEOUT)
+            .map_err(|e| format!("stream connection: {e}"))?;
+        StreamHeader::new(kind, container, exec)
+            .attach(&mut conn)
+            .map_err(|e| format!("attach {kind:?} stream of {container}: {e}"))?;
+        Ok(conn)
+    }
+
+    /// DestroySandbox, then waits for the VM to stop (bounded).
+    pub fn destroy(&self) {
+        if let Err(e) = self
+            .client
+            .destroy_sandbox(ctx(), &DestroySandboxRequest::new())
+        {
+            log::warn!("agent DestroySandbox: {e}");
+        }
+        let Some(vm) = self.vm.lock().unwrap().take() else {
+            return;
+        };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while !vm.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if vm.is_finished() {
+            if let Ok(report) = vm.join() {
+                log::info!("pod VM stopped: {}", report.reason);
+            }
+        } else {
+            log::warn!(
+                "the pod VM did not stop within {STOP_TIMEOUT:?} of DestroySandbox; it ends \
+                 with this process"
+            );
+        }
+    }
+}
+
+/// Connects to the agent's RPC port, retrying until it listens; fails early if the VM
+/// stopped, and after `timeout`.
+fn wait_for_agent(
+    state: &StateDir,
+    vm: &JoinHandle<VmReport>,
+    timeout: Duration,
+) -> Result<UnixStream, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if vm.is_finished() {
+            return Err("the pod VM stopped before its agent answered".into());
+        }
+        let err =
+            match connect_hybrid_vsock_once(&state.vsock(), RPC_VSOCK_PORT, Duration::from_secs(5))
+            {
+                Ok(stream) => return Ok(stream),
+                Err(e) => e,
+            };
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the guest agent did not answer on vsock port {RPC_VSOCK_PORT} within \
+                 {timeout:?}: {err}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Unmounts everything below `dir` (deepest first, lazily if busy).
+pub fn unmount_below(dir: &Path) {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let prefix = dir.to_string_lossy().into_owned();
+    let mut targets: Vec<String> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mountinfo)
+        .filter(|t| t == &prefix || t.starts_with(&format!("{prefix}/")))
+        .collect();
+    targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+    for t in targets {
+        let Ok(path) = std::ffi::CString::new(t.as_str()) else {
+            continue;
+        };
+        // SAFETY: a valid NUL-terminated path; umount2 does not keep it.
+        if unsafe { libc::umount2(path.as_ptr(), 0) } != 0 {
+            let e = std::io::Error::last_os_error();
+            log::warn!("umount {t}: {e}; detaching it");
+            // SAFETY: as above.
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Removes a pod's host state: unmounts what is mounted below it, then deletes it.
+pub fn cleanup_state_dir(dir: &Path) {
+    if !dir.exists() {
+        return;
+    }
+    unmount_below(dir);
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        log::warn!("remove {}: {e}", dir.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_mountinfo_paths() {
+        assert_eq!(unescape_mountinfo(r"/a\040b/c"), "/a b/c");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo(r"/end\04"), r"/end\04");
+    }
+}
