@@ -48,11 +48,11 @@ test: lint rootfs
 	  $(CARGO) test --workspace -- --test-threads=8
 
 ## test-unit: unit and host-side tests only (no guest kernel needed).
-test-unit:
+test-unit: deps
 	$(CARGO) test --workspace
 
 ## lint: formatting and clippy, warnings are errors.
-lint:
+lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
