@@ -136,3 +136,33 @@ fn guest_kernel_panic_is_a_failure_with_the_reason() {
     assert!(stderr.contains("guest kernel panic:"), "{stderr}");
     assert!(stderr.contains("last console lines"), "{stderr}");
 }
+
+#[test]
+fn stop_handle_ends_a_running_guest() {
+    let Some(guest) = guest_artifacts("stop_handle_ends_a_running_guest") else {
+        return;
+    };
+    let config = VmConfig {
+        kernel: guest.kernel,
+        initrd: Some(guest.initrd),
+        console: ConsoleConfig::Discard,
+        ..Default::default()
+    };
+    let running = Vm::new(config, Instant::now())
+        .expect("create VM")
+        .start()
+        .expect("start VM");
+    let stop = running.stop_handle();
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        stop.stop("test is done");
+    });
+    let report = running.wait(Some(Duration::from_secs(300)));
+    stopper.join().unwrap();
+    assert_eq!(report.reason, ExitReason::Stopped("test is done".into()));
+    assert_eq!(report.reason.exit_code(), 3);
+    assert!(
+        report.timings.guest_to_init.is_none(),
+        "stopped long before init"
+    );
+}

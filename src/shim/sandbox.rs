@@ -19,7 +19,7 @@ use podvisor_agent_protocol::stream::{StreamHeader, StreamKind};
 use podvisor_agent_protocol::vsock::{connect_hybrid_vsock, connect_hybrid_vsock_once};
 use podvisor_agent_protocol::{ttrpc, PROTOCOL_VERSION, RPC_VSOCK_PORT, STREAM_VSOCK_PORT};
 use vmm::config::{ShareConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_GUEST_CID};
-use vmm::{ConsoleConfig, Vm, VmConfig, VmReport};
+use vmm::{ConsoleConfig, Vm, VmConfig, VmReport, VmStopHandle};
 
 use super::{file_tail, ShimConfig};
 
@@ -70,17 +70,21 @@ pub struct Sandbox {
     pub state: StateDir,
     pub client: AgentClient,
     vm: Mutex<Option<JoinHandle<VmReport>>>,
+    stop: VmStopHandle,
 }
 
 /// Builds, starts and waits for a VM in its own thread; `ready` gets the start result.
-fn vm_thread(config: VmConfig, ready: mpsc::Sender<Result<(), String>>) -> JoinHandle<VmReport> {
+fn vm_thread(
+    config: VmConfig,
+    ready: mpsc::Sender<Result<VmStopHandle, String>>,
+) -> JoinHandle<VmReport> {
     std::thread::Builder::new()
         .name("vm-wait".into())
         .spawn(move || {
             let started = Vm::new(config, Instant::now()).and_then(Vm::start);
             match started {
                 Ok(running) => {
-                    let _ = ready.send(Ok(()));
+                    let _ = ready.send(Ok(running.stop_handle()));
                     let report = running.wait(None);
                     log::info!("VM stopped: {}", report.reason);
                     report
@@ -97,6 +101,13 @@ fn vm_thread(config: VmConfig, ready: mpsc::Sender<Result<(), String>>) -> JoinH
             }
         })
         .expect("spawn the VM thread")
+}
+
+/// Stops a VM whose sandbox could not be set up, waits for it, and returns `msg`.
+fn abandon(stop: &VmStopHandle, vm: JoinHandle<VmReport>, msg: String) -> Result<Sandbox, String> {
+    stop.stop("the sandbox could not be set up");
+    let _ = vm.join();
+    Err(msg)
 }
 
 impl Sandbox {
@@ -139,41 +150,50 @@ impl Sandbox {
         };
         let (tx, rx) = mpsc::channel();
         let vm = vm_thread(vm_config, tx);
-        match rx.recv() {
-            Ok(Ok(())) => {}
+        let stop = match rx.recv() {
+            Ok(Ok(stop)) => stop,
             Ok(Err(e)) => {
                 let _ = vm.join();
                 return Err(format!("cannot start the pod VM: {e}"));
             }
             Err(_) => return Err("the VM thread died while starting the VM".into()),
-        }
+        };
+        // From here on, a failure stops the VM before returning: nothing keeps running.
         log::info!("pod VM {id} started; waiting for the agent");
 
         let booted = Instant::now();
         let rpc = match wait_for_agent(&state, &vm, config.agent_timeout) {
             Ok(rpc) => rpc,
             Err(e) => {
-                // The VM thread keeps running if the guest hangs: this process ends soon
-                // anyway (containerd deletes the shim after a failed Create).
-                return Err(format!(
-                    "{e}\nlast guest console lines ({}):\n{}",
-                    state.console().display(),
-                    file_tail(&state.console(), TAIL_LINES)
-                ));
+                let tail = file_tail(&state.console(), TAIL_LINES);
+                return abandon(
+                    &stop,
+                    vm,
+                    format!(
+                        "{e}\nlast guest console lines ({}):\n{tail}",
+                        state.console().display(),
+                    ),
+                );
             }
         };
         let fd = rpc.into_raw_fd();
-        let client = AgentClient::new(
-            ttrpc::Client::new(fd).map_err(|e| format!("ttrpc client on the vsock: {e}"))?,
-        );
-        let version = client
-            .get_version(ctx(), &GetVersionRequest::new())
-            .map_err(|e| format!("agent GetVersion: {e}"))?;
+        let client = match ttrpc::Client::new(fd) {
+            Ok(c) => AgentClient::new(c),
+            Err(e) => return abandon(&stop, vm, format!("ttrpc client on the vsock: {e}")),
+        };
+        let version = match client.get_version(ctx(), &GetVersionRequest::new()) {
+            Ok(v) => v,
+            Err(e) => return abandon(&stop, vm, format!("agent GetVersion: {e}")),
+        };
         if version.protocol_version != PROTOCOL_VERSION {
-            return Err(format!(
-                "the agent speaks protocol {}, this shim {PROTOCOL_VERSION}",
-                version.protocol_version
-            ));
+            return abandon(
+                &stop,
+                vm,
+                format!(
+                    "the agent speaks protocol {}, this shim {PROTOCOL_VERSION}",
+                    version.protocol_version
+                ),
+            );
         }
         log::info!(
             "agent {} answered {:.1} s after the VM started",
@@ -189,13 +209,14 @@ impl Sandbox {
         mount.source = SHARE_TAG.into();
         mount.target = SHARED_IN_GUEST.into();
         req.mounts.push(mount);
-        client
-            .create_sandbox(ctx(), &req)
-            .map_err(|e| format!("agent CreateSandbox: {e}"))?;
+        if let Err(e) = client.create_sandbox(ctx(), &req) {
+            return abandon(&stop, vm, format!("agent CreateSandbox: {e}"));
+        }
         Ok(Sandbox {
             state,
             client,
             vm: Mutex::new(Some(vm)),
+            stop,
         })
     }
 
@@ -237,15 +258,15 @@ impl Sandbox {
         while !vm.is_finished() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
-        if vm.is_finished() {
-            if let Ok(report) = vm.join() {
-                log::info!("pod VM stopped: {}", report.reason);
-            }
-        } else {
+        if !vm.is_finished() {
             log::warn!(
-                "the pod VM did not stop within {STOP_TIMEOUT:?} of DestroySandbox; it ends \
-                 with this process"
+                "the pod VM did not stop within {STOP_TIMEOUT:?} of DestroySandbox: stopping it"
             );
+            self.stop
+                .stop("the guest did not stop after DestroySandbox");
+        }
+        if let Ok(report) = vm.join() {
+            log::info!("pod VM stopped: {}", report.reason);
         }
     }
 }

@@ -27,4 +27,4 @@ pub use config::{ConsoleConfig, VmConfig};
 pub use exit::ExitReason;
 pub use host::HostKind;
 pub use timings::{BootTimings, MemoryUsage};
-pub use vm::{RunningVm, Vm, VmError, VmReport};
+pub use vm::{RunningVm, Vm, VmError, VmReport, VmStopHandle};

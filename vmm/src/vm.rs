@@ -346,6 +346,7 @@ impl Vm {
             vm: self,
             vcpus,
             event_loop: Some(event_loop),
+            stop: VmStopHandle { tx: events_tx },
             events: events_rx,
             first_run,
             memory_at_init: None,
@@ -435,17 +436,39 @@ pub struct VmReport {
     pub console_tail: String,
 }
 
+/// Stops a running VM from any thread: the thread in [`RunningVm::wait`] returns with
+/// [`ExitReason::Stopped`] (e.g. a guest that ignores its agent's shutdown).
+#[derive(Clone)]
+pub struct VmStopHandle {
+    tx: Sender<VmEvent>,
+}
+
+impl VmStopHandle {
+    /// Asks the VM to stop; a no-op if it has already stopped.
+    pub fn stop(&self, why: &str) {
+        let _ = self
+            .tx
+            .send(VmEvent::Exit(ExitReason::Stopped(why.to_string())));
+    }
+}
+
 /// A running VM.
 pub struct RunningVm {
     vm: Vm,
     vcpus: Vec<VcpuHandle>,
     event_loop: Option<EventLoop>,
+    stop: VmStopHandle,
     events: Receiver<VmEvent>,
     first_run: Arc<OnceLock<Instant>>,
     memory_at_init: Option<MemoryUsage>,
 }
 
 impl RunningVm {
+    /// A handle that stops this VM from another thread.
+    pub fn stop_handle(&self) -> VmStopHandle {
+        self.stop.clone()
+    }
+
     /// Pauses every vCPU (outside `KVM_RUN`, state consistent for saving).
     pub fn pause(&self) -> Result<(), VmError> {
         for v in &self.vcpus {
