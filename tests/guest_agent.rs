@@ -220,14 +220,7 @@ fn guest_agent_runs_a_container() {
         (initrd.as_path(), "run `make rootfs`"),
         (Path::new(BUSYBOX), "apt-get install busybox-static"),
     ] {
-        if !path.is_file() {
-            if common::kvm_required() {
-                panic!("{} missing: {why}", path.display());
-            }
-            eprintln!(
-                "*** SKIPPED guest_agent_runs_a_container: {} missing ({why}) ***",
-                path.display()
-            );
+        if !common::require_file("guest_agent_runs_a_container", path, why) {
             return;
         }
     }

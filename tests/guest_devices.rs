@@ -30,14 +30,7 @@ fn guest_uses_blk_fs_and_vsock() {
         return;
     };
     let initrd = guest.initrd.with_file_name("devices-test.cpio");
-    if !initrd.is_file() {
-        if common::kvm_required() {
-            panic!("{} missing: run `make test`", initrd.display());
-        }
-        eprintln!(
-            "*** SKIPPED guest_uses_blk_fs_and_vsock: {} missing ***",
-            initrd.display()
-        );
+    if !common::require_file("guest_uses_blk_fs_and_vsock", &initrd, "run `make test`") {
         return;
     }
     let dir = temp_path("devices");

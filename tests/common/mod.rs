@@ -76,3 +76,16 @@ pub fn build_busybox_rootfs(rootfs: &Path) {
     }
     std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
 }
+
+/// Whether `path` exists for guest-tier test `test`; if not, skips loudly (returns false)
+/// or, with `PODVISOR_REQUIRE_KVM=1`, fails with `why` (how to get the file).
+pub fn require_file(test: &str, path: &Path, why: &str) -> bool {
+    if path.is_file() {
+        return true;
+    }
+    if kvm_required() {
+        panic!("{test}: {} missing: {why}", path.display());
+    }
+    eprintln!("*** SKIPPED {test}: {} missing ({why}) ***", path.display());
+    false
+}

@@ -63,7 +63,8 @@ fn event_fd(what: &'static str) -> Result<EventFd, DeviceError> {
     EventFd::new(EFD_NONBLOCK).map_err(|source| DeviceError::EventFd { what, source })
 }
 
-fn clone_fd(evt: &EventFd, what: &'static str) -> Result<EventFd, DeviceError> {
+/// Clones an event fd, naming what it is for in the error.
+pub(crate) fn clone_fd(evt: &EventFd, what: &'static str) -> Result<EventFd, DeviceError> {
     evt.try_clone()
         .map_err(|source| DeviceError::EventFd { what, source })
 }

@@ -31,7 +31,7 @@ use crate::arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, PVH_INFO_START, ZERO_
 use crate::arch::regs::BootProtocol;
 use crate::arch::{boot, mptable};
 use crate::config::{ConfigError, ConsoleConfig, VmConfig};
-use crate::device_manager::{DeviceError, DeviceManager};
+use crate::device_manager::{clone_fd, DeviceError, DeviceManager};
 use crate::event_loop::{EventLoop, EventLoopError, Subscriber};
 use crate::exit::{ExitReason, VmEvent};
 use crate::host::HostKind;
@@ -46,6 +46,8 @@ pub const KVM_DEVICE_ENV: &str = "PODVISOR_KVM_DEVICE";
 const KVM_API_VERSION: i32 = 12;
 /// Where KVM puts its real-mode TSS (three pages, inside the MMIO gap).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// What the controller's event-fd clones are for (in errors).
+const CONTROLLER: &str = "the VM controller";
 /// How long a pause may take before it is reported as failed.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -307,10 +309,13 @@ impl Vm {
         let mut subscribers: Vec<Subscriber> = vec![Arc::new(Mutex::new(Notifier {
             watched: vec![
                 (
-                    clone_evt(&self.devices.reset_evt)?,
+                    clone_fd(&self.devices.reset_evt, CONTROLLER)?,
                     VmEvent::Exit(ExitReason::GuestReset),
                 ),
-                (clone_evt(&self.devices.init_evt)?, VmEvent::InitStarted),
+                (
+                    clone_fd(&self.devices.init_evt, CONTROLLER)?,
+                    VmEvent::InitStarted,
+                ),
             ],
             tx: events_tx.clone(),
         }))];
@@ -319,7 +324,7 @@ impl Vm {
             subscribers.push(Arc::new(Mutex::new(ConsoleInput::new(
                 self.devices.serial.clone(),
                 std::io::stdin().as_raw_fd(),
-                clone_evt(&self.devices.console_fifo_empty)?,
+                clone_fd(&self.devices.console_fifo_empty, CONTROLLER)?,
             ))));
         }
         let event_loop = EventLoop::start(subscribers)?;
@@ -363,15 +368,6 @@ fn open_kvm() -> Result<Kvm, VmError> {
         source: kvm_ioctls::Error::new(libc::EINVAL),
     })?;
     Kvm::new_with_path(&c_path).map_err(|source| VmError::KvmUnavailable { path, source })
-}
-
-fn clone_evt(evt: &EventFd) -> Result<EventFd, VmError> {
-    evt.try_clone().map_err(|source| {
-        VmError::Devices(DeviceError::EventFd {
-            what: "the VM controller",
-            source,
-        })
-    })
 }
 
 /// The user's command line plus the VMM's words (devices, host quirks).
