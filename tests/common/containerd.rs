@@ -1,0 +1,402 @@
+//! A private containerd for the guest-tier tests (Debian's `/usr/bin/containerd`,
+//! root/state/sockets in a temp dir) that finds `containerd-shim-podvisor-v2` on its PATH,
+//! a busybox OCI image built here and imported with `ctr image import`, and the checks that
+//! nothing is left behind.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::{build_busybox_rootfs, kvm_required};
+
+pub const CONTAINERD: &str = "/usr/bin/containerd";
+pub const CTR: &str = "/usr/bin/ctr";
+pub const BUSYBOX: &str = "/bin/busybox";
+pub const IMAGE: &str = "docker.io/library/busybox:local";
+pub const RUNTIME: &str = "io.containerd.podvisor.v2";
+pub const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-podvisor-v2");
+/// `ctr run` of one container, VM boot included (minutes on a nested-KVM host).
+pub const RUN_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// A private containerd; killed, and its temp dir removed, on drop (also on failure).
+pub struct Containerd {
+    pub dir: PathBuf,
+    child: Child,
+}
+
+impl Containerd {
+    pub fn sock(&self) -> PathBuf {
+        self.dir.join("containerd.sock")
+    }
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.join("podvisor-run")
+    }
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+
+    pub fn start(dir: &Path, kernel: &Path, initrd: &Path) -> Containerd {
+        std::fs::create_dir_all(dir).unwrap();
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{d}/containerd.sock\"\n\
+                 [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n\
+                 [debug]\n  level = \"debug\"\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        let shim_dir = Path::new(SHIM).parent().unwrap();
+        let path = format!(
+            "{}:{}",
+            shim_dir.display(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+        );
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Command::new(CONTAINERD)
+            .arg("--config")
+            .arg(&config)
+            .env("PATH", path)
+            .env("PODVISOR_KERNEL", kernel)
+            .env("PODVISOR_INITRD", initrd)
+            .env("PODVISOR_RUN_DIR", dir.join("podvisor-run"))
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start containerd");
+        let c = Containerd {
+            dir: dir.to_path_buf(),
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !c.ctr(&["version"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not come up:\n{}",
+                c.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        c
+    }
+
+    pub fn ctr_cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(CTR);
+        cmd.arg("-a").arg(self.sock()).args(args);
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    /// `ctr run --rm --runtime io.containerd.podvisor.v2 busybox <id> echo hello`, bounded
+    /// by `timeout`; returns (exit status, stdout, stderr).
+    pub fn run_rm_echo(&self, id: &str, timeout: Duration) -> (Option<i32>, String, String) {
+        let cmd = self.ctr_cmd(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            id,
+            "echo",
+            "hello",
+        ]);
+        run_bounded(cmd, timeout)
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_cmd(args).output().expect("run ctr")
+    }
+}
+
+/// PIDs of processes running the shim binary on behalf of this containerd.
+pub fn shim_pids(sock: &Path) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    let sock = sock.to_string_lossy().into_owned();
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args
+            .first()
+            .is_some_and(|a| a.ends_with("containerd-shim-podvisor-v2"))
+            && args.iter().any(|a| a == &sock)
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Mount points at or below `dir`.
+pub fn mounts_below(dir: &Path) -> Vec<String> {
+    let dir = dir.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|t| *t == dir || t.starts_with(&format!("{dir}/")))
+        .map(str::to_string)
+        .collect()
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- containerd log (tail) ----");
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!("{}", lines[lines.len().saturating_sub(80)..].join("\n"));
+            for console in find_files(&self.run_dir(), "console.log") {
+                eprintln!(
+                    "---- {} ----\n{}",
+                    console.display(),
+                    std::fs::read_to_string(&console).unwrap_or_default()
+                );
+            }
+        }
+        // Shims this containerd started, then containerd itself.
+        for pid in shim_pids(&self.sock()) {
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut left = mounts_below(&self.dir);
+        left.sort_by_key(|t| std::cmp::Reverse(t.len()));
+        for m in left {
+            let c = std::ffi::CString::new(m).unwrap();
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn find_files(dir: &Path, name: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() && !p.is_symlink() {
+                out.extend(find_files(&p, name));
+            } else if p.file_name().is_some_and(|n| n == name) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(out.status.success(), "sha256sum {}", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Stores `path` as a blob of the OCI layout; returns (digest, size).
+fn add_blob(layout: &Path, path: &Path) -> (String, u64) {
+    let hex = sha256(path);
+    let size = std::fs::metadata(path).unwrap().len();
+    std::fs::copy(path, layout.join("blobs/sha256").join(&hex)).unwrap();
+    (format!("sha256:{hex}"), size)
+}
+
+/// A busybox OCI image archive (one uncompressed layer: static busybox + applet links).
+pub fn build_image(dir: &Path) -> PathBuf {
+    let rootfs = dir.join("rootfs");
+    build_busybox_rootfs(&rootfs);
+
+    let layout = dir.join("layout");
+    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    let layer = dir.join("layer.tar");
+    let status = Command::new("tar")
+        .args(["--numeric-owner", "--owner=0", "--group=0", "-C"])
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&layer)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success(), "tar the layer");
+    let (layer_digest, layer_size) = add_blob(&layout, &layer);
+
+    let write_json = |name: &str, value: &serde_json::Value| {
+        let p = dir.join(name);
+        std::fs::write(&p, serde_json::to_vec(value).unwrap()).unwrap();
+        add_blob(&layout, &p)
+    };
+    let (config_digest, config_size) = write_json(
+        "config.json",
+        &json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"], "WorkingDir": "/"},
+            "rootfs": {"type": "layers", "diff_ids": [layer_digest]}
+        }),
+    );
+    let (manifest_digest, manifest_size) = write_json(
+        "manifest.json",
+        &json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": config_digest, "size": config_size
+            },
+            "layers": [{
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": layer_digest, "size": layer_size
+            }]
+        }),
+    );
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": manifest_digest, "size": manifest_size,
+                "platform": {"architecture": "amd64", "os": "linux"},
+                "annotations": {
+                    "io.containerd.image.name": IMAGE,
+                    "org.opencontainers.image.ref.name": "local"
+                }
+            }]
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    let archive = dir.join("busybox.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(&archive)
+        .args(["oci-layout", "index.json", "blobs"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "tar the image");
+    archive
+}
+
+/// Runs `cmd` to completion within `timeout` (killed after); returns (status, stdout, stderr).
+pub fn run_bounded(mut cmd: Command, timeout: Duration) -> (Option<i32>, String, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let collect = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_string(&mut s);
+            }
+            s
+        })
+    };
+    let out = collect(child.stdout.take().map(|r| Box::new(r) as _));
+    let err = collect(child.stderr.take().map(|r| Box::new(r) as _));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    (status.code(), out.join().unwrap(), err.join().unwrap())
+}
+
+pub fn skip(test: &str, why: &str) {
+    if kvm_required() {
+        panic!("{test}: {why}");
+    }
+    eprintln!("\n*** SKIPPED {test}: {why} ***\n");
+}
+
+/// Whether containerd, ctr and busybox are here (skips `test` loudly when not).
+pub fn have_tools(test: &str) -> bool {
+    for (path, why) in [
+        (Path::new(CONTAINERD), "apt-get install containerd"),
+        (Path::new(CTR), "apt-get install containerd"),
+        (Path::new(BUSYBOX), "apt-get install busybox-static"),
+    ] {
+        if !path.is_file() {
+            skip(test, &format!("{} missing ({why})", path.display()));
+            return false;
+        }
+    }
+    if unsafe { libc::geteuid() } != 0 {
+        skip(test, "containerd needs root");
+        return false;
+    }
+    true
+}
+
+/// Imports the busybox image into `containerd`.
+pub fn import_image(containerd: &Containerd, dir: &Path) {
+    let archive = build_image(dir);
+    let import = containerd.ctr(&["image", "import", archive.to_str().unwrap()]);
+    assert!(
+        import.status.success(),
+        "ctr image import: {}",
+        String::from_utf8_lossy(&import.stderr)
+    );
+    let list = containerd.ctr(&["image", "ls", "-q"]);
+    let images = String::from_utf8_lossy(&list.stdout);
+    assert!(images.lines().any(|l| l == IMAGE), "images: {images}");
+}
+
+/// Waits until no shim of `containerd` runs; then checks that the pod's state dir `id` is
+/// gone and nothing is mounted under the run dir.
+pub fn assert_nothing_left(containerd: &Containerd, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !shim_pids(&containerd.sock()).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        shim_pids(&containerd.sock()),
+        Vec::<u32>::new(),
+        "shim left running"
+    );
+    let state = containerd.run_dir().join(id);
+    assert!(!state.exists(), "{} left behind", state.display());
+    assert_eq!(mounts_below(&containerd.run_dir()), Vec::<String>::new());
+    let tasks = containerd.ctr(&["task", "ls", "-q"]);
+    assert_eq!(String::from_utf8_lossy(&tasks.stdout).trim(), "");
+}
