@@ -41,6 +41,8 @@ pub struct PodvisorShim {
     namespace: String,
     /// containerd's socket (`-address`).
     address: String,
+    /// The container's bundle (`-bundle`, else the working directory containerd set).
+    bundle: std::path::PathBuf,
     exit: Arc<ExitSignal>,
 }
 
@@ -52,13 +54,18 @@ impl containerd_shim::Shim for PodvisorShim {
             id: args.id.clone(),
             namespace: args.namespace.clone(),
             address: args.address.clone(),
+            bundle: if args.bundle.is_empty() {
+                ".".into()
+            } else {
+                args.bundle.clone().into()
+            },
             exit: Arc::new(ExitSignal::default()),
         }
     }
 
     fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
         // containerd runs `start` in the container's bundle.
-        let annotations = pod::bundle_annotations(Path::new("."));
+        let annotations = pod::bundle_annotations(&self.bundle);
         let grouping = pod::pod_id(&opts.id, &annotations);
         let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
         write_address(&address)?;
@@ -71,7 +78,7 @@ impl containerd_shim::Shim for PodvisorShim {
         // left this container's mounts, and, once no container of the pod is left, the
         // pod's state and socket.
         let config = ShimConfig::from_env();
-        let annotations = pod::bundle_annotations(Path::new("."));
+        let annotations = pod::bundle_annotations(&self.bundle);
         let pod_id = pod::pod_id(&self.id, &annotations);
         let socket = containerd_shim::socket_address(&self.address, &self.namespace, &pod_id);
         let socket_path = socket.trim_start_matches("unix://");

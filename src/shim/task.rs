@@ -59,7 +59,7 @@ use super::mount::{bind, mount};
 use super::pod::{annotations, is_sandbox_container, pod_id};
 use super::sandbox::{cleanup_state_dir, ctx, unmount_below, Sandbox, StateDir};
 use super::spec::guest_spec;
-use super::stdio::{copy_input, copy_output, StdinState, StdioPaths};
+use super::stdio::{copy_input, copy_output, OutputSink, StdinState, StdioPaths};
 use super::{now, timestamp_ns, ShimConfig};
 
 /// Exit status of processes whose VM stopped under them.
@@ -521,6 +521,9 @@ impl Service {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
+        for uri in [&stdio.stdout, &stdio.stderr] {
+            OutputSink::parse(uri).map_err(|e| status_err(Code::INVALID_ARGUMENT, e))?;
+        }
         let raw = std::fs::read(Path::new(&req.bundle).join("config.json"))
             .map_err(|e| status_err(Code::INVALID_ARGUMENT, format!("bundle config.json: {e}")))?;
         let spec_value: Value = serde_json::from_slice(&raw)
@@ -549,6 +552,13 @@ impl Service {
                 .map_err(|e| status_err(Code::INTERNAL, format!("host mounts: {e}")))
                 .and_then(|()| self.create_in_guest(&sb, id, spec.json, &mut p));
             if let Err(e) = created {
+                if p.guest_pid != 0 {
+                    let mut creq = ContainerRequest::new();
+                    creq.container_id = id.to_string();
+                    if let Err(e) = sb.client.remove_container(ctx(), &creq) {
+                        log::warn!("agent RemoveContainer({id}) after a failed Create: {e}");
+                    }
+                }
                 unmount_below(&dir);
                 let _ = std::fs::remove_dir_all(&dir);
                 if let Some(mut l) = p.logger.take() {
@@ -898,6 +908,9 @@ impl Task for Service {
                 Code::INVALID_ARGUMENT,
                 format!("invalid exec id {:?}", req.exec_id),
             ));
+        }
+        for uri in [&req.stdout, &req.stderr] {
+            OutputSink::parse(uri).map_err(|e| status_err(Code::INVALID_ARGUMENT, e))?;
         }
         let spec = req.spec.value.clone();
         match serde_json::from_slice::<Value>(&spec) {
