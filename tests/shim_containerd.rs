@@ -195,25 +195,35 @@ fn assert_order(topics: &[String], order: &[&str]) {
 }
 
 /// PSS (KiB) of process `pid` outside its guest RAM, and the guest RAM's RSS. Guest RAM is
-/// the mapping named `[anon:podvisor-guest-ram]`, or (on hosts without anonymous VMA names)
-/// the anonymous mappings of at least `guest_mib` (the kernel may merge a neighbour in).
-fn shim_memory(pid: u32, guest_mib: u64) -> (u64, u64) {
+/// `MADV_DONTDUMP` (`dd` in the mapping's VmFlags; the VMM's own memory is not).
+fn shim_memory(pid: u32) -> (u64, u64) {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let guest: Vec<(u64, u64)> = smaps
-        .lines()
-        .filter_map(|l| {
-            let range = l.split_whitespace().next()?;
-            let (a, b) = range.split_once('-')?;
-            let (a, b) = (
-                u64::from_str_radix(a, 16).ok()?,
-                u64::from_str_radix(b, 16).ok()?,
-            );
-            let named = l.contains("[anon:podvisor-guest-ram]");
-            (named || b - a >= guest_mib << 20).then_some((a, b - a))
-        })
-        .collect();
-    let u = vmm::MemoryUsage::parse_smaps(&smaps, &guest);
-    (u.vmm_pss_kib, u.guest_rss_kib)
+    // (is guest RAM, rss KiB, pss KiB) per mapping.
+    let mut maps: Vec<(bool, u64, u64)> = Vec::new();
+    for l in smaps.lines() {
+        let mut w = l.split_whitespace();
+        let first = w.next().unwrap_or("");
+        let kib = || {
+            w.clone()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        match first {
+            "Rss:" => maps.last_mut().unwrap().1 = kib(),
+            "Pss:" => maps.last_mut().unwrap().2 = kib(),
+            "VmFlags:" => maps.last_mut().unwrap().0 = l.split_whitespace().any(|f| f == "dd"),
+            _ if first.contains('-')
+                && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') =>
+            {
+                maps.push((false, 0, 0))
+            }
+            _ => {}
+        }
+    }
+    let guest_rss: u64 = maps.iter().filter(|m| m.0).map(|m| m.1).sum();
+    let other_pss: u64 = maps.iter().filter(|m| !m.0).map(|m| m.2).sum();
+    (other_pss, guest_rss)
 }
 
 fn pod_tools(test: &str) -> Option<(common::GuestArtifacts, PathBuf)> {
@@ -450,7 +460,7 @@ fn shim_containerd_pod() {
     let out = run(&["-d", "--null-io"], "c2", &["sleep", "100000"]);
     assert_eq!(out.code, Some(0), "{out:?}");
     assert_eq!(shim_pids(&c.sock()), vec![shim]);
-    let (pss, guest_rss) = shim_memory(shim, 256);
+    let (pss, guest_rss) = shim_memory(shim);
 
     assert_eq!(ctr(&c, &["task", "kill", "-s", "KILL", "c2"]).code, Some(0));
     wait_until("c2 to stop", CTR_TIMEOUT, || {
