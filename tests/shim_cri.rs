@@ -476,3 +476,89 @@ fn cri_podvisor_pod_lifecycle() {
     let log = containerd.log();
     assert!(!log.contains("publishing /tasks"), "an event failed");
 }
+
+/// No guest needed: a podvisor config file with an unknown key makes RunPodSandbox fail with
+/// a message naming the file and the key (the file comes from the `podvisor` handler's
+/// `ConfigPath` runtime option), and nothing is left behind; `ctr run
+/// --runtime-config-path` passes its file the same way.
+#[test]
+fn cri_podvisor_bad_config_fails_cleanly() {
+    const TEST: &str = "cri_podvisor_bad_config_fails_cleanly";
+    if !have_tools(TEST) {
+        return;
+    }
+    let dir = temp_path("cri-badconfig");
+    let missing = dir.join("no-kernel");
+    let containerd = Containerd::start_with(
+        &dir,
+        &missing,
+        &missing,
+        ContainerdOptions {
+            cri: true,
+            podvisor_config: Some("vcpus = 1\nmemory = 512\n".into()),
+        },
+    );
+    import_cri_images(&containerd, &dir.join("images"));
+    let config_path = containerd.podvisor_config_path();
+
+    let (rt, mut client) = cri_client(&containerd.sock());
+    let log_dir = dir.join("pod-logs");
+    let err = rt
+        .block_on(client.run_pod_sandbox(req(
+            RunPodSandboxRequest {
+                config: Some(pod_config(TEST, &log_dir, &[])),
+                runtime_handler: CRI_HANDLER_PODVISOR.into(),
+            },
+            Duration::from_secs(120),
+        )))
+        .expect_err("RunPodSandbox with a bad config file");
+    eprintln!("{TEST}: RunPodSandbox: {}", err.message());
+    assert!(
+        err.message().contains(&config_path.display().to_string())
+            && err.message().contains("unknown field `memory`"),
+        "{err}"
+    );
+    wait_gone("podvisor shim", || shim_pids(&containerd.sock()));
+    let pods = rt
+        .block_on(client.list_pod_sandbox(req(ListPodSandboxRequest::default(), CALL)))
+        .expect("ListPodSandbox")
+        .into_inner()
+        .items;
+    assert!(pods.is_empty(), "pods left: {pods:?}");
+
+    // ctr run --runtime-config-path: the same runtime options.
+    let (code, _, stderr) = common::containerd::run_bounded(
+        containerd.ctr_cmd(&[
+            "-n",
+            common::containerd::CRI_NAMESPACE,
+            "run",
+            "--rm",
+            "--runtime",
+            common::containerd::RUNTIME,
+            "--runtime-config-path",
+            config_path.to_str().unwrap(),
+            IMAGE,
+            "badconfig",
+            "true",
+        ]),
+        Duration::from_secs(120),
+    );
+    eprintln!("{TEST}: ctr run: {}", stderr.trim());
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains(&config_path.display().to_string())
+            && stderr.contains("unknown field `memory`"),
+        "{stderr}"
+    );
+    wait_gone("podvisor shim", || shim_pids(&containerd.sock()));
+    let _ = containerd.ctr(&["-n", "k8s.io", "container", "rm", "badconfig"]);
+    assert_no_tasks_or_mounts(&containerd);
+    assert_eq!(
+        std::fs::read_dir(containerd.run_dir())
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0,
+        "state left under {}",
+        containerd.run_dir().display()
+    );
+}
