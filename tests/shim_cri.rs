@@ -325,8 +325,8 @@ fn wait_gone(what: &str, pids: impl Fn() -> Vec<u32>) {
     assert_eq!(pids(), Vec::<u32>::new(), "{what} left running");
 }
 
-/// Nothing of containerd's tasks left: no mounts under its directory but the ones it keeps
-/// for itself (none with CRI's pods gone), no tasks in the CRI namespace.
+/// Nothing of containerd's tasks left: no tasks in the CRI namespace, no mounts under
+/// containerd's directory or the shims' run dir.
 fn assert_no_tasks_or_mounts(containerd: &Containerd) {
     let tasks = containerd.ctr(&["-n", "k8s.io", "task", "ls", "-q"]);
     assert_eq!(
@@ -334,8 +334,9 @@ fn assert_no_tasks_or_mounts(containerd: &Containerd) {
         "",
         "tasks left"
     );
-    let mounts = mounts_below(&containerd.dir);
-    assert_eq!(mounts, Vec::<String>::new(), "mounts left");
+    for dir in [containerd.dir.clone(), containerd.run_dir()] {
+        assert_eq!(mounts_below(&dir), Vec::<String>::new(), "mounts left");
+    }
 }
 
 /// The same flow with runc: no guest needed.

@@ -47,14 +47,18 @@ pub struct Containerd {
     pub dir: PathBuf,
     child: Child,
     cri: bool,
+    run_dir: PathBuf,
 }
 
 impl Containerd {
     pub fn sock(&self) -> PathBuf {
         self.dir.join("containerd.sock")
     }
+    /// The shims' `PODVISOR_RUN_DIR`: `<dir>/podvisor-run`, or with the CRI plugin a short
+    /// path of its own (CRI's 64-character pod ids must fit in the pod's Unix socket paths,
+    /// at most 107 bytes).
     pub fn run_dir(&self) -> PathBuf {
-        self.dir.join("podvisor-run")
+        self.run_dir.clone()
     }
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
@@ -115,6 +119,13 @@ impl Containerd {
             }
         }
         std::fs::write(&config, text).unwrap();
+        let run_dir = if options.cri {
+            static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            PathBuf::from(format!("/tmp/pvr-{}-{n}", std::process::id()))
+        } else {
+            dir.join("podvisor-run")
+        };
         let shim_dir = Path::new(SHIM).parent().unwrap();
         let path = format!(
             "{}:{}",
@@ -128,7 +139,7 @@ impl Containerd {
             .env("PATH", path)
             .env("PODVISOR_KERNEL", kernel)
             .env("PODVISOR_INITRD", initrd)
-            .env("PODVISOR_RUN_DIR", dir.join("podvisor-run"))
+            .env("PODVISOR_RUN_DIR", &run_dir)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -139,6 +150,7 @@ impl Containerd {
             dir: dir.to_path_buf(),
             child,
             cri: options.cri,
+            run_dir,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !c.ctr(&["version"]).status.success() {
@@ -279,6 +291,14 @@ impl Drop for Containerd {
             let c = std::ffi::CString::new(m).unwrap();
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
+        let mut left = mounts_below(&self.run_dir);
+        left.sort_by_key(|t| std::cmp::Reverse(t.len()));
+        for m in left {
+            let c = std::ffi::CString::new(m).unwrap();
+            // SAFETY: umount2 of a path string; no memory is shared with the kernel after.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = std::fs::remove_dir_all(&self.run_dir);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
