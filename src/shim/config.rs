@@ -40,6 +40,9 @@ pub const CONFIG_ENV: &str = "PODVISOR_CONFIG";
 /// Protobuf name of containerd's runtime options for non-runc runtimes
 /// (`pkg/runtimeoptions/v1/api.proto`).
 pub const RUNTIME_OPTIONS_TYPE: &str = "runtimeoptions.v1.Options";
+/// File in a container's bundle naming the run dir its pod's state lives in, for
+/// `shim delete` (which gets neither the runtime options nor the pod's annotations).
+pub const BUNDLE_RUN_DIR_FILE: &str = "podvisor-run-dir";
 /// Prefix of the per-pod override annotations.
 pub const ANNOTATION_PREFIX: &str = "io.podvisor.config.";
 /// Annotation: vCPUs of the pod's VM.
@@ -218,6 +221,29 @@ impl ShimConfig {
             if let Err(e) = config.apply_env(&one) {
                 log::warn!("{e}; using the default");
             }
+        }
+        config
+    }
+
+    /// The settings `shim delete` needs, run in the container's `bundle`: [`Self::from_env`]
+    /// with the run dir [`record_run_dir`] wrote there at Create, if any (a config file may
+    /// have moved it away from the environment's).
+    // Called by `shim delete` (issue 6's pod work).
+    #[allow(dead_code)]
+    pub fn for_delete(bundle: &Path) -> Self {
+        Self::for_delete_with(bundle, &|name| std::env::var_os(name))
+    }
+
+    fn for_delete_with(bundle: &Path, env: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> Self {
+        let mut config = Self::from_env_with(env);
+        let file = bundle.join(BUNDLE_RUN_DIR_FILE);
+        match std::fs::read_to_string(&file) {
+            Ok(text) if Path::new(text.trim_end_matches('\n')).is_absolute() => {
+                config.run_dir = PathBuf::from(text.trim_end_matches('\n'));
+            }
+            Ok(text) => log::warn!("{}: not an absolute path: {text:?}", file.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("{}: {e}", file.display()),
         }
         config
     }
@@ -507,6 +533,16 @@ impl ShimConfig {
             }
         }
     }
+}
+
+/// Records in a container's `bundle` the `run_dir` of its pod's state, for
+/// [`ShimConfig::for_delete`].
+// Called by the task service at Create (issue 6's pod work).
+#[cfg_attr(not(test), allow(dead_code))]
+pub fn record_run_dir(bundle: &Path, run_dir: &Path) -> std::io::Result<()> {
+    let mut text = run_dir.as_os_str().to_string_lossy().into_owned();
+    text.push('\n');
+    std::fs::write(bundle.join(BUNDLE_RUN_DIR_FILE), text)
 }
 
 /// A one-line message for a TOML error: where, the line itself, what is wrong.
@@ -947,6 +983,29 @@ mod tests {
         };
         assert_eq!(log::max_level(), expected);
         log::set_max_level(before);
+    }
+
+    #[test]
+    fn delete_finds_the_recorded_run_dir() {
+        let bundle = temp_dir("bundle");
+        let env = |name: &str| (name == "PODVISOR_RUN_DIR").then(|| OsString::from("/env/run"));
+        // Nothing recorded: the environment's.
+        assert_eq!(
+            ShimConfig::for_delete_with(&bundle, &env).run_dir,
+            PathBuf::from("/env/run")
+        );
+        record_run_dir(&bundle, Path::new("/file/run")).unwrap();
+        assert_eq!(
+            ShimConfig::for_delete_with(&bundle, &env).run_dir,
+            PathBuf::from("/file/run")
+        );
+        // A relative path is not trusted.
+        std::fs::write(bundle.join(BUNDLE_RUN_DIR_FILE), "run\n").unwrap();
+        assert_eq!(
+            ShimConfig::for_delete_with(&bundle, &env).run_dir,
+            PathBuf::from("/env/run")
+        );
+        std::fs::remove_dir_all(&bundle).unwrap();
     }
 
     #[test]
