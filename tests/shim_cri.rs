@@ -288,6 +288,38 @@ fn pod_lifecycle(
         },
         Duration::from_secs(300),
     )));
+    // Stopped, not yet removed: the sandbox is NOTREADY and every container EXITED.
+    let stopped_states = if result.is_ok() && stop.is_ok() {
+        let sandbox = rt
+            .block_on(client.pod_sandbox_status(req(
+                PodSandboxStatusRequest {
+                    pod_sandbox_id: sandbox_id.clone(),
+                    verbose: false,
+                },
+                CALL,
+            )))
+            .map(|r| r.into_inner().status.map(|s| s.state));
+        let containers = rt
+            .block_on(client.list_containers(req(
+                ListContainersRequest {
+                    filter: Some(ContainerFilter {
+                        pod_sandbox_id: sandbox_id.clone(),
+                        ..Default::default()
+                    }),
+                },
+                CALL,
+            )))
+            .map(|r| {
+                r.into_inner()
+                    .containers
+                    .iter()
+                    .map(|c| c.state)
+                    .collect::<Vec<_>>()
+            });
+        Some((sandbox, containers))
+    } else {
+        None
+    };
     let remove = rt.block_on(client.remove_pod_sandbox(req(
         RemovePodSandboxRequest {
             pod_sandbox_id: sandbox_id.clone(),
@@ -299,6 +331,16 @@ fn pod_lifecycle(
         Err(panic) => std::panic::resume_unwind(panic),
     };
     stop.expect("StopPodSandbox");
+    if let Some((sandbox, containers)) = stopped_states {
+        assert_eq!(
+            sandbox.expect("PodSandboxStatus after StopPodSandbox"),
+            Some(PodSandboxState::SandboxNotready as i32)
+        );
+        assert_eq!(
+            containers.expect("ListContainers after StopPodSandbox"),
+            vec![ContainerState::ContainerExited as i32; 2]
+        );
+    }
     remove.expect("RemovePodSandbox");
 
     let pods = rt
