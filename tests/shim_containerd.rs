@@ -414,7 +414,7 @@ fn shim_containerd_pod() {
 
     // An OOM kill inside a container with a memory limit.
     let out = run(
-        &["--rm", "--memory-limit", "16777216"],
+        &["--rm", "--memory-limit", "6291456"],
         "oom",
         &["sh", "-c", "tail /dev/zero"],
     );
@@ -455,9 +455,8 @@ fn shim_containerd_pod() {
         task_status(&c, "c2").as_deref() == Some("STOPPED")
     });
     let out = ctr(&c, &["task", "rm", "c2"]);
-    assert_eq!(
-        out.code,
-        Some(137),
+    assert!(
+        out.stderr.contains("non-zero exit code 137"),
         "ctr task rm reports the exit status: {out:?}"
     );
     assert_eq!(ctr(&c, &["container", "rm", "c2"]).code, Some(0));
@@ -604,9 +603,8 @@ fn shim_containerd_guest_death() {
         task_status(&c, "victim").as_deref() == Some("STOPPED")
     });
     let out = ctr(&c, &["task", "rm", "victim"]);
-    assert_eq!(
-        out.code,
-        Some(255),
+    assert!(
+        out.stderr.contains("non-zero exit code 255"),
         "exit status of a task whose VM died: {out:?}"
     );
     let _ = ctr(&c, &["container", "rm", "victim"]);
