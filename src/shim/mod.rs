@@ -49,7 +49,10 @@ pub struct PodvisorShim {
 impl containerd_shim::Shim for PodvisorShim {
     type T = task::Service;
 
-    fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+    fn new(_runtime_id: &str, args: &Flags, config: &mut Config) -> Self {
+        if let Some(level) = ShimConfig::startup_log_level() {
+            config.default_log_level = level.to_string();
+        }
         Self {
             id: args.id.clone(),
             namespace: args.namespace.clone(),
