@@ -96,7 +96,10 @@ impl Containerd {
         let log = std::fs::File::create(dir.join("containerd.log")).map_err(io)?;
         let log2 = log.try_clone().map_err(io)?;
         let mut cmd = Command::new(CONTAINERD);
-        cmd.arg("--config")
+        // containerd 1.6 looks for `containerd-shim-*` in its working directory before
+        // `PATH`: run it in the work dir so that only the intended shim is found.
+        cmd.current_dir(dir)
+            .arg("--config")
             .arg(&config)
             .env("PATH", path)
             .envs(envs.iter().map(|(k, v)| (k, v)))
@@ -232,8 +235,13 @@ impl Containerd {
             .iter()
             .any(|c| c == id)
         {
-            if let Err(e) = self.ctr_ok(&["container", "rm", id]) {
-                first_err.get_or_insert(e);
+            match self.ctr_ok(&["container", "rm", id]) {
+                // `ctr run --rm` removed it meanwhile.
+                Err(ContainerdError::Ctr { detail, .. }) if detail.contains("not found") => {}
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+                Ok(_) => {}
             }
         }
         first_err.map_or(Ok(()), Err)

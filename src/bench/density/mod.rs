@@ -849,13 +849,25 @@ fn run_runtime(
         records.push(rec);
     }
     let after = memory::meminfo()?;
+    // The harness's own `ctr` clients (one `ctr run` per pod, `ctr events`) are not part
+    // of a pod: their PSS comes off the machine delta.
+    let clients: u64 = pods
+        .pods
+        .iter()
+        .map(|p| p.child.id())
+        .chain([events.child.id()])
+        .filter_map(|pid| memory::rollup(pid).ok())
+        .map(|r| r.pss_kib)
+        .sum();
     let ksm = memory::ksm_state();
     let n = plan.pods as f64;
+    let used_delta = after.used_kib as i64 - before.used_kib as i64;
     let machine = MachineDelta {
         before,
         after,
-        used_delta_kib: after.used_kib as i64 - before.used_kib as i64,
-        used_per_pod_kib: (after.used_kib as f64 - before.used_kib as f64) / n,
+        used_delta_kib: used_delta,
+        harness_clients_pss_kib: clients,
+        used_per_pod_kib: (used_delta as f64 - clients as f64) / n,
         committed_per_pod_kib: (after.committed_kib as f64 - before.committed_kib as f64) / n,
         ksm_pages_sharing: ksm.pages_sharing,
     };

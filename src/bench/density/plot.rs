@@ -66,6 +66,17 @@ fn series(report: &Report, value: impl Fn(&super::report::PodRecord) -> Option<f
         .collect()
 }
 
+/// Axis labels on whole pod numbers (at most 20).
+fn x_labels(report: &Report) -> usize {
+    report.config.pods.clamp(1, 20) + 1
+}
+
+/// A tick value without float noise: 0.2, 1, 30, 0.005.
+fn short(v: f64) -> String {
+    let s = format!("{v:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
 /// Draws the two panels into `path` (PNG).
 pub fn draw(report: &Report, path: &Path) -> Result<(), PlotError> {
     ensure_font()?;
@@ -94,13 +105,16 @@ pub fn draw(report: &Report, path: &Path) -> Result<(), PlotError> {
         )
         .margin(12)
         .x_label_area_size(40)
-        .y_label_area_size(70)
+        .y_label_area_size(80)
         .build_cartesian_2d(x_range.clone(), (lo..hi).log_scale())
         .map_err(|e| err(&e))?;
     chart
         .configure_mesh()
         .x_desc("pod # (start order)")
         .y_desc("seconds (log scale)")
+        .x_labels(x_labels(report))
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| short(*v))
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(|e| err(&e))?;
@@ -139,13 +153,15 @@ pub fn draw(report: &Report, path: &Path) -> Result<(), PlotError> {
         )
         .margin(12)
         .x_label_area_size(40)
-        .y_label_area_size(70)
+        .y_label_area_size(80)
         .build_cartesian_2d(x_range.clone(), 0.0..max)
         .map_err(|e| err(&e))?;
     chart
         .configure_mesh()
         .x_desc("pod # (start order)")
         .y_desc("MiB")
+        .x_labels(x_labels(report))
+        .x_label_formatter(&|v| format!("{v:.0}"))
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(|e| err(&e))?;

@@ -7,8 +7,9 @@
 //! * PSS/pod: the pod's host processes (shim + its descendants), mean and max;
 //! * overhead: PSS outside guest RAM (podvisor: VMM + shim; runc: the runc shim);
 //! * workload: podvisor: guest RAM the guest touched; runc: the container's processes;
-//! * machine/pod: (MemTotal − MemAvailable) after minus before, divided by N (catches
-//!   what PSS misses: page cache, kernel memory, KVM's own structures);
+//! * machine/pod: (MemTotal − MemAvailable) after minus before, less the PSS of the
+//!   harness's own `ctr` clients, divided by N (catches what PSS misses: kernel memory,
+//!   KVM's own structures, containerd's growth; noisy for small N);
 //! * commit/pod: `Committed_AS` delta / N (what `MAP_NORESERVE` keeps out);
 //! * pods/s: pods up / time from the first spawn to the last first output line.
 
@@ -92,6 +93,9 @@ pub struct MachineDelta {
     pub before: MemInfo,
     pub after: MemInfo,
     pub used_delta_kib: i64,
+    /// PSS of the harness's `ctr` clients (not pods), subtracted from the delta.
+    pub harness_clients_pss_kib: u64,
+    /// (used delta - harness clients) / N.
     pub used_per_pod_kib: f64,
     pub committed_per_pod_kib: f64,
     pub ksm_pages_sharing: Option<u64>,
