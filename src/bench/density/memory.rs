@@ -203,7 +203,7 @@ pub fn is_shim(args: &[String], binary: &str, id: Option<&str>, address: &Path) 
         .is_some_and(|n| n == binary)
         && !args.iter().any(|a| a == "start" || a == "delete")
         && flag(args, "-address") == Some(&address)
-        && id.map_or(true, |id| flag(args, "-id") == Some(id))
+        && id.is_none_or(|id| flag(args, "-id") == Some(id))
 }
 
 /// PIDs of shims (`binary`) for the containerd at `address`, of pod `id` or of any pod.
