@@ -1,5 +1,7 @@
 //! Guest RAM: anonymous `MAP_NORESERVE` mappings (vm-memory), registered as KVM memory
-//! slots. Pages are only backed when the guest touches them.
+//! slots. Pages are only backed when the guest touches them. Guest RAM is `MADV_DONTDUMP`
+//! (not in VMM core dumps; `dd` in `/proc/PID/smaps`, which is how `podvisor bench density`
+//! tells it from the VMM's own memory).
 //!
 //! Density knobs (read from the environment, which containerd passes to the shim; set by
 //! `podvisor bench density`, see [`DensityKnobs`]): `PODVISOR_NORESERVE=0` maps guest RAM
@@ -98,6 +100,25 @@ pub fn create_with(mem_size: u64, knobs: DensityKnobs) -> Result<GuestMem, Memor
         GuestMemoryMmap::from_regions(regions)
             .map_err(|e| map_err(FromRangesError::Collection(e)))?
     };
+    for region in mem.iter() {
+        // SAFETY: advice on a mapping this process owns (`mem`); MADV_DONTDUMP only keeps
+        // guest RAM out of core dumps of the VMM. It also gives the mapping its own VMA
+        // flag (`dd` in smaps), so the kernel never merges it with neighbouring anonymous
+        // mappings (malloc arenas) and tools can tell guest RAM from the VMM's memory.
+        let rc = unsafe {
+            libc::madvise(
+                region.as_ptr().cast(),
+                region.len() as usize,
+                libc::MADV_DONTDUMP,
+            )
+        };
+        if rc != 0 {
+            log::warn!(
+                "madvise(MADV_DONTDUMP) on guest RAM failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
     if knobs.ksm {
         for region in mem.iter() {
             // SAFETY: advice on a mapping this process owns (`mem`); MADV_MERGEABLE never
@@ -157,6 +178,17 @@ mod tests {
         let mem = create(128 << 20).unwrap();
         assert_eq!(mem.num_regions(), 1);
         assert_eq!(host_ranges(&mem)[0].1, 128 << 20);
+    }
+
+    #[test]
+    fn guest_ram_is_flagged_dontdump() {
+        let mem = create_with(32 << 20, DensityKnobs::default()).unwrap();
+        let (start, _) = host_ranges(&mem)[0];
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let header = format!("{start:x}-");
+        let entry = smaps.split_once(header.as_str()).expect("mapping listed").1;
+        let flags = entry.lines().find(|l| l.starts_with("VmFlags:")).unwrap();
+        assert!(flags.split_whitespace().any(|f| f == "dd"), "{flags}");
     }
 
     #[test]

@@ -109,6 +109,7 @@ impl Containerd {
         // Its own process group: a Ctrl-C on the terminal reaches only the harness, which
         // then tears down in order.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        die_with_parent(&mut cmd);
         let child = cmd.spawn().map_err(ContainerdError::Spawn)?;
         let c = Containerd {
             sock: dir.join("containerd.sock"),
@@ -274,6 +275,20 @@ pub fn mounts_below(dir: &Path) -> Vec<String> {
         .filter(|t| *t == dir || t.starts_with(&format!("{dir}/")))
         .map(str::to_string)
         .collect()
+}
+
+/// Makes the child get SIGKILL when the harness dies without tearing down (SIGKILL, crash),
+/// so that no containerd or `ctr` client outlives it. (Shims that containerd started are
+/// not children of the harness; they stay until their containerd's state dir is cleaned.)
+pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
+    // which is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
 }
 
 /// Shim binaries containerd may start for the harness's pods.

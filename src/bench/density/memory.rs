@@ -72,38 +72,79 @@ pub struct GuestSplit {
     pub other_pss_kib: u64,
     /// How many guest RAM mappings were found (1 for guests below the MMIO gap).
     pub guest_mappings: usize,
+    /// Whether they were recognised by their `dd` (MADV_DONTDUMP) flag, which podvisor's
+    /// VMM sets on guest RAM, rather than by size alone.
+    pub by_flag: bool,
 }
 
-/// Splits `/proc/PID/smaps` text: anonymous mappings (no path) whose size is one of
-/// `guest_region_sizes` (bytes) count as guest RAM.
-pub fn split_smaps(smaps: &str, guest_region_sizes: &[u64]) -> GuestSplit {
-    let mut split = GuestSplit::default();
-    let mut in_guest = false;
+/// One mapping of smaps: size, PSS, anonymous or not, VmFlags.
+struct Mapping {
+    size: u64,
+    pss_kib: u64,
+    anonymous: bool,
+    dontdump: bool,
+}
+
+fn mappings(smaps: &str) -> Vec<Mapping> {
+    let mut out: Vec<Mapping> = Vec::new();
     for line in smaps.lines() {
         let mut words = line.split_whitespace();
         let Some(first) = words.next() else { continue };
         if let Some((start, end)) = parse_range(first) {
             // `start-end perms offset dev inode [path]`: anonymous when there is no path.
-            let anonymous = words.nth(4).is_none();
-            in_guest = anonymous && guest_region_sizes.contains(&(end - start));
-            if in_guest {
-                split.guest_mappings += 1;
-            }
+            out.push(Mapping {
+                size: end - start,
+                pss_kib: 0,
+                anonymous: words.nth(4).is_none(),
+                dontdump: false,
+            });
             continue;
         }
-        if first == "Pss:" {
-            let kib = words
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
-            if in_guest {
-                split.guest_pss_kib += kib;
-            } else {
-                split.other_pss_kib += kib;
-            }
+        let Some(m) = out.last_mut() else { continue };
+        match first {
+            "Pss:" => m.pss_kib = words.next().and_then(|v| v.parse().ok()).unwrap_or(0),
+            "VmFlags:" => m.dontdump = words.any(|f| f == "dd"),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Splits `/proc/PID/smaps` text: guest RAM is the anonymous mappings whose size is one of
+/// `guest_region_sizes` (bytes) and that carry the `dd` flag podvisor sets on guest RAM;
+/// when none carries it (a VMM from before that flag), size alone decides.
+pub fn split_smaps(smaps: &str, guest_region_sizes: &[u64]) -> GuestSplit {
+    let maps = mappings(smaps);
+    let candidate = |m: &Mapping| m.anonymous && guest_region_sizes.contains(&m.size);
+    let by_flag = maps.iter().any(|m| candidate(m) && m.dontdump);
+    let mut split = GuestSplit {
+        by_flag,
+        ..GuestSplit::default()
+    };
+    for m in &maps {
+        if candidate(m) && (m.dontdump || !by_flag) {
+            split.guest_pss_kib += m.pss_kib;
+            split.guest_mappings += 1;
+        } else {
+            split.other_pss_kib += m.pss_kib;
         }
     }
     split
+}
+
+/// Anonymous mappings of at least `min` bytes with their VmFlags (for error messages).
+pub fn large_anonymous(smaps: &str, min: u64) -> Vec<String> {
+    mappings(smaps)
+        .iter()
+        .filter(|m| m.anonymous && m.size >= min)
+        .map(|m| {
+            format!(
+                "{} MiB{}",
+                m.size >> 20,
+                if m.dontdump { " dd" } else { "" }
+            )
+        })
+        .collect()
 }
 
 /// A smaps mapping header's `start-end` (hex), `None` for other lines.
@@ -112,14 +153,6 @@ fn parse_range(word: &str) -> Option<(u64, u64)> {
     let start = u64::from_str_radix(a, 16).ok()?;
     let end = u64::from_str_radix(b, 16).ok()?;
     (end >= start).then_some((start, end))
-}
-
-/// [`split_smaps`] of `/proc/PID/smaps`.
-pub fn guest_split(pid: u32, guest_region_sizes: &[u64]) -> Result<GuestSplit, MemoryError> {
-    Ok(split_smaps(
-        &read(&format!("/proc/{pid}/smaps"))?,
-        guest_region_sizes,
-    ))
 }
 
 /// Host sizes of guest RAM mappings for a VM of `mem_mib` (the layout of
@@ -296,7 +329,12 @@ Rss:               27904 kB
 Pss:               27904 kB
 Pss_Anon:          27904 kB
 AnonHugePages:         0 kB
-VmFlags: rd wr mr mw me nr sd 
+VmFlags: rd wr mr mw me nr dd sd 
+7f3c50000000-7f3c58000000 rw-p 00000000 00:00 0 
+Size:             131072 kB
+Rss:                 512 kB
+Pss:                 512 kB
+VmFlags: rd wr mr mw me nr 
 7f3c4b7ff000-7f3c4bfff000 rw-p 00000000 00:00 0 
 Size:               8192 kB
 Rss:                  16 kB
@@ -327,19 +365,32 @@ Committed_AS:    3456789 kB
 
     #[test]
     fn splits_guest_ram_from_vmm_overhead() {
+        // The 128 MiB malloc arena without `dd` is the VMM's, not guest RAM.
         let split = split_smaps(PODVISOR_SMAPS, &guest_region_sizes(128));
         assert_eq!(
             split,
             GuestSplit {
                 guest_pss_kib: 27904,
-                other_pss_kib: 1024 + 120 + 16,
-                guest_mappings: 1
+                other_pss_kib: 1024 + 120 + 512 + 16,
+                guest_mappings: 1,
+                by_flag: true,
             }
         );
-        // A file mapping of the same size is not guest RAM; a 8 MiB VM would match the stack.
+        // Without the flag (an older VMM), size alone decides.
+        let old = split_smaps(
+            &PODVISOR_SMAPS.replace(" dd ", " "),
+            &guest_region_sizes(128),
+        );
+        assert_eq!((old.guest_mappings, old.by_flag), (2, false));
+        assert_eq!(old.guest_pss_kib, 27904 + 512);
+        // No mapping of the guest's size: everything is overhead.
         let none = split_smaps(PODVISOR_SMAPS, &guest_region_sizes(64));
         assert_eq!(none.guest_mappings, 0);
-        assert_eq!(none.other_pss_kib, 27904 + 1024 + 120 + 16);
+        assert_eq!(none.other_pss_kib, 27904 + 1024 + 120 + 512 + 16);
+        assert_eq!(
+            large_anonymous(PODVISOR_SMAPS, 64 << 20),
+            vec!["128 MiB dd", "128 MiB"]
+        );
     }
 
     #[test]
@@ -370,7 +421,7 @@ Committed_AS:    3456789 kB
         let me = std::process::id();
         let r = rollup(me).unwrap();
         assert!(r.pss_kib > 0 && r.rss_kib >= r.pss_kib);
-        let split = guest_split(me, &[]).unwrap();
+        let split = split_smaps(&read(&format!("/proc/{me}/smaps")).unwrap(), &[]);
         assert_eq!(split.guest_pss_kib, 0);
         assert!(split.other_pss_kib > 0);
         assert!(meminfo().unwrap().used_kib > 0);

@@ -488,6 +488,7 @@ impl Events {
         let mut cmd = containerd.ctr_cmd(&["events"]);
         cmd.stdout(Stdio::piped()).stderr(Stdio::null());
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        containerd::die_with_parent(&mut cmd);
         let mut child = cmd.spawn().map_err(|source| DensityError::Spawn {
             what: "ctr events".into(),
             source,
@@ -565,6 +566,7 @@ impl Pod {
         let mut cmd = containerd.ctr_cmd(&args);
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        containerd::die_with_parent(&mut cmd);
         let spawned = Instant::now();
         let mut child = cmd.spawn().map_err(|source| DensityError::Spawn {
             what: format!("ctr run {id}"),
@@ -736,13 +738,22 @@ fn measure_pod(
     }
     let (overhead, workload) = match runtime {
         Runtime::Podvisor => {
-            let split = memory::guest_split(shim, &memory::guest_region_sizes(mem_mib))
-                .map_err(|e| e.to_string())?;
+            let smaps = std::fs::read_to_string(format!("/proc/{shim}/smaps"))
+                .map_err(|e| format!("cannot read /proc/{shim}/smaps: {e}"))?;
+            let split = memory::split_smaps(&smaps, &memory::guest_region_sizes(mem_mib));
             if split.guest_mappings == 0 {
                 return Err(format!(
                     "no {mem_mib} MiB guest RAM mapping in shim {shim}'s smaps (does \
-                     containerd's PODVISOR_MEM_MIB match --mem-mib?)"
+                     containerd's PODVISOR_MEM_MIB match --mem-mib?); large anonymous \
+                     mappings: {:?}",
+                    memory::large_anonymous(&smaps, 32 << 20)
                 ));
+            }
+            if !split.by_flag {
+                log::warn!(
+                    "shim {shim}: guest RAM recognised by size only (no `dd` flag: a VMM \
+                     from before MADV_DONTDUMP); overhead may be understated"
+                );
             }
             (
                 shim_mem.pss_kib.saturating_sub(split.guest_pss_kib) + children_pss,
