@@ -3,6 +3,7 @@
 //! * `podvisor boot`: boot a kernel + initrd with podvisor's VMM, stream the console, exit
 //!   with the guest's status (a debugging tool for kernels, initrds and devices).
 //! * `podvisor bench boot`: boot timings, median of N fresh processes.
+//! * `podvisor bench density`: N idle pods through containerd, podvisor vs runc.
 
 mod bench;
 mod boot;
