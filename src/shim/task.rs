@@ -533,7 +533,17 @@ impl Service {
         let sandbox_container = is_sandbox_container(&ann);
         let spec = guest_spec(&raw, &StateDir::container_in_guest(id))
             .map_err(|e| status_err(Code::INVALID_ARGUMENT, e))?;
-        let config = self.inner.config.clone();
+        // The first Create of the shim brings up the pod's VM: its settings are the config
+        // file (runtime options' ConfigPath), the environment and the pod's annotations.
+        let config = if self.pod().is_none() {
+            let config = ShimConfig::load(req.options.as_ref())
+                .and_then(|c| c.with_annotations(&ann))
+                .map_err(|e| status_err(Code::INVALID_ARGUMENT, e.to_string()))?;
+            config.apply_log_level();
+            config
+        } else {
+            self.inner.config.clone()
+        };
         let hostname = spec_value
             .get("hostname")
             .and_then(Value::as_str)
