@@ -550,6 +550,12 @@ impl Service {
             .unwrap_or("");
 
         let (sb, state) = self.sandbox_for(&pod, hostname, &config)?;
+        // For `shim delete` after a SIGKILL: where this pod's state is.
+        if let Some(run_dir) = state.root.parent() {
+            if let Err(e) = super::config::record_run_dir(Path::new(&req.bundle), run_dir) {
+                log::warn!("Create {id}: record the run dir in the bundle: {e}");
+            }
+        }
         let mut p = Proc {
             stdio,
             status: Status::CREATED,
