@@ -438,7 +438,6 @@ fn vcpu_threads(pid: u32) -> Vec<String> {
 
 /// The pod on podvisor: the sandbox container boots the VM, both app containers join it.
 #[test]
-#[ignore = "needs ShimConfig::load + with_annotations at the first Create: merge branch cri-wiring"]
 fn cri_podvisor_pod_lifecycle() {
     const TEST: &str = "cri_podvisor_pod_lifecycle";
     let Some(guest) = guest_artifacts(TEST) else {
@@ -526,7 +525,6 @@ fn cri_podvisor_pod_lifecycle() {
 /// `ConfigPath` runtime option), and nothing is left behind; `ctr run
 /// --runtime-config-path` passes its file the same way.
 #[test]
-#[ignore = "needs ShimConfig::load + with_annotations at the first Create: merge branch cri-wiring"]
 fn cri_podvisor_bad_config_fails_cleanly() {
     const TEST: &str = "cri_podvisor_bad_config_fails_cleanly";
     if !have_tools(TEST) {

@@ -228,8 +228,6 @@ impl ShimConfig {
     /// The settings `shim delete` needs, run in the container's `bundle`: [`Self::from_env`]
     /// with the run dir [`record_run_dir`] wrote there at Create, if any (a config file may
     /// have moved it away from the environment's).
-    // Called by `shim delete` (issue 6's pod work).
-    #[allow(dead_code)]
     pub fn for_delete(bundle: &Path) -> Self {
         Self::for_delete_with(bundle, &|name| std::env::var_os(name))
     }
@@ -445,8 +443,6 @@ impl ShimConfig {
     /// sandbox container's OCI spec). Values outside the `max_*` limits, non-numbers,
     /// unknown `io.podvisor.config.*` keys and a kernel override without
     /// `allow_kernel_override = true` are errors naming the annotation.
-    // Called by the task service at Create (issue 6's pod work).
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn with_annotations(
         &self,
         annotations: &HashMap<String, String>,
@@ -524,8 +520,6 @@ impl ShimConfig {
     }
 
     /// Applies `log_level` to the shim's logger, unless `RUST_LOG` is set (it wins).
-    // Called by the task service at Create (issue 6's pod work).
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn apply_log_level(&self) {
         if let Some(level) = self.log_level {
             if std::env::var_os("RUST_LOG").is_none() {
@@ -537,8 +531,6 @@ impl ShimConfig {
 
 /// Records in a container's `bundle` the `run_dir` of its pod's state, for
 /// [`ShimConfig::for_delete`].
-// Called by the task service at Create (issue 6's pod work).
-#[cfg_attr(not(test), allow(dead_code))]
 pub fn record_run_dir(bundle: &Path, run_dir: &Path) -> std::io::Result<()> {
     let mut text = run_dir.as_os_str().to_string_lossy().into_owned();
     text.push('\n');

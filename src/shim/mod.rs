@@ -80,7 +80,7 @@ impl containerd_shim::Shim for PodvisorShim {
         // killed. A live shim (its pod has other containers) cleans up itself; a dead one
         // left this container's mounts, and, once no container of the pod is left, the
         // pod's state and socket.
-        let config = ShimConfig::from_env();
+        let config = ShimConfig::for_delete(&self.bundle);
         let annotations = pod::bundle_annotations(&self.bundle);
         let pod_id = pod::pod_id(&self.id, &annotations);
         let socket = containerd_shim::socket_address(&self.address, &self.namespace, &pod_id);

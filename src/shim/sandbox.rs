@@ -129,17 +129,22 @@ impl Sandbox {
         on_exit: OnVmExit,
     ) -> Result<Sandbox, String> {
         let kernel = config.kernel.clone().ok_or(
-            "no guest kernel: set PODVISOR_KERNEL in containerd's environment \
+            "no guest kernel: set `kernel` in the podvisor config file \
+             (/etc/podvisor/config.toml) or PODVISOR_KERNEL in containerd's environment \
              (`make guest-kernel` prints the path)",
         )?;
         let initrd = config.initrd.clone().ok_or(
-            "no agent initramfs: set PODVISOR_INITRD in containerd's environment \
+            "no agent initramfs: set `initrd` in the podvisor config file \
+             (/etc/podvisor/config.toml) or PODVISOR_INITRD in containerd's environment \
              (`make rootfs` builds out/agent-test.cpio)",
         )?;
-        for (path, var) in [(&kernel, "PODVISOR_KERNEL"), (&initrd, "PODVISOR_INITRD")] {
+        for (path, var) in [
+            (&kernel, "`kernel` or PODVISOR_KERNEL"),
+            (&initrd, "`initrd` or PODVISOR_INITRD"),
+        ] {
             if !path.is_file() {
                 return Err(format!(
-                    "{} ({var} in containerd's environment) is not a file",
+                    "{} ({var}: podvisor config file or containerd's environment) is not a file",
                     path.display()
                 ));
             }
