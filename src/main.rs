@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a guest kernel in podvisor's VMM and stream its console.
-    Boot(boot::BootArgs),
+    Boot(Box<boot::BootArgs>),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
         .target(env_logger::Target::Stderr)
         .init();
     let result = match cli.command {
-        Command::Boot(args) => boot::run(args, process_start),
+        Command::Boot(args) => boot::run(*args, process_start),
         Command::Bench(cmd) => bench::run(cmd),
     };
     match result {
