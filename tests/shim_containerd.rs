@@ -632,3 +632,122 @@ fn shim_containerd_guest_death() {
     eprintln!("{TEST}: {why:?}");
     assert!(!why.is_empty(), "the shim logs why the VM stopped");
 }
+
+/// `template = "auto"`: the pod builds the template (one cold boot), then pods start as
+/// clones of it, two at once; each clone's random pool is its own.
+#[test]
+fn shim_containerd_template() {
+    const TEST: &str = "shim_containerd_template";
+    let Some((guest, initrd)) = pod_tools(TEST) else {
+        return;
+    };
+    let dir = temp_path("shim-template");
+    let c = Containerd::start(&dir, &guest.kernel, &initrd);
+    import_image(&c, &dir.join("image"));
+    let templates = dir.join("templates");
+    let config = dir.join("podvisor-template.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "template = \"auto\"\ntemplate_dir = \"{}\"\n",
+            templates.display()
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let run = |pod: &str| -> (Out, Duration) {
+        let ann = in_pod(pod);
+        let t = Instant::now();
+        let out = ctr(
+            &c,
+            &[
+                "run",
+                "--rm",
+                "--runtime",
+                RUNTIME,
+                "--runtime-config-path",
+                &config,
+                "--annotation",
+                &ann,
+                IMAGE,
+                pod,
+                "sh",
+                "-c",
+                "echo pod-up; head -c 16 /dev/urandom | od -An -tx1",
+            ],
+        );
+        (out, t.elapsed())
+    };
+    // The first pod builds the template (a cold boot), then runs as its first clone.
+    let (first, cold) = run("t0");
+    assert_eq!(first.code, Some(0), "{first:?}");
+    assert!(first.stdout.starts_with("pod-up\n"), "{first:?}");
+    let built: Vec<_> = std::fs::read_dir(&templates)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().join("state").is_file())
+        .collect();
+    assert_eq!(built.len(), 1, "one template: {built:?}");
+
+    // Two more pods at once, from the template.
+    let clones: Vec<(Out, Duration)> = std::thread::scope(|s| {
+        let handles: Vec<_> = ["t1", "t2"]
+            .iter()
+            .map(|p| s.spawn(move || run(p)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut randoms = vec![first.stdout.clone()];
+    for (out, _) in &clones {
+        assert_eq!(out.code, Some(0), "{out:?}");
+        assert!(out.stdout.starts_with("pod-up\n"), "{out:?}");
+        randoms.push(out.stdout.clone());
+    }
+    randoms.sort();
+    randoms.dedup();
+    assert_eq!(
+        randoms.len(),
+        3,
+        "each clone reads its own random bytes: {randoms:?}"
+    );
+    // A spec that needs several vsock packets to reach the agent (12 KB of environment).
+    let big = format!("BIG={}", "x".repeat(12_000));
+    let ann = in_pod("t3");
+    let out = ctr(
+        &c,
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--runtime-config-path",
+            &config,
+            "--annotation",
+            &ann,
+            "--env",
+            &big,
+            IMAGE,
+            "t3",
+            "sh",
+            "-c",
+            "echo ${#BIG}",
+        ],
+    );
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (Some(0), "12000\n"),
+        "{out:?}"
+    );
+    let log = c.log();
+    let restored = log.matches("pod VM restored from template").count();
+    assert_eq!(restored, 4, "every pod is a clone");
+    assert_nothing_left(&c, "t0");
+    assert_nothing_left(&c, "t1");
+    eprintln!(
+        "{TEST}: first pod (template build + clone) {:.1} s; clone pods {:.1} s and {:.1} s \
+         (ctr run --rm, both at once)",
+        cold.as_secs_f64(),
+        clones[0].1.as_secs_f64(),
+        clones[1].1.as_secs_f64()
+    );
+}

@@ -18,8 +18,8 @@
 //! The file's keys (all optional; unknown keys are an error):
 //! `kernel`, `initrd`, `vcpus`, `memory_mib`, `run_dir`, `agent_timeout_secs`,
 //! `log_level` (`off`/`error`/`warn`/`info`/`debug`/`trace`; `RUST_LOG` wins),
-//! `max_vcpus`, `max_memory_mib`, `allow_kernel_override`, and `template` (`"off"`, the
-//! only mode until VM templates exist, issue 8; not used yet). `config/podvisor.toml` in
+//! `max_vcpus`, `max_memory_mib`, `allow_kernel_override`, `template` (`"off"` or
+//! `"auto"`, see `template.rs`) and `template_dir`. `config/podvisor.toml` in
 //! the repository documents each key with its default.
 
 use std::collections::HashMap;
@@ -59,14 +59,31 @@ const DEFAULT_AGENT_TIMEOUT_SECS: u64 = 600;
 const DEFAULT_MAX_VCPUS: usize = 8;
 const DEFAULT_MAX_MEM_MIB: u64 = 16384;
 
-/// VM templates (issue 8). Parsed and kept; nothing uses it yet.
+/// VM templates (issue 8): whether pods start as clones of a booted template VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TemplateMode {
     /// Every pod boots its own VM.
     #[default]
     Off,
+    /// The first pod of a (kernel, initrd, vCPUs, memory) combination boots a template VM
+    /// and snapshots it under `template_dir`; every pod then restores a copy-on-write clone.
+    Auto,
 }
+
+impl std::str::FromStr for TemplateMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "off" => Ok(TemplateMode::Off),
+            "auto" => Ok(TemplateMode::Auto),
+            other => Err(format!("{other:?}: use \"auto\" or \"off\"")),
+        }
+    }
+}
+
+/// Default directory of VM templates.
+pub const DEFAULT_TEMPLATE_DIR: &str = "/var/lib/podvisor/templates";
 
 /// The shim's effective settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,8 +106,10 @@ pub struct ShimConfig {
     pub max_mem_mib: u64,
     /// Whether `io.podvisor.config.kernel` may choose another guest kernel.
     pub allow_kernel_override: bool,
-    /// VM templates (issue 8; not used yet).
+    /// VM templates (issue 8).
     pub template: TemplateMode,
+    /// Where templates live: `<template_dir>/<key>/`.
+    pub template_dir: PathBuf,
     /// The file the settings came from, if any (for messages).
     pub source: Option<PathBuf>,
 }
@@ -109,6 +128,7 @@ impl Default for ShimConfig {
             max_mem_mib: DEFAULT_MAX_MEM_MIB,
             allow_kernel_override: false,
             template: TemplateMode::Off,
+            template_dir: PathBuf::from(DEFAULT_TEMPLATE_DIR),
             source: None,
         }
     }
@@ -157,6 +177,7 @@ struct FileConfig {
     max_memory_mib: Option<u64>,
     allow_kernel_override: Option<bool>,
     template: Option<TemplateMode>,
+    template_dir: Option<PathBuf>,
 }
 
 /// containerd's `runtimeoptions.v1.Options` (type_url = 1, config_path = 2,
@@ -342,6 +363,7 @@ impl ShimConfig {
             max_mem_mib: file.max_memory_mib.unwrap_or(d.max_mem_mib),
             allow_kernel_override: file.allow_kernel_override.unwrap_or(false),
             template: file.template.unwrap_or_default(),
+            template_dir: file.template_dir.unwrap_or(d.template_dir),
             source: None,
         };
         config.validate_as(origin)?;
@@ -388,6 +410,17 @@ impl ShimConfig {
         }
         if let Some(n) = num(env, "PODVISOR_AGENT_TIMEOUT_SECS")? {
             self.agent_timeout = Duration::from_secs(n);
+        }
+        if let Some(v) = env("PODVISOR_TEMPLATE").filter(|v| !v.is_empty()) {
+            let value = v.to_string_lossy().into_owned();
+            self.template = value.parse().map_err(|message| ConfigError::Env {
+                var: "PODVISOR_TEMPLATE",
+                value,
+                message,
+            })?;
+        }
+        if let Some(p) = path("PODVISOR_TEMPLATE_DIR") {
+            self.template_dir = p;
         }
         Ok(())
     }
@@ -624,7 +657,8 @@ mod tests {
             max_vcpus = 4
             max_memory_mib = 2048
             allow_kernel_override = true
-            template = "off"
+            template = "auto"
+            template_dir = "/var/t"
             "#,
             "t.toml",
         )
@@ -642,7 +676,8 @@ mod tests {
                 max_vcpus: 4,
                 max_mem_mib: 2048,
                 allow_kernel_override: true,
-                template: TemplateMode::Off,
+                template: TemplateMode::Auto,
+                template_dir: "/var/t".into(),
                 source: None,
             }
         );

@@ -20,6 +20,7 @@ mod sandbox;
 mod spec;
 mod stdio;
 mod task;
+mod template;
 
 use std::path::Path;
 use std::sync::Arc;

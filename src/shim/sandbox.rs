@@ -18,9 +18,10 @@ use podvisor_agent_protocol::agent_ttrpc::AgentClient;
 use podvisor_agent_protocol::stream::{StreamHeader, StreamKind};
 use podvisor_agent_protocol::vsock::{connect_hybrid_vsock, connect_hybrid_vsock_once};
 use podvisor_agent_protocol::{ttrpc, PROTOCOL_VERSION, RPC_VSOCK_PORT, STREAM_VSOCK_PORT};
-use vmm::config::{ShareConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_GUEST_CID};
+use vmm::config::{RestoreConfig, ShareConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_GUEST_CID};
 use vmm::{ConsoleConfig, Vm, VmConfig, VmReport, VmStopHandle};
 
+use super::config::TemplateMode;
 use super::{file_tail, ShimConfig};
 
 /// virtio-fs tag of the pod's share.
@@ -78,17 +79,48 @@ pub struct Sandbox {
 /// Called once when the pod VM has stopped, with the reason.
 pub type OnVmExit = Box<dyn FnOnce(String) + Send>;
 
+/// How the pod VM comes up.
+enum VmSource {
+    /// A cold boot.
+    Boot(VmConfig),
+    /// A clone of a template; on failure, the template is discarded and the VM boots cold.
+    Template(RestoreConfig, VmConfig),
+}
+
 /// Builds, starts and waits for a VM in its own thread; `ready` gets the start result,
 /// `on_exit` runs when a started VM stops.
 fn vm_thread(
-    config: VmConfig,
+    source: VmSource,
     ready: mpsc::Sender<Result<VmStopHandle, String>>,
     on_exit: OnVmExit,
 ) -> JoinHandle<VmReport> {
     std::thread::Builder::new()
         .name("vm-wait".into())
         .spawn(move || {
-            let started = Vm::new(config, Instant::now()).and_then(Vm::start);
+            let started = match source {
+                VmSource::Boot(config) => Vm::new(config, Instant::now()).and_then(Vm::start),
+                VmSource::Template(restore, config) => {
+                    let t = Instant::now();
+                    match Vm::restore(&restore, Instant::now()).and_then(Vm::start) {
+                        Ok(vm) => {
+                            log::info!(
+                                "pod VM restored from template {} in {:.1} ms",
+                                restore.snapshot.display(),
+                                t.elapsed().as_secs_f64() * 1000.0
+                            );
+                            Ok(vm)
+                        }
+                        Err(e) => {
+                            log::warn!(
+                                "cannot restore template {}: {e}; booting the pod VM cold",
+                                restore.snapshot.display()
+                            );
+                            super::template::discard(&restore.snapshot);
+                            Vm::new(config, Instant::now()).and_then(Vm::start)
+                        }
+                    }
+                }
+            };
             match started {
                 Ok(running) => {
                     let _ = ready.send(Ok(running.stop_handle()));
@@ -167,8 +199,32 @@ impl Sandbox {
                 uds_path: state.vsock(),
             }),
         };
+        let source = match config.template {
+            TemplateMode::Off => VmSource::Boot(vm_config),
+            TemplateMode::Auto => match super::template::ensure(
+                &config.template_dir,
+                &vm_config,
+                config.agent_timeout,
+            ) {
+                Ok(dir) => VmSource::Template(
+                    RestoreConfig {
+                        snapshot: dir,
+                        console: vm_config.console.clone(),
+                        disks: None,
+                        shares: Some(vm_config.shares.clone()),
+                        vsock: vm_config.vsock.clone(),
+                        verify_memory: false,
+                    },
+                    vm_config,
+                ),
+                Err(e) => {
+                    log::warn!("no VM template ({e}); booting the pod VM cold");
+                    VmSource::Boot(vm_config)
+                }
+            },
+        };
         let (tx, rx) = mpsc::channel();
-        let vm = vm_thread(vm_config, tx, on_exit);
+        let vm = vm_thread(source, tx, on_exit);
         let stop = match rx.recv() {
             Ok(Ok(stop)) => stop,
             Ok(Err(e)) => {
@@ -222,6 +278,11 @@ impl Sandbox {
 
         let mut req = CreateSandboxRequest::new();
         req.sandbox_id = id.to_string();
+        // Per-pod identity (a template clone starts with the template's clock and pool).
+        req.entropy = super::template::entropy();
+        req.realtime_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64);
         req.hostname = if hostname.is_empty() { id } else { hostname }
             .chars()
             .take(63)
