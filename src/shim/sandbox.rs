@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use podvisor_agent_protocol::agent::{
-    CreateSandboxRequest, DestroySandboxRequest, GetVersionRequest, SharedMount,
+    CreateSandboxRequest, DestroySandboxRequest, GetVersionRequest, GetVersionResponse, SharedMount,
 };
 use podvisor_agent_protocol::agent_ttrpc::AgentClient;
 use podvisor_agent_protocol::stream::{StreamHeader, StreamKind};
@@ -237,8 +237,8 @@ impl Sandbox {
         log::info!("pod VM {id} started; waiting for the agent");
 
         let booted = Instant::now();
-        let rpc = match wait_for_agent(&state, &vm, config.agent_timeout) {
-            Ok(rpc) => rpc,
+        let (client, version) = match wait_for_agent(&state, &vm, config.agent_timeout) {
+            Ok(v) => v,
             Err(e) => {
                 let tail = file_tail(&state.console(), TAIL_LINES);
                 return abandon(
@@ -250,15 +250,6 @@ impl Sandbox {
                     ),
                 );
             }
-        };
-        let fd = rpc.into_raw_fd();
-        let client = match ttrpc::Client::new(fd) {
-            Ok(c) => AgentClient::new(c),
-            Err(e) => return abandon(&stop, vm, format!("ttrpc client on the vsock: {e}")),
-        };
-        let version = match client.get_version(ctx(), &GetVersionRequest::new()) {
-            Ok(v) => v,
-            Err(e) => return abandon(&stop, vm, format!("agent GetVersion: {e}")),
         };
         if version.protocol_version != PROTOCOL_VERSION {
             return abandon(
@@ -362,13 +353,18 @@ impl Sandbox {
     }
 }
 
-/// Connects to the agent's RPC port, retrying until it listens; fails early if the VM
-/// stopped, and after `timeout`.
+/// How long one GetVersion may take while the agent comes up.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connects to the agent's RPC port and asks its version, retrying until it answers; fails
+/// early if the VM stopped, and after `timeout`. A connection can be reset once right after
+/// a template restore (the guest handles the vsock transport-reset event late), hence the
+/// retry of the whole exchange, not only of the connect.
 fn wait_for_agent(
     state: &StateDir,
     vm: &JoinHandle<VmReport>,
     timeout: Duration,
-) -> Result<UnixStream, String> {
+) -> Result<(AgentClient, GetVersionResponse), String> {
     let deadline = Instant::now() + timeout;
     loop {
         if vm.is_finished() {
@@ -377,8 +373,18 @@ fn wait_for_agent(
         let err =
             match connect_hybrid_vsock_once(&state.vsock(), RPC_VSOCK_PORT, Duration::from_secs(5))
             {
-                Ok(stream) => return Ok(stream),
-                Err(e) => e,
+                Ok(stream) => match ttrpc::Client::new(stream.into_raw_fd()) {
+                    Ok(c) => {
+                        let client = AgentClient::new(c);
+                        let probe = ttrpc::context::with_timeout(PROBE_TIMEOUT.as_nanos() as i64);
+                        match client.get_version(probe, &GetVersionRequest::new()) {
+                            Ok(v) => return Ok((client, v)),
+                            Err(e) => format!("agent GetVersion: {e}"),
+                        }
+                    }
+                    Err(e) => format!("ttrpc client on the vsock: {e}"),
+                },
+                Err(e) => e.to_string(),
             };
         if Instant::now() >= deadline {
             return Err(format!(
@@ -386,6 +392,7 @@ fn wait_for_agent(
                  {timeout:?}: {err}"
             ));
         }
+        log::debug!("agent not ready yet: {err}");
         std::thread::sleep(Duration::from_millis(200));
     }
 }
