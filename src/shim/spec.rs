@@ -100,6 +100,7 @@ pub fn guest_spec(config_json: &[u8], container_dir: &str) -> Result<GuestSpec, 
         }
     }
 
+    let mut drop_hostname = false;
     if let Some(linux) = obj.get_mut("linux").and_then(Value::as_object_mut) {
         linux.remove("mountLabel");
         if let Some(nss) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
@@ -116,7 +117,17 @@ pub fn guest_spec(config_json: &[u8], container_dir: &str) -> Result<GuestSpec, 
                     o.remove("path");
                 }
             }
+            if !nss
+                .iter()
+                .any(|ns| ns.get("type").and_then(Value::as_str) == Some("uts"))
+            {
+                // The VM's hostname is the pod's; no UTS namespace to set another in.
+                drop_hostname = true;
+            }
         }
+    }
+    if drop_hostname {
+        obj.remove("hostname");
     }
     let json = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
     Ok(GuestSpec { json, binds })
@@ -130,6 +141,7 @@ mod tests {
     fn adapts_the_spec_for_the_guest() {
         let spec = serde_json::json!({
             "ociVersion": "1.0.2",
+            "hostname": "app",
             "root": {"path": "/run/containerd/io.containerd.runtime.v2.task/default/c/rootfs"},
             "hooks": {"prestart": [{"path": "/usr/bin/host-hook"}]},
             "process": {"args": ["echo"], "apparmorProfile": "cri-containerd.apparmor.d"},
@@ -173,6 +185,7 @@ mod tests {
         assert_eq!(out["root"]["path"], "/run/podvisor/shared/c/rootfs");
         assert_eq!(out["root"]["readonly"], false);
         assert!(out.get("hooks").is_none());
+        assert!(out.get("hostname").is_none(), "no UTS namespace left to set it in");
         assert!(out["process"].get("apparmorProfile").is_none());
         assert!(out["linux"].get("mountLabel").is_none());
         assert_eq!(out["mounts"][0]["source"], "proc");
