@@ -1,4 +1,6 @@
-//! `podvisor boot`: one VM in this process, console on stdio or in a file.
+//! `podvisor boot`: one VM in this process, console on stdio or in a file; optionally saved
+//! to a snapshot once its init has started (`--snapshot`), or restored from one
+//! (`--restore`) instead of booted.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -8,13 +10,13 @@ use clap::Args;
 use vmm::config::{
     parse_disk, BlockConfig, ShareConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_GUEST_CID,
 };
-use vmm::{BootTimings, ConsoleConfig, Vm, VmConfig};
+use vmm::{BootTimings, ConsoleConfig, RestoreConfig, RunningVm, Vm, VmConfig};
 
 #[derive(Args, Debug, Clone)]
 pub struct BootArgs {
     /// Guest kernel: ELF vmlinux (PVH entry) or bzImage.
-    #[arg(long, env = "PODVISOR_KERNEL")]
-    pub kernel: PathBuf,
+    #[arg(long, env = "PODVISOR_KERNEL", required_unless_present = "restore")]
+    pub kernel: Option<PathBuf>,
     /// Initramfs (newc cpio).
     #[arg(long, env = "PODVISOR_INITRD")]
     pub initrd: Option<PathBuf>,
@@ -53,6 +55,23 @@ pub struct BootArgs {
     /// Stop the VM after this many seconds (exit status 3).
     #[arg(long)]
     pub timeout: Option<u64>,
+    /// Save the VM to this directory once the guest's init has started (boot-timer
+    /// marker) and `--snapshot-after` seconds more have passed, then stop it (exit status
+    /// 0). The directory gets `state` and a sparse `memory` file (docs/snapshot-format.md).
+    #[arg(long, value_name = "DIR", conflicts_with = "restore")]
+    pub snapshot: Option<PathBuf>,
+    /// Seconds between the guest's init start and `--snapshot`.
+    #[arg(long, default_value_t = 0.0, value_name = "SECS")]
+    pub snapshot_after: f64,
+    /// Restore the VM saved in this directory instead of booting a kernel: the guest goes
+    /// on where it was saved. --vcpus, --mem-mib, --kernel, --initrd and --cmdline are the
+    /// snapshot's; --disk, --share and --vsock, if given, replace the snapshot's files and
+    /// socket (same devices in the same order, same sizes, tags and guest CID).
+    #[arg(long, value_name = "DIR")]
+    pub restore: Option<PathBuf>,
+    /// With --restore: check the memory file's checksum first (reads all of it).
+    #[arg(long, requires = "restore")]
+    pub verify_memory: bool,
 }
 
 fn console_config(spec: &str) -> ConsoleConfig {
@@ -63,25 +82,47 @@ fn console_config(spec: &str) -> ConsoleConfig {
     }
 }
 
-/// Boots the VM and returns the process exit status.
+/// Boots (or restores) the VM and returns the process exit status.
 pub fn run(args: BootArgs, process_start: Instant) -> Result<u8, Box<dyn std::error::Error>> {
-    let config = VmConfig {
-        kernel: args.kernel.clone(),
-        initrd: args.initrd.clone(),
-        cmdline: args.cmdline.clone(),
-        vcpus: args.vcpus,
-        mem_mib: args.mem_mib,
-        console: console_config(&args.console),
-        disks: args.disks.clone(),
-        shares: args.shares.clone(),
-        vsock: args.vsock.clone().map(|uds_path| VsockConfig {
-            guest_cid: args.guest_cid,
-            uds_path,
-        }),
+    let vsock = args.vsock.clone().map(|uds_path| VsockConfig {
+        guest_cid: args.guest_cid,
+        uds_path,
+    });
+    let vm = match &args.restore {
+        Some(dir) => {
+            let restore = RestoreConfig {
+                console: console_config(&args.console),
+                disks: (!args.disks.is_empty()).then(|| args.disks.clone()),
+                shares: (!args.shares.is_empty()).then(|| args.shares.clone()),
+                vsock,
+                verify_memory: args.verify_memory,
+                ..RestoreConfig::new(dir)
+            };
+            Vm::restore(&restore, process_start)?
+        }
+        None => Vm::new(
+            VmConfig {
+                kernel: args.kernel.clone().unwrap_or_default(),
+                initrd: args.initrd.clone(),
+                cmdline: args.cmdline.clone(),
+                vcpus: args.vcpus,
+                mem_mib: args.mem_mib,
+                console: console_config(&args.console),
+                disks: args.disks.clone(),
+                shares: args.shares.clone(),
+                vsock,
+            },
+            process_start,
+        )?,
     };
-    let vm = Vm::new(config, process_start)?;
-    let running = vm.start()?;
-    let report = running.wait(args.timeout.map(Duration::from_secs));
+    let timeout = args.timeout.map(Duration::from_secs);
+    let mut running = vm.start()?;
+    if let Some(dir) = &args.snapshot {
+        if running.wait_for_init(timeout).is_ok() {
+            return snapshot_and_stop(running, dir, args.snapshot_after);
+        }
+    }
+    let report = running.wait(timeout);
     let _ = std::io::stdout().flush();
     let code = report.reason.exit_code();
     if code == 0 {
@@ -100,6 +141,30 @@ pub fn run(args: BootArgs, process_start: Instant) -> Result<u8, Box<dyn std::er
         std::fs::write(path, serde_json::to_string(&record)?)?;
     }
     Ok(code as u8)
+}
+
+/// `--snapshot`: waits `after` seconds, pauses, saves, stops. Exit status 0 once saved.
+fn snapshot_and_stop(
+    running: RunningVm,
+    dir: &std::path::Path,
+    after: f64,
+) -> Result<u8, Box<dyn std::error::Error>> {
+    std::thread::sleep(Duration::from_secs_f64(after.max(0.0)));
+    let started = Instant::now();
+    let saved = running.pause().and_then(|()| running.snapshot(dir));
+    let took = started.elapsed();
+    let report = running.stop("snapshot taken");
+    let _ = std::io::stdout().flush();
+    let info = saved.map_err(|e| format!("{e}; last console lines:\n{}", report.console_tail))?;
+    eprintln!(
+        "podvisor: snapshot saved to {} in {:.1} ms (pause included): state {} KiB, memory {} MiB, {:.1} MiB of it data",
+        info.dir.display(),
+        took.as_secs_f64() * 1e3,
+        info.state_bytes.div_ceil(1024),
+        info.memory_bytes >> 20,
+        info.memory_data_bytes as f64 / (1 << 20) as f64
+    );
+    Ok(0)
 }
 
 fn ms(d: Option<Duration>) -> String {

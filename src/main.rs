@@ -30,10 +30,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a guest kernel in podvisor's VMM and stream its console.
-    Boot(boot::BootArgs),
+    Boot(Box<boot::BootArgs>),
     /// Benchmarks.
     #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    Bench(Box<bench::BenchCommand>),
 }
 
 fn main() -> ExitCode {
@@ -49,8 +49,8 @@ fn main() -> ExitCode {
         .target(env_logger::Target::Stderr)
         .init();
     let result = match cli.command {
-        Command::Boot(args) => boot::run(args, process_start),
-        Command::Bench(cmd) => bench::run(cmd),
+        Command::Boot(args) => boot::run(*args, process_start),
+        Command::Bench(cmd) => bench::run(*cmd),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -20,6 +20,7 @@ mod sandbox;
 mod spec;
 mod stdio;
 mod task;
+mod template;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -49,7 +50,10 @@ pub struct PodvisorShim {
 impl containerd_shim::Shim for PodvisorShim {
     type T = task::Service;
 
-    fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+    fn new(_runtime_id: &str, args: &Flags, config: &mut Config) -> Self {
+        if let Some(level) = ShimConfig::startup_log_level() {
+            config.default_log_level = level.to_string();
+        }
         Self {
             id: args.id.clone(),
             namespace: args.namespace.clone(),
@@ -77,7 +81,7 @@ impl containerd_shim::Shim for PodvisorShim {
         // killed. A live shim (its pod has other containers) cleans up itself; a dead one
         // left this container's mounts, and, once no container of the pod is left, the
         // pod's state and socket.
-        let config = ShimConfig::from_env();
+        let config = ShimConfig::for_delete(&self.bundle);
         let annotations = pod::bundle_annotations(&self.bundle);
         let pod_id = pod::pod_id(&self.id, &annotations);
         let socket = containerd_shim::socket_address(&self.address, &self.namespace, &pod_id);

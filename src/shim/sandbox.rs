@@ -12,15 +12,16 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use podvisor_agent_protocol::agent::{
-    CreateSandboxRequest, DestroySandboxRequest, GetVersionRequest, SharedMount,
+    CreateSandboxRequest, DestroySandboxRequest, GetVersionRequest, GetVersionResponse, SharedMount,
 };
 use podvisor_agent_protocol::agent_ttrpc::AgentClient;
 use podvisor_agent_protocol::stream::{StreamHeader, StreamKind};
 use podvisor_agent_protocol::vsock::{connect_hybrid_vsock, connect_hybrid_vsock_once};
 use podvisor_agent_protocol::{ttrpc, PROTOCOL_VERSION, RPC_VSOCK_PORT, STREAM_VSOCK_PORT};
-use vmm::config::{ShareConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_GUEST_CID};
+use vmm::config::{RestoreConfig, ShareConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_GUEST_CID};
 use vmm::{ConsoleConfig, Vm, VmConfig, VmReport, VmStopHandle};
 
+use super::config::TemplateMode;
 use super::{file_tail, ShimConfig};
 
 /// virtio-fs tag of the pod's share.
@@ -78,17 +79,48 @@ pub struct Sandbox {
 /// Called once when the pod VM has stopped, with the reason.
 pub type OnVmExit = Box<dyn FnOnce(String) + Send>;
 
+/// How the pod VM comes up.
+enum VmSource {
+    /// A cold boot.
+    Boot(VmConfig),
+    /// A clone of a template; on failure, the template is discarded and the VM boots cold.
+    Template(RestoreConfig, VmConfig),
+}
+
 /// Builds, starts and waits for a VM in its own thread; `ready` gets the start result,
 /// `on_exit` runs when a started VM stops.
 fn vm_thread(
-    config: VmConfig,
+    source: VmSource,
     ready: mpsc::Sender<Result<VmStopHandle, String>>,
     on_exit: OnVmExit,
 ) -> JoinHandle<VmReport> {
     std::thread::Builder::new()
         .name("vm-wait".into())
         .spawn(move || {
-            let started = Vm::new(config, Instant::now()).and_then(Vm::start);
+            let started = match source {
+                VmSource::Boot(config) => Vm::new(config, Instant::now()).and_then(Vm::start),
+                VmSource::Template(restore, config) => {
+                    let t = Instant::now();
+                    match Vm::restore(&restore, Instant::now()).and_then(Vm::start) {
+                        Ok(vm) => {
+                            log::info!(
+                                "pod VM restored from template {} in {:.1} ms",
+                                restore.snapshot.display(),
+                                t.elapsed().as_secs_f64() * 1000.0
+                            );
+                            Ok(vm)
+                        }
+                        Err(e) => {
+                            log::warn!(
+                                "cannot restore template {}: {e}; booting the pod VM cold",
+                                restore.snapshot.display()
+                            );
+                            super::template::discard(&restore.snapshot);
+                            Vm::new(config, Instant::now()).and_then(Vm::start)
+                        }
+                    }
+                }
+            };
             match started {
                 Ok(running) => {
                     let _ = ready.send(Ok(running.stop_handle()));
@@ -129,17 +161,22 @@ impl Sandbox {
         on_exit: OnVmExit,
     ) -> Result<Sandbox, String> {
         let kernel = config.kernel.clone().ok_or(
-            "no guest kernel: set PODVISOR_KERNEL in containerd's environment \
+            "no guest kernel: set `kernel` in the podvisor config file \
+             (/etc/podvisor/config.toml) or PODVISOR_KERNEL in containerd's environment \
              (`make guest-kernel` prints the path)",
         )?;
         let initrd = config.initrd.clone().ok_or(
-            "no agent initramfs: set PODVISOR_INITRD in containerd's environment \
+            "no agent initramfs: set `initrd` in the podvisor config file \
+             (/etc/podvisor/config.toml) or PODVISOR_INITRD in containerd's environment \
              (`make rootfs` builds out/agent-test.cpio)",
         )?;
-        for (path, var) in [(&kernel, "PODVISOR_KERNEL"), (&initrd, "PODVISOR_INITRD")] {
+        for (path, var) in [
+            (&kernel, "`kernel` or PODVISOR_KERNEL"),
+            (&initrd, "`initrd` or PODVISOR_INITRD"),
+        ] {
             if !path.is_file() {
                 return Err(format!(
-                    "{} ({var} in containerd's environment) is not a file",
+                    "{} ({var}: podvisor config file or containerd's environment) is not a file",
                     path.display()
                 ));
             }
@@ -162,8 +199,32 @@ impl Sandbox {
                 uds_path: state.vsock(),
             }),
         };
+        let source = match config.template {
+            TemplateMode::Off => VmSource::Boot(vm_config),
+            TemplateMode::Auto => match super::template::ensure(
+                &config.template_dir,
+                &vm_config,
+                config.agent_timeout,
+            ) {
+                Ok(dir) => VmSource::Template(
+                    RestoreConfig {
+                        snapshot: dir,
+                        console: vm_config.console.clone(),
+                        disks: None,
+                        shares: Some(vm_config.shares.clone()),
+                        vsock: vm_config.vsock.clone(),
+                        verify_memory: false,
+                    },
+                    vm_config,
+                ),
+                Err(e) => {
+                    log::warn!("no VM template ({e}); booting the pod VM cold");
+                    VmSource::Boot(vm_config)
+                }
+            },
+        };
         let (tx, rx) = mpsc::channel();
-        let vm = vm_thread(vm_config, tx, on_exit);
+        let vm = vm_thread(source, tx, on_exit);
         let stop = match rx.recv() {
             Ok(Ok(stop)) => stop,
             Ok(Err(e)) => {
@@ -176,8 +237,8 @@ impl Sandbox {
         log::info!("pod VM {id} started; waiting for the agent");
 
         let booted = Instant::now();
-        let rpc = match wait_for_agent(&state, &vm, config.agent_timeout) {
-            Ok(rpc) => rpc,
+        let (client, version) = match wait_for_agent(&state, &vm, config.agent_timeout) {
+            Ok(v) => v,
             Err(e) => {
                 let tail = file_tail(&state.console(), TAIL_LINES);
                 return abandon(
@@ -189,15 +250,6 @@ impl Sandbox {
                     ),
                 );
             }
-        };
-        let fd = rpc.into_raw_fd();
-        let client = match ttrpc::Client::new(fd) {
-            Ok(c) => AgentClient::new(c),
-            Err(e) => return abandon(&stop, vm, format!("ttrpc client on the vsock: {e}")),
-        };
-        let version = match client.get_version(ctx(), &GetVersionRequest::new()) {
-            Ok(v) => v,
-            Err(e) => return abandon(&stop, vm, format!("agent GetVersion: {e}")),
         };
         if version.protocol_version != PROTOCOL_VERSION {
             return abandon(
@@ -217,6 +269,11 @@ impl Sandbox {
 
         let mut req = CreateSandboxRequest::new();
         req.sandbox_id = id.to_string();
+        // Per-pod identity (a template clone starts with the template's clock and pool).
+        req.entropy = super::template::entropy();
+        req.realtime_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64);
         req.hostname = if hostname.is_empty() { id } else { hostname }
             .chars()
             .take(63)
@@ -296,13 +353,18 @@ impl Sandbox {
     }
 }
 
-/// Connects to the agent's RPC port, retrying until it listens; fails early if the VM
-/// stopped, and after `timeout`.
+/// How long one GetVersion may take while the agent comes up.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connects to the agent's RPC port and asks its version, retrying until it answers; fails
+/// early if the VM stopped, and after `timeout`. A connection can be reset once right after
+/// a template restore (the guest handles the vsock transport-reset event late), hence the
+/// retry of the whole exchange, not only of the connect.
 fn wait_for_agent(
     state: &StateDir,
     vm: &JoinHandle<VmReport>,
     timeout: Duration,
-) -> Result<UnixStream, String> {
+) -> Result<(AgentClient, GetVersionResponse), String> {
     let deadline = Instant::now() + timeout;
     loop {
         if vm.is_finished() {
@@ -311,8 +373,18 @@ fn wait_for_agent(
         let err =
             match connect_hybrid_vsock_once(&state.vsock(), RPC_VSOCK_PORT, Duration::from_secs(5))
             {
-                Ok(stream) => return Ok(stream),
-                Err(e) => e,
+                Ok(stream) => match ttrpc::Client::new(stream.into_raw_fd()) {
+                    Ok(c) => {
+                        let client = AgentClient::new(c);
+                        let probe = ttrpc::context::with_timeout(PROBE_TIMEOUT.as_nanos() as i64);
+                        match client.get_version(probe, &GetVersionRequest::new()) {
+                            Ok(v) => return Ok((client, v)),
+                            Err(e) => format!("agent GetVersion: {e}"),
+                        }
+                    }
+                    Err(e) => format!("ttrpc client on the vsock: {e}"),
+                },
+                Err(e) => e.to_string(),
             };
         if Instant::now() >= deadline {
             return Err(format!(
@@ -320,6 +392,7 @@ fn wait_for_agent(
                  {timeout:?}: {err}"
             ));
         }
+        log::debug!("agent not ready yet: {err}");
         std::thread::sleep(Duration::from_millis(200));
     }
 }

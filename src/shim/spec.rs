@@ -6,9 +6,12 @@
 //! - bind mounts of host files and directories (CRI's `/etc/hosts`, `/etc/resolv.conf`,
 //!   `/etc/hostname`, `/dev/shm`, volumes) → the shim binds each source into the share at
 //!   `<container>/mounts/<n>` ([`HostBind`]) and the spec names the guest path instead;
-//! - namespaces joined by path (CRI: the sandbox's `/proc/<pid>/ns/...`): network, UTS and
-//!   IPC are the VM's own, shared by the pod's containers, so the entry is dropped; any other
-//!   kind becomes a new namespace;
+//! - the network namespace: the VM is the pod's network namespace (as in Kata), so every
+//!   container of the pod shares the VM's network (no per-container netns; creating one is
+//!   also among the slowest steps of a container start in an emulated guest kernel);
+//! - namespaces joined by path (CRI: the sandbox's `/proc/<pid>/ns/...`): UTS and IPC are
+//!   the VM's own, shared by the pod's containers, so the entry is dropped; any other kind
+//!   becomes a new namespace;
 //! - hooks (host binaries), AppArmor/SELinux labels (host LSMs) are dropped.
 //!
 //! The agent sets `linux.cgroupsPath` itself.
@@ -33,8 +36,8 @@ pub struct GuestSpec {
     pub binds: Vec<HostBind>,
 }
 
-/// Namespaces a pod's containers share as the VM's own.
-const VM_NAMESPACES: [&str; 3] = ["network", "uts", "ipc"];
+/// Namespaces a pod's containers share as the VM's own when the spec joins the sandbox's.
+const VM_NAMESPACES: [&str; 2] = ["uts", "ipc"];
 
 fn is_bind(mount: &Value) -> bool {
     let typ = mount.get("type").and_then(Value::as_str).unwrap_or("");
@@ -106,7 +109,7 @@ pub fn guest_spec(config_json: &[u8], container_dir: &str) -> Result<GuestSpec, 
                     .and_then(Value::as_str)
                     .is_some_and(|p| !p.is_empty());
                 let typ = ns.get("type").and_then(Value::as_str).unwrap_or("");
-                !(joined && VM_NAMESPACES.contains(&typ))
+                typ != "network" && !(joined && VM_NAMESPACES.contains(&typ))
             });
             for ns in nss.iter_mut() {
                 if let Some(o) = ns.as_object_mut() {
@@ -138,6 +141,7 @@ mod tests {
             ],
             "linux": {"mountLabel": "x", "namespaces": [
                 {"type": "pid"},
+                {"type": "network"},
                 {"type": "network", "path": "/var/run/netns/cni-1"},
                 {"type": "ipc", "path": "/proc/42/ns/ipc"},
                 {"type": "uts", "path": "/proc/42/ns/uts"},

@@ -533,13 +533,29 @@ impl Service {
         let sandbox_container = is_sandbox_container(&ann);
         let spec = guest_spec(&raw, &StateDir::container_in_guest(id))
             .map_err(|e| status_err(Code::INVALID_ARGUMENT, e))?;
-        let config = self.inner.config.clone();
+        // The first Create of the shim brings up the pod's VM: its settings are the config
+        // file (runtime options' ConfigPath), the environment and the pod's annotations.
+        let config = if self.pod().is_none() {
+            let config = ShimConfig::load(req.options.as_ref())
+                .and_then(|c| c.with_annotations(&ann))
+                .map_err(|e| status_err(Code::INVALID_ARGUMENT, e.to_string()))?;
+            config.apply_log_level();
+            config
+        } else {
+            self.inner.config.clone()
+        };
         let hostname = spec_value
             .get("hostname")
             .and_then(Value::as_str)
             .unwrap_or("");
 
         let (sb, state) = self.sandbox_for(&pod, hostname, &config)?;
+        // For `shim delete` after a SIGKILL: where this pod's state is.
+        if let Some(run_dir) = state.root.parent() {
+            if let Err(e) = super::config::record_run_dir(Path::new(&req.bundle), run_dir) {
+                log::warn!("Create {id}: record the run dir in the bundle: {e}");
+            }
+        }
         let mut p = Proc {
             stdio,
             status: Status::CREATED,

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
+
 pub use devices::virtio::block::BlockConfig;
 pub use devices::virtio::fs::ShareConfig;
 
@@ -20,7 +22,8 @@ pub const MAX_VCPUS: usize = mptable::MAX_CPUS;
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule";
 
 /// Where the guest console goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ConsoleConfig {
     /// The VMM's stdout; stdin is fed to the guest.
     Stdio,
@@ -31,7 +34,7 @@ pub enum ConsoleConfig {
 }
 
 /// A VM's configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmConfig {
     /// Guest kernel: ELF `vmlinux` (PVH entry used when present) or `bzImage`.
     pub kernel: PathBuf,
@@ -59,7 +62,7 @@ pub const DEFAULT_GUEST_CID: u64 = 3;
 
 /// virtio-vsock: the guest's CID and the VM's Unix socket (host → guest: connect to
 /// `uds_path` and send `CONNECT <port>`; guest → host port P: `<uds_path>_P`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockConfig {
     pub guest_cid: u64,
     pub uds_path: PathBuf,
@@ -77,6 +80,52 @@ impl Default for VmConfig {
             disks: Vec::new(),
             shares: Vec::new(),
             vsock: None,
+        }
+    }
+}
+
+/// A VM restored from a snapshot (see [`crate::snapshot`]): the snapshot, and this VM's
+/// own console and host resources. Devices are bound to this VM's files and sockets; they
+/// must be the snapshot's devices as the guest knows them (same number and order, same disk
+/// sizes and read-only flags, share tags and guest CID).
+#[derive(Debug, Clone)]
+pub struct RestoreConfig {
+    /// The snapshot directory (`state` and `memory`).
+    pub snapshot: PathBuf,
+    pub console: ConsoleConfig,
+    /// This VM's disks; `None`: the snapshot's own files.
+    pub disks: Option<Vec<BlockConfig>>,
+    /// This VM's shares; `None`: the snapshot's own directories.
+    pub shares: Option<Vec<ShareConfig>>,
+    /// This VM's vsock socket (same guest CID as saved); `None`: the snapshot's own path.
+    pub vsock: Option<VsockConfig>,
+    /// Check the memory file's CRC first (reads the whole file: for debugging, or once after
+    /// copying a snapshot).
+    pub verify_memory: bool,
+}
+
+impl RestoreConfig {
+    /// A restore of `snapshot` with the snapshot's own host resources, console discarded.
+    pub fn new(snapshot: impl Into<PathBuf>) -> Self {
+        Self {
+            snapshot: snapshot.into(),
+            console: ConsoleConfig::Discard,
+            disks: None,
+            shares: None,
+            vsock: None,
+            verify_memory: false,
+        }
+    }
+
+    /// The restored VM's configuration: the snapshot's `saved` one with this VM's console
+    /// and host resources.
+    pub fn apply(&self, saved: &VmConfig) -> VmConfig {
+        VmConfig {
+            console: self.console.clone(),
+            disks: self.disks.clone().unwrap_or_else(|| saved.disks.clone()),
+            shares: self.shares.clone().unwrap_or_else(|| saved.shares.clone()),
+            vsock: self.vsock.clone().or_else(|| saved.vsock.clone()),
+            ..saved.clone()
         }
     }
 }
@@ -139,6 +188,11 @@ impl VmConfig {
                 return Err(ConfigError::InitrdMissing(initrd.clone()));
             }
         }
+        self.validate_devices()
+    }
+
+    /// Checks the devices' host resources (also for a restored VM, which has no kernel).
+    pub fn validate_devices(&self) -> Result<(), ConfigError> {
         if let Some(disk) = self.disks.iter().find(|d| !d.path.exists()) {
             return Err(ConfigError::DiskMissing(disk.path.clone()));
         }

@@ -14,8 +14,9 @@ use std::time::Instant;
 
 use devices::legacy::boot_timer::BOOT_TIMER_LEN;
 use devices::legacy::i8042::{I8042_PORT_BASE, I8042_PORT_LEN};
+use devices::legacy::serial::SerialRestoreError;
 use devices::legacy::serial::{SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN};
-use devices::legacy::{BootTimer, ConsoleLog, IrqTrigger, Serial, I8042};
+use devices::legacy::{BootTimer, ConsoleLog, IrqTrigger, Serial, SerialPersist, I8042};
 use devices::virtio::mmio::{kernel_cmdline_arg, MmioError, MMIO_WINDOW_SIZE, NOTIFY_OFFSET};
 use devices::virtio::{DeviceSubscriber, MmioTransport, VirtioDevice};
 use devices::{Bus, BusError};
@@ -54,6 +55,8 @@ pub enum DeviceError {
     },
     #[error("virtio transport: {0}")]
     Transport(#[from] MmioError),
+    #[error("serial console: {0}")]
+    SerialState(#[from] SerialRestoreError),
 }
 
 /// How many virtio-mmio devices fit: one GSI each from `FIRST_DEVICE_GSI` to the last IOAPIC pin.
@@ -87,12 +90,18 @@ pub struct DeviceManager {
     pub subscribers: Vec<DeviceSubscriber>,
     /// Kernel command-line words declaring the virtio devices.
     pub cmdline_words: Vec<String>,
-    virtio_count: usize,
+    /// The virtio transports, in MMIO window order (for snapshots).
+    pub virtio: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl DeviceManager {
-    /// Creates the legacy devices and registers their interrupts with `vm`.
-    pub fn new(vm: &VmFd, console: &ConsoleConfig) -> Result<DeviceManager, DeviceError> {
+    /// Creates the legacy devices and registers their interrupts with `vm`; the UART starts
+    /// from `serial` if given (a restored VM).
+    pub fn new(
+        vm: &VmFd,
+        console: &ConsoleConfig,
+        serial: Option<&SerialPersist>,
+    ) -> Result<DeviceManager, DeviceError> {
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
 
@@ -118,12 +127,12 @@ impl DeviceManager {
             })?;
         let console_log = ConsoleLog::shared();
         let console_fifo_empty = event_fd("console input")?;
-        let serial = Arc::new(Mutex::new(Serial::new(
-            IrqTrigger::new(serial_irq),
-            sink,
-            console_log.clone(),
-            Some(clone_fd(&console_fifo_empty, "console input")?),
-        )));
+        let irq = IrqTrigger::new(serial_irq);
+        let fifo_empty = Some(clone_fd(&console_fifo_empty, "console input")?);
+        let serial = Arc::new(Mutex::new(match serial {
+            Some(state) => Serial::from_state(state, irq, sink, console_log.clone(), fifo_empty)?,
+            None => Serial::new(irq, sink, console_log.clone(), fifo_empty),
+        }));
         pio.insert(serial.clone(), SERIAL_PORT_BASE, SERIAL_PORT_LEN)?;
 
         let reset_evt = event_fd("the i8042 reset line")?;
@@ -153,7 +162,7 @@ impl DeviceManager {
             init_marked,
             subscribers: Vec::new(),
             cmdline_words: Vec::new(),
-            virtio_count: 0,
+            virtio: Vec::new(),
         })
     }
 
@@ -164,7 +173,7 @@ impl DeviceManager {
         mem: &GuestMem,
         device: Box<dyn VirtioDevice>,
     ) -> Result<(), DeviceError> {
-        let index = self.virtio_count;
+        let index = self.virtio.len();
         let base = VIRTIO_MMIO_START + index as u64 * MMIO_WINDOW_SIZE;
         if index >= MAX_VIRTIO_DEVICES || base + MMIO_WINDOW_SIZE > VIRTIO_MMIO_END {
             return Err(DeviceError::TooManyDevices {
@@ -185,10 +194,11 @@ impl DeviceManager {
             .map_err(|source| DeviceError::Ioeventfd { base, source })?;
         }
         self.subscribers.push(transport.subscriber());
+        let transport = Arc::new(Mutex::new(transport));
         self.mmio
-            .insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
+            .insert(transport.clone(), base, MMIO_WINDOW_SIZE)?;
+        self.virtio.push(transport);
         self.cmdline_words.push(kernel_cmdline_arg(base, gsi));
-        self.virtio_count += 1;
         Ok(())
     }
 }

@@ -1,11 +1,16 @@
 //! The VMM's event loop: one thread (`vmm-events`) running an `event-manager` epoll loop for
-//! device work that is not on a vCPU thread: console input, the i8042 reset line, and later
-//! the virtio queue kicks and backends.
+//! device work that is not on a vCPU thread: console input, the i8042 reset line, the virtio
+//! queue kicks and back ends.
+//!
+//! The loop can be paused (for a snapshot: no device handler runs while device state is
+//! read): [`EventLoop::pause`] makes the loop thread park inside a dispatch of its own gate
+//! event, between two handlers, until [`EventLoop::resume`].
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use log::{error, warn};
@@ -44,9 +49,62 @@ impl MutEventSubscriber for StopWatcher {
     }
 }
 
+#[derive(Default)]
+struct GateState {
+    /// The controller wants the loop parked.
+    closed: bool,
+    /// The loop thread is parked.
+    parked: bool,
+}
+
+/// Where the loop thread parks while paused.
+#[derive(Default)]
+struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+impl Gate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Parks the loop thread when the gate event fires and the gate is closed.
+struct GateWatcher {
+    evt: EventFd,
+    gate: Arc<Gate>,
+}
+
+impl MutEventSubscriber for GateWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
+            error!("event loop: cannot watch its pause event, it cannot pause: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.evt.read();
+        let mut st = self.gate.lock();
+        while st.closed {
+            st.parked = true;
+            self.gate.changed.notify_all();
+            st = self
+                .gate
+                .changed
+                .wait(st)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        st.parked = false;
+        self.gate.changed.notify_all();
+    }
+}
+
 /// The running event loop.
 pub struct EventLoop {
     stop_evt: EventFd,
+    gate_evt: EventFd,
+    gate: Arc<Gate>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -58,13 +116,22 @@ impl EventLoop {
         let stop = Arc::new(AtomicBool::new(false));
         let stop_evt =
             EventFd::new(EFD_NONBLOCK).map_err(|e| EventLoopError::Create(e.to_string()))?;
+        let clone = |evt: &EventFd| {
+            evt.try_clone()
+                .map_err(|e| EventLoopError::Create(e.to_string()))
+        };
         let watcher = StopWatcher {
-            evt: stop_evt
-                .try_clone()
-                .map_err(|e| EventLoopError::Create(e.to_string()))?,
+            evt: clone(&stop_evt)?,
             stop: stop.clone(),
         };
         manager.add_subscriber(Arc::new(Mutex::new(watcher)));
+        let gate_evt =
+            EventFd::new(EFD_NONBLOCK).map_err(|e| EventLoopError::Create(e.to_string()))?;
+        let gate = Arc::new(Gate::default());
+        manager.add_subscriber(Arc::new(Mutex::new(GateWatcher {
+            evt: clone(&gate_evt)?,
+            gate: gate.clone(),
+        })));
         for s in subscribers {
             manager.add_subscriber(s);
         }
@@ -80,8 +147,33 @@ impl EventLoop {
             .map_err(EventLoopError::Spawn)?;
         Ok(EventLoop {
             stop_evt,
+            gate_evt,
+            gate,
             thread: Some(thread),
         })
+    }
+
+    /// Parks the loop thread between two handlers; returns once it is parked (`false` if
+    /// it did not park within `timeout`, e.g. a handler is stuck).
+    pub fn pause(&self, timeout: Duration) -> bool {
+        self.gate.lock().closed = true;
+        if let Err(e) = self.gate_evt.write(1) {
+            error!("event loop: cannot signal pause: {e}");
+            return false;
+        }
+        let st = self.gate.lock();
+        let (st, _) = self
+            .gate
+            .changed
+            .wait_timeout_while(st, timeout, |s| !s.parked)
+            .unwrap_or_else(|p| p.into_inner());
+        st.parked
+    }
+
+    /// Lets a paused loop run again.
+    pub fn resume(&self) {
+        self.gate.lock().closed = false;
+        self.gate.changed.notify_all();
     }
 
     /// Stops the loop and joins its thread.
@@ -90,6 +182,7 @@ impl EventLoop {
     }
 
     fn shutdown(&mut self) {
+        self.resume();
         if let Some(thread) = self.thread.take() {
             if let Err(e) = self.stop_evt.write(1) {
                 error!("event loop: cannot signal stop: {e}");
@@ -141,6 +234,28 @@ mod tests {
             rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap(),
             7
         );
+        lp.stop();
+    }
+
+    #[test]
+    fn pauses_between_handlers_and_resumes() {
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let echo = Echo {
+            evt: evt.try_clone().unwrap(),
+            seen: tx,
+        };
+        let lp = EventLoop::start(vec![Arc::new(Mutex::new(echo))]).unwrap();
+        assert!(lp.pause(Duration::from_secs(5)));
+        evt.write(3).unwrap();
+        assert!(
+            rx.recv_timeout(Duration::from_millis(100)).is_err(),
+            "a paused loop dispatched"
+        );
+        lp.resume();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 3);
+        // Stopping a paused loop does not hang.
+        assert!(lp.pause(Duration::from_secs(5)));
         lp.stop();
     }
 }

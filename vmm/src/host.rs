@@ -27,7 +27,8 @@ pub const GLIBC_NO_AVX_TUNABLES: &str = "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-A
 -AVX512DQ,-AVX512CD,-FMA,-EVEX";
 
 /// The kind of KVM host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum HostKind {
     /// Hardware virtualization (Intel VMX / AMD SVM): no quirks.
     Native,

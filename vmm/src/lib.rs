@@ -9,6 +9,7 @@
 //! * [`vcpu`]: vCPU boot state and threads; [`event_loop`]: the device event thread.
 //! * [`memory`], [`loader`], [`arch`]: guest RAM, kernel/initrd loading, x86_64 boot set-up.
 //! * [`device_manager`]: devices on buses, interrupts.
+//! * [`snapshot`]: snapshots of a paused VM (format, host check) and restoring from them.
 //! * [`host`]: host detection and its quirks; [`timings`]: boot timings and memory use.
 
 pub mod arch;
@@ -19,12 +20,14 @@ pub mod exit;
 pub mod host;
 pub mod loader;
 pub mod memory;
+pub mod snapshot;
 pub mod timings;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::{ConsoleConfig, VmConfig};
+pub use config::{ConsoleConfig, RestoreConfig, VmConfig};
 pub use exit::ExitReason;
 pub use host::HostKind;
+pub use snapshot::{SnapshotError, SnapshotInfo};
 pub use timings::{BootTimings, MemoryUsage};
 pub use vm::{RunningVm, Vm, VmError, VmReport, VmStopHandle};

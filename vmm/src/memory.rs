@@ -8,13 +8,24 @@
 //! without `MAP_NORESERVE` (default: with), `PODVISOR_KSM=1` marks it `MADV_MERGEABLE` so
 //! the host's KSM may merge identical guest pages across VMs.
 //!
-//! Later (templates), the same layout will be backed by a file mapped private, so that clones
-//! share the template's pages copy-on-write.
+//! Snapshots: [`save`] writes guest RAM to a sparse file (regions one after the other, pages
+//! of zeros left as holes); [`map_snapshot`] maps such a file `MAP_PRIVATE`, so a restored
+//! VM reads the snapshot's pages from the page cache (shared by every VM restored from the
+//! same file) and gets a private copy of a page only when it writes to it.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
 use vm_memory::mmap::{FromRangesError, MmapRegionBuilder};
-use vm_memory::{Address, GuestMemory, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
+use vm_memory::{
+    Address, Bytes, FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 
 use crate::arch::layout::ram_regions;
 
@@ -31,7 +42,44 @@ pub enum MemoryError {
         slot: u32,
         source: kvm_ioctls::Error,
     },
+    #[error("cannot write the memory snapshot {path}: {source}")]
+    SaveFile {
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
+    #[error("cannot read guest memory at {addr:#x} for the snapshot: {reason}")]
+    SaveRead { addr: u64, reason: String },
+    #[error("cannot map the memory snapshot {path}: {reason}")]
+    MapFile {
+        path: std::path::PathBuf,
+        reason: String,
+    },
 }
+
+/// Where each RAM region is in a memory snapshot file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionLayout {
+    pub guest_addr: u64,
+    pub size: u64,
+    pub file_offset: u64,
+}
+
+/// What [`save`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryFile {
+    pub regions: Vec<RegionLayout>,
+    /// The file's length (the sum of the region sizes).
+    pub size: u64,
+    /// Pages with data (the rest are holes).
+    pub data_pages: u64,
+    /// CRC-32 (IEEE) of the whole file content, holes read as zeros.
+    pub crc32: u32,
+}
+
+/// Page size of the sparse file's holes.
+const PAGE: usize = 4096;
+/// Guest memory is copied out in chunks of this size.
+const CHUNK: usize = 1 << 20;
 
 /// Guest memory type used throughout podvisor.
 pub type GuestMem = GuestMemoryMmap<()>;
@@ -100,25 +148,7 @@ pub fn create_with(mem_size: u64, knobs: DensityKnobs) -> Result<GuestMem, Memor
         GuestMemoryMmap::from_regions(regions)
             .map_err(|e| map_err(FromRangesError::Collection(e)))?
     };
-    for region in mem.iter() {
-        // SAFETY: advice on a mapping this process owns (`mem`); MADV_DONTDUMP only keeps
-        // guest RAM out of core dumps of the VMM. It also gives the mapping its own VMA
-        // flag (`dd` in smaps), so the kernel never merges it with neighbouring anonymous
-        // mappings (malloc arenas) and tools can tell guest RAM from the VMM's memory.
-        let rc = unsafe {
-            libc::madvise(
-                region.as_ptr().cast(),
-                region.len() as usize,
-                libc::MADV_DONTDUMP,
-            )
-        };
-        if rc != 0 {
-            log::warn!(
-                "madvise(MADV_DONTDUMP) on guest RAM failed: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
+    mark_guest_ram(&mem);
     if knobs.ksm {
         for region in mem.iter() {
             // SAFETY: advice on a mapping this process owns (`mem`); MADV_MERGEABLE never
@@ -164,6 +194,156 @@ pub fn register(vm: &VmFd, mem: &GuestMem) -> Result<(), MemoryError> {
     Ok(())
 }
 
+/// Writes guest RAM to `path` (created, or truncated) as a sparse file: regions in guest
+/// address order, all-zero pages left as holes. The guest must not run meanwhile.
+pub fn save(mem: &GuestMem, path: &Path) -> Result<MemoryFile, MemoryError> {
+    let io_err = |source| MemoryError::SaveFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::create(path).map_err(io_err)?;
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    let mut data_pages = 0u64;
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; CHUNK];
+    for region in mem.iter() {
+        let (start, len) = (region.start_addr(), region.len());
+        regions.push(RegionLayout {
+            guest_addr: start.raw_value(),
+            size: len,
+            file_offset: offset,
+        });
+        let mut done = 0u64;
+        while done < len {
+            let n = CHUNK.min((len - done) as usize);
+            let chunk = &mut buf[..n];
+            let addr = start.unchecked_add(done);
+            mem.read_slice(chunk, addr)
+                .map_err(|e| MemoryError::SaveRead {
+                    addr: addr.raw_value(),
+                    reason: e.to_string(),
+                })?;
+            crc.update(chunk);
+            // Write runs of pages with data; zero pages stay holes.
+            let mut page = 0;
+            while page < n {
+                if is_zero(&chunk[page..(page + PAGE).min(n)]) {
+                    page += PAGE;
+                    continue;
+                }
+                let run_start = page;
+                while page < n && !is_zero(&chunk[page..(page + PAGE).min(n)]) {
+                    page += PAGE;
+                }
+                let run = &chunk[run_start..page.min(n)];
+                data_pages += run.len().div_ceil(PAGE) as u64;
+                file.write_all_at(run, offset + done + run_start as u64)
+                    .map_err(io_err)?;
+            }
+            done += n as u64;
+        }
+        offset += len;
+    }
+    file.set_len(offset).map_err(io_err)?;
+    file.sync_all().map_err(io_err)?;
+    Ok(MemoryFile {
+        regions,
+        size: offset,
+        data_pages,
+        crc32: crc.finalize(),
+    })
+}
+
+fn is_zero(bytes: &[u8]) -> bool {
+    // SAFETY: any bytes are valid u128s; `align_to` gives aligned middle elements only.
+    let (head, body, tail) = unsafe { bytes.align_to::<u128>() };
+    head.iter().all(|&b| b == 0) && body.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// CRC-32 of a memory snapshot file's content (what [`MemoryFile::crc32`] records).
+pub fn file_crc32(path: &Path) -> io::Result<u32> {
+    let file = File::open(path)?;
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut offset = 0u64;
+    loop {
+        let n = file.read_at(&mut buf, offset)?;
+        if n == 0 {
+            return Ok(crc.finalize());
+        }
+        crc.update(&buf[..n]);
+        offset += n as u64;
+    }
+}
+
+/// Maps a memory snapshot file as guest RAM, `MAP_PRIVATE` (copy-on-write: the file is
+/// never written, its page-cache pages are shared by every VM mapping it).
+pub fn map_snapshot(path: &Path, layout: &MemoryFile) -> Result<GuestMem, MemoryError> {
+    let err = |reason: String| MemoryError::MapFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = File::open(path).map_err(|e| err(e.to_string()))?;
+    let len = file.metadata().map_err(|e| err(e.to_string()))?.len();
+    if len != layout.size {
+        return Err(err(format!(
+            "it is {len} bytes, the snapshot says {}: the snapshot is incomplete or not this file's",
+            layout.size
+        )));
+    }
+    let mut regions = Vec::with_capacity(layout.regions.len());
+    for r in &layout.regions {
+        if r.file_offset
+            .checked_add(r.size)
+            .is_none_or(|end| end > len)
+        {
+            return Err(err(format!(
+                "region at {:#x} ({} bytes at offset {}) is outside the file",
+                r.guest_addr, r.size, r.file_offset
+            )));
+        }
+        let fd = file.try_clone().map_err(|e| err(e.to_string()))?;
+        let mapping = MmapRegionBuilder::new(r.size as usize)
+            .with_file_offset(FileOffset::new(fd, r.file_offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+            .build()
+            .map_err(|e| err(e.to_string()))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
+            .ok_or_else(|| err(format!("region at {:#x} overflows", r.guest_addr)))?;
+        regions.push(region);
+    }
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| err(e.to_string()))?;
+    mark_guest_ram(&mem);
+    Ok(mem)
+}
+
+/// Marks guest RAM `MADV_DONTDUMP`: out of VMM core dumps, and its own VMA flag (`dd` in
+/// smaps), so the kernel never merges it with neighbouring anonymous mappings (malloc
+/// arenas) and tools can tell guest RAM from the VMM's memory.
+fn mark_guest_ram(mem: &GuestMem) {
+    for region in mem.iter() {
+        // SAFETY: advice on a mapping this process owns (`mem`); MADV_DONTDUMP only keeps
+        // guest RAM out of core dumps of the VMM. It also gives the mapping its own VMA
+        // flag (`dd` in smaps), so the kernel never merges it with neighbouring anonymous
+        // mappings (malloc arenas) and tools can tell guest RAM from the VMM's memory.
+        let rc = unsafe {
+            libc::madvise(
+                region.as_ptr().cast(),
+                region.len() as usize,
+                libc::MADV_DONTDUMP,
+            )
+        };
+        if rc != 0 {
+            log::warn!(
+                "madvise(MADV_DONTDUMP) on guest RAM failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 /// Host virtual address ranges of guest RAM (to tell guest pages from VMM pages in RSS).
 pub fn host_ranges(mem: &GuestMem) -> Vec<(u64, u64)> {
     mem.iter().map(|r| (r.as_ptr() as u64, r.len())).collect()
@@ -193,7 +373,6 @@ mod tests {
 
     #[test]
     fn density_knobs_map_usable_memory() {
-        use vm_memory::{Bytes, GuestAddress};
         for knobs in [
             DensityKnobs::default(),
             DensityKnobs {
@@ -209,5 +388,45 @@ mod tests {
                 0xdead_beef
             );
         }
+    }
+
+    #[test]
+    fn snapshot_file_is_sparse_and_maps_copy_on_write() {
+        use std::os::unix::fs::MetadataExt;
+
+        let mem = create(64 << 20).unwrap();
+        mem.write_slice(b"first page", GuestAddress(0)).unwrap();
+        mem.write_slice(&[7u8; 3 * PAGE], GuestAddress(40 << 20))
+            .unwrap();
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let path = dir.as_path().join("memory");
+        let saved = save(&mem, &path).unwrap();
+        assert_eq!(saved.size, 64 << 20);
+        assert_eq!(saved.data_pages, 4);
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), 64 << 20);
+        assert!(
+            meta.blocks() * 512 <= 64 << 10,
+            "sparse: {} blocks",
+            meta.blocks()
+        );
+        assert_eq!(file_crc32(&path).unwrap(), saved.crc32);
+
+        let a = map_snapshot(&path, &saved).unwrap();
+        let b = map_snapshot(&path, &saved).unwrap();
+        let mut buf = [0u8; 10];
+        a.read_slice(&mut buf, GuestAddress(0)).unwrap();
+        assert_eq!(&buf, b"first page");
+        a.write_slice(b"clone A", GuestAddress(0)).unwrap();
+        b.read_slice(&mut buf, GuestAddress(0)).unwrap();
+        assert_eq!(&buf, b"first page", "clones do not see each other's writes");
+        assert_eq!(file_crc32(&path).unwrap(), saved.crc32, "file untouched");
+
+        let wrong = MemoryFile {
+            size: saved.size + 1,
+            ..saved.clone()
+        };
+        let e = map_snapshot(&path, &wrong).unwrap_err().to_string();
+        assert!(e.contains("incomplete"), "{e}");
     }
 }

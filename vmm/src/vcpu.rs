@@ -6,6 +6,10 @@
 //! ([`kick_signal`]); the handler sets `immediate_exit` in that thread's `kvm_run`, so a
 //! signal that lands just before `KVM_RUN` is not lost. The controller repeats the kick until
 //! the thread acknowledges, which makes pausing robust against any remaining race.
+//!
+//! Snapshots: a paused thread saves its vCPU's state on request ([`VcpuHandle::save_state`],
+//! run on the vCPU's own thread, which owns the fd); a restored VM's vCPUs get their state
+//! with [`restore_state`] before their threads start.
 
 use std::cell::Cell;
 use std::os::raw::{c_int, c_void};
@@ -16,10 +20,13 @@ use std::time::{Duration, Instant};
 
 use devices::Bus;
 use kvm_bindings::{
-    kvm_run, CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
+    kvm_run, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use log::{debug, error, warn};
+use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -55,6 +62,184 @@ pub enum VcpuError {
     Spawn { id: usize, source: std::io::Error },
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
+    #[error("cannot save the state of vCPU {id} ({what}): {source}")]
+    Save {
+        id: usize,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot restore the state of vCPU {id} ({what}): {source}")]
+    Restore {
+        id: usize,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(
+        "vCPU {id}: KVM accepted only {set} of {total} saved MSRs; MSR {index:#x} was refused"
+    )]
+    RestoreMsr {
+        id: usize,
+        set: usize,
+        total: usize,
+        index: u32,
+    },
+    #[error("vCPU {0} is not paused: pause the VM before saving it")]
+    NotPaused(usize),
+    #[error("vCPU {0} has stopped running the guest; its state cannot be saved")]
+    Exited(usize),
+    #[error("vCPU {0} did not save its state within {1:?}")]
+    SaveTimeout(usize, Duration),
+}
+
+/// Most MSRs per `KVM_GET_MSRS` / `KVM_SET_MSRS` call (KVM's `KVM_MAX_MSR_ENTRIES`).
+const MSR_BATCH: usize = 256;
+
+/// Everything KVM keeps about one vCPU, as a snapshot holds it. The KVM structures are saved
+/// as their raw bytes (kvm-bindings' serde support), so a snapshot belongs to the KVM ABI
+/// and host CPU it was taken on (the snapshot's host fingerprint checks that).
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub mp_state: kvm_mp_state,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    /// FPU/SSE/AVX state (KVM_GET_XSAVE also works where the guest does not use XSAVE).
+    pub xsave: kvm_xsave,
+    /// XCR0, where KVM supports it.
+    pub xcrs: Option<kvm_xcrs>,
+    pub debugregs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    /// Every readable MSR of `KVM_GET_MSR_INDEX_LIST`, in its order (TSC before the TSC
+    /// deadline, as KVM needs on restore).
+    pub msrs: Vec<kvm_msr_entry>,
+    pub vcpu_events: kvm_vcpu_events,
+}
+
+/// What saving a vCPU needs from the VM.
+#[derive(Debug, Clone)]
+pub struct SaveCaps {
+    /// `KVM_GET_MSR_INDEX_LIST`.
+    pub msr_list: Arc<[u32]>,
+    /// `KVM_CAP_XCRS`.
+    pub xcrs: bool,
+}
+
+/// Reads vCPU `id`'s state. The vCPU must be outside `KVM_RUN`, on the thread that runs it;
+/// an I/O exit not yet completed is completed first (a `KVM_RUN` with `immediate_exit`),
+/// so that the saved registers hold its result.
+pub fn save_state(id: usize, fd: &mut VcpuFd, caps: &SaveCaps) -> Result<VcpuState, VcpuError> {
+    let err = |what| move |source| VcpuError::Save { id, what, source };
+    fd.set_kvm_immediate_exit(1);
+    match fd.run() {
+        Err(e) if e.errno() == libc::EINTR => {}
+        Err(e) => return Err(err("completing the last I/O exit")(e)),
+        Ok(exit) => debug!("vcpu{id}: unexpected exit {exit:?} with immediate_exit set"),
+    }
+    fd.set_kvm_immediate_exit(0);
+    Ok(VcpuState {
+        cpuid: fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(err("CPUID"))?
+            .as_slice()
+            .to_vec(),
+        mp_state: fd.get_mp_state().map_err(err("MP state"))?,
+        regs: fd.get_regs().map_err(err("registers"))?,
+        sregs: fd.get_sregs().map_err(err("special registers"))?,
+        xsave: fd.get_xsave().map_err(err("XSAVE"))?,
+        xcrs: if caps.xcrs {
+            Some(fd.get_xcrs().map_err(err("XCRs"))?)
+        } else {
+            None
+        },
+        debugregs: fd.get_debug_regs().map_err(err("debug registers"))?,
+        lapic: fd.get_lapic().map_err(err("LAPIC"))?,
+        msrs: read_msrs(id, fd, &caps.msr_list)?,
+        vcpu_events: fd.get_vcpu_events().map_err(err("events"))?,
+    })
+}
+
+/// Reads every MSR of `indices` that KVM lets us read (`KVM_GET_MSRS` stops at the first
+/// it refuses: that one is skipped and logged).
+fn read_msrs(id: usize, fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, VcpuError> {
+    let err = |source| VcpuError::Save {
+        id,
+        what: "MSRs",
+        source,
+    };
+    let mut out = Vec::with_capacity(indices.len());
+    let mut skipped = Vec::new();
+    let mut rest = indices;
+    while !rest.is_empty() {
+        let batch = &rest[..rest.len().min(MSR_BATCH)];
+        let entries: Vec<kvm_msr_entry> = batch
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|_| err(kvm_ioctls::Error::new(libc::E2BIG)))?;
+        let read = fd.get_msrs(&mut msrs).map_err(err)?;
+        out.extend_from_slice(&msrs.as_slice()[..read]);
+        if read < batch.len() {
+            skipped.push(batch[read]);
+            rest = &rest[read + 1..];
+        } else {
+            rest = &rest[batch.len()..];
+        }
+    }
+    if !skipped.is_empty() && id == 0 {
+        debug!("MSRs listed by KVM but not readable, not saved: {skipped:#x?}");
+    }
+    Ok(out)
+}
+
+/// Creates vCPU `id` of a restored VM and gives it `state` (in the order KVM needs: CPUID
+/// first, sregs before the LAPIC, MSRs after both, events last).
+pub fn restore(vm: &VmFd, id: usize, state: &VcpuState) -> Result<VcpuFd, VcpuError> {
+    let fd = vm
+        .create_vcpu(id as u64)
+        .map_err(|source| VcpuError::Create { id, source })?;
+    restore_state(id, &fd, state)?;
+    Ok(fd)
+}
+
+/// Puts `state` on vCPU `id` (not running).
+pub fn restore_state(id: usize, fd: &VcpuFd, state: &VcpuState) -> Result<(), VcpuError> {
+    let err = |what| move |source| VcpuError::Restore { id, what, source };
+    let cpuid = CpuId::from_entries(&state.cpuid)
+        .map_err(|_| err("CPUID")(kvm_ioctls::Error::new(libc::E2BIG)))?;
+    fd.set_cpuid2(&cpuid).map_err(err("CPUID"))?;
+    fd.set_mp_state(state.mp_state).map_err(err("MP state"))?;
+    fd.set_regs(&state.regs).map_err(err("registers"))?;
+    fd.set_sregs(&state.sregs)
+        .map_err(err("special registers"))?;
+    // SAFETY: `state.xsave` is a whole `kvm_xsave` (the legacy 4 KiB layout KVM_GET_XSAVE
+    // returned); KVM reads no more than that from it.
+    unsafe { fd.set_xsave(&state.xsave) }.map_err(err("XSAVE"))?;
+    if let Some(xcrs) = &state.xcrs {
+        fd.set_xcrs(xcrs).map_err(err("XCRs"))?;
+    }
+    fd.set_debug_regs(&state.debugregs)
+        .map_err(err("debug registers"))?;
+    fd.set_lapic(&state.lapic).map_err(err("LAPIC"))?;
+    for batch in state.msrs.chunks(MSR_BATCH) {
+        let msrs = Msrs::from_entries(batch)
+            .map_err(|_| err("MSRs")(kvm_ioctls::Error::new(libc::E2BIG)))?;
+        let set = fd.set_msrs(&msrs).map_err(err("MSRs"))?;
+        if set != batch.len() {
+            return Err(VcpuError::RestoreMsr {
+                id,
+                set,
+                total: batch.len(),
+                index: batch[set].index,
+            });
+        }
+    }
+    fd.set_vcpu_events(&state.vcpu_events)
+        .map_err(err("events"))?;
+    Ok(())
 }
 
 /// Real-time signal used to kick vCPU threads out of `KVM_RUN`.
@@ -153,13 +338,16 @@ enum Request {
     Stop,
 }
 
-#[derive(Debug)]
 struct ControlState {
     request: Request,
     /// The thread is parked (paused) outside `KVM_RUN`.
     parked: bool,
     /// The thread runs the guest no more (the VM is over, or the thread has ended).
     exited: bool,
+    /// The controller asks the parked thread to save its vCPU's state.
+    save: bool,
+    /// What the thread saved.
+    saved: Option<Result<VcpuState, VcpuError>>,
 }
 
 struct Control {
@@ -182,6 +370,8 @@ pub struct VcpuContext {
     pub exits: Sender<VmEvent>,
     /// Set just before the first `KVM_RUN` of vCPU 0.
     pub first_run: Arc<OnceLock<Instant>>,
+    /// What saving the vCPU's state needs.
+    pub save: SaveCaps,
 }
 
 /// The controller's handle on a running vCPU thread.
@@ -194,14 +384,21 @@ pub struct VcpuHandle {
 const KICK_INTERVAL: Duration = Duration::from_millis(5);
 
 impl VcpuHandle {
-    /// Starts the thread of vCPU `id`.
-    pub fn spawn(id: usize, fd: VcpuFd, ctx: VcpuContext) -> Result<VcpuHandle, VcpuError> {
+    /// Starts the thread of vCPU `id`; a `paused` one parks before its first `KVM_RUN`.
+    pub fn spawn(
+        id: usize,
+        fd: VcpuFd,
+        ctx: VcpuContext,
+        paused: bool,
+    ) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
         let control = Arc::new(Control {
             state: Mutex::new(ControlState {
-                request: Request::Run,
+                request: if paused { Request::Pause } else { Request::Run },
                 parked: false,
                 exited: false,
+                save: false,
+                saved: None,
             }),
             changed: Condvar::new(),
         });
@@ -281,6 +478,31 @@ impl VcpuHandle {
         !st.parked || st.exited
     }
 
+    /// Has the paused thread save its vCPU's state, and returns it.
+    pub fn save_state(&self, timeout: Duration) -> Result<VcpuState, VcpuError> {
+        let mut st = self.control.lock();
+        if st.exited {
+            return Err(VcpuError::Exited(self.id));
+        }
+        if !st.parked {
+            return Err(VcpuError::NotPaused(self.id));
+        }
+        st.save = true;
+        st.saved = None;
+        self.control.changed.notify_all();
+        let (mut st, _) = self
+            .control
+            .changed
+            .wait_timeout_while(st, timeout, |s| s.saved.is_none() && !s.exited)
+            .unwrap_or_else(|p| p.into_inner());
+        st.save = false;
+        match st.saved.take() {
+            Some(result) => result,
+            None if st.exited => Err(VcpuError::Exited(self.id)),
+            None => Err(VcpuError::SaveTimeout(self.id, timeout)),
+        }
+    }
+
     /// Whether the thread is parked.
     pub fn is_paused(&self) -> bool {
         self.control.lock().parked
@@ -350,6 +572,15 @@ impl VcpuThread {
                     if !st.parked {
                         st.parked = true;
                         self.control.changed.notify_all();
+                    }
+                    if st.save {
+                        st.save = false;
+                        drop(st);
+                        let saved = save_state(self.id, &mut self.fd, &self.ctx.save);
+                        st = self.control.lock();
+                        st.saved = Some(saved);
+                        self.control.changed.notify_all();
+                        continue;
                     }
                     st = self
                         .control

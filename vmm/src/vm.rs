@@ -7,9 +7,12 @@
 //! Vm::start()       vCPU threads + event loop  -> RunningVm
 //! RunningVm::wait   until the guest stops (or a timeout) -> VmReport; stops all threads
 //! RunningVm::pause / resume
+//! RunningVm::snapshot(dir)   a paused VM's state and memory (see `snapshot`)
+//! Vm::restore(config)        a VM from a snapshot, ready to start where it was saved
 //! ```
 
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -19,7 +22,10 @@ use devices::virtio::block::Block;
 use devices::virtio::fs::Fs;
 use devices::virtio::vsock::Vsock;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_irqchip, kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::load_cmdline;
@@ -30,15 +36,18 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, PVH_INFO_START, ZERO_PAGE_START};
 use crate::arch::regs::BootProtocol;
 use crate::arch::{boot, mptable};
-use crate::config::{ConfigError, ConsoleConfig, VmConfig};
+use crate::config::{ConfigError, ConsoleConfig, RestoreConfig, VmConfig};
 use crate::device_manager::{clone_fd, DeviceError, DeviceManager};
 use crate::event_loop::{EventLoop, EventLoopError, Subscriber};
 use crate::exit::{ExitReason, VmEvent};
 use crate::host::HostKind;
 use crate::loader::{self, LoaderError};
 use crate::memory::{self, GuestMem, MemoryError};
+use crate::snapshot::{
+    self, DevicesState, HostFingerprint, KvmVmState, SnapshotError, SnapshotInfo, SnapshotState,
+};
 use crate::timings::{BootTimings, MemoryUsage};
-use crate::vcpu::{self, VcpuContext, VcpuError, VcpuHandle};
+use crate::vcpu::{self, SaveCaps, VcpuContext, VcpuError, VcpuHandle};
 
 /// Environment variable naming the KVM device (default `/dev/kvm`).
 pub const KVM_DEVICE_ENV: &str = "PODVISOR_KVM_DEVICE";
@@ -50,6 +59,8 @@ const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 const CONTROLLER: &str = "the VM controller";
 /// How long a pause may take before it is reported as failed.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a snapshot waits for devices to finish requests in flight.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors of VM creation and control.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +119,8 @@ pub enum VmError {
     PauseTimeout(Duration),
     #[error("vCPUs did not resume within {0:?}")]
     ResumeTimeout(Duration),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -120,11 +133,12 @@ pub struct Vm {
     host: HostKind,
     process_start: Instant,
     cmdline: String,
+    save_caps: SaveCaps,
     // Field order matters for drop: vCPUs and the VM fd go before guest memory.
     vcpu_fds: Vec<VcpuFd>,
     devices: DeviceManager,
     vm_fd: VmFd,
-    _kvm: Kvm,
+    kvm: Kvm,
     mem: GuestMem,
 }
 
@@ -133,73 +147,12 @@ impl Vm {
     /// (for the host set-up timing).
     pub fn new(config: VmConfig, process_start: Instant) -> Result<Vm, VmError> {
         config.validate()?;
-        let kvm = open_kvm()?;
-        let api = kvm.get_api_version();
-        if api != KVM_API_VERSION {
-            return Err(VmError::KvmApiVersion(api));
-        }
-        for cap in [
-            Cap::Irqchip,
-            Cap::Irqfd,
-            Cap::Ioeventfd,
-            Cap::UserMemory,
-            Cap::Pit2,
-            Cap::ImmediateExit,
-        ] {
-            if !kvm.check_extension(cap) {
-                return Err(VmError::KvmCapability(cap));
-            }
-        }
-        let host = HostKind::detect();
-        if host == HostKind::NestedPvm {
-            info!(
-                "nested PVM host detected (kvm_pvm): masking CX16/XSAVE/POPCNT/SMAP and KVM PV IPIs in \
-                 CPUID, adding {:?} to the kernel command line",
-                host.cmdline_words()
-            );
-        }
-
-        let vm_fd = kvm.create_vm().map_err(kvm_err("VM creation"))?;
-        vm_fd
-            .set_tss_address(KVM_TSS_ADDRESS)
-            .map_err(kvm_err("the TSS address"))?;
-        vm_fd
-            .create_irq_chip()
-            .map_err(kvm_err("the in-kernel irqchip"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm_fd
-            .create_pit2(pit)
-            .map_err(kvm_err("the in-kernel PIT"))?;
-
+        let (kvm, host, vm_fd) = create_kvm_vm()?;
         let mem_size = config.mem_bytes();
         let mem = memory::create(mem_size)?;
         memory::register(&vm_fd, &mem)?;
-
-        let mut devices = DeviceManager::new(&vm_fd, &config.console)?;
-        for disk in &config.disks {
-            let block = Block::new(disk).map_err(|e| VmError::Disk {
-                path: disk.path.clone(),
-                source: e,
-            })?;
-            devices.add_virtio(&vm_fd, &mem, Box::new(block))?;
-        }
-        for share in &config.shares {
-            let fs = Fs::new(share.clone()).map_err(|source| VmError::Share {
-                tag: share.tag.clone(),
-                source,
-            })?;
-            devices.add_virtio(&vm_fd, &mem, Box::new(fs))?;
-        }
-        if let Some(v) = &config.vsock {
-            let vsock = Vsock::new(v.guest_cid, &v.uds_path).map_err(|source| VmError::Vsock {
-                path: v.uds_path.clone(),
-                source,
-            })?;
-            devices.add_virtio(&vm_fd, &mem, Box::new(vsock))?;
-        }
+        let mut devices = DeviceManager::new(&vm_fd, &config.console, None)?;
+        add_virtio_devices(&mut devices, &vm_fd, &mem, &config)?;
 
         let kernel = loader::load_kernel(&mem, &config.kernel)?;
         let initrd = match &config.initrd {
@@ -254,9 +207,8 @@ impl Vm {
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let msr_list = kvm
-            .get_msr_index_list()
-            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+        let save_caps = save_caps(&kvm)?;
+        let msr_list = &save_caps.msr_list;
         let mut vcpu_fds = Vec::with_capacity(config.vcpus);
         for id in 0..config.vcpus {
             let boot = (id == 0).then_some((&mem, kernel.protocol, kernel.entry, boot_info));
@@ -266,7 +218,7 @@ impl Vm {
                 config.vcpus,
                 &supported_cpuid,
                 host.cpuid_masks(),
-                msr_list.as_slice(),
+                msr_list,
                 boot,
             )?);
         }
@@ -276,10 +228,87 @@ impl Vm {
             host,
             process_start,
             cmdline: cmdline_str,
+            save_caps,
             vcpu_fds,
             devices,
             vm_fd,
-            _kvm: kvm,
+            kvm,
+            mem,
+        })
+    }
+
+    /// Creates a VM from the snapshot in `restore.snapshot`, bound to `restore`'s console
+    /// and host resources; [`Vm::start`] resumes the guest where it was saved.
+    ///
+    /// Guest memory is the snapshot's memory file mapped `MAP_PRIVATE` (see
+    /// [`crate::snapshot`]); the snapshot is checked (format, checksum, host) before
+    /// anything is created. The guest's clock continues from the saved kvm-clock value
+    /// (no time passed for it); setting its wall clock, reseeding its RNG and everything
+    /// else per clone is up to the caller, through the guest.
+    pub fn restore(restore: &RestoreConfig, process_start: Instant) -> Result<Vm, VmError> {
+        let dir = &restore.snapshot;
+        let state = SnapshotState::read(dir)?;
+        let config = restore.apply(&state.config);
+        config.validate_devices()?;
+        if state.vcpus.len() != config.vcpus {
+            return Err(SnapshotError::VcpuCount {
+                saved: state.vcpus.len(),
+                current: config.vcpus,
+            }
+            .into());
+        }
+        let (kvm, host, vm_fd) = create_kvm_vm()?;
+        state
+            .host
+            .check(&HostFingerprint::of_this_host(&kvm, host)?)?;
+        if restore.verify_memory {
+            snapshot::verify_memory(dir, &state.memory)?;
+        }
+        let mem = memory::map_snapshot(&dir.join(snapshot::MEMORY_FILE), &state.memory)?;
+        memory::register(&vm_fd, &mem)?;
+
+        // VM, then vCPUs, then devices: a device that raises its saved pending interrupt
+        // again must find the interrupt controllers already restored.
+        restore_kvm_vm_state(&vm_fd, &state.vm)?;
+        let vcpu_fds = state
+            .vcpus
+            .iter()
+            .enumerate()
+            .map(|(id, s)| vcpu::restore(&vm_fd, id, s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut devices = DeviceManager::new(&vm_fd, &config.console, Some(&state.devices.serial))?;
+        add_virtio_devices(&mut devices, &vm_fd, &mem, &config)?;
+        if devices.virtio.len() != state.devices.virtio.len() {
+            return Err(SnapshotError::DeviceCount {
+                saved: state.devices.virtio.len(),
+                current: devices.virtio.len(),
+            }
+            .into());
+        }
+        for (index, (transport, saved)) in
+            devices.virtio.iter().zip(&state.devices.virtio).enumerate()
+        {
+            lock(transport)
+                .restore(saved)
+                .map_err(|source| SnapshotError::Device { index, source })?;
+        }
+        info!(
+            "restored from {} ({} vCPU(s), {} MiB, {} MiB of data in the snapshot)",
+            dir.display(),
+            config.vcpus,
+            config.mem_mib,
+            state.memory.data_pages * 4 / 1024
+        );
+        Ok(Vm {
+            config,
+            host,
+            process_start,
+            cmdline: state.cmdline,
+            save_caps: save_caps(&kvm)?,
+            vcpu_fds,
+            devices,
+            vm_fd,
+            kvm,
             mem,
         })
     }
@@ -300,7 +329,20 @@ impl Vm {
     }
 
     /// Starts the vCPU threads and the event loop.
-    pub fn start(mut self) -> Result<RunningVm, VmError> {
+    pub fn start(self) -> Result<RunningVm, VmError> {
+        self.spawn(false)
+    }
+
+    /// Starts the threads with every vCPU paused before its first `KVM_RUN`: the guest
+    /// runs from [`RunningVm::resume`] on (e.g. a restored VM the caller prepares first,
+    /// or saves again untouched).
+    pub fn start_paused(self) -> Result<RunningVm, VmError> {
+        let running = self.spawn(true)?;
+        running.pause()?;
+        Ok(running)
+    }
+
+    fn spawn(mut self, paused: bool) -> Result<RunningVm, VmError> {
         let (events_tx, events_rx) = mpsc::channel();
         let first_run = Arc::new(OnceLock::new());
         let pio = Arc::new(std::mem::take(&mut self.devices.pio));
@@ -337,8 +379,9 @@ impl Vm {
                 mem: self.mem.clone(),
                 exits: events_tx.clone(),
                 first_run: first_run.clone(),
+                save: self.save_caps.clone(),
             };
-            match VcpuHandle::spawn(id, fd, ctx) {
+            match VcpuHandle::spawn(id, fd, ctx, paused) {
                 Ok(handle) => vcpus.push(handle),
                 Err(e) => {
                     vcpus.into_iter().for_each(VcpuHandle::stop);
@@ -355,6 +398,7 @@ impl Vm {
             events: events_rx,
             first_run,
             memory_at_init: None,
+            ended: None,
         })
     }
 }
@@ -368,6 +412,139 @@ fn open_kvm() -> Result<Kvm, VmError> {
         source: kvm_ioctls::Error::new(libc::EINVAL),
     })?;
     Kvm::new_with_path(&c_path).map_err(|source| VmError::KvmUnavailable { path, source })
+}
+
+/// Opens KVM, checks what podvisor needs, and creates a VM with the in-kernel irqchip and
+/// PIT (the same for a booted and a restored VM).
+fn create_kvm_vm() -> Result<(Kvm, HostKind, VmFd), VmError> {
+    let kvm = open_kvm()?;
+    let api = kvm.get_api_version();
+    if api != KVM_API_VERSION {
+        return Err(VmError::KvmApiVersion(api));
+    }
+    for cap in [
+        Cap::Irqchip,
+        Cap::Irqfd,
+        Cap::Ioeventfd,
+        Cap::UserMemory,
+        Cap::Pit2,
+        Cap::ImmediateExit,
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::KvmCapability(cap));
+        }
+    }
+    let host = HostKind::detect();
+    if host == HostKind::NestedPvm {
+        info!(
+            "nested PVM host detected (kvm_pvm): masking CX16/XSAVE/POPCNT/SMAP and KVM PV IPIs in \
+             CPUID, adding {:?} to the kernel command line",
+            host.cmdline_words()
+        );
+    }
+
+    let vm_fd = kvm.create_vm().map_err(kvm_err("VM creation"))?;
+    vm_fd
+        .set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(kvm_err("the TSS address"))?;
+    vm_fd
+        .create_irq_chip()
+        .map_err(kvm_err("the in-kernel irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm_fd
+        .create_pit2(pit)
+        .map_err(kvm_err("the in-kernel PIT"))?;
+    Ok((kvm, host, vm_fd))
+}
+
+/// What saving vCPUs needs from this host's KVM.
+fn save_caps(kvm: &Kvm) -> Result<SaveCaps, VmError> {
+    let msr_list = kvm
+        .get_msr_index_list()
+        .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+    Ok(SaveCaps {
+        msr_list: msr_list.as_slice().into(),
+        xcrs: kvm.check_extension(Cap::Xcrs),
+    })
+}
+
+/// The configuration's virtio devices, in MMIO window order: disks, shares, vsock.
+fn add_virtio_devices(
+    devices: &mut DeviceManager,
+    vm_fd: &VmFd,
+    mem: &GuestMem,
+    config: &VmConfig,
+) -> Result<(), VmError> {
+    for disk in &config.disks {
+        let block = Block::new(disk).map_err(|e| VmError::Disk {
+            path: disk.path.clone(),
+            source: e,
+        })?;
+        devices.add_virtio(vm_fd, mem, Box::new(block))?;
+    }
+    for share in &config.shares {
+        let fs = Fs::new(share.clone()).map_err(|source| VmError::Share {
+            tag: share.tag.clone(),
+            source,
+        })?;
+        devices.add_virtio(vm_fd, mem, Box::new(fs))?;
+    }
+    if let Some(v) = &config.vsock {
+        let vsock = Vsock::new(v.guest_cid, &v.uds_path).map_err(|source| VmError::Vsock {
+            path: v.uds_path.clone(),
+            source,
+        })?;
+        devices.add_virtio(vm_fd, mem, Box::new(vsock))?;
+    }
+    Ok(())
+}
+
+fn irqchip(vm_fd: &VmFd, chip_id: u32) -> Result<kvm_irqchip, SnapshotError> {
+    let mut chip = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
+    vm_fd
+        .get_irqchip(&mut chip)
+        .map_err(|source| SnapshotError::Kvm {
+            what: "KVM_GET_IRQCHIP",
+            source,
+        })?;
+    Ok(chip)
+}
+
+/// The in-kernel PIC, IOAPIC, PIT and kvm-clock of `vm_fd`.
+fn save_kvm_vm_state(vm_fd: &VmFd) -> Result<KvmVmState, SnapshotError> {
+    let kvm = |what| move |source| SnapshotError::Kvm { what, source };
+    Ok(KvmVmState {
+        pic_master: irqchip(vm_fd, KVM_IRQCHIP_PIC_MASTER)?,
+        pic_slave: irqchip(vm_fd, KVM_IRQCHIP_PIC_SLAVE)?,
+        ioapic: irqchip(vm_fd, KVM_IRQCHIP_IOAPIC)?,
+        pit: vm_fd.get_pit2().map_err(kvm("KVM_GET_PIT2"))?,
+        clock: vm_fd.get_clock().map_err(kvm("KVM_GET_CLOCK"))?,
+    })
+}
+
+/// Puts back what [`save_kvm_vm_state`] saved. The clock is set with no flags: guest
+/// uptime continues from the saved value instead of jumping by the time the snapshot sat
+/// on disk (which KVM_CLOCK_REALTIME would do).
+fn restore_kvm_vm_state(vm_fd: &VmFd, s: &KvmVmState) -> Result<(), SnapshotError> {
+    let kvm = |what| move |source| SnapshotError::Kvm { what, source };
+    vm_fd.set_pit2(&s.pit).map_err(kvm("KVM_SET_PIT2"))?;
+    let mut clock = s.clock;
+    clock.flags = 0;
+    vm_fd.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))?;
+    for chip in [&s.pic_master, &s.pic_slave, &s.ioapic] {
+        vm_fd.set_irqchip(chip).map_err(kvm("KVM_SET_IRQCHIP"))?;
+    }
+    Ok(())
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The user's command line plus the VMM's words (devices, host quirks).
@@ -457,6 +634,8 @@ pub struct RunningVm {
     events: Receiver<VmEvent>,
     first_run: Arc<OnceLock<Instant>>,
     memory_at_init: Option<MemoryUsage>,
+    /// Why the VM ended, if it did while [`RunningVm::wait_for_init`] waited.
+    ended: Option<ExitReason>,
 }
 
 impl RunningVm {
@@ -490,6 +669,103 @@ impl RunningVm {
         self.vcpus.iter().all(VcpuHandle::is_paused)
     }
 
+    /// Saves the paused VM into `dir` (created if missing; an existing snapshot there is
+    /// replaced): memory file first, `state` last. Devices must be quiescent: the event
+    /// loop is paused meanwhile, and requests the devices already took from the guest
+    /// are waited for (up to a few seconds, then the snapshot fails). The VM stays paused;
+    /// [`RunningVm::resume`] lets it go on, as does any clone restored from `dir`.
+    pub fn snapshot(&self, dir: &Path) -> Result<SnapshotInfo, VmError> {
+        if !self.is_paused() {
+            return Err(SnapshotError::NotPaused.into());
+        }
+        let event_loop = self.event_loop.as_ref().ok_or(SnapshotError::NotPaused)?;
+        if !event_loop.pause(PAUSE_TIMEOUT) {
+            event_loop.resume();
+            return Err(SnapshotError::EventLoopBusy(PAUSE_TIMEOUT).into());
+        }
+        let result = self.save_paused(dir);
+        event_loop.resume();
+        result
+    }
+
+    fn save_paused(&self, dir: &Path) -> Result<SnapshotInfo, VmError> {
+        let started = Instant::now();
+        let devices = self.quiescent_devices()?;
+        let vm = save_kvm_vm_state(&self.vm.vm_fd)?;
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| v.save_state(PAUSE_TIMEOUT))
+            .collect::<Result<Vec<_>, _>>()?;
+        std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let memory = memory::save(&self.vm.mem, &dir.join(snapshot::MEMORY_FILE))?;
+        let state = SnapshotState {
+            host: HostFingerprint::of_this_host(&self.vm.kvm, self.vm.host)?,
+            podvisor_version: env!("CARGO_PKG_VERSION").to_string(),
+            config: self.vm.config.clone(),
+            cmdline: self.vm.cmdline.clone(),
+            memory: memory.clone(),
+            vm,
+            vcpus,
+            devices,
+        };
+        let state_bytes = state.write(dir)?;
+        let info = SnapshotInfo {
+            dir: dir.to_path_buf(),
+            state_bytes,
+            memory_bytes: memory.size,
+            memory_data_bytes: memory.data_pages * 4096,
+        };
+        info!(
+            "snapshot saved to {} in {:.1} ms: state {} KiB, memory {} MiB of which {} MiB data",
+            dir.display(),
+            started.elapsed().as_secs_f64() * 1e3,
+            info.state_bytes / 1024,
+            info.memory_bytes >> 20,
+            info.memory_data_bytes >> 20
+        );
+        Ok(info)
+    }
+
+    /// The devices' state once no request is in flight.
+    fn quiescent_devices(&self) -> Result<DevicesState, SnapshotError> {
+        let deadline = Instant::now() + QUIESCE_TIMEOUT;
+        loop {
+            let virtio: Vec<_> = self
+                .vm
+                .devices
+                .virtio
+                .iter()
+                .map(|t| lock(t).save())
+                .collect();
+            let busy = virtio
+                .iter()
+                .enumerate()
+                .find_map(|(i, d)| d.in_flight().map(|(q, n)| (i, d.device.kind(), q, n)));
+            match busy {
+                None => {
+                    return Ok(DevicesState {
+                        serial: lock(&self.vm.devices.serial).state(),
+                        virtio,
+                    })
+                }
+                Some((index, kind, queue, count)) if Instant::now() >= deadline => {
+                    return Err(SnapshotError::Busy {
+                        index,
+                        kind,
+                        queue,
+                        count,
+                        waited: QUIESCE_TIMEOUT,
+                    })
+                }
+                Some(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    }
+
     /// Whether the guest has written the boot-timer marker.
     pub fn init_started(&self) -> bool {
         self.vm.devices.init_marked.get().is_some()
@@ -500,33 +776,66 @@ impl RunningVm {
     pub fn wait(mut self, timeout: Option<Duration>) -> VmReport {
         let deadline = timeout.map(|t| Instant::now() + t);
         let reason = loop {
-            let event = match deadline {
-                Some(d) => match self
-                    .events
-                    .recv_timeout(d.saturating_duration_since(Instant::now()))
-                {
-                    Ok(e) => e,
-                    Err(RecvTimeoutError::Timeout) => {
-                        break ExitReason::Stopped(format!(
-                            "timed out after {:?}",
-                            timeout.unwrap_or_default()
-                        ))
-                    }
-                    Err(RecvTimeoutError::Disconnected) => {
-                        break ExitReason::Stopped("all vCPUs gone".into())
-                    }
-                },
-                None => match self.events.recv() {
-                    Ok(e) => e,
-                    Err(_) => break ExitReason::Stopped("all vCPUs gone".into()),
-                },
-            };
-            match event {
-                VmEvent::InitStarted => self.record_init_memory(),
-                VmEvent::Exit(reason) => break reason,
+            if let Some(reason) = self.ended.take() {
+                break reason;
+            }
+            if let Some(reason) = self.next_event(deadline, timeout) {
+                break reason;
             }
         };
         self.finish(reason)
+    }
+
+    /// Waits until the guest's init has started (boot-timer marker). `Err` if the VM ended
+    /// first or `timeout` passed: [`RunningVm::wait`] then reports why at once.
+    pub fn wait_for_init(&mut self, timeout: Option<Duration>) -> Result<(), ExitReason> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        while !self.init_started() {
+            if let Some(reason) = self.ended.clone() {
+                return Err(reason);
+            }
+            if let Some(reason) = self.next_event(deadline, timeout) {
+                self.ended = Some(reason.clone());
+                return Err(reason);
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles the next controller event; the reason the VM ends, if it does.
+    fn next_event(
+        &mut self,
+        deadline: Option<Instant>,
+        timeout: Option<Duration>,
+    ) -> Option<ExitReason> {
+        let event = match deadline {
+            Some(d) => match self
+                .events
+                .recv_timeout(d.saturating_duration_since(Instant::now()))
+            {
+                Ok(e) => e,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Some(ExitReason::Stopped(format!(
+                        "timed out after {:?}",
+                        timeout.unwrap_or_default()
+                    )))
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Some(ExitReason::Stopped("all vCPUs gone".into()))
+                }
+            },
+            None => match self.events.recv() {
+                Ok(e) => e,
+                Err(_) => return Some(ExitReason::Stopped("all vCPUs gone".into())),
+            },
+        };
+        match event {
+            VmEvent::InitStarted => {
+                self.record_init_memory();
+                None
+            }
+            VmEvent::Exit(reason) => Some(reason),
+        }
     }
 
     /// Stops the VM now.

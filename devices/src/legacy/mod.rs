@@ -12,4 +12,4 @@ pub mod serial;
 pub use boot_timer::{BootTimer, BOOT_TIMER_MAGIC};
 pub use console_input::ConsoleInput;
 pub use i8042::I8042;
-pub use serial::{ConsoleLog, IrqTrigger, Serial};
+pub use serial::{ConsoleLog, IrqTrigger, Serial, SerialPersist};

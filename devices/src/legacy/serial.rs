@@ -10,7 +10,8 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
 use log::warn;
-use vm_superio::serial::SerialEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -156,6 +157,61 @@ impl SerialEvents for InputEvents {
     }
 }
 
+/// The UART's registers and receive FIFO, as a snapshot holds them (vm-superio's
+/// `SerialState`, which has no serde support of its own).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialPersist {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialPersist {
+    fn from(s: SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialPersist> for SerialState {
+    fn from(s: &SerialPersist) -> Self {
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
+/// Saved UART state that cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid saved serial state: {0}")]
+pub struct SerialRestoreError(String);
+
 /// The serial console device.
 pub struct Serial {
     uart: vm_superio::Serial<IrqTrigger, InputEvents, ConsoleOut>,
@@ -180,6 +236,30 @@ impl Serial {
         }
     }
 
+    /// [`Serial::new`] with saved registers and receive FIFO (a pending interrupt is
+    /// raised again).
+    pub fn from_state(
+        state: &SerialPersist,
+        irq: IrqTrigger,
+        sink: Box<dyn Write + Send>,
+        log: Arc<Mutex<ConsoleLog>>,
+        fifo_empty: Option<EventFd>,
+    ) -> Result<Self, SerialRestoreError> {
+        let out = ConsoleOut {
+            sink,
+            log,
+            sink_failed: false,
+        };
+        let uart = vm_superio::Serial::from_state(
+            &SerialState::from(state),
+            irq,
+            InputEvents(fifo_empty),
+            out,
+        )
+        .map_err(|e| SerialRestoreError(format!("{e:?}")))?;
+        Ok(Self { uart })
+    }
+
     /// Queues host input for the guest; returns how many bytes fit in the receive FIFO.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         let room = self.uart.fifo_capacity();
@@ -202,8 +282,8 @@ impl Serial {
     }
 
     /// The UART's register state (for snapshots).
-    pub fn state(&self) -> vm_superio::serial::SerialState {
-        self.uart.state()
+    pub fn state(&self) -> SerialPersist {
+        self.uart.state().into()
     }
 }
 
@@ -284,6 +364,50 @@ mod tests {
         let mut b = [0];
         serial.read(0, &mut b);
         assert_eq!(b, [b'l']);
+    }
+
+    #[test]
+    fn state_survives_save_load_save() {
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let new = |state: Option<&SerialPersist>| {
+            let irq = IrqTrigger::new(evt.try_clone().unwrap());
+            let log = ConsoleLog::shared();
+            match state {
+                Some(s) => Serial::from_state(s, irq, Box::new(io::sink()), log, None).unwrap(),
+                None => Serial::new(irq, Box::new(io::sink()), log, None),
+            }
+        };
+        let mut serial = new(None);
+        serial.write(3, &[0x03]); // LCR: 8N1
+        serial.write(7, &[0x5a]); // scratch
+        serial.write(1, &[0x01]); // IER: received data available
+        serial.enqueue_input(b"ab");
+        let saved = serial.state();
+        let json = serde_json::to_string(&saved).unwrap();
+        let loaded: SerialPersist = serde_json::from_str(&json).unwrap();
+        while evt.read().is_ok() {}
+        let mut restored = new(Some(&loaded));
+        assert_eq!(restored.state(), saved);
+        assert_eq!(
+            evt.read().unwrap(),
+            1,
+            "pending input interrupt raised again"
+        );
+        let mut b = [0];
+        restored.read(0, &mut b);
+        assert_eq!(b, [b'a']);
+        let bad = SerialPersist {
+            in_buffer: vec![0; 4096],
+            ..saved
+        };
+        assert!(Serial::from_state(
+            &bad,
+            IrqTrigger::new(evt.try_clone().unwrap()),
+            Box::new(io::sink()),
+            ConsoleLog::shared(),
+            None
+        )
+        .is_err());
     }
 
     #[test]

@@ -29,11 +29,13 @@
 use std::sync::Arc;
 
 use log::{debug, error, info, warn};
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::features::{bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use super::persist::{MmioPersist, PersistError};
 use super::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
 use super::{ActivateError, DeviceSubscriber, GuestMem, Interrupt, VirtioDevice};
 use crate::bus::BusDevice;
@@ -101,7 +103,7 @@ pub enum MmioError {
 }
 
 /// What the driver wrote for one queue, validated at DRIVER_OK.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueRegs {
     pub max_size: u16,
     pub size: u16,
@@ -151,7 +153,7 @@ impl QueueRegs {
 }
 
 /// The transport's register state (for snapshots and tests).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MmioState {
     pub status: u32,
     pub device_features_sel: u32,
@@ -259,6 +261,88 @@ impl MmioTransport {
             needs_reset: self.broken || self.interrupt.needs_reset(),
             config_generation: self.config_generation,
         }
+    }
+
+    /// The transport and its device as a snapshot holds them (see
+    /// [`persist`](super::persist)).
+    pub fn save(&self) -> MmioPersist {
+        MmioPersist {
+            transport: self.state(),
+            device: self.device.save(),
+        }
+    }
+
+    /// Puts back `saved` on this transport, whose device was just built for this VM and
+    /// never touched by a driver. A device that was running is activated again with its
+    /// queues where they were, and a pending interrupt is raised again. On error the
+    /// transport is left reset (as new).
+    pub fn restore(&mut self, saved: &MmioPersist) -> Result<(), PersistError> {
+        let result = self.try_restore(saved);
+        if result.is_err() {
+            self.reset();
+        }
+        result
+    }
+
+    fn try_restore(&mut self, saved: &MmioPersist) -> Result<(), PersistError> {
+        let t = &saved.transport;
+        if t.queues.len() != self.queues.len() {
+            return Err(PersistError::QueueCount {
+                saved: t.queues.len(),
+                current: self.queues.len(),
+            });
+        }
+        self.device.check_restore(&saved.device)?;
+        for (index, (s, q)) in t.queues.iter().zip(&self.queues).enumerate() {
+            if s.max_size != q.max_size {
+                return Err(PersistError::Queue {
+                    index,
+                    reason: format!(
+                        "saved maximum size {}, the device's is {}",
+                        s.max_size, q.max_size
+                    ),
+                });
+            }
+        }
+        let acked = saved.device.acked_features();
+        let offered = self.device.avail_features();
+        if acked & !offered != 0 {
+            return Err(PersistError::Features {
+                device: saved.device.kind(),
+                acked,
+                offered,
+            });
+        }
+        self.device.set_acked_features(acked);
+        self.status = t.status & !DEVICE_NEEDS_RESET;
+        self.device_features_sel = t.device_features_sel;
+        self.driver_features_sel = t.driver_features_sel;
+        self.driver_features = t.driver_features;
+        self.queue_sel = t.queue_sel;
+        self.queues.clone_from(&t.queues);
+        self.config_generation = t.config_generation;
+        if self.status & DRIVER_OK != 0 && !t.needs_reset {
+            let saved_queues = saved.device.queues().ok_or(PersistError::MissingQueues)?;
+            if saved_queues.len() != self.queues.len() {
+                return Err(PersistError::QueueCount {
+                    saved: saved_queues.len(),
+                    current: self.queues.len(),
+                });
+            }
+            let queues = saved_queues
+                .iter()
+                .enumerate()
+                .map(|(index, q)| {
+                    q.to_queue(&self.mem)
+                        .map_err(|reason| PersistError::Queue { index, reason })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            self.device
+                .activate(self.mem.clone(), self.interrupt.clone(), queues)?;
+            self.device.restored();
+        }
+        self.interrupt.restore(t.interrupt_status, t.needs_reset);
+        Ok(())
     }
 
     fn selected_queue(&self) -> Option<&QueueRegs> {
@@ -551,7 +635,7 @@ mod tests {
 
     use super::*;
     use crate::virtio::test_utils::MmioDriver;
-    use crate::virtio::FeatureSet;
+    use crate::virtio::{DeviceState, FeatureSet};
 
     struct Idle;
     impl MutEventSubscriber for Idle {
@@ -623,6 +707,17 @@ mod tests {
         }
         fn subscriber(&self) -> DeviceSubscriber {
             Arc::new(Mutex::new(Idle))
+        }
+        fn save(&self) -> DeviceState {
+            DeviceState::Generic {
+                device_type: 42,
+                avail_features: self.features.avail(),
+                acked_features: self.features.acked(),
+                queues: None,
+            }
+        }
+        fn check_restore(&self, saved: &DeviceState) -> Result<(), PersistError> {
+            saved.same_kind(&self.save())
         }
     }
 

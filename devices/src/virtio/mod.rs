@@ -24,6 +24,7 @@
 pub mod block;
 pub mod fs;
 pub mod mmio;
+pub mod persist;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 pub mod vsock;
@@ -39,6 +40,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use mmio::MmioTransport;
+pub use persist::{DeviceState, MmioPersist, PersistError, QueuePersist};
 
 /// Guest memory as devices see it (the same type as the VMM's guest RAM).
 pub type GuestMem = GuestMemoryMmap<()>;
@@ -141,6 +143,16 @@ impl Interrupt {
     pub(crate) fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
         self.needs_reset.store(false, Ordering::SeqCst);
+    }
+
+    /// Puts back a saved `InterruptStatus` and needs-reset flag (snapshot restore); a
+    /// pending interrupt is raised again, since the guest may not have seen it.
+    pub(crate) fn restore(&self, status: u32, needs_reset: bool) {
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+        self.status.store(0, Ordering::SeqCst);
+        if status != 0 {
+            self.raise(status);
+        }
     }
 
     fn raise(&self, bit: u32) {
@@ -262,6 +274,20 @@ pub trait VirtioDevice: Send {
 
     /// The subscriber to add to the VMM's event loop (once, when the VM is built).
     fn subscriber(&self) -> DeviceSubscriber;
+
+    /// The device's saved state: identity, features and, while active, its queues (see
+    /// [`persist`]). Consistent only at a quiescent point (no request in flight).
+    fn save(&self) -> DeviceState;
+
+    /// Checks that `saved` comes from a device of this kind with the guest-visible identity
+    /// of this one (what the guest driver has already read: capacity, tag, CID). The
+    /// transport then restores the features and, if it was running, activates the device
+    /// with the saved queues.
+    fn check_restore(&self, saved: &DeviceState) -> Result<(), PersistError>;
+
+    /// Called once a restored device runs again (after its activation with the saved
+    /// queues), e.g. to tell the guest that host-side sessions are gone.
+    fn restored(&mut self) {}
 }
 
 /// Locks `m`, recovering from poisoning: a panic on one thread must not take the device's

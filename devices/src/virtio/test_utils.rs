@@ -24,12 +24,12 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::DescriptorTable;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mmio::{regs, MmioTransport};
 use super::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
-use super::{DeviceSubscriber, GuestMem, VirtioDevice};
+use super::{DeviceSubscriber, GuestMem, MmioPersist, PersistError, VirtioDevice};
 use crate::bus::BusDevice;
 
 /// Where queue rings go.
@@ -163,20 +163,44 @@ impl MmioDriver {
     /// its subscriber on a private event loop.
     pub fn new(device: Box<dyn VirtioDevice>, mem_size: usize) -> MmioDriver {
         let mem = GuestMem::from_ranges(&[(GuestAddress(0), mem_size)]).expect("guest memory");
+        Self::over(mem, device)
+    }
+
+    fn over(mem: GuestMem, device: Box<dyn VirtioDevice>) -> MmioDriver {
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let transport =
             MmioTransport::new(mem.clone(), device, irq.try_clone().unwrap()).expect("transport");
         let mut events = EventManager::new().expect("event manager");
         events.add_subscriber(transport.subscriber());
         MmioDriver {
+            mem_size: mem.last_addr().0 + 1,
             mem,
             transport,
             queues: Vec::new(),
             irq,
             events,
-            mem_size: mem_size as u64,
             next_buf: BUFFER_AREA,
         }
+    }
+
+    /// What a restored VM's guest continues with: `device` (built anew) restored from
+    /// `saved` over a copy of this driver's guest memory (the snapshot's memory), and this
+    /// driver's view of the queues and buffers.
+    pub fn restore(
+        &self,
+        device: Box<dyn VirtioDevice>,
+        saved: &MmioPersist,
+    ) -> Result<MmioDriver, PersistError> {
+        let size = self.mem_size as usize;
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), size)]).expect("guest memory");
+        let mut image = vec![0u8; size];
+        self.mem.read_slice(&mut image, GuestAddress(0)).unwrap();
+        mem.write_slice(&image, GuestAddress(0)).unwrap();
+        let mut drv = Self::over(mem, device);
+        drv.transport.restore(saved)?;
+        drv.queues = self.queues.clone();
+        drv.next_buf = self.next_buf;
+        Ok(drv)
     }
 
     /// A 32-bit register read.

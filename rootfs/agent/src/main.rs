@@ -196,6 +196,7 @@ fn run(args: &Args, guest: bool) -> Result<(), StartError> {
         },
         resolv_conf: args.resolv_conf.clone(),
         base_env: pid1::inherited_env(),
+        owns_machine: guest,
     };
     let sandbox = Arc::new(Sandbox::new(config, reaper, streams, oom));
     let service = server::AgentService::new(sandbox.clone());

@@ -52,6 +52,10 @@ pub enum SandboxError {
     },
     #[error("the sandbox is being destroyed")]
     Destroying,
+    #[error("setting the guest clock: {0}")]
+    Clock(nix::Error),
+    #[error("seeding the guest's random pool: {0}")]
+    Entropy(std::io::Error),
 }
 
 impl From<SandboxError> for RpcError {
@@ -88,6 +92,9 @@ pub struct SandboxConfig {
     /// Environment every process gets (from the agent's own environment, e.g.
     /// GLIBC_TUNABLES given on the kernel command line).
     pub base_env: Vec<String>,
+    /// PID 1 of a VM: CreateSandbox may set the clock and seed the random pool (never in
+    /// host-test mode, where they are the host's).
+    pub owns_machine: bool,
 }
 
 #[derive(Default)]
@@ -201,6 +208,22 @@ impl Sandbox {
         }
         if state.created {
             return Err(SandboxError::AlreadyCreated.into());
+        }
+        if self.config.owns_machine {
+            if req.realtime_ns > 0 {
+                let ts = libc::timespec {
+                    tv_sec: req.realtime_ns / 1_000_000_000,
+                    tv_nsec: req.realtime_ns % 1_000_000_000,
+                };
+                // SAFETY: a valid timespec on the stack; the kernel only reads it.
+                if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+                    return Err(SandboxError::Clock(nix::Error::last()).into());
+                }
+            }
+            if !req.entropy.is_empty() {
+                add_entropy(&req.entropy).map_err(SandboxError::Entropy)?;
+                log::info!("{} bytes of host entropy added", req.entropy.len());
+            }
         }
         if !req.hostname.is_empty() {
             nix::unistd::sethostname(&req.hostname).map_err(|source| SandboxError::Hostname {
@@ -409,6 +432,35 @@ impl Sandbox {
     pub fn cgroup_parent_path(&self) -> PathBuf {
         PathBuf::from(CGROUP_ROOT).join(&self.config.layout.cgroup_parent)
     }
+}
+
+/// `RNDADDENTROPY`: mixes `bytes` into the kernel's pool and credits them (a plain write to
+/// /dev/urandom mixes without crediting), then `RNDRESEEDCRNG`.
+fn add_entropy(bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    let bytes = &bytes[..bytes.len().min(512)];
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut buf = Vec::with_capacity(8 + bytes.len());
+    buf.extend_from_slice(&((bytes.len() * 8) as i32).to_ne_bytes());
+    buf.extend_from_slice(&(bytes.len() as i32).to_ne_bytes());
+    buf.extend_from_slice(bytes);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    // SAFETY: `buf` is a rand_pool_info header followed by buf_size bytes, alive for the
+    // call; the kernel only reads it.
+    if unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY, buf.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // The CRNG reseeds from the pool only now and then: force it, so reads from now on
+    // depend on the new entropy (a clone must not continue its template's output).
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    // SAFETY: an ioctl without argument on our descriptor.
+    if unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -4,12 +4,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use log::info;
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{Queue, QueueState};
+use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disk::{Disk, DiskError, ID_BYTES};
@@ -23,9 +24,10 @@ use super::{
 use crate::virtio::features::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
+use crate::virtio::persist::same;
 use crate::virtio::{
-    lock, read_config_bytes, ActivateError, DeviceSubscriber, FeatureSet, GuestMem, Interrupt,
-    VirtioDevice,
+    lock, read_config_bytes, ActivateError, DeviceState, DeviceSubscriber, FeatureSet, GuestMem,
+    Interrupt, PersistError, QueuePersist, VirtioDevice,
 };
 
 /// Size of the part of `struct virtio_blk_config` the device fills (up to
@@ -33,7 +35,7 @@ use crate::virtio::{
 const CONFIG_LEN: usize = 60;
 
 /// How to build a block device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockConfig {
     /// Raw disk image or block device.
     pub path: PathBuf,
@@ -51,8 +53,10 @@ pub enum BlockError {
     EventFd(std::io::Error),
 }
 
-/// The device's state (for snapshots and tests).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The device's state (for snapshots and tests). A restored device must have the saved
+/// capacity and read-only flag (the guest has read them); `path` and `id` are the source
+/// VM's and only informative: a restore binds the device to this VM's disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockState {
     pub path: PathBuf,
     pub capacity: u64,
@@ -61,8 +65,8 @@ pub struct BlockState {
     pub avail_features: u64,
     pub acked_features: u64,
     pub config: Vec<u8>,
-    /// The live queue state while the device is active.
-    pub queue: Option<QueueState>,
+    /// The live queue while the device is active.
+    pub queues: Option<Vec<QueuePersist>>,
 }
 
 /// A virtio-blk device.
@@ -122,7 +126,9 @@ impl Block {
 
     /// The device's state.
     pub fn state(&self) -> BlockState {
-        let queue = lock(&self.active).as_ref().map(|a| lock(&a.queue).state());
+        let queues = lock(&self.active)
+            .as_ref()
+            .map(|a| vec![QueuePersist::of(&lock(&a.queue))]);
         BlockState {
             path: self.disk.path().into(),
             capacity: self.disk.capacity(),
@@ -131,7 +137,7 @@ impl Block {
             avail_features: self.features.avail(),
             acked_features: self.features.acked(),
             config: self.config.to_vec(),
-            queue,
+            queues,
         }
     }
 
@@ -248,6 +254,29 @@ impl VirtioDevice for Block {
 
     fn subscriber(&self) -> DeviceSubscriber {
         self.handler.clone()
+    }
+
+    fn save(&self) -> DeviceState {
+        DeviceState::Block(self.state())
+    }
+
+    fn check_restore(&self, saved: &DeviceState) -> Result<(), PersistError> {
+        let current = self.state();
+        let DeviceState::Block(s) = saved else {
+            return saved.same_kind(&DeviceState::Block(current));
+        };
+        same(
+            "virtio-blk",
+            "capacity (sectors)",
+            &s.capacity,
+            &current.capacity,
+        )?;
+        same(
+            "virtio-blk",
+            "read-only flag",
+            &s.read_only,
+            &current.read_only,
+        )
     }
 }
 

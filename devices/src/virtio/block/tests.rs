@@ -16,7 +16,7 @@ use crate::virtio::features::{bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::virtio::mmio::regs;
 use crate::virtio::status::*;
 use crate::virtio::test_utils::{Buf, MmioDriver};
-use crate::virtio::{INT_CONFIG_CHANGE, INT_USED_RING};
+use crate::virtio::{DeviceState, MmioPersist, INT_CONFIG_CHANGE, INT_USED_RING};
 
 const WAIT: Duration = Duration::from_secs(10);
 const SETTLE: Duration = Duration::from_millis(50);
@@ -757,4 +757,65 @@ fn indirect_descriptors() {
     let mut got = f.drv.read_mem(d1, 512);
     got.extend(f.drv.read_mem(d2, 512));
     assert_eq!(got, pattern(1024, 3));
+}
+
+#[test]
+fn snapshot_restore_continues_the_queue_and_checks_the_disk() {
+    let mut f = active(1 << 20, false);
+    f.img.as_file().write_all_at(&pattern(512, 1), 0).unwrap();
+    let (bufs, r) = f.request(VIRTIO_BLK_T_IN, 0, &[512], true);
+    assert_eq!(r, (OK, 513));
+    assert_eq!(f.drv.read_mem(bufs[1].0, 512), pattern(512, 1));
+
+    // save -> JSON -> load -> restore -> save: unchanged.
+    let saved = f.drv.transport.save();
+    assert_eq!(saved.in_flight(), None, "quiescent");
+    let q = saved.device.queues().unwrap()[0];
+    assert_eq!((q.next_avail, q.next_used), (1, 1));
+    let json = serde_json::to_string(&saved).unwrap();
+    let loaded: MmioPersist = serde_json::from_str(&json).unwrap();
+    assert_eq!(loaded, saved);
+    // The clone gets its own copy of the disk (the source still holds its lock).
+    let copy = TempFile::new().unwrap();
+    std::fs::copy(f.img.as_path(), copy.as_path()).unwrap();
+    let again = |read_only| {
+        Block::new(&BlockConfig {
+            path: copy.as_path().into(),
+            read_only,
+            id: Some("podvisor-disk-0".into()),
+        })
+        .unwrap()
+    };
+    let mut restored = f.drv.restore(Box::new(again(false)), &loaded).unwrap();
+    let mut expected = saved.clone();
+    let DeviceState::Block(b) = &mut expected.device else {
+        unreachable!()
+    };
+    b.path = copy.as_path().into();
+    assert_eq!(restored.transport.save(), expected);
+    // The pending interrupt of the last request is raised again.
+    assert!(restored.take_irqs() >= 1);
+    // The guest goes on with the next ring entries.
+    copy.as_file().write_all_at(&pattern(512, 2), 0).unwrap();
+    f.drv = restored;
+    let (bufs, r) = f.request(VIRTIO_BLK_T_IN, 0, &[512], true);
+    assert_eq!(r, (OK, 513));
+    assert_eq!(f.drv.read_mem(bufs[1].0, 512), pattern(512, 2));
+    drop(f);
+
+    // A disk the guest does not know is refused, saying why.
+    let other = device(1 << 20, false, None);
+    let refused = |read_only| {
+        other
+            .drv
+            .restore(Box::new(again(read_only)), &loaded)
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    let err = refused(true);
+    assert!(err.contains("read-only flag"), "{err}");
+    copy.as_file().set_len(2 << 20).unwrap();
+    let err = refused(false);
+    assert!(err.contains("capacity (sectors)"), "{err}");
 }

@@ -39,7 +39,8 @@ pub enum ConfigError {
 }
 
 /// How much the guest may cache: data, attributes and directory entries.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum CachePolicy {
     /// No data caching (direct I/O), no attribute/entry caching. For directories the host
     /// changes behind the guest's back. Note: Linux < 6.6 refuses shared writable `mmap` on
@@ -95,7 +96,7 @@ impl fmt::Display for CachePolicy {
 }
 
 /// Per-share options.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ShareOptions {
     /// Refuse every change with `EROFS` (create, write, setattr, rename, xattrs, ...).
     pub read_only: bool,
@@ -123,7 +124,7 @@ impl Default for ShareOptions {
 }
 
 /// One share: a virtio-fs device the guest mounts with `mount -t virtiofs TAG /mnt`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ShareConfig {
     pub tag: String,
     /// The host directory (absolute after [`ShareConfig::new`] or parsing).

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use log::{info, warn};
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
-use virtio_queue::{Queue, QueueState};
+use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::config::{ConfigError, ShareConfig, ShareOptions, TAG_LEN};
@@ -16,9 +17,10 @@ use super::{NUM_QUEUES, NUM_REQUEST_QUEUES, QUEUE_SIZE};
 use crate::virtio::features::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
+use crate::virtio::persist::same;
 use crate::virtio::{
-    lock, read_config_bytes, ActivateError, DeviceSubscriber, FeatureSet, GuestMem, Interrupt,
-    VirtioDevice,
+    lock, read_config_bytes, ActivateError, DeviceState, DeviceSubscriber, FeatureSet, GuestMem,
+    Interrupt, PersistError, QueuePersist, VirtioDevice,
 };
 
 /// `struct virtio_fs_config`: `char tag[36]` + `le32 num_request_queues`.
@@ -40,7 +42,10 @@ pub enum FsError {
 /// is not snapshotted: a restored guest that still has the share mounted sees stale node
 /// IDs (`EBADF`/`ENOENT`) until it remounts. Unmount shares before taking a template, or
 /// snapshot the session once fuse-backend-rs' `persist` support is wired in.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// A restored device must have the saved tag; `dir` and `options` are the source VM's and
+/// only informative: a restore serves this VM's directory with this VM's options.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FsState {
     pub tag: String,
     pub dir: PathBuf,
@@ -48,7 +53,7 @@ pub struct FsState {
     pub avail_features: u64,
     pub acked_features: u64,
     /// The live queue states (hiprio, request) while the device is active.
-    pub queues: Option<Vec<QueueState>>,
+    pub queues: Option<Vec<QueuePersist>>,
 }
 
 /// A virtio-fs device serving one share.
@@ -109,9 +114,12 @@ impl Fs {
 
     /// The device's state (see [`FsState`] for what is not in it).
     pub fn state(&self) -> FsState {
-        let queues = lock(&self.active)
-            .as_ref()
-            .map(|a| a.queues.iter().map(|q| lock(q).state()).collect());
+        let queues = lock(&self.active).as_ref().map(|a| {
+            a.queues
+                .iter()
+                .map(|q| QueuePersist::of(&lock(q)))
+                .collect()
+        });
         FsState {
             tag: self.share.tag.clone(),
             dir: self.share.dir.clone(),
@@ -223,6 +231,17 @@ impl VirtioDevice for Fs {
 
     fn subscriber(&self) -> DeviceSubscriber {
         self.handler.clone()
+    }
+
+    fn save(&self) -> DeviceState {
+        DeviceState::Fs(self.state())
+    }
+
+    fn check_restore(&self, saved: &DeviceState) -> Result<(), PersistError> {
+        let DeviceState::Fs(s) = saved else {
+            return saved.same_kind(&self.save());
+        };
+        same("virtio-fs", "tag", &s.tag, &self.share.tag)
     }
 }
 

@@ -1276,3 +1276,37 @@ fn the_process_umask_is_left_alone() {
     f.c.mkdir(ROOT, "d", 0o777).unwrap();
     assert_eq!(process_umask(), before, "fuse-backend-rs' umask(0) leaked");
 }
+
+#[test]
+fn restore_serves_this_vms_directory_with_the_saved_queues() {
+    let mut f = rw();
+    fs::write(f.host("f"), b"abc").unwrap();
+    f.c.lookup(ROOT, "f").unwrap();
+    let saved = f.c.drv.transport.save();
+    assert_eq!(saved.in_flight(), None);
+    let json = serde_json::to_string(&saved).unwrap();
+    let loaded: crate::virtio::MmioPersist = serde_json::from_str(&json).unwrap();
+    assert_eq!(loaded, saved);
+
+    // The clone's share is another directory under the same tag.
+    let clone_dir = TempDir::new().unwrap();
+    fs::write(clone_dir.as_path().join("g"), b"clone").unwrap();
+    let dev = device(clone_dir.as_path(), TAG, ShareOptions::default());
+    let restored = f.c.drv.restore(Box::new(dev), &loaded).unwrap();
+    let mut expected = saved.clone();
+    let crate::virtio::DeviceState::Fs(s) = &mut expected.device else {
+        unreachable!()
+    };
+    s.dir = clone_dir.as_path().into();
+    assert_eq!(restored.transport.save(), expected);
+
+    // The guest mounts again (a new FUSE session) and sees this VM's directory.
+    f.c.drv = restored;
+    f.c.init();
+    assert_eq!(f.c.lookup(ROOT, "g").unwrap().attr.size, 5);
+    assert!(f.c.lookup(ROOT, "f").is_err());
+
+    let other = device(clone_dir.as_path(), "other-tag", ShareOptions::default());
+    let err = f.c.drv.restore(Box::new(other), &loaded).err().unwrap();
+    assert!(err.to_string().contains("tag"), "{err}");
+}

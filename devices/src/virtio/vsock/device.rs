@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use log::{info, warn};
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -17,9 +18,10 @@ use super::{Timeouts, NUM_QUEUES, QUEUE_SIZE};
 use crate::virtio::features::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
+use crate::virtio::persist::same;
 use crate::virtio::{
-    lock, read_config_bytes, ActivateError, DeviceSubscriber, FeatureSet, GuestMem, Interrupt,
-    VirtioDevice,
+    lock, read_config_bytes, ActivateError, DeviceState, DeviceSubscriber, FeatureSet, GuestMem,
+    Interrupt, PersistError, QueuePersist, VirtioDevice,
 };
 
 /// Errors building a vsock device.
@@ -35,15 +37,19 @@ pub enum VsockError {
     Timer(std::io::Error),
 }
 
-/// The device's configuration (for snapshots and tests). Live streams are not part of it:
-/// a restored VM starts with none (the guest sees its connections reset, as after a
-/// transport reset event), and host clients reconnect.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The device's state (for snapshots and tests). Live streams are not part of it: a
+/// restored device starts with none and sends the guest a transport reset event, which
+/// resets the guest's connected sockets (listeners stay); host clients reconnect. A
+/// restored device must have the saved guest CID; `uds_path` is the source VM's and only
+/// informative.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockState {
     pub guest_cid: u64,
     pub uds_path: PathBuf,
     pub avail_features: u64,
     pub acked_features: u64,
+    /// The live queues (rx, tx, event) while the device is active.
+    pub queues: Option<Vec<QueuePersist>>,
 }
 
 /// A virtio-vsock device with the Unix-socket back end (see the [module docs](super)).
@@ -119,13 +125,14 @@ impl Vsock {
         self.handler.clone()
     }
 
-    /// The device's configuration (live streams are not included).
+    /// The device's state (live streams are not included).
     pub fn state(&self) -> VsockState {
         VsockState {
             guest_cid: self.guest_cid,
             uds_path: self.socket.path().into(),
             avail_features: self.features.avail(),
             acked_features: self.features.acked(),
+            queues: lock(&self.handler).queue_states(),
         }
     }
 }
@@ -211,5 +218,20 @@ impl VirtioDevice for Vsock {
 
     fn subscriber(&self) -> DeviceSubscriber {
         self.handler.clone()
+    }
+
+    fn save(&self) -> DeviceState {
+        DeviceState::Vsock(self.state())
+    }
+
+    fn check_restore(&self, saved: &DeviceState) -> Result<(), PersistError> {
+        let DeviceState::Vsock(s) = saved else {
+            return saved.same_kind(&self.save());
+        };
+        same("virtio-vsock", "guest CID", &s.guest_cid, &self.guest_cid)
+    }
+
+    fn restored(&mut self) {
+        lock(&self.handler).transport_reset();
     }
 }

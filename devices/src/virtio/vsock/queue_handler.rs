@@ -10,8 +10,9 @@
 //!   receive buffers, a buffer is popped and filled. If the muxer had nothing after all the
 //!   buffer is put back. Out of buffers, the device re-enables notifications and waits for
 //!   the next RX kick.
-//! * Event queue: only drained; the device sends no events (a transport reset event would
-//!   follow a snapshot restore, which keeps no streams).
+//! * Event queue: kicks are only drained. The one event the device sends is the transport
+//!   reset after a snapshot restore ([`VsockHandler::transport_reset`]), which keeps no
+//!   streams: the guest resets its connected sockets and re-reads its CID.
 //!
 //! Everything runs on the event loop and all sockets are non-blocking; each pass is bounded
 //! ([`BUDGET`] chains per queue), after which the handler wakes itself up again so other
@@ -38,7 +39,11 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::muxer::{FdRegistry, Muxer};
 use super::packet::{Header, HEADER_LEN};
 use super::{EVQ, MAX_PKT_DATA, NUM_QUEUES, RXQ, TXQ};
-use crate::virtio::{GuestMem, Interrupt};
+use crate::virtio::{GuestMem, Interrupt, QueuePersist};
+
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` (virtio 1.2 §5.10.6.4): `struct virtio_vsock_event
+/// { le32 id; }`.
+const EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// Chains handled per queue per wake-up before yielding to the loop's other subscribers.
 pub const BUDGET: usize = 256;
@@ -124,6 +129,51 @@ impl VsockHandler {
         self.muxer.reset();
         // Closed sockets leave the epoll set on the loop thread.
         self.wake_up();
+    }
+
+    /// The live queues (rx, tx, event), while active.
+    pub(crate) fn queue_states(&self) -> Option<Vec<QueuePersist>> {
+        let a = self.active.as_ref()?;
+        Some(a.queues.iter().map(QueuePersist::of).collect())
+    }
+
+    /// Tells the guest that every stream is gone (after a snapshot restore): one
+    /// transport-reset event on the event queue. Without a posted event buffer the guest
+    /// is not told, which is logged.
+    pub(crate) fn transport_reset(&mut self) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let mem = &a.mem.clone();
+        let head = match a.queues[EVQ].pop_descriptor_chain(mem) {
+            Some(mut chain) => {
+                let head = chain.head_index();
+                match chain.find(|d| d.is_write_only() && d.len() >= 4) {
+                    Some(d) => match mem.write_obj(EVENT_TRANSPORT_RESET.to_le(), d.addr()) {
+                        Ok(()) => Some((head, 4)),
+                        Err(e) => {
+                            warn!("virtio-vsock: cannot write the transport reset event: {e}");
+                            Some((head, 0))
+                        }
+                    },
+                    None => {
+                        warn!("virtio-vsock: event buffer {head} has no room for an event");
+                        Some((head, 0))
+                    }
+                }
+            }
+            None => None,
+        };
+        match head {
+            Some((head, len)) => {
+                a.add_used(EVQ, mem, head, len);
+                a.notify(EVQ);
+                debug!("virtio-vsock: transport reset event sent");
+            }
+            None => warn!(
+                "virtio-vsock: no event buffer posted; the guest is not told that its streams are gone"
+            ),
+        }
     }
 
     fn wake_up(&self) {

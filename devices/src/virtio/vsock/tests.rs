@@ -17,10 +17,10 @@ use vmm_sys_util::tempdir::TempDir;
 use super::packet::{op, shutdown, Header, HEADER_LEN, HOST_CID, TYPE_STREAM};
 use super::*;
 use crate::virtio::features::{bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
-use crate::virtio::lock;
 use crate::virtio::mmio::regs;
 use crate::virtio::status::DEVICE_NEEDS_RESET;
 use crate::virtio::test_utils::{Buf, MmioDriver};
+use crate::virtio::{lock, DeviceState, MmioPersist};
 
 const CID: u64 = 3;
 const WAIT: Duration = Duration::from_secs(10);
@@ -1412,4 +1412,62 @@ impl Guest {
     fn needs_reset(&mut self) -> bool {
         self.drv.status() & DEVICE_NEEDS_RESET != 0
     }
+}
+
+// ---- snapshots ---------------------------------------------------------------------------
+
+#[test]
+fn restore_keeps_the_queues_drops_the_streams_and_sends_a_transport_reset() {
+    let mut g = Guest::new();
+    // Linux posts event buffers at probe.
+    let ev = g.drv.alloc(4);
+    g.drv.write_mem(ev, &[0xff; 4]);
+    g.drv.queues[EVQ].add_chain(&g.drv.mem, &[(ev, 4, true)]);
+    let (mut s, hport) = g.host_connect(1234);
+    let up = pattern(3000, 4);
+    g.host_write(&mut s, &up);
+    assert_eq!(g.read_stream(1234, hport, up.len()), up);
+
+    let saved = g.drv.transport.save();
+    assert_eq!(saved.in_flight(), None);
+    let json = serde_json::to_string(&saved).unwrap();
+    let loaded: MmioPersist = serde_json::from_str(&json).unwrap();
+    assert_eq!(loaded, saved);
+
+    // The clone: its own socket, no streams; the guest hears a transport reset.
+    let uds = g._dir.as_path().join("clone.sock");
+    let dev = Vsock::new(CID, &uds).unwrap();
+    let handler = dev.handler();
+    let mut restored = g.drv.restore(Box::new(dev), &loaded).unwrap();
+    assert_eq!(restored.queues[EVQ].take_used(&restored.mem), vec![(0, 4)]);
+    assert_eq!(
+        restored.read_mem(ev, 4),
+        [0; 4],
+        "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET"
+    );
+    assert!(restored.take_irqs() >= 1);
+    let mut expected = saved.clone();
+    let DeviceState::Vsock(v) = &mut expected.device else {
+        unreachable!()
+    };
+    v.uds_path = uds.clone();
+    let evq = &mut v.queues.as_mut().unwrap()[EVQ];
+    evq.next_avail += 1;
+    evq.next_used += 1;
+    assert_eq!(restored.transport.save(), expected);
+
+    // The guest goes on: a host client of the clone reaches it.
+    g.drv = restored;
+    g.handler = handler;
+    g.uds = uds;
+    g.flows.clear();
+    assert_eq!(g.connections(), 0);
+    let (mut s, hport) = g.host_connect(1234);
+    g.host_write(&mut s, &up);
+    assert_eq!(g.read_stream(1234, hport, up.len()), up);
+
+    // Another guest CID is refused.
+    let other = Vsock::new(CID + 1, g._dir.as_path().join("other.sock")).unwrap();
+    let err = g.drv.restore(Box::new(other), &loaded).err().unwrap();
+    assert!(err.to_string().contains("guest CID"), "{err}");
 }
