@@ -112,6 +112,7 @@ pub fn draw(report: &Report, path: &Path) -> Result<(), PlotError> {
         .configure_mesh()
         .x_desc("pod # (start order)")
         .y_desc("seconds (log scale)")
+        .y_labels(12)
         .x_labels(x_labels(report))
         .x_label_formatter(&|v| format!("{v:.0}"))
         .y_label_formatter(&|v| short(*v))

@@ -180,7 +180,7 @@ pub fn markdown(report: &Report) -> String {
     );
     let _ = writeln!(
         out,
-        "podvisor guest: {} MiB, {} vCPU, MAP_NORESERVE {}, KSM {}; containerd: {}; host: {} CPUs, {:.1} GiB; memory measured {} s after the last pod started.\n",
+        "podvisor guest: {} MiB, {} vCPU, MAP_NORESERVE {}, KSM {}; containerd: {}; host: {} CPUs, {:.1} GiB; memory measured {} s after the last pod started. machine/pod counts the whole host: anything else running meanwhile shows up in it.\n",
         c.mem_mib,
         c.vcpus,
         if c.noreserve { "on" } else { "off" },
@@ -196,7 +196,7 @@ pub fn markdown(report: &Report) -> String {
         let s = &r.summary;
         let _ = writeln!(
             out,
-            "| {} | {}/{} | {} / {} / {} | {} / {} / {} | {} / {} | {} / {} | {} | {:.1} | {:.1} | {:.2} |",
+            "| {} | {}/{} | {} / {} / {} | {} / {} / {} | {} / {} | {} / {} | {} | {:.1} | {:.1} | {:.3} |",
             r.runtime,
             s.ok,
             r.pods.len(),
