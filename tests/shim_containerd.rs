@@ -68,6 +68,16 @@ struct Out {
     stderr: String,
 }
 
+impl From<std::process::Output> for Out {
+    fn from(out: std::process::Output) -> Out {
+        Out {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
 /// A bound for quick `ctr` calls on a running pod.
 const CTR_TIMEOUT: Duration = Duration::from_secs(120);
 const POD: &str = "io.podvisor.sandbox-id";
@@ -96,12 +106,7 @@ fn ctr_stdin(c: &Containerd, args: &[&str], input: &str) -> Out {
         .unwrap()
         .write_all(input.as_bytes())
         .unwrap();
-    let out = child.wait_with_output().unwrap();
-    Out {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Out::from(child.wait_with_output().unwrap())
 }
 
 /// `ctr` on a terminal (`script` gives it a pty; its stdin stays open meanwhile).
@@ -119,13 +124,9 @@ fn ctr_tty(c: &Containerd, args: &[&str]) -> Out {
         .spawn()
         .unwrap();
     let stdin = child.stdin.take();
-    let out = child.wait_with_output().unwrap();
+    let out = Out::from(child.wait_with_output().unwrap());
     drop(stdin);
-    Out {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    out
 }
 
 /// The STATUS column of `ctr task ls` for `id`.

@@ -185,7 +185,10 @@ mod tests {
         assert_eq!(out["root"]["path"], "/run/podvisor/shared/c/rootfs");
         assert_eq!(out["root"]["readonly"], false);
         assert!(out.get("hooks").is_none());
-        assert!(out.get("hostname").is_none(), "no UTS namespace left to set it in");
+        assert!(
+            out.get("hostname").is_none(),
+            "no UTS namespace left to set it in"
+        );
         assert!(out["process"].get("apparmorProfile").is_none());
         assert!(out["linux"].get("mountLabel").is_none());
         assert_eq!(out["mounts"][0]["source"], "proc");

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::{build_busybox_rootfs, kvm_required};
+use super::kvm_required;
 
 pub const CONTAINERD: &str = "/usr/bin/containerd";
 pub const CTR: &str = "/usr/bin/ctr";
@@ -318,115 +318,15 @@ pub fn find_files(dir: &Path, name: &str) -> Vec<PathBuf> {
     out
 }
 
-fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    assert!(out.status.success(), "sha256sum {}", path.display());
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-/// Stores `path` as a blob of the OCI layout; returns (digest, size).
-fn add_blob(layout: &Path, path: &Path) -> (String, u64) {
-    let hex = sha256(path);
-    let size = std::fs::metadata(path).unwrap().len();
-    std::fs::copy(path, layout.join("blobs/sha256").join(&hex)).unwrap();
-    (format!("sha256:{hex}"), size)
-}
-
 /// A busybox OCI image archive (one uncompressed layer: static busybox + applet links).
 pub fn build_image(dir: &Path) -> PathBuf {
-    build_image_as(
-        dir,
-        IMAGE,
-        &json!({"Env": ["PATH=/bin"], "Cmd": ["sh"], "WorkingDir": "/"}),
-    )
+    super::image::build_image(dir).unwrap()
 }
 
 /// The busybox image archive named `name` with image config `config` (`Cmd`,
 /// `Entrypoint`, ...).
 pub fn build_image_as(dir: &Path, name: &str, config: &serde_json::Value) -> PathBuf {
-    let rootfs = dir.join("rootfs");
-    build_busybox_rootfs(&rootfs);
-
-    let layout = dir.join("layout");
-    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
-    let layer = dir.join("layer.tar");
-    let status = Command::new("tar")
-        .args(["--numeric-owner", "--owner=0", "--group=0", "-C"])
-        .arg(&rootfs)
-        .arg("-cf")
-        .arg(&layer)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(status.success(), "tar the layer");
-    let (layer_digest, layer_size) = add_blob(&layout, &layer);
-
-    let write_json = |name: &str, value: &serde_json::Value| {
-        let p = dir.join(name);
-        std::fs::write(&p, serde_json::to_vec(value).unwrap()).unwrap();
-        add_blob(&layout, &p)
-    };
-    let (config_digest, config_size) = write_json(
-        "config.json",
-        &json!({
-            "architecture": "amd64",
-            "os": "linux",
-            "config": config,
-            "rootfs": {"type": "layers", "diff_ids": [layer_digest]}
-        }),
-    );
-    let (manifest_digest, manifest_size) = write_json(
-        "manifest.json",
-        &json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": config_digest, "size": config_size
-            },
-            "layers": [{
-                "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                "digest": layer_digest, "size": layer_size
-            }]
-        }),
-    );
-    std::fs::write(
-        layout.join("index.json"),
-        serde_json::to_vec(&json!({
-            "schemaVersion": 2,
-            "manifests": [{
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": manifest_digest, "size": manifest_size,
-                "platform": {"architecture": "amd64", "os": "linux"},
-                "annotations": {
-                    "io.containerd.image.name": name,
-                    "org.opencontainers.image.ref.name": "local"
-                }
-            }]
-        }))
-        .unwrap(),
-    )
-    .unwrap();
-    std::fs::write(
-        layout.join("oci-layout"),
-        r#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .unwrap();
-    let archive = dir.join("busybox.tar");
-    let status = Command::new("tar")
-        .arg("-C")
-        .arg(&layout)
-        .arg("-cf")
-        .arg(&archive)
-        .args(["oci-layout", "index.json", "blobs"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "tar the image");
-    archive
+    super::image::build_image_as(dir, name, config).unwrap()
 }
 
 /// Runs `cmd` to completion within `timeout` (killed after); returns (status, stdout, stderr).

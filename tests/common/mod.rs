@@ -3,6 +3,9 @@
 #![allow(dead_code)]
 
 pub mod containerd;
+/// The busybox image builder of `podvisor bench density`, shared with the tests.
+#[path = "../../src/bench/density/image.rs"]
+pub mod image;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -63,20 +66,7 @@ pub fn temp_path(name: &str) -> PathBuf {
 /// A busybox rootfs at `rootfs`: static busybox (`/bin/busybox`, package busybox-static),
 /// one link per applet, the usual empty directories and a root passwd entry.
 pub fn build_busybox_rootfs(rootfs: &Path) {
-    const BUSYBOX: &str = "/bin/busybox";
-    let bin = rootfs.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    for d in ["proc", "sys", "dev", "tmp", "etc", "root", "run"] {
-        std::fs::create_dir_all(rootfs.join(d)).unwrap();
-    }
-    std::fs::copy(BUSYBOX, bin.join("busybox")).unwrap();
-    let list = Command::new(BUSYBOX).arg("--list").output().unwrap();
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" {
-            let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
-        }
-    }
-    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    image::build_busybox_rootfs(rootfs).unwrap()
 }
 
 /// Whether `path` exists for guest-tier test `test`; if not, skips loudly (returns false)

@@ -97,6 +97,20 @@ fn add_blob(layout: &Path, path: &Path) -> Result<(String, u64), ImageError> {
 
 /// Builds the busybox OCI image archive under `dir` (created); returns its path.
 pub fn build_image(dir: &Path) -> Result<PathBuf, ImageError> {
+    build_image_as(
+        dir,
+        IMAGE,
+        &json!({"Env": ["PATH=/bin"], "Cmd": ["sh"], "WorkingDir": "/"}),
+    )
+}
+
+/// The busybox image archive named `name` with image config `config` (`Env`, `Cmd`,
+/// `Entrypoint`, ...), under `dir`.
+pub fn build_image_as(
+    dir: &Path,
+    name: &str,
+    config: &serde_json::Value,
+) -> Result<PathBuf, ImageError> {
     let rootfs = dir.join("rootfs");
     build_busybox_rootfs(&rootfs)?;
 
@@ -122,7 +136,7 @@ pub fn build_image(dir: &Path) -> Result<PathBuf, ImageError> {
         &json!({
             "architecture": "amd64",
             "os": "linux",
-            "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"], "WorkingDir": "/"},
+            "config": config,
             "rootfs": {"type": "layers", "diff_ids": [layer_digest]}
         }),
     )?;
@@ -149,7 +163,7 @@ pub fn build_image(dir: &Path) -> Result<PathBuf, ImageError> {
             "digest": manifest_digest, "size": manifest_size,
             "platform": {"architecture": "amd64", "os": "linux"},
             "annotations": {
-                "io.containerd.image.name": IMAGE,
+                "io.containerd.image.name": name,
                 "org.opencontainers.image.ref.name": "local"
             }
         }]
