@@ -843,8 +843,14 @@ impl RunningVm {
         self.finish(ExitReason::Stopped(why.to_string()))
     }
 
+    /// This process's memory now, split at guest RAM (for a restored VM: shared snapshot
+    /// pages and private copies, see [`MemoryUsage`]).
+    pub fn memory_usage(&self) -> std::io::Result<MemoryUsage> {
+        MemoryUsage::measure(&memory::host_ranges(&self.vm.mem))
+    }
+
     fn record_init_memory(&mut self) {
-        match MemoryUsage::measure(&memory::host_ranges(&self.vm.mem)) {
+        match self.memory_usage() {
             Ok(usage) => self.memory_at_init = Some(usage),
             Err(e) => warn!("cannot measure memory use: {e}"),
         }
@@ -877,6 +883,7 @@ impl RunningVm {
             stopped,
         );
         timings.memory_at_init = self.memory_at_init;
+        timings.memory_at_stop = self.memory_usage().ok();
         VmReport {
             reason,
             timings,
