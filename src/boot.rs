@@ -201,6 +201,16 @@ pub fn format_timings(t: &BootTimings) -> String {
         }
         None => out += "memory at init: n/a (no marker)\n",
     }
+    if let Some(m) = t.memory_at_stop {
+        out += &format!(
+            "at stop: VMM PSS {}, guest RAM resident {} (PSS {}): {} shared with a snapshot file, {} private\n",
+            mib(m.vmm_pss_kib),
+            mib(m.guest_rss_kib),
+            mib(m.guest_pss_kib),
+            mib(m.guest_shared_kib()),
+            mib(m.guest_anon_kib)
+        );
+    }
     out += &format!("total run time: {:.2} s\n", t.total.as_secs_f64());
     out
 }
@@ -213,6 +223,11 @@ pub struct TimingsRecord {
     pub vmm_rss_kib: Option<u64>,
     pub vmm_pss_kib: Option<u64>,
     pub guest_rss_kib: Option<u64>,
+    /// At stop: the VMM's PSS, guest RAM PSS, and guest RAM private to this VM (for a
+    /// restored VM, its copy-on-write copies; the rest is shared with the snapshot file).
+    pub vmm_pss_kib_at_stop: Option<u64>,
+    pub guest_pss_kib_at_stop: Option<u64>,
+    pub guest_private_kib_at_stop: Option<u64>,
     pub total_ms: f64,
     pub exit_code: i32,
     pub reason: String,
@@ -227,6 +242,9 @@ impl TimingsRecord {
             vmm_rss_kib: t.memory_at_init.map(|m| m.vmm_rss_kib),
             vmm_pss_kib: t.memory_at_init.map(|m| m.vmm_pss_kib),
             guest_rss_kib: t.memory_at_init.map(|m| m.guest_rss_kib),
+            vmm_pss_kib_at_stop: t.memory_at_stop.map(|m| m.vmm_pss_kib),
+            guest_pss_kib_at_stop: t.memory_at_stop.map(|m| m.guest_pss_kib),
+            guest_private_kib_at_stop: t.memory_at_stop.map(|m| m.guest_anon_kib),
             total_ms: t.total.as_secs_f64() * 1e3,
             exit_code,
             reason: reason.to_string(),

@@ -66,7 +66,7 @@ struct Gate {
 
 impl Gate {
     fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.state)
     }
 }
 

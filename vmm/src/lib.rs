@@ -31,3 +31,9 @@ pub use host::HostKind;
 pub use snapshot::{SnapshotError, SnapshotInfo};
 pub use timings::{BootTimings, MemoryUsage};
 pub use vm::{RunningVm, Vm, VmError, VmReport, VmStopHandle};
+
+/// Locks `m`, recovering from poisoning: a panic on one thread must not take the VM's other
+/// threads down with it.
+pub(crate) fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

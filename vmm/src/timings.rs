@@ -5,7 +5,10 @@
 //!   first `KVM_RUN` of vCPU 0;
 //! * guest to init: first `KVM_RUN` to the guest's boot-timer write;
 //! * memory at init: the process's RSS/PSS split into guest RAM (pages the guest touched)
-//!   and everything else (the VMM's own overhead), from `/proc/self/smaps`.
+//!   and everything else (the VMM's own overhead), from `/proc/self/smaps`. Guest RAM of a
+//!   VM restored from a snapshot is split further: pages still shared with the snapshot's
+//!   file (page cache, shared by every clone: `guest_rss_kib - guest_anon_kib`) and the
+//!   clone's private copies of the pages it wrote (`guest_anon_kib`).
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +21,12 @@ pub struct MemoryUsage {
     pub vmm_pss_kib: u64,
     /// Resident guest RAM (pages the guest has touched), KiB.
     pub guest_rss_kib: u64,
+    /// Proportional set size of guest RAM (shared snapshot pages divided among the VMs
+    /// mapping them), KiB.
+    pub guest_pss_kib: u64,
+    /// Guest RAM that is this VM's own (anonymous): all of it for a booted VM, the
+    /// copy-on-write copies for a restored one, KiB.
+    pub guest_anon_kib: u64,
 }
 
 impl MemoryUsage {
@@ -27,7 +36,13 @@ impl MemoryUsage {
         Ok(Self::parse_smaps(&smaps, guest_ranges))
     }
 
-    /// Sums `Rss:` and `Pss:` of the mappings in `smaps`, split by overlap with guest RAM.
+    /// Guest RAM still backed by a snapshot file's page cache (restored VMs), KiB.
+    pub fn guest_shared_kib(&self) -> u64 {
+        self.guest_rss_kib.saturating_sub(self.guest_anon_kib)
+    }
+
+    /// Sums `Rss:`, `Pss:` and (guest RAM) `Anonymous:` of the mappings in `smaps`, split
+    /// by overlap with guest RAM.
     pub fn parse_smaps(smaps: &str, guest_ranges: &[(u64, u64)]) -> MemoryUsage {
         let mut usage = MemoryUsage::default();
         let mut in_guest = false;
@@ -50,7 +65,9 @@ impl MemoryUsage {
             match (first, in_guest) {
                 ("Rss:", true) => usage.guest_rss_kib += kib(),
                 ("Rss:", false) => usage.vmm_rss_kib += kib(),
+                ("Pss:", true) => usage.guest_pss_kib += kib(),
                 ("Pss:", false) => usage.vmm_pss_kib += kib(),
+                ("Anonymous:", true) => usage.guest_anon_kib += kib(),
                 _ => {}
             }
         }
@@ -76,6 +93,8 @@ pub struct BootTimings {
     pub guest_to_init: Option<Duration>,
     /// Memory use when the marker was written.
     pub memory_at_init: Option<MemoryUsage>,
+    /// Memory use when the VM stopped (e.g. a restored VM, which writes no marker).
+    pub memory_at_stop: Option<MemoryUsage>,
     /// Process start → VM stopped.
     pub total: Duration,
 }
@@ -94,6 +113,7 @@ impl BootTimings {
                 .zip(init_marked)
                 .map(|(r, i)| i.saturating_duration_since(r)),
             memory_at_init: None,
+            memory_at_stop: None,
             total: stopped.duration_since(process_start),
         }
     }
@@ -108,10 +128,11 @@ mod tests {
 Size:               1024 kB
 Rss:                 800 kB
 Pss:                 400 kB
-7f0000000000-7f0008000000 rw-p 00000000 00:00 0
+7f0000000000-7f0008000000 rw-p 00000000 00:20 77 /var/lib/podvisor/templates/x/memory
 Size:             131072 kB
 Rss:               26000 kB
-Pss:               26000 kB
+Pss:                9000 kB
+Anonymous:          1000 kB
 7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]
 Rss:                  16 kB
 Pss:                  16 kB
@@ -126,9 +147,12 @@ VmFlags: rd wr mr mw me gd ac
             MemoryUsage {
                 vmm_rss_kib: 816,
                 vmm_pss_kib: 416,
-                guest_rss_kib: 26000
+                guest_rss_kib: 26000,
+                guest_pss_kib: 9000,
+                guest_anon_kib: 1000,
             }
         );
+        assert_eq!(usage.guest_shared_kib(), 25000);
     }
 
     #[test]

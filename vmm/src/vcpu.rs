@@ -357,7 +357,7 @@ struct Control {
 
 impl Control {
     fn lock(&self) -> std::sync::MutexGuard<'_, ControlState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.state)
     }
 }
 

@@ -42,6 +42,7 @@ use crate::event_loop::{EventLoop, EventLoopError, Subscriber};
 use crate::exit::{ExitReason, VmEvent};
 use crate::host::HostKind;
 use crate::loader::{self, LoaderError};
+use crate::lock;
 use crate::memory::{self, GuestMem, MemoryError};
 use crate::snapshot::{
     self, DevicesState, HostFingerprint, KvmVmState, SnapshotError, SnapshotInfo, SnapshotState,
@@ -543,10 +544,6 @@ fn restore_kvm_vm_state(vm_fd: &VmFd, s: &KvmVmState) -> Result<(), SnapshotErro
     Ok(())
 }
 
-fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// The user's command line plus the VMM's words (devices, host quirks).
 fn build_cmdline(user: &str, vmm_words: &[String]) -> Result<Cmdline, VmError> {
     let err = |reason: String| VmError::Cmdline {
@@ -843,8 +840,14 @@ impl RunningVm {
         self.finish(ExitReason::Stopped(why.to_string()))
     }
 
+    /// This process's memory now, split at guest RAM (for a restored VM: shared snapshot
+    /// pages and private copies, see [`MemoryUsage`]).
+    pub fn memory_usage(&self) -> std::io::Result<MemoryUsage> {
+        MemoryUsage::measure(&memory::host_ranges(&self.vm.mem))
+    }
+
     fn record_init_memory(&mut self) {
-        match MemoryUsage::measure(&memory::host_ranges(&self.vm.mem)) {
+        match self.memory_usage() {
             Ok(usage) => self.memory_at_init = Some(usage),
             Err(e) => warn!("cannot measure memory use: {e}"),
         }
@@ -860,12 +863,7 @@ impl RunningVm {
         }
         // A panic shows up as a reset (panic=-1 reboots through the i8042): tell them apart
         // by the console.
-        let log = self
-            .vm
-            .devices
-            .console_log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let log = lock(&self.vm.devices.console_log);
         let reason = match (reason, log.panic_reason()) {
             (ExitReason::GuestReset, Some(panic)) => ExitReason::GuestPanic(panic.to_string()),
             (reason, _) => reason,
@@ -877,6 +875,7 @@ impl RunningVm {
             stopped,
         );
         timings.memory_at_init = self.memory_at_init;
+        timings.memory_at_stop = self.memory_usage().ok();
         VmReport {
             reason,
             timings,

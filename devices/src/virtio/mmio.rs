@@ -35,7 +35,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::features::{bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
-use super::persist::{MmioPersist, PersistError};
+use super::persist::{MmioPersist, PersistError, QueuePosition};
 use super::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
 use super::{ActivateError, DeviceSubscriber, GuestMem, Interrupt, VirtioDevice};
 use crate::bus::BusDevice;
@@ -322,23 +322,14 @@ impl MmioTransport {
         self.queues.clone_from(&t.queues);
         self.config_generation = t.config_generation;
         if self.status & DRIVER_OK != 0 && !t.needs_reset {
-            let saved_queues = saved.device.queues().ok_or(PersistError::MissingQueues)?;
-            if saved_queues.len() != self.queues.len() {
+            let positions = saved.device.queues().ok_or(PersistError::MissingQueues)?;
+            if positions.len() != self.queues.len() {
                 return Err(PersistError::QueueCount {
-                    saved: saved_queues.len(),
+                    saved: positions.len(),
                     current: self.queues.len(),
                 });
             }
-            let queues = saved_queues
-                .iter()
-                .enumerate()
-                .map(|(index, q)| {
-                    q.to_queue(&self.mem)
-                        .map_err(|reason| PersistError::Queue { index, reason })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            self.device
-                .activate(self.mem.clone(), self.interrupt.clone(), queues)?;
+            self.activate(Some(positions))?;
             self.device.restored();
         }
         self.interrupt.restore(t.interrupt_status, t.needs_reset);
@@ -533,7 +524,7 @@ impl MmioTransport {
             warn!("virtio-mmio: DRIVER_OK while the device needs a reset; ignored");
             return;
         }
-        match self.activate() {
+        match self.activate(None) {
             Ok(()) => {
                 self.status |= DRIVER_OK;
                 info!(
@@ -552,15 +543,23 @@ impl MmioTransport {
         }
     }
 
-    fn activate(&mut self) -> Result<(), ActivateError> {
+    /// Starts the device with the driver's queues, at the ring positions of a snapshot if
+    /// `positions` is given (else at the start).
+    fn activate(&mut self, positions: Option<&[QueuePosition]>) -> Result<(), ActivateError> {
         let event_idx = self.driver_features & bit(VIRTIO_RING_F_EVENT_IDX) != 0;
         let queues = self
             .queues
             .iter()
             .enumerate()
             .map(|(index, regs)| {
-                regs.to_queue(&self.mem, event_idx)
-                    .map_err(|reason| ActivateError::InvalidQueue { index, reason })
+                let mut q = regs
+                    .to_queue(&self.mem, event_idx)
+                    .map_err(|reason| ActivateError::InvalidQueue { index, reason })?;
+                if let Some(p) = positions.and_then(|p| p.get(index)) {
+                    q.set_next_avail(p.next_avail);
+                    q.set_next_used(p.next_used);
+                }
+                Ok(q)
             })
             .collect::<Result<Vec<_>, _>>()?;
         self.device

@@ -40,7 +40,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use mmio::MmioTransport;
-pub use persist::{DeviceState, MmioPersist, PersistError, QueuePersist};
+pub use persist::{DeviceState, MmioPersist, PersistError, QueuePosition};
 
 /// Guest memory as devices see it (the same type as the VMM's guest RAM).
 pub type GuestMem = GuestMemoryMmap<()>;

@@ -3,8 +3,8 @@
 //! [`MmioTransport::save`](super::MmioTransport::save) records a device as an
 //! [`MmioPersist`]: the transport's registers ([`MmioState`]) and the device's own
 //! [`DeviceState`] — identity (disk size, share tag, guest CID), host paths (information
-//! only), offered and accepted features and, while the driver has it running, every queue's
-//! addresses and ring positions ([`QueuePersist`]).
+//! only), offered and accepted features and, while the driver has it running, its position
+//! in every queue ([`QueuePosition`]).
 //!
 //! [`MmioTransport::restore`](super::MmioTransport::restore) puts that back on a device
 //! freshly built for *this* VM's host resources (the pod's disk image, share directory,
@@ -26,9 +26,9 @@ use super::block::BlockState;
 use super::fs::FsState;
 use super::mmio::MmioState;
 use super::vsock::VsockState;
-use super::{ActivateError, GuestMem};
+use super::ActivateError;
 use serde::{Deserialize, Serialize};
-use virtio_queue::{Queue, QueueState, QueueT};
+use virtio_queue::{Queue, QueueT};
 
 /// Why saved device state cannot be put back.
 #[derive(Debug, thiserror::Error)]
@@ -63,77 +63,29 @@ pub enum PersistError {
     Activate(#[from] ActivateError),
 }
 
-/// One queue while the device runs: where the driver put it and where the device is.
+/// Where a running device is in one of its queues. The rest of the queue (size, ring
+/// addresses) is what the driver wrote to the transport ([`MmioState::queues`]), and is
+/// checked again against guest memory on restore like at `DRIVER_OK`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QueuePersist {
-    pub max_size: u16,
-    pub size: u16,
-    pub ready: bool,
-    pub desc_table: u64,
-    pub avail_ring: u64,
-    pub used_ring: u64,
+pub struct QueuePosition {
     /// The next available-ring entry the device will pop.
     pub next_avail: u16,
     /// The next used-ring entry the device will fill.
     pub next_used: u16,
-    pub event_idx: bool,
 }
 
-impl QueuePersist {
-    /// The state of a live queue.
+impl QueuePosition {
+    /// The position in a live queue.
     pub fn of(queue: &Queue) -> Self {
-        Self::from(queue.state())
+        Self {
+            next_avail: queue.next_avail(),
+            next_used: queue.next_used(),
+        }
     }
 
     /// Chains popped and not yet returned (0 at a quiescent point).
     pub fn in_flight(&self) -> u16 {
         (Wrapping(self.next_avail) - Wrapping(self.next_used)).0
-    }
-
-    /// The live queue again, checked against `mem` (a snapshot file is input like any
-    /// other: a queue outside guest memory is refused, not trusted).
-    pub fn to_queue(&self, mem: &GuestMem) -> Result<Queue, String> {
-        let mut q = Queue::try_from(QueueState::from(*self)).map_err(|e| e.to_string())?;
-        q.set_ready(self.ready);
-        if !q.is_valid(mem) {
-            return Err(format!(
-                "rings (desc {:#x}, avail {:#x}, used {:#x}, size {}) are not inside guest memory",
-                self.desc_table, self.avail_ring, self.used_ring, self.size
-            ));
-        }
-        Ok(q)
-    }
-}
-
-impl From<QueueState> for QueuePersist {
-    fn from(s: QueueState) -> Self {
-        Self {
-            max_size: s.max_size,
-            size: s.size,
-            ready: s.ready,
-            desc_table: s.desc_table,
-            avail_ring: s.avail_ring,
-            used_ring: s.used_ring,
-            next_avail: s.next_avail,
-            next_used: s.next_used,
-            event_idx: s.event_idx_enabled,
-        }
-    }
-}
-
-impl From<QueuePersist> for QueueState {
-    fn from(p: QueuePersist) -> Self {
-        QueueState {
-            max_size: p.max_size,
-            next_avail: p.next_avail,
-            next_used: p.next_used,
-            event_idx_enabled: p.event_idx,
-            size: p.size,
-            ready: p.ready,
-            desc_table: p.desc_table,
-            avail_ring: p.avail_ring,
-            used_ring: p.used_ring,
-        }
     }
 }
 
@@ -149,7 +101,7 @@ pub enum DeviceState {
         device_type: u32,
         avail_features: u64,
         acked_features: u64,
-        queues: Option<Vec<QueuePersist>>,
+        queues: Option<Vec<QueuePosition>>,
     },
 }
 
@@ -175,7 +127,7 @@ impl DeviceState {
     }
 
     /// The live queues, if the device was running.
-    pub fn queues(&self) -> Option<&[QueuePersist]> {
+    pub fn queues(&self) -> Option<&[QueuePosition]> {
         match self {
             DeviceState::Block(s) => s.queues.as_deref(),
             DeviceState::Fs(s) => s.queues.as_deref(),
@@ -229,7 +181,7 @@ impl MmioPersist {
         self.device
             .queues()?
             .iter()
-            .map(QueuePersist::in_flight)
+            .map(QueuePosition::in_flight)
             .enumerate()
             .find(|&(_, n)| n != 0)
     }
@@ -237,39 +189,21 @@ impl MmioPersist {
 
 #[cfg(test)]
 mod tests {
-    use vm_memory::GuestAddress;
-
     use super::*;
 
     #[test]
-    fn queue_round_trip_and_checks() {
-        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+    fn positions_count_chains_in_flight_across_the_wrap() {
         let mut q = Queue::new(16).unwrap();
-        q.try_set_desc_table_address(GuestAddress(0x1000)).unwrap();
-        q.try_set_avail_ring_address(GuestAddress(0x2000)).unwrap();
-        q.try_set_used_ring_address(GuestAddress(0x3000)).unwrap();
-        q.set_ready(true);
         q.set_next_avail(7);
         q.set_next_used(5);
-        let p = QueuePersist::of(&q);
-        assert_eq!(p.in_flight(), 2);
-        let back = p.to_queue(&mem).unwrap();
-        assert_eq!(QueuePersist::of(&back), p);
-        let json = serde_json::to_string(&p).unwrap();
-        assert_eq!(serde_json::from_str::<QueuePersist>(&json).unwrap(), p);
-
-        let outside = QueuePersist {
-            used_ring: 0x10_0000,
-            ..p
-        };
-        assert!(outside.to_queue(&mem).unwrap_err().contains("not inside"));
-        let bad_size = QueuePersist { size: 3, ..p };
-        assert!(bad_size.to_queue(&mem).is_err());
-        let wrapped = QueuePersist {
+        let p = QueuePosition::of(&q);
+        assert_eq!((p.next_avail, p.next_used, p.in_flight()), (7, 5, 2));
+        let wrapped = QueuePosition {
             next_avail: 1,
             next_used: u16::MAX,
-            ..p
         };
         assert_eq!(wrapped.in_flight(), 2);
+        let json = serde_json::to_string(&p).unwrap();
+        assert_eq!(serde_json::from_str::<QueuePosition>(&json).unwrap(), p);
     }
 }

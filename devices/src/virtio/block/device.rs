@@ -27,7 +27,7 @@ use crate::virtio::features::{
 use crate::virtio::persist::same;
 use crate::virtio::{
     lock, read_config_bytes, ActivateError, DeviceState, DeviceSubscriber, FeatureSet, GuestMem,
-    Interrupt, PersistError, QueuePersist, VirtioDevice,
+    Interrupt, PersistError, QueuePosition, VirtioDevice,
 };
 
 /// Size of the part of `struct virtio_blk_config` the device fills (up to
@@ -65,8 +65,8 @@ pub struct BlockState {
     pub avail_features: u64,
     pub acked_features: u64,
     pub config: Vec<u8>,
-    /// The live queue while the device is active.
-    pub queues: Option<Vec<QueuePersist>>,
+    /// Its position in the queue while the device is active.
+    pub queues: Option<Vec<QueuePosition>>,
 }
 
 /// A virtio-blk device.
@@ -128,7 +128,7 @@ impl Block {
     pub fn state(&self) -> BlockState {
         let queues = lock(&self.active)
             .as_ref()
-            .map(|a| vec![QueuePersist::of(&lock(&a.queue))]);
+            .map(|a| vec![QueuePosition::of(&lock(&a.queue))]);
         BlockState {
             path: self.disk.path().into(),
             capacity: self.disk.capacity(),

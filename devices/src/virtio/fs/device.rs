@@ -20,7 +20,7 @@ use crate::virtio::features::{
 use crate::virtio::persist::same;
 use crate::virtio::{
     lock, read_config_bytes, ActivateError, DeviceState, DeviceSubscriber, FeatureSet, GuestMem,
-    Interrupt, PersistError, QueuePersist, VirtioDevice,
+    Interrupt, PersistError, QueuePosition, VirtioDevice,
 };
 
 /// `struct virtio_fs_config`: `char tag[36]` + `le32 num_request_queues`.
@@ -52,8 +52,8 @@ pub struct FsState {
     pub options: ShareOptions,
     pub avail_features: u64,
     pub acked_features: u64,
-    /// The live queue states (hiprio, request) while the device is active.
-    pub queues: Option<Vec<QueuePersist>>,
+    /// Its positions in the queues (hiprio, request) while the device is active.
+    pub queues: Option<Vec<QueuePosition>>,
 }
 
 /// A virtio-fs device serving one share.
@@ -117,7 +117,7 @@ impl Fs {
         let queues = lock(&self.active).as_ref().map(|a| {
             a.queues
                 .iter()
-                .map(|q| QueuePersist::of(&lock(q)))
+                .map(|q| QueuePosition::of(&lock(q)))
                 .collect()
         });
         FsState {

@@ -21,7 +21,7 @@ use crate::virtio::features::{
 use crate::virtio::persist::same;
 use crate::virtio::{
     lock, read_config_bytes, ActivateError, DeviceState, DeviceSubscriber, FeatureSet, GuestMem,
-    Interrupt, PersistError, QueuePersist, VirtioDevice,
+    Interrupt, PersistError, QueuePosition, VirtioDevice,
 };
 
 /// Errors building a vsock device.
@@ -48,8 +48,8 @@ pub struct VsockState {
     pub uds_path: PathBuf,
     pub avail_features: u64,
     pub acked_features: u64,
-    /// The live queues (rx, tx, event) while the device is active.
-    pub queues: Option<Vec<QueuePersist>>,
+    /// Its positions in the queues (rx, tx, event) while the device is active.
+    pub queues: Option<Vec<QueuePosition>>,
 }
 
 /// A virtio-vsock device with the Unix-socket back end (see the [module docs](super)).

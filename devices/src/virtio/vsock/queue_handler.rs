@@ -39,7 +39,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::muxer::{FdRegistry, Muxer};
 use super::packet::{Header, HEADER_LEN};
 use super::{EVQ, MAX_PKT_DATA, NUM_QUEUES, RXQ, TXQ};
-use crate::virtio::{GuestMem, Interrupt, QueuePersist};
+use crate::virtio::{GuestMem, Interrupt, QueuePosition};
 
 /// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` (virtio 1.2 §5.10.6.4): `struct virtio_vsock_event
 /// { le32 id; }`.
@@ -131,10 +131,10 @@ impl VsockHandler {
         self.wake_up();
     }
 
-    /// The live queues (rx, tx, event), while active.
-    pub(crate) fn queue_states(&self) -> Option<Vec<QueuePersist>> {
+    /// Positions in the queues (rx, tx, event), while active.
+    pub(crate) fn queue_states(&self) -> Option<Vec<QueuePosition>> {
         let a = self.active.as_ref()?;
-        Some(a.queues.iter().map(QueuePersist::of).collect())
+        Some(a.queues.iter().map(QueuePosition::of).collect())
     }
 
     /// Tells the guest that every stream is gone (after a snapshot restore): one
