@@ -110,13 +110,16 @@ fn mappings(smaps: &str) -> Vec<Mapping> {
     out
 }
 
-/// Splits `/proc/PID/smaps` text: guest RAM is the anonymous mappings whose size is one of
-/// `guest_region_sizes` (bytes) and that carry the `dd` flag podvisor sets on guest RAM;
-/// when none carries it (a VMM from before that flag), size alone decides.
+/// Splits `/proc/PID/smaps` text: guest RAM is the mappings whose size is one of
+/// `guest_region_sizes` (bytes) and that carry the `dd` flag podvisor sets on guest RAM
+/// (anonymous for a booted VM, the snapshot's memory file mapped private for a VM restored
+/// from a template); when none carries it (a VMM from before that flag), anonymous
+/// mappings of that size.
 pub fn split_smaps(smaps: &str, guest_region_sizes: &[u64]) -> GuestSplit {
     let maps = mappings(smaps);
-    let candidate = |m: &Mapping| m.anonymous && guest_region_sizes.contains(&m.size);
-    let by_flag = maps.iter().any(|m| candidate(m) && m.dontdump);
+    let sized = |m: &Mapping| guest_region_sizes.contains(&m.size);
+    let by_flag = maps.iter().any(|m| sized(m) && m.dontdump);
+    let candidate = |m: &Mapping| sized(m) && (m.dontdump || m.anonymous);
     let mut split = GuestSplit {
         by_flag,
         ..GuestSplit::default()
@@ -376,6 +379,12 @@ Committed_AS:    3456789 kB
                 by_flag: true,
             }
         );
+        // A restored clone: guest RAM is the snapshot file mapped private, flagged `dd`.
+        let restored = PODVISOR_SMAPS.replace(
+            "7f3c40000000-7f3c48000000 rw-p 00000000 00:00 0 ",
+            "7f3c40000000-7f3c48000000 rw-p 00000000 fe:01 77 /tmp/t/memory",
+        );
+        assert_eq!(split_smaps(&restored, &guest_region_sizes(128)), split);
         // Without the flag (an older VMM), size alone decides.
         let old = split_smaps(
             &PODVISOR_SMAPS.replace(" dd ", " "),

@@ -20,7 +20,9 @@
 //! Density knobs go into the private containerd's environment, which the podvisor shim
 //! inherits: `--mem-mib` (`PODVISOR_MEM_MIB`), `--vcpus` (`PODVISOR_VCPUS`), `--noreserve
 //! off` (`PODVISOR_NORESERVE=0`), `--ksm on` (`PODVISOR_KSM=1` + `/sys/kernel/mm/ksm/run`
-//! = 1 for the run).
+//! = 1 for the run), `--template on` (`PODVISOR_TEMPLATE=auto` with a template dir in the
+//! work dir: the first pod boots and snapshots a template VM, the others restore
+//! copy-on-write clones of it).
 
 pub mod containerd;
 pub mod image;
@@ -145,6 +147,10 @@ pub struct DensityArgs {
     /// MAP_NORESERVE on guest memory (untouched guest pages are not committed).
     #[arg(long, value_enum)]
     pub noreserve: Option<OnOff>,
+    /// VM templates: pods restore copy-on-write clones of one booted template VM
+    /// (PODVISOR_TEMPLATE=auto; templates live in the work dir, built by the first pod).
+    #[arg(long, value_enum)]
+    pub template: Option<OnOff>,
     /// Seconds to wait after the last pod started before measuring memory (default 5, or
     /// 60 with --ksm on so that KSM can scan).
     #[arg(long)]
@@ -236,6 +242,7 @@ pub struct Plan {
     pub vcpus: usize,
     pub ksm: bool,
     pub noreserve: bool,
+    pub template: bool,
     pub settle: Duration,
     pub timeout: Duration,
 }
@@ -272,11 +279,12 @@ pub fn plan(args: &DensityArgs) -> Result<Plan, DensityError> {
     let knobs_set = args.mem_mib.is_some()
         || args.vcpus.is_some()
         || args.ksm.is_some()
-        || args.noreserve.is_some();
+        || args.noreserve.is_some()
+        || args.template.is_some();
     if args.address.is_some() {
         if knobs_set {
             return usage(
-                "--mem-mib/--vcpus/--ksm/--noreserve are set in the harness's own containerd's \
+                "--mem-mib/--vcpus/--ksm/--noreserve/--template are set in the harness's own containerd's \
                  environment: drop --address, or configure that containerd instead"
                     .into(),
             );
@@ -347,6 +355,7 @@ pub fn plan(args: &DensityArgs) -> Result<Plan, DensityError> {
         vcpus: args.vcpus.unwrap_or(1),
         ksm,
         noreserve: args.noreserve != Some(OnOff::Off),
+        template: args.template == Some(OnOff::On),
         settle: Duration::from_secs(args.settle.unwrap_or(if ksm { 60 } else { 5 })),
         timeout: Duration::from_secs(args.timeout),
     })
@@ -377,6 +386,14 @@ impl Plan {
             (
                 "PODVISOR_KSM".to_string(),
                 if self.ksm { "1" } else { "0" }.to_string(),
+            ),
+            (
+                "PODVISOR_TEMPLATE".to_string(),
+                if self.template { "auto" } else { "off" }.to_string(),
+            ),
+            (
+                "PODVISOR_TEMPLATE_DIR".to_string(),
+                self.work_dir.join("templates").display().to_string(),
             ),
         ];
         for (k, v) in [
@@ -1004,7 +1021,7 @@ mod tests {
     #[test]
     fn plans_knobs_into_the_shim_environment() {
         let p = plan(&args(
-            "--pods 4 --parallel 2 --runtime runc --mem-mib 128 --ksm on --noreserve off",
+            "--pods 4 --parallel 2 --runtime runc --mem-mib 128 --ksm on --noreserve off --template on",
         ))
         .unwrap();
         assert_eq!(p.runtimes, vec![Runtime::Runc]);
@@ -1013,6 +1030,8 @@ mod tests {
         assert_eq!(env["PODVISOR_MEM_MIB"], "128");
         assert_eq!(env["PODVISOR_KSM"], "1");
         assert_eq!(env["PODVISOR_NORESERVE"], "0");
+        assert_eq!(env["PODVISOR_TEMPLATE"], "auto");
+        assert!(env["PODVISOR_TEMPLATE_DIR"].starts_with(&*p.work_dir.to_string_lossy()));
         assert!(!p.work_dir.exists());
         let both = plan(&args("--pods 1 --runtime runc")).unwrap();
         assert_eq!(both.mem_mib, DEFAULT_MEM_MIB);

@@ -36,6 +36,8 @@ pub struct ConfigRecord {
     pub vcpus: usize,
     pub ksm: String,
     pub noreserve: bool,
+    #[serde(default)]
+    pub template: bool,
     pub settle_s: u64,
     pub containerd: String,
     pub host_cpus: usize,
@@ -52,6 +54,7 @@ impl ConfigRecord {
             vcpus: plan.vcpus,
             ksm: ksm_note.to_string(),
             noreserve: plan.noreserve,
+            template: plan.template,
             settle_s: plan.settle.as_secs(),
             containerd: match &plan.address {
                 Some(a) => format!("existing at {}", a.display()),
@@ -180,11 +183,12 @@ pub fn markdown(report: &Report) -> String {
     );
     let _ = writeln!(
         out,
-        "podvisor guest: {} MiB, {} vCPU, MAP_NORESERVE {}, KSM {}; containerd: {}; host: {} CPUs, {:.1} GiB; memory measured {} s after the last pod started. machine/pod counts the whole host: anything else running meanwhile shows up in it.\n",
+        "podvisor guest: {} MiB, {} vCPU, MAP_NORESERVE {}, KSM {}, templates {}; containerd: {}; host: {} CPUs, {:.1} GiB; memory measured {} s after the last pod started. machine/pod counts the whole host: anything else running meanwhile shows up in it.\n",
         c.mem_mib,
         c.vcpus,
         if c.noreserve { "on" } else { "off" },
         c.ksm,
+        if c.template { "on" } else { "off" },
         c.containerd,
         c.host_cpus,
         c.host_mem_total_kib as f64 / (1024.0 * 1024.0),
