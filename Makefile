@@ -13,7 +13,7 @@ BIN := $(TARGET_DIR)/$(if $(filter release,$(PROFILE)),release,debug)/podvisor
 INITRD := $(OUT)/boot-test.cpio
 
 .DEFAULT_GOAL := run
-.PHONY: run deps build guest-kernel rootfs test test-unit test-guest lint bench bench-boot bench-devices clean
+.PHONY: run deps build guest-kernel rootfs test test-unit test-guest lint bench bench-boot bench-devices bench-density clean
 
 ## deps: install system packages (Debian) the build and tests need.
 deps:
@@ -57,7 +57,7 @@ lint: deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## bench: every benchmark table.
-bench: bench-boot bench-devices
+bench: bench-boot bench-devices bench-density
 
 ## bench-boot: boot figures for 1 vCPU / 128 MiB, median of 3 fresh processes.
 bench-boot: build rootfs
@@ -68,6 +68,18 @@ bench-boot: build rootfs
 ## virtio-mmio transport from a host-side driver, against raw file/socket baselines (~30 s).
 bench-devices:
 	$(CARGO) bench -p devices --features test-utils --bench devices
+
+## bench-density: N idle busybox pods through a private containerd, podvisor next to runc:
+## start latency, host PSS per pod (guest RAM vs VMM/shim overhead), machine memory per
+## pod; writes $(OUT)/bench-density/density.{md,json,png}. DENSITY_ARGS overrides the size
+## and the knobs (e.g. DENSITY_ARGS="--pods 10 --parallel 2 --ksm on"). ~5 min here.
+DENSITY_ARGS ?= --pods 4 --parallel 2 --runtime both --mem-mib 128
+bench-density: build
+	@mkdir -p $(OUT)
+	@bash rootfs/build-initramfs.sh $(OUT) agent-test
+	@kernel=$$(bash guest-kernel/build.sh) && \
+	  $(BIN) bench density $(DENSITY_ARGS) --kernel "$$kernel" \
+	    --initrd $(OUT)/agent-test.cpio --out $(OUT)/bench-density
 
 clean:
 	$(CARGO) clean

@@ -26,6 +26,7 @@ libssl-dev
 xz-utils
 make
 gcc
+fonts-dejavu-core
 "
 
 missing=""

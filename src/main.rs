@@ -3,6 +3,7 @@
 //! * `podvisor boot`: boot a kernel + initrd with podvisor's VMM, stream the console, exit
 //!   with the guest's status (a debugging tool for kernels, initrds and devices).
 //! * `podvisor bench boot`: boot timings, median of N fresh processes.
+//! * `podvisor bench density`: N idle pods through containerd, podvisor vs runc.
 
 mod bench;
 mod boot;
@@ -32,7 +33,7 @@ enum Command {
     Boot(Box<boot::BootArgs>),
     /// Benchmarks.
     #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    Bench(Box<bench::BenchCommand>),
 }
 
 fn main() -> ExitCode {
@@ -49,7 +50,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Boot(args) => boot::run(*args, process_start),
-        Command::Bench(cmd) => bench::run(cmd),
+        Command::Bench(cmd) => bench::run(*cmd),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -2,13 +2,22 @@
 //! contract ([`PodvisorShim`]) and the task service ([`task::Service`]) that runs the pod's
 //! containers in a VM hosted by this process ([`sandbox::Sandbox`]).
 //!
-//! Host state of a pod: `<run dir>/<shim id>/` (run dir `/run/podvisor`, or
+//! One shim process serves one pod: containers of the same pod ([`pod::pod_id`]) get the
+//! same ttrpc address from `start`, so the first container's `start` spawns the server and
+//! the others find it running.
+//!
+//! Host state of a pod: `<run dir>/<pod id>/` (run dir `/run/podvisor`, or
 //! `PODVISOR_RUN_DIR`) holds the VM's vsock socket, its console log and `shared/`, the root
 //! of the pod's virtio-fs share, where each container's rootfs is mounted at
-//! `shared/<container id>/rootfs`.
+//! `shared/<container id>/rootfs` and the spec's host bind mounts at
+//! `shared/<container id>/mounts/<n>`.
 
 mod config;
+mod metrics;
+mod mount;
+mod pod;
 mod sandbox;
+mod spec;
 mod stdio;
 mod task;
 
@@ -30,34 +39,68 @@ pub const RUNTIME_ID: &str = "io.containerd.podvisor.v2";
 pub struct PodvisorShim {
     id: String,
     namespace: String,
+    /// containerd's socket (`-address`).
+    address: String,
+    /// The container's bundle (`-bundle`, else the working directory containerd set).
+    bundle: std::path::PathBuf,
     exit: Arc<ExitSignal>,
 }
 
 impl containerd_shim::Shim for PodvisorShim {
     type T = task::Service;
 
-    fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+    fn new(_runtime_id: &str, args: &Flags, config: &mut Config) -> Self {
+        if let Some(level) = ShimConfig::startup_log_level() {
+            config.default_log_level = level.to_string();
+        }
         Self {
             id: args.id.clone(),
             namespace: args.namespace.clone(),
+            address: args.address.clone(),
+            bundle: if args.bundle.is_empty() {
+                ".".into()
+            } else {
+                args.bundle.clone().into()
+            },
             exit: Arc::new(ExitSignal::default()),
         }
     }
 
     fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
-        // One shim (and one VM) per container for now; grouping containers of a pod by
-        // annotation is issue 6's next step.
-        let grouping = opts.id.clone();
+        // containerd runs `start` in the container's bundle.
+        let annotations = pod::bundle_annotations(&self.bundle);
+        let grouping = pod::pod_id(&opts.id, &annotations);
         let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
         write_address(&address)?;
         Ok(address)
     }
 
     fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
-        // After the shim is gone (normal exit or SIGKILL): whatever it left behind.
-        let config = ShimConfig::from_env();
-        let state_dir = config.run_dir.join(&self.id);
-        sandbox::cleanup_state_dir(&state_dir);
+        // containerd runs `delete` in the container's bundle, after the shim exited or was
+        // killed. A live shim (its pod has other containers) cleans up itself; a dead one
+        // left this container's mounts, and, once no container of the pod is left, the
+        // pod's state and socket.
+        let config = ShimConfig::for_delete(&self.bundle);
+        let annotations = pod::bundle_annotations(&self.bundle);
+        let pod_id = pod::pod_id(&self.id, &annotations);
+        let socket = containerd_shim::socket_address(&self.address, &self.namespace, &pod_id);
+        let socket_path = socket.trim_start_matches("unix://");
+        let alive = std::os::unix::net::UnixStream::connect(socket_path).is_ok();
+        if !alive && pod::valid_id(&pod_id) && pod::valid_id(&self.id) {
+            let state = sandbox::StateDir {
+                root: config.run_dir.join(&pod_id),
+            };
+            let dir = state.container(&self.id);
+            sandbox::unmount_below(&dir);
+            let _ = std::fs::remove_dir_all(&dir);
+            let others = std::fs::read_dir(state.shared())
+                .map(|d| d.count())
+                .unwrap_or(0);
+            if others == 0 {
+                sandbox::cleanup_state_dir(&state.root);
+                let _ = std::fs::remove_file(socket_path);
+            }
+        }
         let mut resp = DeleteResponse::new();
         resp.exit_status = 128 + libc::SIGKILL as u32;
         resp.exited_at = Some(now()).into();
@@ -70,7 +113,6 @@ impl containerd_shim::Shim for PodvisorShim {
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
         task::Service::new(
-            &self.id,
             &self.namespace,
             ShimConfig::from_env(),
             publisher,

@@ -71,12 +71,19 @@ pub struct Sandbox {
     pub client: AgentClient,
     vm: Mutex<Option<JoinHandle<VmReport>>>,
     stop: VmStopHandle,
+    /// DestroySandbox was sent.
+    destroyed: std::sync::atomic::AtomicBool,
 }
 
-/// Builds, starts and waits for a VM in its own thread; `ready` gets the start result.
+/// Called once when the pod VM has stopped, with the reason.
+pub type OnVmExit = Box<dyn FnOnce(String) + Send>;
+
+/// Builds, starts and waits for a VM in its own thread; `ready` gets the start result,
+/// `on_exit` runs when a started VM stops.
 fn vm_thread(
     config: VmConfig,
     ready: mpsc::Sender<Result<VmStopHandle, String>>,
+    on_exit: OnVmExit,
 ) -> JoinHandle<VmReport> {
     std::thread::Builder::new()
         .name("vm-wait".into())
@@ -87,6 +94,7 @@ fn vm_thread(
                     let _ = ready.send(Ok(running.stop_handle()));
                     let report = running.wait(None);
                     log::info!("VM stopped: {}", report.reason);
+                    on_exit(report.reason.to_string());
                     report
                 }
                 Err(e) => {
@@ -113,19 +121,30 @@ fn abandon(stop: &VmStopHandle, vm: JoinHandle<VmReport>, msg: String) -> Result
 impl Sandbox {
     /// Boots the pod VM and sets up the sandbox in the agent. On failure nothing runs any
     /// more (the caller removes the state directory).
-    pub fn create(id: &str, config: &ShimConfig, state: StateDir) -> Result<Sandbox, String> {
+    pub fn create(
+        id: &str,
+        hostname: &str,
+        config: &ShimConfig,
+        state: StateDir,
+        on_exit: OnVmExit,
+    ) -> Result<Sandbox, String> {
         let kernel = config.kernel.clone().ok_or(
-            "no guest kernel: set PODVISOR_KERNEL in containerd's environment \
+            "no guest kernel: set `kernel` in the podvisor config file \
+             (/etc/podvisor/config.toml) or PODVISOR_KERNEL in containerd's environment \
              (`make guest-kernel` prints the path)",
         )?;
         let initrd = config.initrd.clone().ok_or(
-            "no agent initramfs: set PODVISOR_INITRD in containerd's environment \
+            "no agent initramfs: set `initrd` in the podvisor config file \
+             (/etc/podvisor/config.toml) or PODVISOR_INITRD in containerd's environment \
              (`make rootfs` builds out/agent-test.cpio)",
         )?;
-        for (path, var) in [(&kernel, "PODVISOR_KERNEL"), (&initrd, "PODVISOR_INITRD")] {
+        for (path, var) in [
+            (&kernel, "`kernel` or PODVISOR_KERNEL"),
+            (&initrd, "`initrd` or PODVISOR_INITRD"),
+        ] {
             if !path.is_file() {
                 return Err(format!(
-                    "{} ({var} in containerd's environment) is not a file",
+                    "{} ({var}: podvisor config file or containerd's environment) is not a file",
                     path.display()
                 ));
             }
@@ -149,7 +168,7 @@ impl Sandbox {
             }),
         };
         let (tx, rx) = mpsc::channel();
-        let vm = vm_thread(vm_config, tx);
+        let vm = vm_thread(vm_config, tx, on_exit);
         let stop = match rx.recv() {
             Ok(Ok(stop)) => stop,
             Ok(Err(e)) => {
@@ -203,7 +222,10 @@ impl Sandbox {
 
         let mut req = CreateSandboxRequest::new();
         req.sandbox_id = id.to_string();
-        req.hostname = id.chars().take(63).collect();
+        req.hostname = if hostname.is_empty() { id } else { hostname }
+            .chars()
+            .take(63)
+            .collect();
         let mut mount = SharedMount::new();
         mount.fstype = "virtiofs".into();
         mount.source = SHARE_TAG.into();
@@ -217,6 +239,7 @@ impl Sandbox {
             client,
             vm: Mutex::new(Some(vm)),
             stop,
+            destroyed: Default::default(),
         })
     }
 
@@ -243,8 +266,15 @@ impl Sandbox {
         Ok(conn)
     }
 
+    /// Whether [`Self::destroy`] has begun.
+    pub fn destroyed(&self) -> bool {
+        self.destroyed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// DestroySandbox, then waits for the VM to stop (bounded).
     pub fn destroy(&self) {
+        self.destroyed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         if let Err(e) = self
             .client
             .destroy_sandbox(ctx(), &DestroySandboxRequest::new())

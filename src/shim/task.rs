@@ -1,48 +1,74 @@
 //! containerd's Task service (v2) on top of the pod VM's agent.
 //!
-//! Implemented: Create, Start, State, Wait, Kill, Delete, Connect, Shutdown (what
-//! `ctr run --rm` needs) for a container's init process. Every other method, exec
-//! processes and terminal mode answer UNIMPLEMENTED.
+//! Method → agent RPC:
 //!
-//! Method → agent RPC: Create → (first container: boot the VM, CreateSandbox) stream
-//! attaches + CreateContainer; Start → StartContainer, then a thread blocks in WaitProcess
-//! and publishes TaskExit; Kill → SignalProcess; Delete → RemoveContainer; Shutdown (no
-//! containers left) → DestroySandbox.
+//! | Task method | agent |
+//! | --- | --- |
+//! | Create | first container: boot the VM, CreateSandbox; stream attaches + CreateContainer (a CRI sandbox container: nothing) |
+//! | Start (init) | StartContainer; a thread blocks in WaitProcess and publishes TaskExit |
+//! | Start (exec) | stream attaches + ExecProcess; WaitProcess as above |
+//! | State, Wait, Connect | none (the shim's records) |
+//! | Kill | SignalProcess (`all` for every process of the container) |
+//! | Delete (init) / (exec) | RemoveContainer / RemoveProcess |
+//! | Exec | none until Start (records the process, TaskExecAdded) |
+//! | Pids | ListProcesses |
+//! | ResizePty | ResizeTty |
+//! | CloseIO | CloseStdin with the byte count forwarded so far |
+//! | Pause / Resume | PauseContainer / ResumeContainer (cgroup freezer) |
+//! | Update | UpdateResources (OCI LinuxResources JSON) |
+//! | Stats | Stats (→ io.containerd.cgroups.v2.Metrics) |
+//! | Shutdown (no container left) | DestroySandbox, VM stop, host state removed |
+//! | Checkpoint | NotImplemented |
+//!
+//! A background thread long-polls GetOOMEvent and publishes TaskOOM. When the VM stops on its
+//! own (guest panic, agent death), every running process exits with status 255 and its
+//! TaskExit is published.
+//!
+//! containerd sees the shim's PID as every task's PID (as with Kata: the processes live in
+//! the VM, the shim process is the VM); `Pids` lists the guest PIDs.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::process::Child;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use containerd_shim::api;
 use containerd_shim::event::Event;
-use containerd_shim::mount::mount_rootfs;
-use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskExit, TaskIO, TaskStart};
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
+};
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::ttrpc::{self, Code};
-use containerd_shim::protos::types::task::Status;
+use containerd_shim::protos::types::task::{ProcessInfo, Status};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Context, ExitSignal, Task, TtrpcContext, TtrpcResult};
 use podvisor_agent_protocol::agent::{
-    ContainerRequest, CreateContainerRequest, ProcessRequest, SignalProcessRequest,
+    CloseStdinRequest, ContainerRequest, CreateContainerRequest, ExecProcessRequest,
+    GetOOMEventRequest, ProcessRequest, ResizeTtyRequest, SignalProcessRequest,
+    UpdateResourcesRequest,
 };
 use podvisor_agent_protocol::stream::StreamKind;
 use serde_json::Value;
 
+use super::metrics::metrics_any;
+use super::mount::{bind, mount};
+use super::pod::{annotations, is_sandbox_container, pod_id};
 use super::sandbox::{cleanup_state_dir, ctx, unmount_below, Sandbox, StateDir};
-use super::stdio::{copy_input, copy_output, StdioPaths};
+use super::spec::guest_spec;
+use super::stdio::{copy_input, copy_output, OutputSink, StdinState, StdioPaths};
 use super::{now, timestamp_ns, ShimConfig};
+
+/// Exit status of processes whose VM stopped under them.
+const VM_DIED_STATUS: u32 = 255;
+/// How long CloseIO waits for the stdin copy to reach EOF by itself.
+const CLOSE_IO_GRACE: Duration = Duration::from_secs(2);
 
 fn status_err(code: Code, msg: impl ToString) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
-}
-
-fn unimplemented(method: &str) -> ttrpc::Error {
-    status_err(
-        Code::UNIMPLEMENTED,
-        format!("podvisor: {method} is not implemented yet"),
-    )
 }
 
 /// An agent error as containerd should see it: the agent's status code (which follows
@@ -54,56 +80,88 @@ fn agent_err(what: &str, e: ttrpc::Error) -> ttrpc::Error {
     }
 }
 
-/// The bundle's OCI spec adapted for the guest: the rootfs is the share's copy, host-only
-/// settings (hooks, AppArmor/SELinux labels) are dropped. The agent sets cgroupsPath.
-pub fn guest_spec(config_json: &[u8], rootfs_in_guest: &str) -> Result<Vec<u8>, String> {
-    let mut spec: Value =
-        serde_json::from_slice(config_json).map_err(|e| format!("config.json: {e}"))?;
-    let obj = spec
-        .as_object_mut()
-        .ok_or("config.json is not a JSON object")?;
-    obj.remove("hooks");
-    obj.insert(
-        "root".into(),
-        serde_json::json!({
-            "path": rootfs_in_guest,
-            "readonly": obj.get("root").and_then(|r| r.get("readonly")).cloned()
-                .unwrap_or(Value::Bool(false)),
-        }),
-    );
-    if let Some(process) = obj.get_mut("process").and_then(Value::as_object_mut) {
-        process.remove("apparmorProfile");
-        process.remove("selinuxLabel");
+fn not_found(id: &str, exec_id: &str) -> ttrpc::Error {
+    if exec_id.is_empty() {
+        status_err(Code::NOT_FOUND, format!("container {id} not found"))
+    } else {
+        status_err(
+            Code::NOT_FOUND,
+            format!("process {exec_id} of container {id} not found"),
+        )
     }
-    if let Some(linux) = obj.get_mut("linux").and_then(Value::as_object_mut) {
-        linux.remove("mountLabel");
+}
+
+/// One process: a container's init (empty exec id) or an exec'd one.
+#[derive(Debug, Default)]
+struct Proc {
+    /// PID in the guest (the agent's PID namespace); 0 before it runs.
+    guest_pid: u32,
+    stdio: StdioPaths,
+    status: Status,
+    exit_status: u32,
+    exited_at: Option<Timestamp>,
+    /// TaskExit was (or is being) published: exactly once per process.
+    exit_published: bool,
+    /// Output copy threads; joined before TaskExit so no output is lost.
+    outputs: Vec<JoinHandle<()>>,
+    stdin: Option<StdinState>,
+    /// A `binary://` logger, reaped on Delete.
+    logger: Option<Child>,
+    /// Exec processes: the OCI process JSON, until Start.
+    spec: Vec<u8>,
+}
+
+impl Proc {
+    fn is_live(&self) -> bool {
+        matches!(
+            self.status,
+            Status::RUNNING | Status::PAUSED | Status::PAUSING
+        )
     }
-    serde_json::to_vec(&spec).map_err(|e| e.to_string())
 }
 
 #[derive(Debug)]
 struct Container {
     bundle: String,
-    pid: u32,
-    stdio: StdioPaths,
-    status: Status,
-    exit_status: u32,
-    exited_at: Option<Timestamp>,
-    /// Output copy threads; joined before TaskExit so no output is lost.
-    outputs: Vec<JoinHandle<()>>,
+    /// A CRI sandbox container: the pod itself, no process in the VM.
+    sandbox: bool,
+    init: Proc,
+    execs: HashMap<String, Proc>,
+}
+
+impl Container {
+    fn proc(&self, exec_id: &str) -> Option<&Proc> {
+        if exec_id.is_empty() {
+            Some(&self.init)
+        } else {
+            self.execs.get(exec_id)
+        }
+    }
+    fn proc_mut(&mut self, exec_id: &str) -> Option<&mut Proc> {
+        if exec_id.is_empty() {
+            Some(&mut self.init)
+        } else {
+            self.execs.get_mut(exec_id)
+        }
+    }
+}
+
+/// The pod: its id, host state and running sandbox.
+struct Pod {
+    id: String,
+    state: StateDir,
+    sandbox: Arc<Sandbox>,
 }
 
 struct Inner {
-    id: String,
     namespace: String,
     config: ShimConfig,
-    state: StateDir,
     publisher: RemotePublisher,
     exit: Arc<ExitSignal>,
-    /// Held while the VM boots: one sandbox per shim.
-    sandbox: Mutex<Option<Arc<Sandbox>>>,
+    /// Held while the VM boots: one pod per shim.
+    pod: Mutex<Option<Pod>>,
     containers: Mutex<HashMap<String, Container>>,
-    /// Notified when a container stops or is deleted.
+    /// Notified when a process stops or a container is deleted.
     changed: Condvar,
 }
 
@@ -115,24 +173,18 @@ pub struct Service {
 
 impl Service {
     pub fn new(
-        id: &str,
         namespace: &str,
         config: ShimConfig,
         publisher: RemotePublisher,
         exit: Arc<ExitSignal>,
     ) -> Self {
-        let state = StateDir {
-            root: config.run_dir.join(id),
-        };
         Self {
             inner: Arc::new(Inner {
-                id: id.to_string(),
                 namespace: namespace.to_string(),
                 config,
-                state,
                 publisher,
                 exit,
-                sandbox: Mutex::new(None),
+                pod: Mutex::new(None),
                 containers: Mutex::new(HashMap::new()),
                 changed: Condvar::new(),
             }),
@@ -144,6 +196,10 @@ impl Service {
             .containers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pod(&self) -> MutexGuard<'_, Option<Pod>> {
+        self.inner.pod.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn publish<E: Event + 'static>(&self, event: E) {
@@ -158,170 +214,444 @@ impl Service {
         }
     }
 
-    /// The pod's sandbox, booting the VM on first use.
-    fn sandbox(&self) -> Result<Arc<Sandbox>, String> {
-        let mut slot = self.inner.sandbox.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(sb) = slot.as_ref() {
-            if sb.vm_stopped() {
-                return Err("the pod VM has stopped".into());
+    /// The pod's sandbox and state, booting the VM on first use.
+    fn sandbox_for(
+        &self,
+        pod: &str,
+        hostname: &str,
+        config: &ShimConfig,
+    ) -> Result<(Arc<Sandbox>, StateDir), ttrpc::Error> {
+        let mut slot = self.pod();
+        if let Some(p) = slot.as_ref() {
+            if p.id != pod {
+                return Err(status_err(
+                    Code::FAILED_PRECONDITION,
+                    format!(
+                        "this shim serves pod {}, not {pod}: containers of one pod need the \
+                         same io.kubernetes.cri.sandbox-id or io.podvisor.sandbox-id",
+                        p.id
+                    ),
+                ));
             }
-            return Ok(sb.clone());
+            if p.sandbox.vm_stopped() {
+                return Err(status_err(
+                    Code::FAILED_PRECONDITION,
+                    format!("the VM of pod {pod} has stopped"),
+                ));
+            }
+            return Ok((p.sandbox.clone(), p.state.clone()));
         }
-        let sb = Arc::new(Sandbox::create(
-            &self.inner.id,
-            &self.inner.config,
-            self.inner.state.clone(),
-        )?);
-        *slot = Some(sb.clone());
-        Ok(sb)
+        let state = StateDir {
+            root: config.run_dir.join(pod),
+        };
+        let this = self.clone();
+        let on_exit = Box::new(move |reason: String| this.vm_exited(&reason));
+        let sb = Sandbox::create(pod, hostname, config, state.clone(), on_exit).map_err(|e| {
+            cleanup_state_dir(&state.root);
+            status_err(Code::FAILED_PRECONDITION, format!("pod VM: {e}"))
+        })?;
+        let sb = Arc::new(sb);
+        self.spawn_oom_watcher(sb.clone());
+        *slot = Some(Pod {
+            id: pod.to_string(),
+            state: state.clone(),
+            sandbox: sb.clone(),
+        });
+        Ok((sb, state))
     }
 
-    fn existing_sandbox(&self) -> TtrpcResult<Arc<Sandbox>> {
-        self.inner
-            .sandbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    fn sandbox(&self) -> TtrpcResult<(Arc<Sandbox>, StateDir)> {
+        self.pod()
+            .as_ref()
+            .map(|p| (p.sandbox.clone(), p.state.clone()))
             .ok_or_else(|| status_err(Code::FAILED_PRECONDITION, "the pod VM is not running"))
     }
 
     /// Mounts containerd's rootfs mounts at `target` (or binds the bundle's rootfs).
-    fn mount_rootfs(req: &api::CreateTaskRequest, target: &Path) -> containerd_shim::Result<()> {
-        std::fs::create_dir_all(target).map_err(|e| {
-            containerd_shim::Error::Other(format!("create {}: {e}", target.display()))
-        })?;
+    fn mount_rootfs(req: &api::CreateTaskRequest, target: &Path) -> Result<(), String> {
+        std::fs::create_dir_all(target).map_err(|e| format!("create {}: {e}", target.display()))?;
         if req.rootfs.is_empty() {
             let src = PathBuf::from(&req.bundle).join("rootfs");
-            let src = src.to_string_lossy();
-            return mount_rootfs(Some("bind"), Some(&src), &["rbind".to_string()], target);
+            return mount("", &src.to_string_lossy(), &["rbind".into()], target)
+                .map_err(|e| e.to_string());
         }
         for m in &req.rootfs {
-            mount_rootfs(Some(&m.type_), Some(&m.source), &m.options, target)?;
+            mount(&m.type_, &m.source, &m.options, target).map_err(|e| e.to_string())?;
         }
         Ok(())
     }
 
-    /// The part of Create that can fail after the rootfs is mounted.
-    fn create_in_guest(
-        &self,
-        req: &api::CreateTaskRequest,
+    /// Attaches the streams `stdio` asks for and returns them with the agent's flags.
+    fn attach_streams(
+        sb: &Sandbox,
+        id: &str,
+        exec_id: &str,
         stdio: &StdioPaths,
-        spec: Vec<u8>,
-    ) -> Result<(u32, Vec<JoinHandle<()>>), ttrpc::Error> {
-        let sb = self
-            .sandbox()
-            .map_err(|e| status_err(Code::FAILED_PRECONDITION, format!("pod VM: {e}")))?;
-        let id = req.id.as_str();
-        let attach = |kind, path: &str| -> TtrpcResult<Option<std::os::unix::net::UnixStream>> {
-            if path.is_empty() {
-                return Ok(None);
-            }
-            sb.attach_stream(kind, id, "")
-                .map(Some)
+    ) -> TtrpcResult<(Streams, podvisor_agent_protocol::agent::Stdio)> {
+        let attach = |kind| {
+            sb.attach_stream(kind, id, exec_id)
                 .map_err(|e| status_err(Code::INTERNAL, e))
         };
-        let stdin = attach(StreamKind::Stdin, &stdio.stdin)?;
-        let stdout = attach(StreamKind::Stdout, &stdio.stdout)?;
-        let stderr = attach(StreamKind::Stderr, &stdio.stderr)?;
+        let mut flags = podvisor_agent_protocol::agent::Stdio::new();
+        let mut s = Streams::default();
+        if stdio.terminal {
+            s.pty = Some(attach(StreamKind::Pty)?);
+            flags.terminal = true;
+        } else {
+            if !stdio.stdin.is_empty() {
+                s.stdin = Some(attach(StreamKind::Stdin)?);
+            }
+            if !stdio.stdout.is_empty() {
+                s.stdout = Some(attach(StreamKind::Stdout)?);
+            }
+            if !stdio.stderr.is_empty() {
+                s.stderr = Some(attach(StreamKind::Stderr)?);
+            }
+            flags.stdin = s.stdin.is_some();
+            flags.stdout = s.stdout.is_some();
+            flags.stderr = s.stderr.is_some();
+        }
+        Ok((s, flags))
+    }
 
+    /// Starts the copy threads of a process whose streams the agent took.
+    fn wire_streams(&self, id: &str, p: &mut Proc, s: Streams) -> TtrpcResult<()> {
+        let w = p
+            .stdio
+            .output_writers(id, &self.inner.namespace)
+            .map_err(|e| status_err(Code::INVALID_ARGUMENT, e))?;
+        p.logger = w.logger;
+        if let Some(pty) = s.pty {
+            let input = pty
+                .try_clone()
+                .map_err(|e| status_err(Code::INTERNAL, format!("clone the pty stream: {e}")))?;
+            if let Some(out) = w.stdout {
+                p.outputs.push(copy_output(pty, out));
+            }
+            if !p.stdio.stdin.is_empty() {
+                p.stdin = Some(copy_input(p.stdio.stdin.clone(), input));
+            }
+            return Ok(());
+        }
+        if let (Some(conn), Some(out)) = (s.stdout, w.stdout) {
+            p.outputs.push(copy_output(conn, out));
+        }
+        if let (Some(conn), Some(out)) = (s.stderr, w.stderr) {
+            p.outputs.push(copy_output(conn, out));
+        }
+        if let Some(conn) = s.stdin {
+            p.stdin = Some(copy_input(p.stdio.stdin.clone(), conn));
+        }
+        Ok(())
+    }
+
+    /// The part of Create that runs in the guest, after the rootfs is mounted.
+    fn create_in_guest(
+        &self,
+        sb: &Sandbox,
+        id: &str,
+        spec: Vec<u8>,
+        p: &mut Proc,
+    ) -> TtrpcResult<()> {
+        let (streams, flags) = Self::attach_streams(sb, id, "", &p.stdio)?;
         let mut creq = CreateContainerRequest::new();
         creq.container_id = id.to_string();
         creq.oci_spec_json = spec;
         creq.rootfs = format!("{}/rootfs", StateDir::container_in_guest(id));
-        let mut flags = podvisor_agent_protocol::agent::Stdio::new();
-        flags.stdin = stdin.is_some();
-        flags.stdout = stdout.is_some();
-        flags.stderr = stderr.is_some();
         creq.stdio = Some(flags).into();
-        let pid = sb
+        p.guest_pid = sb
             .client
             .create_container(ctx(), &creq)
             .map_err(|e| agent_err("agent CreateContainer", e))?
             .pid;
-
-        let mut outputs = Vec::new();
-        if let Some(conn) = stdout {
-            outputs.push(copy_output(conn, stdio.stdout.clone()));
-        }
-        if let Some(conn) = stderr {
-            outputs.push(copy_output(conn, stdio.stderr.clone()));
-        }
-        if let Some(conn) = stdin {
-            // Not joined: it ends when containerd closes the FIFO.
-            drop(copy_input(stdio.stdin.clone(), conn));
-        }
-        Ok((pid, outputs))
+        self.wire_streams(id, p, streams)
     }
 
-    /// Waits for the init process of `id` in the agent, then publishes TaskExit and marks
-    /// the container stopped (in that order: containerd wants the event before Wait
-    /// returns).
-    fn spawn_exit_waiter(&self, sb: Arc<Sandbox>, id: String, pid: u32) {
+    /// Publishes TaskExit for a process once and marks it stopped, in that order
+    /// (containerd wants the event before Wait returns).
+    fn finish(&self, id: &str, exec_id: &str, status: u32, at: Timestamp) {
+        {
+            let mut cs = self.containers();
+            let Some(p) = cs.get_mut(id).and_then(|c| c.proc_mut(exec_id)) else {
+                return;
+            };
+            if p.exit_published {
+                return;
+            }
+            p.exit_published = true;
+        }
+        self.publish(TaskExit {
+            container_id: id.to_string(),
+            id: if exec_id.is_empty() { id } else { exec_id }.to_string(),
+            pid: std::process::id(),
+            exit_status: status,
+            exited_at: MessageField::some(at.clone()),
+            ..Default::default()
+        });
+        if let Some(p) = self
+            .containers()
+            .get_mut(id)
+            .and_then(|c| c.proc_mut(exec_id))
+        {
+            p.status = Status::STOPPED;
+            p.exit_status = status;
+            p.exited_at = Some(at);
+        }
+        self.inner.changed.notify_all();
+    }
+
+    /// Waits for a process in the agent, drains its output, then [`Self::finish`]es it.
+    fn spawn_exit_waiter(&self, sb: Arc<Sandbox>, id: String, exec_id: String) {
         let this = self.clone();
         let spawned = std::thread::Builder::new()
             .name("exit-wait".into())
             .spawn(move || {
                 let mut req = ProcessRequest::new();
                 req.container_id = id.clone();
+                req.exec_id = exec_id.clone();
                 let (status, at) = match sb.client.wait_process(Context::default(), &req) {
                     Ok(r) => (r.exit_status as u32, timestamp_ns(r.exited_at_ns)),
                     Err(e) => {
-                        log::error!("agent WaitProcess({id}): {e}");
-                        (255, now())
+                        log::error!("agent WaitProcess({id} {exec_id}): {e}");
+                        (VM_DIED_STATUS, now())
                     }
                 };
                 let outputs = this
                     .containers()
                     .get_mut(&id)
-                    .map(|c| std::mem::take(&mut c.outputs))
+                    .and_then(|c| c.proc_mut(&exec_id))
+                    .map(|p| std::mem::take(&mut p.outputs))
                     .unwrap_or_default();
                 for t in outputs {
                     let _ = t.join();
                 }
-                this.publish(TaskExit {
-                    container_id: id.clone(),
-                    id: id.clone(),
-                    pid,
-                    exit_status: status,
-                    exited_at: MessageField::some(at.clone()),
-                    ..Default::default()
-                });
-                if let Some(c) = this.containers().get_mut(&id) {
-                    c.status = Status::STOPPED;
-                    c.exit_status = status;
-                    c.exited_at = Some(at);
-                }
-                this.inner.changed.notify_all();
+                this.finish(&id, &exec_id, status, at);
             });
         if let Err(e) = spawned {
             log::error!("cannot spawn the exit waiter: {e}");
         }
     }
 
-    fn teardown(&self) {
-        let sb = self
-            .inner
-            .sandbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(sb) = sb {
-            sb.destroy();
+    /// Long-polls the agent's OOM events and publishes them until the VM stops.
+    fn spawn_oom_watcher(&self, sb: Arc<Sandbox>) {
+        let this = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("oom-watch".into())
+            .spawn(move || loop {
+                match sb
+                    .client
+                    .get_oom_event(Context::default(), &GetOOMEventRequest::new())
+                {
+                    Ok(ev) => {
+                        log::info!("OOM in container {}", ev.container_id);
+                        this.publish(TaskOOM {
+                            container_id: ev.container_id,
+                            ..Default::default()
+                        });
+                    }
+                    Err(e) => {
+                        if sb.vm_stopped() || sb.destroyed() {
+                            return;
+                        }
+                        log::debug!("agent GetOOMEvent: {e}");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot spawn the OOM watcher: {e}");
         }
-        cleanup_state_dir(&self.inner.state.root);
     }
-}
 
-fn check_init(exec_id: &str, method: &str) -> TtrpcResult<()> {
-    if exec_id.is_empty() {
+    /// The VM stopped: every process still running exits with [`VM_DIED_STATUS`].
+    fn vm_exited(&self, reason: &str) {
+        let live: Vec<(String, String)> = {
+            let mut cs = self.containers();
+            let mut live = Vec::new();
+            for (id, c) in cs.iter_mut() {
+                for (exec_id, p) in std::iter::once((String::new(), &mut c.init))
+                    .chain(c.execs.iter_mut().map(|(k, v)| (k.clone(), v)))
+                {
+                    if p.is_live() {
+                        live.push((id.clone(), exec_id));
+                    } else if p.status == Status::CREATED {
+                        p.status = Status::STOPPED;
+                        p.exit_status = VM_DIED_STATUS;
+                        p.exited_at = Some(now());
+                    }
+                }
+            }
+            live
+        };
+        if !live.is_empty() {
+            log::error!(
+                "the pod VM stopped ({reason}): {} process(es) exit with status {VM_DIED_STATUS}",
+                live.len()
+            );
+        }
+        for (id, exec_id) in live {
+            self.finish(&id, &exec_id, VM_DIED_STATUS, now());
+        }
+        self.inner.changed.notify_all();
+    }
+
+    /// Destroys the sandbox and removes the host state.
+    fn teardown(&self) {
+        let pod = self.pod().take();
+        if let Some(p) = pod {
+            p.sandbox.destroy();
+            cleanup_state_dir(&p.state.root);
+        }
+    }
+
+    /// Binds the spec's host bind-mount sources into the container's directory.
+    fn bind_host_paths(dir: &Path, binds: &[super::spec::HostBind]) -> Result<(), String> {
+        for b in binds {
+            bind(Path::new(&b.source), &dir.join(&b.target), b.recursive)
+                .map_err(|e| format!("bind mount {}: {e}", b.source))?;
+        }
         Ok(())
-    } else {
-        Err(unimplemented(&format!("{method} of an exec process")))
+    }
+
+    fn do_create(&self, req: &api::CreateTaskRequest) -> TtrpcResult<u32> {
+        let id = req.id.as_str();
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        for uri in [&stdio.stdout, &stdio.stderr] {
+            OutputSink::parse(uri).map_err(|e| status_err(Code::INVALID_ARGUMENT, e))?;
+        }
+        let raw = std::fs::read(Path::new(&req.bundle).join("config.json"))
+            .map_err(|e| status_err(Code::INVALID_ARGUMENT, format!("bundle config.json: {e}")))?;
+        let spec_value: Value = serde_json::from_slice(&raw)
+            .map_err(|e| status_err(Code::INVALID_ARGUMENT, format!("config.json: {e}")))?;
+        let ann = annotations(&spec_value);
+        let pod = pod_id(id, &ann);
+        let sandbox_container = is_sandbox_container(&ann);
+        let spec = guest_spec(&raw, &StateDir::container_in_guest(id))
+            .map_err(|e| status_err(Code::INVALID_ARGUMENT, e))?;
+        // The first Create of the shim brings up the pod's VM: its settings are the config
+        // file (runtime options' ConfigPath), the environment and the pod's annotations.
+        let config = if self.pod().is_none() {
+            let config = ShimConfig::load(req.options.as_ref())
+                .and_then(|c| c.with_annotations(&ann))
+                .map_err(|e| status_err(Code::INVALID_ARGUMENT, e.to_string()))?;
+            config.apply_log_level();
+            config
+        } else {
+            self.inner.config.clone()
+        };
+        let hostname = spec_value
+            .get("hostname")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+
+        let (sb, state) = self.sandbox_for(&pod, hostname, &config)?;
+        // For `shim delete` after a SIGKILL: where this pod's state is.
+        if let Some(run_dir) = state.root.parent() {
+            if let Err(e) = super::config::record_run_dir(Path::new(&req.bundle), run_dir) {
+                log::warn!("Create {id}: record the run dir in the bundle: {e}");
+            }
+        }
+        let mut p = Proc {
+            stdio,
+            status: Status::CREATED,
+            ..Default::default()
+        };
+        if !sandbox_container {
+            let dir = state.container(id);
+            let created = Self::mount_rootfs(req, &dir.join("rootfs"))
+                .and_then(|()| Self::bind_host_paths(&dir, &spec.binds))
+                .map_err(|e| status_err(Code::INTERNAL, format!("host mounts: {e}")))
+                .and_then(|()| self.create_in_guest(&sb, id, spec.json, &mut p));
+            if let Err(e) = created {
+                if p.guest_pid != 0 {
+                    let mut creq = ContainerRequest::new();
+                    creq.container_id = id.to_string();
+                    if let Err(e) = sb.client.remove_container(ctx(), &creq) {
+                        log::warn!("agent RemoveContainer({id}) after a failed Create: {e}");
+                    }
+                }
+                unmount_below(&dir);
+                let _ = std::fs::remove_dir_all(&dir);
+                if let Some(mut l) = p.logger.take() {
+                    let _ = l.kill();
+                    let _ = l.wait();
+                }
+                return Err(e);
+            }
+        }
+        self.containers().insert(
+            id.to_string(),
+            Container {
+                bundle: req.bundle.clone(),
+                sandbox: sandbox_container,
+                init: p,
+                execs: HashMap::new(),
+            },
+        );
+        Ok(std::process::id())
+    }
+
+    /// Runs `f` on process (`id`, `exec_id`) under the lock.
+    fn with_proc<R>(
+        &self,
+        id: &str,
+        exec_id: &str,
+        f: impl FnOnce(&Container, &Proc) -> R,
+    ) -> TtrpcResult<R> {
+        let cs = self.containers();
+        let c = cs.get(id).ok_or_else(|| not_found(id, ""))?;
+        let p = c.proc(exec_id).ok_or_else(|| not_found(id, exec_id))?;
+        Ok(f(c, p))
+    }
+
+    fn start_exec(&self, id: &str, exec_id: &str) -> TtrpcResult<()> {
+        let (sb, _) = self.sandbox()?;
+        let (stdio, spec) =
+            self.with_proc(id, exec_id, |_, p| (p.stdio.clone(), p.spec.clone()))?;
+        let (streams, flags) = Self::attach_streams(&sb, id, exec_id, &stdio)?;
+        let mut ereq = ExecProcessRequest::new();
+        ereq.container_id = id.to_string();
+        ereq.exec_id = exec_id.to_string();
+        ereq.oci_process_json = spec;
+        ereq.stdio = Some(flags).into();
+        let pid = sb
+            .client
+            .exec_process(ctx(), &ereq)
+            .map_err(|e| agent_err("agent ExecProcess", e))?
+            .pid;
+        {
+            let mut cs = self.containers();
+            let p = cs
+                .get_mut(id)
+                .and_then(|c| c.proc_mut(exec_id))
+                .ok_or_else(|| not_found(id, exec_id))?;
+            p.guest_pid = pid;
+            p.status = Status::RUNNING;
+            self.wire_streams(id, p, streams)?;
+        }
+        self.publish(TaskExecStarted {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            pid: std::process::id(),
+            ..Default::default()
+        });
+        self.spawn_exit_waiter(sb, id.to_string(), exec_id.to_string());
+        Ok(())
     }
 }
 
-fn not_found(id: &str) -> ttrpc::Error {
-    status_err(Code::NOT_FOUND, format!("container {id} not found"))
+/// The agent streams of one process.
+#[derive(Default)]
+struct Streams {
+    stdin: Option<std::os::unix::net::UnixStream>,
+    stdout: Option<std::os::unix::net::UnixStream>,
+    stderr: Option<std::os::unix::net::UnixStream>,
+    pty: Option<std::os::unix::net::UnixStream>,
 }
 
 impl Task for Service {
@@ -332,7 +662,7 @@ impl Task for Service {
     ) -> TtrpcResult<api::CreateTaskResponse> {
         let id = req.id.clone();
         log::info!("Create {id} (bundle {})", req.bundle);
-        if id.is_empty() || id.contains('/') || id == "." || id == ".." {
+        if !super::pod::valid_id(&id) {
             return Err(status_err(
                 Code::INVALID_ARGUMENT,
                 format!("invalid container id {id:?}"),
@@ -345,69 +675,27 @@ impl Task for Service {
             ));
         }
         if !req.checkpoint.is_empty() {
-            return Err(unimplemented("Create from a checkpoint"));
+            return Err(status_err(
+                Code::UNIMPLEMENTED,
+                "podvisor cannot restore a container from a checkpoint",
+            ));
         }
-        let stdio = StdioPaths {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
-        stdio
-            .check()
-            .map_err(|e| status_err(Code::UNIMPLEMENTED, e))?;
-        let config = std::fs::read(Path::new(&req.bundle).join("config.json"))
-            .map_err(|e| status_err(Code::INVALID_ARGUMENT, format!("bundle config.json: {e}")))?;
-        let spec = guest_spec(
-            &config,
-            &format!("{}/rootfs", StateDir::container_in_guest(&id)),
-        )
-        .map_err(|e| status_err(Code::INVALID_ARGUMENT, e))?;
-
-        let dir = self.inner.state.container(&id);
-        let rootfs = dir.join("rootfs");
-        let created = Self::mount_rootfs(&req, &rootfs)
-            .map_err(|e| status_err(Code::INTERNAL, format!("mount the rootfs: {e}")))
-            .and_then(|()| self.create_in_guest(&req, &stdio, spec));
-        let (pid, outputs) = match created {
-            Ok(v) => v,
-            Err(e) => {
-                log::error!("Create {id}: {e}");
-                unmount_below(&dir);
-                let _ = std::fs::remove_dir_all(&dir);
-                let no_sandbox = self
-                    .inner
-                    .sandbox
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .is_none();
-                if no_sandbox {
-                    cleanup_state_dir(&self.inner.state.root);
-                }
-                return Err(e);
+        let pid = self.do_create(&req).inspect_err(|e| {
+            log::error!("Create {id}: {e}");
+            // A pod whose first container failed keeps nothing.
+            if self.containers().is_empty() && self.pod().is_some() {
+                self.teardown();
             }
-        };
-        self.containers().insert(
-            id.clone(),
-            Container {
-                bundle: req.bundle.clone(),
-                pid,
-                stdio: stdio.clone(),
-                status: Status::CREATED,
-                exit_status: 0,
-                exited_at: None,
-                outputs,
-            },
-        );
+        })?;
         self.publish(TaskCreate {
             container_id: id.clone(),
             bundle: req.bundle.clone(),
             rootfs: req.rootfs.clone(),
             io: MessageField::some(TaskIO {
-                stdin: stdio.stdin,
-                stdout: stdio.stdout,
-                stderr: stdio.stderr,
-                terminal: stdio.terminal,
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
                 ..Default::default()
             }),
             pid,
@@ -424,33 +712,47 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
-        check_init(&req.exec_id, "Start")?;
-        let pid = {
-            let containers = self.containers();
-            let c = containers.get(&req.id).ok_or_else(|| not_found(&req.id))?;
-            if c.status != Status::CREATED {
-                return Err(status_err(
-                    Code::FAILED_PRECONDITION,
-                    format!("container {} is not in the created state", req.id),
-                ));
-            }
-            c.pid
+        let (status, sandbox) =
+            self.with_proc(&req.id, &req.exec_id, |c, p| (p.status, c.sandbox))?;
+        if status != Status::CREATED {
+            return Err(status_err(
+                Code::FAILED_PRECONDITION,
+                format!(
+                    "process {} {} is not in the created state",
+                    req.id, req.exec_id
+                ),
+            ));
+        }
+        let pid = std::process::id();
+        if !req.exec_id.is_empty() {
+            self.start_exec(&req.id, &req.exec_id)?;
+            return Ok(api::StartResponse {
+                pid,
+                ..Default::default()
+            });
+        }
+        let sb = if sandbox {
+            None
+        } else {
+            let (sb, _) = self.sandbox()?;
+            let mut creq = ContainerRequest::new();
+            creq.container_id = req.id.clone();
+            sb.client
+                .start_container(ctx(), &creq)
+                .map_err(|e| agent_err("agent StartContainer", e))?;
+            Some(sb)
         };
-        let sb = self.existing_sandbox()?;
-        let mut creq = ContainerRequest::new();
-        creq.container_id = req.id.clone();
-        sb.client
-            .start_container(ctx(), &creq)
-            .map_err(|e| agent_err("agent StartContainer", e))?;
         if let Some(c) = self.containers().get_mut(&req.id) {
-            c.status = Status::RUNNING;
+            c.init.status = Status::RUNNING;
         }
         self.publish(TaskStart {
             container_id: req.id.clone(),
             pid,
             ..Default::default()
         });
-        self.spawn_exit_waiter(sb, req.id.clone(), pid);
+        if let Some(sb) = sb {
+            self.spawn_exit_waiter(sb, req.id.clone(), String::new());
+        }
         Ok(api::StartResponse {
             pid,
             ..Default::default()
@@ -462,60 +764,74 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
-        check_init(&req.exec_id, "State")?;
-        let containers = self.containers();
-        let c = containers.get(&req.id).ok_or_else(|| not_found(&req.id))?;
-        Ok(api::StateResponse {
+        self.with_proc(&req.id, &req.exec_id, |c, p| api::StateResponse {
             id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
             bundle: c.bundle.clone(),
-            pid: c.pid,
-            status: c.status.into(),
-            stdin: c.stdio.stdin.clone(),
-            stdout: c.stdio.stdout.clone(),
-            stderr: c.stdio.stderr.clone(),
-            terminal: c.stdio.terminal,
-            exit_status: c.exit_status,
-            exited_at: c.exited_at.clone().into(),
+            pid: std::process::id(),
+            status: p.status.into(),
+            stdin: p.stdio.stdin.clone(),
+            stdout: p.stdio.stdout.clone(),
+            stderr: p.stdio.stderr.clone(),
+            terminal: p.stdio.terminal,
+            exit_status: p.exit_status,
+            exited_at: p.exited_at.clone().into(),
             ..Default::default()
         })
     }
 
     fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
-        check_init(&req.exec_id, "Wait")?;
-        let mut containers = self.containers();
+        let mut cs = self.containers();
         loop {
-            let c = containers.get(&req.id).ok_or_else(|| not_found(&req.id))?;
-            if c.status == Status::STOPPED {
+            let p = cs
+                .get(&req.id)
+                .ok_or_else(|| not_found(&req.id, ""))?
+                .proc(&req.exec_id)
+                .ok_or_else(|| not_found(&req.id, &req.exec_id))?;
+            if p.status == Status::STOPPED {
                 return Ok(api::WaitResponse {
-                    exit_status: c.exit_status,
-                    exited_at: c.exited_at.clone().into(),
+                    exit_status: p.exit_status,
+                    exited_at: p.exited_at.clone().into(),
                     ..Default::default()
                 });
             }
-            containers = self
+            cs = self
                 .inner
                 .changed
-                .wait(containers)
+                .wait(cs)
                 .unwrap_or_else(|p| p.into_inner());
         }
     }
 
     fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
-        check_init(&req.exec_id, "Kill")?;
-        let status = self
-            .containers()
-            .get(&req.id)
-            .map(|c| c.status)
-            .ok_or_else(|| not_found(&req.id))?;
+        let (status, sandbox) =
+            self.with_proc(&req.id, &req.exec_id, |c, p| (p.status, c.sandbox))?;
         if status == Status::STOPPED {
             return Err(status_err(
                 Code::NOT_FOUND,
-                format!("process of container {} already finished", req.id),
+                format!("process {} {} already finished", req.id, req.exec_id),
             ));
         }
-        let sb = self.existing_sandbox()?;
+        if sandbox {
+            // The pod's own task: any signal but 0 ends it (the VM stays until Shutdown).
+            if req.signal != 0 {
+                if status == Status::CREATED {
+                    if let Some(c) = self.containers().get_mut(&req.id) {
+                        c.init.status = Status::STOPPED;
+                        c.init.exit_status = 128 + req.signal;
+                        c.init.exited_at = Some(now());
+                    }
+                    self.inner.changed.notify_all();
+                } else {
+                    self.finish(&req.id, "", 128 + req.signal, now());
+                }
+            }
+            return Ok(api::Empty::new());
+        }
+        let (sb, _) = self.sandbox()?;
         let mut sreq = SignalProcessRequest::new();
         sreq.container_id = req.id.clone();
+        sreq.exec_id = req.exec_id.clone();
         sreq.signal = req.signal;
         sreq.all = req.all;
         sb.client
@@ -529,47 +845,313 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
-        check_init(&req.exec_id, "Delete")?;
-        let (pid, status) = {
-            let containers = self.containers();
-            let c = containers.get(&req.id).ok_or_else(|| not_found(&req.id))?;
-            (c.pid, c.status)
-        };
-        if status == Status::RUNNING {
+        let (status, sandbox) =
+            self.with_proc(&req.id, &req.exec_id, |c, p| (p.status, c.sandbox))?;
+        if matches!(status, Status::RUNNING | Status::PAUSED | Status::PAUSING) {
             return Err(status_err(
                 Code::FAILED_PRECONDITION,
-                format!("container {} is running: kill it first", req.id),
+                format!(
+                    "process {} {} is running: kill it first",
+                    req.id, req.exec_id
+                ),
             ));
         }
-        if let Ok(sb) = self.existing_sandbox() {
-            let mut creq = ContainerRequest::new();
-            creq.container_id = req.id.clone();
-            if let Err(e) = sb.client.remove_container(ctx(), &creq) {
-                log::warn!("agent RemoveContainer({}): {e}", req.id);
+        let sb = self.sandbox().ok().filter(|(sb, _)| !sb.vm_stopped());
+        if let (Some((sb, _)), false) = (&sb, sandbox) {
+            let result = if req.exec_id.is_empty() {
+                let mut creq = ContainerRequest::new();
+                creq.container_id = req.id.clone();
+                sb.client.remove_container(ctx(), &creq)
+            } else {
+                let mut preq = ProcessRequest::new();
+                preq.container_id = req.id.clone();
+                preq.exec_id = req.exec_id.clone();
+                sb.client.remove_process(ctx(), &preq)
+            };
+            if let Err(e) = result {
+                log::warn!("agent remove {} {}: {e}", req.id, req.exec_id);
             }
         }
-        let dir = self.inner.state.container(&req.id);
-        unmount_below(&dir);
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            log::warn!("remove {}: {e}", dir.display());
-        }
-        let c = self.containers().remove(&req.id);
+        let removed = {
+            let mut cs = self.containers();
+            if req.exec_id.is_empty() {
+                cs.remove(&req.id).map(|c| c.init)
+            } else {
+                cs.get_mut(&req.id)
+                    .and_then(|c| c.execs.remove(&req.exec_id))
+            }
+        };
         self.inner.changed.notify_all();
-        let (exit_status, exited_at) = c
-            .map(|c| (c.exit_status, c.exited_at.unwrap_or_else(now)))
-            .unwrap_or_else(|| (0, now()));
-        self.publish(TaskDelete {
-            container_id: req.id.clone(),
-            id: req.id.clone(),
-            pid,
-            exit_status,
-            exited_at: MessageField::some(exited_at.clone()),
-            ..Default::default()
-        });
+        let Some(mut p) = removed else {
+            return Err(not_found(&req.id, &req.exec_id));
+        };
+        if let Some(mut logger) = p.logger.take() {
+            // Its pipes closed with the output threads; it exits by itself.
+            let _ = logger.wait();
+        }
+        if req.exec_id.is_empty() && !sandbox {
+            if let Ok((_, state)) = self.sandbox() {
+                let dir = state.container(&req.id);
+                unmount_below(&dir);
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    log::warn!("remove {}: {e}", dir.display());
+                }
+            }
+        }
+        let exited_at = p.exited_at.unwrap_or_else(now);
+        let pid = std::process::id();
+        if req.exec_id.is_empty() {
+            self.publish(TaskDelete {
+                container_id: req.id.clone(),
+                id: req.id.clone(),
+                pid,
+                exit_status: p.exit_status,
+                exited_at: MessageField::some(exited_at.clone()),
+                ..Default::default()
+            });
+        }
         Ok(api::DeleteResponse {
             pid,
-            exit_status,
+            exit_status: p.exit_status,
             exited_at: MessageField::some(exited_at),
+            ..Default::default()
+        })
+    }
+
+    fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        if !super::pod::valid_id(&req.exec_id) {
+            return Err(status_err(
+                Code::INVALID_ARGUMENT,
+                format!("invalid exec id {:?}", req.exec_id),
+            ));
+        }
+        for uri in [&req.stdout, &req.stderr] {
+            OutputSink::parse(uri).map_err(|e| status_err(Code::INVALID_ARGUMENT, e))?;
+        }
+        let spec = req.spec.value.clone();
+        match serde_json::from_slice::<Value>(&spec) {
+            Ok(Value::Object(_)) => {}
+            _ => {
+                return Err(status_err(
+                    Code::INVALID_ARGUMENT,
+                    "exec spec: not an OCI process JSON object",
+                ))
+            }
+        }
+        {
+            let mut cs = self.containers();
+            let c = cs.get_mut(&req.id).ok_or_else(|| not_found(&req.id, ""))?;
+            if c.sandbox {
+                return Err(status_err(
+                    Code::FAILED_PRECONDITION,
+                    "the pod sandbox container runs no process to exec into",
+                ));
+            }
+            if !c.init.is_live() {
+                return Err(status_err(
+                    Code::FAILED_PRECONDITION,
+                    format!("container {} is not running", req.id),
+                ));
+            }
+            if c.execs.contains_key(&req.exec_id) {
+                return Err(status_err(
+                    Code::ALREADY_EXISTS,
+                    format!(
+                        "exec {} already exists in container {}",
+                        req.exec_id, req.id
+                    ),
+                ));
+            }
+            c.execs.insert(
+                req.exec_id.clone(),
+                Proc {
+                    stdio: StdioPaths {
+                        stdin: req.stdin.clone(),
+                        stdout: req.stdout.clone(),
+                        stderr: req.stderr.clone(),
+                        terminal: req.terminal,
+                    },
+                    status: Status::CREATED,
+                    spec,
+                    ..Default::default()
+                },
+            );
+        }
+        self.publish(TaskExecAdded {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        });
+        Ok(api::Empty::new())
+    }
+
+    fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        let sandbox = self.with_proc(&req.id, "", |c, _| c.sandbox)?;
+        let mut resp = api::PidsResponse::new();
+        if sandbox {
+            return Ok(resp);
+        }
+        let (sb, _) = self.sandbox()?;
+        let mut creq = ContainerRequest::new();
+        creq.container_id = req.id.clone();
+        let pids = sb
+            .client
+            .list_processes(ctx(), &creq)
+            .map_err(|e| agent_err("agent ListProcesses", e))?
+            .pids;
+        resp.processes = pids
+            .into_iter()
+            .map(|pid| ProcessInfo {
+                pid,
+                ..Default::default()
+            })
+            .collect();
+        Ok(resp)
+    }
+
+    fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let terminal = self.with_proc(&req.id, &req.exec_id, |_, p| p.stdio.terminal)?;
+        if !terminal {
+            return Err(status_err(
+                Code::FAILED_PRECONDITION,
+                format!("process {} {} has no terminal", req.id, req.exec_id),
+            ));
+        }
+        let (sb, _) = self.sandbox()?;
+        let mut rreq = ResizeTtyRequest::new();
+        rreq.container_id = req.id.clone();
+        rreq.exec_id = req.exec_id.clone();
+        rreq.columns = req.width;
+        rreq.rows = req.height;
+        sb.client
+            .resize_tty(ctx(), &rreq)
+            .map_err(|e| agent_err("agent ResizeTty", e))?;
+        Ok(api::Empty::new())
+    }
+
+    fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        let stdin = self.with_proc(&req.id, &req.exec_id, |_, p| p.stdin.clone())?;
+        let (Some(stdin), true) = (stdin, req.stdin) else {
+            return Ok(api::Empty::new());
+        };
+        // The client closed its end of the FIFO: the copy reaches EOF and half-closes the
+        // stream by itself. If it does not (another writer keeps the FIFO open), the agent
+        // closes stdin after what was forwarded so far.
+        if stdin.wait_done(CLOSE_IO_GRACE) {
+            return Ok(api::Empty::new());
+        }
+        let (sb, _) = self.sandbox()?;
+        let mut creq = CloseStdinRequest::new();
+        creq.container_id = req.id.clone();
+        creq.exec_id = req.exec_id.clone();
+        creq.stdin_bytes = stdin.bytes();
+        sb.client
+            .close_stdin(ctx(), &creq)
+            .map_err(|e| agent_err("agent CloseStdin", e))?;
+        Ok(api::Empty::new())
+    }
+
+    fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        let (status, sandbox) = self.with_proc(&req.id, "", |c, p| (p.status, c.sandbox))?;
+        if status != Status::RUNNING {
+            return Err(status_err(
+                Code::FAILED_PRECONDITION,
+                format!("container {} is not running", req.id),
+            ));
+        }
+        if !sandbox {
+            let (sb, _) = self.sandbox()?;
+            let mut creq = ContainerRequest::new();
+            creq.container_id = req.id.clone();
+            sb.client
+                .pause_container(ctx(), &creq)
+                .map_err(|e| agent_err("agent PauseContainer", e))?;
+        }
+        if let Some(c) = self.containers().get_mut(&req.id) {
+            if c.init.status == Status::RUNNING {
+                c.init.status = Status::PAUSED;
+            }
+        }
+        self.publish(TaskPaused {
+            container_id: req.id.clone(),
+            ..Default::default()
+        });
+        Ok(api::Empty::new())
+    }
+
+    fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        let (status, sandbox) = self.with_proc(&req.id, "", |c, p| (p.status, c.sandbox))?;
+        if status != Status::PAUSED {
+            return Err(status_err(
+                Code::FAILED_PRECONDITION,
+                format!("container {} is not paused", req.id),
+            ));
+        }
+        if !sandbox {
+            let (sb, _) = self.sandbox()?;
+            let mut creq = ContainerRequest::new();
+            creq.container_id = req.id.clone();
+            sb.client
+                .resume_container(ctx(), &creq)
+                .map_err(|e| agent_err("agent ResumeContainer", e))?;
+        }
+        if let Some(c) = self.containers().get_mut(&req.id) {
+            if c.init.status == Status::PAUSED {
+                c.init.status = Status::RUNNING;
+            }
+        }
+        self.publish(TaskResumed {
+            container_id: req.id.clone(),
+            ..Default::default()
+        });
+        Ok(api::Empty::new())
+    }
+
+    fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+        let sandbox = self.with_proc(&req.id, "", |c, _| c.sandbox)?;
+        let resources = req.resources.value.clone();
+        if serde_json::from_slice::<Value>(&resources).map_or(true, |v| !v.is_object()) {
+            return Err(status_err(
+                Code::INVALID_ARGUMENT,
+                "update: resources are not an OCI LinuxResources JSON object",
+            ));
+        }
+        if sandbox {
+            return Ok(api::Empty::new());
+        }
+        let (sb, _) = self.sandbox()?;
+        let mut ureq = UpdateResourcesRequest::new();
+        ureq.container_id = req.id.clone();
+        ureq.oci_resources_json = resources;
+        sb.client
+            .update_resources(ctx(), &ureq)
+            .map_err(|e| agent_err("agent UpdateResources", e))?;
+        Ok(api::Empty::new())
+    }
+
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        let sandbox = self.with_proc(&req.id, "", |c, _| c.sandbox)?;
+        let stats = if sandbox {
+            Default::default()
+        } else {
+            let (sb, _) = self.sandbox()?;
+            let mut creq = ContainerRequest::new();
+            creq.container_id = req.id.clone();
+            sb.client
+                .stats(ctx(), &creq)
+                .map_err(|e| agent_err("agent Stats", e))?
+        };
+        let any = metrics_any(&stats).map_err(|e| status_err(Code::INTERNAL, e))?;
+        Ok(api::StatsResponse {
+            stats: MessageField::some(any),
             ..Default::default()
         })
     }
@@ -577,12 +1159,11 @@ impl Task for Service {
     fn connect(
         &self,
         _ctx: &TtrpcContext,
-        req: api::ConnectRequest,
+        _req: api::ConnectRequest,
     ) -> TtrpcResult<api::ConnectResponse> {
-        let task_pid = self.containers().get(&req.id).map_or(0, |c| c.pid);
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
-            task_pid,
+            task_pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             ..Default::default()
         })
@@ -598,80 +1179,15 @@ impl Task for Service {
         Ok(api::Empty::new())
     }
 
-    fn pids(&self, _ctx: &TtrpcContext, _req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
-        Err(unimplemented("Pids"))
-    }
-
-    fn pause(&self, _ctx: &TtrpcContext, _req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        Err(unimplemented("Pause"))
-    }
-
-    fn resume(&self, _ctx: &TtrpcContext, _req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
-        Err(unimplemented("Resume"))
-    }
-
     fn checkpoint(
         &self,
         _ctx: &TtrpcContext,
         _req: api::CheckpointTaskRequest,
     ) -> TtrpcResult<api::Empty> {
-        Err(unimplemented("Checkpoint"))
-    }
-
-    fn exec(&self, _ctx: &TtrpcContext, _req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
-        Err(unimplemented("Exec"))
-    }
-
-    fn resize_pty(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: api::ResizePtyRequest,
-    ) -> TtrpcResult<api::Empty> {
-        Err(unimplemented("ResizePty"))
-    }
-
-    fn close_io(&self, _ctx: &TtrpcContext, _req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
-        Err(unimplemented("CloseIO"))
-    }
-
-    fn update(&self, _ctx: &TtrpcContext, _req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
-        Err(unimplemented("Update"))
-    }
-
-    fn stats(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: api::StatsRequest,
-    ) -> TtrpcResult<api::StatsResponse> {
-        Err(unimplemented("Stats"))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn adapts_the_spec_for_the_guest() {
-        let spec = serde_json::json!({
-            "ociVersion": "1.0.2",
-            "root": {"path": "/run/containerd/io.containerd.runtime.v2.task/default/c/rootfs"},
-            "hooks": {"prestart": [{"path": "/usr/bin/host-hook"}]},
-            "process": {"args": ["echo"], "apparmorProfile": "cri-containerd.apparmor.d"},
-            "linux": {"mountLabel": "x", "namespaces": [{"type": "pid"}]}
-        });
-        let out = guest_spec(
-            &serde_json::to_vec(&spec).unwrap(),
-            "/run/podvisor/shared/c/rootfs",
-        )
-        .unwrap();
-        let out: Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(out["root"]["path"], "/run/podvisor/shared/c/rootfs");
-        assert_eq!(out["root"]["readonly"], false);
-        assert!(out.get("hooks").is_none());
-        assert!(out["process"].get("apparmorProfile").is_none());
-        assert!(out["linux"].get("mountLabel").is_none());
-        assert_eq!(out["linux"]["namespaces"][0]["type"], "pid");
-        assert!(guest_spec(b"[]", "/x").is_err());
+        Err(status_err(
+            Code::UNIMPLEMENTED,
+            "podvisor does not checkpoint single containers (CRIU does not run in the pod VM); \
+             pod templates snapshot whole VMs instead",
+        ))
     }
 }

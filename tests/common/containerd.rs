@@ -20,39 +20,112 @@ pub const RUNTIME: &str = "io.containerd.podvisor.v2";
 pub const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-podvisor-v2");
 /// `ctr run` of one container, VM boot included (minutes on a nested-KVM host).
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(900);
+/// The CRI plugin's containerd namespace.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+/// The CRI sandbox image: the busybox layer with `sleep` as its entrypoint (runc runs it as
+/// the pod's pause process; podvisor runs no pause process).
+pub const PAUSE_IMAGE: &str = "localhost/podvisor-test/pause:local";
+/// CRI runtime handlers of a CRI-enabled private containerd.
+pub const CRI_HANDLER_PODVISOR: &str = "podvisor";
+pub const CRI_HANDLER_RUNC: &str = "runc";
+
+/// What a private containerd serves besides the task API.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerdOptions {
+    /// Enable the CRI plugin (socket `containerd.sock`, CRI v1 and v1alpha2) with runtime
+    /// handlers `runc` (the default) and `podvisor` (pod annotations `io.podvisor.*`),
+    /// sandbox image [`PAUSE_IMAGE`], streaming server on a free port. Pods must use host
+    /// networking: no CNI network is configured.
+    pub cri: bool,
+    /// Written to `<dir>/podvisor.toml` and given to the `podvisor` CRI handler as its
+    /// `ConfigPath` runtime option.
+    pub podvisor_config: Option<String>,
+}
 
 /// A private containerd; killed, and its temp dir removed, on drop (also on failure).
 pub struct Containerd {
     pub dir: PathBuf,
     child: Child,
+    cri: bool,
+    run_dir: PathBuf,
 }
 
 impl Containerd {
     pub fn sock(&self) -> PathBuf {
         self.dir.join("containerd.sock")
     }
+    /// The shims' `PODVISOR_RUN_DIR`: `<dir>/podvisor-run`, or with the CRI plugin a short
+    /// path of its own (CRI's 64-character pod ids must fit in the pod's Unix socket paths,
+    /// at most 107 bytes).
     pub fn run_dir(&self) -> PathBuf {
-        self.dir.join("podvisor-run")
+        self.run_dir.clone()
     }
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
     }
 
     pub fn start(dir: &Path, kernel: &Path, initrd: &Path) -> Containerd {
+        Self::start_with(dir, kernel, initrd, ContainerdOptions::default())
+    }
+
+    /// The podvisor config file given to the `podvisor` CRI handler.
+    pub fn podvisor_config_path(&self) -> PathBuf {
+        self.dir.join("podvisor.toml")
+    }
+
+    pub fn start_with(
+        dir: &Path,
+        kernel: &Path,
+        initrd: &Path,
+        options: ContainerdOptions,
+    ) -> Containerd {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-                 [grpc]\n  address = \"{d}/containerd.sock\"\n\
-                 [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n\
-                 [debug]\n  level = \"debug\"\n",
+        let mut text = format!(
+            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n{disabled}\
+             [grpc]\n  address = \"{d}/containerd.sock\"\n\
+             [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n\
+             [debug]\n  level = \"debug\"\n",
+            d = dir.display(),
+            disabled = if options.cri {
+                ""
+            } else {
+                "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n"
+            },
+        );
+        if let Some(body) = &options.podvisor_config {
+            std::fs::write(dir.join("podvisor.toml"), body).unwrap();
+        }
+        if options.cri {
+            let cri = "[plugins.\"io.containerd.grpc.v1.cri\"";
+            let runtimes = format!("{cri}.containerd.runtimes");
+            text += &format!(
+                "{cri}]\n  sandbox_image = \"{PAUSE_IMAGE}\"\n\
+                 \x20 restrict_oom_score_adj = true\n\
+                 \x20 stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n\
+                 {cri}.containerd]\n  default_runtime_name = \"{CRI_HANDLER_RUNC}\"\n\
+                 {runtimes}.{CRI_HANDLER_RUNC}]\n  runtime_type = \"io.containerd.runc.v2\"\n\
+                 {runtimes}.{CRI_HANDLER_PODVISOR}]\n  runtime_type = \"{RUNTIME}\"\n\
+                 \x20 pod_annotations = [\"io.podvisor.*\"]\n\
+                 {cni}]\n  bin_dir = \"{d}/cni/bin\"\n  conf_dir = \"{d}/cni/conf\"\n",
+                cni = format_args!("{cri}.cni"),
                 d = dir.display()
-            ),
-        )
-        .unwrap();
+            );
+            if options.podvisor_config.is_some() {
+                text += &format!(
+                    "{runtimes}.{CRI_HANDLER_PODVISOR}.options]\n  ConfigPath = \"{}\"\n",
+                    dir.join("podvisor.toml").display()
+                );
+            }
+        }
+        std::fs::write(&config, text).unwrap();
+        let run_dir = if options.cri {
+            static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            PathBuf::from(format!("/tmp/pvr-{}-{n}", std::process::id()))
+        } else {
+            dir.join("podvisor-run")
+        };
         let shim_dir = Path::new(SHIM).parent().unwrap();
         let path = format!(
             "{}:{}",
@@ -66,7 +139,7 @@ impl Containerd {
             .env("PATH", path)
             .env("PODVISOR_KERNEL", kernel)
             .env("PODVISOR_INITRD", initrd)
-            .env("PODVISOR_RUN_DIR", dir.join("podvisor-run"))
+            .env("PODVISOR_RUN_DIR", &run_dir)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -76,6 +149,8 @@ impl Containerd {
         let c = Containerd {
             dir: dir.to_path_buf(),
             child,
+            cri: options.cri,
+            run_dir,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !c.ctr(&["version"]).status.success() {
@@ -119,6 +194,16 @@ impl Containerd {
 
 /// PIDs of processes running the shim binary on behalf of this containerd.
 pub fn shim_pids(sock: &Path) -> Vec<u32> {
+    pids_of("containerd-shim-podvisor-v2", sock)
+}
+
+/// PIDs of runc shims (`containerd-shim-runc-v2`) of this containerd.
+pub fn runc_shim_pids(sock: &Path) -> Vec<u32> {
+    pids_of("containerd-shim-runc-v2", sock)
+}
+
+/// PIDs of processes running `binary` with `sock` among their arguments.
+fn pids_of(binary: &str, sock: &Path) -> Vec<u32> {
     let mut pids = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return pids;
@@ -135,11 +220,7 @@ pub fn shim_pids(sock: &Path) -> Vec<u32> {
             .split(|b| *b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        if args
-            .first()
-            .is_some_and(|a| a.ends_with("containerd-shim-podvisor-v2"))
-            && args.iter().any(|a| a == &sock)
-        {
+        if args.first().is_some_and(|a| a.ends_with(binary)) && args.iter().any(|a| a == &sock) {
             pids.push(pid);
         }
     }
@@ -173,8 +254,28 @@ impl Drop for Containerd {
                 );
             }
         }
+        if self.cri {
+            // Containers a failed CRI test left (runc's outlive their shim): kill them.
+            let tasks = self.ctr(&["-n", CRI_NAMESPACE, "task", "ls", "-q"]);
+            for id in String::from_utf8_lossy(&tasks.stdout).split_whitespace() {
+                let _ = self.ctr(&[
+                    "-n",
+                    CRI_NAMESPACE,
+                    "task",
+                    "kill",
+                    "-a",
+                    "-s",
+                    "SIGKILL",
+                    id,
+                ]);
+            }
+        }
         // Shims this containerd started, then containerd itself.
-        for pid in shim_pids(&self.sock()) {
+        for pid in shim_pids(&self.sock())
+            .into_iter()
+            .chain(runc_shim_pids(&self.sock()))
+        {
+            // SAFETY: plain kill(2) of a process of this test's containerd.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
@@ -190,6 +291,14 @@ impl Drop for Containerd {
             let c = std::ffi::CString::new(m).unwrap();
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
+        let mut left = mounts_below(&self.run_dir);
+        left.sort_by_key(|t| std::cmp::Reverse(t.len()));
+        for m in left {
+            let c = std::ffi::CString::new(m).unwrap();
+            // SAFETY: umount2 of a path string; no memory is shared with the kernel after.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = std::fs::remove_dir_all(&self.run_dir);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -229,6 +338,16 @@ fn add_blob(layout: &Path, path: &Path) -> (String, u64) {
 
 /// A busybox OCI image archive (one uncompressed layer: static busybox + applet links).
 pub fn build_image(dir: &Path) -> PathBuf {
+    build_image_as(
+        dir,
+        IMAGE,
+        &json!({"Env": ["PATH=/bin"], "Cmd": ["sh"], "WorkingDir": "/"}),
+    )
+}
+
+/// The busybox image archive named `name` with image config `config` (`Cmd`,
+/// `Entrypoint`, ...).
+pub fn build_image_as(dir: &Path, name: &str, config: &serde_json::Value) -> PathBuf {
     let rootfs = dir.join("rootfs");
     build_busybox_rootfs(&rootfs);
 
@@ -256,7 +375,7 @@ pub fn build_image(dir: &Path) -> PathBuf {
         &json!({
             "architecture": "amd64",
             "os": "linux",
-            "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"], "WorkingDir": "/"},
+            "config": config,
             "rootfs": {"type": "layers", "diff_ids": [layer_digest]}
         }),
     );
@@ -284,7 +403,7 @@ pub fn build_image(dir: &Path) -> PathBuf {
                 "digest": manifest_digest, "size": manifest_size,
                 "platform": {"architecture": "amd64", "os": "linux"},
                 "annotations": {
-                    "io.containerd.image.name": IMAGE,
+                    "io.containerd.image.name": name,
                     "org.opencontainers.image.ref.name": "local"
                 }
             }]
@@ -380,6 +499,37 @@ pub fn import_image(containerd: &Containerd, dir: &Path) {
     let list = containerd.ctr(&["image", "ls", "-q"]);
     let images = String::from_utf8_lossy(&list.stdout);
     assert!(images.lines().any(|l| l == IMAGE), "images: {images}");
+}
+
+/// Imports the busybox image ([`IMAGE`]) and the CRI sandbox image ([`PAUSE_IMAGE`]) into
+/// the CRI plugin's namespace.
+pub fn import_cri_images(containerd: &Containerd, dir: &Path) {
+    let pause = json!({"Env": ["PATH=/bin"], "Entrypoint": ["sleep", "86400"], "WorkingDir": "/"});
+    for (name, archive) in [
+        (IMAGE, build_image(&dir.join("busybox"))),
+        (
+            PAUSE_IMAGE,
+            build_image_as(&dir.join("pause"), PAUSE_IMAGE, &pause),
+        ),
+    ] {
+        let import = containerd.ctr(&[
+            "-n",
+            CRI_NAMESPACE,
+            "image",
+            "import",
+            archive.to_str().unwrap(),
+        ]);
+        assert!(
+            import.status.success(),
+            "ctr image import {name}: {}",
+            String::from_utf8_lossy(&import.stderr)
+        );
+    }
+    let list = containerd.ctr(&["-n", CRI_NAMESPACE, "image", "ls", "-q"]);
+    let images = String::from_utf8_lossy(&list.stdout);
+    for name in [IMAGE, PAUSE_IMAGE] {
+        assert!(images.lines().any(|l| l == name), "images: {images}");
+    }
 }
 
 /// Waits until no shim of `containerd` runs; then checks that the pod's state dir `id` is

@@ -1,20 +1,12 @@
-//! `podvisor bench`: benchmarks that print tables (never timed assertions).
-//!
-//! `bench boot` boots the guest N times, each in a fresh `podvisor boot` process (so host
+//! `podvisor bench boot`: boots the guest N times, each in a fresh `podvisor boot` process (so host
 //! set-up time includes everything a real start pays), and prints the median of each figure.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use clap::{Args, Subcommand};
+use clap::Args;
 
 use crate::boot::TimingsRecord;
-
-#[derive(Subcommand)]
-pub enum BenchCommand {
-    /// Boot timings: host set-up, guest time to init, VMM RSS, guest RAM touched.
-    Boot(BenchBootArgs),
-}
 
 #[derive(Args)]
 pub struct BenchBootArgs {
@@ -33,13 +25,7 @@ pub struct BenchBootArgs {
     timeout: u64,
 }
 
-pub fn run(cmd: BenchCommand) -> Result<u8, Box<dyn std::error::Error>> {
-    match cmd {
-        BenchCommand::Boot(args) => bench_boot(args),
-    }
-}
-
-fn bench_boot(args: BenchBootArgs) -> Result<u8, Box<dyn std::error::Error>> {
+pub fn run(args: BenchBootArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let exe = std::env::current_exe()?;
     let dir = std::env::temp_dir().join(format!("podvisor-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;

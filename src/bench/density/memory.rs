@@ -1,0 +1,463 @@
+//! Host memory of a pod, from `/proc`.
+//!
+//! * A pod's processes: its shim (found by binary name, `-id` and `-address` on its command
+//!   line) and every descendant (runc's container processes are re-parented to the runc
+//!   shim, a child subreaper; podvisor's shim has none: the VM lives in the shim).
+//! * PSS per process from `/proc/PID/smaps_rollup`; for podvisor also `/proc/PID/smaps`,
+//!   split into guest RAM (anonymous mappings exactly as large as a guest RAM region: the VM's
+//!   memory size below the 3 GiB MMIO gap) and everything else (VMM + shim overhead).
+//! * The machine: `MemTotal - MemAvailable` and `Committed_AS` from `/proc/meminfo`, KSM's
+//!   counters from `/sys/kernel/mm/ksm`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Errors reading memory figures.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error(
+        "cannot read {path}: {source} (the process may have exited; is the pod still running?)"
+    )]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} has no `{field}` line: this harness needs Linux >= 4.14 /proc files")]
+    Field { path: String, field: &'static str },
+}
+
+fn read(path: &str) -> Result<String, MemoryError> {
+    std::fs::read_to_string(path).map_err(|source| MemoryError::Read {
+        path: path.to_string(),
+        source,
+    })
+}
+
+/// The `kB` value of `field:` in a `/proc` key-value file (smaps_rollup, meminfo).
+pub fn kib_field(text: &str, field: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(field)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// RSS and PSS of one process (smaps_rollup), KiB.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Rollup {
+    pub rss_kib: u64,
+    pub pss_kib: u64,
+}
+
+/// Parses `/proc/PID/smaps_rollup` text.
+pub fn parse_rollup(text: &str) -> Option<Rollup> {
+    Some(Rollup {
+        rss_kib: kib_field(text, "Rss")?,
+        pss_kib: kib_field(text, "Pss")?,
+    })
+}
+
+/// `/proc/PID/smaps_rollup` of `pid`.
+pub fn rollup(pid: u32) -> Result<Rollup, MemoryError> {
+    let path = format!("/proc/{pid}/smaps_rollup");
+    let text = read(&path)?;
+    parse_rollup(&text).ok_or(MemoryError::Field { path, field: "Pss" })
+}
+
+/// PSS of a process split at its guest RAM mappings, KiB.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuestSplit {
+    /// PSS of the guest RAM mappings (pages the guest touched; KSM-merged pages shared).
+    pub guest_pss_kib: u64,
+    /// PSS of everything else: the VMM's and the shim's own memory.
+    pub other_pss_kib: u64,
+    /// How many guest RAM mappings were found (1 for guests below the MMIO gap).
+    pub guest_mappings: usize,
+    /// Whether they were recognised by their `dd` (MADV_DONTDUMP) flag, which podvisor's
+    /// VMM sets on guest RAM, rather than by size alone.
+    pub by_flag: bool,
+}
+
+/// One mapping of smaps: size, PSS, anonymous or not, VmFlags.
+struct Mapping {
+    size: u64,
+    pss_kib: u64,
+    anonymous: bool,
+    dontdump: bool,
+}
+
+fn mappings(smaps: &str) -> Vec<Mapping> {
+    let mut out: Vec<Mapping> = Vec::new();
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let Some(first) = words.next() else { continue };
+        if let Some((start, end)) = parse_range(first) {
+            // `start-end perms offset dev inode [path]`: anonymous when there is no path.
+            out.push(Mapping {
+                size: end - start,
+                pss_kib: 0,
+                anonymous: words.nth(4).is_none(),
+                dontdump: false,
+            });
+            continue;
+        }
+        let Some(m) = out.last_mut() else { continue };
+        match first {
+            "Pss:" => m.pss_kib = words.next().and_then(|v| v.parse().ok()).unwrap_or(0),
+            "VmFlags:" => m.dontdump = words.any(|f| f == "dd"),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Splits `/proc/PID/smaps` text: guest RAM is the anonymous mappings whose size is one of
+/// `guest_region_sizes` (bytes) and that carry the `dd` flag podvisor sets on guest RAM;
+/// when none carries it (a VMM from before that flag), size alone decides.
+pub fn split_smaps(smaps: &str, guest_region_sizes: &[u64]) -> GuestSplit {
+    let maps = mappings(smaps);
+    let candidate = |m: &Mapping| m.anonymous && guest_region_sizes.contains(&m.size);
+    let by_flag = maps.iter().any(|m| candidate(m) && m.dontdump);
+    let mut split = GuestSplit {
+        by_flag,
+        ..GuestSplit::default()
+    };
+    for m in &maps {
+        if candidate(m) && (m.dontdump || !by_flag) {
+            split.guest_pss_kib += m.pss_kib;
+            split.guest_mappings += 1;
+        } else {
+            split.other_pss_kib += m.pss_kib;
+        }
+    }
+    split
+}
+
+/// Anonymous mappings of at least `min` bytes with their VmFlags (for error messages).
+pub fn large_anonymous(smaps: &str, min: u64) -> Vec<String> {
+    mappings(smaps)
+        .iter()
+        .filter(|m| m.anonymous && m.size >= min)
+        .map(|m| {
+            format!(
+                "{} MiB{}",
+                m.size >> 20,
+                if m.dontdump { " dd" } else { "" }
+            )
+        })
+        .collect()
+}
+
+/// A smaps mapping header's `start-end` (hex), `None` for other lines.
+fn parse_range(word: &str) -> Option<(u64, u64)> {
+    let (a, b) = word.split_once('-')?;
+    let start = u64::from_str_radix(a, 16).ok()?;
+    let end = u64::from_str_radix(b, 16).ok()?;
+    (end >= start).then_some((start, end))
+}
+
+/// Host sizes of guest RAM mappings for a VM of `mem_mib` (the layout of
+/// `vmm::arch::layout::ram_regions`: one region below the MMIO gap at 3 GiB, a second one
+/// above 4 GiB for larger guests).
+pub fn guest_region_sizes(mem_mib: u64) -> Vec<u64> {
+    const GAP_START: u64 = 0xc000_0000;
+    let bytes = mem_mib << 20;
+    if bytes <= GAP_START {
+        vec![bytes]
+    } else {
+        vec![GAP_START, bytes - GAP_START]
+    }
+}
+
+/// Machine-wide figures from `/proc/meminfo`, KiB.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemInfo {
+    pub total_kib: u64,
+    /// `MemTotal - MemAvailable`.
+    pub used_kib: u64,
+    /// `Committed_AS`: what MAP_NORESERVE keeps out.
+    pub committed_kib: u64,
+}
+
+/// Parses `/proc/meminfo` text.
+pub fn parse_meminfo(text: &str) -> Option<MemInfo> {
+    let total = kib_field(text, "MemTotal")?;
+    let available = kib_field(text, "MemAvailable")?;
+    Some(MemInfo {
+        total_kib: total,
+        used_kib: total.saturating_sub(available),
+        committed_kib: kib_field(text, "Committed_AS")?,
+    })
+}
+
+/// This machine's `/proc/meminfo`.
+pub fn meminfo() -> Result<MemInfo, MemoryError> {
+    let path = "/proc/meminfo";
+    parse_meminfo(&read(path)?).ok_or(MemoryError::Field {
+        path: path.into(),
+        field: "MemAvailable",
+    })
+}
+
+/// Arguments of a process (`/proc/PID/cmdline`), empty when it is gone.
+pub fn cmdline(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// Every numeric entry of `/proc`.
+pub fn all_pids() -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// The value after flag `name` (`-id`, `-address`) in a shim's arguments.
+fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
+/// Whether `args` are those of the long-running shim `binary` (file name) serving pod
+/// `id` (any pod when `None`) for the containerd at `address`.
+pub fn is_shim(args: &[String], binary: &str, id: Option<&str>, address: &Path) -> bool {
+    let address = address.to_string_lossy();
+    args.first()
+        .and_then(|a| Path::new(a).file_name())
+        .is_some_and(|n| n == binary)
+        && !args.iter().any(|a| a == "start" || a == "delete")
+        && flag(args, "-address") == Some(&address)
+        && id.is_none_or(|id| flag(args, "-id") == Some(id))
+}
+
+/// PIDs of shims (`binary`) for the containerd at `address`, of pod `id` or of any pod.
+pub fn shim_pids(binary: &str, id: Option<&str>, address: &Path) -> Vec<u32> {
+    all_pids()
+        .into_iter()
+        .filter(|&pid| is_shim(&cmdline(pid), binary, id, address))
+        .collect()
+}
+
+/// The parent PID field of `/proc/PID/stat` text (after the parenthesised command name,
+/// which may itself hold spaces and parentheses).
+pub fn parse_ppid(stat: &str) -> Option<u32> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `pid`'s descendants (children, grandchildren, ...), from one scan of `/proc`.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    for p in all_pids() {
+        if let Some(ppid) = std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .ok()
+            .and_then(|s| parse_ppid(&s))
+        {
+            children.entry(ppid).or_default().push(p);
+        }
+    }
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        for &c in children.get(&p).map(Vec::as_slice).unwrap_or(&[]) {
+            out.push(c);
+            todo.push(c);
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// KSM's state (`/sys/kernel/mm/ksm`): `run` and `pages_sharing` (pages saved).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KsmState {
+    pub run: Option<u32>,
+    pub pages_sharing: Option<u64>,
+}
+
+pub const KSM_DIR: &str = "/sys/kernel/mm/ksm";
+
+/// Reads KSM's `run` and `pages_sharing` (`None` where the kernel has no KSM).
+pub fn ksm_state() -> KsmState {
+    let num = |f: &str| {
+        std::fs::read_to_string(format!("{KSM_DIR}/{f}"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+    };
+    KsmState {
+        run: num("run").map(|v| v as u32),
+        pages_sharing: num("pages_sharing"),
+    }
+}
+
+/// Writes KSM's `run` (0 stop, 1 merge); the error says why (e.g. read-only sysfs).
+pub fn set_ksm_run(value: u32) -> std::io::Result<()> {
+    std::fs::write(format!("{KSM_DIR}/run"), format!("{value}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// From a real `containerd-shim-podvisor-v2` (trimmed: the guest RAM mapping of a
+    /// 128 MiB VM, the binary, heap, a thread stack and the vDSO).
+    const PODVISOR_SMAPS: &str = "\
+5581c8a00000-5581c8c3e000 r--p 00000000 fe:01 1311283                    /work/target/release/containerd-shim-podvisor-v2
+Size:               2296 kB
+KernelPageSize:        4 kB
+Rss:                2048 kB
+Pss:                1024 kB
+Pss_Dirty:             0 kB
+Shared_Clean:       2048 kB
+5581ca1f7000-5581ca22d000 rw-p 00000000 00:00 0                          [heap]
+Size:                216 kB
+Rss:                 120 kB
+Pss:                 120 kB
+7f3c40000000-7f3c48000000 rw-p 00000000 00:00 0 
+Size:             131072 kB
+KernelPageSize:        4 kB
+Rss:               27904 kB
+Pss:               27904 kB
+Pss_Anon:          27904 kB
+AnonHugePages:         0 kB
+VmFlags: rd wr mr mw me nr dd sd 
+7f3c50000000-7f3c58000000 rw-p 00000000 00:00 0 
+Size:             131072 kB
+Rss:                 512 kB
+Pss:                 512 kB
+VmFlags: rd wr mr mw me nr 
+7f3c4b7ff000-7f3c4bfff000 rw-p 00000000 00:00 0 
+Size:               8192 kB
+Rss:                  16 kB
+Pss:                  16 kB
+7ffc1b5e3000-7ffc1b5e5000 r-xp 00000000 00:00 0                          [vdso]
+Size:                  8 kB
+Rss:                   4 kB
+Pss:                   0 kB
+";
+
+    const ROLLUP: &str = "\
+55d1c6a3b000-7ffd4b1f2000 ---p 00000000 00:00 0                          [rollup]
+Rss:               30088 kB
+Pss:               29064 kB
+Pss_Dirty:         28040 kB
+Pss_Anon:          28040 kB
+Pss_File:           1024 kB
+Shared_Clean:       2048 kB
+";
+
+    const MEMINFO: &str = "\
+MemTotal:       24583712 kB
+MemFree:        19912876 kB
+MemAvailable:   23012456 kB
+Buffers:          123456 kB
+Committed_AS:    3456789 kB
+";
+
+    #[test]
+    fn splits_guest_ram_from_vmm_overhead() {
+        // The 128 MiB malloc arena without `dd` is the VMM's, not guest RAM.
+        let split = split_smaps(PODVISOR_SMAPS, &guest_region_sizes(128));
+        assert_eq!(
+            split,
+            GuestSplit {
+                guest_pss_kib: 27904,
+                other_pss_kib: 1024 + 120 + 512 + 16,
+                guest_mappings: 1,
+                by_flag: true,
+            }
+        );
+        // Without the flag (an older VMM), size alone decides.
+        let old = split_smaps(
+            &PODVISOR_SMAPS.replace(" dd ", " "),
+            &guest_region_sizes(128),
+        );
+        assert_eq!((old.guest_mappings, old.by_flag), (2, false));
+        assert_eq!(old.guest_pss_kib, 27904 + 512);
+        // No mapping of the guest's size: everything is overhead.
+        let none = split_smaps(PODVISOR_SMAPS, &guest_region_sizes(64));
+        assert_eq!(none.guest_mappings, 0);
+        assert_eq!(none.other_pss_kib, 27904 + 1024 + 120 + 512 + 16);
+        assert_eq!(
+            large_anonymous(PODVISOR_SMAPS, 64 << 20),
+            vec!["128 MiB dd", "128 MiB"]
+        );
+    }
+
+    #[test]
+    fn guest_regions_around_the_gap() {
+        assert_eq!(guest_region_sizes(256), vec![256 << 20]);
+        assert_eq!(guest_region_sizes(4096), vec![3 << 30, 1 << 30]);
+    }
+
+    #[test]
+    fn parses_rollup_and_meminfo() {
+        assert_eq!(
+            parse_rollup(ROLLUP),
+            Some(Rollup {
+                rss_kib: 30088,
+                pss_kib: 29064
+            })
+        );
+        assert_eq!(parse_rollup("Rss: 1 kB\n"), None);
+        assert_eq!(kib_field(ROLLUP, "Pss_Anon"), Some(28040));
+        let m = parse_meminfo(MEMINFO).unwrap();
+        assert_eq!(m.used_kib, 24583712 - 23012456);
+        assert_eq!(m.committed_kib, 3456789);
+        assert!(parse_meminfo("MemTotal: 1 kB\n").is_none());
+    }
+
+    #[test]
+    fn reads_this_process() {
+        let me = std::process::id();
+        let r = rollup(me).unwrap();
+        assert!(r.pss_kib > 0 && r.rss_kib >= r.pss_kib);
+        let split = split_smaps(&read(&format!("/proc/{me}/smaps")).unwrap(), &[]);
+        assert_eq!(split.guest_pss_kib, 0);
+        assert!(split.other_pss_kib > 0);
+        assert!(meminfo().unwrap().used_kib > 0);
+        assert!(matches!(rollup(u32::MAX), Err(MemoryError::Read { .. })));
+    }
+
+    #[test]
+    fn recognises_shims_by_id_and_address() {
+        let args = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        let sock = Path::new("/tmp/x/containerd.sock");
+        let shim = args("/usr/bin/containerd-shim-runc-v2 -namespace default -id p1 -address /tmp/x/containerd.sock");
+        assert!(is_shim(&shim, "containerd-shim-runc-v2", Some("p1"), sock));
+        assert!(is_shim(&shim, "containerd-shim-runc-v2", None, sock));
+        assert!(!is_shim(&shim, "containerd-shim-runc-v2", Some("p2"), sock));
+        assert!(!is_shim(&shim, "containerd-shim-podvisor-v2", None, sock));
+        assert!(!is_shim(
+            &shim,
+            "containerd-shim-runc-v2",
+            None,
+            Path::new("/run/containerd/containerd.sock")
+        ));
+        let start = args("/usr/bin/containerd-shim-runc-v2 -namespace default -id p1 -address /tmp/x/containerd.sock start");
+        assert!(!is_shim(&start, "containerd-shim-runc-v2", None, sock));
+    }
+
+    #[test]
+    fn ppid_and_descendants() {
+        assert_eq!(parse_ppid("42 (a) b) S 7 42 42 0"), Some(7));
+        assert_eq!(parse_ppid("garbage"), None);
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let found = descendants(std::process::id()).contains(&child.id());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(found);
+    }
+}

@@ -1,0 +1,1039 @@
+//! `podvisor bench density`: how many pods fit, and how fast do they start?
+//!
+//! One run, for each runtime asked for (runc first, then podvisor, same containerd):
+//! 1. baseline: `/proc/meminfo` (used = MemTotal - MemAvailable, Committed_AS);
+//! 2. N idle busybox pods (`sh -c 'echo ready; exec sleep 100000'`), started in waves of P
+//!    concurrent `ctr run --rm` children (each in its own process group, so Ctrl-C reaches
+//!    only the harness). Latency per pod, from spawning `ctr run`: to the `/tasks/create`
+//!    and `/tasks/start` events (one `ctr events` stream for the run) and to the first
+//!    stdout line (`ready`) read from the `ctr run` child;
+//! 3. after every pod is up and `--settle` seconds: per pod the PSS of its shim and the
+//!    shim's descendants ([`memory`]), for podvisor split into guest RAM touched and
+//!    VMM/shim overhead; the machine's used-memory delta / N;
+//! 4. teardown: kill + delete every task and container, wait for their shims to go.
+//!
+//! Then [`report`] writes `density.md` + `density.json` and [`plot`] `density.png` into
+//! `--out`. Teardown also runs on errors and on Ctrl-C/SIGTERM (then exit status 130):
+//! pods first ([`Pods`]' drop), then the private containerd with its work dir
+//! ([`containerd::Containerd`]' drop), then KSM's `run` is restored ([`KsmGuard`]).
+//!
+//! Density knobs go into the private containerd's environment, which the podvisor shim
+//! inherits: `--mem-mib` (`PODVISOR_MEM_MIB`), `--vcpus` (`PODVISOR_VCPUS`), `--noreserve
+//! off` (`PODVISOR_NORESERVE=0`), `--ksm on` (`PODVISOR_KSM=1` + `/sys/kernel/mm/ksm/run`
+//! = 1 for the run).
+
+pub mod containerd;
+pub mod image;
+pub mod memory;
+pub mod plot;
+pub mod report;
+pub mod stats;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use containerd::{Containerd, ContainerdError};
+use report::{ConfigRecord, MachineDelta, PodRecord, Report, RunSummary, RuntimeRun, WaveSample};
+
+/// The command each pod runs: one line of output, then idle.
+pub const POD_COMMAND: [&str; 3] = ["sh", "-c", "echo ready; exec sleep 100000"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeChoice {
+    Podvisor,
+    Runc,
+    Both,
+}
+
+/// One runtime under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runtime {
+    Podvisor,
+    Runc,
+}
+
+impl Runtime {
+    pub fn name(self) -> &'static str {
+        match self {
+            Runtime::Podvisor => "podvisor",
+            Runtime::Runc => "runc",
+        }
+    }
+    /// containerd's runtime name.
+    pub fn containerd_name(self) -> &'static str {
+        match self {
+            Runtime::Podvisor => "io.containerd.podvisor.v2",
+            Runtime::Runc => "io.containerd.runc.v2",
+        }
+    }
+    /// The long-running shim's binary name.
+    pub fn shim_binary(self) -> &'static str {
+        match self {
+            Runtime::Podvisor => "containerd-shim-podvisor-v2",
+            Runtime::Runc => "containerd-shim-runc-v2",
+        }
+    }
+}
+
+impl RuntimeChoice {
+    /// The runtimes to run, in order (runc first: it is quick and gives the baseline).
+    pub fn runtimes(self) -> Vec<Runtime> {
+        match self {
+            RuntimeChoice::Podvisor => vec![Runtime::Podvisor],
+            RuntimeChoice::Runc => vec![Runtime::Runc],
+            RuntimeChoice::Both => vec![Runtime::Runc, Runtime::Podvisor],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DensityArgs {
+    /// Number of pods per runtime.
+    #[arg(long)]
+    pub pods: usize,
+    /// Pods started at once (a wave); the next wave starts when every pod of this one
+    /// printed its first line.
+    #[arg(long, default_value_t = 1)]
+    pub parallel: usize,
+    #[arg(long, value_enum, default_value_t = RuntimeChoice::Both)]
+    pub runtime: RuntimeChoice,
+    /// Where density.md, density.json and density.png go (created).
+    #[arg(long, default_value = "bench-density")]
+    pub out: PathBuf,
+    /// Use the containerd at this socket instead of starting a private one (the knobs
+    /// --mem-mib/--vcpus/--ksm/--noreserve then come from that containerd's environment).
+    #[arg(long)]
+    pub address: Option<PathBuf>,
+    /// Work dir of the private containerd (must not exist; removed afterwards). Default: a
+    /// new dir under $TMPDIR.
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Guest kernel (vmlinux) for podvisor pods.
+    #[arg(long, env = "PODVISOR_KERNEL")]
+    pub kernel: Option<PathBuf>,
+    /// Agent initramfs for podvisor pods.
+    #[arg(long, env = "PODVISOR_INITRD")]
+    pub initrd: Option<PathBuf>,
+    /// The podvisor shim binary. Default: containerd-shim-podvisor-v2 next to this binary.
+    #[arg(long)]
+    pub shim: Option<PathBuf>,
+    /// Guest memory per podvisor pod, MiB (knob; shim default 256).
+    #[arg(long)]
+    pub mem_mib: Option<u64>,
+    /// vCPUs per podvisor pod (shim default 1).
+    #[arg(long)]
+    pub vcpus: Option<usize>,
+    /// KSM merging of guest memory (MADV_MERGEABLE + /sys/kernel/mm/ksm/run=1).
+    #[arg(long, value_enum)]
+    pub ksm: Option<OnOff>,
+    /// MAP_NORESERVE on guest memory (untouched guest pages are not committed).
+    #[arg(long, value_enum)]
+    pub noreserve: Option<OnOff>,
+    /// Seconds to wait after the last pod started before measuring memory (default 5, or
+    /// 60 with --ksm on so that KSM can scan).
+    #[arg(long)]
+    pub settle: Option<u64>,
+    /// Per-pod limit to reach its first output line, seconds.
+    #[arg(long, default_value_t = 900)]
+    pub timeout: u64,
+}
+
+/// Errors of the density harness; each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum DensityError {
+    #[error("invalid arguments: {0}")]
+    Usage(String),
+    #[error(transparent)]
+    Containerd(#[from] ContainerdError),
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error("cannot write {path}: {source}")]
+    Output {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start `{what}`: {source}")]
+    Spawn {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("interrupted: pods, containerd and temp dirs were torn down")]
+    Interrupted,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether Ctrl-C / SIGTERM arrived (after [`install_interrupt_handler`]).
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// Routes SIGINT/SIGTERM/SIGHUP to a flag the harness polls (once per process).
+fn install_interrupt_handler() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        if let Err(e) = ctrlc::set_handler(|| {
+            if INTERRUPTED.swap(true, Ordering::SeqCst) {
+                eprintln!("podvisor bench density: still tearing down, please wait");
+            } else {
+                eprintln!("podvisor bench density: interrupted, tearing down ...");
+            }
+        }) {
+            log::warn!("no Ctrl-C handler ({e}): an interrupt will skip teardown");
+        }
+    });
+}
+
+fn check_interrupt() -> Result<(), DensityError> {
+    if interrupted() {
+        Err(DensityError::Interrupted)
+    } else {
+        Ok(())
+    }
+}
+
+/// Sleeps `d`, waking early on an interrupt.
+fn sleep_interruptible(d: Duration) -> Result<(), DensityError> {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        check_interrupt()?;
+        std::thread::sleep(Duration::from_millis(100).min(end - Instant::now()));
+    }
+    check_interrupt()
+}
+
+/// Arguments checked and resolved, before anything is created.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub pods: usize,
+    pub parallel: usize,
+    pub runtimes: Vec<Runtime>,
+    pub out: PathBuf,
+    pub address: Option<PathBuf>,
+    pub work_dir: PathBuf,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub shim_dir: Option<PathBuf>,
+    pub mem_mib: u64,
+    pub vcpus: usize,
+    pub ksm: bool,
+    pub noreserve: bool,
+    pub settle: Duration,
+    pub timeout: Duration,
+}
+
+/// The shim's default guest memory (src/shim/config.rs), used when --mem-mib is not given.
+pub const DEFAULT_MEM_MIB: u64 = 256;
+
+/// Checks `args` (no side effects): every problem is a [`DensityError::Usage`] that says
+/// what to change.
+pub fn plan(args: &DensityArgs) -> Result<Plan, DensityError> {
+    let usage = |m: String| Err(DensityError::Usage(m));
+    if args.pods == 0 {
+        return usage("--pods must be at least 1".into());
+    }
+    if args.parallel == 0 || args.parallel > args.pods {
+        return usage(format!(
+            "--parallel must be between 1 and --pods ({}), got {}",
+            args.pods, args.parallel
+        ));
+    }
+    if args.timeout == 0 {
+        return usage("--timeout must be at least 1 second".into());
+    }
+    if let Some(m) = args.mem_mib {
+        if !(64..=65536).contains(&m) {
+            return usage(format!("--mem-mib must be between 64 and 65536, got {m}"));
+        }
+    }
+    if args.vcpus == Some(0) {
+        return usage("--vcpus must be at least 1".into());
+    }
+    let runtimes = args.runtime.runtimes();
+    let podvisor = runtimes.contains(&Runtime::Podvisor);
+    let knobs_set = args.mem_mib.is_some()
+        || args.vcpus.is_some()
+        || args.ksm.is_some()
+        || args.noreserve.is_some();
+    if args.address.is_some() {
+        if knobs_set {
+            return usage(
+                "--mem-mib/--vcpus/--ksm/--noreserve are set in the harness's own containerd's \
+                 environment: drop --address, or configure that containerd instead"
+                    .into(),
+            );
+        }
+        if args.work_dir.is_some() {
+            return usage(
+                "--work-dir is for the harness's own containerd: drop --address or --work-dir"
+                    .into(),
+            );
+        }
+    }
+    let work_dir = match &args.work_dir {
+        Some(d) if d.exists() => {
+            return usage(format!(
+                "--work-dir {} exists: name a new path (the harness removes it afterwards)",
+                d.display()
+            ))
+        }
+        Some(d) => absolute(d),
+        None => std::env::temp_dir().join(format!("podvisor-density-{}", std::process::id())),
+    };
+    let (mut kernel, mut initrd, mut shim_dir) = (None, None, None);
+    if podvisor && args.address.is_none() {
+        for (flag, path) in [("--kernel", &args.kernel), ("--initrd", &args.initrd)] {
+            match path {
+                None => {
+                    return usage(format!(
+                        "podvisor pods need {flag} (or PODVISOR_{}): `make guest-kernel` prints \
+                         the kernel, `make rootfs` builds out/agent-test.cpio",
+                        flag[2..].to_uppercase()
+                    ))
+                }
+                Some(p) if !p.is_file() => {
+                    return usage(format!("{flag} {} is not a file", p.display()))
+                }
+                Some(_) => {}
+            }
+        }
+        kernel = args.kernel.as_deref().map(absolute);
+        initrd = args.initrd.as_deref().map(absolute);
+        let shim = match &args.shim {
+            Some(s) => absolute(s),
+            None => std::env::current_exe()
+                .map_err(|e| DensityError::Usage(format!("cannot find this binary: {e}")))?
+                .with_file_name(Runtime::Podvisor.shim_binary()),
+        };
+        if !shim.is_file() || shim.file_name() != Some(Runtime::Podvisor.shim_binary().as_ref()) {
+            return usage(format!(
+                "the podvisor shim {} is missing: `cargo build -p podvisor` builds it next to \
+                 podvisor, or pass --shim PATH/containerd-shim-podvisor-v2",
+                shim.display()
+            ));
+        }
+        shim_dir = shim.parent().map(Path::to_path_buf);
+    }
+    let ksm = args.ksm == Some(OnOff::On);
+    Ok(Plan {
+        pods: args.pods,
+        parallel: args.parallel,
+        runtimes,
+        out: absolute(&args.out),
+        address: args.address.clone(),
+        work_dir,
+        kernel,
+        initrd,
+        shim_dir,
+        mem_mib: args.mem_mib.unwrap_or(DEFAULT_MEM_MIB),
+        vcpus: args.vcpus.unwrap_or(1),
+        ksm,
+        noreserve: args.noreserve != Some(OnOff::Off),
+        settle: Duration::from_secs(args.settle.unwrap_or(if ksm { 60 } else { 5 })),
+        timeout: Duration::from_secs(args.timeout),
+    })
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+impl Plan {
+    /// containerd's (and so the podvisor shim's) environment for this plan.
+    pub fn shim_env(&self) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("PODVISOR_MEM_MIB".to_string(), self.mem_mib.to_string()),
+            ("PODVISOR_VCPUS".to_string(), self.vcpus.to_string()),
+            (
+                "PODVISOR_RUN_DIR".to_string(),
+                self.work_dir.join("podvisor-run").display().to_string(),
+            ),
+            (
+                "PODVISOR_AGENT_TIMEOUT_SECS".to_string(),
+                self.timeout.as_secs().to_string(),
+            ),
+            (
+                "PODVISOR_NORESERVE".to_string(),
+                if self.noreserve { "1" } else { "0" }.to_string(),
+            ),
+            (
+                "PODVISOR_KSM".to_string(),
+                if self.ksm { "1" } else { "0" }.to_string(),
+            ),
+        ];
+        for (k, v) in [
+            ("PODVISOR_KERNEL", &self.kernel),
+            ("PODVISOR_INITRD", &self.initrd),
+        ] {
+            if let Some(v) = v {
+                env.push((k.to_string(), v.display().to_string()));
+            }
+        }
+        env
+    }
+}
+
+/// Restores KSM's `run` on drop when the harness changed it.
+pub struct KsmGuard {
+    previous: Option<u32>,
+}
+
+impl KsmGuard {
+    /// Turns KSM on when `on`; returns the guard and a note for the report.
+    fn enable(on: bool) -> (KsmGuard, String) {
+        let state = memory::ksm_state();
+        if !on {
+            return (
+                KsmGuard { previous: None },
+                format!("off (host ksm/run = {:?})", state.run),
+            );
+        }
+        match state.run {
+            None => (
+                KsmGuard { previous: None },
+                "requested, but this kernel has no KSM (/sys/kernel/mm/ksm missing)".into(),
+            ),
+            Some(1) => (
+                KsmGuard { previous: None },
+                "on (ksm/run was already 1)".into(),
+            ),
+            Some(prev) => {
+                match memory::set_ksm_run(1) {
+                    Ok(()) => (
+                        KsmGuard {
+                            previous: Some(prev),
+                        },
+                        format!("on (ksm/run set 1 for the run, back to {prev} afterwards)"),
+                    ),
+                    Err(e) => {
+                        log::warn!("cannot switch KSM on ({e}): guest RAM is marked mergeable but not merged");
+                        (
+                        KsmGuard { previous: None },
+                        format!("requested, but /sys/kernel/mm/ksm/run is not writable ({e}): nothing merged"),
+                    )
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for KsmGuard {
+    fn drop(&mut self) {
+        if let Some(prev) = self.previous {
+            if let Err(e) = memory::set_ksm_run(prev) {
+                log::warn!("cannot restore /sys/kernel/mm/ksm/run to {prev}: {e}");
+            }
+        }
+    }
+}
+
+/// Removes an image the harness imported into an existing containerd.
+struct ImageGuard<'a> {
+    containerd: &'a Containerd,
+    imported: bool,
+}
+
+impl Drop for ImageGuard<'_> {
+    fn drop(&mut self) {
+        if self.imported && self.containerd.dir().is_none() {
+            let _ = self.containerd.ctr(&["image", "rm", image::IMAGE]);
+        }
+    }
+}
+
+/// Times of a pod's task events, from `ctr events`.
+#[derive(Debug, Default, Clone, Copy)]
+struct EventTimes {
+    created: Option<Instant>,
+    started: Option<Instant>,
+}
+
+type EventMap = Arc<Mutex<HashMap<String, EventTimes>>>;
+
+/// (topic, container id) of a `ctr events` line (`time namespace topic json`).
+pub fn parse_event(line: &str) -> Option<(String, String)> {
+    let topic = line.split_whitespace().find(|w| w.starts_with("/tasks/"))?;
+    let json: serde_json::Value = serde_json::from_str(&line[line.find('{')?..]).ok()?;
+    let id = json.get("container_id")?.as_str()?;
+    Some((topic.to_string(), id.to_string()))
+}
+
+/// The `ctr events` child for the run; killed on drop.
+struct Events {
+    child: Child,
+    times: EventMap,
+}
+
+impl Events {
+    fn start(containerd: &Containerd) -> Result<Events, DensityError> {
+        let mut cmd = containerd.ctr_cmd(&["events"]);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::null());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        containerd::die_with_parent(&mut cmd);
+        let mut child = cmd.spawn().map_err(|source| DensityError::Spawn {
+            what: "ctr events".into(),
+            source,
+        })?;
+        let times: EventMap = Arc::default();
+        let stdout = child.stdout.take().expect("piped");
+        let t = times.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let now = Instant::now();
+                if let Some((topic, id)) = parse_event(&line) {
+                    let mut map = t.lock().unwrap();
+                    let e = map.entry(id).or_default();
+                    match topic.as_str() {
+                        "/tasks/create" => e.created = e.created.or(Some(now)),
+                        "/tasks/start" => e.started = e.started.or(Some(now)),
+                        _ => {}
+                    }
+                }
+            }
+        });
+        // `ctr events` subscribes asynchronously: give it a moment before the first pod.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Events { child, times })
+    }
+
+    fn get(&self, id: &str) -> EventTimes {
+        self.times
+            .lock()
+            .unwrap()
+            .get(id)
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One pod being started: its `ctr run` child and what it printed.
+struct Pod {
+    id: String,
+    index: usize,
+    wave: usize,
+    spawned: Instant,
+    child: Child,
+    first_line: Arc<Mutex<Option<(Instant, String)>>>,
+    stderr: Arc<Mutex<String>>,
+    /// Why it failed (exited early, timed out), when it did.
+    error: Option<String>,
+    exited: bool,
+}
+
+impl Pod {
+    fn spawn(
+        containerd: &Containerd,
+        runtime: Runtime,
+        id: String,
+        index: usize,
+        wave: usize,
+    ) -> Result<Pod, DensityError> {
+        let mut args = vec![
+            "run",
+            "--rm",
+            "--runtime",
+            runtime.containerd_name(),
+            image::IMAGE,
+            &id,
+        ];
+        args.extend(POD_COMMAND);
+        let mut cmd = containerd.ctr_cmd(&args);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        containerd::die_with_parent(&mut cmd);
+        let spawned = Instant::now();
+        let mut child = cmd.spawn().map_err(|source| DensityError::Spawn {
+            what: format!("ctr run {id}"),
+            source,
+        })?;
+        let first_line: Arc<Mutex<Option<(Instant, String)>>> = Arc::default();
+        let stderr: Arc<Mutex<String>> = Arc::default();
+        let out = child.stdout.take().expect("piped");
+        let fl = first_line.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let mut first = fl.lock().unwrap();
+                if first.is_none() {
+                    *first = Some((Instant::now(), line));
+                }
+            }
+        });
+        let mut err = child.stderr.take().expect("piped");
+        let se = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = String::new();
+            let _ = err.read_to_string(&mut buf);
+            *se.lock().unwrap() = buf;
+        });
+        Ok(Pod {
+            id,
+            index,
+            wave,
+            spawned,
+            child,
+            first_line,
+            stderr,
+            error: None,
+            exited: false,
+        })
+    }
+
+    fn first_output(&self) -> Option<Instant> {
+        self.first_line.lock().unwrap().as_ref().map(|(t, _)| *t)
+    }
+
+    /// Whether the pod is settled for its wave: printed its first line, or failed.
+    fn poll(&mut self, timeout: Duration) -> bool {
+        if self.first_output().is_some() {
+            return true;
+        }
+        if self.error.is_some() {
+            return true;
+        }
+        if let Ok(Some(status)) = self.child.try_wait() {
+            self.exited = true;
+            // Let the stderr reader finish.
+            std::thread::sleep(Duration::from_millis(100));
+            if self.first_output().is_none() {
+                self.error = Some(format!(
+                    "ctr run exited ({status}) before any output: {}",
+                    self.stderr.lock().unwrap().trim()
+                ));
+            }
+            return true;
+        }
+        if self.spawned.elapsed() > timeout {
+            self.error = Some(format!(
+                "no output within {} s (raise --timeout)",
+                timeout.as_secs()
+            ));
+            return true;
+        }
+        false
+    }
+}
+
+/// The pods of one runtime; torn down on drop (also on errors and interrupts).
+struct Pods<'a> {
+    containerd: &'a Containerd,
+    runtime: Runtime,
+    pods: Vec<Pod>,
+    torn_down: bool,
+}
+
+impl Pods<'_> {
+    /// Kills every task, deletes tasks and containers (in parallel), reaps the `ctr run`
+    /// children and waits (up to 120 s) for the runtime's shims to exit. Returns problems.
+    fn teardown(&mut self) -> Vec<String> {
+        self.torn_down = true;
+        let containerd = self.containerd;
+        let ids: Vec<String> = self.pods.iter().map(|p| p.id.clone()).collect();
+        let mut problems = Vec::new();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = ids
+                .iter()
+                .map(|id| {
+                    s.spawn(move || {
+                        containerd
+                            .remove_container(id, Duration::from_secs(120))
+                            .err()
+                            .map(|e| format!("{id}: {e}"))
+                    })
+                })
+                .collect();
+            for h in handles {
+                if let Ok(Some(p)) = h.join() {
+                    problems.push(p);
+                }
+            }
+        });
+        for pod in &mut self.pods {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while pod.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = pod.child.kill();
+            let _ = pod.child.wait();
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let left: Vec<u32> = ids
+                .iter()
+                .flat_map(|id| {
+                    memory::shim_pids(self.runtime.shim_binary(), Some(id), containerd.sock())
+                })
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                problems.push(format!("shims still running after 120 s: {left:?}"));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        problems
+    }
+}
+
+impl Drop for Pods<'_> {
+    fn drop(&mut self) {
+        if !self.torn_down {
+            for p in self.teardown() {
+                log::warn!("teardown: {p}");
+            }
+        }
+    }
+}
+
+/// Memory of one pod (shim + descendants), KiB.
+fn measure_pod(
+    runtime: Runtime,
+    id: &str,
+    sock: &Path,
+    mem_mib: u64,
+) -> Result<(u32, usize, u64, u64, u64), String> {
+    let shims = memory::shim_pids(runtime.shim_binary(), Some(id), sock);
+    let [shim] = shims[..] else {
+        return Err(format!(
+            "expected one {} for {id}, found {shims:?}",
+            runtime.shim_binary()
+        ));
+    };
+    let shim_mem = memory::rollup(shim).map_err(|e| e.to_string())?;
+    let children = memory::descendants(shim);
+    let mut children_pss = 0;
+    let mut rss = shim_mem.rss_kib;
+    for c in &children {
+        if let Ok(r) = memory::rollup(*c) {
+            children_pss += r.pss_kib;
+            rss += r.rss_kib;
+        }
+    }
+    let (overhead, workload) = match runtime {
+        Runtime::Podvisor => {
+            let smaps = std::fs::read_to_string(format!("/proc/{shim}/smaps"))
+                .map_err(|e| format!("cannot read /proc/{shim}/smaps: {e}"))?;
+            let split = memory::split_smaps(&smaps, &memory::guest_region_sizes(mem_mib));
+            if split.guest_mappings == 0 {
+                return Err(format!(
+                    "no {mem_mib} MiB guest RAM mapping in shim {shim}'s smaps (does \
+                     containerd's PODVISOR_MEM_MIB match --mem-mib?); large anonymous \
+                     mappings: {:?}",
+                    memory::large_anonymous(&smaps, 32 << 20)
+                ));
+            }
+            if !split.by_flag {
+                log::warn!(
+                    "shim {shim}: guest RAM recognised by size only (no `dd` flag: a VMM \
+                     from before MADV_DONTDUMP); overhead may be understated"
+                );
+            }
+            (
+                shim_mem.pss_kib.saturating_sub(split.guest_pss_kib) + children_pss,
+                split.guest_pss_kib,
+            )
+        }
+        Runtime::Runc => (shim_mem.pss_kib, children_pss),
+    };
+    Ok((shim, 1 + children.len(), overhead, workload, rss))
+}
+
+/// Runs one runtime's pods and measures them.
+fn run_runtime(
+    plan: &Plan,
+    containerd: &Containerd,
+    events: &Events,
+    runtime: Runtime,
+) -> Result<RuntimeRun, DensityError> {
+    let before = memory::meminfo()?;
+    let bar = ProgressBar::new(plan.pods as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>9} [{bar:30}] {pos}/{len} pods up  {elapsed_precise}  {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(runtime.name());
+    let mut pods = Pods {
+        containerd,
+        runtime,
+        pods: Vec::new(),
+        torn_down: false,
+    };
+    let mut waves = Vec::new();
+    let started = Instant::now();
+    let mut last_up = started;
+    for (wave, chunk) in (0..plan.pods)
+        .collect::<Vec<_>>()
+        .chunks(plan.parallel)
+        .enumerate()
+    {
+        check_interrupt()?;
+        bar.set_message(format!("wave {}", wave + 1));
+        let first = pods.pods.len();
+        for &index in chunk {
+            let id = format!("density-{}-{}-{index}", std::process::id(), runtime.name());
+            pods.pods
+                .push(Pod::spawn(containerd, runtime, id, index, wave)?);
+        }
+        let mut done = vec![false; chunk.len()];
+        while done.iter().any(|d| !d) {
+            check_interrupt()?;
+            for (i, pod) in pods.pods[first..].iter_mut().enumerate() {
+                if !done[i] && pod.poll(plan.timeout) {
+                    done[i] = true;
+                    bar.inc(1);
+                    if let Some(e) = &pod.error {
+                        bar.println(format!("{}: pod {} failed: {e}", runtime.name(), pod.id));
+                    } else if let Some(t) = pod.first_output() {
+                        last_up = last_up.max(t);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let now = memory::meminfo()?;
+        waves.push(WaveSample {
+            pods_up: pods.pods.iter().filter(|p| p.error.is_none()).count(),
+            seconds: started.elapsed().as_secs_f64(),
+            used_delta_kib: now.used_kib as i64 - before.used_kib as i64,
+        });
+    }
+    bar.set_message(format!("settling {} s", plan.settle.as_secs()));
+    sleep_interruptible(plan.settle)?;
+    bar.set_message("measuring");
+    let mut records = Vec::new();
+    for pod in &mut pods.pods {
+        let ev = events.get(&pod.id);
+        let ms = |t: Option<Instant>| t.map(|t| t.duration_since(pod.spawned).as_secs_f64() * 1e3);
+        let mut rec = PodRecord {
+            id: pod.id.clone(),
+            index: pod.index,
+            wave: pod.wave,
+            error: pod.error.clone(),
+            to_created_ms: ms(ev.created),
+            to_running_ms: ms(ev.started),
+            to_first_output_ms: ms(pod.first_output()),
+            ..PodRecord::default()
+        };
+        if rec.error.is_none() {
+            match measure_pod(runtime, &pod.id, containerd.sock(), plan.mem_mib) {
+                Ok((pid, procs, overhead, workload, rss)) => {
+                    rec.shim_pid = Some(pid);
+                    rec.processes = procs;
+                    rec.overhead_pss_kib = Some(overhead);
+                    rec.workload_pss_kib = Some(workload);
+                    rec.pss_kib = Some(overhead + workload);
+                    rec.rss_kib = Some(rss);
+                }
+                Err(e) => rec.error = Some(format!("memory: {e}")),
+            }
+        }
+        records.push(rec);
+    }
+    let after = memory::meminfo()?;
+    // The harness's own `ctr` clients (one `ctr run` per pod, `ctr events`) are not part
+    // of a pod: their PSS comes off the machine delta.
+    let clients: u64 = pods
+        .pods
+        .iter()
+        .map(|p| p.child.id())
+        .chain([events.child.id()])
+        .filter_map(|pid| memory::rollup(pid).ok())
+        .map(|r| r.pss_kib)
+        .sum();
+    let ksm = memory::ksm_state();
+    let n = plan.pods as f64;
+    let used_delta = after.used_kib as i64 - before.used_kib as i64;
+    let machine = MachineDelta {
+        before,
+        after,
+        used_delta_kib: used_delta,
+        harness_clients_pss_kib: clients,
+        used_per_pod_kib: (used_delta as f64 - clients as f64) / n,
+        committed_per_pod_kib: (after.committed_kib as f64 - before.committed_kib as f64) / n,
+        ksm_pages_sharing: ksm.pages_sharing,
+    };
+    bar.set_message("tearing down");
+    let problems = pods.teardown();
+    bar.finish_with_message("done");
+    let ok = records.iter().filter(|r| r.error.is_none()).count();
+    let wall = last_up.duration_since(started).as_secs_f64();
+    let summary = RunSummary::of(&records);
+    Ok(RuntimeRun {
+        runtime: runtime.name().into(),
+        pods: records,
+        waves,
+        machine,
+        start_wall_s: wall,
+        pods_per_s: if wall > 0.0 { ok as f64 / wall } else { 0.0 },
+        summary,
+        teardown_problems: problems,
+    })
+}
+
+/// `podvisor bench density`.
+pub fn run(args: DensityArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    let plan = plan(&args)?;
+    install_interrupt_handler();
+    match run_plan(&plan) {
+        Ok((report, paths)) => {
+            print!("{}", report::markdown(&report));
+            for p in &paths {
+                println!("wrote {}", p.display());
+            }
+            let failed: usize = report.runs.iter().map(|r| r.summary.failures).sum();
+            Ok(if failed > 0 { 1 } else { 0 })
+        }
+        Err(DensityError::Interrupted) => {
+            eprintln!("podvisor bench density: {}", DensityError::Interrupted);
+            Ok(130)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Runs `plan` end to end; returns the report and the files written.
+pub fn run_plan(plan: &Plan) -> Result<(Report, Vec<PathBuf>), DensityError> {
+    let (_ksm, ksm_note) = KsmGuard::enable(plan.ksm);
+    let containerd = match &plan.address {
+        Some(sock) => Containerd::existing(sock)?,
+        None => Containerd::start(&plan.work_dir, plan.shim_dir.as_deref(), &plan.shim_env())?,
+    };
+    check_interrupt()?;
+    let image_dir = match containerd.dir() {
+        Some(d) => d.join("image"),
+        None => plan.work_dir.join("image"),
+    };
+    let archive = image::build_image(&image_dir);
+    let imported = archive
+        .map_err(DensityError::from)
+        .and_then(|a| Ok(containerd.import_image(&a, image::IMAGE)?));
+    if containerd.dir().is_none() {
+        let _ = std::fs::remove_dir_all(&plan.work_dir);
+    }
+    let _image = ImageGuard {
+        containerd: &containerd,
+        imported: imported?,
+    };
+    let events = Events::start(&containerd)?;
+    let mut runs = Vec::new();
+    for &runtime in &plan.runtimes {
+        check_interrupt()?;
+        runs.push(run_runtime(plan, &containerd, &events, runtime)?);
+    }
+    let report = Report {
+        config: ConfigRecord::new(plan, &ksm_note),
+        runs,
+    };
+    let paths = report::write(&report, &plan.out)?;
+    Ok((report, paths))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: DensityArgs,
+    }
+
+    fn args(line: &str) -> DensityArgs {
+        Cli::try_parse_from(std::iter::once("density").chain(line.split_whitespace()))
+            .unwrap()
+            .args
+    }
+
+    fn usage_error(line: &str) -> String {
+        match plan(&args(line)) {
+            Err(DensityError::Usage(m)) => m,
+            other => panic!("{line}: expected a usage error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rejects_bad_arguments() {
+        assert!(usage_error("--pods 0 --runtime runc").contains("--pods"));
+        assert!(usage_error("--pods 2 --parallel 3 --runtime runc").contains("--parallel"));
+        assert!(usage_error("--pods 2 --parallel 0 --runtime runc").contains("--parallel"));
+        assert!(usage_error("--pods 1 --runtime runc --mem-mib 8").contains("--mem-mib"));
+        assert!(
+            usage_error("--pods 1 --runtime runc --address /x.sock --ksm on")
+                .contains("drop --address")
+        );
+        assert!(usage_error("--pods 1 --runtime runc --work-dir /").contains("exists"));
+        assert!(usage_error(
+            "--pods 1 --runtime podvisor --kernel /nonexistent/vmlinux --initrd /nonexistent/i"
+        )
+        .contains("not a file"));
+        assert!(Cli::try_parse_from(["density", "--pods", "1", "--runtime", "kata"]).is_err());
+        assert!(Cli::try_parse_from(["density", "--pods", "1", "--ksm", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn plans_knobs_into_the_shim_environment() {
+        let p = plan(&args(
+            "--pods 4 --parallel 2 --runtime runc --mem-mib 128 --ksm on --noreserve off",
+        ))
+        .unwrap();
+        assert_eq!(p.runtimes, vec![Runtime::Runc]);
+        assert_eq!(p.settle, Duration::from_secs(60), "KSM needs time to scan");
+        let env: HashMap<_, _> = p.shim_env().into_iter().collect();
+        assert_eq!(env["PODVISOR_MEM_MIB"], "128");
+        assert_eq!(env["PODVISOR_KSM"], "1");
+        assert_eq!(env["PODVISOR_NORESERVE"], "0");
+        assert!(!p.work_dir.exists());
+        let both = plan(&args("--pods 1 --runtime runc")).unwrap();
+        assert_eq!(both.mem_mib, DEFAULT_MEM_MIB);
+        assert!(both.noreserve && !both.ksm);
+        assert_eq!(
+            RuntimeChoice::Both.runtimes(),
+            vec![Runtime::Runc, Runtime::Podvisor]
+        );
+    }
+
+    #[test]
+    fn parses_ctr_events() {
+        let line = r#"2026-11-23 10:00:00.1 +0000 UTC default /tasks/start {"container_id":"p1","pid":42}"#;
+        assert_eq!(
+            parse_event(line),
+            Some(("/tasks/start".into(), "p1".into()))
+        );
+        assert_eq!(
+            parse_event(r#"2026-11-23 default /images/create {"name":"x"}"#),
+            None
+        );
+        assert_eq!(parse_event("garbage"), None);
+    }
+}

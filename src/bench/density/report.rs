@@ -1,0 +1,430 @@
+//! What a density run found: the records (serialised as `density.json`), the Markdown
+//! tables (`density.md`, also printed) and the files written to `--out`.
+//!
+//! Columns (per runtime):
+//! * latency: `ctr run` spawned → `/tasks/start` event (running) and → first stdout line
+//!   (first output), p50/p95/p99 over the pods;
+//! * PSS/pod: the pod's host processes (shim + its descendants), mean and max;
+//! * overhead: PSS outside guest RAM (podvisor: VMM + shim; runc: the runc shim);
+//! * workload: podvisor: guest RAM the guest touched; runc: the container's processes;
+//! * machine/pod: (MemTotal − MemAvailable) after minus before, less the PSS of the
+//!   harness's own `ctr` clients, divided by N (catches what PSS misses: kernel memory,
+//!   KVM's own structures, containerd's growth; noisy for small N);
+//! * commit/pod: `Committed_AS` delta / N (what `MAP_NORESERVE` keeps out);
+//! * pods/s: pods up / time from the first spawn to the last first output line.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use super::memory::MemInfo;
+use super::stats::Summary;
+use super::{DensityError, Plan};
+
+/// The whole run.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Report {
+    pub config: ConfigRecord,
+    pub runs: Vec<RuntimeRun>,
+}
+
+/// How the run was set up.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct ConfigRecord {
+    pub pods: usize,
+    pub parallel: usize,
+    pub mem_mib: u64,
+    pub vcpus: usize,
+    pub ksm: String,
+    pub noreserve: bool,
+    pub settle_s: u64,
+    pub containerd: String,
+    pub host_cpus: usize,
+    pub host_mem_total_kib: u64,
+    pub unix_time: u64,
+}
+
+impl ConfigRecord {
+    pub fn new(plan: &Plan, ksm_note: &str) -> ConfigRecord {
+        ConfigRecord {
+            pods: plan.pods,
+            parallel: plan.parallel,
+            mem_mib: plan.mem_mib,
+            vcpus: plan.vcpus,
+            ksm: ksm_note.to_string(),
+            noreserve: plan.noreserve,
+            settle_s: plan.settle.as_secs(),
+            containerd: match &plan.address {
+                Some(a) => format!("existing at {}", a.display()),
+                None => "private (Debian containerd)".into(),
+            },
+            host_cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            host_mem_total_kib: super::memory::meminfo().map_or(0, |m| m.total_kib),
+            unix_time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        }
+    }
+}
+
+/// One pod.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PodRecord {
+    pub id: String,
+    /// Start order, 0-based.
+    pub index: usize,
+    pub wave: usize,
+    /// Why the pod failed (not started, no output, memory unreadable).
+    pub error: Option<String>,
+    pub to_created_ms: Option<f64>,
+    pub to_running_ms: Option<f64>,
+    pub to_first_output_ms: Option<f64>,
+    pub shim_pid: Option<u32>,
+    /// Host processes of the pod (shim + descendants).
+    pub processes: usize,
+    pub pss_kib: Option<u64>,
+    pub overhead_pss_kib: Option<u64>,
+    pub workload_pss_kib: Option<u64>,
+    pub rss_kib: Option<u64>,
+}
+
+/// Machine-wide memory before the first pod and after the last settled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MachineDelta {
+    pub before: MemInfo,
+    pub after: MemInfo,
+    pub used_delta_kib: i64,
+    /// PSS of the harness's `ctr` clients (not pods), subtracted from the delta.
+    pub harness_clients_pss_kib: u64,
+    /// (used delta - harness clients) / N.
+    pub used_per_pod_kib: f64,
+    pub committed_per_pod_kib: f64,
+    pub ksm_pages_sharing: Option<u64>,
+}
+
+/// Machine used-memory delta after each wave.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WaveSample {
+    pub pods_up: usize,
+    pub seconds: f64,
+    pub used_delta_kib: i64,
+}
+
+/// Summaries over a runtime's pods (latencies in ms, memory in KiB).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunSummary {
+    pub ok: usize,
+    pub failures: usize,
+    pub to_running_ms: Summary,
+    pub to_first_output_ms: Summary,
+    pub pss_kib: Summary,
+    pub overhead_pss_kib: Summary,
+    pub workload_pss_kib: Summary,
+}
+
+impl RunSummary {
+    pub fn of(pods: &[PodRecord]) -> RunSummary {
+        let ok: Vec<&PodRecord> = pods.iter().filter(|p| p.error.is_none()).collect();
+        let f = |g: fn(&PodRecord) -> Option<f64>| Summary::of(ok.iter().filter_map(|p| g(p)));
+        RunSummary {
+            ok: ok.len(),
+            failures: pods.len() - ok.len(),
+            to_running_ms: f(|p| p.to_running_ms),
+            to_first_output_ms: f(|p| p.to_first_output_ms),
+            pss_kib: f(|p| p.pss_kib.map(|v| v as f64)),
+            overhead_pss_kib: f(|p| p.overhead_pss_kib.map(|v| v as f64)),
+            workload_pss_kib: f(|p| p.workload_pss_kib.map(|v| v as f64)),
+        }
+    }
+}
+
+/// One runtime's pods.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct RuntimeRun {
+    pub runtime: String,
+    pub pods: Vec<PodRecord>,
+    pub waves: Vec<WaveSample>,
+    pub machine: MachineDelta,
+    /// First spawn → last first-output line, seconds.
+    pub start_wall_s: f64,
+    pub pods_per_s: f64,
+    pub summary: RunSummary,
+    pub teardown_problems: Vec<String>,
+}
+
+/// Targets of issue 7 (printed next to the figures, never asserted).
+pub const TARGET_OVERHEAD_MIB: f64 = 4.0;
+pub const TARGET_TOTAL_MIB: f64 = 24.0;
+
+fn secs(ms: Option<f64>) -> String {
+    ms.map_or("n/a".into(), |v| {
+        if v < 1000.0 {
+            format!("{v:.0} ms")
+        } else {
+            format!("{:.1} s", v / 1000.0)
+        }
+    })
+}
+
+fn mib(kib: Option<f64>) -> String {
+    kib.map_or("n/a".into(), |v| format!("{:.1}", v / 1024.0))
+}
+
+/// The Markdown report: configuration, one summary row per runtime, targets, failures.
+pub fn markdown(report: &Report) -> String {
+    let c = &report.config;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n## Density: {} idle busybox pods per runtime, waves of {}\n",
+        c.pods, c.parallel
+    );
+    let _ = writeln!(
+        out,
+        "podvisor guest: {} MiB, {} vCPU, MAP_NORESERVE {}, KSM {}; containerd: {}; host: {} CPUs, {:.1} GiB; memory measured {} s after the last pod started.\n",
+        c.mem_mib,
+        c.vcpus,
+        if c.noreserve { "on" } else { "off" },
+        c.ksm,
+        c.containerd,
+        c.host_cpus,
+        c.host_mem_total_kib as f64 / (1024.0 * 1024.0),
+        c.settle_s
+    );
+    out += "| runtime | pods ok | running p50 / p95 / p99 | first output p50 / p95 / p99 | PSS/pod mean / max (MiB) | overhead mean / max (MiB) | workload mean (MiB) | machine/pod (MiB) | commit/pod (MiB) | pods/s |\n";
+    out += "|---|---|---|---|---|---|---|---|---|---|\n";
+    for r in &report.runs {
+        let s = &r.summary;
+        let _ = writeln!(
+            out,
+            "| {} | {}/{} | {} / {} / {} | {} / {} / {} | {} / {} | {} / {} | {} | {:.1} | {:.1} | {:.2} |",
+            r.runtime,
+            s.ok,
+            r.pods.len(),
+            secs(s.to_running_ms.p50),
+            secs(s.to_running_ms.p95),
+            secs(s.to_running_ms.p99),
+            secs(s.to_first_output_ms.p50),
+            secs(s.to_first_output_ms.p95),
+            secs(s.to_first_output_ms.p99),
+            mib(s.pss_kib.mean),
+            mib(s.pss_kib.max),
+            mib(s.overhead_pss_kib.mean),
+            mib(s.overhead_pss_kib.max),
+            mib(s.workload_pss_kib.mean),
+            r.machine.used_per_pod_kib / 1024.0,
+            r.machine.committed_per_pod_kib / 1024.0,
+            r.pods_per_s
+        );
+    }
+    if let Some(p) = report.runs.iter().find(|r| r.runtime == "podvisor") {
+        let s = &p.summary;
+        let reach = |v: Option<f64>, target: f64| match v {
+            Some(v) if v / 1024.0 <= target => "met",
+            Some(_) => "NOT met",
+            None => "not measured",
+        };
+        let _ = writeln!(
+            out,
+            "\nTargets (podvisor, figures not assertions): overhead outside guest RAM <= {TARGET_OVERHEAD_MIB} MiB/pod: {} (mean {} MiB); total <= {TARGET_TOTAL_MIB} MiB/pod: {} (mean {} MiB); 100 pods on this host at the measured machine/pod: {:.1} GiB.",
+            reach(s.overhead_pss_kib.mean, TARGET_OVERHEAD_MIB),
+            mib(s.overhead_pss_kib.mean),
+            reach(s.pss_kib.mean, TARGET_TOTAL_MIB),
+            mib(s.pss_kib.mean),
+            100.0 * p.machine.used_per_pod_kib.max(0.0) / (1024.0 * 1024.0)
+        );
+    }
+    for r in &report.runs {
+        for p in r.pods.iter().filter(|p| p.error.is_some()) {
+            let _ = writeln!(
+                out,
+                "\n{} pod {} failed: {}",
+                r.runtime,
+                p.id,
+                p.error.as_deref().unwrap_or_default()
+            );
+        }
+        for t in &r.teardown_problems {
+            let _ = writeln!(out, "\n{} teardown: {t}", r.runtime);
+        }
+    }
+    out
+}
+
+/// The per-pod table (appended to density.md).
+pub fn pod_table(report: &Report) -> String {
+    let mut out = String::from(
+        "\n### Per pod\n\n| runtime | # | wave | created | running | first output | PSS (MiB) | overhead (MiB) | workload (MiB) | procs |\n|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in &report.runs {
+        for p in &r.pods {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.runtime,
+                p.index + 1,
+                p.wave + 1,
+                secs(p.to_created_ms),
+                secs(p.to_running_ms),
+                secs(p.to_first_output_ms),
+                mib(p.pss_kib.map(|v| v as f64)),
+                mib(p.overhead_pss_kib.map(|v| v as f64)),
+                mib(p.workload_pss_kib.map(|v| v as f64)),
+                p.processes
+            );
+        }
+    }
+    out
+}
+
+/// Writes density.json, density.md and density.png into `dir` (created); returns the
+/// paths written. A plot that cannot be drawn (no font) is logged, not fatal.
+pub fn write(report: &Report, dir: &Path) -> Result<Vec<PathBuf>, DensityError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DensityError::Output { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let json = dir.join("density.json");
+    let text = serde_json::to_string_pretty(report).expect("report serialises");
+    std::fs::write(&json, text).map_err(io(&json))?;
+    let png = dir.join("density.png");
+    let plotted = match super::plot::draw(report, &png) {
+        Ok(()) => true,
+        Err(e) => {
+            log::warn!("no plot: {e}");
+            false
+        }
+    };
+    let md = dir.join("density.md");
+    let mut text = markdown(report);
+    if plotted {
+        let _ = writeln!(text, "\nPlot: {}", png.display());
+    }
+    text += &pod_table(report);
+    std::fs::write(&md, text).map_err(io(&md))?;
+    let mut paths = vec![md, json];
+    if plotted {
+        paths.push(png);
+    }
+    Ok(paths)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn pod(
+        runtime: &str,
+        index: usize,
+        first_ms: f64,
+        overhead: u64,
+        workload: u64,
+    ) -> PodRecord {
+        PodRecord {
+            id: format!("{runtime}-{index}"),
+            index,
+            wave: index / 2,
+            to_created_ms: Some(first_ms * 0.5),
+            to_running_ms: Some(first_ms * 0.9),
+            to_first_output_ms: Some(first_ms),
+            shim_pid: Some(100 + index as u32),
+            processes: 1,
+            pss_kib: Some(overhead + workload),
+            overhead_pss_kib: Some(overhead),
+            workload_pss_kib: Some(workload),
+            rss_kib: Some(overhead + workload + 100),
+            error: None,
+        }
+    }
+
+    pub fn sample() -> Report {
+        let run = |name: &str, ms: f64, overhead: u64, workload: u64| {
+            let mut pods: Vec<PodRecord> = (0..4)
+                .map(|i| pod(name, i, ms + i as f64 * 10.0, overhead, workload + i as u64))
+                .collect();
+            pods[3].error = Some("ctr run exited before any output".into());
+            RuntimeRun {
+                runtime: name.into(),
+                summary: RunSummary::of(&pods),
+                pods,
+                waves: vec![WaveSample {
+                    pods_up: 2,
+                    seconds: 1.0,
+                    used_delta_kib: 4096,
+                }],
+                machine: MachineDelta {
+                    used_per_pod_kib: 20.0 * 1024.0,
+                    committed_per_pod_kib: 2048.0,
+                    ..Default::default()
+                },
+                start_wall_s: 2.0,
+                pods_per_s: 1.5,
+                teardown_problems: vec![],
+            }
+        };
+        Report {
+            config: ConfigRecord {
+                pods: 4,
+                parallel: 2,
+                mem_mib: 128,
+                vcpus: 1,
+                ksm: "off".into(),
+                noreserve: true,
+                ..Default::default()
+            },
+            runs: vec![
+                run("runc", 120.0, 5 * 1024, 300),
+                run("podvisor", 75_000.0, 3 * 1024, 20 * 1024),
+            ],
+        }
+    }
+
+    #[test]
+    fn summary_skips_failed_pods() {
+        let r = sample();
+        let s = &r.runs[0].summary;
+        assert_eq!((s.ok, s.failures), (3, 1));
+        assert_eq!(s.to_first_output_ms.p50, Some(130.0));
+        assert_eq!(s.to_first_output_ms.max, Some(140.0));
+        assert_eq!(s.workload_pss_kib.mean, Some(301.0));
+    }
+
+    #[test]
+    fn markdown_has_one_row_per_runtime_and_the_targets() {
+        let md = markdown(&sample());
+        let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
+        assert_eq!(rows.len(), 3, "{md}");
+        assert!(
+            rows[1].starts_with(
+                "| runc | 3/4 | 117 ms / 126 ms / 126 ms | 130 ms / 140 ms / 140 ms | 5.3 / 5.3 |"
+            ),
+            "{md}"
+        );
+        assert!(rows[2].contains("| 75.0 s / 75.0 s / 75.0 s |"), "{md}");
+        assert!(rows[2].contains("| 3.0 / 3.0 |"), "{md}");
+        assert!(md.contains("<= 4 MiB/pod: met"), "{md}");
+        assert!(md.contains("<= 24 MiB/pod: met (mean 23.0 MiB)"), "{md}");
+        assert!(
+            md.contains("100 pods on this host at the measured machine/pod: 2.0 GiB"),
+            "{md}"
+        );
+        assert!(
+            md.contains("runc pod runc-3 failed: ctr run exited"),
+            "{md}"
+        );
+        let pods = pod_table(&sample());
+        assert_eq!(
+            pods.lines().filter(|l| l.starts_with("| podvisor")).count(),
+            4
+        );
+    }
+
+    #[test]
+    fn json_round_trips() {
+        let r = sample();
+        let text = serde_json::to_string(&r).unwrap();
+        let back: Report = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.runs[1].pods, r.runs[1].pods);
+        assert_eq!(back.runs[1].summary, r.runs[1].summary);
+    }
+}

@@ -1,0 +1,26 @@
+//! `podvisor bench`: benchmarks that print tables (never timed assertions).
+//!
+//! * `bench boot` ([`boot`]): boot timings of the VMM alone, median of N fresh processes.
+//! * `bench density` ([`density`]): N idle pods through a real containerd, podvisor next to
+//!   runc: start latency, host memory per pod, Markdown/JSON/PNG reports.
+
+mod boot;
+pub mod density;
+
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Boot timings: host set-up, guest time to init, VMM RSS, guest RAM touched.
+    Boot(boot::BenchBootArgs),
+    /// N idle busybox pods through containerd (podvisor and/or runc): start latency and
+    /// host memory per pod; writes density.md, density.json and density.png.
+    Density(density::DensityArgs),
+}
+
+pub fn run(cmd: BenchCommand) -> Result<u8, Box<dyn std::error::Error>> {
+    match cmd {
+        BenchCommand::Boot(args) => boot::run(args),
+        BenchCommand::Density(args) => density::run(args),
+    }
+}

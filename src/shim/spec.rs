@@ -1,0 +1,207 @@
+//! The bundle's OCI spec adapted for the guest.
+//!
+//! The container runs in the VM, so everything in the spec that names a host object is
+//! rewritten or dropped:
+//! - `root.path` → the container's rootfs in the pod's virtio-fs share;
+//! - bind mounts of host files and directories (CRI's `/etc/hosts`, `/etc/resolv.conf`,
+//!   `/etc/hostname`, `/dev/shm`, volumes) → the shim binds each source into the share at
+//!   `<container>/mounts/<n>` ([`HostBind`]) and the spec names the guest path instead;
+//! - the network namespace: the VM is the pod's network namespace (as in Kata), so every
+//!   container of the pod shares the VM's network (no per-container netns; creating one is
+//!   also among the slowest steps of a container start in an emulated guest kernel);
+//! - namespaces joined by path (CRI: the sandbox's `/proc/<pid>/ns/...`): UTS and IPC are
+//!   the VM's own, shared by the pod's containers, so the entry is dropped; any other kind
+//!   becomes a new namespace;
+//! - hooks (host binaries), AppArmor/SELinux labels (host LSMs) are dropped.
+//!
+//! The agent sets `linux.cgroupsPath` itself.
+
+use serde_json::Value;
+
+/// A host path the shim must bind into the share before the container is created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostBind {
+    /// The host source (file or directory).
+    pub source: String,
+    /// Relative to the container's directory in the share (`mounts/<n>`).
+    pub target: String,
+    /// `rbind` rather than `bind`.
+    pub recursive: bool,
+}
+
+/// The adapted spec (JSON) and the host binds it relies on.
+#[derive(Debug)]
+pub struct GuestSpec {
+    pub json: Vec<u8>,
+    pub binds: Vec<HostBind>,
+}
+
+/// Namespaces a pod's containers share as the VM's own when the spec joins the sandbox's.
+const VM_NAMESPACES: [&str; 2] = ["uts", "ipc"];
+
+fn is_bind(mount: &Value) -> bool {
+    let typ = mount.get("type").and_then(Value::as_str).unwrap_or("");
+    let bind_opt = mount
+        .get("options")
+        .and_then(Value::as_array)
+        .is_some_and(|o| {
+            o.iter()
+                .any(|x| matches!(x.as_str(), Some("bind") | Some("rbind")))
+        });
+    typ == "bind" || bind_opt
+}
+
+/// Adapts `config_json` for a container whose directory in the guest is `container_dir`
+/// (its rootfs is `<container_dir>/rootfs`).
+pub fn guest_spec(config_json: &[u8], container_dir: &str) -> Result<GuestSpec, String> {
+    let mut spec: Value =
+        serde_json::from_slice(config_json).map_err(|e| format!("config.json: {e}"))?;
+    let obj = spec
+        .as_object_mut()
+        .ok_or("config.json is not a JSON object")?;
+    if obj.get("process").is_some_and(|p| !p.is_object()) {
+        return Err("config.json: `process` is not an object".into());
+    }
+    obj.remove("hooks");
+    let readonly = obj
+        .get("root")
+        .and_then(|r| r.get("readonly"))
+        .cloned()
+        .unwrap_or(Value::Bool(false));
+    obj.insert(
+        "root".into(),
+        serde_json::json!({"path": format!("{container_dir}/rootfs"), "readonly": readonly}),
+    );
+    if let Some(process) = obj.get_mut("process").and_then(Value::as_object_mut) {
+        process.remove("apparmorProfile");
+        process.remove("selinuxLabel");
+    }
+
+    let mut binds = Vec::new();
+    if let Some(mounts) = obj.get_mut("mounts").and_then(Value::as_array_mut) {
+        for m in mounts.iter_mut().filter(|m| is_bind(m)) {
+            let Some(source) = m.get("source").and_then(Value::as_str) else {
+                continue;
+            };
+            if !source.starts_with('/') {
+                return Err(format!("bind mount source {source:?} is not absolute"));
+            }
+            let recursive = m
+                .get("options")
+                .and_then(Value::as_array)
+                .is_some_and(|o| o.iter().any(|x| x.as_str() == Some("rbind")));
+            let target = format!("mounts/{}", binds.len());
+            binds.push(HostBind {
+                source: source.to_string(),
+                target: target.clone(),
+                recursive,
+            });
+            m["source"] = Value::String(format!("{container_dir}/{target}"));
+        }
+    }
+
+    if let Some(linux) = obj.get_mut("linux").and_then(Value::as_object_mut) {
+        linux.remove("mountLabel");
+        if let Some(nss) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
+            nss.retain(|ns| {
+                let joined = ns
+                    .get("path")
+                    .and_then(Value::as_str)
+                    .is_some_and(|p| !p.is_empty());
+                let typ = ns.get("type").and_then(Value::as_str).unwrap_or("");
+                typ != "network" && !(joined && VM_NAMESPACES.contains(&typ))
+            });
+            for ns in nss.iter_mut() {
+                if let Some(o) = ns.as_object_mut() {
+                    o.remove("path");
+                }
+            }
+        }
+    }
+    let json = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
+    Ok(GuestSpec { json, binds })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adapts_the_spec_for_the_guest() {
+        let spec = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": "/run/containerd/io.containerd.runtime.v2.task/default/c/rootfs"},
+            "hooks": {"prestart": [{"path": "/usr/bin/host-hook"}]},
+            "process": {"args": ["echo"], "apparmorProfile": "cri-containerd.apparmor.d"},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/c/hosts",
+                 "options": ["rbind", "ro"]},
+                {"destination": "/dev/shm", "source": "/run/c/shm", "options": ["bind"]}
+            ],
+            "linux": {"mountLabel": "x", "namespaces": [
+                {"type": "pid"},
+                {"type": "network"},
+                {"type": "network", "path": "/var/run/netns/cni-1"},
+                {"type": "ipc", "path": "/proc/42/ns/ipc"},
+                {"type": "uts", "path": "/proc/42/ns/uts"},
+                {"type": "mount"},
+                {"type": "cgroup", "path": "/proc/42/ns/cgroup"}
+            ]}
+        });
+        let out = guest_spec(
+            &serde_json::to_vec(&spec).unwrap(),
+            "/run/podvisor/shared/c",
+        )
+        .unwrap();
+        assert_eq!(
+            out.binds,
+            vec![
+                HostBind {
+                    source: "/var/lib/c/hosts".into(),
+                    target: "mounts/0".into(),
+                    recursive: true
+                },
+                HostBind {
+                    source: "/run/c/shm".into(),
+                    target: "mounts/1".into(),
+                    recursive: false
+                },
+            ]
+        );
+        let out: Value = serde_json::from_slice(&out.json).unwrap();
+        assert_eq!(out["root"]["path"], "/run/podvisor/shared/c/rootfs");
+        assert_eq!(out["root"]["readonly"], false);
+        assert!(out.get("hooks").is_none());
+        assert!(out["process"].get("apparmorProfile").is_none());
+        assert!(out["linux"].get("mountLabel").is_none());
+        assert_eq!(out["mounts"][0]["source"], "proc");
+        assert_eq!(
+            out["mounts"][1]["source"],
+            "/run/podvisor/shared/c/mounts/0"
+        );
+        assert_eq!(out["mounts"][1]["options"][1], "ro");
+        assert_eq!(
+            out["mounts"][2]["source"],
+            "/run/podvisor/shared/c/mounts/1"
+        );
+        let nss: Vec<Value> = out["linux"]["namespaces"].as_array().unwrap().clone();
+        assert_eq!(
+            nss,
+            vec![
+                serde_json::json!({"type": "pid"}),
+                serde_json::json!({"type": "mount"}),
+                serde_json::json!({"type": "cgroup"}),
+            ]
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_specs() {
+        assert!(guest_spec(b"[]", "/x").is_err());
+        assert!(guest_spec(b"{", "/x").is_err());
+        assert!(guest_spec(br#"{"process": 3}"#, "/x").is_err());
+        let rel = br#"{"mounts": [{"destination": "/a", "type": "bind", "source": "rel"}]}"#;
+        assert!(guest_spec(rel, "/x").unwrap_err().contains("not absolute"));
+    }
+}

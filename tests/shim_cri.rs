@@ -1,0 +1,607 @@
+//! Kubernetes CRI tier of the shim (issue 6): a private containerd with its CRI plugin on
+//! (handlers `runc` and `podvisor`, host networking so no CNI is involved) driven by a CRI v1
+//! client of our own (`k8s-cri` over tonic on containerd's Unix socket), as kubelet would:
+//! RunPodSandbox → CreateContainer ×2 → StartContainer ×2 → ExecSync → ContainerStats →
+//! StopPodSandbox → RemovePodSandbox, then nothing may be left.
+//!
+//! `cri_runc_pod_lifecycle` runs the flow with runc (no guest: it checks the client, the
+//! containerd configuration and the images); `cri_podvisor_pod_lifecycle` with podvisor,
+//! where the sandbox container brings up the pod's VM (no pause process) and both app
+//! containers join it: one shim process, one VM.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::containerd::{
+    have_tools, import_cri_images, mounts_below, runc_shim_pids, shim_pids, skip, Containerd,
+    ContainerdOptions, CRI_HANDLER_PODVISOR, CRI_HANDLER_RUNC, IMAGE, RUN_TIMEOUT,
+};
+use common::{guest_artifacts, temp_path};
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::*;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+type Client = RuntimeServiceClient<Channel>;
+
+/// A CRI v1 client on containerd's socket `sock`, with the tokio runtime that drives it.
+fn cri_client(sock: &Path) -> (tokio::runtime::Runtime, Client) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let sock = sock.to_path_buf();
+    let channel = rt
+        .block_on(
+            // The URI is a placeholder: every connection goes to the Unix socket.
+            Endpoint::try_from("http://[::1]:50051")
+                .unwrap()
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let sock = sock.clone();
+                    async move {
+                        let stream = tokio::net::UnixStream::connect(sock).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                    }
+                })),
+        )
+        .expect("connect to containerd's CRI socket");
+    (rt, RuntimeServiceClient::new(channel))
+}
+
+/// A request with a deadline.
+fn req<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(timeout);
+    r
+}
+
+const CALL: Duration = Duration::from_secs(60);
+
+/// A pod using the node's network, PID and IPC namespaces of its own.
+fn pod_config(name: &str, log_dir: &Path, annotations: &[(&str, &str)]) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}-{}", std::process::id()),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        log_directory: log_dir.to_string_lossy().into_owned(),
+        annotations: annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Node as i32,
+                    pid: NamespaceMode::Pod as i32,
+                    ipc: NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A busybox container running `command`, its output logged to `<pod log dir>/<name>.log`.
+fn container_config(name: &str, command: &[&str]) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: IMAGE.into(),
+            ..Default::default()
+        }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    }
+}
+
+/// What the flow observed, for the runtime-specific checks.
+struct PodRun {
+    sandbox_id: String,
+    container_ids: Vec<String>,
+}
+
+/// RunPodSandbox → CreateContainer ×2 → StartContainer ×2 → ExecSync → ContainerStats,
+/// with checks; `while_running` runs while both containers do. Stops and removes the pod
+/// (also when a check fails) and checks that CRI lists nothing afterwards.
+fn pod_lifecycle(
+    test: &str,
+    containerd: &Containerd,
+    handler: &str,
+    annotations: &[(&str, &str)],
+    start_timeout: Duration,
+    while_running: &dyn Fn(&mut Client, &tokio::runtime::Runtime, &PodRun),
+) -> PodRun {
+    let (rt, mut client) = cri_client(&containerd.sock());
+    let version = rt
+        .block_on(client.version(req(VersionRequest::default(), CALL)))
+        .expect("CRI Version")
+        .into_inner();
+    eprintln!(
+        "{test}: CRI {} {} (API {})",
+        version.runtime_name, version.runtime_version, version.runtime_api_version
+    );
+
+    let log_dir = containerd.dir.join("pod-logs");
+    std::fs::create_dir_all(&log_dir).unwrap();
+    let config = pod_config(test, &log_dir, annotations);
+    let started = Instant::now();
+    let sandbox_id = rt
+        .block_on(client.run_pod_sandbox(req(
+            RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: handler.into(),
+            },
+            start_timeout,
+        )))
+        .unwrap_or_else(|e| panic!("RunPodSandbox ({handler}): {e}"))
+        .into_inner()
+        .pod_sandbox_id;
+    eprintln!(
+        "{test}: RunPodSandbox took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // From here on, the pod is stopped and removed whatever happens.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut run = PodRun {
+            sandbox_id: sandbox_id.clone(),
+            container_ids: Vec::new(),
+        };
+        for (name, command) in [
+            ("sleeper", vec!["sleep", "3600"]),
+            (
+                "talker",
+                vec!["sh", "-c", "echo hello-from-talker; exec sleep 3600"],
+            ),
+        ] {
+            let id = rt
+                .block_on(client.create_container(req(
+                    CreateContainerRequest {
+                        pod_sandbox_id: sandbox_id.clone(),
+                        config: Some(container_config(name, &command)),
+                        sandbox_config: Some(config.clone()),
+                    },
+                    start_timeout,
+                )))
+                .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"))
+                .into_inner()
+                .container_id;
+            run.container_ids.push(id);
+        }
+        for id in &run.container_ids {
+            rt.block_on(client.start_container(req(
+                StartContainerRequest {
+                    container_id: id.clone(),
+                },
+                start_timeout,
+            )))
+            .unwrap_or_else(|e| panic!("StartContainer {id}: {e}"));
+        }
+        for id in &run.container_ids {
+            let status = rt
+                .block_on(client.container_status(req(
+                    ContainerStatusRequest {
+                        container_id: id.clone(),
+                        verbose: false,
+                    },
+                    CALL,
+                )))
+                .unwrap_or_else(|e| panic!("ContainerStatus {id}: {e}"))
+                .into_inner()
+                .status
+                .expect("container status");
+            assert_eq!(
+                status.state,
+                ContainerState::ContainerRunning as i32,
+                "container {id}: {status:?}"
+            );
+        }
+
+        // The second container's stdout reaches its CRI log.
+        let log = log_dir.join("talker.log");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            // CRI log lines: `<time> stdout F <line>`.
+            if text
+                .lines()
+                .any(|l| l.ends_with(" stdout F hello-from-talker"))
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} holds {text:?}",
+                log.display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+
+        // ExecSync in the first container: output and exit codes.
+        let exec = |client: &mut Client, cmd: &[&str]| {
+            rt.block_on(client.exec_sync(req(
+                ExecSyncRequest {
+                    container_id: run.container_ids[0].clone(),
+                    cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                    timeout: 120,
+                },
+                Duration::from_secs(180),
+            )))
+            .unwrap_or_else(|e| panic!("ExecSync {cmd:?}: {e}"))
+            .into_inner()
+        };
+        let hi = exec(&mut client, &["echo", "hi"]);
+        assert_eq!(
+            (hi.exit_code, String::from_utf8_lossy(&hi.stdout).as_ref()),
+            (0, "hi\n"),
+            "stderr: {}",
+            String::from_utf8_lossy(&hi.stderr)
+        );
+        let fail = exec(&mut client, &["sh", "-c", "echo oops >&2; exit 7"]);
+        assert_eq!(
+            (
+                fail.exit_code,
+                String::from_utf8_lossy(&fail.stderr).as_ref()
+            ),
+            (7, "oops\n")
+        );
+
+        // ContainerStats: the sleeping container uses some memory.
+        let stats = rt
+            .block_on(client.container_stats(req(
+                ContainerStatsRequest {
+                    container_id: run.container_ids[0].clone(),
+                },
+                CALL,
+            )))
+            .expect("ContainerStats")
+            .into_inner()
+            .stats
+            .expect("stats");
+        let memory = stats
+            .memory
+            .as_ref()
+            .and_then(|m| m.working_set_bytes.as_ref())
+            .map(|v| v.value)
+            .unwrap_or(0);
+        eprintln!("{test}: ContainerStats: working set {memory} bytes");
+        assert!(memory > 0, "no memory usage in {stats:?}");
+
+        while_running(&mut client, &rt, &run);
+        run
+    }));
+
+    let stop = rt.block_on(client.stop_pod_sandbox(req(
+        StopPodSandboxRequest {
+            pod_sandbox_id: sandbox_id.clone(),
+        },
+        Duration::from_secs(300),
+    )));
+    // Stopped, not yet removed: the sandbox is NOTREADY and every container EXITED.
+    let stopped_states = if result.is_ok() && stop.is_ok() {
+        let sandbox = rt
+            .block_on(client.pod_sandbox_status(req(
+                PodSandboxStatusRequest {
+                    pod_sandbox_id: sandbox_id.clone(),
+                    verbose: false,
+                },
+                CALL,
+            )))
+            .map(|r| r.into_inner().status.map(|s| s.state));
+        let containers = rt
+            .block_on(client.list_containers(req(
+                ListContainersRequest {
+                    filter: Some(ContainerFilter {
+                        pod_sandbox_id: sandbox_id.clone(),
+                        ..Default::default()
+                    }),
+                },
+                CALL,
+            )))
+            .map(|r| {
+                r.into_inner()
+                    .containers
+                    .iter()
+                    .map(|c| c.state)
+                    .collect::<Vec<_>>()
+            });
+        Some((sandbox, containers))
+    } else {
+        None
+    };
+    let remove = rt.block_on(client.remove_pod_sandbox(req(
+        RemovePodSandboxRequest {
+            pod_sandbox_id: sandbox_id.clone(),
+        },
+        Duration::from_secs(300),
+    )));
+    let run = match result {
+        Ok(run) => run,
+        Err(panic) => std::panic::resume_unwind(panic),
+    };
+    stop.expect("StopPodSandbox");
+    if let Some((sandbox, containers)) = stopped_states {
+        assert_eq!(
+            sandbox.expect("PodSandboxStatus after StopPodSandbox"),
+            Some(PodSandboxState::SandboxNotready as i32)
+        );
+        assert_eq!(
+            containers.expect("ListContainers after StopPodSandbox"),
+            vec![ContainerState::ContainerExited as i32; 2]
+        );
+    }
+    remove.expect("RemovePodSandbox");
+
+    let pods = rt
+        .block_on(client.list_pod_sandbox(req(ListPodSandboxRequest::default(), CALL)))
+        .expect("ListPodSandbox")
+        .into_inner()
+        .items;
+    assert!(pods.is_empty(), "pods left: {pods:?}");
+    let containers = rt
+        .block_on(client.list_containers(req(ListContainersRequest::default(), CALL)))
+        .expect("ListContainers")
+        .into_inner()
+        .containers;
+    assert!(containers.is_empty(), "containers left: {containers:?}");
+    run
+}
+
+/// Waits up to a minute for `pids()` to be empty.
+fn wait_gone(what: &str, pids: impl Fn() -> Vec<u32>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !pids().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(pids(), Vec::<u32>::new(), "{what} left running");
+}
+
+/// Nothing of containerd's tasks left: no tasks in the CRI namespace, no mounts under
+/// containerd's directory or the shims' run dir.
+fn assert_no_tasks_or_mounts(containerd: &Containerd) {
+    let tasks = containerd.ctr(&["-n", "k8s.io", "task", "ls", "-q"]);
+    assert_eq!(
+        String::from_utf8_lossy(&tasks.stdout).trim(),
+        "",
+        "tasks left"
+    );
+    for dir in [containerd.dir.clone(), containerd.run_dir()] {
+        assert_eq!(mounts_below(&dir), Vec::<String>::new(), "mounts left");
+    }
+}
+
+/// The same flow with runc: no guest needed.
+#[test]
+fn cri_runc_pod_lifecycle() {
+    const TEST: &str = "cri_runc_pod_lifecycle";
+    if !have_tools(TEST) {
+        return;
+    }
+    if !Path::new("/usr/sbin/runc").is_file() && !Path::new("/usr/bin/runc").is_file() {
+        return skip(TEST, "runc missing (apt-get install runc)");
+    }
+    let dir = temp_path("cri-runc");
+    // No guest: the podvisor handler is configured but not used.
+    let missing = dir.join("no-kernel");
+    let containerd = Containerd::start_with(
+        &dir,
+        &missing,
+        &missing,
+        ContainerdOptions {
+            cri: true,
+            podvisor_config: None,
+        },
+    );
+    import_cri_images(&containerd, &dir.join("images"));
+
+    let sock = containerd.sock();
+    pod_lifecycle(
+        TEST,
+        &containerd,
+        CRI_HANDLER_RUNC,
+        &[],
+        Duration::from_secs(120),
+        &|_, _, _| {
+            // runc's shim serves the whole pod too.
+            assert_eq!(runc_shim_pids(&sock).len(), 1, "one runc shim per pod");
+        },
+    );
+    wait_gone("runc shim", || runc_shim_pids(&sock));
+    assert_no_tasks_or_mounts(&containerd);
+}
+
+/// Threads named `vcpu<N>` of process `pid` (one per vCPU of the VMs it hosts).
+fn vcpu_threads(pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .map(|c| c.trim().to_string())
+                .filter(|c| c.starts_with("vcpu"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// The pod on podvisor: the sandbox container boots the VM, both app containers join it.
+#[test]
+fn cri_podvisor_pod_lifecycle() {
+    const TEST: &str = "cri_podvisor_pod_lifecycle";
+    let Some(guest) = guest_artifacts(TEST) else {
+        return;
+    };
+    let initrd = guest.initrd.with_file_name("agent-test.cpio");
+    if !common::require_file(TEST, &initrd, "run `make rootfs`") {
+        return;
+    }
+    if !have_tools(TEST) {
+        return;
+    }
+    let dir = temp_path("cri-podvisor");
+    let containerd = Containerd::start_with(
+        &dir,
+        &guest.kernel,
+        &initrd,
+        ContainerdOptions {
+            cri: true,
+            // The pod asks for more memory than the default, within this file's limit.
+            podvisor_config: Some(
+                "memory_mib = 256\nmax_memory_mib = 512\nagent_timeout_secs = 900\n".into(),
+            ),
+        },
+    );
+    import_cri_images(&containerd, &dir.join("images"));
+
+    let sock = containerd.sock();
+    let run = pod_lifecycle(
+        TEST,
+        &containerd,
+        CRI_HANDLER_PODVISOR,
+        &[("io.podvisor.config.memory_mib", "320")],
+        RUN_TIMEOUT,
+        &|client, rt, run| {
+            // One shim process hosts the sandbox and both containers, with one VM (1 vCPU).
+            let pids = shim_pids(&sock);
+            assert_eq!(pids.len(), 1, "podvisor shims: {pids:?}");
+            assert_eq!(vcpu_threads(pids[0]), vec!["vcpu0".to_string()], "one VM");
+            // The pod's annotation sized the VM: the guest sees about 320 MiB.
+            let meminfo = rt
+                .block_on(client.exec_sync(req(
+                    ExecSyncRequest {
+                        container_id: run.container_ids[1].clone(),
+                        cmd: vec!["cat".into(), "/proc/meminfo".into()],
+                        timeout: 120,
+                    },
+                    Duration::from_secs(180),
+                )))
+                .expect("ExecSync cat /proc/meminfo")
+                .into_inner();
+            let text = String::from_utf8_lossy(&meminfo.stdout);
+            let total_kib: u64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no MemTotal in {text:?}"));
+            assert!(
+                (256 * 1024..=320 * 1024).contains(&total_kib),
+                "guest MemTotal {total_kib} kB for a 320 MiB pod"
+            );
+        },
+    );
+
+    // Nothing left: no shim, no mounts, the pod's state dir gone.
+    wait_gone("podvisor shim", || shim_pids(&sock));
+    let run_dir: PathBuf = containerd.run_dir();
+    let left: Vec<_> = std::fs::read_dir(&run_dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "state of pod {} left under {}: {left:?}",
+        run.sandbox_id,
+        run_dir.display()
+    );
+    assert_no_tasks_or_mounts(&containerd);
+    let log = containerd.log();
+    assert!(!log.contains("publishing /tasks"), "an event failed");
+}
+
+/// No guest needed: a podvisor config file with an unknown key makes RunPodSandbox fail with
+/// a message naming the file and the key (the file comes from the `podvisor` handler's
+/// `ConfigPath` runtime option), and nothing is left behind; `ctr run
+/// --runtime-config-path` passes its file the same way.
+#[test]
+fn cri_podvisor_bad_config_fails_cleanly() {
+    const TEST: &str = "cri_podvisor_bad_config_fails_cleanly";
+    if !have_tools(TEST) {
+        return;
+    }
+    let dir = temp_path("cri-badconfig");
+    let missing = dir.join("no-kernel");
+    let containerd = Containerd::start_with(
+        &dir,
+        &missing,
+        &missing,
+        ContainerdOptions {
+            cri: true,
+            podvisor_config: Some("vcpus = 1\nmemory = 512\n".into()),
+        },
+    );
+    import_cri_images(&containerd, &dir.join("images"));
+    let config_path = containerd.podvisor_config_path();
+
+    let (rt, mut client) = cri_client(&containerd.sock());
+    let log_dir = dir.join("pod-logs");
+    let err = rt
+        .block_on(client.run_pod_sandbox(req(
+            RunPodSandboxRequest {
+                config: Some(pod_config(TEST, &log_dir, &[])),
+                runtime_handler: CRI_HANDLER_PODVISOR.into(),
+            },
+            Duration::from_secs(120),
+        )))
+        .expect_err("RunPodSandbox with a bad config file");
+    eprintln!("{TEST}: RunPodSandbox: {}", err.message());
+    assert!(
+        err.message().contains(&config_path.display().to_string())
+            && err.message().contains("unknown field `memory`"),
+        "{err}"
+    );
+    wait_gone("podvisor shim", || shim_pids(&containerd.sock()));
+    let pods = rt
+        .block_on(client.list_pod_sandbox(req(ListPodSandboxRequest::default(), CALL)))
+        .expect("ListPodSandbox")
+        .into_inner()
+        .items;
+    assert!(pods.is_empty(), "pods left: {pods:?}");
+
+    // ctr run --runtime-config-path: the same runtime options.
+    let (code, _, stderr) = common::containerd::run_bounded(
+        containerd.ctr_cmd(&[
+            "-n",
+            common::containerd::CRI_NAMESPACE,
+            "run",
+            "--rm",
+            "--runtime",
+            common::containerd::RUNTIME,
+            "--runtime-config-path",
+            config_path.to_str().unwrap(),
+            IMAGE,
+            "badconfig",
+            "true",
+        ]),
+        Duration::from_secs(120),
+    );
+    eprintln!("{TEST}: ctr run: {}", stderr.trim());
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains(&config_path.display().to_string())
+            && stderr.contains("unknown field `memory`"),
+        "{stderr}"
+    );
+    wait_gone("podvisor shim", || shim_pids(&containerd.sock()));
+    let _ = containerd.ctr(&["-n", "k8s.io", "container", "rm", "badconfig"]);
+    assert_no_tasks_or_mounts(&containerd);
+    assert_eq!(
+        std::fs::read_dir(containerd.run_dir())
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0,
+        "state left under {}",
+        containerd.run_dir().display()
+    );
+}
