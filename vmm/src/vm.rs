@@ -704,7 +704,10 @@ impl RunningVm {
             path: dir.to_path_buf(),
             source,
         })?;
-        let memory = memory::save(&self.vm.mem, &dir.join(snapshot::MEMORY_FILE))?;
+        let memory_tmp = dir.join(snapshot::MEMORY_TMP);
+        let memory = memory::save(&self.vm.mem, &memory_tmp).inspect_err(|_| {
+            let _ = std::fs::remove_file(&memory_tmp);
+        })?;
         let state = SnapshotState {
             host: HostFingerprint::of_this_host(&self.vm.kvm, self.vm.host)?,
             podvisor_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -715,7 +718,7 @@ impl RunningVm {
             vcpus,
             devices,
         };
-        let state_bytes = state.write(dir)?;
+        let state_bytes = state.commit(dir)?;
         let info = SnapshotInfo {
             dir: dir.to_path_buf(),
             state_bytes,
