@@ -58,7 +58,12 @@ pub struct BootArgs {
     /// Save the VM to this directory once the guest's init has started (boot-timer
     /// marker) and `--snapshot-after` seconds more have passed, then stop it (exit status
     /// 0). The directory gets `state` and a sparse `memory` file (docs/snapshot-format.md).
-    #[arg(long, value_name = "DIR", conflicts_with = "restore")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with = "restore",
+        alias = "snapshot-at-marker"
+    )]
     pub snapshot: Option<PathBuf>,
     /// Seconds between the guest's init start and `--snapshot`.
     #[arg(long, default_value_t = 0.0, value_name = "SECS")]

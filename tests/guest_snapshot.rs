@@ -3,14 +3,16 @@
 //! `podvisor boot --snapshot` saves it while it counts; then
 //! * the library restores it untouched (vCPUs never run) and saves it again: the same
 //!   memory, devices and registers (save -> load -> save);
-//! * `podvisor boot --restore` runs a clone in a new process, bound to its own disk copy
-//!   and vsock socket: the count goes on from where the snapshot was taken;
+//! * `podvisor boot --restore` runs two clones at once, each in a new process bound to its
+//!   own disk copy and vsock socket: in both the count goes on from where the snapshot was
+//!   taken;
 //! * corrupt and foreign snapshots are refused with the reason.
 
 mod common;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use common::{guest_artifacts, podvisor, temp_path};
@@ -152,60 +154,68 @@ fn counter_keeps_counting_after_snapshot_and_restore() {
         assert_eq!(msrs(a), msrs(s), "MSRs changed");
     }
 
-    // 3. A clone in a new process, with its own disk copy and vsock socket.
-    let clone_disk = dir.join("clone.img");
-    std::fs::copy(&disk, &clone_disk).unwrap();
-    let clone_console = dir.join("clone.log");
-    let timings = dir.join("clone.json");
-    let out = podvisor(
-        &[
-            "boot",
-            "--restore",
-            snap.to_str().unwrap(),
-            "--verify-memory",
-            "--disk",
-            clone_disk.to_str().unwrap(),
-            "--vsock",
-            dir.join("clone.sock").to_str().unwrap(),
-            "--console",
-            clone_console.to_str().unwrap(),
-            "--timeout",
-            "12",
-            "--timings-json",
-            timings.to_str().unwrap(),
-        ],
-        &[],
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let clone = read(&clone_console);
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "the clone runs until the timeout; stderr:\n{stderr}\nconsole:\n{clone}"
-    );
-    assert!(stderr.contains("timed out"), "{stderr}");
-    let after = counts(&clone);
-    assert!(
-        after.len() >= 2,
-        "the clone counted on: before {before:?}, clone console:\n{clone}"
-    );
-    assert!(
-        after[0] > last_before,
-        "the count goes on from the snapshot: before {before:?}, after {after:?}"
-    );
-    assert_eq!(
-        after[0] % COUNT_STEP,
-        0,
-        "the clone's count is the source's: {after:?}"
-    );
-    for w in after.windows(2) {
-        assert_eq!(w[1], w[0] + COUNT_STEP, "{after:?}");
+    // 3. Two clones at once, each in a new process with its own disk copy and vsock socket.
+    let clones: Vec<_> = (0..2)
+        .map(|i| {
+            let disk_copy = dir.join(format!("clone{i}.img"));
+            std::fs::copy(&disk, &disk_copy).unwrap();
+            let console = dir.join(format!("clone{i}.log"));
+            let timings = dir.join(format!("clone{i}.json"));
+            let child = Command::new(env!("CARGO_BIN_EXE_podvisor"))
+                .args(["boot", "--restore"])
+                .arg(&snap)
+                .args(if i == 0 {
+                    &["--verify-memory"][..]
+                } else {
+                    &[]
+                })
+                .arg("--disk")
+                .arg(&disk_copy)
+                .arg("--vsock")
+                .arg(dir.join(format!("clone{i}.sock")))
+                .arg("--console")
+                .arg(&console)
+                .args(["--timeout", "15", "--timings-json"])
+                .arg(&timings)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            (child, console, timings)
+        })
+        .collect();
+    for (i, (child, console, timings)) in clones.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let clone = read(&console);
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "clone {i} runs until the timeout; stderr:\n{stderr}\nconsole:\n{clone}"
+        );
+        assert!(stderr.contains("timed out"), "{stderr}");
+        let after = counts(&clone);
+        assert!(
+            after.len() >= 2,
+            "clone {i} counted on: before {before:?}, its console:\n{clone}"
+        );
+        assert!(
+            after[0] > last_before,
+            "the count goes on from the snapshot: before {before:?}, clone {i} {after:?}"
+        );
+        assert_eq!(after[0] % COUNT_STEP, 0, "clone {i}: {after:?}");
+        for w in after.windows(2) {
+            assert_eq!(w[1], w[0] + COUNT_STEP, "clone {i}: {after:?}");
+        }
+        let record: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&timings).unwrap()).unwrap();
+        let restore_ms = record["host_setup_ms"].as_f64().unwrap();
+        eprintln!("clone {i}: process start -> first KVM_RUN {restore_ms:.1} ms (dev build)");
+        assert!(restore_ms > 0.0, "{record}");
+        let private = record["guest_private_kib_at_stop"].as_u64().unwrap();
+        eprintln!("clone {i}: guest RAM private to the clone at stop: {private} KiB");
     }
-    let record: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&timings).unwrap()).unwrap();
-    let restore_ms = record["host_setup_ms"].as_f64().unwrap();
-    eprintln!("restore: process start -> first KVM_RUN {restore_ms:.1} ms (dev build)");
-    assert!(restore_ms > 0.0, "{record}");
 
     // 4. Corrupt and foreign snapshots are refused with the reason.
     let bad = dir.join("bad");

@@ -102,6 +102,11 @@ pub struct RestoreConfig {
     /// Check the memory file's CRC first (reads the whole file: for debugging, or once after
     /// copying a snapshot).
     pub verify_memory: bool,
+    /// Move the guest's kvm-clock forward by the wall time since the snapshot (KVM's
+    /// `KVM_CLOCK_REALTIME`, where the host supports it) instead of letting it continue
+    /// from the saved value. Either way the guest's wall clock must be set through the
+    /// guest after a restore.
+    pub advance_clock: bool,
 }
 
 impl RestoreConfig {
@@ -114,6 +119,7 @@ impl RestoreConfig {
             shares: None,
             vsock: None,
             verify_memory: false,
+            advance_clock: false,
         }
     }
 

@@ -17,8 +17,10 @@
 //! are only valid where they came from. The memory file's size is always checked, its CRC
 //! on request ([`verify_memory`]: it reads the whole file, which a fast restore avoids).
 //!
-//! `state` is written last, through a temporary file and a rename: a directory with a
-//! `state` file holds a complete snapshot.
+//! Both files are written under temporary names and renamed into place, `state` last and
+//! the old `state` removed first: a directory with a `state` file holds a complete
+//! snapshot, and VMs still running from a replaced memory file keep their (unlinked) copy
+//! instead of seeing it truncated under them.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -45,6 +47,9 @@ pub const HEADER_LEN: usize = 24;
 pub const STATE_FILE: &str = "state";
 /// The memory file's name in a snapshot directory.
 pub const MEMORY_FILE: &str = "memory";
+/// Where the memory file is written before [`SnapshotState::commit`] puts it in place.
+pub const MEMORY_TMP: &str = ".memory.tmp";
+const STATE_TMP: &str = ".state.tmp";
 /// Largest payload accepted (a sanity bound against a corrupt length).
 const MAX_PAYLOAD: u64 = 64 << 20;
 
@@ -315,19 +320,38 @@ pub fn decode<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a [u8], SnapshotErro
 }
 
 impl SnapshotState {
-    /// Writes `dir/state` (through a temporary file and a rename, after the memory file).
-    pub fn write(&self, dir: &Path) -> Result<u64, SnapshotError> {
+    /// Writes `dir/state` and puts the memory file written to `dir/`[`MEMORY_TMP`] in
+    /// place (see the module docs for the order). On error neither temporary file is left.
+    pub fn commit(&self, dir: &Path) -> Result<u64, SnapshotError> {
+        let result = self.try_commit(dir);
+        if result.is_err() {
+            let _ = fs::remove_file(dir.join(MEMORY_TMP));
+            let _ = fs::remove_file(dir.join(STATE_TMP));
+        }
+        result
+    }
+
+    fn try_commit(&self, dir: &Path) -> Result<u64, SnapshotError> {
         let path = dir.join(STATE_FILE);
         let payload = serde_json::to_vec(self).map_err(|e| SnapshotError::Corrupt {
             path: path.clone(),
             reason: format!("cannot encode the state: {e}"),
         })?;
         let bytes = encode(&payload);
-        let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
+        let tmp = dir.join(STATE_TMP);
         let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
         file.write_all(&bytes).map_err(io_err(&tmp))?;
         file.sync_all().map_err(io_err(&tmp))?;
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&path)(e)),
+            _ => {}
+        }
+        let memory = dir.join(MEMORY_FILE);
+        fs::rename(dir.join(MEMORY_TMP), &memory).map_err(io_err(&memory))?;
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))?;
         Ok(bytes.len() as u64)
     }
 
@@ -423,6 +447,75 @@ mod tests {
             "{m}"
         );
         assert!(cpu_signature().contains("family"));
+    }
+
+    #[test]
+    fn commit_replaces_a_snapshot_whole_and_spares_running_clones() {
+        use std::io::Read;
+
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let dir = dir.as_path();
+        let state = SnapshotState {
+            host: HostFingerprint {
+                cpu: "test".into(),
+                kvm_cpuid_crc32: 0,
+                host_kind: HostKind::Native,
+            },
+            podvisor_version: "test".into(),
+            config: VmConfig::default(),
+            cmdline: String::new(),
+            memory: MemoryFile {
+                regions: Vec::new(),
+                size: 3,
+                data_pages: 1,
+                crc32: 0,
+            },
+            vm: KvmVmState {
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+                pit: Default::default(),
+                clock: Default::default(),
+            },
+            vcpus: Vec::new(),
+            devices: DevicesState {
+                serial: SerialPersist {
+                    baud_divisor_low: 12,
+                    baud_divisor_high: 0,
+                    interrupt_enable: 0,
+                    interrupt_identification: 1,
+                    line_control: 3,
+                    line_status: 0x60,
+                    modem_control: 8,
+                    modem_status: 0xb0,
+                    scratch: 0,
+                    in_buffer: Vec::new(),
+                },
+                virtio: Vec::new(),
+            },
+        };
+        fs::write(dir.join(MEMORY_TMP), b"old").unwrap();
+        state.commit(dir).unwrap();
+        let mut running_clone = File::open(dir.join(MEMORY_FILE)).unwrap();
+        fs::write(dir.join(MEMORY_TMP), b"new").unwrap();
+        state.commit(dir).unwrap();
+        let mut seen = String::new();
+        running_clone.read_to_string(&mut seen).unwrap();
+        assert_eq!(
+            seen, "old",
+            "a replaced memory file is not rewritten in place"
+        );
+        assert_eq!(fs::read(dir.join(MEMORY_FILE)).unwrap(), b"new");
+        assert_eq!(SnapshotState::read(dir).unwrap().cmdline, "");
+        let mut names: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["memory", "state"], "no temporary file left");
+        // Without a memory file to put in place, nothing is left either.
+        assert!(state.commit(dir).is_err());
+        assert!(!dir.join(STATE_TMP).exists());
     }
 
     #[test]

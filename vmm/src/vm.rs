@@ -270,7 +270,7 @@ impl Vm {
 
         // VM, then vCPUs, then devices: a device that raises its saved pending interrupt
         // again must find the interrupt controllers already restored.
-        restore_kvm_vm_state(&vm_fd, &state.vm)?;
+        restore_kvm_vm_state(&vm_fd, &state.vm, restore.advance_clock)?;
         let vcpu_fds = state
             .vcpus
             .iter()
@@ -529,14 +529,20 @@ fn save_kvm_vm_state(vm_fd: &VmFd) -> Result<KvmVmState, SnapshotError> {
     })
 }
 
-/// Puts back what [`save_kvm_vm_state`] saved. The clock is set with no flags: guest
-/// uptime continues from the saved value instead of jumping by the time the snapshot sat
-/// on disk (which KVM_CLOCK_REALTIME would do).
-fn restore_kvm_vm_state(vm_fd: &VmFd, s: &KvmVmState) -> Result<(), SnapshotError> {
+/// Puts back what [`save_kvm_vm_state`] saved. Unless `advance_clock`, the clock is set
+/// with no flags: guest uptime continues from the saved value instead of jumping by the
+/// time the snapshot sat on disk (which the saved KVM_CLOCK_REALTIME flag makes KVM do).
+fn restore_kvm_vm_state(
+    vm_fd: &VmFd,
+    s: &KvmVmState,
+    advance_clock: bool,
+) -> Result<(), SnapshotError> {
     let kvm = |what| move |source| SnapshotError::Kvm { what, source };
     vm_fd.set_pit2(&s.pit).map_err(kvm("KVM_SET_PIT2"))?;
     let mut clock = s.clock;
-    clock.flags = 0;
+    if !advance_clock {
+        clock.flags = 0;
+    }
     vm_fd.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))?;
     for chip in [&s.pic_master, &s.pic_slave, &s.ioapic] {
         vm_fd.set_irqchip(chip).map_err(kvm("KVM_SET_IRQCHIP"))?;
@@ -698,7 +704,10 @@ impl RunningVm {
             path: dir.to_path_buf(),
             source,
         })?;
-        let memory = memory::save(&self.vm.mem, &dir.join(snapshot::MEMORY_FILE))?;
+        let memory_tmp = dir.join(snapshot::MEMORY_TMP);
+        let memory = memory::save(&self.vm.mem, &memory_tmp).inspect_err(|_| {
+            let _ = std::fs::remove_file(&memory_tmp);
+        })?;
         let state = SnapshotState {
             host: HostFingerprint::of_this_host(&self.vm.kvm, self.vm.host)?,
             podvisor_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -709,7 +718,7 @@ impl RunningVm {
             vcpus,
             devices,
         };
-        let state_bytes = state.write(dir)?;
+        let state_bytes = state.commit(dir)?;
         let info = SnapshotInfo {
             dir: dir.to_path_buf(),
             state_bytes,
