@@ -208,12 +208,12 @@ impl Sandbox {
             ) {
                 Ok(dir) => VmSource::Template(
                     RestoreConfig {
-                        snapshot: dir,
                         console: vm_config.console.clone(),
-                        disks: None,
                         shares: Some(vm_config.shares.clone()),
                         vsock: vm_config.vsock.clone(),
-                        verify_memory: false,
+                        // The guest's monotonic clock goes on from the template's; the
+                        // agent sets the wall clock at CreateSandbox.
+                        ..RestoreConfig::new(dir)
                     },
                     vm_config,
                 ),
