@@ -8,6 +8,9 @@
 //! * [`vsock`]: the host side of the hybrid vsock (`CONNECT <port>` on the VM's Unix
 //!   socket), to reach the agent's ports in the guest.
 //!
+//! * [`rtnl`] (feature `rtnl`): a small synchronous rtnetlink client, used by the shim to
+//!   wire the pod's network namespace to the VM and by the agent for ConfigureNetwork.
+//!
 //! This crate is the only thing the shim and the agent share.
 
 #[allow(
@@ -43,6 +46,8 @@ pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }
 
+#[cfg(feature = "rtnl")]
+pub mod rtnl;
 pub mod stream;
 pub mod vsock;
 

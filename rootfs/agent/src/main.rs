@@ -10,7 +10,8 @@
 //!   when the host has v1/hybrid there; DestroySandbox makes the agent exit.
 //!
 //! Modules: `server` (RPC handlers) → `sandbox` (the pod) → `container` (libcontainer) →
-//! `process` / `stream` (stdio pumps) / `cgroup` / `oom`; `reaper` collects children;
+//! `process` / `stream` (stdio pumps) / `cgroup` / `oom`; `network` (ConfigureNetwork,
+//! rtnetlink); `reaper` collects children;
 //! `listener` binds vsock or Unix sockets; `error` maps failures to ttrpc codes.
 //!
 //! Threads: main (waits for DestroySandbox), reaper, OOM watcher, stream acceptor, ttrpc's
@@ -21,6 +22,7 @@ mod container;
 mod error;
 mod listener;
 mod logger;
+mod network;
 mod oom;
 mod pid1;
 mod process;

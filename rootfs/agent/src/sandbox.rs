@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use podvisor_agent_protocol::agent::{
-    CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest, SharedMount, StatsResponse,
-    Stdio,
+    ConfigureNetworkRequest, CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest,
+    SharedMount, StatsResponse, Stdio,
 };
 
 use crate::cgroup::{Cgroup, CGROUP_ROOT};
@@ -249,6 +249,24 @@ impl Sandbox {
         }
         state.created = true;
         log::info!("sandbox {} created", req.sandbox_id);
+        Ok(())
+    }
+
+    /// ConfigureNetwork: the VM's interfaces and routes (see `network`).
+    pub fn configure_network(&self, req: &ConfigureNetworkRequest) -> RpcResult<()> {
+        if self.state().destroying {
+            return Err(SandboxError::Destroying.into());
+        }
+        let resolv_conf = self
+            .config
+            .owns_machine
+            .then_some(self.config.resolv_conf.as_path());
+        crate::network::configure(req, resolv_conf)?;
+        log::info!(
+            "network configured: {} interface(s), {} route(s)",
+            req.interfaces.len(),
+            req.routes.len()
+        );
         Ok(())
     }
 

@@ -66,6 +66,10 @@ impl Agent for AgentService {
         done("CreateSandbox", self.sandbox.create(&req))
     }
 
+    fn configure_network(&self, _: &TtrpcContext, req: ConfigureNetworkRequest) -> Reply<Empty> {
+        done("ConfigureNetwork", self.sandbox.configure_network(&req))
+    }
+
     fn destroy_sandbox(&self, _: &TtrpcContext, _req: DestroySandboxRequest) -> Reply<Empty> {
         done("DestroySandbox", self.sandbox.destroy())
     }
