@@ -15,6 +15,7 @@
 mod config;
 mod metrics;
 mod mount;
+mod net;
 mod pod;
 mod sandbox;
 mod spec;

@@ -243,6 +243,11 @@ impl AgentProcess {
 
 impl Agent {
     fn start() -> Self {
+        Self::start_in(&[])
+    }
+
+    /// Starts the agent with extra `unshare` namespace options (e.g. `--net`).
+    fn start_in(namespaces: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("pva-")
             .tempdir_in("/tmp")
@@ -267,6 +272,7 @@ impl Agent {
                 "--propagation",
                 "private",
             ])
+            .args(namespaces)
             .arg(agent_bin())
             .arg("--listen")
             .arg(format!("unix://{}", sock.display()))
@@ -1011,4 +1017,161 @@ fn nothing_leaks() {
         .unwrap()
         .next()
         .is_none());
+}
+
+/// `ip -j ARGS` in the agent's network namespace, parsed.
+fn ip_json(agent: &Agent, args: &[&str]) -> Value {
+    let out = Command::new("nsenter")
+        .arg("-t")
+        .arg(agent.agent_pid().to_string())
+        .args(["-n", "ip", "-j"])
+        .args(args)
+        .output()
+        .expect("run nsenter + ip (util-linux, iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+fn ip_in(agent: &Agent, args: &[&str]) {
+    let status = Command::new("nsenter")
+        .arg("-t")
+        .arg(agent.agent_pid().to_string())
+        .args(["-n", "ip"])
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(status.success(), "ip {args:?}");
+}
+
+fn net_iface(mac: &str, name: &str, mtu: u32, addresses: &[&str]) -> Interface {
+    Interface {
+        mac: mac.into(),
+        name: name.into(),
+        mtu,
+        addresses: addresses.iter().map(|a| a.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn net_route(destination: &str, gateway: &str, device: &str) -> Route {
+    Route {
+        destination: destination.into(),
+        gateway: gateway.into(),
+        device: device.into(),
+        ..Default::default()
+    }
+}
+
+/// The agent in its own network namespace (`unshare --net`, gone with the agent): a veth
+/// pair made there stands in for the VM's NIC; ConfigureNetwork names it, sets MTU,
+/// addresses and routes; bad requests fail with the right code and change nothing.
+#[test]
+fn configure_network() {
+    require_host!();
+    if Command::new("ip").arg("-V").output().is_err() {
+        eprintln!("SKIP configure_network: needs iproute2's ip");
+        return;
+    }
+    let agent = Agent::start_in(&["--net"]);
+    const MAC: &str = "02:00:0a:58:00:05";
+    ip_in(
+        &agent,
+        &[
+            "link", "add", "nic0", "address", MAC, "type", "veth", "peer", "name", "nic0p",
+        ],
+    );
+    ip_in(&agent, &["link", "set", "nic0p", "up"]);
+    let lo = ip_json(&agent, &["link", "show", "lo"]);
+    assert!(
+        !lo[0]["flags"].as_array().unwrap().contains(&json!("UP")),
+        "lo starts down"
+    );
+
+    // Bad requests first: nothing may change.
+    let mut bad = ConfigureNetworkRequest::new();
+    bad.interfaces
+        .push(net_iface("02:00:0a:58:00:99", "eth0", 0, &[]));
+    let err = agent.client.configure_network(ctx(), &bad);
+    assert_eq!(rpc_code(err), Code::NOT_FOUND);
+    let mut bad = ConfigureNetworkRequest::new();
+    bad.interfaces
+        .push(net_iface(MAC, "eth0", 1400, &["10.88.0.5/16", "10.88.0.6"]));
+    let err = agent.client.configure_network(ctx(), &bad);
+    let Err(ttrpc::Error::RpcStatus(status)) = err else {
+        panic!("malformed CIDR accepted: {err:?}");
+    };
+    assert_eq!(status.code(), Code::INVALID_ARGUMENT);
+    assert!(
+        status
+            .message()
+            .contains("\"10.88.0.6\" is not an address/prefix"),
+        "{}",
+        status.message()
+    );
+    let mut bad = ConfigureNetworkRequest::new();
+    bad.interfaces.push(net_iface(MAC, "eth0", 0, &[]));
+    bad.routes.push(net_route("", "10.88.0.1", "eth9"));
+    assert_eq!(
+        rpc_code(agent.client.configure_network(ctx(), &bad)),
+        Code::INVALID_ARGUMENT
+    );
+    let nic = ip_json(&agent, &["addr", "show", "nic0"]);
+    assert_eq!(nic[0]["mtu"], 1500, "a rejected request changed the MTU");
+    assert_eq!(nic[0]["addr_info"].as_array().map_or(0, Vec::len), 0);
+
+    let mut req = ConfigureNetworkRequest::new();
+    req.interfaces.push(net_iface(
+        MAC,
+        "eth0",
+        1400,
+        &["10.88.0.5/16", "fd00:88::5/64"],
+    ));
+    req.routes.push(net_route("", "10.88.0.1", "eth0"));
+    req.routes
+        .push(net_route("10.99.0.0/16", "10.88.0.254", "eth0"));
+    req.routes.push(net_route("192.168.77.0/24", "", "eth0"));
+    req.resolv_conf = "nameserver 10.88.0.1\n".into();
+    agent.client.configure_network(ctx(), &req).unwrap();
+    // Twice: the same request converges (replace semantics), it does not fail on EEXIST.
+    agent.client.configure_network(ctx(), &req).unwrap();
+
+    let lo = ip_json(&agent, &["link", "show", "lo"]);
+    assert!(
+        lo[0]["flags"].as_array().unwrap().contains(&json!("UP")),
+        "lo is up"
+    );
+    let eth0 = ip_json(&agent, &["addr", "show", "eth0"]);
+    assert_eq!(eth0[0]["address"], MAC);
+    assert_eq!(eth0[0]["mtu"], 1400);
+    assert!(eth0[0]["flags"].as_array().unwrap().contains(&json!("UP")));
+    let addrs: Vec<String> = eth0[0]["addr_info"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["scope"] == "global")
+        .map(|a| format!("{}/{}", a["local"].as_str().unwrap(), a["prefixlen"]))
+        .collect();
+    assert_eq!(addrs, ["10.88.0.5/16", "fd00:88::5/64"]);
+    let routes = ip_json(&agent, &["route", "show"]);
+    let find = |dst: &str| {
+        routes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["dst"] == dst)
+            .unwrap_or_else(|| panic!("no route to {dst} in {routes}"))
+            .clone()
+    };
+    assert_eq!(find("default")["gateway"], "10.88.0.1");
+    assert_eq!(find("default")["dev"], "eth0");
+    assert_eq!(find("10.99.0.0/16")["gateway"], "10.88.0.254");
+    assert_eq!(find("192.168.77.0/24")["dev"], "eth0");
+    assert!(
+        !agent.dir.path().join("resolv.conf").exists(),
+        "host-test mode must not write resolv.conf"
+    );
 }
