@@ -2,6 +2,11 @@
 //! virtio-fs share rooted at `<state>/shared`, the hybrid vsock at `<state>/vsock.sock`, the
 //! console in `<state>/console.log`), wait for the agent, set the sandbox up; at the end
 //! destroy it, wait for the VM to stop and remove the host state.
+//!
+//! Pod network (issue 9, see `super::net`): a pod whose sandbox spec joins a network
+//! namespace (CRI + CNI) gets that namespace wired to a tap per CNI interface and the agent
+//! configures the guest NIC after CreateSandbox. The places that complete it once the VMM
+//! has virtio-net are marked `NET-HOOKUP`.
 
 use std::os::fd::IntoRawFd;
 use std::os::unix::net::UnixStream;
@@ -12,7 +17,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use podvisor_agent_protocol::agent::{
-    CreateSandboxRequest, DestroySandboxRequest, GetVersionRequest, GetVersionResponse, SharedMount,
+    ConfigureNetworkRequest, CreateSandboxRequest, DestroySandboxRequest, GetVersionRequest,
+    GetVersionResponse, SharedMount,
 };
 use podvisor_agent_protocol::agent_ttrpc::AgentClient;
 use podvisor_agent_protocol::stream::{StreamHeader, StreamKind};
@@ -22,6 +28,7 @@ use vmm::config::{RestoreConfig, ShareConfig, VsockConfig, DEFAULT_CMDLINE, DEFA
 use vmm::{ConsoleConfig, Vm, VmConfig, VmReport, VmStopHandle};
 
 use super::config::TemplateMode;
+use super::net::PodNetwork;
 use super::{file_tail, ShimConfig};
 
 /// virtio-fs tag of the pod's share.
@@ -34,6 +41,10 @@ pub const RPC_TIMEOUT: Duration = Duration::from_secs(300);
 const STOP_TIMEOUT: Duration = Duration::from_secs(120);
 /// Console lines quoted in errors.
 const TAIL_LINES: usize = 30;
+/// NET-HOOKUP: set to true (and remove) once `vmm::config::VmConfig` takes `NetConfig`s and
+/// `Sandbox::create` passes the taps below to it. Until then a pod's network namespace is
+/// only logged: wiring it would redirect the pod's traffic into a tap no VM reads.
+const VM_HAS_NIC: bool = false;
 
 /// An RPC context bounded by [`RPC_TIMEOUT`].
 pub fn ctx() -> ttrpc::context::Context {
@@ -74,6 +85,8 @@ pub struct Sandbox {
     stop: VmStopHandle,
     /// DestroySandbox was sent.
     destroyed: std::sync::atomic::AtomicBool,
+    /// The wiring of the pod's network namespace; torn down after the VM stopped.
+    network: Mutex<Option<PodNetwork>>,
 }
 
 /// Called once when the pod VM has stopped, with the reason.
@@ -150,14 +163,48 @@ fn abandon(stop: &VmStopHandle, vm: JoinHandle<VmReport>, msg: String) -> Result
     Err(msg)
 }
 
+/// The pod's network wiring, when its sandbox spec names a network namespace (`netns`).
+fn pod_network(id: &str, netns: Option<&Path>) -> Result<Option<PodNetwork>, String> {
+    match netns {
+        None => {
+            log::info!(
+                "pod {id}: the sandbox spec joins no network namespace (e.g. `ctr run`): \
+                 the VM gets no NIC, loopback only"
+            );
+            Ok(None)
+        }
+        Some(path) if !VM_HAS_NIC => {
+            log::info!(
+                "pod {id}: network namespace {}: this build's VMM has no virtio-net yet, the \
+                 VM gets loopback only",
+                path.display()
+            );
+            Ok(None)
+        }
+        Some(path) => PodNetwork::setup(path)
+            .map(Some)
+            .map_err(|e| format!("pod network: {e}")),
+    }
+}
+
+/// The agent's ConfigureNetwork for a wired pod.
+fn configure_network(client: &AgentClient, req: &ConfigureNetworkRequest) -> Result<(), String> {
+    client
+        .configure_network(ctx(), req)
+        .map(drop)
+        .map_err(|e| format!("agent ConfigureNetwork: {e}"))
+}
+
 impl Sandbox {
-    /// Boots the pod VM and sets up the sandbox in the agent. On failure nothing runs any
-    /// more (the caller removes the state directory).
+    /// Boots the pod VM and sets up the sandbox in the agent; `netns` is the pod's network
+    /// namespace (CRI/CNI), if any. On failure nothing runs any more and the network wiring
+    /// is undone (the caller removes the state directory).
     pub fn create(
         id: &str,
         hostname: &str,
         config: &ShimConfig,
         state: StateDir,
+        netns: Option<&Path>,
         on_exit: OnVmExit,
     ) -> Result<Sandbox, String> {
         let kernel = config.kernel.clone().ok_or(
@@ -185,6 +232,11 @@ impl Sandbox {
             .map_err(|e| format!("create {}: {e}", state.shared().display()))?;
         let share = ShareConfig::new(SHARE_TAG, state.shared(), Default::default())
             .map_err(|e| format!("virtio-fs share: {e}"))?;
+        let network = pod_network(id, netns)?;
+        // NET-HOOKUP: one NIC per wired interface, e.g.
+        //   nets: network.iter().flat_map(|n| &n.nics).map(|nic| Ok(NetConfig {
+        //       tap: TapSource::Fd(nic.tap_fd()?), mac: Some(nic.mac), mtu: Some(nic.mtu),
+        //   })).collect::<std::io::Result<_>>().map_err(|e| format!("tap fd: {e}"))?,
         let vm_config = VmConfig {
             kernel,
             initrd: Some(initrd),
@@ -199,7 +251,13 @@ impl Sandbox {
                 uds_path: state.vsock(),
             }),
         };
-        let source = match config.template {
+        // VM templates are snapshots without NICs: a pod with a network boots cold.
+        let template = if network.is_some() {
+            TemplateMode::Off
+        } else {
+            config.template
+        };
+        let source = match template {
             TemplateMode::Off => VmSource::Boot(vm_config),
             TemplateMode::Auto => match super::template::ensure(
                 &config.template_dir,
@@ -286,12 +344,20 @@ impl Sandbox {
         if let Err(e) = client.create_sandbox(ctx(), &req) {
             return abandon(&stop, vm, format!("agent CreateSandbox: {e}"));
         }
+        // The guest NICs get the CNI interfaces' names, addresses and routes before any
+        // container runs (they share the VM's network namespace).
+        if let Some(net) = &network {
+            if let Err(e) = configure_network(&client, &net.request) {
+                return abandon(&stop, vm, e);
+            }
+        }
         Ok(Sandbox {
             state,
             client,
             vm: Mutex::new(Some(vm)),
             stop,
             destroyed: Default::default(),
+            network: Mutex::new(network),
         })
     }
 
@@ -349,6 +415,23 @@ impl Sandbox {
         }
         if let Ok(report) = vm.join() {
             log::info!("pod VM stopped: {}", report.reason);
+        }
+        self.teardown_network();
+    }
+
+    /// Undoes the pod network wiring (the VM no longer holds the taps).
+    fn teardown_network(&self) {
+        let network = self
+            .network
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(net) = network {
+            let netns = net.netns().to_string();
+            match net.teardown() {
+                Ok(()) => log::info!("pod network {netns} unwired"),
+                Err(e) => log::warn!("pod network teardown: {e}"),
+            }
         }
     }
 }

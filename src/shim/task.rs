@@ -219,6 +219,7 @@ impl Service {
         &self,
         pod: &str,
         hostname: &str,
+        netns: Option<&Path>,
         config: &ShimConfig,
     ) -> Result<(Arc<Sandbox>, StateDir), ttrpc::Error> {
         let mut slot = self.pod();
@@ -246,10 +247,11 @@ impl Service {
         };
         let this = self.clone();
         let on_exit = Box::new(move |reason: String| this.vm_exited(&reason));
-        let sb = Sandbox::create(pod, hostname, config, state.clone(), on_exit).map_err(|e| {
-            cleanup_state_dir(&state.root);
-            status_err(Code::FAILED_PRECONDITION, format!("pod VM: {e}"))
-        })?;
+        let sb =
+            Sandbox::create(pod, hostname, config, state.clone(), netns, on_exit).map_err(|e| {
+                cleanup_state_dir(&state.root);
+                status_err(Code::FAILED_PRECONDITION, format!("pod VM: {e}"))
+            })?;
         let sb = Arc::new(sb);
         self.spawn_oom_watcher(sb.clone());
         *slot = Some(Pod {
@@ -549,7 +551,8 @@ impl Service {
             .and_then(Value::as_str)
             .unwrap_or("");
 
-        let (sb, state) = self.sandbox_for(&pod, hostname, &config)?;
+        let netns = super::net::netns_path(&spec_value);
+        let (sb, state) = self.sandbox_for(&pod, hostname, netns.as_deref(), &config)?;
         // For `shim delete` after a SIGKILL: where this pod's state is.
         if let Some(run_dir) = state.root.parent() {
             if let Err(e) = super::config::record_run_dir(Path::new(&req.bundle), run_dir) {
