@@ -19,6 +19,8 @@ cpio
 lz4
 e2fsprogs
 socat
+containernetworking-plugins
+iproute2
 libseccomp-dev
 protobuf-compiler
 ccache

@@ -34,9 +34,13 @@ pub const CRI_HANDLER_RUNC: &str = "runc";
 pub struct ContainerdOptions {
     /// Enable the CRI plugin (socket `containerd.sock`, CRI v1 and v1alpha2) with runtime
     /// handlers `runc` (the default) and `podvisor` (pod annotations `io.podvisor.*`),
-    /// sandbox image [`PAUSE_IMAGE`], streaming server on a free port. Pods must use host
-    /// networking: no CNI network is configured.
+    /// sandbox image [`PAUSE_IMAGE`], streaming server on a free port. Without `cni`, pods
+    /// must use host networking.
     pub cri: bool,
+    /// The CRI plugin's CNI `conf_dir` (e.g. [`super::cni::CniNetwork::conf_dir`]), with the
+    /// plugins from [`super::cni::CNI_BIN_DIR`]: pods may then use pod networking. None: an
+    /// empty conf dir of its own.
+    pub cni_conf_dir: Option<PathBuf>,
     /// Written to `<dir>/podvisor.toml` and given to the `podvisor` CRI handler as its
     /// `ConfigPath` runtime option.
     pub podvisor_config: Option<String>,
@@ -107,9 +111,18 @@ impl Containerd {
                  {runtimes}.{CRI_HANDLER_RUNC}]\n  runtime_type = \"io.containerd.runc.v2\"\n\
                  {runtimes}.{CRI_HANDLER_PODVISOR}]\n  runtime_type = \"{RUNTIME}\"\n\
                  \x20 pod_annotations = [\"io.podvisor.*\"]\n\
-                 {cni}]\n  bin_dir = \"{d}/cni/bin\"\n  conf_dir = \"{d}/cni/conf\"\n",
+                 {cni}]\n  bin_dir = \"{bin}\"\n  conf_dir = \"{conf}\"\n",
                 cni = format_args!("{cri}.cni"),
-                d = dir.display()
+                bin = match &options.cni_conf_dir {
+                    Some(_) => PathBuf::from(super::cni::CNI_BIN_DIR),
+                    None => dir.join("cni/bin"),
+                }
+                .display(),
+                conf = options
+                    .cni_conf_dir
+                    .clone()
+                    .unwrap_or_else(|| dir.join("cni/conf"))
+                    .display(),
             );
             if options.podvisor_config.is_some() {
                 text += &format!(

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod cni;
 pub mod containerd;
 /// The busybox image builder of `podvisor bench density`, shared with the tests.
 #[path = "../../src/bench/density/image.rs"]

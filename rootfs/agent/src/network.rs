@@ -293,8 +293,18 @@ pub fn configure(
             .map_err(netlink(format!("setting the MTU of {name} to {mtu}")))?;
         }
         for cidr in &iface.addresses {
-            nl.add_address(iface.index, *cidr)
-                .map_err(netlink(format!("adding {cidr} to {name}")))?;
+            nl.add_address(iface.index, *cidr).map_err(|source| {
+                let hint = match source.errno() {
+                    Some(libc::EAFNOSUPPORT) => {
+                        " (the guest kernel lacks this address family: CONFIG_IPV6?)"
+                    }
+                    _ => "",
+                };
+                NetworkError::Netlink {
+                    what: format!("adding {cidr} to {name}{hint}"),
+                    source,
+                }
+            })?;
         }
         nl.set_link(
             iface.index,
