@@ -118,6 +118,25 @@ fn container_config(name: &str, command: &[&str]) -> ContainerConfig {
     }
 }
 
+/// ExecSync of `cmd` in container `id` (2 minutes at most); panics on an RPC error.
+fn exec_sync(
+    client: &mut Client,
+    rt: &tokio::runtime::Runtime,
+    id: &str,
+    cmd: &[&str],
+) -> ExecSyncResponse {
+    rt.block_on(client.exec_sync(req(
+        ExecSyncRequest {
+            container_id: id.to_string(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: 120,
+        },
+        Duration::from_secs(180),
+    )))
+    .unwrap_or_else(|e| panic!("ExecSync {cmd:?}: {e}"))
+    .into_inner()
+}
+
 /// What the flow observed, for the runtime-specific checks.
 struct PodRun {
     sandbox_id: String,
@@ -243,18 +262,8 @@ fn pod_lifecycle(
         }
 
         // ExecSync in the first container: output and exit codes.
-        let exec = |client: &mut Client, cmd: &[&str]| {
-            rt.block_on(client.exec_sync(req(
-                ExecSyncRequest {
-                    container_id: run.container_ids[0].clone(),
-                    cmd: cmd.iter().map(|s| s.to_string()).collect(),
-                    timeout: 120,
-                },
-                Duration::from_secs(180),
-            )))
-            .unwrap_or_else(|e| panic!("ExecSync {cmd:?}: {e}"))
-            .into_inner()
-        };
+        let exec =
+            |client: &mut Client, cmd: &[&str]| exec_sync(client, &rt, &run.container_ids[0], cmd);
         let hi = exec(&mut client, &["echo", "hi"]);
         assert_eq!(
             (hi.exit_code, String::from_utf8_lossy(&hi.stdout).as_ref()),
@@ -395,6 +404,40 @@ fn assert_no_tasks_or_mounts(containerd: &Containerd) {
     }
 }
 
+/// A CRI-enabled private containerd whose pods get their network from a CNI bridge network
+/// of the test (containerd goes first on drop, then the bridge).
+struct CriWithCni {
+    containerd: Containerd,
+    cni: CniNetwork,
+}
+
+/// Starts containerd with CRI and a CNI network in `dir`, images imported; None (after a
+/// SKIP message) without the CNI plugins.
+fn start_cri_with_cni(
+    test: &str,
+    dir: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    podvisor_config: Option<String>,
+) -> Option<CriWithCni> {
+    if !cni_plugins_installed() {
+        skip(
+            test,
+            "CNI plugins missing in /usr/lib/cni (make deps: containernetworking-plugins)",
+        );
+        return None;
+    }
+    let cni = CniNetwork::write(dir);
+    let options = ContainerdOptions {
+        cri: true,
+        podvisor_config,
+        cni_conf_dir: Some(cni.conf_dir.clone()),
+    };
+    let containerd = Containerd::start_with(dir, kernel, initrd, options);
+    import_cri_images(&containerd, &dir.join("images"));
+    Some(CriWithCni { containerd, cni })
+}
+
 /// Serves one HTTP answer `body` on `ip` (port chosen by the kernel); the thread returns the
 /// request's first line, or None when nobody came within `timeout`.
 fn serve_once(
@@ -475,18 +518,8 @@ fn check_pod_network(
     eprintln!("{test}: pod IP {ip} (CNI bridge {})", cni.bridge);
     assert!(cni.contains(ip), "pod IP {ip} outside {}/24", cni.subnet);
 
-    let exec = |client: &mut Client, cmd: &[&str]| {
-        rt.block_on(client.exec_sync(req(
-            ExecSyncRequest {
-                container_id: run.container_ids[0].clone(),
-                cmd: cmd.iter().map(|s| s.to_string()).collect(),
-                timeout: 120,
-            },
-            Duration::from_secs(180),
-        )))
-        .unwrap_or_else(|e| panic!("ExecSync {cmd:?}: {e}"))
-        .into_inner()
-    };
+    let exec =
+        |client: &mut Client, cmd: &[&str]| exec_sync(client, rt, &run.container_ids[0], cmd);
     // Pod → host.
     let (port, server) = serve_once(cni.gateway, "hello-from-host", Duration::from_secs(150));
     let url = format!("http://{}:{port}/pod-network", cni.gateway);
@@ -553,32 +586,18 @@ fn cri_runc_pod_lifecycle() {
     if !Path::new("/usr/sbin/runc").is_file() && !Path::new("/usr/bin/runc").is_file() {
         return skip(TEST, "runc missing (apt-get install runc)");
     }
-    if !cni_plugins_installed() {
-        return skip(
-            TEST,
-            "CNI plugins missing in /usr/lib/cni (make deps: containernetworking-plugins)",
-        );
-    }
     let dir = temp_path("cri-runc");
-    let cni = CniNetwork::write(&dir);
     // No guest: the podvisor handler is configured but not used.
     let missing = dir.join("no-kernel");
-    let containerd = Containerd::start_with(
-        &dir,
-        &missing,
-        &missing,
-        ContainerdOptions {
-            cri: true,
-            podvisor_config: None,
-            cni_conf_dir: Some(cni.conf_dir.clone()),
-        },
-    );
-    import_cri_images(&containerd, &dir.join("images"));
-
+    // Not destructured: containerd must stop before the bridge goes.
+    let Some(env) = start_cri_with_cni(TEST, &dir, &missing, &missing, None) else {
+        return;
+    };
+    let (containerd, cni) = (&env.containerd, &env.cni);
     let sock = containerd.sock();
     pod_lifecycle(
         TEST,
-        &containerd,
+        containerd,
         CRI_HANDLER_RUNC,
         &[],
         true,
@@ -586,11 +605,11 @@ fn cri_runc_pod_lifecycle() {
         &|client, rt, run| {
             // runc's shim serves the whole pod too.
             assert_eq!(runc_shim_pids(&sock).len(), 1, "one runc shim per pod");
-            check_pod_network(TEST, client, rt, run, &cni);
+            check_pod_network(TEST, client, rt, run, cni);
         },
     );
     wait_gone("runc shim", || runc_shim_pids(&sock));
-    assert_no_tasks_or_mounts(&containerd);
+    assert_no_tasks_or_mounts(containerd);
 }
 
 /// Threads named `vcpu<N>` of process `pid` (one per vCPU of the VMs it hosts).
@@ -652,17 +671,7 @@ fn cri_podvisor_pod_lifecycle() {
             assert_eq!(pids.len(), 1, "podvisor shims: {pids:?}");
             assert_eq!(vcpu_threads(pids[0]), vec!["vcpu0".to_string()], "one VM");
             // The pod's annotation sized the VM: the guest sees about 320 MiB.
-            let meminfo = rt
-                .block_on(client.exec_sync(req(
-                    ExecSyncRequest {
-                        container_id: run.container_ids[1].clone(),
-                        cmd: vec!["cat".into(), "/proc/meminfo".into()],
-                        timeout: 120,
-                    },
-                    Duration::from_secs(180),
-                )))
-                .expect("ExecSync cat /proc/meminfo")
-                .into_inner();
+            let meminfo = exec_sync(client, rt, &run.container_ids[1], &["cat", "/proc/meminfo"]);
             let text = String::from_utf8_lossy(&meminfo.stdout);
             let total_kib: u64 = text
                 .lines()
@@ -805,35 +814,23 @@ fn cri_podvisor_pod_network() {
     if !common::require_file(TEST, &initrd, "run `make rootfs`") || !have_tools(TEST) {
         return;
     }
-    if !cni_plugins_installed() {
-        return skip(
-            TEST,
-            "CNI plugins missing in /usr/lib/cni (make deps: containernetworking-plugins)",
-        );
-    }
     let dir = temp_path("cri-podvisor-net");
-    let cni = CniNetwork::write(&dir);
-    let containerd = Containerd::start_with(
-        &dir,
-        &guest.kernel,
-        &initrd,
-        ContainerdOptions {
-            cri: true,
-            podvisor_config: Some("agent_timeout_secs = 900\n".into()),
-            cni_conf_dir: Some(cni.conf_dir.clone()),
-        },
-    );
-    import_cri_images(&containerd, &dir.join("images"));
+    let config = Some("agent_timeout_secs = 900\n".into());
+    // Not destructured: containerd must stop before the bridge goes.
+    let Some(env) = start_cri_with_cni(TEST, &dir, &guest.kernel, &initrd, config) else {
+        return;
+    };
+    let (containerd, cni) = (&env.containerd, &env.cni);
     let sock = containerd.sock();
     pod_lifecycle(
         TEST,
-        &containerd,
+        containerd,
         CRI_HANDLER_PODVISOR,
         &[],
         true,
         RUN_TIMEOUT,
-        &|client, rt, run| check_pod_network(TEST, client, rt, run, &cni),
+        &|client, rt, run| check_pod_network(TEST, client, rt, run, cni),
     );
     wait_gone("podvisor shim", || shim_pids(&sock));
-    assert_no_tasks_or_mounts(&containerd);
+    assert_no_tasks_or_mounts(containerd);
 }

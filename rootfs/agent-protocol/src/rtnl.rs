@@ -371,6 +371,17 @@ impl Rtnl {
         self.request(RouteNetlinkMessage::SetLink(msg), 0).map(drop)
     }
 
+    /// Sets link `index` administratively up or down.
+    pub fn set_up(&mut self, index: u32, up: bool) -> RtnlResult<()> {
+        self.set_link(
+            index,
+            &LinkChange {
+                up: Some(up),
+                ..Default::default()
+            },
+        )
+    }
+
     /// Deletes link `index` (a veth takes its peer along).
     pub fn del_link(&mut self, index: u32) -> RtnlResult<()> {
         let mut msg = LinkMessage::default();

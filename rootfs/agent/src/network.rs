@@ -250,47 +250,27 @@ pub fn configure(
     let plan = plan(req, &links)?;
 
     for lo in links.iter().filter(|l| l.loopback && !l.up) {
-        nl.set_link(
-            lo.index,
-            &LinkChange {
-                up: Some(true),
-                ..Default::default()
-            },
-        )
-        .map_err(netlink(format!("bringing {} up", lo.name)))?;
+        nl.set_up(lo.index, true)
+            .map_err(netlink(format!("bringing {} up", lo.name)))?;
     }
     for iface in &plan.interfaces {
         let name = iface.rename.as_deref().unwrap_or(&iface.current_name);
-        if let Some(new) = &iface.rename {
-            nl.set_link(
-                iface.index,
-                &LinkChange {
-                    up: Some(false),
-                    ..Default::default()
-                },
-            )
-            .map_err(netlink(format!(
+        if iface.rename.is_some() {
+            nl.set_up(iface.index, false).map_err(netlink(format!(
                 "taking {} down to rename it",
                 iface.current_name
             )))?;
-            nl.set_link(
-                iface.index,
-                &LinkChange {
-                    name: Some(new.clone()),
-                    ..Default::default()
-                },
-            )
-            .map_err(netlink(format!("renaming {} to {new}", iface.current_name)))?;
         }
-        if let Some(mtu) = iface.mtu {
-            nl.set_link(
-                iface.index,
-                &LinkChange {
-                    mtu: Some(mtu),
-                    ..Default::default()
-                },
-            )
-            .map_err(netlink(format!("setting the MTU of {name} to {mtu}")))?;
+        if iface.rename.is_some() || iface.mtu.is_some() {
+            let change = LinkChange {
+                name: iface.rename.clone(),
+                mtu: iface.mtu,
+                up: None,
+            };
+            nl.set_link(iface.index, &change).map_err(netlink(format!(
+                "renaming {} to {name} / setting its MTU to {:?}",
+                iface.current_name, iface.mtu
+            )))?;
         }
         for cidr in &iface.addresses {
             nl.add_address(iface.index, *cidr).map_err(|source| {
@@ -306,14 +286,8 @@ pub fn configure(
                 }
             })?;
         }
-        nl.set_link(
-            iface.index,
-            &LinkChange {
-                up: Some(true),
-                ..Default::default()
-            },
-        )
-        .map_err(netlink(format!("bringing {name} up")))?;
+        nl.set_up(iface.index, true)
+            .map_err(netlink(format!("bringing {name} up")))?;
         log::info!(
             "network interface {name} (index {}): mtu {:?}, addresses {:?}",
             iface.index,

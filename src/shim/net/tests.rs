@@ -156,15 +156,23 @@ fn in_ns<T: Send>(fd: &OwnedFd, f: impl FnOnce(&mut Rtnl) -> T + Send) -> T {
 
 fn up(nl: &mut Rtnl, name: &str) -> Link {
     let l = nl.link_by_name(name).unwrap().unwrap();
-    nl.set_link(
-        l.index,
-        &LinkChange {
-            up: Some(true),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    nl.set_up(l.index, true).unwrap();
     l
+}
+
+/// No tap of ours and no ingress qdisc on CNI's `eth0` (which stays) in `pod_ns`.
+fn assert_unwired(pod_ns: &OwnedFd, when: &str) {
+    in_ns(pod_ns, |nl| {
+        assert!(
+            nl.link_by_name("tap0_pv").unwrap().is_none(),
+            "tap left {when}"
+        );
+        let eth0 = nl.link_by_name("eth0").unwrap().expect("CNI's veth stays");
+        assert!(
+            !nl.has_ingress_qdisc(eth0.index).unwrap(),
+            "qdisc left on eth0 {when}"
+        );
+    });
 }
 
 const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 123, 0, 2);
@@ -389,14 +397,7 @@ fn wires_a_cni_netns_to_a_tap_both_ways() {
     drop(tap);
 
     net.teardown().unwrap();
-    in_ns(&pod_ns, |nl| {
-        assert!(nl.link_by_name("tap0_pv").unwrap().is_none(), "tap left");
-        let eth0 = nl.link_by_name("eth0").unwrap().expect("CNI's veth stays");
-        assert!(
-            !nl.has_ingress_qdisc(eth0.index).unwrap(),
-            "qdisc left on eth0"
-        );
-    });
+    assert_unwired(&pod_ns, "after teardown");
 }
 
 #[test]
@@ -453,12 +454,5 @@ fn a_failed_wiring_leaves_nothing() {
         nl.del_ingress_qdisc(eth0.index).unwrap();
     });
     drop(PodNetwork::setup(&fd_path(&pod_ns)).unwrap());
-    in_ns(&pod_ns, |nl| {
-        assert!(
-            nl.link_by_name("tap0_pv").unwrap().is_none(),
-            "tap left after drop"
-        );
-        let eth0 = nl.link_by_name("eth0").unwrap().unwrap();
-        assert!(!nl.has_ingress_qdisc(eth0.index).unwrap());
-    });
+    assert_unwired(&pod_ns, "after drop");
 }
