@@ -168,8 +168,8 @@ fn pod_network(id: &str, netns: Option<&Path>) -> Result<Option<PodNetwork>, Str
     match netns {
         None => {
             log::info!(
-                "pod {id}: the sandbox spec joins no network namespace (e.g. `ctr run`): \
-                 the VM gets no NIC, loopback only"
+                "pod {id}: the sandbox spec joins no network namespace (`ctr run`, or a \
+                 hostNetwork pod): the VM gets no NIC, loopback only"
             );
             Ok(None)
         }
