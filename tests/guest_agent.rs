@@ -4,7 +4,8 @@
 //! rootfs is a busybox tree the test builds on the host inside a virtio-fs share.
 //!
 //! Checks: the agent answers on vsock port 1024 and marks the boot timer; CreateSandbox
-//! mounts the share; a container prints to a stdout stream (port 1025) and exits 42, which
+//! mounts the share; ConfigureNetwork works through the guest's rtnetlink (NOT_FOUND for a
+//! NIC the VM lacks, loopback-only success); a container prints to a stdout stream (port 1025) and exits 42, which
 //! WaitProcess reports after the output; a second container reads the agent's own
 //! /proc/1/status (VmRSS, printed) under a seccomp profile that makes mkdir fail with
 //! EPERM; a third container under a 4 MiB memory limit (the guest's cgroup2 has the
@@ -277,6 +278,25 @@ fn guest_agent_runs_a_container() {
     mount.target = SHARED_IN_GUEST.into();
     req.mounts.push(mount);
     client.create_sandbox(ctx(), &req).unwrap();
+
+    // ConfigureNetwork through the guest kernel's rtnetlink. The VM has no NIC here: a
+    // request for one is NOT_FOUND; one without interfaces succeeds (loopback up).
+    let mut net = ConfigureNetworkRequest::new();
+    let mut nic = Interface::new();
+    nic.mac = "02:00:0a:58:00:05".into();
+    nic.name = "eth0".into();
+    nic.addresses.push("10.88.0.5/16".into());
+    net.interfaces.push(nic);
+    match client.configure_network(ctx(), &net) {
+        Err(ttrpc::Error::RpcStatus(s)) => {
+            assert_eq!(s.code(), ttrpc::Code::NOT_FOUND, "{s:?}");
+            assert!(s.message().contains("02:00:0a:58:00:05"), "{s:?}");
+        }
+        other => panic!("ConfigureNetwork for a missing NIC: {other:?}"),
+    }
+    client
+        .configure_network(ctx(), &ConfigureNetworkRequest::new())
+        .unwrap();
 
     // Output on the stdout stream, then the chosen exit code.
     let (status, out) = run_container(
