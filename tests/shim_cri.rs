@@ -401,6 +401,7 @@ fn cri_runc_pod_lifecycle() {
         ContainerdOptions {
             cri: true,
             podvisor_config: None,
+            ..Default::default()
         },
     );
     import_cri_images(&containerd, &dir.join("images"));
@@ -461,6 +462,7 @@ fn cri_podvisor_pod_lifecycle() {
             podvisor_config: Some(
                 "memory_mib = 256\nmax_memory_mib = 512\nagent_timeout_secs = 900\n".into(),
             ),
+            ..Default::default()
         },
     );
     import_cri_images(&containerd, &dir.join("images"));
@@ -539,6 +541,7 @@ fn cri_podvisor_bad_config_fails_cleanly() {
         ContainerdOptions {
             cri: true,
             podvisor_config: Some("vcpus = 1\nmemory = 512\n".into()),
+            ..Default::default()
         },
     );
     import_cri_images(&containerd, &dir.join("images"));

@@ -64,10 +64,12 @@ const DEFAULT_MAX_MEM_MIB: u64 = 16384;
 #[serde(rename_all = "lowercase")]
 pub enum TemplateMode {
     /// Every pod boots its own VM.
-    #[default]
     Off,
     /// The first pod of a (kernel, initrd, vCPUs, memory) combination boots a template VM
     /// and snapshots it under `template_dir`; every pod then restores a copy-on-write clone.
+    /// The default: where the host's KVM cannot save VMs, or a build failed in the last
+    /// minutes, pods boot cold (with a log line).
+    #[default]
     Auto,
 }
 
@@ -127,7 +129,7 @@ impl Default for ShimConfig {
             max_vcpus: DEFAULT_MAX_VCPUS,
             max_mem_mib: DEFAULT_MAX_MEM_MIB,
             allow_kernel_override: false,
-            template: TemplateMode::Off,
+            template: TemplateMode::Auto,
             template_dir: PathBuf::from(DEFAULT_TEMPLATE_DIR),
             source: None,
         }
@@ -314,6 +316,15 @@ impl ShimConfig {
             Self::default()
         };
         config.apply_env(env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// [`ShimConfig::load`] with the file given (`podvisor template --config`): the file,
+    /// then the environment's overrides; checked.
+    pub fn load_file(path: &Path) -> Result<ShimConfig, ConfigError> {
+        let mut config = Self::from_file(path)?;
+        config.apply_env(&|name| std::env::var_os(name))?;
         config.validate()?;
         Ok(config)
     }

@@ -461,6 +461,27 @@ fn create_kvm_vm() -> Result<(Kvm, HostKind, VmFd), VmError> {
     Ok((kvm, host, vm_fd))
 }
 
+/// Whether this host's KVM can save and restore a VM (what templates need): the state
+/// ioctls of [`crate::snapshot`] beyond those every VM needs. `Err` names what is missing.
+pub fn snapshot_support() -> Result<(), VmError> {
+    let kvm = open_kvm()?;
+    for cap in [
+        Cap::AdjustClock,
+        Cap::VcpuEvents,
+        Cap::MpState,
+        Cap::Pit2,
+        Cap::Irqchip,
+        Cap::Xsave,
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::KvmCapability(cap));
+        }
+    }
+    kvm.get_msr_index_list()
+        .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+    Ok(())
+}
+
 /// What saving vCPUs needs from this host's KVM.
 fn save_caps(kvm: &Kvm) -> Result<SaveCaps, VmError> {
     let msr_list = kvm

@@ -148,7 +148,8 @@ pub struct DensityArgs {
     #[arg(long, value_enum)]
     pub noreserve: Option<OnOff>,
     /// VM templates: pods restore copy-on-write clones of one booted template VM
-    /// (PODVISOR_TEMPLATE=auto; templates live in the work dir, built by the first pod).
+    /// (PODVISOR_TEMPLATE=auto, the shim's default; templates live in the work dir, built
+    /// by the first pod). `off` boots every pod.
     #[arg(long, value_enum)]
     pub template: Option<OnOff>,
     /// Seconds to wait after the last pod started before measuring memory (default 5, or
@@ -355,7 +356,7 @@ pub fn plan(args: &DensityArgs) -> Result<Plan, DensityError> {
         vcpus: args.vcpus.unwrap_or(1),
         ksm,
         noreserve: args.noreserve != Some(OnOff::Off),
-        template: args.template == Some(OnOff::On),
+        template: args.template != Some(OnOff::Off),
         settle: Duration::from_secs(args.settle.unwrap_or(if ksm { 60 } else { 5 })),
         timeout: Duration::from_secs(args.timeout),
     })
