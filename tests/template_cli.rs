@@ -35,7 +35,10 @@ fn lists_and_removes_templates() {
     assert!(out.status.success(), "{stderr}");
     let rows: Vec<&str> = stdout.lines().skip(1).collect();
     assert_eq!(rows.len(), 1, "{stdout}");
-    assert!(rows[0].starts_with(key) && rows[0].contains("unusable"), "{stdout}");
+    assert!(
+        rows[0].starts_with(key) && rows[0].contains("unusable"),
+        "{stdout}"
+    );
 
     // Bad keys are refused, with exit status 1 and nothing removed.
     for bad in ["../etc", "no-such-key"] {

@@ -12,7 +12,8 @@
 //!    `PODVISOR_AGENT_TIMEOUT_SECS`;
 //! 4. per pod, the OCI annotations `io.podvisor.config.vcpus`,
 //!    `io.podvisor.config.memory_mib` (bounded by `max_vcpus` / `max_memory_mib`) and
-//!    `io.podvisor.config.kernel` (only with `allow_kernel_override = true`), see
+//!    `io.podvisor.config.kernel` (only with `allow_kernel_override = true`),
+//!    `io.podvisor.config.template` (`auto`/`off`), see
 //!    [`ShimConfig::with_annotations`].
 //!
 //! The file's keys (all optional; unknown keys are an error):
@@ -51,6 +52,8 @@ pub const ANNOTATION_VCPUS: &str = "io.podvisor.config.vcpus";
 pub const ANNOTATION_MEMORY_MIB: &str = "io.podvisor.config.memory_mib";
 /// Annotation: guest kernel of the pod's VM (needs `allow_kernel_override = true`).
 pub const ANNOTATION_KERNEL: &str = "io.podvisor.config.kernel";
+/// Annotation: `auto` or `off`, this pod's template mode (e.g. `off` to boot one pod cold).
+pub const ANNOTATION_TEMPLATE: &str = "io.podvisor.config.template";
 
 const DEFAULT_VCPUS: usize = 1;
 const DEFAULT_MEM_MIB: u64 = 256;
@@ -537,10 +540,11 @@ impl ShimConfig {
                     }
                     config.kernel = Some(path);
                 }
+                ANNOTATION_TEMPLATE => config.template = value.parse().map_err(err)?,
                 _ => {
                     return Err(err(format!(
                         "unknown podvisor setting: use {ANNOTATION_VCPUS}, \
-                         {ANNOTATION_MEMORY_MIB} or {ANNOTATION_KERNEL}"
+                         {ANNOTATION_MEMORY_MIB}, {ANNOTATION_KERNEL} or {ANNOTATION_TEMPLATE}"
                     )))
                 }
             }
@@ -954,10 +958,12 @@ mod tests {
             .with_annotations(&annotations(&[
                 (ANNOTATION_VCPUS, "4"),
                 (ANNOTATION_MEMORY_MIB, "1024"),
+                (ANNOTATION_TEMPLATE, "off"),
                 ("io.kubernetes.cri.sandbox-id", "abc"),
             ]))
             .unwrap();
         assert_eq!((c.vcpus, c.mem_mib), (4, 1024));
+        assert_eq!(c.template, TemplateMode::Off);
         assert_eq!(base.with_annotations(&HashMap::new()).unwrap(), base);
 
         for (key, value, needle) in [
@@ -967,6 +973,7 @@ mod tests {
             (ANNOTATION_MEMORY_MIB, "2048", "give 32 to 1024"),
             (ANNOTATION_MEMORY_MIB, "-5", "not a number"),
             (ANNOTATION_KERNEL, "/bin/sh", "allow_kernel_override = true"),
+            (ANNOTATION_TEMPLATE, "yes", "use \"auto\" or \"off\""),
             ("io.podvisor.config.cpus", "2", "unknown podvisor setting"),
         ] {
             let e = base
