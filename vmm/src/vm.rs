@@ -270,7 +270,11 @@ impl Vm {
 
         // VM, then vCPUs, then devices: a device that raises its saved pending interrupt
         // again must find the interrupt controllers already restored.
-        restore_kvm_vm_state(&vm_fd, &state.vm, restore.advance_clock)?;
+        restore_kvm_vm_state(
+            &vm_fd,
+            &state.vm,
+            restore.advance_clock || host.restore_advances_clock(),
+        )?;
         let vcpu_fds = state
             .vcpus
             .iter()
