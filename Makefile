@@ -13,7 +13,7 @@ BIN := $(TARGET_DIR)/$(if $(filter release,$(PROFILE)),release,debug)/podvisor
 INITRD := $(OUT)/boot-test.cpio
 
 .DEFAULT_GOAL := run
-.PHONY: run deps build guest-kernel rootfs test test-unit test-guest lint bench bench-boot bench-devices bench-density clean
+.PHONY: run deps build guest-kernel rootfs test test-unit test-guest lint bench bench-boot bench-devices bench-density bench-template clean
 
 ## deps: install system packages (Debian) the build and tests need.
 deps:
@@ -57,7 +57,7 @@ lint: deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## bench: every benchmark table.
-bench: bench-boot bench-devices bench-density
+bench: bench-boot bench-devices bench-density bench-template
 
 ## bench-boot: boot figures for 1 vCPU / 128 MiB, median of 3 fresh processes.
 bench-boot: build rootfs
@@ -80,6 +80,19 @@ bench-density: build
 	@kernel=$$(bash guest-kernel/build.sh) && \
 	  $(BIN) bench density $(DENSITY_ARGS) --kernel "$$kernel" \
 	    --initrd $(OUT)/agent-test.cpio --out $(OUT)/bench-density
+
+## bench-template: pod start from a template clone vs a cold boot vs runc, and the clones'
+## memory split into shared template pages and private pages at N = 1, 10, 50; writes
+## $(OUT)/bench-template/template.{md,json,png}. TEMPLATE_ARGS overrides (e.g.
+## TEMPLATE_ARGS="--clones 1,10 --parallel 2"). The 50 clones each create a container in an
+## emulated guest kernel on this host: about an hour here.
+TEMPLATE_ARGS ?= --clones 1,10,50 --parallel 2 --mem-mib 128
+bench-template: build
+	@mkdir -p $(OUT)
+	@bash rootfs/build-initramfs.sh $(OUT) agent-test
+	@kernel=$$(bash guest-kernel/build.sh) && \
+	  $(BIN) bench template $(TEMPLATE_ARGS) --kernel "$$kernel" \
+	    --initrd $(OUT)/agent-test.cpio --out $(OUT)/bench-template
 
 clean:
 	$(CARGO) clean

@@ -4,9 +4,11 @@
 //!   with the guest's status (a debugging tool for kernels, initrds and devices).
 //! * `podvisor bench boot`: boot timings, median of N fresh processes.
 //! * `podvisor bench density`: N idle pods through containerd, podvisor vs runc.
+//! * `podvisor template create|list|rm`: the shim's pod templates by hand.
 
 mod bench;
 mod boot;
+mod template_cli;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -34,6 +36,9 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(Box<bench::BenchCommand>),
+    /// Pod templates (booted VMs that pods restore as copy-on-write clones).
+    #[command(subcommand)]
+    Template(Box<template_cli::TemplateCommand>),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +56,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Boot(args) => boot::run(*args, process_start),
         Command::Bench(cmd) => bench::run(*cmd),
+        Command::Template(cmd) => template_cli::run(*cmd).map_err(Into::into),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -311,6 +311,16 @@ fn guest_agent_runs_a_container() {
     );
     assert_eq!(out, "hello from the pod\n");
     assert_eq!(status, 42);
+    // A request larger than one vsock receive buffer (a 12 KB spec crosses several
+    // packets) arrives intact (it did not while glibc memcpy still used YMM registers on
+    // PVM hosts: see vmm::host::GLIBC_NO_AVX_TUNABLES).
+    let mut big = spec(&["sh", "-c", "echo ${#BIG}"], &["pid", "uts", "mount"]);
+    big["process"]["env"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!(format!("BIG={}", "x".repeat(12_000))));
+    let (status, out) = run_container(&client, &mut vm, &uds, "big", &big);
+    assert_eq!((status, out.as_str()), (0, "12000\n"));
 
     // The agent keeps serving after a container died. Without a PID namespace the
     // container's /proc shows the agent as PID 1: its idle RSS. On a PVM host the

@@ -432,6 +432,7 @@ fn start_cri_with_cni(
         cri: true,
         podvisor_config,
         cni_conf_dir: Some(cni.conf_dir.clone()),
+        ..Default::default()
     };
     let containerd = Containerd::start_with(dir, kernel, initrd, options);
     import_cri_images(&containerd, &dir.join("images"));

@@ -3,9 +3,12 @@
 //! * `bench boot` ([`boot`]): boot timings of the VMM alone, median of N fresh processes.
 //! * `bench density` ([`density`]): N idle pods through a real containerd, podvisor next to
 //!   runc: start latency, host memory per pod, Markdown/JSON/PNG reports.
+//! * `bench template` ([`template`]): pod start from a template clone vs a cold boot vs
+//!   runc, and clones' shared/private memory at N = 1, 10, 50.
 
 mod boot;
 pub mod density;
+mod template;
 
 use clap::Subcommand;
 
@@ -16,11 +19,15 @@ pub enum BenchCommand {
     /// N idle busybox pods through containerd (podvisor and/or runc): start latency and
     /// host memory per pod; writes density.md, density.json and density.png.
     Density(density::DensityArgs),
+    /// Pod start from a template clone vs a cold boot vs runc, and the clones' memory
+    /// (shared template pages vs private) at N = 1, 10, 50; writes template.md/json/png.
+    Template(template::TemplateBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<u8, Box<dyn std::error::Error>> {
     match cmd {
         BenchCommand::Boot(args) => boot::run(args),
         BenchCommand::Density(args) => density::run(args),
+        BenchCommand::Template(args) => template::run(args),
     }
 }

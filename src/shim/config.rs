@@ -12,7 +12,8 @@
 //!    `PODVISOR_AGENT_TIMEOUT_SECS`;
 //! 4. per pod, the OCI annotations `io.podvisor.config.vcpus`,
 //!    `io.podvisor.config.memory_mib` (bounded by `max_vcpus` / `max_memory_mib`) and
-//!    `io.podvisor.config.kernel` (only with `allow_kernel_override = true`), see
+//!    `io.podvisor.config.kernel` (only with `allow_kernel_override = true`),
+//!    `io.podvisor.config.template` (`auto`/`off`), see
 //!    [`ShimConfig::with_annotations`].
 //!
 //! The file's keys (all optional; unknown keys are an error):
@@ -51,6 +52,8 @@ pub const ANNOTATION_VCPUS: &str = "io.podvisor.config.vcpus";
 pub const ANNOTATION_MEMORY_MIB: &str = "io.podvisor.config.memory_mib";
 /// Annotation: guest kernel of the pod's VM (needs `allow_kernel_override = true`).
 pub const ANNOTATION_KERNEL: &str = "io.podvisor.config.kernel";
+/// Annotation: `auto` or `off`, this pod's template mode (e.g. `off` to boot one pod cold).
+pub const ANNOTATION_TEMPLATE: &str = "io.podvisor.config.template";
 
 const DEFAULT_VCPUS: usize = 1;
 const DEFAULT_MEM_MIB: u64 = 256;
@@ -64,10 +67,12 @@ const DEFAULT_MAX_MEM_MIB: u64 = 16384;
 #[serde(rename_all = "lowercase")]
 pub enum TemplateMode {
     /// Every pod boots its own VM.
-    #[default]
     Off,
     /// The first pod of a (kernel, initrd, vCPUs, memory) combination boots a template VM
     /// and snapshots it under `template_dir`; every pod then restores a copy-on-write clone.
+    /// The default: where the host's KVM cannot save VMs, or a build failed in the last
+    /// minutes, pods boot cold (with a log line).
+    #[default]
     Auto,
 }
 
@@ -127,7 +132,7 @@ impl Default for ShimConfig {
             max_vcpus: DEFAULT_MAX_VCPUS,
             max_mem_mib: DEFAULT_MAX_MEM_MIB,
             allow_kernel_override: false,
-            template: TemplateMode::Off,
+            template: TemplateMode::Auto,
             template_dir: PathBuf::from(DEFAULT_TEMPLATE_DIR),
             source: None,
         }
@@ -314,6 +319,15 @@ impl ShimConfig {
             Self::default()
         };
         config.apply_env(env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// [`ShimConfig::load`] with the file given (`podvisor template --config`): the file,
+    /// then the environment's overrides; checked.
+    pub fn load_file(path: &Path) -> Result<ShimConfig, ConfigError> {
+        let mut config = Self::from_file(path)?;
+        config.apply_env(&|name| std::env::var_os(name))?;
         config.validate()?;
         Ok(config)
     }
@@ -526,10 +540,11 @@ impl ShimConfig {
                     }
                     config.kernel = Some(path);
                 }
+                ANNOTATION_TEMPLATE => config.template = value.parse().map_err(err)?,
                 _ => {
                     return Err(err(format!(
                         "unknown podvisor setting: use {ANNOTATION_VCPUS}, \
-                         {ANNOTATION_MEMORY_MIB} or {ANNOTATION_KERNEL}"
+                         {ANNOTATION_MEMORY_MIB}, {ANNOTATION_KERNEL} or {ANNOTATION_TEMPLATE}"
                     )))
                 }
             }
@@ -943,10 +958,12 @@ mod tests {
             .with_annotations(&annotations(&[
                 (ANNOTATION_VCPUS, "4"),
                 (ANNOTATION_MEMORY_MIB, "1024"),
+                (ANNOTATION_TEMPLATE, "off"),
                 ("io.kubernetes.cri.sandbox-id", "abc"),
             ]))
             .unwrap();
         assert_eq!((c.vcpus, c.mem_mib), (4, 1024));
+        assert_eq!(c.template, TemplateMode::Off);
         assert_eq!(base.with_annotations(&HashMap::new()).unwrap(), base);
 
         for (key, value, needle) in [
@@ -956,6 +973,7 @@ mod tests {
             (ANNOTATION_MEMORY_MIB, "2048", "give 32 to 1024"),
             (ANNOTATION_MEMORY_MIB, "-5", "not a number"),
             (ANNOTATION_KERNEL, "/bin/sh", "allow_kernel_override = true"),
+            (ANNOTATION_TEMPLATE, "yes", "use \"auto\" or \"off\""),
             ("io.podvisor.config.cpus", "2", "unknown podvisor setting"),
         ] {
             let e = base

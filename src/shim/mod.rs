@@ -12,16 +12,16 @@
 //! `shared/<container id>/rootfs` and the spec's host bind mounts at
 //! `shared/<container id>/mounts/<n>`.
 
-mod config;
+pub mod config;
 mod metrics;
 mod mount;
 mod net;
 mod pod;
-mod sandbox;
+pub mod sandbox;
 mod spec;
 mod stdio;
 mod task;
-mod template;
+pub mod template;
 
 use std::path::Path;
 use std::sync::Arc;

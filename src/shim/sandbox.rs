@@ -77,6 +77,48 @@ impl StateDir {
     }
 }
 
+/// The pod VM's configuration for `config`, with the pod's host paths under `state` (a
+/// template build replaces them with scratch ones; they do not enter the template key).
+pub fn pod_vm_config(config: &ShimConfig, state: &StateDir) -> Result<VmConfig, String> {
+    let kernel = config.kernel.clone().ok_or(
+        "no guest kernel: set `kernel` in the podvisor config file \
+         (/etc/podvisor/config.toml) or PODVISOR_KERNEL in containerd's environment \
+         (`make guest-kernel` prints the path)",
+    )?;
+    let initrd = config.initrd.clone().ok_or(
+        "no agent initramfs: set `initrd` in the podvisor config file \
+         (/etc/podvisor/config.toml) or PODVISOR_INITRD in containerd's environment \
+         (`make rootfs` builds out/agent-test.cpio)",
+    )?;
+    for (path, var) in [
+        (&kernel, "`kernel` or PODVISOR_KERNEL"),
+        (&initrd, "`initrd` or PODVISOR_INITRD"),
+    ] {
+        if !path.is_file() {
+            return Err(format!(
+                "{} ({var}: podvisor config file or containerd's environment) is not a file",
+                path.display()
+            ));
+        }
+    }
+    let share = ShareConfig::new(SHARE_TAG, state.shared(), Default::default())
+        .map_err(|e| format!("virtio-fs share: {e}"))?;
+    Ok(VmConfig {
+        kernel,
+        initrd: Some(initrd),
+        cmdline: DEFAULT_CMDLINE.to_string(),
+        vcpus: config.vcpus,
+        mem_mib: config.mem_mib,
+        console: ConsoleConfig::File(state.console()),
+        disks: Vec::new(),
+        shares: vec![share],
+        vsock: Some(VsockConfig {
+            guest_cid: DEFAULT_GUEST_CID,
+            uds_path: state.vsock(),
+        }),
+    })
+}
+
 /// A running pod VM with its agent.
 pub struct Sandbox {
     pub state: StateDir,
@@ -207,50 +249,15 @@ impl Sandbox {
         netns: Option<&Path>,
         on_exit: OnVmExit,
     ) -> Result<Sandbox, String> {
-        let kernel = config.kernel.clone().ok_or(
-            "no guest kernel: set `kernel` in the podvisor config file \
-             (/etc/podvisor/config.toml) or PODVISOR_KERNEL in containerd's environment \
-             (`make guest-kernel` prints the path)",
-        )?;
-        let initrd = config.initrd.clone().ok_or(
-            "no agent initramfs: set `initrd` in the podvisor config file \
-             (/etc/podvisor/config.toml) or PODVISOR_INITRD in containerd's environment \
-             (`make rootfs` builds out/agent-test.cpio)",
-        )?;
-        for (path, var) in [
-            (&kernel, "`kernel` or PODVISOR_KERNEL"),
-            (&initrd, "`initrd` or PODVISOR_INITRD"),
-        ] {
-            if !path.is_file() {
-                return Err(format!(
-                    "{} ({var}: podvisor config file or containerd's environment) is not a file",
-                    path.display()
-                ));
-            }
-        }
         std::fs::create_dir_all(state.shared())
             .map_err(|e| format!("create {}: {e}", state.shared().display()))?;
-        let share = ShareConfig::new(SHARE_TAG, state.shared(), Default::default())
-            .map_err(|e| format!("virtio-fs share: {e}"))?;
+        let vm_config = pod_vm_config(config, &state)?;
         let network = pod_network(id, netns)?;
-        // NET-HOOKUP: one NIC per wired interface, e.g.
-        //   nets: network.iter().flat_map(|n| &n.nics).map(|nic| Ok(NetConfig {
+        // NET-HOOKUP: one NIC per wired interface, after the template key was taken from
+        // `pod_vm_config` (make `vm_config` mut), e.g.
+        //   vm_config.nets = network.iter().flat_map(|n| &n.nics).map(|nic| Ok(NetConfig {
         //       tap: TapSource::Fd(nic.tap_fd()?), mac: Some(nic.mac), mtu: Some(nic.mtu),
-        //   })).collect::<std::io::Result<_>>().map_err(|e| format!("tap fd: {e}"))?,
-        let vm_config = VmConfig {
-            kernel,
-            initrd: Some(initrd),
-            cmdline: DEFAULT_CMDLINE.to_string(),
-            vcpus: config.vcpus,
-            mem_mib: config.mem_mib,
-            console: ConsoleConfig::File(state.console()),
-            disks: Vec::new(),
-            shares: vec![share],
-            vsock: Some(VsockConfig {
-                guest_cid: DEFAULT_GUEST_CID,
-                uds_path: state.vsock(),
-            }),
-        };
+        //   })).collect::<std::io::Result<_>>().map_err(|e| format!("tap fd: {e}"))?;
         // VM templates are snapshots without NICs: a pod with a network boots cold.
         let template = if network.is_some() {
             TemplateMode::Off

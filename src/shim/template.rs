@@ -96,17 +96,57 @@ pub fn ensure(
     if dir.join(vmm::snapshot::STATE_FILE).is_file() {
         return Ok(dir);
     }
+    vmm::snapshot_support()
+        .map_err(|e| format!("this host's KVM cannot save VMs, so no templates: {e}"))?;
     std::fs::create_dir_all(template_dir)
         .map_err(|e| format!("template dir {}: {e}", template_dir.display()))?;
     let _lock = Lock::take(&template_dir.join(format!("{key}.lock")))?;
     if dir.join(vmm::snapshot::STATE_FILE).is_file() {
         return Ok(dir); // Built by another pod while we waited.
     }
+    let failed = failure_marker(template_dir, &key);
+    if let Some(age) = std::fs::metadata(&failed)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .filter(|age| *age < RETRY_AFTER)
+    {
+        let why = std::fs::read_to_string(&failed).unwrap_or_default();
+        return Err(format!(
+            "building this template failed {} s ago ({}); not retrying for {} min \
+             (`podvisor template create` retries now)",
+            age.as_secs(),
+            why.trim(),
+            RETRY_AFTER.as_secs() / 60
+        ));
+    }
     let scratch = template_dir.join(format!("{key}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);
     let result = build(&scratch, &dir, config, timeout);
     let _ = std::fs::remove_dir_all(&scratch);
+    match &result {
+        // Every pod would otherwise pay a failing template boot before its own.
+        Err(e) => {
+            let _ = std::fs::write(&failed, e.lines().next().unwrap_or_default());
+        }
+        Ok(()) => {
+            let _ = std::fs::remove_file(&failed);
+        }
+    }
     result.map(|()| dir)
+}
+
+/// After a failed build, pods boot cold without trying again for this long.
+const RETRY_AFTER: Duration = Duration::from_secs(600);
+
+/// `<template_dir>/<key>.failed`: the first line of the last build error.
+fn failure_marker(template_dir: &Path, key: &str) -> PathBuf {
+    template_dir.join(format!("{key}.failed"))
+}
+
+/// Forgets an earlier build failure of `key` (an explicit `podvisor template create`).
+pub fn clear_failure(template_dir: &Path, key: &str) {
+    let _ = std::fs::remove_file(failure_marker(template_dir, key));
 }
 
 fn build(scratch: &Path, dir: &Path, config: &VmConfig, timeout: Duration) -> Result<(), String> {
@@ -156,6 +196,80 @@ fn build(scratch: &Path, dir: &Path, config: &VmConfig, timeout: Duration) -> Re
 pub fn discard(dir: &Path) {
     log::warn!("discarding VM template {}", dir.display());
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A template found in a template directory (`podvisor template list`).
+pub struct TemplateEntry {
+    /// The key (the directory name).
+    pub key: String,
+    pub dir: PathBuf,
+    /// The saved state, or why it cannot be read (a corrupt or foreign template).
+    pub state: Result<vmm::snapshot::SnapshotState, String>,
+    /// Bytes on disk (allocated blocks: the memory file is sparse).
+    pub disk_bytes: u64,
+    /// When it was built.
+    pub created: Option<std::time::SystemTime>,
+}
+
+/// The templates under `template_dir`, sorted by key (nothing if it does not exist).
+pub fn list(template_dir: &Path) -> Result<Vec<TemplateEntry>, String> {
+    let entries = match std::fs::read_dir(template_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("template dir {}: {e}", template_dir.display())),
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let key = entry.file_name().to_string_lossy().into_owned();
+        // Templates are `<key>/`; locks (`<key>.lock`) and builds in progress
+        // (`<key>.tmp-<pid>`) are not.
+        if !dir.is_dir() || key.contains('.') {
+            continue;
+        }
+        let state = vmm::snapshot::SnapshotState::read(&dir).map_err(|e| e.to_string());
+        let created = std::fs::metadata(dir.join(vmm::snapshot::STATE_FILE))
+            .and_then(|m| m.modified())
+            .ok();
+        out.push(TemplateEntry {
+            key,
+            disk_bytes: disk_usage(&dir),
+            dir,
+            state,
+            created,
+        });
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
+}
+
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.blocks() * 512)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Removes the template `key` under its build lock (a pod building it is waited for; pods
+/// already cloned from it keep their mapping of the deleted memory file).
+pub fn remove(template_dir: &Path, key: &str) -> Result<(), String> {
+    if key.is_empty() || key.contains('/') || key.contains('.') {
+        return Err(format!(
+            "{key:?} is not a template key (see `podvisor template list`)"
+        ));
+    }
+    let dir = template_dir.join(key);
+    if !dir.is_dir() {
+        return Err(format!("no template {key} in {}", template_dir.display()));
+    }
+    // The lock file stays: removing it could let two builders lock different inodes.
+    let _lock = Lock::take(&template_dir.join(format!("{key}.lock")))?;
+    std::fs::remove_dir_all(&dir).map_err(|e| format!("remove {}: {e}", dir.display()))
 }
 
 /// Fresh entropy for a clone's CreateSandbox.

@@ -34,7 +34,7 @@ pub const CRI_HANDLER_RUNC: &str = "runc";
 pub struct ContainerdOptions {
     /// Enable the CRI plugin (socket `containerd.sock`, CRI v1 and v1alpha2) with runtime
     /// handlers `runc` (the default) and `podvisor` (pod annotations `io.podvisor.*`),
-    /// sandbox image [`PAUSE_IMAGE`], streaming server on a free port. Without `cni`, pods
+    /// sandbox image [`PAUSE_IMAGE`], streaming server on a free port. Without `cni_conf_dir`, pods
     /// must use host networking.
     pub cri: bool,
     /// The CRI plugin's CNI `conf_dir` (e.g. [`super::cni::CniNetwork::conf_dir`]), with the
@@ -44,6 +44,16 @@ pub struct ContainerdOptions {
     /// Written to `<dir>/podvisor.toml` and given to the `podvisor` CRI handler as its
     /// `ConfigPath` runtime option.
     pub podvisor_config: Option<String>,
+    /// The shims' `PODVISOR_TEMPLATE_DIR` (templates are on by default); `None`: the one
+    /// directory every test shares ([`shared_template_dir`]), so the first pod of a test run
+    /// builds the template and every later pod, in any test, restores a clone of it.
+    pub template_dir: Option<PathBuf>,
+}
+
+/// The template directory the tests share, under cargo's target dir (a rebuilt kernel or
+/// initramfs changes the template key, so a stale template is never restored).
+pub fn shared_template_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("podvisor-templates")
 }
 
 /// A private containerd; killed, and its temp dir removed, on drop (also on failure).
@@ -153,6 +163,13 @@ impl Containerd {
             .env("PODVISOR_KERNEL", kernel)
             .env("PODVISOR_INITRD", initrd)
             .env("PODVISOR_RUN_DIR", &run_dir)
+            .env(
+                "PODVISOR_TEMPLATE_DIR",
+                options
+                    .template_dir
+                    .clone()
+                    .unwrap_or_else(shared_template_dir),
+            )
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

@@ -11,7 +11,9 @@
 //!   (emulated kernel code trips them, and their NMI backtrace runs an instruction the
 //!   emulator cannot),
 //! * puts `GLIBC_TUNABLES` (no AVX dispatch) into PID 1's environment via the command
-//!   line, so concurrent guest programs do not corrupt each other's vector registers.
+//!   line, so concurrent guest programs do not corrupt each other's vector registers,
+//! * moves a restored guest's kvm-clock forward by the snapshot's age
+//!   ([`HostKind::restore_advances_clock`]).
 //!
 //! Detection: `/sys/module/kvm_pvm` exists. `PODVISOR_HOST_QUIRKS=pvm|none` overrides it.
 
@@ -23,8 +25,16 @@ use crate::arch::cpuid::CpuidMasks;
 pub const HOST_QUIRKS_ENV: &str = "PODVISOR_HOST_QUIRKS";
 
 /// glibc tunable that keeps guest programs off AVX/AVX-512 code paths.
+///
+/// Clearing the AVX/AVX2 "usable" bits is not enough: glibc 2.36 picks `memcpy`/`memmove`
+/// by the separate *preferred* bit `AVX_Fast_Unaligned_Load`, which stays set, so every
+/// large copy still ran through YMM registers (`__memmove_avx_unaligned_erms`) and a
+/// context switch in the guest could replace the upper half of a 32-byte chunk in flight
+/// (seen as corrupted bytes in 12 KB agent requests). `-AVX_Fast_Unaligned_Load` clears it
+/// (the copy becomes `__memmove_ssse3`); the unit test below checks this against the
+/// host's glibc.
 pub const GLIBC_NO_AVX_TUNABLES: &str = "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,\
--AVX512DQ,-AVX512CD,-FMA,-EVEX";
+-AVX512DQ,-AVX512CD,-FMA,-EVEX,-AVX_Fast_Unaligned_Load";
 
 /// The kind of KVM host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -78,6 +88,17 @@ impl HostKind {
         }
     }
 
+    /// Whether a restored guest's kvm-clock must move forward by the time the snapshot sat
+    /// on disk. On PVM hosts guest user space reads the host's TSC natively (the vDSO's
+    /// `clock_gettime`), so it sees that time pass while a guest kernel clock continuing
+    /// from the saved value does not: every absolute `CLOCK_MONOTONIC` deadline user space
+    /// hands the kernel (Rust's and glibc's timed futex waits) then lasts the snapshot's
+    /// age longer. Measured: the agent's first answer after a restore took 34–36 s without
+    /// the advance and 9 s with it.
+    pub fn restore_advances_clock(self) -> bool {
+        self == HostKind::NestedPvm
+    }
+
     /// Environment variables guest processes need on this host (the agent passes them on).
     pub fn guest_env(self) -> Vec<(String, String)> {
         match self {
@@ -111,5 +132,59 @@ mod tests {
             .iter()
             .any(|w| w.starts_with("GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,")));
         assert!(words.iter().all(|w| !w.contains(' ')), "one word each");
+    }
+
+    /// The tunable leaves glibc no AVX code path: no active AVX feature bit and no preferred
+    /// bit that selects YMM/ZMM string or copy routines (checked with the dynamic loader's
+    /// own diagnostics; the agent links the same glibc statically).
+    #[test]
+    fn glibc_tunables_leave_no_avx_dispatch() {
+        let ld_so = std::path::Path::new("/lib64/ld-linux-x86-64.so.2");
+        let out = std::process::Command::new(ld_so)
+            .arg("--list-diagnostics")
+            .env("GLIBC_TUNABLES", GLIBC_NO_AVX_TUNABLES)
+            .output();
+        let out = match out {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+            other => {
+                eprintln!(
+                    "SKIPPED: {} --list-diagnostics unavailable: {other:?}",
+                    ld_so.display()
+                );
+                return;
+            }
+        };
+        let value = |key: &str| -> u64 {
+            out.lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+                .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+                .unwrap_or(0)
+        };
+        // Active CPUID bits (leaf 1 ECX: FMA 12, AVX 28; leaf 7 EBX: AVX2 5, AVX512F 16)
+        // and the preferred bits that pick vector-register routines.
+        let leaf1_ecx = value("x86.cpu_features.features[0x0].active[0x2]");
+        let leaf7_ebx = value("x86.cpu_features.features[0x1].active[0x1]");
+        let mut offending = Vec::new();
+        for (name, on) in [
+            ("FMA", leaf1_ecx >> 12 & 1),
+            ("AVX", leaf1_ecx >> 28 & 1),
+            ("AVX2", leaf7_ebx >> 5 & 1),
+            ("AVX512F", leaf7_ebx >> 16 & 1),
+        ] {
+            if on == 1 {
+                offending.push(name.to_string());
+            }
+        }
+        offending.extend(
+            out.lines()
+                .filter(|l| l.starts_with("x86.cpu_features.preferred.") && l.ends_with("=0x1"))
+                .filter(|l| l.contains("AVX") || l.contains("EVEX"))
+                .filter(|l| !l.contains("Prefer_No_"))
+                .map(str::to_string),
+        );
+        assert!(
+            offending.is_empty(),
+            "glibc still dispatches to AVX: {offending:?}"
+        );
     }
 }

@@ -30,7 +30,7 @@ pub use exit::ExitReason;
 pub use host::HostKind;
 pub use snapshot::{SnapshotError, SnapshotInfo};
 pub use timings::{BootTimings, MemoryUsage};
-pub use vm::{RunningVm, Vm, VmError, VmReport, VmStopHandle};
+pub use vm::{snapshot_support, RunningVm, Vm, VmError, VmReport, VmStopHandle};
 
 /// Locks `m`, recovering from poisoning: a panic on one thread must not take the VM's other
 /// threads down with it.

@@ -270,7 +270,11 @@ impl Vm {
 
         // VM, then vCPUs, then devices: a device that raises its saved pending interrupt
         // again must find the interrupt controllers already restored.
-        restore_kvm_vm_state(&vm_fd, &state.vm, restore.advance_clock)?;
+        restore_kvm_vm_state(
+            &vm_fd,
+            &state.vm,
+            restore.advance_clock || host.restore_advances_clock(),
+        )?;
         let vcpu_fds = state
             .vcpus
             .iter()
@@ -459,6 +463,27 @@ fn create_kvm_vm() -> Result<(Kvm, HostKind, VmFd), VmError> {
         .create_pit2(pit)
         .map_err(kvm_err("the in-kernel PIT"))?;
     Ok((kvm, host, vm_fd))
+}
+
+/// Whether this host's KVM can save and restore a VM (what templates need): the state
+/// ioctls of [`crate::snapshot`] beyond those every VM needs. `Err` names what is missing.
+pub fn snapshot_support() -> Result<(), VmError> {
+    let kvm = open_kvm()?;
+    for cap in [
+        Cap::AdjustClock,
+        Cap::VcpuEvents,
+        Cap::MpState,
+        Cap::Pit2,
+        Cap::Irqchip,
+        Cap::Xsave,
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::KvmCapability(cap));
+        }
+    }
+    kvm.get_msr_index_list()
+        .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+    Ok(())
 }
 
 /// What saving vCPUs needs from this host's KVM.

@@ -46,6 +46,10 @@ pub fn kib_field(text: &str, field: &str) -> Option<u64> {
 pub struct Rollup {
     pub rss_kib: u64,
     pub pss_kib: u64,
+    /// Pages mapped by this process only (Private_Clean + Private_Dirty): what it would
+    /// free on exit. PSS minus this is its share of pages others map too (a template
+    /// clone's share of the template's memory file in the page cache).
+    pub private_kib: u64,
 }
 
 /// Parses `/proc/PID/smaps_rollup` text.
@@ -53,6 +57,8 @@ pub fn parse_rollup(text: &str) -> Option<Rollup> {
     Some(Rollup {
         rss_kib: kib_field(text, "Rss")?,
         pss_kib: kib_field(text, "Pss")?,
+        private_kib: kib_field(text, "Private_Clean").unwrap_or(0)
+            + kib_field(text, "Private_Dirty").unwrap_or(0),
     })
 }
 
@@ -356,6 +362,8 @@ Pss_Dirty:         28040 kB
 Pss_Anon:          28040 kB
 Pss_File:           1024 kB
 Shared_Clean:       2048 kB
+Private_Clean:        40 kB
+Private_Dirty:     28000 kB
 ";
 
     const MEMINFO: &str = "\
@@ -414,7 +422,8 @@ Committed_AS:    3456789 kB
             parse_rollup(ROLLUP),
             Some(Rollup {
                 rss_kib: 30088,
-                pss_kib: 29064
+                pss_kib: 29064,
+                private_kib: 28040,
             })
         );
         assert_eq!(parse_rollup("Rss: 1 kB\n"), None);

@@ -60,6 +60,9 @@ pub enum RuntimeChoice {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Runtime {
     Podvisor,
+    /// podvisor with templates off for the pod (annotation `io.podvisor.config.template=off`):
+    /// every pod boots (`bench template`'s cold column).
+    PodvisorCold,
     Runc,
 }
 
@@ -67,21 +70,29 @@ impl Runtime {
     pub fn name(self) -> &'static str {
         match self {
             Runtime::Podvisor => "podvisor",
+            Runtime::PodvisorCold => "podvisor-cold",
             Runtime::Runc => "runc",
         }
     }
     /// containerd's runtime name.
     pub fn containerd_name(self) -> &'static str {
         match self {
-            Runtime::Podvisor => "io.containerd.podvisor.v2",
+            Runtime::Podvisor | Runtime::PodvisorCold => "io.containerd.podvisor.v2",
             Runtime::Runc => "io.containerd.runc.v2",
         }
     }
     /// The long-running shim's binary name.
     pub fn shim_binary(self) -> &'static str {
         match self {
-            Runtime::Podvisor => "containerd-shim-podvisor-v2",
+            Runtime::Podvisor | Runtime::PodvisorCold => "containerd-shim-podvisor-v2",
             Runtime::Runc => "containerd-shim-runc-v2",
+        }
+    }
+    /// Extra `ctr run` arguments of this runtime's pods.
+    fn run_args(self) -> &'static [&'static str] {
+        match self {
+            Runtime::PodvisorCold => &["--annotation", "io.podvisor.config.template=off"],
+            Runtime::Podvisor | Runtime::Runc => &[],
         }
     }
 }
@@ -148,7 +159,8 @@ pub struct DensityArgs {
     #[arg(long, value_enum)]
     pub noreserve: Option<OnOff>,
     /// VM templates: pods restore copy-on-write clones of one booted template VM
-    /// (PODVISOR_TEMPLATE=auto; templates live in the work dir, built by the first pod).
+    /// (PODVISOR_TEMPLATE=auto, the shim's default; templates live in the work dir, built
+    /// by the first pod). `off` boots every pod.
     #[arg(long, value_enum)]
     pub template: Option<OnOff>,
     /// Seconds to wait after the last pod started before measuring memory (default 5, or
@@ -193,7 +205,7 @@ pub fn interrupted() -> bool {
 }
 
 /// Routes SIGINT/SIGTERM/SIGHUP to a flag the harness polls (once per process).
-fn install_interrupt_handler() {
+pub fn install_interrupt_handler() {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
         if let Err(e) = ctrlc::set_handler(|| {
@@ -355,7 +367,7 @@ pub fn plan(args: &DensityArgs) -> Result<Plan, DensityError> {
         vcpus: args.vcpus.unwrap_or(1),
         ksm,
         noreserve: args.noreserve != Some(OnOff::Off),
-        template: args.template == Some(OnOff::On),
+        template: args.template != Some(OnOff::Off),
         settle: Duration::from_secs(args.settle.unwrap_or(if ksm { 60 } else { 5 })),
         timeout: Duration::from_secs(args.timeout),
     })
@@ -571,14 +583,9 @@ impl Pod {
         index: usize,
         wave: usize,
     ) -> Result<Pod, DensityError> {
-        let mut args = vec![
-            "run",
-            "--rm",
-            "--runtime",
-            runtime.containerd_name(),
-            image::IMAGE,
-            &id,
-        ];
+        let mut args = vec!["run", "--rm", "--runtime", runtime.containerd_name()];
+        args.extend(runtime.run_args());
+        args.extend([image::IMAGE, &id]);
         args.extend(POD_COMMAND);
         let mut cmd = containerd.ctr_cmd(&args);
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -730,12 +737,7 @@ impl Drop for Pods<'_> {
 }
 
 /// Memory of one pod (shim + descendants), KiB.
-fn measure_pod(
-    runtime: Runtime,
-    id: &str,
-    sock: &Path,
-    mem_mib: u64,
-) -> Result<(u32, usize, u64, u64, u64), String> {
+fn measure_pod(runtime: Runtime, id: &str, sock: &Path, mem_mib: u64) -> Result<PodMemory, String> {
     let shims = memory::shim_pids(runtime.shim_binary(), Some(id), sock);
     let [shim] = shims[..] else {
         return Err(format!(
@@ -747,14 +749,16 @@ fn measure_pod(
     let children = memory::descendants(shim);
     let mut children_pss = 0;
     let mut rss = shim_mem.rss_kib;
+    let mut private = shim_mem.private_kib;
     for c in &children {
         if let Ok(r) = memory::rollup(*c) {
             children_pss += r.pss_kib;
             rss += r.rss_kib;
+            private += r.private_kib;
         }
     }
     let (overhead, workload) = match runtime {
-        Runtime::Podvisor => {
+        Runtime::Podvisor | Runtime::PodvisorCold => {
             let smaps = std::fs::read_to_string(format!("/proc/{shim}/smaps"))
                 .map_err(|e| format!("cannot read /proc/{shim}/smaps: {e}"))?;
             let split = memory::split_smaps(&smaps, &memory::guest_region_sizes(mem_mib));
@@ -779,18 +783,72 @@ fn measure_pod(
         }
         Runtime::Runc => (shim_mem.pss_kib, children_pss),
     };
-    Ok((shim, 1 + children.len(), overhead, workload, rss))
+    Ok(PodMemory {
+        shim,
+        processes: 1 + children.len(),
+        overhead,
+        workload,
+        rss,
+        private,
+    })
 }
 
-/// Runs one runtime's pods and measures them.
+/// One pod's memory (KiB): see [`report::PodRecord`].
+struct PodMemory {
+    shim: u32,
+    processes: usize,
+    overhead: u64,
+    workload: u64,
+    rss: u64,
+    private: u64,
+}
+
+/// Runs one runtime's pods and measures them: one [`RuntimeRun`] for `plan.pods` pods.
 fn run_runtime(
     plan: &Plan,
     containerd: &Containerd,
     events: &Events,
     runtime: Runtime,
 ) -> Result<RuntimeRun, DensityError> {
+    let mut runs = run_runtime_at(plan, containerd, events, runtime, &[plan.pods], "")?;
+    Ok(runs.pop().expect("one checkpoint, one run"))
+}
+
+/// Wave boundaries: chunks of at most `parallel` pods that end at every checkpoint.
+fn waves(parallel: usize, checkpoints: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let total = checkpoints.iter().copied().max().unwrap_or(0);
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < total {
+        let stop = checkpoints
+            .iter()
+            .copied()
+            .filter(|&c| c > start)
+            .min()
+            .unwrap_or(total);
+        let end = (start + parallel.max(1)).min(stop);
+        out.push(start..end);
+        start = end;
+    }
+    out
+}
+
+/// Starts one runtime's pods in waves and measures every pod up so far each time their
+/// number reaches a checkpoint (after `plan.settle`): one [`RuntimeRun`] per checkpoint,
+/// named `<runtime><label>` (with ` N=<n>` when there are several). Tears down at the end.
+fn run_runtime_at(
+    plan: &Plan,
+    containerd: &Containerd,
+    events: &Events,
+    runtime: Runtime,
+    checkpoints: &[usize],
+    label: &str,
+) -> Result<Vec<RuntimeRun>, DensityError> {
+    static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run_no = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let total = checkpoints.iter().copied().max().unwrap_or(0);
     let before = memory::meminfo()?;
-    let bar = ProgressBar::new(plan.pods as u64);
+    let bar = ProgressBar::new(total as u64);
     bar.set_style(
         ProgressStyle::with_template(
             "{prefix:>9} [{bar:30}] {pos}/{len} pods up  {elapsed_precise}  {msg}",
@@ -805,23 +863,24 @@ fn run_runtime(
         pods: Vec::new(),
         torn_down: false,
     };
-    let mut waves = Vec::new();
+    let mut samples = Vec::new();
+    let mut runs = Vec::new();
     let started = Instant::now();
     let mut last_up = started;
-    for (wave, chunk) in (0..plan.pods)
-        .collect::<Vec<_>>()
-        .chunks(plan.parallel)
-        .enumerate()
-    {
+    for (wave, range) in waves(plan.parallel, checkpoints).into_iter().enumerate() {
         check_interrupt()?;
         bar.set_message(format!("wave {}", wave + 1));
         let first = pods.pods.len();
-        for &index in chunk {
-            let id = format!("density-{}-{}-{index}", std::process::id(), runtime.name());
+        for index in range {
+            let id = format!(
+                "density-{}-{}-{run_no}-{index}",
+                std::process::id(),
+                runtime.name()
+            );
             pods.pods
                 .push(Pod::spawn(containerd, runtime, id, index, wave)?);
         }
-        let mut done = vec![false; chunk.len()];
+        let mut done = vec![false; pods.pods.len() - first];
         while done.iter().any(|d| !d) {
             check_interrupt()?;
             for (i, pod) in pods.pods[first..].iter_mut().enumerate() {
@@ -838,17 +897,52 @@ fn run_runtime(
             std::thread::sleep(Duration::from_millis(50));
         }
         let now = memory::meminfo()?;
-        waves.push(WaveSample {
+        samples.push(WaveSample {
             pods_up: pods.pods.iter().filter(|p| p.error.is_none()).count(),
             seconds: started.elapsed().as_secs_f64(),
             used_delta_kib: now.used_kib as i64 - before.used_kib as i64,
         });
+        let n = pods.pods.len();
+        if !checkpoints.contains(&n) {
+            continue;
+        }
+        bar.set_message(format!("settling {} s", plan.settle.as_secs()));
+        sleep_interruptible(plan.settle)?;
+        bar.set_message(format!("measuring {n} pods"));
+        let name = if checkpoints.len() > 1 {
+            format!("{}{label} N={n}", runtime.name())
+        } else {
+            format!("{}{label}", runtime.name())
+        };
+        runs.push(measure_run(
+            plan, containerd, events, runtime, &pods, &samples, &before, started, last_up, name,
+        )?);
     }
-    bar.set_message(format!("settling {} s", plan.settle.as_secs()));
-    sleep_interruptible(plan.settle)?;
-    bar.set_message("measuring");
+    bar.set_message("tearing down");
+    let problems = pods.teardown();
+    bar.finish_with_message("done");
+    if let Some(last) = runs.last_mut() {
+        last.teardown_problems = problems;
+    }
+    Ok(runs)
+}
+
+/// Measures every pod of `pods` (all up or failed) into a [`RuntimeRun`] called `name`.
+#[allow(clippy::too_many_arguments)]
+fn measure_run(
+    plan: &Plan,
+    containerd: &Containerd,
+    events: &Events,
+    runtime: Runtime,
+    pods: &Pods<'_>,
+    samples: &[WaveSample],
+    before: &memory::MemInfo,
+    started: Instant,
+    last_up: Instant,
+    name: String,
+) -> Result<RuntimeRun, DensityError> {
     let mut records = Vec::new();
-    for pod in &mut pods.pods {
+    for pod in &pods.pods {
         let ev = events.get(&pod.id);
         let ms = |t: Option<Instant>| t.map(|t| t.duration_since(pod.spawned).as_secs_f64() * 1e3);
         let mut rec = PodRecord {
@@ -863,13 +957,14 @@ fn run_runtime(
         };
         if rec.error.is_none() {
             match measure_pod(runtime, &pod.id, containerd.sock(), plan.mem_mib) {
-                Ok((pid, procs, overhead, workload, rss)) => {
-                    rec.shim_pid = Some(pid);
-                    rec.processes = procs;
-                    rec.overhead_pss_kib = Some(overhead);
-                    rec.workload_pss_kib = Some(workload);
-                    rec.pss_kib = Some(overhead + workload);
-                    rec.rss_kib = Some(rss);
+                Ok(m) => {
+                    rec.shim_pid = Some(m.shim);
+                    rec.processes = m.processes;
+                    rec.overhead_pss_kib = Some(m.overhead);
+                    rec.workload_pss_kib = Some(m.workload);
+                    rec.pss_kib = Some(m.overhead + m.workload);
+                    rec.rss_kib = Some(m.rss);
+                    rec.private_kib = Some(m.private);
                 }
                 Err(e) => rec.error = Some(format!("memory: {e}")),
             }
@@ -888,10 +983,10 @@ fn run_runtime(
         .map(|r| r.pss_kib)
         .sum();
     let ksm = memory::ksm_state();
-    let n = plan.pods as f64;
+    let n = pods.pods.len().max(1) as f64;
     let used_delta = after.used_kib as i64 - before.used_kib as i64;
     let machine = MachineDelta {
-        before,
+        before: *before,
         after,
         used_delta_kib: used_delta,
         harness_clients_pss_kib: clients,
@@ -899,21 +994,18 @@ fn run_runtime(
         committed_per_pod_kib: (after.committed_kib as f64 - before.committed_kib as f64) / n,
         ksm_pages_sharing: ksm.pages_sharing,
     };
-    bar.set_message("tearing down");
-    let problems = pods.teardown();
-    bar.finish_with_message("done");
     let ok = records.iter().filter(|r| r.error.is_none()).count();
     let wall = last_up.duration_since(started).as_secs_f64();
     let summary = RunSummary::of(&records);
     Ok(RuntimeRun {
-        runtime: runtime.name().into(),
+        runtime: name,
         pods: records,
-        waves,
+        waves: samples.to_vec(),
         machine,
         start_wall_s: wall,
         pods_per_s: if wall > 0.0 { ok as f64 / wall } else { 0.0 },
         summary,
-        teardown_problems: problems,
+        teardown_problems: Vec::new(),
     })
 }
 
@@ -940,6 +1032,76 @@ pub fn run(args: DensityArgs) -> Result<u8, Box<dyn std::error::Error>> {
 
 /// Runs `plan` end to end; returns the report and the files written.
 pub fn run_plan(plan: &Plan) -> Result<(Report, Vec<PathBuf>), DensityError> {
+    let report = run_session(plan, |containerd, events| {
+        let mut runs = Vec::new();
+        for &runtime in &plan.runtimes {
+            check_interrupt()?;
+            runs.push(run_runtime(plan, containerd, events, runtime)?);
+        }
+        Ok(runs)
+    })?;
+    let paths = report::write(&report, &plan.out)?;
+    Ok((report, paths))
+}
+
+/// `bench template`'s series in one session: runc and template clones at every
+/// checkpoint of `clones` (cumulative: N=10 is the first pod plus nine more), one cold
+/// pod (templates off), and the pod that builds the template first (its own run, so the
+/// clone rows hold clones only). With `runc` false, runc is left out.
+pub fn run_template_series(
+    plan: &Plan,
+    clones: &[usize],
+    runc: bool,
+) -> Result<Report, DensityError> {
+    run_session(plan, |containerd, events| {
+        let mut runs = Vec::new();
+        if runc {
+            runs.extend(run_runtime_at(
+                plan,
+                containerd,
+                events,
+                Runtime::Runc,
+                clones,
+                "",
+            )?);
+        }
+        check_interrupt()?;
+        runs.extend(run_runtime_at(
+            plan,
+            containerd,
+            events,
+            Runtime::PodvisorCold,
+            &[1],
+            " (boot)",
+        )?);
+        check_interrupt()?;
+        runs.extend(run_runtime_at(
+            plan,
+            containerd,
+            events,
+            Runtime::Podvisor,
+            &[1],
+            " (template build + first clone)",
+        )?);
+        check_interrupt()?;
+        runs.extend(run_runtime_at(
+            plan,
+            containerd,
+            events,
+            Runtime::Podvisor,
+            clones,
+            " clones",
+        )?);
+        Ok(runs)
+    })
+}
+
+/// A private (or the given) containerd with the busybox image and an event stream around
+/// `body`, whose runs make the report.
+fn run_session(
+    plan: &Plan,
+    body: impl FnOnce(&Containerd, &Events) -> Result<Vec<RuntimeRun>, DensityError>,
+) -> Result<Report, DensityError> {
     let (_ksm, ksm_note) = KsmGuard::enable(plan.ksm);
     let containerd = match &plan.address {
         Some(sock) => Containerd::existing(sock)?,
@@ -962,17 +1124,11 @@ pub fn run_plan(plan: &Plan) -> Result<(Report, Vec<PathBuf>), DensityError> {
         imported: imported?,
     };
     let events = Events::start(&containerd)?;
-    let mut runs = Vec::new();
-    for &runtime in &plan.runtimes {
-        check_interrupt()?;
-        runs.push(run_runtime(plan, &containerd, &events, runtime)?);
-    }
-    let report = Report {
+    let runs = body(&containerd, &events)?;
+    Ok(Report {
         config: ConfigRecord::new(plan, &ksm_note),
         runs,
-    };
-    let paths = report::write(&report, &plan.out)?;
-    Ok((report, paths))
+    })
 }
 
 #[cfg(test)]
@@ -990,6 +1146,14 @@ mod tests {
         Cli::try_parse_from(std::iter::once("density").chain(line.split_whitespace()))
             .unwrap()
             .args
+    }
+
+    #[test]
+    fn waves_end_at_every_checkpoint() {
+        let w = waves(4, &[1, 10, 12]);
+        assert_eq!(w, vec![0..1, 1..5, 5..9, 9..10, 10..12]);
+        assert_eq!(waves(2, &[3]), vec![0..2, 2..3]);
+        assert!(waves(2, &[]).is_empty());
     }
 
     fn usage_error(line: &str) -> String {

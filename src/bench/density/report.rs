@@ -88,6 +88,9 @@ pub struct PodRecord {
     pub overhead_pss_kib: Option<u64>,
     pub workload_pss_kib: Option<u64>,
     pub rss_kib: Option<u64>,
+    /// Pages only this pod maps (Private_Clean + Private_Dirty of its processes).
+    #[serde(default)]
+    pub private_kib: Option<u64>,
 }
 
 /// Machine-wide memory before the first pod and after the last settled.
@@ -122,6 +125,8 @@ pub struct RunSummary {
     pub pss_kib: Summary,
     pub overhead_pss_kib: Summary,
     pub workload_pss_kib: Summary,
+    #[serde(default)]
+    pub private_kib: Summary,
 }
 
 impl RunSummary {
@@ -136,6 +141,7 @@ impl RunSummary {
             pss_kib: f(|p| p.pss_kib.map(|v| v as f64)),
             overhead_pss_kib: f(|p| p.overhead_pss_kib.map(|v| v as f64)),
             workload_pss_kib: f(|p| p.workload_pss_kib.map(|v| v as f64)),
+            private_kib: f(|p| p.private_kib.map(|v| v as f64)),
         }
     }
 }
@@ -337,6 +343,7 @@ pub(crate) mod tests {
             overhead_pss_kib: Some(overhead),
             workload_pss_kib: Some(workload),
             rss_kib: Some(overhead + workload + 100),
+            private_kib: Some(overhead),
             error: None,
         }
     }
