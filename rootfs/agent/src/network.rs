@@ -28,17 +28,17 @@ const MAX_IFNAME: usize = 15;
 /// Errors of ConfigureNetwork.
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
-    #[error("ConfigureNetwork: {0}")]
+    #[error("{0}")]
     Invalid(String),
-    #[error("ConfigureNetwork: no network interface in the VM has MAC {0}: the VM has no NIC for it (check the VMM's net device list and the guest kernel's virtio-net driver)")]
+    #[error("no network interface in the VM has MAC {0}: the VM has no NIC for it (check the VMM's net device list and the guest kernel's virtio-net driver)")]
     NoSuchMac(MacAddr),
-    #[error("ConfigureNetwork: {what}: {source}")]
+    #[error("{what}: {source}")]
     Netlink {
         what: String,
         #[source]
         source: RtnlError,
     },
-    #[error("ConfigureNetwork: writing {path}: {source}")]
+    #[error("writing {path}: {source}")]
     Write {
         path: String,
         #[source]
