@@ -234,7 +234,12 @@ fn configure_network(client: &AgentClient, req: &ConfigureNetworkRequest) -> Res
     client
         .configure_network(ctx(), req)
         .map(drop)
-        .map_err(|e| format!("agent ConfigureNetwork: {e}"))
+        .map_err(|e| match e {
+            ttrpc::Error::RpcStatus(s) => {
+                format!("agent ConfigureNetwork ({:?}): {}", s.code(), s.message())
+            }
+            other => format!("agent ConfigureNetwork: {other}"),
+        })
 }
 
 impl Sandbox {
