@@ -19,7 +19,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::density::report::{Report, RuntimeRun};
+use super::density::report::{mib, secs, Report, RuntimeRun};
 use super::density::{self, DensityArgs, DensityError, OnOff, RuntimeChoice};
 
 #[derive(Args, Debug, Clone)]
@@ -139,20 +139,6 @@ fn largest_only(report: &Report, clones: &[usize]) -> Report {
     }
 }
 
-fn fmt_ms(v: Option<f64>) -> String {
-    v.map_or("n/a".into(), |ms| {
-        if ms < 1000.0 {
-            format!("{ms:.0} ms")
-        } else {
-            format!("{:.1} s", ms / 1000.0)
-        }
-    })
-}
-
-fn fmt_mib(kib: Option<f64>) -> String {
-    kib.map_or("n/a".into(), |k| format!("{:.1}", k / 1024.0))
-}
-
 /// Targets of issue 8 (figures, not assertions).
 pub const TARGET_CLONE_VS_RUNC: f64 = 3.0;
 pub const TARGET_PRIVATE_MIB: f64 = 8.0;
@@ -190,12 +176,12 @@ pub fn markdown(report: &Report, clones: &[usize]) -> String {
             r.runtime,
             s.ok,
             r.pods.len(),
-            fmt_ms(s.to_first_output_ms.p50),
-            fmt_ms(s.to_first_output_ms.p95),
-            fmt_mib(s.pss_kib.mean),
-            fmt_mib(s.private_kib.mean),
-            fmt_mib(s.private_kib.max),
-            fmt_mib(shared),
+            secs(s.to_first_output_ms.p50),
+            secs(s.to_first_output_ms.p95),
+            mib(s.pss_kib.mean),
+            mib(s.private_kib.mean),
+            mib(s.private_kib.max),
+            mib(shared),
             r.machine.used_per_pod_kib / 1024.0
         );
     }
@@ -226,40 +212,18 @@ pub fn markdown(report: &Report, clones: &[usize]) -> String {
          private memory per idle clone at the largest N: {} MiB (target <= {TARGET_PRIVATE_MIB} MiB).",
         ratio(clone, runc),
         ratio(clone, cold),
-        fmt_mib(private)
+        mib(private)
     );
-    for r in &report.runs {
-        for p in r.pods.iter().filter(|p| p.error.is_some()) {
-            let _ = writeln!(
-                out,
-                "\n{} pod {} failed: {}",
-                r.runtime,
-                p.id,
-                p.error.as_deref().unwrap_or_default()
-            );
-        }
-        for t in &r.teardown_problems {
-            let _ = writeln!(out, "\n{} teardown: {t}", r.runtime);
-        }
-    }
+    out += &density::report::failures(report);
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: TemplateBenchArgs,
-    }
 
     fn args(line: &str) -> TemplateBenchArgs {
-        Cli::try_parse_from(std::iter::once("template").chain(line.split_whitespace()))
-            .unwrap()
-            .args
+        crate::bench::parse_args(line)
     }
 
     #[test]

@@ -1053,45 +1053,27 @@ pub fn run_template_series(
     clones: &[usize],
     runc: bool,
 ) -> Result<Report, DensityError> {
+    // (runtime, checkpoints, label), in order.
+    let mut series: Vec<(Runtime, &[usize], &str)> = Vec::new();
+    if runc {
+        series.push((Runtime::Runc, clones, ""));
+    }
+    series.push((Runtime::PodvisorCold, &[1], " (boot)"));
+    series.push((Runtime::Podvisor, &[1], " (template build + first clone)"));
+    series.push((Runtime::Podvisor, clones, " clones"));
     run_session(plan, |containerd, events| {
         let mut runs = Vec::new();
-        if runc {
+        for (runtime, checkpoints, label) in series {
+            check_interrupt()?;
             runs.extend(run_runtime_at(
                 plan,
                 containerd,
                 events,
-                Runtime::Runc,
-                clones,
-                "",
+                runtime,
+                checkpoints,
+                label,
             )?);
         }
-        check_interrupt()?;
-        runs.extend(run_runtime_at(
-            plan,
-            containerd,
-            events,
-            Runtime::PodvisorCold,
-            &[1],
-            " (boot)",
-        )?);
-        check_interrupt()?;
-        runs.extend(run_runtime_at(
-            plan,
-            containerd,
-            events,
-            Runtime::Podvisor,
-            &[1],
-            " (template build + first clone)",
-        )?);
-        check_interrupt()?;
-        runs.extend(run_runtime_at(
-            plan,
-            containerd,
-            events,
-            Runtime::Podvisor,
-            clones,
-            " clones",
-        )?);
         Ok(runs)
     })
 }
@@ -1134,18 +1116,9 @@ fn run_session(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: DensityArgs,
-    }
 
     fn args(line: &str) -> DensityArgs {
-        Cli::try_parse_from(std::iter::once("density").chain(line.split_whitespace()))
-            .unwrap()
-            .args
+        crate::bench::parse_args(line)
     }
 
     #[test]
@@ -1178,8 +1151,8 @@ mod tests {
             "--pods 1 --runtime podvisor --kernel /nonexistent/vmlinux --initrd /nonexistent/i"
         )
         .contains("not a file"));
-        assert!(Cli::try_parse_from(["density", "--pods", "1", "--runtime", "kata"]).is_err());
-        assert!(Cli::try_parse_from(["density", "--pods", "1", "--ksm", "maybe"]).is_err());
+        assert!(crate::bench::try_parse_args::<DensityArgs>("--pods 1 --runtime kata").is_err());
+        assert!(crate::bench::try_parse_args::<DensityArgs>("--pods 1 --ksm maybe").is_err());
     }
 
     #[test]
