@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::density::report::{mib, secs, Report, RuntimeRun};
-use super::density::{self, DensityArgs, DensityError, OnOff, RuntimeChoice};
+use super::density::{self, DensityArgs, DensityError, GuestArgs, OnOff, RuntimeChoice};
 
 #[derive(Args, Debug, Clone)]
 pub struct TemplateBenchArgs {
@@ -39,15 +39,8 @@ pub struct TemplateBenchArgs {
     /// Guest memory per pod, MiB (shim default 256).
     #[arg(long)]
     pub mem_mib: Option<u64>,
-    /// Guest kernel (vmlinux).
-    #[arg(long, env = "PODVISOR_KERNEL")]
-    pub kernel: Option<PathBuf>,
-    /// Agent initramfs.
-    #[arg(long, env = "PODVISOR_INITRD")]
-    pub initrd: Option<PathBuf>,
-    /// The podvisor shim binary. Default: containerd-shim-podvisor-v2 next to this binary.
-    #[arg(long)]
-    pub shim: Option<PathBuf>,
+    #[command(flatten)]
+    pub guest: GuestArgs,
     /// Seconds to wait at each N before measuring memory.
     #[arg(long, default_value_t = 5)]
     pub settle: u64,
@@ -75,9 +68,7 @@ fn density_args(args: &TemplateBenchArgs) -> Result<DensityArgs, DensityError> {
         out: args.out.clone(),
         address: None,
         work_dir: None,
-        kernel: args.kernel.clone(),
-        initrd: args.initrd.clone(),
-        shim: args.shim.clone(),
+        guest: args.guest.clone(),
         mem_mib: args.mem_mib,
         vcpus: None,
         ksm: None,
