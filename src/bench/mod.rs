@@ -31,3 +31,22 @@ pub fn run(cmd: BenchCommand) -> Result<u8, Box<dyn std::error::Error>> {
         BenchCommand::Template(args) => template::run(args),
     }
 }
+
+/// Parses `line` as the arguments of one bench subcommand (for tests).
+#[cfg(test)]
+pub(crate) fn try_parse_args<A: clap::Args>(line: &str) -> Result<A, clap::Error> {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli<A: clap::Args> {
+        #[command(flatten)]
+        args: A,
+    }
+    Cli::<A>::try_parse_from(std::iter::once("bench").chain(line.split_whitespace()))
+        .map(|c| c.args)
+}
+
+/// [`try_parse_args`] of arguments that must parse.
+#[cfg(test)]
+pub(crate) fn parse_args<A: clap::Args>(line: &str) -> A {
+    try_parse_args(line).unwrap()
+}

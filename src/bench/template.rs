@@ -19,8 +19,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::density::report::{Report, RuntimeRun};
-use super::density::{self, DensityArgs, DensityError, OnOff, RuntimeChoice};
+use super::density::report::{mib, secs, Report, RuntimeRun};
+use super::density::{self, DensityArgs, DensityError, GuestArgs, OnOff, RuntimeChoice};
 
 #[derive(Args, Debug, Clone)]
 pub struct TemplateBenchArgs {
@@ -39,15 +39,8 @@ pub struct TemplateBenchArgs {
     /// Guest memory per pod, MiB (shim default 256).
     #[arg(long)]
     pub mem_mib: Option<u64>,
-    /// Guest kernel (vmlinux).
-    #[arg(long, env = "PODVISOR_KERNEL")]
-    pub kernel: Option<PathBuf>,
-    /// Agent initramfs.
-    #[arg(long, env = "PODVISOR_INITRD")]
-    pub initrd: Option<PathBuf>,
-    /// The podvisor shim binary. Default: containerd-shim-podvisor-v2 next to this binary.
-    #[arg(long)]
-    pub shim: Option<PathBuf>,
+    #[command(flatten)]
+    pub guest: GuestArgs,
     /// Seconds to wait at each N before measuring memory.
     #[arg(long, default_value_t = 5)]
     pub settle: u64,
@@ -75,9 +68,7 @@ fn density_args(args: &TemplateBenchArgs) -> Result<DensityArgs, DensityError> {
         out: args.out.clone(),
         address: None,
         work_dir: None,
-        kernel: args.kernel.clone(),
-        initrd: args.initrd.clone(),
-        shim: args.shim.clone(),
+        guest: args.guest.clone(),
         mem_mib: args.mem_mib,
         vcpus: None,
         ksm: None,
@@ -139,20 +130,6 @@ fn largest_only(report: &Report, clones: &[usize]) -> Report {
     }
 }
 
-fn fmt_ms(v: Option<f64>) -> String {
-    v.map_or("n/a".into(), |ms| {
-        if ms < 1000.0 {
-            format!("{ms:.0} ms")
-        } else {
-            format!("{:.1} s", ms / 1000.0)
-        }
-    })
-}
-
-fn fmt_mib(kib: Option<f64>) -> String {
-    kib.map_or("n/a".into(), |k| format!("{:.1}", k / 1024.0))
-}
-
 /// Targets of issue 8 (figures, not assertions).
 pub const TARGET_CLONE_VS_RUNC: f64 = 3.0;
 pub const TARGET_PRIVATE_MIB: f64 = 8.0;
@@ -190,12 +167,12 @@ pub fn markdown(report: &Report, clones: &[usize]) -> String {
             r.runtime,
             s.ok,
             r.pods.len(),
-            fmt_ms(s.to_first_output_ms.p50),
-            fmt_ms(s.to_first_output_ms.p95),
-            fmt_mib(s.pss_kib.mean),
-            fmt_mib(s.private_kib.mean),
-            fmt_mib(s.private_kib.max),
-            fmt_mib(shared),
+            secs(s.to_first_output_ms.p50),
+            secs(s.to_first_output_ms.p95),
+            mib(s.pss_kib.mean),
+            mib(s.private_kib.mean),
+            mib(s.private_kib.max),
+            mib(shared),
             r.machine.used_per_pod_kib / 1024.0
         );
     }
@@ -226,40 +203,18 @@ pub fn markdown(report: &Report, clones: &[usize]) -> String {
          private memory per idle clone at the largest N: {} MiB (target <= {TARGET_PRIVATE_MIB} MiB).",
         ratio(clone, runc),
         ratio(clone, cold),
-        fmt_mib(private)
+        mib(private)
     );
-    for r in &report.runs {
-        for p in r.pods.iter().filter(|p| p.error.is_some()) {
-            let _ = writeln!(
-                out,
-                "\n{} pod {} failed: {}",
-                r.runtime,
-                p.id,
-                p.error.as_deref().unwrap_or_default()
-            );
-        }
-        for t in &r.teardown_problems {
-            let _ = writeln!(out, "\n{} teardown: {t}", r.runtime);
-        }
-    }
+    out += &density::report::failures(report);
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: TemplateBenchArgs,
-    }
 
     fn args(line: &str) -> TemplateBenchArgs {
-        Cli::try_parse_from(std::iter::once("template").chain(line.split_whitespace()))
-            .unwrap()
-            .args
+        crate::bench::parse_args(line)
     }
 
     #[test]

@@ -137,15 +137,8 @@ pub struct DensityArgs {
     /// new dir under $TMPDIR.
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
-    /// Guest kernel (vmlinux) for podvisor pods.
-    #[arg(long, env = "PODVISOR_KERNEL")]
-    pub kernel: Option<PathBuf>,
-    /// Agent initramfs for podvisor pods.
-    #[arg(long, env = "PODVISOR_INITRD")]
-    pub initrd: Option<PathBuf>,
-    /// The podvisor shim binary. Default: containerd-shim-podvisor-v2 next to this binary.
-    #[arg(long)]
-    pub shim: Option<PathBuf>,
+    #[command(flatten)]
+    pub guest: GuestArgs,
     /// Guest memory per podvisor pod, MiB (knob; shim default 256).
     #[arg(long)]
     pub mem_mib: Option<u64>,
@@ -170,6 +163,20 @@ pub struct DensityArgs {
     /// Per-pod limit to reach its first output line, seconds.
     #[arg(long, default_value_t = 900)]
     pub timeout: u64,
+}
+
+/// What podvisor pods boot, and the shim that boots them.
+#[derive(Args, Debug, Clone, Default)]
+pub struct GuestArgs {
+    /// Guest kernel (vmlinux) for podvisor pods.
+    #[arg(long, env = "PODVISOR_KERNEL")]
+    pub kernel: Option<PathBuf>,
+    /// Agent initramfs for podvisor pods.
+    #[arg(long, env = "PODVISOR_INITRD")]
+    pub initrd: Option<PathBuf>,
+    /// The podvisor shim binary. Default: containerd-shim-podvisor-v2 next to this binary.
+    #[arg(long)]
+    pub shim: Option<PathBuf>,
 }
 
 /// Errors of the density harness; each says what to do.
@@ -320,7 +327,10 @@ pub fn plan(args: &DensityArgs) -> Result<Plan, DensityError> {
     };
     let (mut kernel, mut initrd, mut shim_dir) = (None, None, None);
     if podvisor && args.address.is_none() {
-        for (flag, path) in [("--kernel", &args.kernel), ("--initrd", &args.initrd)] {
+        for (flag, path) in [
+            ("--kernel", &args.guest.kernel),
+            ("--initrd", &args.guest.initrd),
+        ] {
             match path {
                 None => {
                     return usage(format!(
@@ -335,9 +345,9 @@ pub fn plan(args: &DensityArgs) -> Result<Plan, DensityError> {
                 Some(_) => {}
             }
         }
-        kernel = args.kernel.as_deref().map(absolute);
-        initrd = args.initrd.as_deref().map(absolute);
-        let shim = match &args.shim {
+        kernel = args.guest.kernel.as_deref().map(absolute);
+        initrd = args.guest.initrd.as_deref().map(absolute);
+        let shim = match &args.guest.shim {
             Some(s) => absolute(s),
             None => std::env::current_exe()
                 .map_err(|e| DensityError::Usage(format!("cannot find this binary: {e}")))?
@@ -1053,45 +1063,27 @@ pub fn run_template_series(
     clones: &[usize],
     runc: bool,
 ) -> Result<Report, DensityError> {
+    // (runtime, checkpoints, label), in order.
+    let mut series: Vec<(Runtime, &[usize], &str)> = Vec::new();
+    if runc {
+        series.push((Runtime::Runc, clones, ""));
+    }
+    series.push((Runtime::PodvisorCold, &[1], " (boot)"));
+    series.push((Runtime::Podvisor, &[1], " (template build + first clone)"));
+    series.push((Runtime::Podvisor, clones, " clones"));
     run_session(plan, |containerd, events| {
         let mut runs = Vec::new();
-        if runc {
+        for (runtime, checkpoints, label) in series {
+            check_interrupt()?;
             runs.extend(run_runtime_at(
                 plan,
                 containerd,
                 events,
-                Runtime::Runc,
-                clones,
-                "",
+                runtime,
+                checkpoints,
+                label,
             )?);
         }
-        check_interrupt()?;
-        runs.extend(run_runtime_at(
-            plan,
-            containerd,
-            events,
-            Runtime::PodvisorCold,
-            &[1],
-            " (boot)",
-        )?);
-        check_interrupt()?;
-        runs.extend(run_runtime_at(
-            plan,
-            containerd,
-            events,
-            Runtime::Podvisor,
-            &[1],
-            " (template build + first clone)",
-        )?);
-        check_interrupt()?;
-        runs.extend(run_runtime_at(
-            plan,
-            containerd,
-            events,
-            Runtime::Podvisor,
-            clones,
-            " clones",
-        )?);
         Ok(runs)
     })
 }
@@ -1134,18 +1126,9 @@ fn run_session(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: DensityArgs,
-    }
 
     fn args(line: &str) -> DensityArgs {
-        Cli::try_parse_from(std::iter::once("density").chain(line.split_whitespace()))
-            .unwrap()
-            .args
+        crate::bench::parse_args(line)
     }
 
     #[test]
@@ -1178,8 +1161,8 @@ mod tests {
             "--pods 1 --runtime podvisor --kernel /nonexistent/vmlinux --initrd /nonexistent/i"
         )
         .contains("not a file"));
-        assert!(Cli::try_parse_from(["density", "--pods", "1", "--runtime", "kata"]).is_err());
-        assert!(Cli::try_parse_from(["density", "--pods", "1", "--ksm", "maybe"]).is_err());
+        assert!(crate::bench::try_parse_args::<DensityArgs>("--pods 1 --runtime kata").is_err());
+        assert!(crate::bench::try_parse_args::<DensityArgs>("--pods 1 --ksm maybe").is_err());
     }
 
     #[test]

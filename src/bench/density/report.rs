@@ -164,7 +164,8 @@ pub struct RuntimeRun {
 pub const TARGET_OVERHEAD_MIB: f64 = 4.0;
 pub const TARGET_TOTAL_MIB: f64 = 24.0;
 
-fn secs(ms: Option<f64>) -> String {
+/// A latency for tables: `850 ms`, `12.3 s`, or `n/a`.
+pub fn secs(ms: Option<f64>) -> String {
     ms.map_or("n/a".into(), |v| {
         if v < 1000.0 {
             format!("{v:.0} ms")
@@ -174,7 +175,8 @@ fn secs(ms: Option<f64>) -> String {
     })
 }
 
-fn mib(kib: Option<f64>) -> String {
+/// KiB as MiB with one decimal, or `n/a`.
+pub fn mib(kib: Option<f64>) -> String {
     kib.map_or("n/a".into(), |v| format!("{:.1}", v / 1024.0))
 }
 
@@ -243,6 +245,13 @@ pub fn markdown(report: &Report) -> String {
             100.0 * p.machine.used_per_pod_kib.max(0.0) / (1024.0 * 1024.0)
         );
     }
+    out += &failures(report);
+    out
+}
+
+/// One paragraph per failed pod and per teardown problem.
+pub fn failures(report: &Report) -> String {
+    let mut out = String::new();
     for r in &report.runs {
         for p in r.pods.iter().filter(|p| p.error.is_some()) {
             let _ = writeln!(
