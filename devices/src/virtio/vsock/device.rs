@@ -1,6 +1,5 @@
 //! The virtio-vsock device: configuration space, features, activation, reset and state.
 
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -23,6 +22,7 @@ use crate::virtio::{
     lock, read_config_bytes, ActivateError, DeviceState, DeviceSubscriber, FeatureSet, GuestMem,
     Interrupt, PersistError, QueuePosition, VirtioDevice,
 };
+use crate::virtio::set_nonblocking;
 
 /// Errors building a vsock device.
 #[derive(Debug, thiserror::Error)]
@@ -135,20 +135,6 @@ impl Vsock {
             queues: lock(&self.handler).queue_states(),
         }
     }
-}
-
-fn set_nonblocking(fd: &impl AsRawFd) -> std::io::Result<()> {
-    let fd = fd.as_raw_fd();
-    // SAFETY: fcntl on an fd we own, with no pointers involved; the result is checked.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 impl VirtioDevice for Vsock {
