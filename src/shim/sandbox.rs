@@ -198,6 +198,7 @@ impl Sandbox {
                 guest_cid: DEFAULT_GUEST_CID,
                 uds_path: state.vsock(),
             }),
+            net: Vec::new(),
         };
         let source = match config.template {
             TemplateMode::Off => VmSource::Boot(vm_config),

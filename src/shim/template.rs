@@ -184,6 +184,7 @@ mod tests {
             disks: Vec::new(),
             shares: Vec::new(),
             vsock: None,
+            net: Vec::new(),
         }
     }
 

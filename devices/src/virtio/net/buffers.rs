@@ -37,6 +37,8 @@ pub enum ChainError {
     TooManyBuffers,
     #[error("the chain has no buffer with data")]
     Empty,
+    #[error("the chain does not end (a descriptor loop, a link past the table or a bad indirect table)")]
+    Unterminated,
 }
 
 /// The buffers of one descriptor chain.
@@ -63,8 +65,13 @@ impl<'m> ChainBuffers<'m> {
         let mut slices = Vec::new();
         let mut len = 0usize;
         let mut descriptors = 0;
+        let mut more = false;
         for (index, desc) in chain.enumerate() {
             descriptors += 1;
+            // virtio-queue ends a chain early (loop past the queue size, link out of the
+            // table, unreadable or nested indirect table) without saying so: the last
+            // descriptor it gave then still has NEXT.
+            more = desc.has_next();
             let writable = desc.is_write_only();
             if writable != (direction == Direction::DeviceWrites) {
                 let (found, wanted) = if writable {
@@ -93,6 +100,9 @@ impl<'m> ChainBuffers<'m> {
                     return Err(ChainError::TooManyBuffers);
                 }
             }
+        }
+        if more {
+            return Err(ChainError::Unterminated);
         }
         if len == 0 {
             return Err(ChainError::Empty);

@@ -54,6 +54,8 @@ pub mod rx;
 pub mod tap;
 pub mod tx;
 
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_net;
 #[cfg(test)]
 mod tests;
 

@@ -5,7 +5,9 @@
 //! The frame's size is known only once it is read, so the device first takes (pops)
 //! enough available chains for the largest frame the tap can deliver ([`RxConfig::frame_max`]:
 //! header + MTU + Ethernet/VLAN header, or 64 KiB + headers once the guest took TSO),
-//! reads, and puts the chains the frame did not need back on the ring ([`unpop`]).
+//! reads, and puts the chains the frame did not need back on the ring ([`unpop`]). One
+//! host byte after the guest's buffers catches frames that did not fit (the tap truncates
+//! silently).
 //! * With `VIRTIO_NET_F_MRG_RXBUF` a frame may span several chains: the first
 //!   `num_buffers` chains are used, in ring order, and the count is written into the
 //!   header's `num_buffers` in the first one ([`spread`]).
@@ -94,7 +96,7 @@ pub fn receive(
             capacity,
             enough,
         } = peeked;
-        if chains.is_empty() || (capacity < cfg.frame_max && !enough) {
+        if chains.is_empty() || (cfg.mergeable && capacity < cfg.frame_max && !enough) {
             let seen = chains.len();
             unpop(queue, seen);
             let err = |e| format!("rx queue: cannot enable notifications: {e}");
@@ -109,7 +111,14 @@ pub fn receive(
             .iter()
             .flat_map(|c| c.slices().iter().cloned())
             .collect();
-        let iovs = IoVecs::new(None, &slices);
+        let mut iovs = IoVecs::new(None, &slices);
+        // One host byte after the guest's buffers: the tap truncates a frame that does not
+        // fit without saying so, and this byte filling up is how the device knows.
+        let mut overflow = [0u8; 1];
+        iovs.iovs.push(libc::iovec {
+            iov_base: overflow.as_mut_ptr().cast(),
+            iov_len: overflow.len(),
+        });
         let n = match tap.readv(&iovs.iovs) {
             Ok(n) => n,
             Err(e) => {
@@ -173,7 +182,7 @@ fn peek<'m>(
             chain,
             Direction::DeviceWrites,
             usize::MAX,
-            MAX_IOVECS - slices,
+            (MAX_IOVECS - 1).saturating_sub(slices),
         ) {
             Ok(bufs) if bufs.len() >= HDR_LEN => {
                 capacity += bufs.len();
@@ -204,7 +213,7 @@ fn peek<'m>(
         }
     }
     // Every descriptor of the ring is posted: the guest cannot give more.
-    if descriptors >= usize::from(queue.size()) || slices >= MAX_IOVECS {
+    if descriptors >= usize::from(queue.size()) || slices >= MAX_IOVECS - 1 {
         enough = true;
     }
     Ok(Peeked {

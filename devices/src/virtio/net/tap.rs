@@ -199,6 +199,11 @@ impl Tap {
         Ok(Tap { fd, name })
     }
 
+    /// The tap's fd (e.g. to hand a tap opened here to another process or device).
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
     /// The interface name (in the tap's network namespace).
     pub fn name(&self) -> &str {
         &self.name
