@@ -146,6 +146,10 @@ fn run_devices_guest(guest: GuestArtifacts, initrd: PathBuf, net: bool) {
     }
     let status = child.wait().unwrap();
     let console = reader.join().unwrap();
+    // What the guest reported (shown with --nocapture).
+    for line in console.lines().filter(|l| l.contains("pvtest:")) {
+        eprintln!("{line}");
+    }
     let mut stderr = String::new();
     child
         .stderr
@@ -211,7 +215,10 @@ fn run_devices_guest(guest: GuestArtifacts, initrd: PathBuf, net: bool) {
             "{console}"
         );
         let sent = net_host_to_guest.expect("the guest never listened on TCP");
-        assert_eq!(sent, expected, "host -> guest TCP data, as the guest summed it");
+        assert_eq!(
+            sent, expected,
+            "host -> guest TCP data, as the guest summed it"
+        );
         assert!(
             console.contains(&format!("pvtest: net-listen ok received={expected}")),
             "{console}"
@@ -257,7 +264,9 @@ fn connect_and_echo(uds: &std::path::Path) -> usize {
 }
 
 fn net_payload() -> Vec<u8> {
-    (0..NET_BYTES as u32).map(|i| (i % 249) as u8 ^ 0x5a).collect()
+    (0..NET_BYTES as u32)
+        .map(|i| (i % 249) as u8 ^ 0x5a)
+        .collect()
 }
 
 /// The host end of the guest's NIC: a tap with 10.0.2.1/24 in the caller's namespace (which

@@ -344,14 +344,20 @@ mod tests {
         let nics = r.net_configs(&saved);
         assert_eq!(nics.len(), 1);
         assert!(matches!(&nics[0].tap, TapSource::Name(t) if t == "tap9"));
-        assert_eq!((nics[0].mac, nics[0].mtu), (Some([2, 0, 0, 0, 0, 9]), Some(1400)));
+        assert_eq!(
+            (nics[0].mac, nics[0].mtu),
+            (Some([2, 0, 0, 0, 0, 9]), Some(1400))
+        );
         let r = RestoreConfig {
             net: Some(vec![NetConfig::named("tapX")]),
             ..RestoreConfig::new("/snap")
         };
         let nics = r.net_configs(&saved);
         assert!(matches!(&nics[0].tap, TapSource::Name(t) if t == "tapX"));
-        assert_eq!((nics[0].mac, nics[0].mtu), (Some([2, 0, 0, 0, 0, 9]), Some(1400)));
+        assert_eq!(
+            (nics[0].mac, nics[0].mtu),
+            (Some([2, 0, 0, 0, 0, 9]), Some(1400))
+        );
     }
 
     #[test]

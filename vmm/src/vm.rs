@@ -21,8 +21,8 @@ use devices::legacy::ConsoleInput;
 use devices::virtio::block::Block;
 use devices::virtio::fs::Fs;
 use devices::virtio::net::Net;
-use devices::virtio::DeviceState;
 use devices::virtio::vsock::Vsock;
+use devices::virtio::DeviceState;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use kvm_bindings::{
     kvm_irqchip, kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,

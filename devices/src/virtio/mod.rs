@@ -327,3 +327,16 @@ pub(crate) fn set_nonblocking(fd: &impl AsRawFd) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// `count` queue kick event fds (the device's: the transport writes them, the VMM registers
+/// them as ioeventfds) and a clone of each (for the device's event-loop subscriber).
+pub(crate) fn queue_event_pairs(count: usize) -> io::Result<(Vec<EventFd>, Vec<EventFd>)> {
+    let events = (0..count)
+        .map(|_| EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK))
+        .collect::<io::Result<Vec<_>>>()?;
+    let clones = events
+        .iter()
+        .map(EventFd::try_clone)
+        .collect::<io::Result<Vec<_>>>()?;
+    Ok((events, clones))
+}

@@ -21,9 +21,9 @@
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 const HOST_CID: u32 = 2;
@@ -237,13 +237,19 @@ fn read_summary(stream: &mut TcpStream) -> io::Result<String> {
 }
 
 fn net_payload() -> Vec<u8> {
-    (0..NET_BYTES as u32).map(|i| (i % 249) as u8 ^ 0x5a).collect()
+    (0..NET_BYTES as u32)
+        .map(|i| (i % 249) as u8 ^ 0x5a)
+        .collect()
 }
 
 fn check_net_up() -> io::Result<String> {
     nic_up()?;
     let attr = |a: &str| fs::read_to_string(format!("/sys/class/net/{NIC}/{a}"));
-    Ok(format!("mac={} mtu={}", attr("address")?.trim(), attr("mtu")?.trim()))
+    Ok(format!(
+        "mac={} mtu={}",
+        attr("address")?.trim(),
+        attr("mtu")?.trim()
+    ))
 }
 
 fn check_net_connect() -> io::Result<String> {

@@ -4,7 +4,7 @@
 
 use std::num::Wrapping;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::volatile_memory::PtrGuardMut;
 use vm_memory::{Bytes, GuestMemory, VolatileSlice};
 
@@ -37,7 +37,9 @@ pub enum ChainError {
     TooManyBuffers,
     #[error("the chain has no buffer with data")]
     Empty,
-    #[error("the chain does not end (a descriptor loop, a link past the table or a bad indirect table)")]
+    #[error(
+        "the chain does not end (a descriptor loop, a link past the table or a bad indirect table)"
+    )]
     Unterminated,
 }
 
@@ -204,6 +206,19 @@ impl<'a> IoVecs<'a> {
             iovs,
             _slices: std::marker::PhantomData,
         }
+    }
+}
+
+/// Pops the next available chain of `queue` (`what`: its name, for the error); `Err` if
+/// the available ring is broken (the device then needs a reset).
+pub fn pop_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMem,
+    what: &str,
+) -> Result<Option<DescriptorChain<&'m GuestMem>>, String> {
+    match queue.iter(mem) {
+        Ok(mut chains) => Ok(chains.next()),
+        Err(e) => Err(format!("{what} queue: bad available ring: {e}")),
     }
 }
 

@@ -24,6 +24,7 @@ use crate::virtio::features::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::virtio::persist::same;
+use crate::virtio::queue_event_pairs;
 use crate::virtio::{
     lock, read_config_bytes, ActivateError, DeviceState, DeviceSubscriber, FeatureSet, GuestMem,
     Interrupt, PersistError, QueuePosition, VirtioDevice,
@@ -128,15 +129,7 @@ impl Net {
             None => random_mac(),
         };
         let tap = Arc::new(Tap::open(&cfg.tap)?);
-        let queue_events = (0..NUM_QUEUES)
-            .map(|_| EventFd::new(EFD_NONBLOCK))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(NetError::EventFd)?;
-        let kicks = queue_events
-            .iter()
-            .map(EventFd::try_clone)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(NetError::EventFd)?;
+        let (queue_events, kicks) = queue_event_pairs(NUM_QUEUES).map_err(NetError::EventFd)?;
         let wake = EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?;
 
         let mut avail = bit(VIRTIO_F_VERSION_1)
@@ -154,7 +147,11 @@ impl Net {
             "virtio-net: tap {}, MAC {}, MTU {mtu}, offloads {}",
             tap.name(),
             format_mac(&mac),
-            if offloads { "on" } else { "off (the tap refuses them)" }
+            if offloads {
+                "on"
+            } else {
+                "off (the tap refuses them)"
+            }
         );
         let handler = NetHandler::new(kicks, wake, tap.clone());
         Ok(Net {
@@ -375,7 +372,13 @@ mod tests {
         assert_eq!(mac, [2, 0, 0x0a, 0xff, 0, 1]);
         assert_eq!(format_mac(&mac), "02:00:0a:ff:00:01");
         assert_eq!(parse_mac("02-00-0a-ff-00-01"), Some(mac));
-        for bad in ["", "02:00:0a:ff:00", "02:00:0a:ff:00:01:02", "2:00:0a:ff:00:01", "zz:00:0a:ff:00:01"] {
+        for bad in [
+            "",
+            "02:00:0a:ff:00",
+            "02:00:0a:ff:00:01:02",
+            "2:00:0a:ff:00:01",
+            "zz:00:0a:ff:00:01",
+        ] {
             assert_eq!(parse_mac(bad), None, "{bad}");
         }
         for _ in 0..16 {

@@ -229,7 +229,10 @@ mod tests {
             flags: 0,
             ..tso4(1448)
         };
-        assert_eq!(no_csum.check_tx(all, 9000), Err(HeaderError::GsoWithoutCsum));
+        assert_eq!(
+            no_csum.check_tx(all, 9000),
+            Err(HeaderError::GsoWithoutCsum)
+        );
         let far = NetHdr {
             csum_start: u16::MAX,
             csum_offset: u16::MAX,

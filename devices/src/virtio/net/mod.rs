@@ -123,7 +123,10 @@ impl RateLimitedWarn {
     /// it was logged.
     pub fn warn(&mut self, msg: std::fmt::Arguments) -> bool {
         let now = Instant::now();
-        if self.last.is_some_and(|t| now.duration_since(t) < self.interval) {
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < self.interval)
+        {
             self.suppressed += 1;
             return false;
         }

@@ -31,9 +31,9 @@ use std::io;
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 
-use super::buffers::{spread, unpop, ChainBuffers, Direction, IoVecs};
+use super::buffers::{pop_chain, spread, unpop, ChainBuffers, Direction, IoVecs};
 use super::header::NUM_BUFFERS_OFFSET;
 use super::tap::Tap;
 use super::{RateLimitedWarn, HDR_LEN, MAX_IOVECS};
@@ -171,10 +171,7 @@ fn peek<'m>(
     let mut descriptors = 0usize;
     let mut enough = false;
     while capacity < cfg.frame_max && (cfg.mergeable || chains.is_empty()) {
-        let chain = match queue.iter(mem) {
-            Ok(mut it) => it.next(),
-            Err(e) => return Err(format!("rx queue: bad available ring: {e}")),
-        };
+        let chain = pop_chain(queue, mem, "rx")?;
         let Some(chain) = chain else { break };
         let head = chain.head_index();
         match ChainBuffers::collect(
@@ -202,9 +199,7 @@ fn peek<'m>(
                     Ok(b) => format!("{} bytes cannot hold a header", b.len()),
                     Err(e) => e.to_string(),
                 };
-                warn.warn(format_args!(
-                    "rx chain {head} returned unused: {why}"
-                ));
+                warn.warn(format_args!("rx chain {head} returned unused: {why}"));
                 queue
                     .add_used(mem, head, 0)
                     .map_err(|e| format!("rx queue: cannot return chain {head}: {e}"))?;

@@ -237,51 +237,37 @@ impl Tap {
         ok
     }
 
-    /// One frame (header first) into `iovs`; the frame's full length is returned even if
-    /// the buffers were shorter (the tap then drops the rest).
+    /// One frame (header first) into `iovs`; the frame's length is returned (a frame
+    /// longer than the buffers is cut short without notice: leave room to detect it).
     pub fn readv(&self, iovs: &[libc::iovec]) -> io::Result<usize> {
-        loop {
-            // SAFETY: the caller's iovecs point into live buffers (guest memory kept mapped
-            // by the guest memory it borrowed from, or local arrays) with their lengths;
-            // the count is the slice's length.
-            let n = unsafe {
-                libc::readv(
-                    self.fd.as_raw_fd(),
-                    iovs.as_ptr(),
-                    iovs.len() as libc::c_int,
-                )
-            };
-            match n {
-                n if n >= 0 => return Ok(n as usize),
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-            }
-        }
+        self.transfer(iovs, false)
     }
 
     /// One frame (header first) from `iovs`.
     pub fn writev(&self, iovs: &[libc::iovec]) -> io::Result<usize> {
+        self.transfer(iovs, true)
+    }
+
+    fn transfer(&self, iovs: &[libc::iovec], write: bool) -> io::Result<usize> {
+        let count = iovs.len() as libc::c_int;
         loop {
-            // SAFETY: as in `readv`; the kernel only reads the buffers.
+            // SAFETY: the caller's iovecs point into live buffers (guest memory kept mapped
+            // by the guest memory the caller borrowed them from, or its local arrays) with
+            // their lengths; `count` is the slice's length. The kernel reads the buffers on
+            // a write and writes only within them on a read.
             let n = unsafe {
-                libc::writev(
-                    self.fd.as_raw_fd(),
-                    iovs.as_ptr(),
-                    iovs.len() as libc::c_int,
-                )
-            };
-            match n {
-                n if n >= 0 => return Ok(n as usize),
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
+                if write {
+                    libc::writev(self.fd.as_raw_fd(), iovs.as_ptr(), count)
+                } else {
+                    libc::readv(self.fd.as_raw_fd(), iovs.as_ptr(), count)
                 }
+            };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
             }
         }
     }
@@ -321,7 +307,10 @@ mod tests {
     #[test]
     fn offload_flags_follow_the_guest_features() {
         assert_eq!(offload_flags(0), 0);
-        assert_eq!(offload_flags(bit(VIRTIO_NET_F_GUEST_CSUM)), libc::TUN_F_CSUM);
+        assert_eq!(
+            offload_flags(bit(VIRTIO_NET_F_GUEST_CSUM)),
+            libc::TUN_F_CSUM
+        );
         // TSO without checksum offload is not allowed (the tap would refuse it).
         assert_eq!(offload_flags(bit(VIRTIO_NET_F_GUEST_TSO4)), 0);
         assert_eq!(

@@ -102,7 +102,11 @@ impl Guest {
             .collect();
         let head = self.drv.submit(TXQ, &bufs);
         let used = self.drv.wait_used(TXQ, 1, WAIT);
-        assert_eq!(used, vec![(u32::from(head), 0)], "tx chains are used with length 0");
+        assert_eq!(
+            used,
+            vec![(u32::from(head), 0)],
+            "tx chains are used with length 0"
+        );
         used[0]
     }
 
@@ -163,7 +167,9 @@ impl Guest {
 }
 
 fn frame(len: usize, seed: u8) -> Vec<u8> {
-    let payload: Vec<u8> = (0..len - 14).map(|i| (i as u8).wrapping_mul(7) ^ seed).collect();
+    let payload: Vec<u8> = (0..len - 14)
+        .map(|i| (i as u8).wrapping_mul(7) ^ seed)
+        .collect();
     ether_frame(MAC, ETHERTYPE, &payload)
 }
 
@@ -201,7 +207,10 @@ fn frames_go_both_ways_through_a_real_tap() {
         assert_eq!(data, back);
         assert_eq!(lens, vec![(HDR_LEN + back.len()) as u32]);
         let s = g.stats();
-        assert_eq!((s.tx_frames, s.rx_frames, s.tx_dropped, s.rx_dropped), (1, 1, 0, 0));
+        assert_eq!(
+            (s.tx_frames, s.rx_frames, s.tx_dropped, s.rx_dropped),
+            (1, 1, 0, 0)
+        );
         assert!(!g.needs_reset());
     });
 }
@@ -247,21 +256,27 @@ fn without_mergeable_buffers_a_frame_takes_one_chain() {
 
 #[test]
 fn without_receive_buffers_the_tap_is_left_alone_until_a_kick() {
-    netns_test("without_receive_buffers_the_tap_is_left_alone_until_a_kick", || {
-        let mut g = guest(None, u64::MAX & !GUEST_OFFLOADS);
-        g.drv.run_events(50);
-        let waiting = frame(300, 7);
-        g.host.send(&waiting);
-        assert!(g.drv.settle(RXQ, QUIET).is_empty());
-        assert!(!lock(&g.handler).tap_watched(), "tap unwatched without buffers");
-        // No busy polling: with a frame waiting in the tap, the loop stays idle.
-        assert_eq!(g.drv.run_events(100), 0, "the event loop spins");
-        // Buffers + kick: the waiting frame comes in (and two are left: room for another).
-        g.post_rx(3, 1024);
-        let (hdr, data, _) = g.receive();
-        assert_eq!((hdr.num_buffers, data), (1, waiting));
-        assert!(lock(&g.handler).tap_watched());
-    });
+    netns_test(
+        "without_receive_buffers_the_tap_is_left_alone_until_a_kick",
+        || {
+            let mut g = guest(None, u64::MAX & !GUEST_OFFLOADS);
+            g.drv.run_events(50);
+            let waiting = frame(300, 7);
+            g.host.send(&waiting);
+            assert!(g.drv.settle(RXQ, QUIET).is_empty());
+            assert!(
+                !lock(&g.handler).tap_watched(),
+                "tap unwatched without buffers"
+            );
+            // No busy polling: with a frame waiting in the tap, the loop stays idle.
+            assert_eq!(g.drv.run_events(100), 0, "the event loop spins");
+            // Buffers + kick: the waiting frame comes in (and two are left: room for another).
+            g.post_rx(3, 1024);
+            let (hdr, data, _) = g.receive();
+            assert_eq!((hdr.num_buffers, data), (1, waiting));
+            assert!(lock(&g.handler).tap_watched());
+        },
+    );
 }
 
 /// A UDP datagram from the guest (`src`) to `dst`:9999 with a partial checksum (what a guest
@@ -315,7 +330,10 @@ fn offloads_follow_the_negotiated_features() {
             VIRTIO_NET_F_HOST_TSO4,
             VIRTIO_NET_F_HOST_TSO6,
         ] {
-            assert!(offered & bit(f) != 0, "offload feature {f} offered by a tap");
+            assert!(
+                offered & bit(f) != 0,
+                "offload feature {f} offered by a tap"
+            );
         }
         // All accepted: the host may leave checksums and segmentation to the guest.
         assert!(ethtool_flag(TAP, ETHTOOL_GTXCSUM));
@@ -337,11 +355,15 @@ fn offloads_follow_the_negotiated_features() {
         g.transmit(hdr, &dgram);
         let mut buf = [0u8; 64];
         let (n, from) = sock.recv_from(&mut buf).expect("datagram from the guest");
-        assert_eq!((&buf[..n], from.ip()), (&b"checksum me"[..], guest_ip.into()));
+        assert_eq!(
+            (&buf[..n], from.ip()),
+            (&b"checksum me"[..], guest_ip.into())
+        );
 
         // Reset and renegotiate without offloads: the tap stops offloading, and the same
         // frame is dropped (the guest may not ask for checksum completion now).
-        g.drv.activate(u64::MAX & !(GUEST_OFFLOADS | bit(VIRTIO_NET_F_CSUM)), QSIZE);
+        g.drv
+            .activate(u64::MAX & !(GUEST_OFFLOADS | bit(VIRTIO_NET_F_CSUM)), QSIZE);
         assert!(!ethtool_flag(TAP, ETHTOOL_GTXCSUM));
         assert!(!ethtool_flag(TAP, ETHTOOL_GTSO));
         g.transmit(hdr, &dgram);
@@ -388,7 +410,9 @@ fn hostile_transmit_chains_are_dropped() {
             g.transmit(tso, &frame(3000, 9));
         }
         // Outside guest memory.
-        let head = g.drv.submit(TXQ, &[(GuestAddress(MEM as u64 - 4), 100, false)]);
+        let head = g
+            .drv
+            .submit(TXQ, &[(GuestAddress(MEM as u64 - 4), 100, false)]);
         assert_eq!(g.drv.wait_used(TXQ, 1, WAIT), vec![(u32::from(head), 0)]);
         // A descriptor loop: 100 → 101 → 100 ...
         let buf = g.drv.alloc(64);
@@ -414,7 +438,10 @@ fn hostile_transmit_chains_are_dropped() {
         assert_eq!(g.stats().tx_dropped, 9);
         assert_eq!(g.stats().tx_frames, 0);
         assert!(!g.needs_reset(), "bad frames do not break the device");
-        assert!(g.host.recv(ETHERTYPE, QUIET).is_none(), "nothing reached the tap");
+        assert!(
+            g.host.recv(ETHERTYPE, QUIET).is_none(),
+            "nothing reached the tap"
+        );
         // The device still works.
         g.transmit(NetHdr::default(), &eth);
         assert_eq!(g.host.recv(ETHERTYPE, WAIT).as_deref(), Some(&eth[..]));
@@ -431,10 +458,7 @@ fn hostile_receive_chains_are_returned_empty() {
         let bad_heads = [
             g.drv.queues[RXQ].add_chain(&g.drv.mem, &[(ro, 2048, false)]),
             g.drv.queues[RXQ].add_chain(&g.drv.mem, &[(tiny, 8, true)]),
-            g.drv.queues[RXQ].add_chain(
-                &g.drv.mem,
-                &[(GuestAddress(MEM as u64 - 16), 2048, true)],
-            ),
+            g.drv.queues[RXQ].add_chain(&g.drv.mem, &[(GuestAddress(MEM as u64 - 16), 2048, true)]),
         ];
         let data = frame(400, 10);
         g.host.send(&data);
@@ -443,7 +467,10 @@ fn hostile_receive_chains_are_returned_empty() {
         let expected: Vec<_> = bad_heads.iter().map(|&h| (u32::from(h), 0)).collect();
         assert_eq!(used[..3], expected[..], "bad chains come back empty, first");
         let (head, addr, _) = g.rx_posted[0];
-        assert_eq!(used[3..], [(u32::from(head), (HDR_LEN + data.len()) as u32)]);
+        assert_eq!(
+            used[3..],
+            [(u32::from(head), (HDR_LEN + data.len()) as u32)]
+        );
         let got = g.drv.read_mem(addr, HDR_LEN + data.len());
         assert_eq!(got[HDR_LEN..], data[..]);
         assert!(!g.needs_reset());
@@ -486,7 +513,9 @@ fn a_restored_nic_goes_on_with_its_new_tap() {
         let saved: crate::virtio::MmioPersist = serde_json::from_str(&json).unwrap();
 
         // The clone's tap: opened by "someone else" and handed over as an fd.
-        let fd = Tap::open(&TapSource::Name("pvt1".into())).unwrap().into_fd();
+        let fd = Tap::open(&TapSource::Name("pvt1".into()))
+            .unwrap()
+            .into_fd();
         let other_mac = Net::new(&NetConfig {
             tap: TapSource::Name("pvt2".into()),
             mac: Some([2, 0, 0, 0, 0, 9]),
@@ -495,7 +524,10 @@ fn a_restored_nic_goes_on_with_its_new_tap() {
         .unwrap();
         assert!(matches!(
             g.drv.restore(Box::new(other_mac), &saved),
-            Err(PersistError::Identity { what: "MAC address", .. })
+            Err(PersistError::Identity {
+                what: "MAC address",
+                ..
+            })
         ));
         let net = Net::new(&NetConfig {
             tap: TapSource::from(fd),

@@ -12,9 +12,9 @@
 
 use std::io;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 
-use super::buffers::{ChainBuffers, ChainError, Direction, IoVecs};
+use super::buffers::{pop_chain, ChainBuffers, ChainError, Direction, IoVecs};
 use super::header::{HeaderError, NetHdr};
 use super::tap::Tap;
 use super::{RateLimitedWarn, ETH_HLEN, HDR_LEN, MAX_FRAME_LEN, MAX_IOVECS};
@@ -70,10 +70,7 @@ pub fn transmit(
             if count.used as usize >= budget {
                 return Ok((TxEnd::Budget, count));
             }
-            let chain = match queue.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => return Err(format!("tx queue: bad available ring: {e}")),
-            };
+            let chain = pop_chain(queue, mem, "tx")?;
             let Some(chain) = chain else { break };
             let head = chain.head_index();
             match ChainBuffers::collect(
