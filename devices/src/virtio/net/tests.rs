@@ -219,7 +219,7 @@ fn frames_go_both_ways_through_a_real_tap() {
 fn a_large_frame_spans_mergeable_buffers() {
     netns_test("a_large_frame_spans_mergeable_buffers", || {
         // MTU 4000 and no guest TSO: the device needs 4030 bytes of buffers per frame.
-        let mut g = guest(Some(4000), u64::MAX & !GUEST_OFFLOADS);
+        let mut g = guest(Some(4000), !GUEST_OFFLOADS);
         g.post_rx(8, 1024);
         let big = frame(3000, 3);
         g.host.send(&big);
@@ -238,7 +238,7 @@ fn a_large_frame_spans_mergeable_buffers() {
 #[test]
 fn without_mergeable_buffers_a_frame_takes_one_chain() {
     netns_test("without_mergeable_buffers_a_frame_takes_one_chain", || {
-        let mut g = guest(Some(4000), u64::MAX & !bit(VIRTIO_NET_F_MRG_RXBUF));
+        let mut g = guest(Some(4000), !bit(VIRTIO_NET_F_MRG_RXBUF));
         g.post_rx(1, 1024);
         g.post_rx(1, 8192);
         // Too big for the first chain: dropped, the chain stays.
@@ -259,7 +259,7 @@ fn without_receive_buffers_the_tap_is_left_alone_until_a_kick() {
     netns_test(
         "without_receive_buffers_the_tap_is_left_alone_until_a_kick",
         || {
-            let mut g = guest(None, u64::MAX & !GUEST_OFFLOADS);
+            let mut g = guest(None, !GUEST_OFFLOADS);
             g.drv.run_events(50);
             let waiting = frame(300, 7);
             g.host.send(&waiting);
@@ -363,7 +363,7 @@ fn offloads_follow_the_negotiated_features() {
         // Reset and renegotiate without offloads: the tap stops offloading, and the same
         // frame is dropped (the guest may not ask for checksum completion now).
         g.drv
-            .activate(u64::MAX & !(GUEST_OFFLOADS | bit(VIRTIO_NET_F_CSUM)), QSIZE);
+            .activate(!(GUEST_OFFLOADS | bit(VIRTIO_NET_F_CSUM)), QSIZE);
         assert!(!ethtool_flag(TAP, ETHTOOL_GTXCSUM));
         assert!(!ethtool_flag(TAP, ETHTOOL_GTSO));
         g.transmit(hdr, &dgram);
@@ -373,7 +373,7 @@ fn offloads_follow_the_negotiated_features() {
 
         // Checksum only: no TSO.
         g.drv.activate(
-            u64::MAX & !(bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_GUEST_TSO6)),
+            !(bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_GUEST_TSO6)),
             QSIZE,
         );
         assert!(ethtool_flag(TAP, ETHTOOL_GTXCSUM));
@@ -387,7 +387,7 @@ fn offloads_follow_the_negotiated_features() {
 #[test]
 fn hostile_transmit_chains_are_dropped() {
     netns_test("hostile_transmit_chains_are_dropped", || {
-        let mut g = guest(None, u64::MAX & !bit(VIRTIO_NET_F_HOST_TSO4));
+        let mut g = guest(None, !bit(VIRTIO_NET_F_HOST_TSO4));
         let hdr = NetHdr::default().to_bytes();
         let eth = frame(60, 8);
         // Short header; header and too little frame; a device-writable buffer.
@@ -451,7 +451,7 @@ fn hostile_transmit_chains_are_dropped() {
 #[test]
 fn hostile_receive_chains_are_returned_empty() {
     netns_test("hostile_receive_chains_are_returned_empty", || {
-        let mut g = guest(None, u64::MAX & !GUEST_OFFLOADS);
+        let mut g = guest(None, !GUEST_OFFLOADS);
         // Device-readable, too small for a header, outside memory; then good ones.
         let ro = g.drv.alloc(2048);
         let tiny = g.drv.alloc(8);
