@@ -4,7 +4,8 @@
 # Usage: rootfs/build-initramfs.sh OUT_DIR [NAME]
 #   NAME = boot-test (default): init marks the boot timer, reports, reboots.
 #   NAME = devices-test: init also runs /bin/pvtest (rootfs/guest-test, a static Rust
-#          binary built here) against virtio-blk, virtio-fs and virtio-vsock.
+#          binary built here) against virtio-blk, virtio-fs, virtio-vsock and
+#          virtio-net.
 #   NAME = agent-test: /init is the guest agent (rootfs/agent, static, size-optimised
 #          build), nothing else: no busybox, no shell (tests/guest_agent.rs).
 # Prints ONLY the path of the archive on stdout; messages go to stderr.

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use vmm::config::{
-    parse_disk, BlockConfig, ShareConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_GUEST_CID,
+    parse_disk, parse_net, BlockConfig, NetConfig, ShareConfig, VsockConfig, DEFAULT_CMDLINE,
+    DEFAULT_GUEST_CID,
 };
 use vmm::{BootTimings, ConsoleConfig, RestoreConfig, RunningVm, Vm, VmConfig};
 
@@ -43,6 +44,13 @@ pub struct BootArgs {
     /// The guest's vsock CID.
     #[arg(long, default_value_t = DEFAULT_GUEST_CID)]
     pub guest_cid: u64,
+    /// A virtio-net NIC on host tap TAP, `TAP[,mac=02:xx:xx:xx:xx:xx][,mtu=N]` (repeatable;
+    /// the guest sees eth0, eth1, ...). The tap is opened in podvisor's network namespace,
+    /// and created if it does not exist (it then goes away with the VM); configure the
+    /// host side (address, bridge, up) yourself. Default MAC: random, locally
+    /// administered; default MTU: 1500 (keep the tap's MTU at most the NIC's).
+    #[arg(long = "net", value_name = "TAP[,mac=..][,mtu=N]", value_parser = parse_net)]
+    pub nets: Vec<NetConfig>,
     /// Where the guest console goes: `stdio`, `none`, or a file path (appended).
     #[arg(long, default_value = "stdio")]
     pub console: String,
@@ -70,8 +78,9 @@ pub struct BootArgs {
     pub snapshot_after: f64,
     /// Restore the VM saved in this directory instead of booting a kernel: the guest goes
     /// on where it was saved. --vcpus, --mem-mib, --kernel, --initrd and --cmdline are the
-    /// snapshot's; --disk, --share and --vsock, if given, replace the snapshot's files and
-    /// socket (same devices in the same order, same sizes, tags and guest CID).
+    /// snapshot's; --disk, --share, --vsock and --net, if given, replace the snapshot's
+    /// files, socket and taps (same devices in the same order, same sizes, tags, guest CID,
+    /// MACs and MTUs; without --net the snapshot's taps are reopened by name).
     #[arg(long, value_name = "DIR")]
     pub restore: Option<PathBuf>,
     /// With --restore: check the memory file's checksum first (reads all of it).
@@ -100,6 +109,7 @@ pub fn run(args: BootArgs, process_start: Instant) -> Result<u8, Box<dyn std::er
                 disks: (!args.disks.is_empty()).then(|| args.disks.clone()),
                 shares: (!args.shares.is_empty()).then(|| args.shares.clone()),
                 vsock,
+                net: (!args.nets.is_empty()).then(|| args.nets.clone()),
                 verify_memory: args.verify_memory,
                 ..RestoreConfig::new(dir)
             };
@@ -116,6 +126,7 @@ pub fn run(args: BootArgs, process_start: Instant) -> Result<u8, Box<dyn std::er
                 disks: args.disks.clone(),
                 shares: args.shares.clone(),
                 vsock,
+                net: args.nets.clone(),
             },
             process_start,
         )?,

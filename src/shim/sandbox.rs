@@ -116,6 +116,7 @@ pub fn pod_vm_config(config: &ShimConfig, state: &StateDir) -> Result<VmConfig, 
             guest_cid: DEFAULT_GUEST_CID,
             uds_path: state.vsock(),
         }),
+        net: Vec::new(),
     })
 }
 

@@ -298,6 +298,7 @@ mod tests {
             disks: Vec::new(),
             shares: Vec::new(),
             vsock: None,
+            net: Vec::new(),
         }
     }
 

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 pub use devices::virtio::block::BlockConfig;
 pub use devices::virtio::fs::ShareConfig;
+pub use devices::virtio::net::{NetConfig, NetState, TapSource};
 
 use crate::arch::mptable;
 
@@ -54,6 +55,15 @@ pub struct VmConfig {
     pub shares: Vec<ShareConfig>,
     /// virtio-vsock with the hybrid Unix-socket back end, if any.
     pub vsock: Option<VsockConfig>,
+    /// virtio-net NICs on host taps, in the order the guest sees them (`eth0`, `eth1`,
+    /// ...). E.g. the shim: `NetConfig { tap: TapSource::from(tap_fd), mac: Some(mac),
+    /// mtu: Some(mtu) }` with a tap it opened in the pod's network namespace.
+    ///
+    /// Not written to a snapshot's configuration (a tap fd means nothing in another
+    /// process): a restored VM's NICs come from [`RestoreConfig::net`], or else from the
+    /// tap names, MACs and MTUs in the snapshot's device state.
+    #[serde(skip)]
+    pub net: Vec<NetConfig>,
 }
 
 /// The guest CID podvisor gives a VM's vsock device (each VM has its own device, so the
@@ -80,6 +90,7 @@ impl Default for VmConfig {
             disks: Vec::new(),
             shares: Vec::new(),
             vsock: None,
+            net: Vec::new(),
         }
     }
 }
@@ -99,6 +110,10 @@ pub struct RestoreConfig {
     pub shares: Option<Vec<ShareConfig>>,
     /// This VM's vsock socket (same guest CID as saved); `None`: the snapshot's own path.
     pub vsock: Option<VsockConfig>,
+    /// This VM's NICs (same number and order, same MACs and MTUs as saved; a `None` MAC or
+    /// MTU takes the saved one); `None`: the snapshot's taps, reopened by name in this
+    /// process's network namespace.
+    pub net: Option<Vec<NetConfig>>,
     /// Check the memory file's CRC first (reads the whole file: for debugging, or once after
     /// copying a snapshot).
     pub verify_memory: bool,
@@ -118,6 +133,7 @@ impl RestoreConfig {
             disks: None,
             shares: None,
             vsock: None,
+            net: None,
             verify_memory: false,
             advance_clock: false,
         }
@@ -132,6 +148,30 @@ impl RestoreConfig {
             shares: self.shares.clone().unwrap_or_else(|| saved.shares.clone()),
             vsock: self.vsock.clone().or_else(|| saved.vsock.clone()),
             ..saved.clone()
+        }
+    }
+
+    /// The restored VM's NICs, given the snapshot's saved ones (in order): [`Self::net`]
+    /// with missing MACs and MTUs taken from the saved devices, or the saved taps by name.
+    pub fn net_configs(&self, saved: &[NetState]) -> Vec<NetConfig> {
+        match &self.net {
+            Some(nics) => nics
+                .iter()
+                .enumerate()
+                .map(|(i, nic)| NetConfig {
+                    tap: nic.tap.clone(),
+                    mac: nic.mac.or(saved.get(i).map(|s| s.mac)),
+                    mtu: nic.mtu.or(saved.get(i).map(|s| s.mtu)),
+                })
+                .collect(),
+            None => saved
+                .iter()
+                .map(|s| NetConfig {
+                    tap: TapSource::Name(s.tap.clone()),
+                    mac: Some(s.mac),
+                    mtu: Some(s.mtu),
+                })
+                .collect(),
         }
     }
 }
@@ -153,6 +193,8 @@ pub enum ConfigError {
     DiskSpec { spec: String },
     #[error("virtio-fs share: {0}")]
     Share(#[from] devices::virtio::fs::ConfigError),
+    #[error("invalid NIC {spec:?}: {reason}; expected TAP[,mac=02:xx:xx:xx:xx:xx][,mtu=N]")]
+    NetSpec { spec: String, reason: String },
 }
 
 /// Parses a disk given as `PATH[,ro]`.
@@ -175,6 +217,42 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
         read_only,
         id: None,
     })
+}
+
+/// Parses a NIC given as `TAP[,mac=AA:BB:CC:DD:EE:FF][,mtu=N]` (a tap by name, opened or
+/// created in the caller's network namespace).
+pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
+    let err = |reason: &str| ConfigError::NetSpec {
+        spec: spec.to_string(),
+        reason: reason.to_string(),
+    };
+    let mut parts = spec.split(',');
+    let tap = parts
+        .next()
+        .filter(|t| !t.is_empty() && !t.contains('='))
+        .ok_or_else(|| err("the tap name comes first"))?;
+    let mut nic = NetConfig::named(tap);
+    for opt in parts {
+        match opt.split_once('=') {
+            Some(("mac", v)) => {
+                let mac = devices::virtio::net::parse_mac(v).ok_or_else(|| err("bad MAC"))?;
+                if mac[0] & 1 != 0 {
+                    return Err(err("the MAC is a multicast address"));
+                }
+                nic.mac = Some(mac);
+            }
+            Some(("mtu", v)) => {
+                let mtu = v.parse::<u16>().map_err(|_| err("bad MTU"))?;
+                let (min, max) = (devices::virtio::net::MIN_MTU, devices::virtio::net::MAX_MTU);
+                if !(min..=max).contains(&mtu) {
+                    return Err(err(&format!("the MTU must be {min} to {max}")));
+                }
+                nic.mtu = Some(mtu);
+            }
+            _ => return Err(err(&format!("unknown option {opt:?}"))),
+        }
+    }
+    Ok(nic)
 }
 
 impl VmConfig {
@@ -230,6 +308,56 @@ mod tests {
         assert!(!parse_disk("b.img").unwrap().read_only);
         assert!(parse_disk("").is_err());
         assert!(parse_disk("a.img,bogus").is_err());
+    }
+
+    #[test]
+    fn parses_net_specs() {
+        let n = parse_net("tap0,mac=02:00:00:00:00:07,mtu=9000").unwrap();
+        assert!(matches!(&n.tap, TapSource::Name(t) if t == "tap0"));
+        assert_eq!((n.mac, n.mtu), (Some([2, 0, 0, 0, 0, 7]), Some(9000)));
+        let n = parse_net("tap1").unwrap();
+        assert_eq!((n.mac, n.mtu), (None, None));
+        for bad in [
+            "",
+            "mac=02:00:00:00:00:07",
+            "tap0,mac=01:00:00:00:00:07",
+            "tap0,mac=zz",
+            "tap0,mtu=10",
+            "tap0,mtu=big",
+            "tap0,speed=10",
+        ] {
+            assert!(parse_net(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn restored_nics_come_from_the_override_or_the_snapshot() {
+        let saved = vec![NetState {
+            tap: "tap9".into(),
+            mac: [2, 0, 0, 0, 0, 9],
+            mtu: 1400,
+            avail_features: 0,
+            acked_features: 0,
+            queues: None,
+        }];
+        let r = RestoreConfig::new("/snap");
+        let nics = r.net_configs(&saved);
+        assert_eq!(nics.len(), 1);
+        assert!(matches!(&nics[0].tap, TapSource::Name(t) if t == "tap9"));
+        assert_eq!(
+            (nics[0].mac, nics[0].mtu),
+            (Some([2, 0, 0, 0, 0, 9]), Some(1400))
+        );
+        let r = RestoreConfig {
+            net: Some(vec![NetConfig::named("tapX")]),
+            ..RestoreConfig::new("/snap")
+        };
+        let nics = r.net_configs(&saved);
+        assert!(matches!(&nics[0].tap, TapSource::Name(t) if t == "tapX"));
+        assert_eq!(
+            (nics[0].mac, nics[0].mtu),
+            (Some([2, 0, 0, 0, 0, 9]), Some(1400))
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub mod timings;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::{ConsoleConfig, RestoreConfig, VmConfig};
+pub use config::{ConsoleConfig, NetConfig, RestoreConfig, TapSource, VmConfig};
 pub use exit::ExitReason;
 pub use host::HostKind;
 pub use snapshot::{SnapshotError, SnapshotInfo};

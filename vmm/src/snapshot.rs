@@ -94,7 +94,7 @@ pub enum SnapshotError {
     },
     #[error(
         "the snapshot has {saved} virtio device(s), this VM has {current}: give the restored VM \
-         the same disks, shares and vsock, in the same order"
+         the same disks, shares, vsock and NICs, in the same order"
     )]
     DeviceCount { saved: usize, current: usize },
     #[error("virtio device {index}: {source}")]
@@ -226,7 +226,7 @@ pub struct KvmVmState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DevicesState {
     pub serial: SerialPersist,
-    /// In MMIO window order (disks, shares, vsock).
+    /// In MMIO window order (disks, shares, vsock, NICs).
     pub virtio: Vec<MmioPersist>,
 }
 

@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use devices::legacy::ConsoleInput;
 use devices::virtio::block::Block;
 use devices::virtio::fs::Fs;
+use devices::virtio::net::Net;
 use devices::virtio::vsock::Vsock;
+use devices::virtio::DeviceState;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use kvm_bindings::{
     kvm_irqchip, kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
@@ -96,6 +98,12 @@ pub enum VmError {
     Vsock {
         path: std::path::PathBuf,
         source: devices::virtio::vsock::VsockError,
+    },
+    #[error("NIC {index} ({tap}): {source}")]
+    Net {
+        index: usize,
+        tap: String,
+        source: devices::virtio::net::NetError,
     },
     #[error("disk {path}: {source}")]
     Disk {
@@ -249,7 +257,17 @@ impl Vm {
     pub fn restore(restore: &RestoreConfig, process_start: Instant) -> Result<Vm, VmError> {
         let dir = &restore.snapshot;
         let state = SnapshotState::read(dir)?;
-        let config = restore.apply(&state.config);
+        let mut config = restore.apply(&state.config);
+        let saved_nics: Vec<_> = state
+            .devices
+            .virtio
+            .iter()
+            .filter_map(|d| match &d.device {
+                DeviceState::Net(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect();
+        config.net = restore.net_configs(&saved_nics);
         config.validate_devices()?;
         if state.vcpus.len() != config.vcpus {
             return Err(SnapshotError::VcpuCount {
@@ -497,7 +515,7 @@ fn save_caps(kvm: &Kvm) -> Result<SaveCaps, VmError> {
     })
 }
 
-/// The configuration's virtio devices, in MMIO window order: disks, shares, vsock.
+/// The configuration's virtio devices, in MMIO window order: disks, shares, vsock, NICs.
 fn add_virtio_devices(
     devices: &mut DeviceManager,
     vm_fd: &VmFd,
@@ -524,6 +542,14 @@ fn add_virtio_devices(
             source,
         })?;
         devices.add_virtio(vm_fd, mem, Box::new(vsock))?;
+    }
+    for (index, nic) in config.net.iter().enumerate() {
+        let net = Net::new(nic).map_err(|source| VmError::Net {
+            index,
+            tap: nic.tap.to_string(),
+            source,
+        })?;
+        devices.add_virtio(vm_fd, mem, Box::new(net))?;
     }
     Ok(())
 }

@@ -17,19 +17,22 @@
 //!   and writes the irqfd the VMM registered on the device's GSI. It also carries the
 //!   "device needs reset" flag a device raises when the driver broke the protocol.
 //!
-//! Devices: [`block`] (virtio-blk). The test driver in `test_utils` (built for tests and
+//! Devices: [`block`] (virtio-blk), [`fs`] (virtio-fs), [`vsock`] (virtio-vsock), [`net`]
+//! (virtio-net on a tap). The test driver in `test_utils` (built for tests and
 //! with the `test-utils` feature) drives a device through the transport's registers exactly
 //! like the Linux virtio-mmio driver does.
 
 pub mod block;
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod persist;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 pub mod vsock;
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -307,4 +310,33 @@ pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
         let n = avail.len().min(data.len());
         data[..n].copy_from_slice(&avail[..n]);
     }
+}
+
+/// Sets `O_NONBLOCK` on `fd` (device fds are served on the event loop, which must never
+/// block).
+pub(crate) fn set_nonblocking(fd: &impl AsRawFd) -> std::io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: fcntl on an fd we own, with no pointers involved; the result is checked.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `count` queue kick event fds (the device's: the transport writes them, the VMM registers
+/// them as ioeventfds) and a clone of each (for the device's event-loop subscriber).
+pub(crate) fn queue_event_pairs(count: usize) -> io::Result<(Vec<EventFd>, Vec<EventFd>)> {
+    let events = (0..count)
+        .map(|_| EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK))
+        .collect::<io::Result<Vec<_>>>()?;
+    let clones = events
+        .iter()
+        .map(EventFd::try_clone)
+        .collect::<io::Result<Vec<_>>>()?;
+    Ok((events, clones))
 }

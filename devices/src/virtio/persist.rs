@@ -2,7 +2,7 @@
 //!
 //! [`MmioTransport::save`](super::MmioTransport::save) records a device as an
 //! [`MmioPersist`]: the transport's registers ([`MmioState`]) and the device's own
-//! [`DeviceState`] — identity (disk size, share tag, guest CID), host paths (information
+//! [`DeviceState`] — identity (disk size, share tag, guest CID, MAC and MTU), host paths (information
 //! only), offered and accepted features and, while the driver has it running, its position
 //! in every queue ([`QueuePosition`]).
 //!
@@ -25,6 +25,7 @@ use std::num::Wrapping;
 use super::block::BlockState;
 use super::fs::FsState;
 use super::mmio::MmioState;
+use super::net::NetState;
 use super::vsock::VsockState;
 use super::ActivateError;
 use serde::{Deserialize, Serialize};
@@ -96,6 +97,7 @@ pub enum DeviceState {
     Block(BlockState),
     Fs(FsState),
     Vsock(VsockState),
+    Net(NetState),
     /// A device with no state of its own beyond features and queues (tests).
     Generic {
         device_type: u32,
@@ -112,6 +114,7 @@ impl DeviceState {
             DeviceState::Block(_) => "virtio-blk",
             DeviceState::Fs(_) => "virtio-fs",
             DeviceState::Vsock(_) => "virtio-vsock",
+            DeviceState::Net(_) => "virtio-net",
             DeviceState::Generic { .. } => "generic virtio",
         }
     }
@@ -122,6 +125,7 @@ impl DeviceState {
             DeviceState::Block(s) => s.acked_features,
             DeviceState::Fs(s) => s.acked_features,
             DeviceState::Vsock(s) => s.acked_features,
+            DeviceState::Net(s) => s.acked_features,
             DeviceState::Generic { acked_features, .. } => *acked_features,
         }
     }
@@ -132,6 +136,7 @@ impl DeviceState {
             DeviceState::Block(s) => s.queues.as_deref(),
             DeviceState::Fs(s) => s.queues.as_deref(),
             DeviceState::Vsock(s) => s.queues.as_deref(),
+            DeviceState::Net(s) => s.queues.as_deref(),
             DeviceState::Generic { queues, .. } => queues.as_deref(),
         }
     }

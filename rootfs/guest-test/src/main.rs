@@ -9,19 +9,32 @@
 //! * vsock (guest → host): connects to CID 2 port 5000, sends `hello from guest` and
 //!   expects it echoed back;
 //! * vsock (host → guest): listens on port 6000, accepts one connection, echoes what it reads
-//!   until EOF.
+//!   until EOF;
+//! * net (only if the VM has a NIC, `eth0`): gives it 10.0.2.2/24 and brings it up (ioctls,
+//!   no `ip` binary), reports its MAC and MTU; connects to 10.0.2.1:7000 over TCP, sends
+//!   512 KiB and reads the host's `<bytes> <fnv1a hash>` line back (guest → host); then
+//!   listens on 10.0.2.2:7001, receives what the host sends until EOF and answers with the
+//!   same kind of line (host → guest).
 //!
 //! The host test reads these lines on the console and checks the disk and share afterwards.
 
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
 
 const HOST_CID: u32 = 2;
 const GUEST_TO_HOST_PORT: u32 = 5000;
 const HOST_TO_GUEST_PORT: u32 = 6000;
+const NIC: &str = "eth0";
+const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 1);
+const NET_GUEST_TO_HOST_PORT: u16 = 7000;
+const NET_HOST_TO_GUEST_PORT: u16 = 7001;
+const NET_BYTES: usize = 512 << 10;
 /// Where the guest writes its marker on the disk.
 const MARKER_OFFSET: u64 = 1 << 20;
 const MARKER: &[u8] = b"podvisor-guest-was-here";
@@ -167,6 +180,114 @@ fn check_vsock_listen() -> io::Result<String> {
     Ok(format!("echoed_bytes={total}"))
 }
 
+/// An `ifreq` for `name` (the union zeroed).
+fn ifreq(name: &str) -> libc::ifreq {
+    // SAFETY: ifreq is plain data; all-zero is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, b) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = b as libc::c_char;
+    }
+    req
+}
+
+/// An `AF_INET` socket address in an `ifreq`'s union.
+fn sockaddr_in(ip: Ipv4Addr) -> libc::sockaddr {
+    // SAFETY: sockaddr_in is plain data; all-zero is valid.
+    let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sin.sin_family = libc::AF_INET as libc::sa_family_t;
+    sin.sin_addr.s_addr = u32::from_ne_bytes(ip.octets());
+    // SAFETY: sockaddr_in and sockaddr have the same size; plain data.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// Gives `NIC` its address and brings it up, as `ip addr add` + `ip link set up` would.
+fn nic_up() -> io::Result<()> {
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh, valid descriptor we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let call = |req: libc::c_ulong, r: &mut libc::ifreq| {
+        use std::os::fd::AsRawFd;
+        // SAFETY: each request takes a `struct ifreq`, which `r` is.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), req, r as *mut libc::ifreq) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    let mut r = ifreq(NIC);
+    r.ifr_ifru.ifru_addr = sockaddr_in(GUEST_IP);
+    call(libc::SIOCSIFADDR, &mut r)?;
+    r.ifr_ifru.ifru_netmask = sockaddr_in(Ipv4Addr::new(255, 255, 255, 0));
+    call(libc::SIOCSIFNETMASK, &mut r)?;
+    let mut r = ifreq(NIC);
+    call(libc::SIOCGIFFLAGS, &mut r)?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    unsafe { r.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    call(libc::SIOCSIFFLAGS, &mut r)
+}
+
+/// `<bytes> <fnv1a hash>` of everything `stream` sends until EOF.
+fn read_summary(stream: &mut TcpStream) -> io::Result<String> {
+    let mut data = Vec::new();
+    stream.read_to_end(&mut data)?;
+    Ok(format!("{} {:016x}", data.len(), fnv1a(&data)))
+}
+
+fn net_payload() -> Vec<u8> {
+    (0..NET_BYTES as u32)
+        .map(|i| (i % 249) as u8 ^ 0x5a)
+        .collect()
+}
+
+fn check_net_up() -> io::Result<String> {
+    nic_up()?;
+    let attr = |a: &str| fs::read_to_string(format!("/sys/class/net/{NIC}/{a}"));
+    Ok(format!(
+        "mac={} mtu={}",
+        attr("address")?.trim(),
+        attr("mtu")?.trim()
+    ))
+}
+
+fn check_net_connect() -> io::Result<String> {
+    // The host listens before the VM starts; ARP and the first SYN may still be lost while
+    // the link comes up: retry for a while.
+    let addr = SocketAddrV4::new(HOST_IP, NET_GUEST_TO_HOST_PORT);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut stream = loop {
+        match TcpStream::connect_timeout(&addr.into(), Duration::from_secs(20)) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                println!("pvtest: net-connect retrying after {e}");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let data = net_payload();
+    stream.write_all(&data)?;
+    stream.shutdown(Shutdown::Write)?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    let sent = format!("{} {:016x}", data.len(), fnv1a(&data));
+    if reply.trim() != sent {
+        return Err(io::Error::other(format!("host got {reply:?}, sent {sent}")));
+    }
+    Ok(format!("sent={sent}"))
+}
+
+fn check_net_listen() -> io::Result<String> {
+    let listener = TcpListener::bind(SocketAddrV4::new(GUEST_IP, NET_HOST_TO_GUEST_PORT))?;
+    println!("pvtest: net-listen ready port={NET_HOST_TO_GUEST_PORT}");
+    let (mut stream, _) = listener.accept()?;
+    let summary = read_summary(&mut stream)?;
+    stream.write_all(format!("{summary}\n").as_bytes())?;
+    Ok(format!("received={summary}"))
+}
+
 fn report(name: &str, result: io::Result<String>) -> bool {
     match result {
         Ok(detail) => {
@@ -190,5 +311,12 @@ fn main() {
     ok &= report("fs", check_fs());
     ok &= report("vsock-connect", check_vsock_connect());
     ok &= report("vsock-listen", check_vsock_listen());
+    if std::path::Path::new(&format!("/sys/class/net/{NIC}")).exists() {
+        ok &= report("net-up", check_net_up())
+            && report("net-connect", check_net_connect())
+            && report("net-listen", check_net_listen());
+    } else {
+        println!("pvtest: net skipped (no {NIC})");
+    }
     println!("pvtest: done {}", if ok { "ok" } else { "FAIL" });
 }

@@ -1,6 +1,5 @@
 //! The virtio-vsock device: configuration space, features, activation, reset and state.
 
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -19,6 +18,8 @@ use crate::virtio::features::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::virtio::persist::same;
+use crate::virtio::queue_event_pairs;
+use crate::virtio::set_nonblocking;
 use crate::virtio::{
     lock, read_config_bytes, ActivateError, DeviceState, DeviceSubscriber, FeatureSet, GuestMem,
     Interrupt, PersistError, QueuePosition, VirtioDevice,
@@ -79,15 +80,7 @@ impl Vsock {
         }
         let uds_path = uds_path.as_ref();
         let (listener, socket) = uds::bind_listener(uds_path)?;
-        let queue_events = (0..NUM_QUEUES)
-            .map(|_| EventFd::new(EFD_NONBLOCK))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(VsockError::EventFd)?;
-        let kicks = queue_events
-            .iter()
-            .map(EventFd::try_clone)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(VsockError::EventFd)?;
+        let (queue_events, kicks) = queue_event_pairs(NUM_QUEUES).map_err(VsockError::EventFd)?;
         let wake = EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?;
         let timer = TimerFd::new().map_err(|e| VsockError::Timer(e.into()))?;
         set_nonblocking(&timer).map_err(VsockError::Timer)?;
@@ -135,20 +128,6 @@ impl Vsock {
             queues: lock(&self.handler).queue_states(),
         }
     }
-}
-
-fn set_nonblocking(fd: &impl AsRawFd) -> std::io::Result<()> {
-    let fd = fd.as_raw_fd();
-    // SAFETY: fcntl on an fd we own, with no pointers involved; the result is checked.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 impl VirtioDevice for Vsock {
