@@ -793,21 +793,12 @@ fn cri_podvisor_bad_config_fails_cleanly() {
 
 /// Pod networking on podvisor (issue 9): CNI's bridge plugin makes the pod's network
 /// namespace, the shim wires it to the VM's NIC (tap + tc redirect) and the agent configures
-/// the guest NIC; then the same checks as with runc, both ways.
-///
-/// Waits for the VMM's virtio-net device: until `VM_HAS_NIC` in src/shim/sandbox.rs is true
-/// the VM gets no NIC, so this test runs only with `PODVISOR_TEST_POD_NETWORK=1` (set it when
-/// the device is hooked up, then drop the gate).
+/// the guest NIC; then the same checks as with runc, both ways. The pod starts as a clone
+/// of a template with one NIC (templates are on by default): the agent gives the NIC the
+/// veth's MAC.
 #[test]
 fn cri_podvisor_pod_network() {
     const TEST: &str = "cri_podvisor_pod_network";
-    if std::env::var("PODVISOR_TEST_POD_NETWORK").as_deref() != Ok("1") {
-        eprintln!(
-            "*** SKIPPED {TEST}: the pod VM has no virtio-net NIC yet \
-             (PODVISOR_TEST_POD_NETWORK=1 runs it) ***"
-        );
-        return;
-    }
     let Some(guest) = guest_artifacts(TEST) else {
         return;
     };

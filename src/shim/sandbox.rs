@@ -4,9 +4,11 @@
 //! destroy it, wait for the VM to stop and remove the host state.
 //!
 //! Pod network (issue 9, see `super::net`): a pod whose sandbox spec joins a network
-//! namespace (CRI + CNI) gets that namespace wired to a tap per CNI interface and the agent
-//! configures the guest NIC after CreateSandbox. The places that complete it once the VMM
-//! has virtio-net are marked `NET-HOOKUP`.
+//! namespace (CRI + CNI) gets that namespace wired to a tap per CNI interface, one
+//! virtio-net NIC on each tap, and the agent configures the guest NICs after CreateSandbox.
+//! Such pods start from templates too: a template of the same NIC count and MTUs, whose
+//! NICs are bound to this pod's taps on restore (the agent then gives them the CNI
+//! interfaces' MACs).
 
 use std::os::fd::IntoRawFd;
 use std::os::unix::net::UnixStream;
@@ -24,7 +26,10 @@ use podvisor_agent_protocol::agent_ttrpc::AgentClient;
 use podvisor_agent_protocol::stream::{StreamHeader, StreamKind};
 use podvisor_agent_protocol::vsock::{connect_hybrid_vsock, connect_hybrid_vsock_once};
 use podvisor_agent_protocol::{ttrpc, PROTOCOL_VERSION, RPC_VSOCK_PORT, STREAM_VSOCK_PORT};
-use vmm::config::{RestoreConfig, ShareConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_GUEST_CID};
+use vmm::config::{
+    NetConfig, RestoreConfig, ShareConfig, TapSource, VsockConfig, DEFAULT_CMDLINE,
+    DEFAULT_GUEST_CID,
+};
 use vmm::{ConsoleConfig, Vm, VmConfig, VmReport, VmStopHandle};
 
 use super::config::TemplateMode;
@@ -41,10 +46,6 @@ pub const RPC_TIMEOUT: Duration = Duration::from_secs(300);
 const STOP_TIMEOUT: Duration = Duration::from_secs(120);
 /// Console lines quoted in errors.
 const TAIL_LINES: usize = 30;
-/// NET-HOOKUP: set to true (and remove) once `vmm::config::VmConfig` takes `NetConfig`s and
-/// `Sandbox::create` passes the taps below to it. Until then a pod's network namespace is
-/// only logged: wiring it would redirect the pod's traffic into a tap no VM reads.
-const VM_HAS_NIC: bool = false;
 
 /// An RPC context bounded by [`RPC_TIMEOUT`].
 pub fn ctx() -> ttrpc::context::Context {
@@ -216,14 +217,6 @@ fn pod_network(id: &str, netns: Option<&Path>) -> Result<Option<PodNetwork>, Str
             );
             Ok(None)
         }
-        Some(path) if !VM_HAS_NIC => {
-            log::info!(
-                "pod {id}: network namespace {}: this build's VMM has no virtio-net yet, the \
-                 VM gets loopback only",
-                path.display()
-            );
-            Ok(None)
-        }
         Some(path) => PodNetwork::setup(path)
             .map(Some)
             .map_err(|e| format!("pod network: {e}")),
@@ -257,19 +250,22 @@ impl Sandbox {
     ) -> Result<Sandbox, String> {
         std::fs::create_dir_all(state.shared())
             .map_err(|e| format!("create {}: {e}", state.shared().display()))?;
-        let vm_config = pod_vm_config(config, &state)?;
+        let mut vm_config = pod_vm_config(config, &state)?;
         let network = pod_network(id, netns)?;
-        // NET-HOOKUP: one NIC per wired interface, after the template key was taken from
-        // `pod_vm_config` (make `vm_config` mut), e.g.
-        //   vm_config.nets = network.iter().flat_map(|n| &n.nics).map(|nic| Ok(NetConfig {
-        //       tap: TapSource::Fd(nic.tap_fd()?), mac: Some(nic.mac), mtu: Some(nic.mtu),
-        //   })).collect::<std::io::Result<_>>().map_err(|e| format!("tap fd: {e}"))?;
-        // VM templates are snapshots without NICs: a pod with a network boots cold.
-        let template = if network.is_some() {
-            TemplateMode::Off
-        } else {
-            config.template
-        };
+        // One NIC per wired interface, with the CNI interface's MAC and MTU.
+        vm_config.net = network
+            .iter()
+            .flat_map(|n| &n.nics)
+            .map(|nic| {
+                Ok(NetConfig {
+                    tap: TapSource::from(nic.tap_fd()?),
+                    mac: Some(nic.mac),
+                    mtu: Some(nic.mtu),
+                })
+            })
+            .collect::<std::io::Result<_>>()
+            .map_err(|e| format!("pod network: a tap fd for the VM: {e}"))?;
+        let template = config.template;
         let source = match template {
             TemplateMode::Off => VmSource::Boot(vm_config),
             TemplateMode::Auto => match super::template::ensure(
@@ -282,8 +278,20 @@ impl Sandbox {
                         console: vm_config.console.clone(),
                         shares: Some(vm_config.shares.clone()),
                         vsock: vm_config.vsock.clone(),
-                        // The guest's monotonic clock goes on from the template's; the
-                        // agent sets the wall clock at CreateSandbox.
+                        // This pod's taps; MAC and MTU stay the template's (the agent
+                        // gives the NIC the CNI interface's MAC).
+                        net: Some(
+                            vm_config
+                                .net
+                                .iter()
+                                .map(|n| NetConfig {
+                                    tap: n.tap.clone(),
+                                    mac: None,
+                                    mtu: None,
+                                })
+                                .collect(),
+                        ),
+                        // The agent sets the wall clock at CreateSandbox.
                         ..RestoreConfig::new(dir)
                     },
                     vm_config,

@@ -55,6 +55,14 @@ pub fn key(config: &VmConfig) -> String {
     if let Some(v) = &config.vsock {
         h.update(v.guest_cid.to_le_bytes());
     }
+    // The NICs' number and MTUs shape the guest (the MTU caps what the guest may set);
+    // their taps and MACs are the pod's.
+    if !config.net.is_empty() {
+        h.update(b"net");
+        for n in &config.net {
+            h.update(n.mtu.unwrap_or(0).to_le_bytes());
+        }
+    }
     let d = h.finalize();
     d.iter().take(16).map(|b| format!("{b:02x}")).collect()
 }
@@ -160,6 +168,13 @@ fn build(scratch: &Path, dir: &Path, config: &VmConfig, timeout: Duration) -> Re
     }
     if let Some(v) = &mut cfg.vsock {
         v.uds_path = scratch.join("vsock.sock");
+    }
+    // The template's NICs sit on taps that reach nothing; clones get their pods' taps.
+    for (i, n) in cfg.net.iter_mut().enumerate() {
+        let tap = super::net::tap::create_detached(&format!("pvtpl{i}"))
+            .map_err(|e| format!("a tap for the template VM's NIC {i}: {e}"))?;
+        n.tap = vmm::config::TapSource::from(tap);
+        n.mac = Some([0x02, 0x70, 0x76, 0, 0, i as u8]);
     }
     let console = scratch.join("console.log");
     cfg.console = ConsoleConfig::File(console.clone());
@@ -322,6 +337,30 @@ mod tests {
         let before = key(&a);
         std::fs::write(&a.kernel, b"another kernel").unwrap();
         assert_ne!(before, key(&a), "a rebuilt kernel makes a new template");
+        let nic = |tap: &str, mac: u8, mtu: u16| vmm::config::NetConfig {
+            tap: vmm::config::TapSource::Name(tap.into()),
+            mac: Some([2, 0, 0, 0, 0, mac]),
+            mtu: Some(mtu),
+        };
+        let with_nic = |n: vmm::config::NetConfig| VmConfig {
+            net: vec![n],
+            ..a.clone()
+        };
+        assert_ne!(
+            key(&a),
+            key(&with_nic(nic("t0", 1, 1500))),
+            "a NIC shapes the guest"
+        );
+        assert_eq!(
+            key(&with_nic(nic("t0", 1, 1500))),
+            key(&with_nic(nic("t1", 2, 1500))),
+            "the pod's tap and MAC do not"
+        );
+        assert_ne!(
+            key(&with_nic(nic("t0", 1, 1500))),
+            key(&with_nic(nic("t0", 1, 9000))),
+            "the MTU does"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -209,6 +209,8 @@ pub struct LinkChange {
     pub name: Option<String>,
     pub mtu: Option<u32>,
     pub up: Option<bool>,
+    /// A new hardware address.
+    pub mac: Option<MacAddr>,
 }
 
 fn family_of(ip: &IpAddr) -> AddressFamily {
@@ -367,6 +369,9 @@ impl Rtnl {
         }
         if let Some(mtu) = change.mtu {
             msg.attributes.push(LinkAttribute::Mtu(mtu));
+        }
+        if let Some(mac) = change.mac {
+            msg.attributes.push(LinkAttribute::Address(mac.0.to_vec()));
         }
         self.request(RouteNetlinkMessage::SetLink(msg), 0).map(drop)
     }

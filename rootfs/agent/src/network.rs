@@ -64,6 +64,8 @@ pub struct PlannedInterface {
     pub current_name: String,
     /// The new name; None keeps the current one.
     pub rename: Option<String>,
+    /// The requested MAC, when the NIC has another one (see [`plan`]).
+    pub set_mac: Option<MacAddr>,
     pub mtu: Option<u32>,
     pub addresses: Vec<Cidr>,
 }
@@ -105,6 +107,17 @@ pub fn order_routes(routes: &mut [NewRoute]) {
     routes.sort_by_key(|r| r.gateway.is_some());
 }
 
+/// The NIC that takes the request's MAC when no NIC has it: a VM restored from a template
+/// has the template's MAC on its only NIC. Only when both the request and the VM have
+/// exactly one Ethernet NIC (besides loopback) and none of the request's MACs is present.
+fn adoptable<'a>(req: &ConfigureNetworkRequest, links: &'a [Link]) -> Option<&'a Link> {
+    let nics: Vec<&Link> = links.iter().filter(|l| l.ether && !l.loopback).collect();
+    match (req.interfaces.as_slice(), nics.as_slice()) {
+        ([_], [only]) => Some(only),
+        _ => None,
+    }
+}
+
 /// Checks `req` against the guest's `links` and resolves it; changes nothing.
 pub fn plan(req: &ConfigureNetworkRequest, links: &[Link]) -> Result<Plan, NetworkError> {
     let mut interfaces = Vec::new();
@@ -124,10 +137,10 @@ pub fn plan(req: &ConfigureNetworkRequest, links: &[Link]) -> Result<Plan, Netwo
                 iface.name
             )));
         }
-        let link = links
-            .iter()
-            .find(|l| l.mac == Some(mac) && !l.loopback)
-            .ok_or(NetworkError::NoSuchMac(mac))?;
+        let link = match links.iter().find(|l| l.mac == Some(mac) && !l.loopback) {
+            Some(l) => l,
+            None => adoptable(req, links).ok_or(NetworkError::NoSuchMac(mac))?,
+        };
         let name = if iface.name.is_empty() {
             link.name.clone()
         } else {
@@ -163,6 +176,7 @@ pub fn plan(req: &ConfigureNetworkRequest, links: &[Link]) -> Result<Plan, Netwo
             index: link.index,
             current_name: link.name.clone(),
             rename: (name != link.name).then_some(name),
+            set_mac: (link.mac != Some(mac)).then_some(mac),
             mtu: (iface.mtu != 0).then_some(iface.mtu),
             addresses,
         });
@@ -255,21 +269,24 @@ pub fn configure(
     }
     for iface in &plan.interfaces {
         let name = iface.rename.as_deref().unwrap_or(&iface.current_name);
-        if iface.rename.is_some() {
+        if iface.rename.is_some() || iface.set_mac.is_some() {
             nl.set_up(iface.index, false).map_err(netlink(format!(
-                "taking {} down to rename it",
+                "taking {} down to rename it / change its MAC",
                 iface.current_name
             )))?;
         }
-        if iface.rename.is_some() || iface.mtu.is_some() {
+        if iface.rename.is_some() || iface.mtu.is_some() || iface.set_mac.is_some() {
             let change = LinkChange {
                 name: iface.rename.clone(),
                 mtu: iface.mtu,
                 up: None,
+                mac: iface.set_mac,
             };
             nl.set_link(iface.index, &change).map_err(netlink(format!(
-                "renaming {} to {name} / setting its MTU to {:?}",
-                iface.current_name, iface.mtu
+                "renaming {} to {name} / setting its MTU to {:?} / its MAC to {:?}",
+                iface.current_name,
+                iface.mtu,
+                iface.set_mac.map(|m| m.to_string())
             )))?;
         }
         for cidr in &iface.addresses {
@@ -369,6 +386,30 @@ mod tests {
     }
 
     #[test]
+    fn a_template_clone_adopts_the_requested_mac() {
+        let one_nic = vec![
+            link(1, "lo", Some([0; 6])),
+            link(2, "eth0", Some([2, 0, 0, 0, 0, 9])),
+        ];
+        let req = ConfigureNetworkRequest {
+            interfaces: vec![iface("0a:58:0a:01:00:02", "eth0", &["10.1.0.2/24"])],
+            ..Default::default()
+        };
+        let planned = plan(&req, &one_nic).unwrap();
+        assert_eq!(planned.interfaces[0].index, 2);
+        assert_eq!(
+            planned.interfaces[0].set_mac,
+            Some("0a:58:0a:01:00:02".parse().unwrap())
+        );
+        assert_eq!(planned.interfaces[0].rename, None);
+        // With two NICs it is ambiguous: the MAC must match.
+        assert!(matches!(
+            plan(&req, &links()),
+            Err(NetworkError::NoSuchMac(_))
+        ));
+    }
+
+    #[test]
     fn plans_interfaces_and_orders_routes() {
         let req = ConfigureNetworkRequest {
             interfaces: vec![iface(
@@ -391,6 +432,7 @@ mod tests {
                 index: 3,
                 current_name: "eth1".into(),
                 rename: Some("pod0".into()),
+                set_mac: None,
                 mtu: Some(1400),
                 addresses: vec![
                     "10.1.0.2/24".parse().unwrap(),

@@ -183,8 +183,6 @@ pub struct Nic {
 impl Nic {
     /// A new fd of the tap for the VMM (`TapSource::Fd`); the device lives while any is open
     /// and until [`PodNetwork::teardown`].
-    // NET-HOOKUP: used by `sandbox::Sandbox::create` once the VMM takes NetConfigs.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn tap_fd(&self) -> io::Result<OwnedFd> {
         self.tap.try_clone()
     }

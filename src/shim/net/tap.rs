@@ -13,6 +13,24 @@ use std::os::unix::fs::OpenOptionsExt;
 /// Bytes of virtio-net header in front of each frame on the tap fd.
 pub const VNET_HDR_LEN: usize = 12;
 
+/// Creates tap `name` in a new network namespace of its own, which lives as long as the
+/// returned fd (the tap's socket holds it): a tap that reaches nothing, for a template VM's
+/// NIC (its clones get the pods' taps instead). Nothing appears in the host's namespace.
+pub fn create_detached(name: &str) -> io::Result<OwnedFd> {
+    let name = name.to_string();
+    std::thread::Builder::new()
+        .name("tap-detached".into())
+        .spawn(move || {
+            // SAFETY: unshare only changes this short-lived thread's network namespace.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            create(&name)
+        })?
+        .join()
+        .map_err(|_| io::Error::other("the tap-detached thread panicked"))?
+}
+
 /// Creates tap `name` in the calling thread's network namespace; returns its fd.
 pub fn create(name: &str) -> io::Result<OwnedFd> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
