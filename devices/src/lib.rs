@@ -14,3 +14,25 @@ pub mod legacy;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
+
+/// Puts `fd` on the event loop's epoll set (readable) if `want`, takes it off if not, and
+/// records the result in `watched`; nothing to do if `watched` already equals `want`. For
+/// subscribers that read a host fd only while they have room for what it brings.
+pub(crate) fn set_watched(
+    ops: &mut event_manager::EventOps,
+    fd: std::os::fd::RawFd,
+    want: bool,
+    watched: &mut bool,
+) -> Result<(), event_manager::Error> {
+    if want == *watched {
+        return Ok(());
+    }
+    let events = event_manager::Events::new_raw(fd, event_manager::EventSet::IN);
+    if want {
+        ops.add(events)?;
+    } else {
+        ops.remove(events)?;
+    }
+    *watched = want;
+    Ok(())
+}

@@ -72,26 +72,14 @@ impl ConsoleInput {
     /// Registers or unregisters the input fd so that we read only when the FIFO has room.
     fn update_interest(&mut self, ops: &mut EventOps) {
         let want = !self.eof && self.pending.is_empty();
-        if want == self.reading {
-            return;
-        }
-        let events = Events::new_raw(self.input, EventSet::IN);
-        let result = if want {
-            ops.add(events)
-        } else {
-            ops.remove(events)
-        };
-        match result {
-            Ok(()) => self.reading = want,
-            Err(e) => {
-                // E.g. stdin is a regular file, which epoll refuses: no interactive input.
-                debug!(
-                    "console input: fd {} not usable with epoll ({e:?}); input disabled",
-                    self.input
-                );
-                self.eof = true;
-                self.reading = false;
-            }
+        if let Err(e) = crate::set_watched(ops, self.input, want, &mut self.reading) {
+            // E.g. stdin is a regular file, which epoll refuses: no interactive input.
+            debug!(
+                "console input: fd {} not usable with epoll ({e:?}); input disabled",
+                self.input
+            );
+            self.eof = true;
+            self.reading = false;
         }
     }
 }

@@ -37,7 +37,7 @@ const CONFIG_LEN: usize = 12;
 /// The offloads offered when the tap takes them (checksum both ways, TCP segmentation
 /// both ways). UFO/USO and ECN are not offered: Linux dropped UFO, USO needs a newer tap
 /// than every host has, and neither side needs them.
-const OFFLOAD_FEATURES: [u32; 6] = [
+pub(crate) const OFFLOAD_FEATURES: [u32; 6] = [
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_GUEST_TSO4,

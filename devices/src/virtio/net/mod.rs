@@ -149,3 +149,20 @@ impl RateLimitedWarn {
         self.suppressed
     }
 }
+
+#[cfg(test)]
+mod warn_tests {
+    use super::RateLimitedWarn;
+
+    #[test]
+    fn warnings_are_rate_limited_and_counted() {
+        let mut w = RateLimitedWarn::new("test");
+        assert!(w.warn(format_args!("first")));
+        assert!(!w.warn(format_args!("second")));
+        assert!(!w.warn(format_args!("third")));
+        assert_eq!(w.suppressed(), 2);
+        w.last = w.last.map(|t| t - w.interval);
+        assert!(w.warn(format_args!("after the interval")));
+        assert_eq!(w.suppressed(), 0);
+    }
+}

@@ -187,22 +187,13 @@ impl NetHandler {
                 .active
                 .as_ref()
                 .is_some_and(|a| !a.broken && !a.rx_waiting);
-        if want == self.tap_watched {
-            return;
-        }
-        let events = Events::new(self.tap.as_ref(), EventSet::IN);
-        let result = if want {
-            ops.add(events)
-        } else {
-            ops.remove(events)
-        };
-        match result {
-            Ok(()) => self.tap_watched = want,
-            Err(e) => error!(
+        let fd = self.tap.as_raw_fd();
+        if let Err(e) = crate::set_watched(ops, fd, want, &mut self.tap_watched) {
+            error!(
                 "virtio-net: cannot {} the tap {} on the event loop: {e:?}",
                 if want { "watch" } else { "unwatch" },
                 self.tap.name()
-            ),
+            );
         }
     }
 }

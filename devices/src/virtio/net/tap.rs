@@ -41,9 +41,11 @@ pub enum TapSource {
     /// not exist; a tap made with `ip tuntap add NAME mode tap` is reused).
     Name(String),
     /// A tap someone else opened (e.g. the shim, inside the pod's network namespace) with
-    /// `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`. The device duplicates it; the caller's copy
-    /// stays valid (shared with clones of the config, e.g. a cold boot after a failed
-    /// restore). Build it with `TapSource::from(owned_fd)` or `TapSource::Fd(fd.into())`.
+    /// `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` (not `IFF_MULTI_QUEUE`). The device duplicates
+    /// it; the caller's copy stays valid (shared with clones of the config, e.g. a cold
+    /// boot after a failed restore). Build it with `TapSource::from(owned_fd)` or
+    /// `TapSource::Fd(fd.into())`. Note that the device sets `O_NONBLOCK` on the open file
+    /// and the header size and offloads on the tap, which the caller's copy shares.
     Fd(Arc<OwnedFd>),
 }
 

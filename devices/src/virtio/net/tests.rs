@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_NEEDS_CSUM,
 };
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::GuestAddress;
@@ -322,14 +322,7 @@ fn offloads_follow_the_negotiated_features() {
     netns_test("offloads_follow_the_negotiated_features", || {
         let mut g = guest(None, u64::MAX);
         let offered = g.drv.device_features();
-        for f in [
-            VIRTIO_NET_F_CSUM,
-            VIRTIO_NET_F_GUEST_CSUM,
-            VIRTIO_NET_F_GUEST_TSO4,
-            VIRTIO_NET_F_GUEST_TSO6,
-            VIRTIO_NET_F_HOST_TSO4,
-            VIRTIO_NET_F_HOST_TSO6,
-        ] {
+        for f in super::device::OFFLOAD_FEATURES {
             assert!(
                 offered & bit(f) != 0,
                 "offload feature {f} offered by a tap"
