@@ -47,6 +47,10 @@ pub struct TemplateBenchArgs {
     /// Per-pod limit to reach its first output line, seconds.
     #[arg(long, default_value_t = 1800)]
     pub timeout: u64,
+    /// Start no pods: write template.md and template.png again from this template.json
+    /// of an earlier run (the clone counts are read from it).
+    #[arg(long)]
+    pub from_json: Option<PathBuf>,
 }
 
 /// The density arguments of this series (checked by [`density::plan`]).
@@ -80,31 +84,59 @@ fn density_args(args: &TemplateBenchArgs) -> Result<DensityArgs, DensityError> {
 }
 
 pub fn run(args: TemplateBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
-    let plan = density::plan(&density_args(&args)?)?;
-    density::install_interrupt_handler();
-    let report = match density::run_template_series(&plan, &args.clones, args.runc == OnOff::On) {
-        Ok(r) => r,
-        Err(DensityError::Interrupted) => {
-            eprintln!("podvisor bench template: {}", DensityError::Interrupted);
-            return Ok(130);
+    let (report, clones) = match &args.from_json {
+        Some(json) => {
+            let report: Report = serde_json::from_str(&std::fs::read_to_string(json)?)?;
+            let clones = clone_counts(&report);
+            (report, clones)
         }
-        Err(e) => return Err(e.into()),
+        None => {
+            let plan = density::plan(&density_args(&args)?)?;
+            density::install_interrupt_handler();
+            match density::run_template_series(&plan, &args.clones, args.runc == OnOff::On) {
+                Ok(r) => (r, args.clones.clone()),
+                Err(DensityError::Interrupted) => {
+                    eprintln!("podvisor bench template: {}", DensityError::Interrupted);
+                    return Ok(130);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     };
-    let text = markdown(&report, &args.clones);
+    write(&report, &clones, &args.out)
+}
+
+/// The clone counts of a report: the N of its `podvisor clones N=<n>` runs.
+fn clone_counts(report: &Report) -> Vec<usize> {
+    report
+        .runs
+        .iter()
+        .filter(|r| r.runtime.starts_with("podvisor clones"))
+        .filter_map(|r| r.runtime.rsplit_once("N=")?.1.parse().ok())
+        .collect()
+}
+
+/// Prints the table and writes template.md, template.json and template.png to `out`.
+fn write(
+    report: &Report,
+    clones: &[usize],
+    out: &std::path::Path,
+) -> Result<u8, Box<dyn std::error::Error>> {
+    let text = markdown(report, clones);
     print!("{text}");
-    std::fs::create_dir_all(&args.out)?;
-    let json = args.out.join("template.json");
-    std::fs::write(&json, serde_json::to_string_pretty(&report)?)?;
-    let md = args.out.join("template.md");
-    let png = args.out.join("template.png");
+    std::fs::create_dir_all(out)?;
+    let json = out.join("template.json");
+    std::fs::write(&json, serde_json::to_string_pretty(report)?)?;
+    let md = out.join("template.md");
+    let png = out.join("template.png");
     let mut full = text;
-    match density::plot::draw(&largest_only(&report, &args.clones), &png) {
+    match density::plot::draw(&largest_only(report, clones), &png) {
         Ok(()) => {
             let _ = writeln!(full, "\nPlot: {}", png.display());
         }
         Err(e) => log::warn!("no plot: {e}"),
     }
-    full += &density::report::pod_table(&report);
+    full += &density::report::pod_table(report);
     std::fs::write(&md, full)?;
     for p in [&md, &json, &png] {
         if p.exists() {
@@ -259,5 +291,6 @@ mod tests {
         assert!(text.contains("| 14.0 |"), "{text}");
         let plot = largest_only(&report, &[1, 10]);
         assert_eq!(plot.runs.len(), 3);
+        assert_eq!(clone_counts(&report), vec![10]);
     }
 }

@@ -2,13 +2,17 @@
 //! copy-on-write clone instead of booting (`template = "auto"`).
 //!
 //! A template is keyed by what shapes the booted guest: the podvisor version, the kernel and
-//! initrd (path, size, modification time), vCPUs, memory and the command line. It lives in
+//! initrd (path, size, modification time), vCPUs, memory, the command line and the NICs'
+//! number and MTUs (a template VM's NICs sit on taps in a detached network namespace;
+//! clones bind their pods' taps and the agent gives the NIC the pod's MAC). It lives in
 //! `<template_dir>/<key>/` (`state` + sparse `memory`, `vmm::snapshot`'s format). The first
 //! pod that needs a missing template builds it under an exclusive `flock` on
 //! `<template_dir>/<key>.lock`, so concurrent pods wait for one build instead of racing: a
 //! template VM (its own scratch share and vsock socket) boots until the agent is listening
 //! (the boot-timer marker), is paused and saved to `<key>.tmp-<pid>`, which is renamed into
-//! place, and stops.
+//! place, and stops. A failed build leaves `<key>.failed` (its error): pods boot cold
+//! without trying again for [`RETRY_AFTER`]. Where the host's KVM cannot save a VM
+//! ([`vmm::snapshot_support`]) no template is tried at all.
 //!
 //! A clone maps the template's memory `MAP_PRIVATE`: the guest kernel's and agent's pages
 //! stay shared in the host page cache across every pod of the template, a pod only pays for

@@ -150,24 +150,7 @@ pub fn create_with(mem_size: u64, knobs: DensityKnobs) -> Result<GuestMem, Memor
     };
     mark_guest_ram(&mem);
     if knobs.ksm {
-        for region in mem.iter() {
-            // SAFETY: advice on a mapping this process owns (`mem`); MADV_MERGEABLE never
-            // changes its contents, only lets KSM share identical pages copy-on-write.
-            let rc = unsafe {
-                libc::madvise(
-                    region.as_ptr().cast(),
-                    region.len() as usize,
-                    libc::MADV_MERGEABLE,
-                )
-            };
-            if rc != 0 {
-                log::warn!(
-                    "madvise(MADV_MERGEABLE) on guest RAM failed: {} (KSM stays off for this VM)",
-                    std::io::Error::last_os_error()
-                );
-            }
-        }
-        log::info!("guest RAM marked MADV_MERGEABLE (PODVISOR_KSM=1)");
+        mark_mergeable(&mem);
     }
     if !knobs.noreserve {
         log::info!("guest RAM mapped without MAP_NORESERVE (PODVISOR_NORESERVE=0)");
@@ -316,7 +299,36 @@ pub fn map_snapshot(path: &Path, layout: &MemoryFile) -> Result<GuestMem, Memory
     }
     let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| err(e.to_string()))?;
     mark_guest_ram(&mem);
+    // KSM merges the pages a clone wrote (anonymous copies); the template's own pages are
+    // already shared through the page cache.
+    if DensityKnobs::from_env().ksm {
+        mark_mergeable(&mem);
+    }
     Ok(mem)
+}
+
+/// `madvise(MADV_MERGEABLE)` on guest RAM (`PODVISOR_KSM=1`): KSM may share identical
+/// pages copy-on-write. A failure only logs (KSM stays off for this VM).
+fn mark_mergeable(mem: &GuestMem) {
+    for region in mem.iter() {
+        // SAFETY: advice on a mapping this process owns (`mem`); MADV_MERGEABLE never
+        // changes its contents, only lets KSM share identical pages copy-on-write.
+        let rc = unsafe {
+            libc::madvise(
+                region.as_ptr().cast(),
+                region.len() as usize,
+                libc::MADV_MERGEABLE,
+            )
+        };
+        if rc != 0 {
+            log::warn!(
+                "madvise(MADV_MERGEABLE) on guest RAM failed: {} (KSM stays off for this VM)",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+    }
+    log::info!("guest RAM marked MADV_MERGEABLE (PODVISOR_KSM=1)");
 }
 
 /// Marks guest RAM `MADV_DONTDUMP`: out of VMM core dumps, and its own VMA flag (`dd` in

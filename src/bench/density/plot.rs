@@ -38,12 +38,19 @@ fn ensure_font() -> Result<(), PlotError> {
         .map_err(PlotError::Font)
 }
 
-/// One colour per runtime (runc blue, podvisor red, anything else grey).
+/// One colour per kind of run, by its name's start: runc blue, a cold podvisor boot orange,
+/// the template build purple, other podvisor runs (clones) red, anything else grey.
 fn colour(runtime: &str) -> RGBColor {
-    match runtime {
-        "runc" => RGBColor(31, 119, 180),
-        "podvisor" => RGBColor(214, 39, 40),
-        _ => RGBColor(90, 90, 90),
+    if runtime.starts_with("runc") {
+        RGBColor(31, 119, 180)
+    } else if runtime.starts_with("podvisor-cold") {
+        RGBColor(255, 127, 14)
+    } else if runtime.starts_with("podvisor (template") {
+        RGBColor(148, 103, 189)
+    } else if runtime.starts_with("podvisor") {
+        RGBColor(214, 39, 40)
+    } else {
+        RGBColor(90, 90, 90)
     }
 }
 
@@ -135,7 +142,7 @@ pub fn draw(report: &Report, path: &Path) -> Result<(), PlotError> {
         .label_font(("sans-serif", 14))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(SeriesLabelPosition::UpperRight)
         .draw()
         .map_err(|e| err(&e))?;
 
@@ -203,7 +210,7 @@ pub fn draw(report: &Report, path: &Path) -> Result<(), PlotError> {
         .label_font(("sans-serif", 14))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(SeriesLabelPosition::UpperRight)
         .draw()
         .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
