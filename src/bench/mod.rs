@@ -5,9 +5,12 @@
 //!   runc: start latency, host memory per pod, Markdown/JSON/PNG reports.
 //! * `bench template` ([`template`]): pod start from a template clone vs a cold boot vs
 //!   runc, and clones' shared/private memory at N = 1, 10, 50.
+//! * `bench net` ([`net`]): TCP throughput and latency between a pod and a peer network
+//!   namespace, podvisor's virtio-net path next to runc's veth.
 
 mod boot;
 pub mod density;
+mod net;
 mod template;
 
 use clap::Subcommand;
@@ -22,6 +25,10 @@ pub enum BenchCommand {
     /// Pod start from a template clone vs a cold boot vs runc, and the clones' memory
     /// (shared template pages vs private) at N = 1, 10, 50; writes template.md/json/png.
     Template(template::TemplateBenchArgs),
+    /// Network throughput and latency pod ↔ peer network namespace over a veth (TCP
+    /// stream both ways, connect, request/response), podvisor next to runc; writes
+    /// net.md and net.json.
+    Net(net::NetBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<u8, Box<dyn std::error::Error>> {
@@ -29,6 +36,7 @@ pub fn run(cmd: BenchCommand) -> Result<u8, Box<dyn std::error::Error>> {
         BenchCommand::Boot(args) => boot::run(args),
         BenchCommand::Density(args) => density::run(args),
         BenchCommand::Template(args) => template::run(args),
+        BenchCommand::Net(args) => net::run(args),
     }
 }
 

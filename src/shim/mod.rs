@@ -33,6 +33,8 @@ use containerd_shim::{
 };
 
 pub use config::ShimConfig;
+/// Running code in another network namespace (also `podvisor bench net`'s client).
+pub use net::Netns;
 
 /// containerd's runtime name for podvisor.
 pub const RUNTIME_ID: &str = "io.containerd.podvisor.v2";

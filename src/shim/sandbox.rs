@@ -265,8 +265,7 @@ impl Sandbox {
             })
             .collect::<std::io::Result<_>>()
             .map_err(|e| format!("pod network: a tap fd for the VM: {e}"))?;
-        let template = config.template;
-        let source = match template {
+        let source = match config.template {
             TemplateMode::Off => VmSource::Boot(vm_config),
             TemplateMode::Auto => match super::template::ensure(
                 &config.template_dir,
