@@ -13,7 +13,7 @@ BIN := $(TARGET_DIR)/$(if $(filter release,$(PROFILE)),release,debug)/podvisor
 INITRD := $(OUT)/boot-test.cpio
 
 .DEFAULT_GOAL := run
-.PHONY: run deps build guest-kernel rootfs test test-unit test-guest lint bench bench-boot bench-devices bench-density bench-template clean
+.PHONY: run deps build guest-kernel rootfs test test-unit test-guest lint bench bench-boot bench-devices bench-density bench-template bench-net clean
 
 ## deps: install system packages (Debian) the build and tests need.
 deps:
@@ -57,7 +57,7 @@ lint: deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## bench: every benchmark table.
-bench: bench-boot bench-devices bench-density bench-template
+bench: bench-boot bench-devices bench-density bench-template bench-net
 
 ## bench-boot: boot figures for 1 vCPU / 128 MiB, median of 3 fresh processes.
 bench-boot: build rootfs
@@ -93,6 +93,18 @@ bench-template: build
 	@kernel=$$(bash guest-kernel/build.sh) && \
 	  $(BIN) bench template $(TEMPLATE_ARGS) --kernel "$$kernel" \
 	    --initrd $(OUT)/agent-test.cpio --out $(OUT)/bench-template
+
+## bench-net: TCP connect, request/response and stream throughput both ways between a pod
+## and a peer network namespace over a veth (podvisor's virtio-net + tc mirred path next to
+## runc on the veth); writes $(OUT)/bench-net/net.{md,json}. NET_ARGS overrides (e.g.
+## NET_ARGS="--seconds 10 --runtime podvisor"). A few minutes here (one template build).
+NET_ARGS ?= --seconds 5 --mem-mib 128
+bench-net: build
+	@mkdir -p $(OUT)
+	@bash rootfs/build-initramfs.sh $(OUT) agent-test
+	@kernel=$$(bash guest-kernel/build.sh) && \
+	  $(BIN) bench net $(NET_ARGS) --kernel "$$kernel" \
+	    --initrd $(OUT)/agent-test.cpio --out $(OUT)/bench-net
 
 clean:
 	$(CARGO) clean
