@@ -5,7 +5,7 @@
 //! a CNI plugin would set them up); one pod in the pod namespace (`ctr run --with-ns
 //! network:…`) running three busybox servers ([`probe::POD_SERVERS`]); the host-side
 //! client ([`probe`]) in the peer namespace measures, in this order: readiness (the echo
-//! server answers), TCP connect latency, one-byte request/response round trips, and TCP
+//! server answers), TCP connect latency (and connect + first echo), one-byte request/response round trips, and TCP
 //! stream throughput peer → pod and pod → peer. runc's pod sits on the veth directly;
 //! podvisor's guest NIC is a virtio-net device on a tap that the shim joins to the veth
 //! with tc mirred redirects, so the difference is the VM's network path.
@@ -75,6 +75,8 @@ pub struct NetRun {
     pub ready_ms: Option<f64>,
     /// TCP connect, ms.
     pub connect_ms: Summary,
+    /// TCP connect + one-byte echo on the new connection (TCP_CRR without the close), ms.
+    pub connect_echo_ms: Summary,
     /// One-byte request/response round trip, µs.
     pub rr_us: Summary,
     pub rr_per_sec: Option<f64>,
@@ -238,7 +240,9 @@ fn measure(
     run.ready_ms = Some((start.elapsed()).as_secs_f64() * 1e3);
     log::info!("bench net: {id} answers after {ready:?} of probing");
     in_peer("connect", &mut || {
-        run.connect_ms = Summary::of(probe::connect_times(addr(probe::ECHO_PORT), args.connects)?);
+        let times = probe::connect_times(addr(probe::ECHO_PORT), args.connects)?;
+        run.connect_ms = Summary::of(times.iter().map(|t| t.0));
+        run.connect_echo_ms = Summary::of(times.iter().map(|t| t.1));
         Ok(())
     })?;
     in_peer("request/response", &mut || {
@@ -288,18 +292,20 @@ pub fn markdown(r: &NetReport) -> String {
     );
     let _ = writeln!(
         s,
-        "| runtime | start → answers (s) | connect p50 / p95 (ms) | RR p50 / p99 (µs) | RR/s | \
-         peer → pod Mbit/s (MiB moved) | pod → peer Mbit/s (MiB moved) |"
+        "| runtime | start → answers (s) | connect p50 / p95 (ms) | connect + echo p50 (ms) | \
+         RR p50 / p99 (µs) | RR/s | peer → pod Mbit/s (MiB moved) | pod → peer Mbit/s (MiB \
+         moved) |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
     for run in &r.runs {
         let _ = writeln!(
             s,
-            "| {} | {} | {} / {} | {} / {} | {} | {} | {} |",
+            "| {} | {} | {} / {} | {} | {} / {} | {} | {} | {} |",
             run.runtime,
             fmt(run.ready_ms.map(|ms| ms / 1e3), 1),
             fmt(run.connect_ms.p50, 2),
             fmt(run.connect_ms.p95, 2),
+            fmt(run.connect_echo_ms.p50, 2),
             fmt(run.rr_us.p50, 0),
             fmt(run.rr_us.p99, 0),
             fmt(run.rr_per_sec, 0),
@@ -368,7 +374,7 @@ mod tests {
         assert_eq!(rows.len(), 3, "{md}");
         assert!(
             rows[1].starts_with(
-                "| runc | 0.1 | 0.10 / 0.20 | 30 / 40 | 33000 | 1718.0 (1024.0 in 5.0 s) |"
+                "| runc | 0.1 | 0.10 / 0.20 | – | 30 / 40 | 33000 | 1718.0 (1024.0 in 5.0 s) |"
             ),
             "{md}"
         );

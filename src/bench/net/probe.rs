@@ -104,15 +104,22 @@ fn round_trip(s: &mut TcpStream, addr: SocketAddr, seq: u8) -> Result<Duration, 
     Ok(t.elapsed())
 }
 
-/// `count` fresh connections to `addr`: each connect's duration (the TCP handshake), ms.
-pub fn connect_times(addr: SocketAddr, count: usize) -> Result<Vec<f64>, ProbeError> {
+/// `count` fresh connections to the echo server at `addr`, one after the other, each
+/// timed twice: the connect (the TCP handshake, answered by the guest kernel) and the
+/// connect plus a one-byte echo (netperf's TCP_CRR: the server accepted and started its
+/// program). Waiting for the echo also paces the probe to the server's accept rate, so
+/// that the connects do not overflow a small listen backlog (busybox `nc` listens with a
+/// backlog of 2). Returns (connect ms, connect + echo ms) per connection.
+pub fn connect_times(addr: SocketAddr, count: usize) -> Result<Vec<(f64, f64)>, ProbeError> {
     (0..count)
-        .map(|_| {
+        .map(|i| {
             let t = Instant::now();
-            let s = connect(addr, IO_TIMEOUT)?;
-            let ms = t.elapsed().as_secs_f64() * 1e3;
+            let mut s = connect(addr, IO_TIMEOUT)?;
+            let connected = t.elapsed().as_secs_f64() * 1e3;
+            round_trip(&mut s, addr, i as u8)?;
+            let echoed = t.elapsed().as_secs_f64() * 1e3;
             let _ = s.shutdown(Shutdown::Both);
-            Ok(ms)
+            Ok((connected, echoed))
         })
         .collect()
 }
@@ -173,8 +180,7 @@ pub fn stream_to(addr: SocketAddr, duration: Duration) -> Result<Throughput, Pro
             Ok(0) => break,
             Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            // The sink exits at EOF; a reset after that is its end too.
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+            // A reset (the sink closed with data unread) is a failure, not the end.
             Err(e) => return Err(io("wait for the sink to finish at", addr)(e)),
         }
     }
@@ -200,6 +206,15 @@ pub fn stream_from(addr: SocketAddr, duration: Duration) -> Result<Throughput, P
     }
     let secs = start.elapsed().as_secs_f64();
     let _ = s.shutdown(Shutdown::Both);
+    if bytes == 0 {
+        return Err(ProbeError::Io {
+            step: "read from",
+            addr,
+            source: std::io::Error::other(format!(
+                "the source closed the connection without sending anything in {secs:.1} s"
+            )),
+        });
+    }
     Ok(Throughput { bytes, secs })
 }
 
@@ -253,6 +268,7 @@ mod tests {
         assert!(ready < Duration::from_secs(5));
         let connects = connect_times(echo, 3).unwrap();
         assert_eq!(connects.len(), 3);
+        assert!(connects.iter().all(|&(c, e)| c > 0.0 && e >= c));
         let rtts = request_response(echo, Duration::from_secs(10), 50).unwrap();
         assert_eq!(rtts.len(), 50, "stops at max rounds");
         assert!(rtts.iter().all(|&us| us > 0.0));
