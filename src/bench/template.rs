@@ -80,6 +80,7 @@ fn density_args(args: &TemplateBenchArgs) -> Result<DensityArgs, DensityError> {
         template: Some(OnOff::On),
         settle: Some(args.settle),
         timeout: args.timeout,
+        from_json: None,
     })
 }
 

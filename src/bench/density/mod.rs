@@ -118,7 +118,7 @@ pub enum OnOff {
 #[derive(Args, Debug, Clone)]
 pub struct DensityArgs {
     /// Number of pods per runtime.
-    #[arg(long)]
+    #[arg(long, required_unless_present = "from_json", default_value_t = 0)]
     pub pods: usize,
     /// Pods started at once (a wave); the next wave starts when every pod of this one
     /// printed its first line.
@@ -163,6 +163,10 @@ pub struct DensityArgs {
     /// Per-pod limit to reach its first output line, seconds.
     #[arg(long, default_value_t = 900)]
     pub timeout: u64,
+    /// Start no pods: write density.md and density.png again (to --out) from this
+    /// density.json of an earlier run.
+    #[arg(long)]
+    pub from_json: Option<PathBuf>,
 }
 
 /// What podvisor pods boot, and the shim that boots them.
@@ -1021,6 +1025,17 @@ fn measure_run(
 
 /// `podvisor bench density`.
 pub fn run(args: DensityArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    if let Some(json) = &args.from_json {
+        let read = std::fs::read_to_string(json)
+            .map_err(|e| DensityError::Usage(format!("--from-json {}: {e}", json.display())))?;
+        let report: Report = serde_json::from_str(&read)
+            .map_err(|e| DensityError::Usage(format!("--from-json {}: {e}", json.display())))?;
+        print!("{}", report::markdown(&report));
+        for p in report::write(&report, &absolute(&args.out))? {
+            println!("wrote {}", p.display());
+        }
+        return Ok(0);
+    }
     let plan = plan(&args)?;
     install_interrupt_handler();
     match run_plan(&plan) {

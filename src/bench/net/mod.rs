@@ -110,6 +110,7 @@ fn density_args(args: &NetBenchArgs) -> DensityArgs {
         template: args.template,
         settle: None,
         timeout: args.timeout,
+        from_json: None,
     }
 }
 
