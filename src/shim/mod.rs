@@ -103,6 +103,7 @@ impl containerd_shim::Shim for PodvisorShim {
             if others == 0 {
                 sandbox::cleanup_state_dir(&state.root);
                 let _ = std::fs::remove_file(socket_path);
+                cleanup_pod_network(&self.bundle);
             }
         }
         let mut resp = DeleteResponse::new();
@@ -122,6 +123,26 @@ impl containerd_shim::Shim for PodvisorShim {
             publisher,
             self.exit.clone(),
         )
+    }
+}
+
+/// After the pod's shim died: removes the tc redirects and taps it left in the pod's network
+/// namespace (the one the bundle's spec joins), so that the namespace works again.
+fn cleanup_pod_network(bundle: &Path) {
+    let spec = std::fs::read(bundle.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    let Some(netns) = spec.as_ref().and_then(net::netns_path) else {
+        return;
+    };
+    match net::cleanup_stale(&netns) {
+        Ok(removed) if !removed.is_empty() => log::info!(
+            "pod network {}: removed what the dead shim left: {}",
+            netns.display(),
+            removed.join(", ")
+        ),
+        Ok(_) => {}
+        Err(e) => log::warn!("pod network {}: {e}", netns.display()),
     }
 }
 

@@ -27,6 +27,9 @@
 //! * Teardown ([`PodNetwork::teardown`], or drop): the veth's ingress qdisc (and with it its
 //!   filter) and the tap (its qdisc goes with it); the veth belongs to CNI and stays. The
 //!   namespace is held open by [`Netns`] until then.
+//! * A shim that died (SIGKILL) tears nothing down: `shim delete` for the pod's last
+//!   container runs [`cleanup_stale`] on the namespace of the bundle's spec, which removes
+//!   ingress qdiscs whose redirects point at deleted links or at taps of ours, and those taps.
 
 pub mod netns;
 pub mod tap;
@@ -277,6 +280,67 @@ impl Drop for PodNetwork {
             }
         }
     }
+}
+
+/// Removes what a shim that died (SIGKILL, crash) left wired in the pod namespace at
+/// `netns_path`: taps of ours (`*_pv`: gone already when their last fd closed with the
+/// shim, unless the VMM leaked one) and the ingress qdisc of every CNI link whose filters
+/// all redirect to a link that no longer exists or to a tap of ours. Someone else's
+/// ingress qdisc (a filter redirecting elsewhere, or no filter) stays. Without the
+/// cleanup the veth would blackhole its traffic (mirred to a deleted device) and refuse
+/// the next pod's wiring. A namespace that is gone (CNI deleted it) is fine. Returns what
+/// was removed, for the log.
+pub fn cleanup_stale(netns_path: &Path) -> Result<Vec<String>, NetError> {
+    let netns = match Netns::open(netns_path) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(NetError::OpenNetns {
+                path: netns_path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let name = netns.path().to_string();
+    netns
+        .run("pod-net-cleanup", || {
+            let mut nl = Rtnl::open().map_err(netlink(&name, "opening a netlink socket"))?;
+            let links = nl.links().map_err(netlink(&name, "listing links"))?;
+            let ours: Vec<&Link> = links
+                .iter()
+                .filter(|l| l.name.ends_with(TAP_SUFFIX))
+                .collect();
+            let mut removed = Vec::new();
+            for l in cni_links(&links) {
+                if !nl
+                    .has_ingress_qdisc(l.index)
+                    .map_err(netlink(&name, "listing qdiscs"))?
+                {
+                    continue;
+                }
+                let targets = nl
+                    .redirect_targets(l.index)
+                    .map_err(netlink(&name, "listing tc filters"))?;
+                let stale = !targets.is_empty()
+                    && targets.iter().all(|t| {
+                        !links.iter().any(|x| x.index == *t) || ours.iter().any(|x| x.index == *t)
+                    });
+                if stale {
+                    gone_ok(nl.del_ingress_qdisc(l.index))
+                        .map_err(netlink(&name, "removing a stale ingress qdisc"))?;
+                    removed.push(format!("ingress qdisc of {}", l.name));
+                }
+            }
+            for tap in ours {
+                gone_ok(nl.del_link(tap.index)).map_err(netlink(&name, "deleting a stale tap"))?;
+                removed.push(format!("tap {}", tap.name));
+            }
+            Ok(removed)
+        })
+        .map_err(|source| NetError::EnterNetns {
+            netns: name.clone(),
+            source,
+        })?
 }
 
 fn netlink<'a>(netns: &'a str, what: &'a str) -> impl FnOnce(RtnlError) -> NetError + 'a {

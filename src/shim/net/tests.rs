@@ -456,3 +456,56 @@ fn a_failed_wiring_leaves_nothing() {
     drop(PodNetwork::setup(&fd_path(&pod_ns)).unwrap());
     assert_unwired(&pod_ns, "after drop");
 }
+
+#[test]
+fn what_a_dead_shim_left_is_cleaned_up() {
+    if skip() {
+        return;
+    }
+    let pod_ns = new_netns();
+    let host_ns = new_netns();
+    let host_ns_fd = host_ns.as_fd();
+    in_ns(&pod_ns, |nl| {
+        nl.add_veth("eth0", "peer0", Some(host_ns_fd), None)
+            .unwrap();
+        up(nl, "eth0");
+    });
+    let path = fd_path(&pod_ns);
+    // Nothing wired: nothing to do; a namespace that is gone is fine too.
+    assert!(cleanup_stale(&path).unwrap().is_empty());
+    assert!(cleanup_stale(std::path::Path::new("/nonexistent/netns"))
+        .unwrap()
+        .is_empty());
+
+    // A shim killed with its tap fd leaked (the tap stays) ...
+    let wired = PodNetwork::setup(&path).unwrap();
+    let nics_fds: Vec<OwnedFd> = wired.nics.iter().map(|n| n.tap_fd().unwrap()).collect();
+    std::mem::forget(wired);
+    let removed = cleanup_stale(&path).unwrap();
+    assert_eq!(
+        removed,
+        ["ingress qdisc of eth0", "tap tap0_pv"],
+        "{removed:?}"
+    );
+    drop(nics_fds);
+    assert_unwired(&pod_ns, "after the cleanup");
+
+    // ... and one whose tap went with it: the veth's filter redirects to a deleted link.
+    let wired = PodNetwork::setup(&path).unwrap();
+    let tap_index = wired.nics[0].tap_index;
+    std::mem::forget(wired);
+    in_ns(&pod_ns, |nl| nl.del_link(tap_index).unwrap());
+    assert_eq!(cleanup_stale(&path).unwrap(), ["ingress qdisc of eth0"]);
+    assert_unwired(&pod_ns, "after the second cleanup");
+
+    // Someone else's ingress qdisc without our redirect stays.
+    in_ns(&pod_ns, |nl| {
+        let eth0 = nl.link_by_name("eth0").unwrap().unwrap();
+        nl.add_ingress_qdisc(eth0.index).unwrap();
+    });
+    assert!(cleanup_stale(&path).unwrap().is_empty());
+    in_ns(&pod_ns, |nl| {
+        let eth0 = nl.link_by_name("eth0").unwrap().unwrap();
+        assert!(nl.has_ingress_qdisc(eth0.index).unwrap());
+    });
+}
