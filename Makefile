@@ -69,17 +69,23 @@ bench-boot: build rootfs
 bench-devices:
 	$(CARGO) bench -p devices --features test-utils --bench devices
 
+# $(call bench_pods,NAME,ARGS): `podvisor bench NAME ARGS` with the guest kernel and the agent
+# initramfs (built or reused), writing into $(OUT)/bench-NAME.
+define bench_pods
+	@mkdir -p $(OUT)
+	@bash rootfs/build-initramfs.sh $(OUT) agent-test
+	@kernel=$$(bash guest-kernel/build.sh) && \
+	  $(BIN) bench $(1) $(2) --kernel "$$kernel" \
+	    --initrd $(OUT)/agent-test.cpio --out $(OUT)/bench-$(1)
+endef
+
 ## bench-density: N idle busybox pods through a private containerd, podvisor next to runc:
 ## start latency, host PSS per pod (guest RAM vs VMM/shim overhead), machine memory per
 ## pod; writes $(OUT)/bench-density/density.{md,json,png}. DENSITY_ARGS overrides the size
 ## and the knobs (e.g. DENSITY_ARGS="--pods 10 --parallel 2 --ksm on"). ~5 min here.
 DENSITY_ARGS ?= --pods 4 --parallel 2 --runtime both --mem-mib 128
 bench-density: build
-	@mkdir -p $(OUT)
-	@bash rootfs/build-initramfs.sh $(OUT) agent-test
-	@kernel=$$(bash guest-kernel/build.sh) && \
-	  $(BIN) bench density $(DENSITY_ARGS) --kernel "$$kernel" \
-	    --initrd $(OUT)/agent-test.cpio --out $(OUT)/bench-density
+	$(call bench_pods,density,$(DENSITY_ARGS))
 
 ## bench-template: pod start from a template clone vs a cold boot vs runc, and the clones'
 ## memory split into shared template pages and private pages at N = 1, 10, 50; writes
@@ -88,11 +94,7 @@ bench-density: build
 ## emulated guest kernel on this host: about an hour here.
 TEMPLATE_ARGS ?= --clones 1,10,50 --parallel 2 --mem-mib 128
 bench-template: build
-	@mkdir -p $(OUT)
-	@bash rootfs/build-initramfs.sh $(OUT) agent-test
-	@kernel=$$(bash guest-kernel/build.sh) && \
-	  $(BIN) bench template $(TEMPLATE_ARGS) --kernel "$$kernel" \
-	    --initrd $(OUT)/agent-test.cpio --out $(OUT)/bench-template
+	$(call bench_pods,template,$(TEMPLATE_ARGS))
 
 ## bench-net: TCP connect, request/response and stream throughput both ways between a pod
 ## and a peer network namespace over a veth (podvisor's virtio-net + tc mirred path next to
@@ -100,11 +102,7 @@ bench-template: build
 ## NET_ARGS="--seconds 10 --runtime podvisor"). A few minutes here (one template build).
 NET_ARGS ?= --seconds 5 --mem-mib 128
 bench-net: build
-	@mkdir -p $(OUT)
-	@bash rootfs/build-initramfs.sh $(OUT) agent-test
-	@kernel=$$(bash guest-kernel/build.sh) && \
-	  $(BIN) bench net $(NET_ARGS) --kernel "$$kernel" \
-	    --initrd $(OUT)/agent-test.cpio --out $(OUT)/bench-net
+	$(call bench_pods,net,$(NET_ARGS))
 
 clean:
 	$(CARGO) clean

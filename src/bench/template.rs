@@ -66,21 +66,17 @@ fn density_args(args: &TemplateBenchArgs) -> Result<DensityArgs, DensityError> {
     }
     let max = *sorted.last().expect("not empty");
     Ok(DensityArgs {
-        pods: max,
         parallel: args.parallel.min(max),
-        runtime: RuntimeChoice::Both,
-        out: args.out.clone(),
-        address: None,
-        work_dir: None,
-        guest: args.guest.clone(),
-        mem_mib: args.mem_mib,
-        vcpus: None,
-        ksm: None,
-        noreserve: None,
         template: Some(OnOff::On),
         settle: Some(args.settle),
-        timeout: args.timeout,
-        from_json: None,
+        ..DensityArgs::series(
+            max,
+            RuntimeChoice::Both,
+            &args.out,
+            &args.guest,
+            args.mem_mib,
+            args.timeout,
+        )
     })
 }
 

@@ -169,6 +169,38 @@ pub struct DensityArgs {
     pub from_json: Option<PathBuf>,
 }
 
+impl DensityArgs {
+    /// The arguments of a series another bench runs through the harness: `pods` pods of
+    /// `runtime` in a private containerd, the host's knobs at their defaults (the caller
+    /// sets the fields it needs).
+    pub fn series(
+        pods: usize,
+        runtime: RuntimeChoice,
+        out: &Path,
+        guest: &GuestArgs,
+        mem_mib: Option<u64>,
+        timeout: u64,
+    ) -> DensityArgs {
+        DensityArgs {
+            pods,
+            parallel: 1,
+            runtime,
+            out: out.to_path_buf(),
+            address: None,
+            work_dir: None,
+            guest: guest.clone(),
+            mem_mib,
+            vcpus: None,
+            ksm: None,
+            noreserve: None,
+            template: None,
+            settle: None,
+            timeout,
+            from_json: None,
+        }
+    }
+}
+
 /// What podvisor pods boot, and the shim that boots them.
 #[derive(Args, Debug, Clone, Default)]
 pub struct GuestArgs {

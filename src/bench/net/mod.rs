@@ -96,21 +96,15 @@ pub struct NetReport {
 
 fn density_args(args: &NetBenchArgs) -> DensityArgs {
     DensityArgs {
-        pods: 1,
-        parallel: 1,
-        runtime: args.runtime,
-        out: args.out.clone(),
-        address: None,
-        work_dir: None,
-        guest: args.guest.clone(),
-        mem_mib: args.mem_mib,
-        vcpus: None,
-        ksm: None,
-        noreserve: None,
         template: args.template,
-        settle: None,
-        timeout: args.timeout,
-        from_json: None,
+        ..DensityArgs::series(
+            1,
+            args.runtime,
+            &args.out,
+            &args.guest,
+            args.mem_mib,
+            args.timeout,
+        )
     }
 }
 

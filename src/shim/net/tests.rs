@@ -175,6 +175,20 @@ fn assert_unwired(pod_ns: &OwnedFd, when: &str) {
     });
 }
 
+/// A pod namespace with a bare CNI-like veth `eth0` (up, no address) whose peer `peer0`
+/// is in a second namespace; returns (pod, host) namespaces.
+fn pod_ns_with_bare_veth() -> (OwnedFd, OwnedFd) {
+    let pod_ns = new_netns();
+    let host_ns = new_netns();
+    let host_ns_fd = host_ns.as_fd();
+    in_ns(&pod_ns, |nl| {
+        nl.add_veth("eth0", "peer0", Some(host_ns_fd), None)
+            .unwrap();
+        up(nl, "eth0");
+    });
+    (pod_ns, host_ns)
+}
+
 const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 123, 0, 2);
 const PEER_IP: Ipv4Addr = Ipv4Addr::new(10, 123, 0, 1);
 
@@ -428,13 +442,9 @@ fn a_failed_wiring_leaves_nothing() {
     if skip() {
         return;
     }
-    let pod_ns = new_netns();
-    let host_ns = new_netns();
-    let host_ns_fd = host_ns.as_fd();
+    let (pod_ns, _host_ns) = pod_ns_with_bare_veth();
     in_ns(&pod_ns, |nl| {
-        nl.add_veth("eth0", "peer0", Some(host_ns_fd), None)
-            .unwrap();
-        let eth0 = up(nl, "eth0");
+        let eth0 = nl.link_by_name("eth0").unwrap().unwrap();
         // Someone else's ingress qdisc on the veth: the wiring must fail, and undo its tap.
         nl.add_ingress_qdisc(eth0.index).unwrap();
     });
@@ -462,14 +472,7 @@ fn what_a_dead_shim_left_is_cleaned_up() {
     if skip() {
         return;
     }
-    let pod_ns = new_netns();
-    let host_ns = new_netns();
-    let host_ns_fd = host_ns.as_fd();
-    in_ns(&pod_ns, |nl| {
-        nl.add_veth("eth0", "peer0", Some(host_ns_fd), None)
-            .unwrap();
-        up(nl, "eth0");
-    });
+    let (pod_ns, _host_ns) = pod_ns_with_bare_veth();
     let path = fd_path(&pod_ns);
     // Nothing wired: nothing to do; a namespace that is gone is fine too.
     assert!(cleanup_stale(&path).unwrap().is_empty());
