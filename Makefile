@@ -64,8 +64,9 @@ bench-boot: build rootfs
 	@kernel=$$(bash guest-kernel/build.sh) && \
 	  $(BIN) bench boot --kernel "$$kernel" --initrd $(INITRD) --runs 3 --vcpus 1 --mem-mib 128
 
-## bench-devices: virtio-blk/fs/vsock throughput (MiB/s, req/s at 4 KiB and 1 MiB) through the
-## virtio-mmio transport from a host-side driver, against raw file/socket baselines (~30 s).
+## bench-devices: virtio-blk/fs/vsock throughput (MiB/s, req/s at 4 KiB and 1 MiB) and
+## virtio-net (frames of 1514 and 64000 bytes on a tap; root) through the virtio-mmio
+## transport from a host-side driver, against raw file/socket/tap baselines (~30 s).
 bench-devices:
 	$(CARGO) bench -p devices --features test-utils --bench devices
 

@@ -22,6 +22,9 @@
 //!   full RX queue, 256 KiB of credit, packets of at most 64 KiB, one kick per chunk).
 //!   Baseline: the same peer thread on a Unix socket pair, this thread on the other end.
 //!
+//! * virtio-net: see `net.rs` (a tap in a network namespace of the bench's own, frames of
+//!   1514 and 64000 bytes, one in flight). Baseline: `writev`/`readv` on a second tap.
+//!
 //! "read" moves data into guest memory (or to this thread, for a baseline), "write" out of
 //! it. A request is one `size`-byte I/O (for vsock: one chunk). For each cell the number of
 //! requests per run is calibrated (doubling until a run takes [`Timing::run`] / 8), then
@@ -43,6 +46,7 @@
 mod blk;
 mod file;
 mod fs;
+mod net;
 mod vsock;
 
 use std::time::{Duration, Instant};
@@ -140,9 +144,15 @@ fn measure(t: Timing, dev: &mut dyn FnMut(u64), base: &mut dyn FnMut(u64)) -> (R
 }
 
 /// Measures every cell of `device` and its `baseline`, printing a row per cell.
-fn bench(t: Timing, name: &str, device: &mut dyn Subject, baseline: &mut dyn Subject) {
+fn bench(
+    t: Timing,
+    name: &str,
+    sizes: &[usize],
+    device: &mut dyn Subject,
+    baseline: &mut dyn Subject,
+) {
     for dir in [Dir::Read, Dir::Write] {
-        for size in SIZES {
+        for &size in sizes {
             let (dev, base) = measure(
                 t,
                 &mut *device.cell(dir, size),
@@ -167,10 +177,12 @@ fn bench(t: Timing, name: &str, device: &mut dyn Subject, baseline: &mut dyn Sub
 }
 
 fn size_name(size: usize) -> String {
-    if size >= 1 << 20 {
+    if size >= 1 << 20 && size % (1 << 20) == 0 {
         format!("{}M", size >> 20)
-    } else {
+    } else if size % 1024 == 0 {
         format!("{}K", size >> 10)
+    } else {
+        format!("{size}")
     }
 }
 
@@ -225,19 +237,31 @@ fn main() {
 
     if wanted("virtio-blk") {
         let (mut dev, mut raw) = blk::setup();
-        bench(t, "virtio-blk", &mut dev, &mut raw);
+        bench(t, "virtio-blk", &SIZES, &mut dev, &mut raw);
     }
     if wanted("virtio-fs") {
         let (mut dev, mut raw) = fs::setup();
-        bench(t, "virtio-fs", &mut dev, &mut raw);
+        bench(t, "virtio-fs", &SIZES, &mut dev, &mut raw);
     }
     if wanted("virtio-vsock") {
         let (mut dev, mut raw) = vsock::setup();
-        bench(t, "virtio-vsock", &mut dev, &mut raw);
+        bench(t, "virtio-vsock", &SIZES, &mut dev, &mut raw);
+    }
+
+    if wanted("virtio-net") {
+        if devices::virtio::net::test_net::can_make_taps() {
+            devices::virtio::net::test_net::in_new_netns(move || {
+                let (mut dev, mut raw) = net::setup();
+                bench(t, "virtio-net", &net::SIZES, &mut dev, &mut raw);
+            });
+        } else {
+            println!("virtio-net    SKIPPED: needs root and /dev/net/tun for a tap");
+        }
     }
 
     println!();
-    println!("raw: blk, fs = pread/pwrite on the same file; vsock = a Unix socket pair.");
+    println!("raw: blk, fs = pread/pwrite on the same file; vsock = a Unix socket pair;");
+    println!("net = writev/readv on a second tap (frames of 1514 and 64000 bytes).");
     println!("ratio = device req/s / raw req/s (medians); spread = (max - min) / median of");
     println!("the runs. Took {:.1?}.", started.elapsed());
 }
