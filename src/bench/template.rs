@@ -83,7 +83,7 @@ fn density_args(args: &TemplateBenchArgs) -> Result<DensityArgs, DensityError> {
 pub fn run(args: TemplateBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let (report, clones) = match &args.from_json {
         Some(json) => {
-            let report: Report = serde_json::from_str(&std::fs::read_to_string(json)?)?;
+            let report = density::report::read(json)?;
             let clones = clone_counts(&report);
             (report, clones)
         }

@@ -1058,10 +1058,7 @@ fn measure_run(
 /// `podvisor bench density`.
 pub fn run(args: DensityArgs) -> Result<u8, Box<dyn std::error::Error>> {
     if let Some(json) = &args.from_json {
-        let read = std::fs::read_to_string(json)
-            .map_err(|e| DensityError::Usage(format!("--from-json {}: {e}", json.display())))?;
-        let report: Report = serde_json::from_str(&read)
-            .map_err(|e| DensityError::Usage(format!("--from-json {}: {e}", json.display())))?;
+        let report = report::read(json)?;
         print!("{}", report::markdown(&report));
         for p in report::write(&report, &absolute(&args.out))? {
             println!("wrote {}", p.display());

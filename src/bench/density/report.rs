@@ -259,6 +259,13 @@ pub fn markdown(report: &Report) -> String {
     out
 }
 
+/// A report written earlier (`density.json`, `template.json`), for `--from-json`.
+pub fn read(path: &Path) -> Result<Report, DensityError> {
+    let bad = |e: String| DensityError::Usage(format!("--from-json {}: {e}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| bad(e.to_string()))
+}
+
 /// One paragraph per failed pod and per teardown problem.
 pub fn failures(report: &Report) -> String {
     let mut out = String::new();
