@@ -30,6 +30,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Child;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -163,6 +164,8 @@ struct Inner {
     containers: Mutex<HashMap<String, Container>>,
     /// Notified when a process stops or a container is deleted.
     changed: Condvar,
+    /// Shutdown has started tearing the pod down (a second Shutdown must not exit early).
+    shutting_down: AtomicBool,
 }
 
 /// The Task service of one shim (one pod).
@@ -187,6 +190,7 @@ impl Service {
                 pod: Mutex::new(None),
                 containers: Mutex::new(HashMap::new()),
                 changed: Condvar::new(),
+                shutting_down: AtomicBool::new(false),
             }),
         }
     }
@@ -1176,9 +1180,25 @@ impl Task for Service {
         if !self.containers().is_empty() {
             return Ok(api::Empty::new());
         }
+        if self.inner.shutting_down.swap(true, Ordering::SeqCst) {
+            return Ok(api::Empty::new());
+        }
+        // Answer first: destroying the VM (vCPU threads, guest memory, the pod network) can
+        // take longer under load than containerd waits for this call (3 s). The process
+        // exits once the teardown is done.
         log::info!("Shutdown: destroying the pod VM");
-        self.teardown();
-        self.inner.exit.signal();
+        let svc = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("shutdown".into())
+            .spawn(move || {
+                svc.teardown();
+                svc.inner.exit.signal();
+            });
+        if let Err(e) = spawned {
+            log::warn!("Shutdown: no thread for the teardown ({e}); tearing down before answering");
+            self.teardown();
+            self.inner.exit.signal();
+        }
         Ok(api::Empty::new())
     }
 
