@@ -430,6 +430,9 @@ impl Sandbox {
             }
         }
         Cgroup::new(&PathBuf::from(&self.config.layout.cgroup_parent)).remove();
+        // The host stops the VM as soon as this call answers: what the containers wrote
+        // to the shared file systems must be on the host by then.
+        nix::unistd::sync();
         log::info!("sandbox destroyed");
         let (lock, cond) = &self.destroyed;
         *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
