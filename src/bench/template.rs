@@ -19,7 +19,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::density::report::{mib, secs, Report, RuntimeRun};
+use super::density::report::{mib, secs, write_file, Report, RuntimeRun};
 use super::density::{self, DensityArgs, DensityError, GuestArgs, OnOff, RuntimeChoice};
 
 #[derive(Args, Debug, Clone)]
@@ -121,10 +121,7 @@ fn write(
 ) -> Result<u8, Box<dyn std::error::Error>> {
     let text = markdown(report, clones);
     print!("{text}");
-    std::fs::create_dir_all(out)?;
-    let json = out.join("template.json");
-    std::fs::write(&json, serde_json::to_string_pretty(report)?)?;
-    let md = out.join("template.md");
+    let json = write_file(out, "template.json", &serde_json::to_string_pretty(report)?)?;
     let png = out.join("template.png");
     let mut full = text;
     match density::plot::draw(&largest_only(report, clones), &png) {
@@ -134,7 +131,7 @@ fn write(
         Err(e) => log::warn!("no plot: {e}"),
     }
     full += &density::report::pod_table(report);
-    std::fs::write(&md, full)?;
+    let md = write_file(out, "template.md", &full)?;
     for p in [&md, &json, &png] {
         if p.exists() {
             println!("wrote {}", p.display());

@@ -259,6 +259,18 @@ pub fn markdown(report: &Report) -> String {
     out
 }
 
+/// Writes `text` to `dir/name` (creating `dir`); returns the path.
+pub fn write_file(dir: &Path, name: &str, text: &str) -> Result<PathBuf, DensityError> {
+    let path = dir.join(name);
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&path, text))
+        .map_err(|source| DensityError::Output {
+            path: path.clone(),
+            source,
+        })?;
+    Ok(path)
+}
+
 /// A report written earlier (`density.json`, `template.json`), for `--from-json`.
 pub fn read(path: &Path) -> Result<Report, DensityError> {
     let bad = |e: String| DensityError::Usage(format!("--from-json {}: {e}", path.display()));
@@ -315,14 +327,8 @@ pub fn pod_table(report: &Report) -> String {
 /// Writes density.json, density.md and density.png into `dir` (created); returns the
 /// paths written. A plot that cannot be drawn (no font) is logged, not fatal.
 pub fn write(report: &Report, dir: &Path) -> Result<Vec<PathBuf>, DensityError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| DensityError::Output { path, source }
-    };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let json = dir.join("density.json");
     let text = serde_json::to_string_pretty(report).expect("report serialises");
-    std::fs::write(&json, text).map_err(io(&json))?;
+    let json = write_file(dir, "density.json", &text)?;
     let png = dir.join("density.png");
     let plotted = match super::plot::draw(report, &png) {
         Ok(()) => true,
@@ -331,13 +337,12 @@ pub fn write(report: &Report, dir: &Path) -> Result<Vec<PathBuf>, DensityError> 
             false
         }
     };
-    let md = dir.join("density.md");
     let mut text = markdown(report);
     if plotted {
         let _ = writeln!(text, "\nPlot: {}", png.display());
     }
     text += &pod_table(report);
-    std::fs::write(&md, text).map_err(io(&md))?;
+    let md = write_file(dir, "density.md", &text)?;
     let mut paths = vec![md, json];
     if plotted {
         paths.push(png);

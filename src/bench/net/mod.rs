@@ -22,13 +22,13 @@ mod probe;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 
 use super::density::containerd::Containerd;
-use super::density::report::mib;
+use super::density::report::{self, mib};
 use super::density::stats::Summary;
 use super::density::RuntimeChoice;
 use super::density::{self, image, DensityArgs, DensityError, GuestArgs, OnOff, Runtime};
@@ -148,21 +148,10 @@ pub fn run(args: NetBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
         ("net.md", md),
         ("net.json", serde_json::to_string_pretty(&report)?),
     ] {
-        let path = write(&plan.out, name, &text)?;
+        let path = report::write_file(&plan.out, name, &text)?;
         println!("wrote {}", path.display());
     }
     Ok(u8::from(report.runs.iter().any(|r| r.error.is_some())))
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> Result<PathBuf, DensityError> {
-    let path = dir.join(name);
-    std::fs::create_dir_all(dir)
-        .and_then(|()| std::fs::write(&path, text))
-        .map_err(|source| DensityError::Output {
-            path: path.clone(),
-            source,
-        })?;
-    Ok(path)
 }
 
 /// One runtime end to end; a failure is recorded in the run, and everything it created
