@@ -114,6 +114,7 @@ impl containerd_shim::Shim for PodvisorShim {
 
     fn wait(&mut self) {
         self.exit.wait();
+        spawn_exit_watchdog();
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
@@ -124,6 +125,69 @@ impl containerd_shim::Shim for PodvisorShim {
             self.exit.clone(),
         )
     }
+}
+
+/// How long the process may take to end once its pod is torn down.
+const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Ends the process [`EXIT_GRACE`] after the exit signal if it has not ended by itself.
+/// The pod is gone by then (Shutdown tears it down before it signals); what is left is
+/// the `containerd-shim` crate stopping the ttrpc server, removing the socket and returning
+/// from `main`. Once, after a guest crash, a shim stayed alive past that with two busy
+/// threads: the watchdog logs the threads (for the next look at it), removes the socket
+/// the crate would have removed and exits, so that no shim process is left behind.
+fn spawn_exit_watchdog() {
+    let spawned = std::thread::Builder::new()
+        .name("exit-watchdog".into())
+        .spawn(|| {
+            std::thread::sleep(EXIT_GRACE);
+            log::warn!(
+                "still running {EXIT_GRACE:?} after the exit signal; exiting now. Threads:{}",
+                thread_states()
+            );
+            // Where the crate keeps the socket's address: `address` in the bundle, the
+            // working directory containerd started the shim in.
+            if let Ok(address) = std::fs::read_to_string("address") {
+                let _ = std::fs::remove_file(address.trim().trim_start_matches("unix://"));
+            }
+            // SAFETY: _exit ends the process at once, skipping atexit handlers and stdio
+            // flushes (a hang may be in them); nothing of the pod is left to clean up.
+            unsafe { libc::_exit(0) };
+        });
+    if let Err(e) = spawned {
+        log::warn!("no exit watchdog: {e}");
+    }
+}
+
+/// This process's threads: name, state, CPU ticks (user + system) and current syscall.
+fn thread_states() -> String {
+    let mut out = String::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+        let stat = read("stat");
+        let fields: Vec<&str> = stat
+            .rsplit_once(") ")
+            .map(|(_, rest)| rest.split(' ').collect())
+            .unwrap_or_default();
+        // After the name: state is field 3 of stat, utime 14 and stime 15.
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        out += &format!(
+            "\n  {} {} cpu {} ticks, syscall {}",
+            read("comm").trim(),
+            fields.first().unwrap_or(&"?"),
+            ticks(11) + ticks(12),
+            read("syscall").trim()
+        );
+    }
+    out
 }
 
 /// After the pod's shim died: removes the tc redirects and taps it left in the pod's network
@@ -167,4 +231,26 @@ pub fn file_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod exit_tests {
+    #[test]
+    fn thread_states_list_this_thread() {
+        let name = std::thread::current()
+            .name()
+            .unwrap_or_default()
+            .to_string();
+        let states = super::thread_states();
+        // comm is cut to 15 bytes.
+        let comm: String = name.chars().take(15).collect();
+        let line = states
+            .lines()
+            .find(|l| l.trim_start().starts_with(&comm))
+            .unwrap_or_else(|| panic!("no line for {comm} in {states}"));
+        assert!(
+            line.contains(" R cpu ") && line.contains(" ticks, syscall "),
+            "{line}"
+        );
+    }
 }

@@ -241,7 +241,17 @@ pub fn process_threads(pid: u32) -> String {
                 .rsplit_once(") ")
                 .and_then(|(_, rest)| rest.split(' ').next().map(str::to_string))
                 .unwrap_or_default();
-            out += &format!("\n  {} {state} {}", read("comm").trim(), read("wchan"));
+            out += &format!(
+                "\n  {} {state} {} syscall {} kernel stack {}",
+                read("comm").trim(),
+                read("wchan"),
+                read("syscall").trim(),
+                read("stack")
+                    .lines()
+                    .take(4)
+                    .collect::<Vec<_>>()
+                    .join(" < ")
+            );
         }
     }
     out
