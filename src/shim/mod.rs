@@ -143,7 +143,7 @@ fn spawn_exit_watchdog() {
             std::thread::sleep(EXIT_GRACE);
             log::warn!(
                 "still running {EXIT_GRACE:?} after the exit signal; exiting now. Threads:{}",
-                thread_states()
+                thread_states(None)
             );
             // Where the crate keeps the socket's address: `address` in the bundle, the
             // working directory containerd started the shim in.
@@ -159,10 +159,13 @@ fn spawn_exit_watchdog() {
     }
 }
 
-/// This process's threads: name, state, CPU ticks (user + system) and current syscall.
-fn thread_states() -> String {
+/// The threads of process `pid` (`None`: this process), one line each: name, state, CPU
+/// ticks (user + system), current syscall, wait channel and the top of the kernel stack
+/// (readable by root only). For logs of a process that does not end.
+pub fn thread_states(pid: Option<u32>) -> String {
     let mut out = String::new();
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+    let dir = pid.map_or("/proc/self/task".to_string(), |p| format!("/proc/{p}/task"));
+    let Ok(tasks) = std::fs::read_dir(dir) else {
         return out;
     };
     for t in tasks.flatten() {
@@ -180,11 +183,17 @@ fn thread_states() -> String {
                 .unwrap_or(0)
         };
         out += &format!(
-            "\n  {} {} cpu {} ticks, syscall {}",
+            "\n  {} {} cpu {} ticks, syscall {}, wchan {}, kernel stack {}",
             read("comm").trim(),
             fields.first().unwrap_or(&"?"),
             ticks(11) + ticks(12),
-            read("syscall").trim()
+            read("syscall").trim(),
+            read("wchan"),
+            read("stack")
+                .lines()
+                .take(4)
+                .collect::<Vec<_>>()
+                .join(" < ")
         );
     }
     out
@@ -241,7 +250,7 @@ mod exit_tests {
             .name()
             .unwrap_or_default()
             .to_string();
-        let states = super::thread_states();
+        let states = super::thread_states(None);
         // comm is cut to 15 bytes.
         let comm: String = name.chars().take(15).collect();
         let line = states

@@ -1187,17 +1187,17 @@ impl Task for Service {
         // take longer under load than containerd waits for this call (3 s). The process
         // exits once the teardown is done.
         log::info!("Shutdown: destroying the pod VM");
+        let finish = |svc: &Service| {
+            svc.teardown();
+            svc.inner.exit.signal();
+        };
         let svc = self.clone();
         let spawned = std::thread::Builder::new()
             .name("shutdown".into())
-            .spawn(move || {
-                svc.teardown();
-                svc.inner.exit.signal();
-            });
+            .spawn(move || finish(&svc));
         if let Err(e) = spawned {
             log::warn!("Shutdown: no thread for the teardown ({e}); tearing down before answering");
-            self.teardown();
-            self.inner.exit.signal();
+            finish(self);
         }
         Ok(api::Empty::new())
     }

@@ -227,34 +227,16 @@ pub fn shim_pids(sock: &Path) -> Vec<u32> {
     pids_of("containerd-shim-podvisor-v2", sock)
 }
 
-/// A process's command line and its threads (name, state, kernel wait channel), for
+/// A process's command line and its threads (`podvisor::shim::thread_states`), for
 /// failure messages.
 pub fn process_threads(pid: u32) -> String {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
         .unwrap_or_default();
-    let mut out = format!("pid {pid}: {cmdline}");
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for t in tasks.flatten() {
-            let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
-            let state = read("stat")
-                .rsplit_once(") ")
-                .and_then(|(_, rest)| rest.split(' ').next().map(str::to_string))
-                .unwrap_or_default();
-            out += &format!(
-                "\n  {} {state} {} syscall {} kernel stack {}",
-                read("comm").trim(),
-                read("wchan"),
-                read("syscall").trim(),
-                read("stack")
-                    .lines()
-                    .take(4)
-                    .collect::<Vec<_>>()
-                    .join(" < ")
-            );
-        }
-    }
-    out
+    format!(
+        "pid {pid}: {cmdline}{}",
+        podvisor::shim::thread_states(Some(pid))
+    )
 }
 
 /// PIDs of runc shims (`containerd-shim-runc-v2`) of this containerd.
