@@ -266,6 +266,8 @@ fn shim_containerd_pod() {
     let Some((guest, initrd)) = pod_tools(TEST) else {
         return;
     };
+    // One pod VM (see `common::vm_slots`).
+    let _vms = common::vm_slots::take(1);
     let dir = temp_path("shim-pod");
     let c = Containerd::start(&dir, &guest.kernel, &initrd);
     import_image(&c, &dir.join("image"));
@@ -570,6 +572,8 @@ fn shim_containerd_guest_death() {
     let Some((guest, initrd)) = pod_tools(TEST) else {
         return;
     };
+    // One pod VM (see `common::vm_slots`).
+    let _vms = common::vm_slots::take(1);
     let dir = temp_path("shim-death");
     let c = Containerd::start(&dir, &guest.kernel, &initrd);
     import_image(&c, &dir.join("image"));
@@ -651,6 +655,8 @@ fn shim_containerd_template() {
     let Some((guest, initrd)) = pod_tools(TEST) else {
         return;
     };
+    // The template VM, then five clones at once: alone (see `common::vm_slots`).
+    let _vms = common::vm_slots::take(6);
     let dir = temp_path("shim-template");
     let templates = dir.join("templates");
     let c = Containerd::start_with(

@@ -390,17 +390,60 @@ pub fn run_bounded(mut cmd: Command, timeout: Duration) -> (Option<i32>, String,
     let out = collect(child.stdout.take().map(|r| Box::new(r) as _));
     let err = collect(child.stderr.take().map(|r| Box::new(r) as _));
     let deadline = Instant::now() + timeout;
+    let mut timed_out = None;
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
         if Instant::now() > deadline {
+            // What every process of the test (containerd, `shim start`, the shims) was
+            // doing when the command hung, for the failure message.
+            timed_out = Some(descendant_threads());
             let _ = child.kill();
             break child.wait().unwrap();
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    (status.code(), out.join().unwrap(), err.join().unwrap())
+    let mut stderr = err.join().unwrap();
+    if let Some(threads) = timed_out {
+        stderr += &format!("\n[killed after {timeout:?}; the test's processes then:]{threads}");
+    }
+    (status.code(), out.join().unwrap(), stderr)
+}
+
+/// [`process_threads`] of every descendant of this test process (containerd is the
+/// subreaper of its shims, so they are below it), one block each.
+pub fn descendant_threads() -> String {
+    let mut parent = std::collections::HashMap::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // After the name: state, then the parent's pid.
+        let ppid = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split(' ').nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            parent.insert(pid, ppid);
+        }
+    }
+    let me = std::process::id();
+    let below_me = |mut pid: u32| {
+        while let Some(&p) = parent.get(&pid) {
+            if p == me {
+                return true;
+            }
+            pid = p;
+        }
+        false
+    };
+    let mut pids: Vec<u32> = parent.keys().copied().filter(|&p| below_me(p)).collect();
+    pids.sort_unstable();
+    pids.iter()
+        .map(|&p| format!("\n{}", process_threads(p)))
+        .collect()
 }
 
 pub fn skip(test: &str, why: &str) {

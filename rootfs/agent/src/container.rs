@@ -606,6 +606,7 @@ impl Container {
             let child = wire_stdio(layout, &init, io)?;
             let (builder, console) = builder(layout, id, child)?;
             let guard = reaper.lock_spawn();
+            let _watch = crate::stall::watch(format!("create {id}"));
             let lc = builder
                 .as_init(&bundle)
                 .with_systemd(false)
@@ -727,6 +728,7 @@ impl Container {
             let child = wire_stdio(&self.layout, &process, io)?;
             let (builder, console) = builder(&self.layout, &self.id, child)?;
             let guard = reaper.lock_spawn();
+            let _watch = crate::stall::watch(format!("exec {}/{exec_id}", self.id));
             let pid = builder
                 .as_tenant()
                 .with_process(Some(&path))

@@ -29,6 +29,7 @@ mod process;
 mod reaper;
 mod sandbox;
 mod server;
+mod stall;
 mod stream;
 
 use std::os::fd::IntoRawFd;
