@@ -161,6 +161,22 @@ impl<F> ShareFs<F> {
     }
 }
 
+/// The file flags of a READ or WRITE with the ones whose `F_SETFL` can fail cleared.
+///
+/// `PassthroughFs` applies a request's flags to the handle's host fd with `F_SETFL` when
+/// they differ from the open flags; if that fails (`EINVAL` for `O_DIRECT` on a host file
+/// system without direct I/O, `EPERM` for `O_NOATIME`), fuse-backend-rs 0.14 returns early
+/// and drops the `File` it built around the borrowed fd: the handle's fd is closed, and
+/// closed again when the handle is released, which may close whatever host file reused
+/// the number (in this process: the ttrpc socket, a vsock stream, guest memory). Clearing
+/// a flag never fails, so the guest gets buffered I/O on such a handle instead.
+fn settable_flags(flags: u32) -> u32 {
+    FLAGS_TO_KEEP & flags
+}
+
+/// Everything but `O_DIRECT` and `O_NOATIME` (see [`settable_flags`]).
+const FLAGS_TO_KEEP: u32 = !((libc::O_DIRECT | libc::O_NOATIME) as u32);
+
 /// Whether open `flags` (guest `O_*`, the same values on Linux) ask to modify the file.
 fn opens_for_write(flags: u32) -> bool {
     let flags = flags as i32;
@@ -338,6 +354,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
         lock_owner: Option<u64>,
         flags: u32,
     ) -> io::Result<usize> {
+        let flags = settable_flags(flags);
         self.inner
             .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
     }
@@ -365,7 +382,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
             offset,
             lock_owner,
             delayed_write,
-            flags,
+            settable_flags(flags),
             fuse_flags,
         )
     }

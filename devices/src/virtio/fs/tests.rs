@@ -1310,3 +1310,68 @@ fn restore_serves_this_vms_directory_with_the_saved_queues() {
     let err = f.c.drv.restore(Box::new(other), &loaded).err().unwrap();
     assert!(err.to_string().contains("tag"), "{err}");
 }
+
+/// A READ or WRITE carrying file flags the host fd refuses (`O_DIRECT` on a ramfs, which
+/// has no direct I/O) must leave the handle's fd open: fuse-backend-rs closes it on that
+/// error path, and the handle's release then closes whatever reused the number.
+#[test]
+fn flags_the_host_fd_refuses_leave_the_handle_open() {
+    let dir = TempDir::new().unwrap();
+    let mnt = dir.as_path().join("ramfs");
+    fs::create_dir(&mnt).unwrap();
+    let target = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: NUL-terminated strings that outlive the call; no mount data.
+    let rc = unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            target.as_ptr(),
+            c"ramfs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        eprintln!(
+            "SKIPPED flags_the_host_fd_refuses_leave_the_handle_open: cannot mount a ramfs \
+             ({}); run as root",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    struct Unmount(std::ffi::CString);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            // SAFETY: a NUL-terminated path; detaching needs nothing else.
+            unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+    let _unmount = Unmount(target);
+    fs::write(mnt.join("f"), b"ramfs data").unwrap();
+    let mut c = FuseClient::new(device(&mnt, TAG, ShareOptions::default()));
+    c.init();
+    let e = c.lookup(ROOT, "f").unwrap();
+    let o = c.open(e.nodeid, libc::O_RDWR as u32).unwrap();
+    let direct = (libc::O_RDWR | libc::O_DIRECT) as u32;
+    for _ in 0..2 {
+        let a = ReadIn {
+            fh: o.fh,
+            size: 64,
+            flags: direct,
+            ..Default::default()
+        };
+        let r = c.call(Opcode::Read, e.nodeid, &[a.as_slice()], 64);
+        assert_eq!(r.check(), Ok(()), "READ with O_DIRECT");
+        assert_eq!(r.body, b"ramfs data");
+    }
+    let w = WriteIn {
+        fh: o.fh,
+        size: 5,
+        flags: direct | libc::O_NOATIME as u32,
+        ..Default::default()
+    };
+    let r = c.call(Opcode::Write, e.nodeid, &[w.as_slice(), b"RAMFS"], 16);
+    assert_eq!(r.check(), Ok(()), "WRITE with O_DIRECT | O_NOATIME");
+    assert_eq!(c.read(e.nodeid, o.fh, 0, 64).unwrap(), b"RAMFS data");
+    c.release(e.nodeid, o.fh, false).unwrap();
+    assert_eq!(fs::read(mnt.join("f")).unwrap(), b"RAMFS data");
+}
