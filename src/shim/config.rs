@@ -101,7 +101,8 @@ pub struct ShimConfig {
     pub mem_mib: u64,
     /// Pods' host state: `<run_dir>/<sandbox id>/`.
     pub run_dir: PathBuf,
-    /// How long to wait for the guest agent after starting the VM.
+    /// How long to wait for the guest agent: to answer after the VM started, and for each
+    /// request (a container create forks and execs in a guest that may be slow).
     pub agent_timeout: Duration,
     /// The shim's log level (`None`: containerd-shim's default; `RUST_LOG` wins).
     pub log_level: Option<log::LevelFilter>,

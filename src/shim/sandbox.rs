@@ -40,14 +40,24 @@ use super::{file_tail, ShimConfig};
 pub const SHARE_TAG: &str = "podvisor";
 /// Where the agent mounts the share in the guest.
 pub const SHARED_IN_GUEST: &str = "/run/podvisor/shared";
-/// One agent RPC (container creation forks and execs in a guest that may be slow).
+/// One agent RPC until [`set_rpc_timeout`] (container creation forks and execs in a guest
+/// that may be slow).
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(300);
+/// The bound of one agent RPC in this process: the pod's `agent_timeout` (one pod per shim
+/// process), set once when its sandbox is created.
+static POD_RPC_TIMEOUT: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+
+/// Bounds every later agent RPC of this process by `timeout` (the first call wins).
+pub fn set_rpc_timeout(timeout: Duration) {
+    let _ = POD_RPC_TIMEOUT.set(timeout);
+}
 /// Console lines quoted in errors.
 const TAIL_LINES: usize = 30;
 
-/// An RPC context bounded by [`RPC_TIMEOUT`].
+/// An RPC context bounded by the pod's `agent_timeout` ([`RPC_TIMEOUT`] before it is set).
 pub fn ctx() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(RPC_TIMEOUT.as_nanos() as i64)
+    let timeout = POD_RPC_TIMEOUT.get().copied().unwrap_or(RPC_TIMEOUT);
+    ttrpc::context::with_timeout(timeout.as_nanos().min(i64::MAX as u128) as i64)
 }
 
 /// Host paths of a pod's state.
@@ -246,6 +256,7 @@ impl Sandbox {
         netns: Option<&Path>,
         on_exit: OnVmExit,
     ) -> Result<Sandbox, String> {
+        set_rpc_timeout(config.agent_timeout);
         std::fs::create_dir_all(state.shared())
             .map_err(|e| format!("create {}: {e}", state.shared().display()))?;
         let mut vm_config = pod_vm_config(config, &state)?;
@@ -561,5 +572,13 @@ mod tests {
         assert_eq!(unescape_mountinfo(r"/a\040b/c"), "/a b/c");
         assert_eq!(unescape_mountinfo("/plain"), "/plain");
         assert_eq!(unescape_mountinfo(r"/end\04"), r"/end\04");
+    }
+
+    #[test]
+    fn agent_requests_are_bounded_by_the_pods_agent_timeout() {
+        set_rpc_timeout(Duration::from_secs(1234));
+        // The first setting wins: the process serves one pod.
+        set_rpc_timeout(Duration::from_secs(1));
+        assert_eq!(ctx().timeout_nano, 1_234_000_000_000);
     }
 }
