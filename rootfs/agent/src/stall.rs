@@ -1,13 +1,15 @@
-//! Reports a libcontainer call that does not return: after [`STALL_AFTER`] the agent logs
-//! every user process of the guest (pid, parent, state, wait channel, current syscall), so a
-//! console log shows where a container's processes are stuck (e.g. a futex in a freshly
-//! cloned child) instead of only an RPC timeout on the host.
+//! Reports a libcontainer call that takes long: every [`STALL_AFTER`] until it returns, the
+//! agent logs every user process of the guest (parent, state, user/system CPU ticks, page
+//! faults, wait channel, current syscall), so a pod's console log tells a stuck container
+//! process (asleep on a wait channel, its ticks still) from a slow one (runnable, its ticks
+//! and faults growing) instead of only an RPC timeout on the host.
 
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::time::Duration;
 
-/// How long a create or exec may take before the process table is logged (a create takes
-/// about a second on an emulated guest kernel, milliseconds on real hardware).
+/// How often the process table is logged while a create or exec runs (one takes
+/// milliseconds on real hardware, seconds on an emulated guest kernel, and tens of seconds
+/// there when many guests share the host's cores).
 const STALL_AFTER: Duration = Duration::from_secs(20);
 
 /// Logs the process table if dropped more than [`STALL_AFTER`] after [`watch`].
