@@ -40,12 +40,13 @@ run: build rootfs
 	@kernel=$$(bash guest-kernel/build.sh) && \
 	  $(BIN) boot --kernel "$$kernel" --initrd $(INITRD) --timings
 
-## test: lint, unit and host-side tests, then the guest tier on real KVM (dev profile:
-## the guest's speed does not depend on it, and it compiles much faster).
+## test: lint, then every test binary of the workspace side by side (unit, host-side and
+## the guest tier on real KVM; scripts/run-tests.sh; the guest tests share one VM slot per
+## core). Dev profile: the guest's speed does not depend on it, and it compiles faster.
 test: lint rootfs
 	@kernel=$$(bash guest-kernel/build.sh) && \
-	  PODVISOR_KERNEL="$$kernel" PODVISOR_INITRD=$(INITRD) \
-	  $(CARGO) test --workspace -- --test-threads=8
+	  PODVISOR_KERNEL="$$kernel" PODVISOR_INITRD=$(INITRD) CARGO="$(CARGO)" \
+	  bash scripts/run-tests.sh --test-threads=8
 
 ## test-unit: unit and host-side tests only (no guest kernel needed).
 test-unit: deps

@@ -216,6 +216,7 @@ fn guest_agent_runs_a_container() {
     let Some(guest) = guest_artifacts("guest_agent_runs_a_container") else {
         return;
     };
+    let _vms = common::vm_slots::take(1);
     let initrd = guest.initrd.with_file_name("agent-test.cpio");
     for (path, why) in [
         (initrd.as_path(), "run `make rootfs`"),

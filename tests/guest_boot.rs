@@ -18,6 +18,7 @@ fn cli_boots_one_vcpu_to_init_and_powers_off() {
     let Some(guest) = guest_artifacts("cli_boots_one_vcpu_to_init_and_powers_off") else {
         return;
     };
+    let _vms = common::vm_slots::take(1);
     let json = temp_path("timings.json");
     let out = podvisor(
         &[
@@ -69,6 +70,7 @@ fn library_boots_two_vcpus_and_pauses() {
     let Some(guest) = guest_artifacts("library_boots_two_vcpus_and_pauses") else {
         return;
     };
+    let _vms = common::vm_slots::take(2);
     let console = temp_path("console-2vcpu.log");
     let config = VmConfig {
         kernel: guest.kernel,
@@ -113,6 +115,7 @@ fn guest_kernel_panic_is_a_failure_with_the_reason() {
     let Some(guest) = guest_artifacts("guest_kernel_panic_is_a_failure_with_the_reason") else {
         return;
     };
+    let _vms = common::vm_slots::take(1);
     // No init in the initramfs under that name, no root device: the kernel panics.
     let cmdline = "console=ttyS0 reboot=k panic=-1 pci=off nomodule rdinit=/nonexistent-init";
     let out = podvisor(
@@ -142,6 +145,7 @@ fn stop_handle_ends_a_running_guest() {
     let Some(guest) = guest_artifacts("stop_handle_ends_a_running_guest") else {
         return;
     };
+    let _vms = common::vm_slots::take(1);
     let config = VmConfig {
         kernel: guest.kernel,
         initrd: Some(guest.initrd),

@@ -49,6 +49,7 @@ fn guest_uses_blk_fs_vsock_and_net() {
     let Some(guest) = guest_artifacts(TEST) else {
         return;
     };
+    let _vms = common::vm_slots::take(1);
     let initrd = guest.initrd.with_file_name("devices-test.cpio");
     if !common::require_file(TEST, &initrd, "run `make test`") {
         return;

@@ -41,6 +41,7 @@ fn counter_keeps_counting_after_snapshot_and_restore() {
     let Some(guest) = guest_artifacts("counter_keeps_counting_after_snapshot_and_restore") else {
         return;
     };
+    let _vms = common::vm_slots::take(1);
     let dir = temp_path("snapshot");
     std::fs::create_dir_all(&dir).unwrap();
     let snap = dir.join("snap");

@@ -642,6 +642,7 @@ fn cri_podvisor_pod_lifecycle() {
     if !have_tools(TEST) {
         return;
     }
+    let _vms = common::vm_slots::take(1);
     let dir = temp_path("cri-podvisor");
     let containerd = Containerd::start_with(
         &dir,
@@ -806,6 +807,7 @@ fn cri_podvisor_pod_network() {
     if !common::require_file(TEST, &initrd, "run `make rootfs`") || !have_tools(TEST) {
         return;
     }
+    let _vms = common::vm_slots::take(1);
     let dir = temp_path("cri-podvisor-net");
     let config = Some("agent_timeout_secs = 900\n".into());
     // Not destructured: containerd must stop before the bridge goes.
