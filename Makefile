@@ -43,10 +43,17 @@ run: build rootfs
 ## test: lint, then every test binary of the workspace side by side (unit, host-side and
 ## the guest tier on real KVM; scripts/run-tests.sh; the guest tests share one VM slot per
 ## core). Dev profile: the guest's speed does not depend on it, and it compiles faster.
-test: lint rootfs
-	@kernel=$$(bash guest-kernel/build.sh) && \
-	  PODVISOR_KERNEL="$$kernel" PODVISOR_INITRD=$(INITRD) CARGO="$(CARGO)" \
-	  bash scripts/run-tests.sh --test-threads=8
+## The guest kernel builds (or comes from its cache) in the background meanwhile: a cold
+## kernel build and the Rust builds each leave a core idle at times on a small host.
+test: deps
+	@mkdir -p $(OUT)
+	@bash guest-kernel/build.sh > $(OUT)/.guest-kernel-path & kernel_pid=$$!; \
+	  $(MAKE) --no-print-directory lint rootfs && $(CARGO) test --workspace --no-run --quiet; \
+	  rc=$$?; \
+	  if ! wait $$kernel_pid; then echo "make test: the guest kernel build failed"; exit 1; fi; \
+	  [ $$rc = 0 ] || exit $$rc; \
+	  PODVISOR_KERNEL="$$(cat $(OUT)/.guest-kernel-path)" PODVISOR_INITRD=$(INITRD) \
+	  CARGO="$(CARGO)" bash scripts/run-tests.sh --test-threads=8
 
 ## test-unit: unit and host-side tests only (no guest kernel needed).
 test-unit: deps

@@ -3,12 +3,15 @@
 //! `containerd-shim-podvisor-v2` on its PATH; a busybox OCI image built here is imported
 //! with `ctr image import`.
 //!
-//! A guest boot takes most of a minute on a nested-KVM host, so the scenarios share pods:
-//! - `shim_containerd_pod`: one pod (`io.podvisor.sandbox-id`), one shim, one VM for every
-//!   `ctr` scenario: run --rm echo, exit codes, env/cwd, stdin, tty, exec (plain, tty, exit
-//!   code), ps, pause/resume, metrics, kill TERM/KILL, file:// logs, OOM event, the event
-//!   order; then the shim is SIGKILLed under a running container and `ctr task rm` must
-//!   clean up; nothing may be left.
+//! A guest boot takes most of a minute on a nested-KVM host, so the scenarios share pods
+//! (two of them, so that they run side by side on 2 cores):
+//! - `shim_containerd_pod`: one pod (`io.podvisor.sandbox-id`), one shim, one VM: a
+//!   long-running container with a file:// log, run --rm echo, tty, exec (plain, tty, exit
+//!   code, user), ps, pause/resume, metrics, the shim's memory, the event order; then the
+//!   shim is SIGKILLed under a running container and `ctr task rm` must clean up; nothing
+//!   may be left.
+//! - `shim_containerd_pod_io`: exit codes, env/cwd/stderr, stdin to EOF, an OOM kill with
+//!   its event, SIGKILL (exit 137) and a TERM the container traps; nothing may be left.
 //! - `shim_containerd_guest_death`: a privileged container crashes the guest kernel
 //!   (sysrq): every task of the pod exits non-zero with its TaskExit event, nothing left.
 
@@ -300,10 +303,9 @@ fn shim_containerd_pod() {
     assert_eq!(shims.len(), 1, "one shim for the pod: {shims:?}");
     let shim = shims[0];
 
-    // More containers of the pod join the running VM: run --rm echo (timed), exit codes,
-    // env and cwd.
+    // More containers of the pod join the running VM: run --rm echo (timed), a terminal.
     let mut warm = Vec::new();
-    for i in 0..3 {
+    for i in 0..1 {
         let t = Instant::now();
         let out = run(&["--rm"], &format!("echo{i}"), &["echo", "hello"]);
         warm.push(t.elapsed());
@@ -313,28 +315,10 @@ fn shim_containerd_pod() {
             "{out:?}"
         );
     }
-    let out = run(
-        &["--rm", "--env", "FOO=bar", "--cwd", "/tmp"],
-        "envcwd",
-        &["sh", "-c", "echo $FOO; pwd; echo to-stderr >&2; exit 7"],
-    );
-    assert_eq!(out.code, Some(7), "exit code propagates: {out:?}");
-    assert_eq!(out.stdout, "bar\n/tmp\n");
-    assert!(out.stderr.contains("to-stderr"), "{out:?}");
     assert_eq!(
         shim_pids(&c.sock()),
         vec![shim],
         "still one shim (and VM) for the pod"
-    );
-
-    // stdin to EOF.
-    let mut args = vec!["run", "--rm", "--runtime", RUNTIME, "--annotation", &pod];
-    args.extend([IMAGE, "stdin", "sh", "-c", "cat; echo cat-done"]);
-    let out = ctr_stdin(&c, &args, "line one\nline two\n");
-    assert_eq!(
-        (out.code, out.stdout.as_str()),
-        (Some(0), "line one\nline two\ncat-done\n"),
-        "{out:?}"
     );
 
     // A terminal.
@@ -427,60 +411,13 @@ fn shim_containerd_pod() {
     assert_eq!(ctr(&c, &["task", "resume", "c1"]).code, Some(0));
     assert_eq!(task_status(&c, "c1").as_deref(), Some("RUNNING"));
 
-    // An OOM kill inside a container with a memory limit.
-    let out = run(
-        &["--rm", "--memory-limit", "6291456"],
-        "oom",
-        &["sh", "-c", "tail /dev/zero"],
-    );
-    // ctr reports the container's exit status: 137, killed by the OOM killer (a failure to
-    // create or start the container would exit 1 and leave no /tasks/oom event below).
+    // The shim's memory while the pod idles.
     assert_eq!(
-        out.code,
-        Some(137),
-        "the OOM-killed process dies of SIGKILL: {out:?}"
+        shim_pids(&c.sock()),
+        vec![shim],
+        "still one shim (and VM) for the pod"
     );
-
-    // kill: TERM to a shell that traps it, then KILL to c1 (whose PID 1 ignores TERM).
-    let log2 = dir.join("logs/term.log");
-    let uri2 = format!("file://{}", log2.display());
-    let out = run(
-        &["-d", "--log-uri", &uri2],
-        "term",
-        &[
-            "sh",
-            "-c",
-            "trap 'echo got-term; exit 0' TERM; echo ready; while true; do sleep 1; done",
-        ],
-    );
-    assert_eq!(out.code, Some(0), "{out:?}");
-    wait_until("term's ready line", CTR_TIMEOUT, || {
-        std::fs::read_to_string(&log2).is_ok_and(|l| l.contains("ready"))
-    });
-    assert_eq!(ctr(&c, &["task", "kill", "term"]).code, Some(0));
-    wait_until("term to stop", CTR_TIMEOUT, || {
-        task_status(&c, "term").as_deref() == Some("STOPPED")
-    });
-    assert!(std::fs::read_to_string(&log2).unwrap().contains("got-term"));
-    assert_eq!(ctr(&c, &["task", "rm", "term"]).code, Some(0));
-    assert_eq!(ctr(&c, &["container", "rm", "term"]).code, Some(0));
-
-    // A second long-running container, then the shim's memory while the pod idles.
-    let out = run(&["-d", "--null-io"], "c2", &["sleep", "100000"]);
-    assert_eq!(out.code, Some(0), "{out:?}");
-    assert_eq!(shim_pids(&c.sock()), vec![shim]);
     let (pss, guest_rss) = shim_memory(shim);
-
-    assert_eq!(ctr(&c, &["task", "kill", "-s", "KILL", "c2"]).code, Some(0));
-    wait_until("c2 to stop", CTR_TIMEOUT, || {
-        task_status(&c, "c2").as_deref() == Some("STOPPED")
-    });
-    let out = ctr(&c, &["task", "rm", "c2"]);
-    assert!(
-        out.stderr.contains("non-zero exit code 137"),
-        "ctr task rm reports the exit status: {out:?}"
-    );
-    assert_eq!(ctr(&c, &["container", "rm", "c2"]).code, Some(0));
 
     // Events so far, in containerd's order.
     std::thread::sleep(Duration::from_millis(500));
@@ -507,10 +444,6 @@ fn shim_containerd_pod() {
             "/tasks/resumed",
         ],
     );
-    assert_order(
-        &task_topics(&text, "oom"),
-        &["/tasks/start", "/tasks/oom", "/tasks/exit"],
-    );
 
     // The shim dies under a running container (SIGKILL): containerd reports the task gone,
     // `ctr task rm` runs `shim delete`, which unmounts and removes the pod's state.
@@ -535,7 +468,7 @@ fn shim_containerd_pod() {
     eprintln!(
         "{TEST}: pod start (ctr run -d → first log line, VM boot included) {:.1} s; \
          ctr run --rm echo in the running pod: median {:.0} ms ({w:.0?}); shim PSS outside \
-         guest RAM {pss} KiB, guest RAM resident {guest_rss} KiB",
+         guest RAM {pss} KiB, guest RAM resident {guest_rss} KiB (c1 running)",
         cold.as_secs_f64(),
         w[w.len() / 2],
     );
@@ -564,6 +497,121 @@ fn shim_containerd_pod() {
         "{TEST}: runc ctr run --rm echo: median {:.0} ms ({runc:.0?})",
         runc[1]
     );
+}
+
+/// The second pod: exit codes, env/cwd/stderr, stdin, an OOM kill, SIGKILL and a TERM the
+/// container traps (its own pod, so that it runs next to `shim_containerd_pod`).
+#[test]
+fn shim_containerd_pod_io() {
+    const TEST: &str = "shim_containerd_pod_io";
+    let Some((guest, initrd)) = pod_tools(TEST) else {
+        return;
+    };
+    // One pod VM (see `common::vm_slots`).
+    let _vms = common::vm_slots::take(1);
+    let dir = temp_path("shim-pod-io");
+    let c = Containerd::start(&dir, &guest.kernel, &initrd);
+    import_image(&c, &dir.join("image"));
+    let events = Events::start(&c, &dir.join("events.log"));
+    let pod = in_pod("pod3");
+    let run = |extra: &[&str], id: &str, cmd: &[&str]| -> Out {
+        let mut args = vec!["run", "--runtime", RUNTIME, "--annotation", &pod];
+        args.extend_from_slice(extra);
+        args.push(IMAGE);
+        args.push(id);
+        args.extend_from_slice(cmd);
+        ctr(&c, &args)
+    };
+
+    // The pod's first container boots the VM: a shell that traps TERM, logging to a file.
+    let log2 = dir.join("logs/term.log");
+    let uri2 = format!("file://{}", log2.display());
+    let out = run(
+        &["-d", "--log-uri", &uri2],
+        "term",
+        &[
+            "sh",
+            "-c",
+            "trap 'echo got-term; exit 0' TERM; echo ready; while true; do sleep 1; done",
+        ],
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    wait_until("term's ready line", RUN_TIMEOUT, || {
+        std::fs::read_to_string(&log2).is_ok_and(|l| l.contains("ready"))
+    });
+    let shims = shim_pids(&c.sock());
+    assert_eq!(shims.len(), 1, "one shim for the pod: {shims:?}");
+    let shim = shims[0];
+
+    // More containers of the pod join the running VM: exit codes, env and cwd.
+    let out = run(
+        &["--rm", "--env", "FOO=bar", "--cwd", "/tmp"],
+        "envcwd",
+        &["sh", "-c", "echo $FOO; pwd; echo to-stderr >&2; exit 7"],
+    );
+    assert_eq!(out.code, Some(7), "exit code propagates: {out:?}");
+    assert_eq!(out.stdout, "bar\n/tmp\n");
+    assert!(out.stderr.contains("to-stderr"), "{out:?}");
+
+    // stdin to EOF.
+    let mut args = vec!["run", "--rm", "--runtime", RUNTIME, "--annotation", &pod];
+    args.extend([IMAGE, "stdin", "sh", "-c", "cat; echo cat-done"]);
+    let out = ctr_stdin(&c, &args, "line one\nline two\n");
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (Some(0), "line one\nline two\ncat-done\n"),
+        "{out:?}"
+    );
+
+    // An OOM kill inside a container with a memory limit.
+    let out = run(
+        &["--rm", "--memory-limit", "6291456"],
+        "oom",
+        &["sh", "-c", "tail /dev/zero"],
+    );
+    // ctr reports the container's exit status: 137, killed by the OOM killer (a failure to
+    // create or start the container would exit 1 and leave no /tasks/oom event below).
+    assert_eq!(
+        out.code,
+        Some(137),
+        "the OOM-killed process dies of SIGKILL: {out:?}"
+    );
+
+    // A second long-running container, killed with SIGKILL.
+    let out = run(&["-d", "--null-io"], "c2", &["sleep", "100000"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(
+        shim_pids(&c.sock()),
+        vec![shim],
+        "one shim (and VM) for the pod"
+    );
+
+    assert_eq!(ctr(&c, &["task", "kill", "-s", "KILL", "c2"]).code, Some(0));
+    wait_until("c2 to stop", CTR_TIMEOUT, || {
+        task_status(&c, "c2").as_deref() == Some("STOPPED")
+    });
+    let out = ctr(&c, &["task", "rm", "c2"]);
+    assert!(
+        out.stderr.contains("non-zero exit code 137"),
+        "ctr task rm reports the exit status: {out:?}"
+    );
+    assert_eq!(ctr(&c, &["container", "rm", "c2"]).code, Some(0));
+
+    // TERM to the first container's shell, which traps it and exits 0: the pod's last task.
+    assert_eq!(ctr(&c, &["task", "kill", "term"]).code, Some(0));
+    wait_until("term to stop", CTR_TIMEOUT, || {
+        task_status(&c, "term").as_deref() == Some("STOPPED")
+    });
+    assert!(std::fs::read_to_string(&log2).unwrap().contains("got-term"));
+    assert_eq!(ctr(&c, &["task", "rm", "term"]).code, Some(0));
+    assert_eq!(ctr(&c, &["container", "rm", "term"]).code, Some(0));
+
+    std::thread::sleep(Duration::from_millis(500));
+    assert_order(
+        &task_topics(&events.text(), "oom"),
+        &["/tasks/start", "/tasks/oom", "/tasks/exit"],
+    );
+    assert_nothing_left(&c, "pod3");
 }
 
 #[test]

@@ -13,6 +13,7 @@
 //! `shared/<container id>/mounts/<n>`.
 
 pub mod config;
+mod liveness;
 mod metrics;
 mod mount;
 mod net;
@@ -81,30 +82,38 @@ impl containerd_shim::Shim for PodvisorShim {
 
     fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
         // containerd runs `delete` in the container's bundle, after the shim exited or was
-        // killed. A live shim (its pod has other containers) cleans up itself; a dead one
-        // left this container's mounts, and, once no container of the pod is left, the
-        // pod's state and socket.
+        // killed. A live shim (its pod has other containers) cleans up itself. A dead one
+        // took the pod's VM with it, so no container of the pod runs any more: the first
+        // delete removes this container's mounts and the whole pod's state, socket and
+        // network; containerd's deletes of the pod's other containers find nothing left.
+        // What cannot be removed goes to stderr, which containerd logs ("cleanup warnings").
         let config = ShimConfig::for_delete(&self.bundle);
         let annotations = pod::bundle_annotations(&self.bundle);
         let pod_id = pod::pod_id(&self.id, &annotations);
         let socket = containerd_shim::socket_address(&self.address, &self.namespace, &pod_id);
         let socket_path = socket.trim_start_matches("unix://");
-        let alive = std::os::unix::net::UnixStream::connect(socket_path).is_ok();
+        let alive = liveness::shim_serving(Path::new(socket_path));
         if !alive && pod::valid_id(&pod_id) && pod::valid_id(&self.id) {
             let state = sandbox::StateDir {
                 root: config.run_dir.join(&pod_id),
             };
             let dir = state.container(&self.id);
             sandbox::unmount_below(&dir);
-            let _ = std::fs::remove_dir_all(&dir);
-            let others = std::fs::read_dir(state.shared())
-                .map(|d| d.count())
-                .unwrap_or(0);
-            if others == 0 {
-                sandbox::cleanup_state_dir(&state.root);
-                let _ = std::fs::remove_file(socket_path);
-                cleanup_pod_network(&self.bundle);
+            match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    eprintln!(
+                        "podvisor: shim delete {}: remove {}: {e}",
+                        self.id,
+                        dir.display()
+                    )
+                }
+                _ => {}
             }
+            if let Err(e) = sandbox::cleanup_state_dir(&state.root) {
+                eprintln!("podvisor: shim delete {}: {e}", self.id);
+            }
+            let _ = std::fs::remove_file(socket_path);
+            cleanup_pod_network(&self.bundle);
         }
         let mut resp = DeleteResponse::new();
         resp.exit_status = 128 + libc::SIGKILL as u32;

@@ -552,15 +552,28 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Removes a pod's host state: unmounts what is mounted below it, then deletes it.
-pub fn cleanup_state_dir(dir: &Path) {
+/// Removes a pod's host state: unmounts what is mounted below it, then deletes it (also
+/// logged when it fails).
+pub fn cleanup_state_dir(dir: &Path) -> Result<(), String> {
     if !dir.exists() {
-        return;
+        return Ok(());
     }
     unmount_below(dir);
-    if let Err(e) = std::fs::remove_dir_all(dir) {
-        log::warn!("remove {}: {e}", dir.display());
-    }
+    std::fs::remove_dir_all(dir).map_err(|e| {
+        let left = std::fs::read_dir(dir.join("shared"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let msg = format!(
+            "remove {}: {e} (containers left in shared/: {left:?})",
+            dir.display()
+        );
+        log::warn!("{msg}");
+        msg
+    })
 }
 
 #[cfg(test)]

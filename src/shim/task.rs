@@ -253,7 +253,7 @@ impl Service {
         let on_exit = Box::new(move |reason: String| this.vm_exited(&reason));
         let sb =
             Sandbox::create(pod, hostname, config, state.clone(), netns, on_exit).map_err(|e| {
-                cleanup_state_dir(&state.root);
+                let _ = cleanup_state_dir(&state.root);
                 status_err(Code::FAILED_PRECONDITION, format!("pod VM: {e}"))
             })?;
         let sb = Arc::new(sb);
@@ -506,7 +506,7 @@ impl Service {
         let pod = self.pod().take();
         if let Some(p) = pod {
             p.sandbox.destroy();
-            cleanup_state_dir(&p.state.root);
+            let _ = cleanup_state_dir(&p.state.root);
         }
     }
 

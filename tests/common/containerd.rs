@@ -519,6 +519,19 @@ pub fn import_cri_images(containerd: &Containerd, dir: &Path) {
 
 /// Waits until no shim of `containerd` runs; then checks that the pod's state dir `id` is
 /// gone and nothing is mounted under the run dir.
+/// The paths below `dir`, `depth` levels deep.
+fn list_tree(dir: &Path, depth: usize, out: &mut Vec<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        out.push(e.path().display().to_string());
+        if depth > 1 && e.file_type().is_ok_and(|t| t.is_dir()) {
+            list_tree(&e.path(), depth - 1, out);
+        }
+    }
+}
+
 pub fn assert_nothing_left(containerd: &Containerd, id: &str) {
     // Generous: with several guest tests at once on 2 cores a shim has been seen to need
     // over a minute between Shutdown and its exit.
@@ -544,7 +557,15 @@ pub fn assert_nothing_left(containerd: &Containerd, id: &str) {
         );
     }
     let state = containerd.run_dir().join(id);
-    assert!(!state.exists(), "{} left behind", state.display());
+    if state.exists() {
+        let mut listing = Vec::new();
+        list_tree(&state, 3, &mut listing);
+        panic!(
+            "{} left behind: {listing:#?}\nmounts below it: {:?}",
+            state.display(),
+            mounts_below(&state)
+        );
+    }
     assert_eq!(mounts_below(&containerd.run_dir()), Vec::<String>::new());
     let tasks = containerd.ctr(&["task", "ls", "-q"]);
     assert_eq!(String::from_utf8_lossy(&tasks.stdout).trim(), "");
