@@ -137,7 +137,11 @@ fn density_runc_end_to_end_leaves_nothing() {
         assert!(p["workload_pss_kib"].as_u64().unwrap() > 0, "{p:#}");
     }
     assert_eq!(runs[0]["summary"]["ok"], 2);
-    assert!(runs[0]["teardown_problems"].as_array().unwrap().is_empty());
+    assert!(
+        runs[0]["teardown_problems"].as_array().unwrap().is_empty(),
+        "teardown: {:#}",
+        runs[0]["teardown_problems"]
+    );
     let md = std::fs::read_to_string(out_dir.join("density.md")).unwrap();
     assert!(md.contains("density.png"), "{md}");
     let png = std::fs::read(out_dir.join("density.png")).unwrap();

@@ -11,9 +11,12 @@
 //! The slots are host-wide, not per process: `make test` (scripts/run-tests.sh) runs the
 //! test binaries side by side so that one binary's single VM does not leave the other cores
 //! idle, and the binaries share these slots. A slot is an exclusive `flock` on
-//! `$TMPDIR/podvisor-test-vm-slots/slot-N`; a taker first holds `gate` (so a test waiting
-//! for several slots is not overtaken by single-slot tests) and polls for free slots. The
-//! kernel drops the locks of a process that dies, so a crashed test frees its slots.
+//! `$TMPDIR/podvisor-test-vm-slots/slot-N`; a taker holds `gate` while it looks for free
+//! slots and takes all it wants or none, then polls again. A test that wants several slots
+//! therefore never sits on a free one while it waits (which left a core idle for the whole
+//! of a long single-VM test); it runs once enough slots are free at once, at worst after
+//! the single-VM tests. The kernel drops the locks of a process that dies, so a crashed
+//! test frees its slots.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -73,10 +76,11 @@ pub fn take(vms: usize) -> VmSlots {
     let want = vms.clamp(1, capacity);
     let dir = dir();
     let gate = open(dir.join("gate"));
-    lock(&gate, false);
-    let mut held = Vec::with_capacity(want);
+    let step = Duration::from_millis(250);
     let mut waited = Duration::ZERO;
     loop {
+        lock(&gate, false);
+        let mut held = Vec::with_capacity(want);
         for n in 0..capacity {
             if held.len() == want {
                 break;
@@ -86,23 +90,28 @@ pub fn take(vms: usize) -> VmSlots {
                 held.push(slot);
             }
         }
-        if held.len() == want {
-            break;
+        let got = held.len() == want;
+        // Partial takes go back before the gate opens: all or nothing.
+        let taken = if got {
+            Some(held)
+        } else {
+            drop(held);
+            None
+        };
+        // SAFETY: flock on an fd the File owns; no memory is passed.
+        unsafe { libc::flock(gate.as_raw_fd(), libc::LOCK_UN) };
+        if let Some(held) = taken {
+            return VmSlots { _held: held };
         }
-        // The gate is ours: nobody else takes slots while this test waits for the rest.
-        let step = Duration::from_millis(200);
         std::thread::sleep(step);
         waited += step;
-        if waited.as_secs() > 0 && waited.as_millis().is_multiple_of(60_000) {
+        if waited.as_millis().is_multiple_of(120_000) {
             eprintln!(
-                "vm slots: waiting {} s for {want} of {capacity} slots (holding {})",
-                waited.as_secs(),
-                held.len()
+                "vm slots: waiting {} s for {want} of {capacity} slots",
+                waited.as_secs()
             );
         }
     }
-    drop(gate);
-    VmSlots { _held: held }
 }
 
 #[cfg(test)]

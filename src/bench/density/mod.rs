@@ -763,7 +763,11 @@ impl Pods<'_> {
                 break;
             }
             if Instant::now() > deadline {
-                problems.push(format!("shims still running after 120 s: {left:?}"));
+                let threads: Vec<String> = left.iter().map(|&p| memory::thread_states(p)).collect();
+                problems.push(format!(
+                    "shims still running after 120 s: {left:?}; their threads: {}",
+                    threads.join("; ")
+                ));
                 break;
             }
             std::thread::sleep(Duration::from_millis(200));
