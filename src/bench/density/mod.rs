@@ -719,7 +719,8 @@ struct Pods<'a> {
 
 impl Pods<'_> {
     /// Kills every task, deletes tasks and containers (in parallel), reaps the `ctr run`
-    /// children and waits (up to 120 s) for the runtime's shims to exit. Returns problems.
+    /// children (up to 60 s each before they are killed) and waits (up to 120 s) for the
+    /// runtime's shims to exit. Returns problems.
     fn teardown(&mut self) -> Vec<String> {
         self.torn_down = true;
         let containerd = self.containerd;
@@ -743,8 +744,11 @@ impl Pods<'_> {
                 }
             }
         });
+        // A `ctr run --rm` still deleting its task must not be killed: containerd's runc
+        // shim does not exit when a Delete's context is cancelled (containerd#11392). With
+        // a 10 s grace, a runc shim was once left running on a loaded 2-core host.
         for pod in &mut self.pods {
-            let deadline = Instant::now() + Duration::from_secs(10);
+            let deadline = Instant::now() + Duration::from_secs(60);
             while pod.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
             }
