@@ -263,27 +263,53 @@ fn in_pod(pod: &str) -> String {
     format!("{POD}={pod}")
 }
 
+/// One pod of a test: its own containerd (image imported, events recorded) and the
+/// `ctr run` flags that put a container into the pod; holds the test's VM slot.
+struct PodTest {
+    dir: PathBuf,
+    events: Events,
+    containerd: Containerd,
+    pod: String,
+    _vms: common::vm_slots::VmSlots,
+}
+
+impl PodTest {
+    fn start(guest: common::GuestArtifacts, initrd: PathBuf, dir: &str, pod: &str) -> PodTest {
+        // One pod VM (see `common::vm_slots`).
+        let vms = common::vm_slots::take(1);
+        let dir = temp_path(dir);
+        let containerd = Containerd::start(&dir, &guest.kernel, &initrd);
+        import_image(&containerd, &dir.join("image"));
+        let events = Events::start(&containerd, &dir.join("events.log"));
+        PodTest {
+            dir,
+            events,
+            containerd,
+            pod: in_pod(pod),
+            _vms: vms,
+        }
+    }
+
+    /// `ctr run` in the pod: `extra` flags, container `id`, command `cmd`.
+    fn run(&self, extra: &[&str], id: &str, cmd: &[&str]) -> Out {
+        let mut args = vec!["run", "--runtime", RUNTIME, "--annotation", &self.pod];
+        args.extend_from_slice(extra);
+        args.push(IMAGE);
+        args.push(id);
+        args.extend_from_slice(cmd);
+        ctr(&self.containerd, &args)
+    }
+}
+
 #[test]
 fn shim_containerd_pod() {
     const TEST: &str = "shim_containerd_pod";
     let Some((guest, initrd)) = pod_tools(TEST) else {
         return;
     };
-    // One pod VM (see `common::vm_slots`).
-    let _vms = common::vm_slots::take(1);
-    let dir = temp_path("shim-pod");
-    let c = Containerd::start(&dir, &guest.kernel, &initrd);
-    import_image(&c, &dir.join("image"));
-    let events = Events::start(&c, &dir.join("events.log"));
-    let pod = in_pod("pod1");
-    let run = |extra: &[&str], id: &str, cmd: &[&str]| -> Out {
-        let mut args = vec!["run", "--runtime", RUNTIME, "--annotation", &pod];
-        args.extend_from_slice(extra);
-        args.push(IMAGE);
-        args.push(id);
-        args.extend_from_slice(cmd);
-        ctr(&c, &args)
-    };
+    let p = PodTest::start(guest, initrd, "shim-pod", "pod1");
+    let (dir, c, events, pod) = (&p.dir, &p.containerd, &p.events, &p.pod);
+    let run = |extra: &[&str], id: &str, cmd: &[&str]| p.run(extra, id, cmd);
 
     // The pod's first container boots the VM: a long-running one, logging to a file.
     let log1 = dir.join("logs/c1.log");
@@ -323,7 +349,7 @@ fn shim_containerd_pod() {
 
     // A terminal.
     let out = ctr_tty(
-        &c,
+        c,
         &[
             "run",
             "--rm",
@@ -331,7 +357,7 @@ fn shim_containerd_pod() {
             "--runtime",
             RUNTIME,
             "--annotation",
-            &pod,
+            pod,
             IMAGE,
             "tty1",
             "sh",
@@ -346,7 +372,7 @@ fn shim_containerd_pod() {
 
     // exec into c1: output, exit code, a terminal, a user.
     let out = ctr(
-        &c,
+        c,
         &[
             "task",
             "exec",
@@ -364,7 +390,7 @@ fn shim_containerd_pod() {
         "{out:?}"
     );
     let out = ctr_tty(
-        &c,
+        c,
         &[
             "task",
             "exec",
@@ -382,7 +408,7 @@ fn shim_containerd_pod() {
         "{out:?}"
     );
     let out = ctr(
-        &c,
+        c,
         &[
             "task",
             "exec",
@@ -398,18 +424,18 @@ fn shim_containerd_pod() {
     assert_eq!(out.stdout.trim(), "1000", "exec --user: {out:?}");
 
     // ps, metrics, pause/resume.
-    let out = ctr(&c, &["task", "ps", "c1"]);
+    let out = ctr(c, &["task", "ps", "c1"]);
     let pids: Vec<&str> = out.stdout.lines().skip(1).collect();
     assert!(!pids.is_empty(), "ctr task ps: {out:?}");
-    let out = ctr(&c, &["task", "metrics", "c1"]);
+    let out = ctr(c, &["task", "metrics", "c1"]);
     assert!(
         out.code == Some(0) && out.stdout.contains("memory.usage"),
         "metrics: {out:?}"
     );
-    assert_eq!(ctr(&c, &["task", "pause", "c1"]).code, Some(0));
-    assert_eq!(task_status(&c, "c1").as_deref(), Some("PAUSED"));
-    assert_eq!(ctr(&c, &["task", "resume", "c1"]).code, Some(0));
-    assert_eq!(task_status(&c, "c1").as_deref(), Some("RUNNING"));
+    assert_eq!(ctr(c, &["task", "pause", "c1"]).code, Some(0));
+    assert_eq!(task_status(c, "c1").as_deref(), Some("PAUSED"));
+    assert_eq!(ctr(c, &["task", "resume", "c1"]).code, Some(0));
+    assert_eq!(task_status(c, "c1").as_deref(), Some("RUNNING"));
 
     // The shim's memory while the pod idles.
     assert_eq!(
@@ -449,13 +475,13 @@ fn shim_containerd_pod() {
     // `ctr task rm` runs `shim delete`, which unmounts and removes the pod's state.
     unsafe { libc::kill(shim as i32, libc::SIGKILL) };
     wait_until("c1 to be reported stopped", CTR_TIMEOUT, || {
-        task_status(&c, "c1").as_deref() != Some("RUNNING")
+        task_status(c, "c1").as_deref() != Some("RUNNING")
     });
-    let _ = ctr(&c, &["task", "rm", "-f", "c1"]);
-    assert_eq!(ctr(&c, &["container", "rm", "c1"]).code, Some(0));
-    assert_nothing_left(&c, "pod1");
+    let _ = ctr(c, &["task", "rm", "-f", "c1"]);
+    assert_eq!(ctr(c, &["container", "rm", "c1"]).code, Some(0));
+    assert_nothing_left(c, "pod1");
     assert_eq!(mounts_below(&c.dir), Vec::<String>::new());
-    let socket = shim_socket(&c, "pod1");
+    let socket = shim_socket(c, "pod1");
     assert!(
         !socket.exists(),
         "stale shim socket {} left",
@@ -477,7 +503,7 @@ fn shim_containerd_pod() {
     for i in 0..3 {
         let t = Instant::now();
         let out = ctr(
-            &c,
+            c,
             &[
                 "run",
                 "--rm",
@@ -507,21 +533,9 @@ fn shim_containerd_pod_io() {
     let Some((guest, initrd)) = pod_tools(TEST) else {
         return;
     };
-    // One pod VM (see `common::vm_slots`).
-    let _vms = common::vm_slots::take(1);
-    let dir = temp_path("shim-pod-io");
-    let c = Containerd::start(&dir, &guest.kernel, &initrd);
-    import_image(&c, &dir.join("image"));
-    let events = Events::start(&c, &dir.join("events.log"));
-    let pod = in_pod("pod3");
-    let run = |extra: &[&str], id: &str, cmd: &[&str]| -> Out {
-        let mut args = vec!["run", "--runtime", RUNTIME, "--annotation", &pod];
-        args.extend_from_slice(extra);
-        args.push(IMAGE);
-        args.push(id);
-        args.extend_from_slice(cmd);
-        ctr(&c, &args)
-    };
+    let p = PodTest::start(guest, initrd, "shim-pod-io", "pod3");
+    let (dir, c, events, pod) = (&p.dir, &p.containerd, &p.events, &p.pod);
+    let run = |extra: &[&str], id: &str, cmd: &[&str]| p.run(extra, id, cmd);
 
     // The pod's first container boots the VM: a shell that traps TERM, logging to a file.
     let log2 = dir.join("logs/term.log");
@@ -556,7 +570,7 @@ fn shim_containerd_pod_io() {
     // stdin to EOF.
     let mut args = vec!["run", "--rm", "--runtime", RUNTIME, "--annotation", &pod];
     args.extend([IMAGE, "stdin", "sh", "-c", "cat; echo cat-done"]);
-    let out = ctr_stdin(&c, &args, "line one\nline two\n");
+    let out = ctr_stdin(c, &args, "line one\nline two\n");
     assert_eq!(
         (out.code, out.stdout.as_str()),
         (Some(0), "line one\nline two\ncat-done\n"),
@@ -586,32 +600,32 @@ fn shim_containerd_pod_io() {
         "one shim (and VM) for the pod"
     );
 
-    assert_eq!(ctr(&c, &["task", "kill", "-s", "KILL", "c2"]).code, Some(0));
+    assert_eq!(ctr(c, &["task", "kill", "-s", "KILL", "c2"]).code, Some(0));
     wait_until("c2 to stop", CTR_TIMEOUT, || {
-        task_status(&c, "c2").as_deref() == Some("STOPPED")
+        task_status(c, "c2").as_deref() == Some("STOPPED")
     });
-    let out = ctr(&c, &["task", "rm", "c2"]);
+    let out = ctr(c, &["task", "rm", "c2"]);
     assert!(
         out.stderr.contains("non-zero exit code 137"),
         "ctr task rm reports the exit status: {out:?}"
     );
-    assert_eq!(ctr(&c, &["container", "rm", "c2"]).code, Some(0));
+    assert_eq!(ctr(c, &["container", "rm", "c2"]).code, Some(0));
 
     // TERM to the first container's shell, which traps it and exits 0: the pod's last task.
-    assert_eq!(ctr(&c, &["task", "kill", "term"]).code, Some(0));
+    assert_eq!(ctr(c, &["task", "kill", "term"]).code, Some(0));
     wait_until("term to stop", CTR_TIMEOUT, || {
-        task_status(&c, "term").as_deref() == Some("STOPPED")
+        task_status(c, "term").as_deref() == Some("STOPPED")
     });
     assert!(std::fs::read_to_string(&log2).unwrap().contains("got-term"));
-    assert_eq!(ctr(&c, &["task", "rm", "term"]).code, Some(0));
-    assert_eq!(ctr(&c, &["container", "rm", "term"]).code, Some(0));
+    assert_eq!(ctr(c, &["task", "rm", "term"]).code, Some(0));
+    assert_eq!(ctr(c, &["container", "rm", "term"]).code, Some(0));
 
     std::thread::sleep(Duration::from_millis(500));
     assert_order(
         &task_topics(&events.text(), "oom"),
         &["/tasks/start", "/tasks/oom", "/tasks/exit"],
     );
-    assert_nothing_left(&c, "pod3");
+    assert_nothing_left(c, "pod3");
 }
 
 #[test]
@@ -620,15 +634,10 @@ fn shim_containerd_guest_death() {
     let Some((guest, initrd)) = pod_tools(TEST) else {
         return;
     };
-    // One pod VM (see `common::vm_slots`).
-    let _vms = common::vm_slots::take(1);
-    let dir = temp_path("shim-death");
-    let c = Containerd::start(&dir, &guest.kernel, &initrd);
-    import_image(&c, &dir.join("image"));
-    let events = Events::start(&c, &dir.join("events.log"));
-    let pod = in_pod("pod2");
+    let p = PodTest::start(guest, initrd, "shim-death", "pod2");
+    let (c, events, pod) = (&p.containerd, &p.events, &p.pod);
     let out = ctr(
-        &c,
+        c,
         &[
             "run",
             "-d",
@@ -636,7 +645,7 @@ fn shim_containerd_guest_death() {
             "--runtime",
             RUNTIME,
             "--annotation",
-            &pod,
+            pod,
             IMAGE,
             "victim",
             "sleep",
@@ -645,12 +654,12 @@ fn shim_containerd_guest_death() {
     );
     assert_eq!(out.code, Some(0), "{out:?}");
     wait_until("victim to run", RUN_TIMEOUT, || {
-        task_status(&c, "victim").as_deref() == Some("RUNNING")
+        task_status(c, "victim").as_deref() == Some("RUNNING")
     });
     // A container of the pod with CAP_SYS_ADMIN crashes the guest kernel through a procfs
     // of its own (the OCI default mounts /proc/sysrq-trigger read-only).
     let out = ctr(
-        &c,
+        c,
         &[
             "run",
             "--rm",
@@ -659,7 +668,7 @@ fn shim_containerd_guest_death() {
             "--runtime",
             RUNTIME,
             "--annotation",
-            &pod,
+            pod,
             IMAGE,
             "crash",
             "sh",
@@ -673,21 +682,21 @@ fn shim_containerd_guest_death() {
         "the crashing container cannot succeed: {out:?}"
     );
     wait_until("victim to stop", CTR_TIMEOUT, || {
-        task_status(&c, "victim").as_deref() == Some("STOPPED")
+        task_status(c, "victim").as_deref() == Some("STOPPED")
     });
-    let out = ctr(&c, &["task", "rm", "victim"]);
+    let out = ctr(c, &["task", "rm", "victim"]);
     assert!(
         out.stderr.contains("non-zero exit code 255"),
         "exit status of a task whose VM died: {out:?}"
     );
-    let _ = ctr(&c, &["container", "rm", "victim"]);
-    let _ = ctr(&c, &["container", "rm", "crash"]);
+    let _ = ctr(c, &["container", "rm", "victim"]);
+    let _ = ctr(c, &["container", "rm", "crash"]);
     std::thread::sleep(Duration::from_millis(500));
     assert_order(
         &task_topics(&events.text(), "victim"),
         &["/tasks/start", "/tasks/exit", "/tasks/delete"],
     );
-    assert_nothing_left(&c, "pod2");
+    assert_nothing_left(c, "pod2");
     let log = c.log();
     let why: Vec<&str> = log.lines().filter(|l| l.contains("VM stopped: ")).collect();
     eprintln!("{TEST}: {why:?}");

@@ -256,31 +256,6 @@ pub fn shim_pids(binary: &str, id: Option<&str>, address: &Path) -> Vec<u32> {
         .collect()
 }
 
-/// One line per thread of `pid`: name, state and wait channel (for reports on processes
-/// that do not exit).
-pub fn thread_states(pid: u32) -> String {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return format!("{pid}: gone");
-    };
-    let mut out = format!("{pid} {}:", cmdline(pid).join(" "));
-    for t in tasks.flatten() {
-        let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
-        let stat = read("stat");
-        let state = stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.split(' ').next())
-            .unwrap_or("?")
-            .to_string();
-        out += &format!(
-            " [{} {} {state} {}]",
-            t.file_name().to_string_lossy(),
-            read("comm").trim(),
-            read("wchan")
-        );
-    }
-    out
-}
-
 /// The parent PID field of `/proc/PID/stat` text (after the parenthesised command name,
 /// which may itself hold spaces and parentheses).
 pub fn parse_ppid(stat: &str) -> Option<u32> {

@@ -767,7 +767,13 @@ impl Pods<'_> {
                 break;
             }
             if Instant::now() > deadline {
-                let threads: Vec<String> = left.iter().map(|&p| memory::thread_states(p)).collect();
+                let threads: Vec<String> = left
+                    .iter()
+                    .map(|&p| {
+                        let args = memory::cmdline(p).join(" ");
+                        format!("{p} {args}:{}", podvisor::shim::thread_states(Some(p)))
+                    })
+                    .collect();
                 problems.push(format!(
                     "shims still running after 120 s: {left:?}; their threads: {}",
                     threads.join("; ")
