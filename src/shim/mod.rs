@@ -19,6 +19,7 @@ mod mount;
 mod net;
 mod pod;
 pub mod sandbox;
+pub mod share;
 mod spec;
 mod stdio;
 mod task;
@@ -97,18 +98,6 @@ impl containerd_shim::Shim for PodvisorShim {
             let state = sandbox::StateDir {
                 root: config.run_dir.join(&pod_id),
             };
-            let dir = state.container(&self.id);
-            sandbox::unmount_below(&dir);
-            match std::fs::remove_dir_all(&dir) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    eprintln!(
-                        "podvisor: shim delete {}: remove {}: {e}",
-                        self.id,
-                        dir.display()
-                    )
-                }
-                _ => {}
-            }
             if let Err(e) = sandbox::cleanup_state_dir(&state.root) {
                 eprintln!("podvisor: shim delete {}: {e}", self.id);
             }

@@ -1,5 +1,7 @@
-//! Host mounts of the shim: containerd's rootfs mounts (overlay, bind) and the spec's bind
-//! mounts, placed under the pod's share.
+//! `mount(2)` for the shim's mounts that carry filesystem data (containerd's overlay
+//! rootfs), onto a target fd that `super::share` opened beneath the pod share, always
+//! `nosuid,nodev`; and the parsing of containerd's fstab-style options. Binds go through
+//! `super::share::bind_at` (a detached tree whose attributes are set before it is attached).
 //!
 //! The shim is multithreaded (vCPU threads run the guest), so it never forks to mount, unlike
 //! containerd-shim's `mount_rootfs`: a long overlay `lowerdir` list (which must fit one page)
@@ -7,7 +9,8 @@
 //! (`unshare(CLONE_FS)`) and changed into the layers' common parent.
 
 use std::ffi::CString;
-use std::path::Path;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
@@ -91,6 +94,7 @@ fn cstr(s: &str) -> Result<CString, MountError> {
 fn sys_mount(
     source: &str,
     target: &Path,
+    name: &Path,
     fstype: &str,
     flags: libc::c_ulong,
     data: &str,
@@ -101,7 +105,7 @@ fn sys_mount(
         } else {
             fstype.into()
         },
-        target: target.display().to_string(),
+        target: name.display().to_string(),
         source,
     };
     let c_source = cstr(source)?;
@@ -180,19 +184,32 @@ pub fn compact_overlay(data: &[String]) -> Option<(String, Vec<String>)> {
 /// Page size minus a margin: the kernel copies at most one page of mount data.
 const MAX_DATA: usize = 4096 - 512;
 
-/// Mounts `fstype` from `source` at `target` with containerd-style `options`.
-pub fn mount(
+/// Mounts `fstype` from `source` with containerd-style `options` onto the directory `target`
+/// (an O_PATH fd the caller opened without following symlinks; `name` is for errors),
+/// always `nosuid,nodev`, plus `extra` flags (e.g. `MS_RDONLY`). Bind mounts go through
+/// [`super::share::bind_at`] instead.
+pub fn mount_at(
     fstype: &str,
     source: &str,
     options: &[String],
-    target: &Path,
+    extra: libc::c_ulong,
+    target: BorrowedFd,
+    name: &Path,
 ) -> Result<(), MountError> {
     let opts = parse_options(options);
-    let fstype = if opts.flags & libc::MS_BIND != 0 {
-        ""
-    } else {
-        fstype
-    };
+    if opts.flags & libc::MS_BIND != 0 {
+        return Err(MountError::Mount {
+            fstype: fstype.into(),
+            target: name.display().to_string(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a bind mount: use share::bind_at",
+            ),
+        });
+    }
+    // The kernel resolves this magic link to the very dentry the fd names.
+    let proc_target = PathBuf::from(format!("/proc/self/fd/{}", target.as_raw_fd()));
+    let flags = (opts.flags & !libc::MS_REMOUNT) | libc::MS_NOSUID | libc::MS_NODEV | extra;
     let data = opts.data.join(",");
     if fstype == "overlay" && data.len() >= MAX_DATA {
         let (dir, rel) = compact_overlay(&opts.data).ok_or(MountError::TooLong(data.len()))?;
@@ -200,14 +217,9 @@ pub fn mount(
         if rel.len() >= MAX_DATA {
             return Err(MountError::TooLong(rel.len()));
         }
-        let target = std::path::absolute(target).map_err(|e| MountError::Prepare {
-            path: target.display().to_string(),
-            source: e,
-        })?;
         let source = source.to_string();
-        let flags = opts.flags;
-        return std::thread::scope(|s| {
-            s.spawn(move || {
+        std::thread::scope(|s| {
+            s.spawn(|| {
                 // SAFETY: unshare(CLONE_FS) only detaches this thread's cwd/root/umask from
                 // the other threads; it takes no pointers.
                 if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
@@ -220,54 +232,18 @@ pub fn mount(
                     path: dir.clone(),
                     source: e,
                 })?;
-                sys_mount(&source, &target, "overlay", flags, &rel)
+                sys_mount(&source, &proc_target, name, "overlay", flags, &rel)
             })
             .join()
             .unwrap_or(Err(MountError::ThreadPanicked))
-        });
-    }
-    sys_mount(
-        source,
-        target,
-        fstype,
-        opts.flags & !libc::MS_REMOUNT,
-        &data,
-    )?;
-    if opts.flags & libc::MS_BIND != 0 && opts.flags & libc::MS_RDONLY != 0 {
-        // A bind mount ignores MS_RDONLY until it is remounted.
-        sys_mount("", target, "", opts.flags | libc::MS_REMOUNT, "")?;
+        })?;
+    } else {
+        sys_mount(source, &proc_target, name, fstype, flags, &data)?;
     }
     if opts.propagation != 0 {
-        sys_mount("", target, "", opts.propagation, "")?;
+        sys_mount("", &proc_target, name, "", opts.propagation, "")?;
     }
     Ok(())
-}
-
-/// Binds host `source` (file or directory) at `target`, creating `target` as the same kind.
-pub fn bind(source: &Path, target: &Path, recursive: bool) -> Result<(), MountError> {
-    let prep = |e| MountError::Prepare {
-        path: target.display().to_string(),
-        source: e,
-    };
-    let meta = std::fs::metadata(source).map_err(|e| MountError::Prepare {
-        path: source.display().to_string(),
-        source: e,
-    })?;
-    if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent).map_err(prep)?;
-    }
-    if meta.is_dir() {
-        std::fs::create_dir_all(target).map_err(prep)?;
-    } else {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(target)
-            .map_err(prep)?;
-    }
-    let opt = if recursive { "rbind" } else { "bind" };
-    mount("", &source.to_string_lossy(), &[opt.to_string()], target)
 }
 
 #[cfg(test)]
@@ -317,42 +293,5 @@ mod tests {
         // One layer: its parent.
         let (dir, rel) = compact_overlay(&s(&["lowerdir=/a/b/fs"])).unwrap();
         assert_eq!((dir.as_str(), rel), ("/a/b", s(&["lowerdir=fs"])));
-    }
-
-    #[test]
-    fn mounts_and_binds_without_forking() {
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: mounting needs root");
-            return;
-        }
-        let dir = std::env::temp_dir().join(format!("podvisor-mount-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("src/d")).unwrap();
-        std::fs::write(dir.join("src/f"), "file").unwrap();
-        std::fs::write(dir.join("src/d/x"), "x").unwrap();
-        bind(&dir.join("src/f"), &dir.join("t/mounts/0"), false).unwrap();
-        bind(&dir.join("src/d"), &dir.join("t/mounts/1"), true).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(dir.join("t/mounts/0")).unwrap(),
-            "file"
-        );
-        assert_eq!(
-            std::fs::read_to_string(dir.join("t/mounts/1/x")).unwrap(),
-            "x"
-        );
-        let ro = dir.join("t/ro");
-        std::fs::create_dir_all(&ro).unwrap();
-        mount(
-            "",
-            &dir.join("src/d").to_string_lossy(),
-            &s(&["bind", "ro"]),
-            &ro,
-        )
-        .unwrap();
-        assert!(std::fs::write(ro.join("y"), "y").is_err(), "read-only bind");
-        let err = bind(&dir.join("missing"), &dir.join("t/m"), false).unwrap_err();
-        assert!(err.to_string().contains("missing"), "{err}");
-        crate::shim::sandbox::unmount_below(&dir);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -34,6 +34,7 @@ use vmm::{ConsoleConfig, Vm, VmConfig, VmReport, VmStopHandle};
 
 use super::config::TemplateMode;
 use super::net::PodNetwork;
+use super::share::{self, PodShare, ShareError};
 use super::{file_tail, ShimConfig};
 
 /// virtio-fs tag of the pod's share.
@@ -67,18 +68,15 @@ pub struct StateDir {
 }
 
 impl StateDir {
+    /// The virtio-fs root: the guest's read-only view of the pod's share (`super::share`).
     pub fn shared(&self) -> PathBuf {
-        self.root.join("shared")
+        PodShare::view_dir(&self.root)
     }
     pub fn vsock(&self) -> PathBuf {
         self.root.join("vsock.sock")
     }
     pub fn console(&self) -> PathBuf {
         self.root.join("console.log")
-    }
-    /// A container's directory in the share (its rootfs is mounted at `rootfs` below it).
-    pub fn container(&self, id: &str) -> PathBuf {
-        self.shared().join(id)
     }
     /// The same directory as the guest sees it.
     pub fn container_in_guest(id: &str) -> String {
@@ -133,6 +131,8 @@ pub fn pod_vm_config(config: &ShimConfig, state: &StateDir) -> Result<VmConfig, 
 pub struct Sandbox {
     pub state: StateDir,
     pub client: AgentClient,
+    /// The pod's share (until teardown, which closes it so that its mounts can go).
+    share: Mutex<Option<PodShare>>,
     vm: Mutex<Option<JoinHandle<VmReport>>>,
     stop: VmStopHandle,
     /// DestroySandbox was sent.
@@ -257,8 +257,9 @@ impl Sandbox {
         on_exit: OnVmExit,
     ) -> Result<Sandbox, String> {
         set_rpc_timeout(config.agent_timeout);
-        std::fs::create_dir_all(state.shared())
-            .map_err(|e| format!("create {}: {e}", state.shared().display()))?;
+        share::create_pod_dir(&config.run_dir, &state.root)
+            .map_err(|e| format!("pod state dir: {e}"))?;
+        let share = PodShare::create(&state.root).map_err(|e| format!("pod share: {e}"))?;
         let mut vm_config = pod_vm_config(config, &state)?;
         let network = pod_network(id, netns)?;
         // One NIC per wired interface, with the CNI interface's MAC and MTU.
@@ -383,11 +384,22 @@ impl Sandbox {
         Ok(Sandbox {
             state,
             client,
+            share: Mutex::new(Some(share)),
             vm: Mutex::new(Some(vm)),
             stop,
             destroyed: Default::default(),
             network: Mutex::new(network),
         })
+    }
+
+    /// Runs `f` on the pod's share; fails once the pod is torn down.
+    pub fn with_share<R>(
+        &self,
+        f: impl FnOnce(&PodShare) -> Result<R, ShareError>,
+    ) -> Result<R, String> {
+        let share = self.share.lock().unwrap_or_else(|p| p.into_inner());
+        let share = share.as_ref().ok_or("the pod is being torn down")?;
+        f(share).map_err(|e| e.to_string())
     }
 
     /// Whether the VM has stopped.
@@ -442,6 +454,8 @@ impl Sandbox {
         if let Ok(report) = vm.join() {
             log::info!("pod VM stopped: {}", report.reason);
         }
+        // Its descriptors would keep the share's mounts busy.
+        drop(self.share.lock().unwrap_or_else(|p| p.into_inner()).take());
         self.teardown_network();
     }
 
@@ -506,71 +520,11 @@ fn wait_for_agent(
     }
 }
 
-/// Unmounts everything below `dir` (deepest first, lazily if busy).
-pub fn unmount_below(dir: &Path) {
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let prefix = dir.to_string_lossy().into_owned();
-    let mut targets: Vec<String> = mounts
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape_mountinfo)
-        .filter(|t| t == &prefix || t.starts_with(&format!("{prefix}/")))
-        .collect();
-    targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
-    for t in targets {
-        let Ok(path) = std::ffi::CString::new(t.as_str()) else {
-            continue;
-        };
-        // SAFETY: a valid NUL-terminated path; umount2 does not keep it.
-        if unsafe { libc::umount2(path.as_ptr(), 0) } != 0 {
-            let e = std::io::Error::last_os_error();
-            log::warn!("umount {t}: {e}; detaching it");
-            // SAFETY: as above.
-            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Removes a pod's host state: unmounts what is mounted below it, then deletes it (also
-/// logged when it fails).
+/// Removes a pod's host state: unmounts what is mounted below it, then deletes it without
+/// crossing a mount (also logged when it fails).
 pub fn cleanup_state_dir(dir: &Path) -> Result<(), String> {
-    if !dir.exists() {
-        return Ok(());
-    }
-    unmount_below(dir);
-    std::fs::remove_dir_all(dir).map_err(|e| {
-        let left = std::fs::read_dir(dir.join("shared"))
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default();
-        let msg = format!(
-            "remove {}: {e} (containers left in shared/: {left:?})",
-            dir.display()
-        );
+    share::remove_pod_dir(dir).map_err(|e| {
+        let msg = format!("remove the pod state {}: {e}", dir.display());
         log::warn!("{msg}");
         msg
     })
@@ -579,13 +533,6 @@ pub fn cleanup_state_dir(dir: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn unescapes_mountinfo_paths() {
-        assert_eq!(unescape_mountinfo(r"/a\040b/c"), "/a b/c");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
-        assert_eq!(unescape_mountinfo(r"/end\04"), r"/end\04");
-    }
 
     #[test]
     fn agent_requests_are_bounded_by_the_pods_agent_timeout() {

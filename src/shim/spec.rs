@@ -27,6 +27,9 @@ pub struct HostBind {
     pub target: String,
     /// `rbind` rather than `bind`.
     pub recursive: bool,
+    /// The options make it read-only (`ro`): the host bind is read-only too (recursively
+    /// for `rbind`), so the guest cannot write it through the share either.
+    pub readonly: bool,
 }
 
 /// The adapted spec (JSON) and the host binds it relies on.
@@ -34,6 +37,11 @@ pub struct HostBind {
 pub struct GuestSpec {
     pub json: Vec<u8>,
     pub binds: Vec<HostBind>,
+    /// `root.readonly`: the rootfs is mounted read-only on the host.
+    pub root_readonly: bool,
+    /// Every mount's destination in the container with, for a host bind, its host source:
+    /// the mount points a read-only rootfs needs made before it turns read-only.
+    pub mountpoints: Vec<(String, Option<String>)>,
 }
 
 /// Namespaces a pod's containers share as the VM's own when the spec joins the sandbox's.
@@ -78,7 +86,14 @@ pub fn guest_spec(config_json: &[u8], container_dir: &str) -> Result<GuestSpec, 
     }
 
     let mut binds = Vec::new();
+    let mut mountpoints = Vec::new();
     if let Some(mounts) = obj.get_mut("mounts").and_then(Value::as_array_mut) {
+        for m in mounts.iter_mut() {
+            let dest = m.get("destination").and_then(Value::as_str).unwrap_or("");
+            let source = m.get("source").and_then(Value::as_str);
+            let bind_source = source.filter(|_| is_bind(m)).map(str::to_string);
+            mountpoints.push((dest.to_string(), bind_source));
+        }
         for m in mounts.iter_mut().filter(|m| is_bind(m)) {
             let Some(source) = m.get("source").and_then(Value::as_str) else {
                 continue;
@@ -86,15 +101,23 @@ pub fn guest_spec(config_json: &[u8], container_dir: &str) -> Result<GuestSpec, 
             if !source.starts_with('/') {
                 return Err(format!("bind mount source {source:?} is not absolute"));
             }
-            let recursive = m
+            let options: Vec<String> = m
                 .get("options")
                 .and_then(Value::as_array)
-                .is_some_and(|o| o.iter().any(|x| x.as_str() == Some("rbind")));
+                .map(|o| {
+                    o.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let flags = super::mount::parse_options(&options).flags;
             let target = format!("mounts/{}", binds.len());
             binds.push(HostBind {
                 source: source.to_string(),
                 target: target.clone(),
-                recursive,
+                recursive: flags & libc::MS_REC != 0,
+                readonly: flags & libc::MS_RDONLY != 0,
             });
             m["source"] = Value::String(format!("{container_dir}/{target}"));
         }
@@ -130,7 +153,12 @@ pub fn guest_spec(config_json: &[u8], container_dir: &str) -> Result<GuestSpec, 
         obj.remove("hostname");
     }
     let json = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
-    Ok(GuestSpec { json, binds })
+    Ok(GuestSpec {
+        json,
+        binds,
+        root_readonly: readonly.as_bool().unwrap_or(false),
+        mountpoints,
+    })
 }
 
 #[cfg(test)]
@@ -172,12 +200,14 @@ mod tests {
                 HostBind {
                     source: "/var/lib/c/hosts".into(),
                     target: "mounts/0".into(),
-                    recursive: true
+                    recursive: true,
+                    readonly: true,
                 },
                 HostBind {
                     source: "/run/c/shm".into(),
                     target: "mounts/1".into(),
-                    recursive: false
+                    recursive: false,
+                    readonly: false,
                 },
             ]
         );

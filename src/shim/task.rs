@@ -28,7 +28,7 @@
 //! the VM, the shim process is the VM); `Pids` lists the guest PIDs.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -56,9 +56,9 @@ use podvisor_agent_protocol::stream::StreamKind;
 use serde_json::Value;
 
 use super::metrics::metrics_any;
-use super::mount::{bind, mount};
 use super::pod::{annotations, is_sandbox_container, pod_id};
-use super::sandbox::{cleanup_state_dir, ctx, unmount_below, Sandbox, StateDir};
+use super::sandbox::{cleanup_state_dir, ctx, Sandbox, StateDir};
+use super::share::RootfsMount;
 use super::spec::guest_spec;
 use super::stdio::{copy_input, copy_output, OutputSink, StdinState, StdioPaths};
 use super::{now, timestamp_ns, ShimConfig};
@@ -273,18 +273,47 @@ impl Service {
             .ok_or_else(|| status_err(Code::FAILED_PRECONDITION, "the pod VM is not running"))
     }
 
-    /// Mounts containerd's rootfs mounts at `target` (or binds the bundle's rootfs).
-    fn mount_rootfs(req: &api::CreateTaskRequest, target: &Path) -> Result<(), String> {
-        std::fs::create_dir_all(target).map_err(|e| format!("create {}: {e}", target.display()))?;
-        if req.rootfs.is_empty() {
-            let src = PathBuf::from(&req.bundle).join("rootfs");
-            return mount("", &src.to_string_lossy(), &["rbind".into()], target)
-                .map_err(|e| e.to_string());
-        }
-        for m in &req.rootfs {
-            mount(&m.type_, &m.source, &m.options, target).map_err(|e| e.to_string())?;
-        }
-        Ok(())
+    /// Mounts container `id`'s rootfs and the spec's host binds in the pod's share.
+    fn host_mounts(
+        sb: &Sandbox,
+        req: &api::CreateTaskRequest,
+        spec: &super::spec::GuestSpec,
+    ) -> Result<(), String> {
+        let id = req.id.as_str();
+        let rootfs: Vec<RootfsMount> = req
+            .rootfs
+            .iter()
+            .map(|m| RootfsMount {
+                fstype: m.type_.clone(),
+                source: m.source.clone(),
+                options: m.options.clone(),
+            })
+            .collect();
+        let bundle_rootfs = Path::new(&req.bundle).join("rootfs");
+        let mountpoints: Vec<(String, bool)> = spec
+            .mountpoints
+            .iter()
+            .map(|(dest, source)| {
+                let is_dir = source
+                    .as_ref()
+                    .is_none_or(|s| std::fs::metadata(s).map_or(true, |m| m.is_dir()));
+                (dest.clone(), is_dir)
+            })
+            .collect();
+        sb.with_share(|share| {
+            share.add_container(id)?;
+            share.mount_rootfs(
+                id,
+                &rootfs,
+                &bundle_rootfs,
+                spec.root_readonly,
+                &mountpoints,
+            )?;
+            for (n, b) in spec.binds.iter().enumerate() {
+                share.bind(id, n, Path::new(&b.source), b.recursive, b.readonly)?;
+            }
+            Ok(())
+        })
     }
 
     /// Attaches the streams `stdio` asks for and returns them with the agent's flags.
@@ -510,15 +539,6 @@ impl Service {
         }
     }
 
-    /// Binds the spec's host bind-mount sources into the container's directory.
-    fn bind_host_paths(dir: &Path, binds: &[super::spec::HostBind]) -> Result<(), String> {
-        for b in binds {
-            bind(Path::new(&b.source), &dir.join(&b.target), b.recursive)
-                .map_err(|e| format!("bind mount {}: {e}", b.source))?;
-        }
-        Ok(())
-    }
-
     fn do_create(&self, req: &api::CreateTaskRequest) -> TtrpcResult<u32> {
         let id = req.id.as_str();
         let stdio = StdioPaths {
@@ -569,9 +589,7 @@ impl Service {
             ..Default::default()
         };
         if !sandbox_container {
-            let dir = state.container(id);
-            let created = Self::mount_rootfs(req, &dir.join("rootfs"))
-                .and_then(|()| Self::bind_host_paths(&dir, &spec.binds))
+            let created = Self::host_mounts(&sb, req, &spec)
                 .map_err(|e| status_err(Code::INTERNAL, format!("host mounts: {e}")))
                 .and_then(|()| self.create_in_guest(&sb, id, spec.json, &mut p));
             if let Err(e) = created {
@@ -582,8 +600,9 @@ impl Service {
                         log::warn!("agent RemoveContainer({id}) after a failed Create: {e}");
                     }
                 }
-                unmount_below(&dir);
-                let _ = std::fs::remove_dir_all(&dir);
+                if let Err(e) = sb.with_share(|share| share.remove_container(id)) {
+                    log::warn!("Create {id} failed; its host mounts: {e}");
+                }
                 if let Some(mut l) = p.logger.take() {
                     let _ = l.kill();
                     let _ = l.wait();
@@ -897,11 +916,9 @@ impl Task for Service {
             let _ = logger.wait();
         }
         if req.exec_id.is_empty() && !sandbox {
-            if let Ok((_, state)) = self.sandbox() {
-                let dir = state.container(&req.id);
-                unmount_below(&dir);
-                if let Err(e) = std::fs::remove_dir_all(&dir) {
-                    log::warn!("remove {}: {e}", dir.display());
+            if let Ok((sb, _)) = self.sandbox() {
+                if let Err(e) = sb.with_share(|share| share.remove_container(&req.id)) {
+                    log::warn!("Delete {}: its host mounts: {e}", req.id);
                 }
             }
         }
