@@ -17,6 +17,7 @@ mod liveness;
 mod metrics;
 mod mount;
 mod net;
+mod oom_events;
 mod pod;
 pub mod sandbox;
 pub mod share;

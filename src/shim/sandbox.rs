@@ -358,7 +358,16 @@ impl Sandbox {
         let mut req = CreateSandboxRequest::new();
         req.sandbox_id = id.to_string();
         // Per-pod identity (a template clone starts with the template's clock and pool).
-        req.entropy = super::template::entropy();
+        req.entropy = match super::template::entropy() {
+            Ok(e) => e,
+            Err(e) => {
+                return abandon(
+                    &stop,
+                    vm,
+                    format!("no fresh host entropy for the pod VM: {e}"),
+                )
+            }
+        };
         req.realtime_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i64);

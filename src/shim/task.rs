@@ -56,6 +56,7 @@ use podvisor_agent_protocol::stream::StreamKind;
 use serde_json::Value;
 
 use super::metrics::metrics_any;
+use super::oom_events::{OomFilter, Verdict};
 use super::pod::{annotations, is_sandbox_container, pod_id};
 use super::sandbox::{cleanup_state_dir, ctx, Sandbox, StateDir};
 use super::share::RootfsMount;
@@ -472,24 +473,39 @@ impl Service {
         let this = self.clone();
         let spawned = std::thread::Builder::new()
             .name("oom-watch".into())
-            .spawn(move || loop {
-                match sb
-                    .client
-                    .get_oom_event(Context::default(), &GetOOMEventRequest::new())
-                {
-                    Ok(ev) => {
-                        log::info!("OOM in container {}", ev.container_id);
-                        this.publish(TaskOOM {
-                            container_id: ev.container_id,
-                            ..Default::default()
-                        });
-                    }
-                    Err(e) => {
-                        if sb.vm_stopped() || sb.destroyed() {
-                            return;
+            .spawn(move || {
+                let mut oom = OomFilter::default();
+                loop {
+                    match sb
+                        .client
+                        .get_oom_event(Context::default(), &GetOOMEventRequest::new())
+                    {
+                        Ok(ev) => {
+                            let id = ev.container_id;
+                            let owned = this.containers().get(&id).is_some_and(|c| !c.sandbox);
+                            match oom.admit(&id, owned, std::time::Instant::now()) {
+                                Verdict::Publish => {
+                                    log::info!("OOM in container {id}");
+                                    this.publish(TaskOOM {
+                                        container_id: id,
+                                        ..Default::default()
+                                    });
+                                }
+                                Verdict::Drop { log: true, dropped } => log::warn!(
+                                    "dropped {dropped} guest OOM report(s), the last for {:?}: \
+                                 not a container of this pod, or too frequent",
+                                    id.chars().take(80).collect::<String>()
+                                ),
+                                Verdict::Drop { .. } => {}
+                            }
                         }
-                        log::debug!("agent GetOOMEvent: {e}");
-                        std::thread::sleep(Duration::from_secs(1));
+                        Err(e) => {
+                            if sb.vm_stopped() || sb.destroyed() {
+                                return;
+                            }
+                            log::debug!("agent GetOOMEvent: {e}");
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
                     }
                 }
             });

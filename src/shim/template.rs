@@ -291,13 +291,27 @@ pub fn remove(template_dir: &Path, key: &str) -> Result<(), String> {
     std::fs::remove_dir_all(&dir).map_err(|e| format!("remove {}: {e}", dir.display()))
 }
 
-/// Fresh entropy for a clone's CreateSandbox.
-pub fn entropy() -> Vec<u8> {
+/// Fresh entropy for CreateSandbox (a template clone must not continue its template's
+/// random state): 64 bytes from the host, or an error.
+pub fn entropy() -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0u8; 64];
-    // SAFETY: getrandom writes at most buf.len() bytes into buf.
-    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
-    buf.truncate(n.max(0) as usize);
-    buf
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: getrandom writes at most rest.len() bytes into rest.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        match n {
+            n if n > 0 => filled += n as usize,
+            0 => return Err(std::io::Error::other("getrandom returned no bytes")),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(buf)
 }
 
 #[cfg(test)]
@@ -370,7 +384,7 @@ mod tests {
 
     #[test]
     fn entropy_is_fresh() {
-        let (a, b) = (entropy(), entropy());
+        let (a, b) = (entropy().unwrap(), entropy().unwrap());
         assert_eq!(a.len(), 64);
         assert_ne!(a, b);
     }

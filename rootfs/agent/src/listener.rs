@@ -135,12 +135,33 @@ impl ListenAddr {
     }
 }
 
-/// Accepts one connection (close-on-exec), retrying on EINTR.
+/// Whether a vsock peer of CID `cid` may talk to the agent: only the host. (The guest
+/// kernel has no vsock loopback transport, which the kernel build asserts, so no guest
+/// process can reach the agent's ports; this check holds even if one were added.)
+pub fn peer_allowed(cid: u32) -> bool {
+    cid == libc::VMADDR_CID_HOST
+}
+
+/// Accepts one connection (close-on-exec), retrying on EINTR. On vsock, a connection from
+/// any peer but the host is closed and the next one awaited.
 pub fn accept(listener: &OwnedFd, addr: &ListenAddr) -> Result<OwnedFd, ListenError> {
     loop {
         match accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
-            // SAFETY: accept4 returned a new descriptor that nothing else owns.
-            Ok(fd) => return Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }),
+            Ok(fd) => {
+                // SAFETY: accept4 returned a new descriptor that nothing else owns.
+                let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                if addr.is_vsock() {
+                    let peer = nix::sys::socket::getpeername::<VsockAddr>(fd.as_raw_fd());
+                    match peer {
+                        Ok(p) if peer_allowed(p.cid()) => {}
+                        other => {
+                            log::warn!("{addr}: refused a connection from {other:?}: not the host");
+                            continue;
+                        }
+                    }
+                }
+                return Ok(fd);
+            }
             Err(nix::Error::EINTR) => continue,
             Err(source) => {
                 return Err(ListenError::Accept {
@@ -181,6 +202,14 @@ mod tests {
             "",
         ] {
             assert!(bad.parse::<ListenAddr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_the_host_is_a_peer() {
+        assert!(peer_allowed(libc::VMADDR_CID_HOST));
+        for cid in [0, 1, 3, 42, libc::VMADDR_CID_ANY] {
+            assert!(!peer_allowed(cid), "{cid}");
         }
     }
 

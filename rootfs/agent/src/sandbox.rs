@@ -56,7 +56,15 @@ pub enum SandboxError {
     Clock(nix::Error),
     #[error("seeding the guest's random pool: {0}")]
     Entropy(std::io::Error),
+    #[error(
+        "CreateSandbox brought {0} bytes of host entropy, fewer than {MIN_ENTROPY}: a VM \
+         cloned from a template would share its template's random state"
+    )]
+    NoEntropy(usize),
 }
+
+/// The least host entropy a CreateSandbox must bring when the agent owns the machine.
+pub const MIN_ENTROPY: usize = 32;
 
 impl From<SandboxError> for RpcError {
     fn from(err: SandboxError) -> Self {
@@ -115,6 +123,14 @@ pub struct Sandbox {
     state: Mutex<State>,
     /// Set when DestroySandbox finished; `main` waits for it.
     destroyed: (Mutex<bool>, Condvar),
+}
+
+/// A CreateSandbox of a VM must bring at least [`MIN_ENTROPY`] bytes of host entropy.
+fn enough_entropy(bytes: &[u8]) -> Result<(), SandboxError> {
+    if bytes.len() < MIN_ENTROPY {
+        return Err(SandboxError::NoEntropy(bytes.len()));
+    }
+    Ok(())
 }
 
 fn mount_flags(options: &[String]) -> (MsFlags, String) {
@@ -220,10 +236,9 @@ impl Sandbox {
                     return Err(SandboxError::Clock(nix::Error::last()).into());
                 }
             }
-            if !req.entropy.is_empty() {
-                add_entropy(&req.entropy).map_err(SandboxError::Entropy)?;
-                log::info!("{} bytes of host entropy added", req.entropy.len());
-            }
+            enough_entropy(&req.entropy)?;
+            add_entropy(&req.entropy).map_err(SandboxError::Entropy)?;
+            log::info!("{} bytes of host entropy added", req.entropy.len());
         }
         if !req.hostname.is_empty() {
             nix::unistd::sethostname(&req.hostname).map_err(|source| SandboxError::Hostname {
@@ -487,6 +502,16 @@ fn add_entropy(bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vm_sandbox_needs_host_entropy() {
+        assert!(matches!(
+            enough_entropy(&[]),
+            Err(SandboxError::NoEntropy(0))
+        ));
+        assert!(enough_entropy(&[7; MIN_ENTROPY - 1]).is_err());
+        assert!(enough_entropy(&[7; 64]).is_ok());
+    }
 
     #[test]
     fn mount_options() {
