@@ -63,6 +63,11 @@ pub struct BootArgs {
     /// Stop the VM after this many seconds (exit status 3).
     #[arg(long)]
     pub timeout: Option<u64>,
+    /// Seccomp filters of the threads that handle guest data: enforce (a forbidden
+    /// syscall ends the process with SIGSYS), log (allowed and recorded in the kernel's
+    /// audit log: to find what a new code path needs) or off.
+    #[arg(long, value_name = "MODE", default_value = "enforce")]
+    pub seccomp: vmm::seccomp::Mode,
     /// Save the VM to this directory once the guest's init has started (boot-timer
     /// marker) and `--snapshot-after` seconds more have passed, then stop it (exit status
     /// 0). The directory gets `state` and a sparse `memory` file (docs/snapshot-format.md).
@@ -98,6 +103,7 @@ fn console_config(spec: &str) -> ConsoleConfig {
 
 /// Boots (or restores) the VM and returns the process exit status.
 pub fn run(args: BootArgs, process_start: Instant) -> Result<u8, Box<dyn std::error::Error>> {
+    vmm::seccomp::set_mode(args.seccomp);
     let vsock = args.vsock.clone().map(|uds_path| VsockConfig {
         guest_cid: args.guest_cid,
         uds_path,

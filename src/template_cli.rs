@@ -81,6 +81,7 @@ pub fn run(cmd: TemplateCommand) -> Result<u8, String> {
 
 fn create(args: CreateArgs) -> Result<u8, String> {
     let mut config = settings(&args.common)?;
+    vmm::seccomp::set_mode(config.seccomp);
     if let Some(v) = args.vcpus {
         config.vcpus = v;
     }

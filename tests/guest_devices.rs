@@ -136,6 +136,16 @@ fn run_devices_guest(guest: GuestArtifacts, initrd: PathBuf, net: bool) {
     let mut net_host_to_guest = None;
     while let Ok(line) = lines_rx.recv_timeout(Duration::from_secs(900)) {
         if line.contains("pvtest: vsock-listen ready") {
+            // Every device is active by now: each thread that handles guest data is
+            // confined.
+            if let Err(e) = common::threads::check_guest_threads_confined(
+                child.id(),
+                &["vcpu0", "vmm-events", "fs-share", "blk-io"],
+            ) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{e}");
+            }
             host_to_guest = Some(connect_and_echo(&uds));
         }
         if line.contains("pvtest: net-listen ready") {

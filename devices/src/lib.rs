@@ -10,6 +10,7 @@
 //! [`EventFd`]: vmm_sys_util::eventfd::EventFd
 
 pub mod bus;
+pub mod confine;
 pub mod legacy;
 pub mod virtio;
 

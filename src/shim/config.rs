@@ -20,7 +20,9 @@
 //! `kernel`, `initrd`, `vcpus`, `memory_mib`, `run_dir`, `agent_timeout_secs`,
 //! `log_level` (`off`/`error`/`warn`/`info`/`debug`/`trace`; `RUST_LOG` wins),
 //! `max_vcpus`, `max_memory_mib`, `allow_kernel_override`, `template` (`"off"` or
-//! `"auto"`, see `template.rs`) and `template_dir`. `config/podvisor.toml` in
+//! `"auto"`, see `template.rs`), `template_dir` and `seccomp` (`"enforce"`, the default,
+//! `"log"` or `"off"`: the filters of the threads that handle guest data, see
+//! `devices::confine`; also `PODVISOR_SECCOMP`). `config/podvisor.toml` in
 //! the repository documents each key with its default.
 
 use std::collections::HashMap;
@@ -30,6 +32,7 @@ use std::time::Duration;
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::CodedInputStream;
 use serde::Deserialize;
+pub use vmm::seccomp::Mode as SeccompMode;
 
 /// Default directory of the pods' host state.
 pub const DEFAULT_RUN_DIR: &str = "/run/podvisor";
@@ -116,6 +119,8 @@ pub struct ShimConfig {
     pub template: TemplateMode,
     /// Where templates live: `<template_dir>/<key>/`.
     pub template_dir: PathBuf,
+    /// Seccomp filters of the VMM's guest-facing threads.
+    pub seccomp: SeccompMode,
     /// The file the settings came from, if any (for messages).
     pub source: Option<PathBuf>,
 }
@@ -135,6 +140,7 @@ impl Default for ShimConfig {
             allow_kernel_override: false,
             template: TemplateMode::Auto,
             template_dir: PathBuf::from(DEFAULT_TEMPLATE_DIR),
+            seccomp: SeccompMode::Enforce,
             source: None,
         }
     }
@@ -184,6 +190,7 @@ struct FileConfig {
     allow_kernel_override: Option<bool>,
     template: Option<TemplateMode>,
     template_dir: Option<PathBuf>,
+    seccomp: Option<SeccompMode>,
 }
 
 /// containerd's `runtimeoptions.v1.Options` (type_url = 1, config_path = 2,
@@ -379,6 +386,7 @@ impl ShimConfig {
             allow_kernel_override: file.allow_kernel_override.unwrap_or(false),
             template: file.template.unwrap_or_default(),
             template_dir: file.template_dir.unwrap_or(d.template_dir),
+            seccomp: file.seccomp.unwrap_or_default(),
             source: None,
         };
         config.validate_as(origin)?;
@@ -436,6 +444,14 @@ impl ShimConfig {
         }
         if let Some(p) = path("PODVISOR_TEMPLATE_DIR") {
             self.template_dir = p;
+        }
+        if let Some(v) = env("PODVISOR_SECCOMP").filter(|v| !v.is_empty()) {
+            let value = v.to_string_lossy().into_owned();
+            self.seccomp = value.parse().map_err(|message| ConfigError::Env {
+                var: "PODVISOR_SECCOMP",
+                value,
+                message,
+            })?;
         }
         Ok(())
     }
@@ -675,6 +691,7 @@ mod tests {
             allow_kernel_override = true
             template = "auto"
             template_dir = "/var/t"
+            seccomp = "log"
             "#,
             "t.toml",
         )
@@ -694,6 +711,7 @@ mod tests {
                 allow_kernel_override: true,
                 template: TemplateMode::Auto,
                 template_dir: "/var/t".into(),
+                seccomp: SeccompMode::Log,
                 source: None,
             }
         );

@@ -257,6 +257,13 @@ impl Sandbox {
         on_exit: OnVmExit,
     ) -> Result<Sandbox, String> {
         set_rpc_timeout(config.agent_timeout);
+        vmm::seccomp::set_mode(config.seccomp);
+        if config.seccomp != vmm::seccomp::Mode::Enforce {
+            log::warn!(
+                "pod {id}: seccomp = {:?}: the VMM's guest-facing threads are not confined",
+                config.seccomp
+            );
+        }
         share::create_pod_dir(&config.run_dir, &state.root)
             .map_err(|e| format!("pod state dir: {e}"))?;
         let share = PodShare::create(&state.root).map_err(|e| format!("pod share: {e}"))?;

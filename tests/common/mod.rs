@@ -7,6 +7,7 @@ pub mod containerd;
 /// The busybox image builder of `podvisor bench density`, shared with the tests.
 #[path = "../../src/bench/density/image.rs"]
 pub mod image;
+pub mod threads;
 pub mod vm_slots;
 
 use std::path::{Path, PathBuf};

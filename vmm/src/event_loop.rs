@@ -26,6 +26,8 @@ pub enum EventLoopError {
     Create(String),
     #[error("cannot start the event loop thread: {0}")]
     Spawn(std::io::Error),
+    #[error(transparent)]
+    Confine(#[from] devices::confine::ConfineError),
 }
 
 /// Stops the loop when its event fd fires.
@@ -135,9 +137,17 @@ impl EventLoop {
         for s in subscribers {
             manager.add_subscriber(s);
         }
+        let (confined_tx, confined_rx) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("vmm-events".into())
             .spawn(move || {
+                // Before the first event: the handlers parse guest-driven data.
+                let confined = devices::confine::confine(devices::confine::Kind::EventLoop);
+                let ok = confined.is_ok();
+                let _ = confined_tx.send(confined);
+                if !ok {
+                    return;
+                }
                 while !stop.load(Ordering::SeqCst) {
                     if let Err(e) = manager.run() {
                         warn!("event loop: epoll wait failed: {e:?}");
@@ -145,6 +155,17 @@ impl EventLoop {
                 }
             })
             .map_err(EventLoopError::Spawn)?;
+        match confined_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e.into());
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(EventLoopError::Create("the event loop thread died".into()));
+            }
+        }
         Ok(EventLoop {
             stop_evt,
             gate_evt,

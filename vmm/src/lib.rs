@@ -20,6 +20,7 @@ pub mod exit;
 pub mod host;
 pub mod loader;
 pub mod memory;
+pub mod seccomp;
 pub mod snapshot;
 pub mod timings;
 pub mod vcpu;

@@ -550,6 +550,14 @@ struct VcpuThread {
 
 impl VcpuThread {
     fn run(&mut self) {
+        // Before the first KVM_RUN: from here on the thread handles guest-driven exits.
+        if let Err(e) = crate::seccomp::confine_vcpu() {
+            self.exit(ExitReason::VcpuError {
+                cpu: self.id,
+                message: e.to_string(),
+            });
+            return;
+        }
         KVM_RUN_PTR.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
         self.run_loop();
         KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
@@ -618,22 +626,27 @@ impl VcpuThread {
                 other => other,
             };
             if let Next::Exit(reason) = next {
-                debug!("vcpu{}: {reason}", self.id);
-                let _ = self.ctx.exits.send(VmEvent::Exit(reason));
-                // Park until the controller stops us: the VM is over.
-                let mut st = self.control.lock();
-                st.exited = true;
-                self.control.changed.notify_all();
-                while st.request != Request::Stop {
-                    self.control.changed.notify_all();
-                    st = self
-                        .control
-                        .changed
-                        .wait(st)
-                        .unwrap_or_else(|p| p.into_inner());
-                }
+                self.exit(reason);
                 return;
             }
+        }
+    }
+
+    /// Reports `reason` to the VM controller and parks until it stops the thread: the VM
+    /// is over.
+    fn exit(&self, reason: ExitReason) {
+        debug!("vcpu{}: {reason}", self.id);
+        let _ = self.ctx.exits.send(VmEvent::Exit(reason));
+        let mut st = self.control.lock();
+        st.exited = true;
+        self.control.changed.notify_all();
+        while st.request != Request::Stop {
+            self.control.changed.notify_all();
+            st = self
+                .control
+                .changed
+                .wait(st)
+                .unwrap_or_else(|p| p.into_inner());
         }
     }
 

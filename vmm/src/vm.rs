@@ -130,6 +130,8 @@ pub enum VmError {
     ResumeTimeout(Duration),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    #[error("cannot start the thread that spawns device workers: {0}")]
+    Spawner(std::io::Error),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -156,6 +158,8 @@ impl Vm {
     /// (for the host set-up timing).
     pub fn new(config: VmConfig, process_start: Instant) -> Result<Vm, VmError> {
         config.validate()?;
+        // Before any thread is confined: confined threads start workers through it.
+        devices::confine::start_spawner().map_err(VmError::Spawner)?;
         let (kvm, host, vm_fd) = create_kvm_vm()?;
         let mem_size = config.mem_bytes();
         let mem = memory::create(mem_size)?;
@@ -255,6 +259,7 @@ impl Vm {
     /// (no time passed for it); setting its wall clock, reseeding its RNG and everything
     /// else per clone is up to the caller, through the guest.
     pub fn restore(restore: &RestoreConfig, process_start: Instant) -> Result<Vm, VmError> {
+        devices::confine::start_spawner().map_err(VmError::Spawner)?;
         let dir = &restore.snapshot;
         let state = SnapshotState::read(dir)?;
         let mut config = restore.apply(&state.config);

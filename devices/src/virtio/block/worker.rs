@@ -58,9 +58,15 @@ impl Worker {
         let (tx, rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("blk-io".into())
-            .spawn(move || run(ctx, rx, thread_stop))?;
+        // Through the spawner: the caller may be a confined vCPU thread.
+        let thread = crate::confine::spawn("blk-io".into(), move || {
+            // Before the first request: requests are guest-driven.
+            if let Err(e) = crate::confine::confine(crate::confine::Kind::Block) {
+                log::error!("virtio-blk worker: {e}; the disk stops serving requests");
+                return;
+            }
+            run(ctx, rx, thread_stop)
+        })?;
         Ok(Worker {
             tx: Some(tx),
             stop,

@@ -64,6 +64,8 @@ pub enum BackendError {
     Open { dir: String, source: io::Error },
     #[error("cannot mount share directory {dir}: {reason}")]
     Mount { dir: String, reason: String },
+    #[error("{0}")]
+    Confine(String),
 }
 
 /// Gives the calling thread its own umask, cwd and root (`unshare(CLONE_FS)`) and sets its

@@ -79,28 +79,33 @@ impl Worker {
         let stop = Arc::new(AtomicBool::new(false));
         let pending = Arc::new(AtomicBool::new(false));
         let (thread_stop, thread_pending) = (stop.clone(), pending.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("fs-{}", ctx.share.tag))
-            .spawn(move || {
-                let server = match isolate_thread_fs_state().and_then(|()| build_server(&ctx.share))
-                {
-                    Ok(server) => server,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok(()));
-                Serving {
-                    ctx,
-                    server,
-                    stop: thread_stop,
-                    pending: thread_pending,
-                    broken: false,
+        // Through the spawner: the caller may be a confined vCPU thread.
+        let thread = crate::confine::spawn(format!("fs-{}", ctx.share.tag), move || {
+            // Confined after the share is opened, before the first request.
+            let server = match isolate_thread_fs_state()
+                .and_then(|()| build_server(&ctx.share))
+                .and_then(|server| {
+                    crate::confine::confine(crate::confine::Kind::Fs)
+                        .map(|()| server)
+                        .map_err(|e| BackendError::Confine(e.to_string()))
+                }) {
+                Ok(server) => server,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
                 }
-                .run(rx)
-            })
-            .map_err(WorkerError::Spawn)?;
+            };
+            let _ = ready_tx.send(Ok(()));
+            Serving {
+                ctx,
+                server,
+                stop: thread_stop,
+                pending: thread_pending,
+                broken: false,
+            }
+            .run(rx)
+        })
+        .map_err(WorkerError::Spawn)?;
         let mut worker = Worker {
             tx: Some(tx),
             pending,
