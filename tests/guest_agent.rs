@@ -278,6 +278,11 @@ fn guest_agent_runs_a_container() {
     mount.source = SHARE_TAG.into();
     mount.target = SHARED_IN_GUEST.into();
     req.mounts.push(mount);
+    // A VM's sandbox needs fresh host entropy (a template clone would otherwise go on
+    // with its template's random state): refused without it.
+    let err = client.create_sandbox(ctx(), &req).unwrap_err();
+    assert!(err.to_string().contains("host entropy"), "{err}");
+    req.entropy = podvisor::shim::template::entropy().unwrap();
     client.create_sandbox(ctx(), &req).unwrap();
 
     // ConfigureNetwork through the guest kernel's rtnetlink. The VM has no NIC here: a

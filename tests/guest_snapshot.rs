@@ -99,7 +99,23 @@ fn counter_keeps_counting_after_snapshot_and_restore() {
     // 2. Restore in this process without running the guest, save again: unchanged.
     let saved = SnapshotState::read(&snap).unwrap();
     let again_dir = dir.join("again");
-    let restored = Vm::restore(&RestoreConfig::new(&snap), Instant::now())
+    // Every host binding is the restore's own (a snapshot's paths are never reopened).
+    let unbound = Vm::restore(&RestoreConfig::new(&snap), Instant::now())
+        .err()
+        .expect("a restore without its disk and vsock bindings must fail");
+    assert!(unbound.to_string().contains("binds none"), "{unbound}");
+    let restore = RestoreConfig {
+        disks: Some(vec![vmm::config::BlockConfig {
+            path: disk.clone(),
+            ..saved.config.disks[0].clone()
+        }]),
+        vsock: Some(vmm::config::VsockConfig {
+            uds_path: dir.join("again.sock"),
+            ..saved.config.vsock.clone().expect("the snapshot's vsock")
+        }),
+        ..RestoreConfig::new(&snap)
+    };
+    let restored = Vm::restore(&restore, Instant::now())
         .expect("restore")
         .start_paused()
         .expect("start paused");

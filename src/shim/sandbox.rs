@@ -116,7 +116,7 @@ pub fn pod_vm_config(config: &ShimConfig, state: &StateDir) -> Result<VmConfig, 
         cmdline: DEFAULT_CMDLINE.to_string(),
         vcpus: config.vcpus,
         mem_mib: config.mem_mib,
-        console: ConsoleConfig::File(state.console()),
+        console: ConsoleConfig::CappedFile(state.console(), Default::default()),
         disks: Vec::new(),
         shares: vec![share],
         vsock: Some(VsockConfig {

@@ -110,8 +110,8 @@ pub fn ensure(
     }
     vmm::snapshot_support()
         .map_err(|e| format!("this host's KVM cannot save VMs, so no templates: {e}"))?;
-    std::fs::create_dir_all(template_dir)
-        .map_err(|e| format!("template dir {}: {e}", template_dir.display()))?;
+    // Templates hold guest memory: owner only.
+    super::share::ensure_dir(template_dir, 0o700).map_err(|e| format!("template dir: {e}"))?;
     let _lock = Lock::take(&template_dir.join(format!("{key}.lock")))?;
     if dir.join(vmm::snapshot::STATE_FILE).is_file() {
         return Ok(dir); // Built by another pod while we waited.
@@ -164,7 +164,8 @@ pub fn clear_failure(template_dir: &Path, key: &str) {
 fn build(scratch: &Path, dir: &Path, config: &VmConfig, timeout: Duration) -> Result<(), String> {
     let started = Instant::now();
     let share_dir = scratch.join("share");
-    std::fs::create_dir_all(&share_dir)
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&share_dir)
         .map_err(|e| format!("template scratch {}: {e}", share_dir.display()))?;
     let mut cfg = config.clone();
     for s in &mut cfg.shares {
@@ -181,7 +182,7 @@ fn build(scratch: &Path, dir: &Path, config: &VmConfig, timeout: Duration) -> Re
         n.mac = Some([0x02, 0x70, 0x76, 0, 0, i as u8]);
     }
     let console = scratch.join("console.log");
-    cfg.console = ConsoleConfig::File(console.clone());
+    cfg.console = ConsoleConfig::CappedFile(console.clone(), Default::default());
     log::info!("building VM template {} (a cold boot)", dir.display());
     let mut running = Vm::new(cfg, Instant::now())
         .and_then(Vm::start)

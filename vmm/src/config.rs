@@ -30,6 +30,9 @@ pub enum ConsoleConfig {
     Stdio,
     /// Appended to a file.
     File(PathBuf),
+    /// Appended to a file bounded in size and rate (`crate::console_file`): the console
+    /// of a guest that may be hostile.
+    CappedFile(PathBuf, crate::console_file::ConsoleCap),
     /// Kept only in memory (the console tail in errors).
     Discard,
 }
@@ -140,22 +143,48 @@ impl RestoreConfig {
     }
 
     /// The restored VM's configuration: the snapshot's `saved` one with this VM's console
-    /// and host resources.
-    pub fn apply(&self, saved: &VmConfig) -> VmConfig {
-        VmConfig {
-            console: self.console.clone(),
-            disks: self.disks.clone().unwrap_or_else(|| saved.disks.clone()),
-            shares: self.shares.clone().unwrap_or_else(|| saved.shares.clone()),
-            vsock: self.vsock.clone().or_else(|| saved.vsock.clone()),
-            ..saved.clone()
+    /// and host resources. A snapshot's state file is data, not a list of host objects to
+    /// reopen: every disk, share, vsock socket and NIC the snapshot has must be bound here
+    /// ([`ConfigError::Unbound`] otherwise).
+    pub fn apply(&self, saved: &VmConfig) -> Result<VmConfig, ConfigError> {
+        fn bound<T: Clone>(
+            given: &Option<Vec<T>>,
+            saved: usize,
+            what: &'static str,
+        ) -> Result<Vec<T>, ConfigError> {
+            match given {
+                Some(v) => Ok(v.clone()),
+                None if saved == 0 => Ok(Vec::new()),
+                None => Err(ConfigError::Unbound { what, saved }),
+            }
         }
+        let disks = bound(&self.disks, saved.disks.len(), "disk")?;
+        let shares = bound(&self.shares, saved.shares.len(), "share")?;
+        let vsock = match (&self.vsock, &saved.vsock) {
+            (Some(v), _) => Some(v.clone()),
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(ConfigError::Unbound {
+                    what: "vsock socket",
+                    saved: 1,
+                })
+            }
+        };
+        Ok(VmConfig {
+            console: self.console.clone(),
+            disks,
+            shares,
+            vsock,
+            ..saved.clone()
+        })
     }
 
     /// The restored VM's NICs, given the snapshot's saved ones (in order): [`Self::net`]
-    /// with missing MACs and MTUs taken from the saved devices, or the saved taps by name.
-    pub fn net_configs(&self, saved: &[NetState]) -> Vec<NetConfig> {
+    /// with missing MACs and MTUs taken from the saved devices; a snapshot with NICs needs
+    /// [`Self::net`] (its taps are never reopened by the saved names).
+    pub fn net_configs(&self, saved: &[NetState]) -> Result<Vec<NetConfig>, ConfigError> {
         match &self.net {
-            Some(nics) => nics
+            Some(nics) => Ok(nics
                 .iter()
                 .enumerate()
                 .map(|(i, nic)| NetConfig {
@@ -163,15 +192,12 @@ impl RestoreConfig {
                     mac: nic.mac.or(saved.get(i).map(|s| s.mac)),
                     mtu: nic.mtu.or(saved.get(i).map(|s| s.mtu)),
                 })
-                .collect(),
-            None => saved
-                .iter()
-                .map(|s| NetConfig {
-                    tap: TapSource::Name(s.tap.clone()),
-                    mac: Some(s.mac),
-                    mtu: Some(s.mtu),
-                })
-                .collect(),
+                .collect()),
+            None if saved.is_empty() => Ok(Vec::new()),
+            None => Err(ConfigError::Unbound {
+                what: "NIC",
+                saved: saved.len(),
+            }),
         }
     }
 }
@@ -179,6 +205,12 @@ impl RestoreConfig {
 /// Errors in a VM configuration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
+    #[error(
+        "the snapshot has {saved} {what}(s) and the restore binds none: give each one's host \
+         side (`--disk`, `--share`, `--vsock`, `--net` with `podvisor boot --restore`); a \
+         snapshot's host paths are never reopened"
+    )]
+    Unbound { what: &'static str, saved: usize },
     #[error("vCPU count must be 1 to {MAX_VCPUS}, not {0}")]
     Vcpus(usize),
     #[error("guest memory must be {MIN_MEM_MIB} to {MAX_MEM_MIB} MiB, not {0} MiB")]
@@ -331,7 +363,7 @@ mod tests {
     }
 
     #[test]
-    fn restored_nics_come_from_the_override_or_the_snapshot() {
+    fn restored_nics_come_from_the_override_never_the_snapshots_taps() {
         let saved = vec![NetState {
             tap: "tap9".into(),
             mac: [2, 0, 0, 0, 0, 9],
@@ -341,23 +373,60 @@ mod tests {
             queues: None,
         }];
         let r = RestoreConfig::new("/snap");
-        let nics = r.net_configs(&saved);
-        assert_eq!(nics.len(), 1);
-        assert!(matches!(&nics[0].tap, TapSource::Name(t) if t == "tap9"));
         assert_eq!(
-            (nics[0].mac, nics[0].mtu),
-            (Some([2, 0, 0, 0, 0, 9]), Some(1400))
+            r.net_configs(&saved).unwrap_err(),
+            ConfigError::Unbound {
+                what: "NIC",
+                saved: 1
+            }
         );
+        assert!(r.net_configs(&[]).unwrap().is_empty());
         let r = RestoreConfig {
             net: Some(vec![NetConfig::named("tapX")]),
             ..RestoreConfig::new("/snap")
         };
-        let nics = r.net_configs(&saved);
+        let nics = r.net_configs(&saved).unwrap();
         assert!(matches!(&nics[0].tap, TapSource::Name(t) if t == "tapX"));
         assert_eq!(
             (nics[0].mac, nics[0].mtu),
             (Some([2, 0, 0, 0, 0, 9]), Some(1400))
         );
+    }
+
+    #[test]
+    fn a_restore_binds_every_host_resource_itself() {
+        let mut saved = config();
+        saved.disks = vec![parse_disk("/saved/disk.img").unwrap()];
+        saved.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: "/saved/v.sock".into(),
+        });
+        let r = RestoreConfig::new("/snap");
+        assert!(matches!(
+            r.apply(&saved),
+            Err(ConfigError::Unbound { what: "disk", .. })
+        ));
+        let r = RestoreConfig {
+            disks: Some(vec![parse_disk("/mine/disk.img").unwrap()]),
+            ..RestoreConfig::new("/snap")
+        };
+        assert!(matches!(
+            r.apply(&saved),
+            Err(ConfigError::Unbound {
+                what: "vsock socket",
+                ..
+            })
+        ));
+        let r = RestoreConfig {
+            vsock: Some(VsockConfig {
+                guest_cid: 3,
+                uds_path: "/mine/v.sock".into(),
+            }),
+            ..r
+        };
+        let c = r.apply(&saved).unwrap();
+        assert_eq!(c.disks[0].path, PathBuf::from("/mine/disk.img"));
+        assert_eq!(c.vsock.unwrap().uds_path, PathBuf::from("/mine/v.sock"));
     }
 
     #[test]

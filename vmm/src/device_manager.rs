@@ -117,6 +117,14 @@ impl DeviceManager {
                         source,
                     })?,
             ),
+            ConsoleConfig::CappedFile(path, cap) => Box::new(
+                crate::console_file::CappedLog::open(path, *cap).map_err(|source| {
+                    DeviceError::ConsoleFile {
+                        path: path.clone(),
+                        source,
+                    }
+                })?,
+            ),
             ConsoleConfig::Discard => Box::new(std::io::sink()),
         };
         let serial_irq = event_fd("the serial IRQ")?;

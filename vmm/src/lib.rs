@@ -14,6 +14,7 @@
 
 pub mod arch;
 pub mod config;
+pub mod console_file;
 pub mod device_manager;
 pub mod event_loop;
 pub mod exit;

@@ -184,7 +184,16 @@ pub fn save(mem: &GuestMem, path: &Path) -> Result<MemoryFile, MemoryError> {
         path: path.to_path_buf(),
         source,
     };
-    let file = File::create(path).map_err(io_err)?;
+    // Guest memory holds the guest's secrets: owner only.
+    let file = std::os::unix::fs::OpenOptionsExt::mode(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true),
+        0o600,
+    )
+    .open(path)
+    .map_err(io_err)?;
     let mut regions = Vec::new();
     let mut offset = 0u64;
     let mut data_pages = 0u64;
@@ -417,6 +426,7 @@ mod tests {
         assert_eq!(saved.data_pages, 4);
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.len(), 64 << 20);
+        assert_eq!(meta.mode() & 0o777, 0o600, "guest memory is owner-only");
         assert!(
             meta.blocks() * 512 <= 64 << 10,
             "sparse: {} blocks",

@@ -10,7 +10,7 @@
 use devices::confine::{self, ConfineError, Rules};
 pub use devices::confine::{set_mode, Mode};
 use kvm_bindings::{
-    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_regs, kvm_sregs,
+    kvm_cpuid2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_regs, kvm_sregs,
     kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
 };
 use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iowr_nr};
@@ -19,7 +19,7 @@ ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
 ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
 ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
 ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
-ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_fpu);
+ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
 ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
 ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
 ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
@@ -34,7 +34,7 @@ pub fn vcpu_kvm_ioctls() -> Vec<u64> {
         KVM_GET_REGS(),
         KVM_GET_SREGS(),
         KVM_GET_MSRS(),
-        KVM_GET_FPU(),
+        KVM_GET_CPUID2(),
         KVM_GET_LAPIC(),
         KVM_GET_MP_STATE(),
         KVM_GET_VCPU_EVENTS(),
@@ -127,5 +127,6 @@ mod tests {
         assert_eq!(KVM_GET_SREGS(), 0x8138_ae83);
         assert_eq!(KVM_GET_MSRS(), 0xc008_ae88);
         assert_eq!(KVM_GET_XSAVE(), 0x9000_aea4);
+        assert_eq!(KVM_GET_CPUID2(), 0xc008_ae91);
     }
 }

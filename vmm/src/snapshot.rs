@@ -339,7 +339,15 @@ impl SnapshotState {
         })?;
         let bytes = encode(&payload);
         let tmp = dir.join(STATE_TMP);
-        let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
+        let mut file = std::os::unix::fs::OpenOptionsExt::mode(
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true),
+            0o600,
+        )
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
         file.write_all(&bytes).map_err(io_err(&tmp))?;
         file.sync_all().map_err(io_err(&tmp))?;
         match fs::remove_file(&path) {

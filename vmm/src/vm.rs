@@ -158,6 +158,7 @@ impl Vm {
     /// (for the host set-up timing).
     pub fn new(config: VmConfig, process_start: Instant) -> Result<Vm, VmError> {
         config.validate()?;
+        ensure_fd_budget(&config);
         // Before any thread is confined: confined threads start workers through it.
         devices::confine::start_spawner().map_err(VmError::Spawner)?;
         let (kvm, host, vm_fd) = create_kvm_vm()?;
@@ -262,7 +263,8 @@ impl Vm {
         devices::confine::start_spawner().map_err(VmError::Spawner)?;
         let dir = &restore.snapshot;
         let state = SnapshotState::read(dir)?;
-        let mut config = restore.apply(&state.config);
+        let mut config = restore.apply(&state.config)?;
+        ensure_fd_budget(&config);
         let saved_nics: Vec<_> = state
             .devices
             .virtio
@@ -272,7 +274,7 @@ impl Vm {
                 _ => None,
             })
             .collect();
-        config.net = restore.net_configs(&saved_nics);
+        config.net = restore.net_configs(&saved_nics)?;
         config.validate_devices()?;
         if state.vcpus.len() != config.vcpus {
             return Err(SnapshotError::VcpuCount {
@@ -444,6 +446,47 @@ fn open_kvm() -> Result<Kvm, VmError> {
 
 /// Opens KVM, checks what podvisor needs, and creates a VM with the in-kernel irqchip and
 /// PIT (the same for a booted and a restored VM).
+/// Descriptors the VMM keeps for itself beyond what its shares may pin: guest memory,
+/// KVM, event fds, vsock streams, taps, and the shim's own sockets.
+const FD_RESERVE: u64 = 4096;
+
+/// Makes sure the process may open what `config`'s shares may pin (their caps) plus
+/// [`FD_RESERVE`]: raises the soft `RLIMIT_NOFILE` up to the hard one where it is lower,
+/// and says so when even the hard limit is lower.
+fn ensure_fd_budget(config: &VmConfig) {
+    let needed = config
+        .shares
+        .iter()
+        .map(|s| s.options.limits.fds())
+        .sum::<u64>()
+        + FD_RESERVE;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `lim`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 || lim.rlim_cur >= needed {
+        return;
+    }
+    let want = needed.min(lim.rlim_max);
+    let new = libc::rlimit {
+        rlim_cur: want,
+        rlim_max: lim.rlim_max,
+    };
+    // SAFETY: setrlimit reads one rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
+        info!("RLIMIT_NOFILE raised from {} to {want}", lim.rlim_cur);
+    }
+    if want < needed {
+        warn!(
+            "RLIMIT_NOFILE's hard limit {} is below the {needed} descriptors the shares' caps \
+             and the VMM's reserve may need: a guest holding many files may starve the VMM \
+             (raise LimitNOFILE of containerd's service)",
+            lim.rlim_max
+        );
+    }
+}
+
 fn create_kvm_vm() -> Result<(Kvm, HostKind, VmFd), VmError> {
     let kvm = open_kvm()?;
     let api = kvm.get_api_version();
@@ -756,10 +799,13 @@ impl RunningVm {
             .iter()
             .map(|v| v.save_state(PAUSE_TIMEOUT))
             .collect::<Result<Vec<_>, _>>()?;
-        std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        // Guest memory holds the guest's secrets: owner only.
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(dir)
+            .map_err(|source| SnapshotError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         let memory_tmp = dir.join(snapshot::MEMORY_TMP);
         let memory = memory::save(&self.vm.mem, &memory_tmp).inspect_err(|_| {
             let _ = std::fs::remove_file(&memory_tmp);

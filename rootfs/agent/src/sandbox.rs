@@ -226,6 +226,8 @@ impl Sandbox {
             return Err(SandboxError::AlreadyCreated.into());
         }
         if self.config.owns_machine {
+            // Checked before anything changes: a refused request leaves the VM as it was.
+            enough_entropy(&req.entropy)?;
             if req.realtime_ns > 0 {
                 let ts = libc::timespec {
                     tv_sec: req.realtime_ns / 1_000_000_000,
@@ -236,7 +238,6 @@ impl Sandbox {
                     return Err(SandboxError::Clock(nix::Error::last()).into());
                 }
             }
-            enough_entropy(&req.entropy)?;
             add_entropy(&req.entropy).map_err(SandboxError::Entropy)?;
             log::info!("{} bytes of host entropy added", req.entropy.len());
         }

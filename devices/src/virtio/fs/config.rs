@@ -109,6 +109,9 @@ pub struct ShareOptions {
     /// Allow the guest to create character and block device nodes in the host directory
     /// (`mknod`). Off by default: such nodes would be usable by host processes.
     pub allow_devices: bool,
+    /// How many inodes and handles the guest may hold on the host at once.
+    #[serde(default)]
+    pub limits: super::limits::FsLimits,
 }
 
 impl Default for ShareOptions {
@@ -119,6 +122,7 @@ impl Default for ShareOptions {
             xattr: true,
             writeback: false,
             allow_devices: false,
+            limits: Default::default(),
         }
     }
 }

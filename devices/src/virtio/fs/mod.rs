@@ -37,6 +37,7 @@
 
 pub mod config;
 pub mod device;
+pub mod limits;
 pub mod queue_handler;
 pub mod request;
 pub mod share;

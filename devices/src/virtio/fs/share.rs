@@ -45,6 +45,8 @@ use fuse_backend_rs::passthrough::{Config as PassthroughConfig, PassthroughFs};
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
 use super::config::ShareConfig;
+use super::limits::{FsLimits, Live};
+use std::sync::Mutex;
 
 /// The kernel's `XATTR_SIZE_MAX` / `XATTR_LIST_MAX`: larger sizes are clamped by the
 /// `getxattr(2)` family anyway.
@@ -123,7 +125,8 @@ pub fn build_server(share: &ShareConfig) -> Result<FuseServer, BackendError> {
         opts.read_only,
         opts.allow_devices,
         share.tag.clone(),
-    );
+    )
+    .with_limits(opts.limits);
     vfs.mount(Box::new(fs), "/")
         .map_err(|e| BackendError::Mount {
             dir,
@@ -142,6 +145,12 @@ pub struct ShareFs<F> {
     read_only: bool,
     allow_devices: bool,
     tag: String,
+    limits: FsLimits,
+    live: Mutex<Live>,
+}
+
+fn enfile() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENFILE)
 }
 
 impl<F> ShareFs<F> {
@@ -151,6 +160,42 @@ impl<F> ShareFs<F> {
             read_only,
             allow_devices,
             tag,
+            limits: FsLimits::default(),
+            live: Mutex::new(Live::default()),
+        }
+    }
+
+    /// With these caps on live inodes and handles.
+    pub fn with_limits(mut self, limits: FsLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether one more reference to `inode` is admitted (logged once when refused).
+    fn admit_inode(&self, inode: u64) -> bool {
+        // Inode 0: a negative entry, no reference.
+        inode == 0 || self.live().add_inode(inode, self.limits.max_inodes) || {
+            log::warn!(
+                "virtio-fs {}: the guest holds {} inodes, the cap: ENFILE",
+                self.tag,
+                self.limits.max_inodes
+            );
+            false
+        }
+    }
+
+    fn admit_handle(&self, handle: Option<u64>) -> bool {
+        handle.is_none_or(|h| self.live().add_handle(h, self.limits.max_handles)) || {
+            log::warn!(
+                "virtio-fs {}: the guest holds {} open files, the cap: ENFILE",
+                self.tag,
+                self.limits.max_handles
+            );
+            false
         }
     }
 
@@ -160,6 +205,19 @@ impl<F> ShareFs<F> {
         } else {
             Ok(())
         }
+    }
+}
+
+impl<F: FileSystem<Inode = u64, Handle = u64>> ShareFs<F> {
+    /// `r`, with its inode reference admitted; over the cap the back end's reference is
+    /// given back and the guest gets `ENFILE`.
+    fn entry(&self, ctx: &Context, r: io::Result<Entry>) -> io::Result<Entry> {
+        let e = r?;
+        if self.admit_inode(e.inode) {
+            return Ok(e);
+        }
+        self.inner.forget(ctx, e.inode, 1);
+        Err(enfile())
     }
 }
 
@@ -216,14 +274,21 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
     }
 
     fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
-        self.inner.lookup(ctx, parent, name)
+        self.entry(ctx, self.inner.lookup(ctx, parent, name))
     }
 
     fn forget(&self, ctx: &Context, inode: u64, count: u64) {
+        self.live().forget(inode, count);
         self.inner.forget(ctx, inode, count)
     }
 
     fn batch_forget(&self, ctx: &Context, requests: Vec<(u64, u64)>) {
+        {
+            let mut live = self.live();
+            for (inode, count) in &requests {
+                live.forget(*inode, *count);
+            }
+        }
         self.inner.batch_forget(ctx, requests)
     }
 
@@ -260,7 +325,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
         name: &CStr,
     ) -> io::Result<Entry> {
         self.writable()?;
-        self.inner.symlink(ctx, linkname, parent, name)
+        self.entry(ctx, self.inner.symlink(ctx, linkname, parent, name))
     }
 
     fn mknod(
@@ -277,7 +342,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
         if !self.allow_devices && (kind == libc::S_IFCHR || kind == libc::S_IFBLK) {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
-        self.inner.mknod(ctx, inode, name, mode, rdev, umask)
+        self.entry(ctx, self.inner.mknod(ctx, inode, name, mode, rdev, umask))
     }
 
     fn mkdir(
@@ -289,7 +354,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
         umask: u32,
     ) -> io::Result<Entry> {
         self.writable()?;
-        self.inner.mkdir(ctx, parent, name, mode, umask)
+        self.entry(ctx, self.inner.mkdir(ctx, parent, name, mode, umask))
     }
 
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
@@ -318,7 +383,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
 
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
         self.writable()?;
-        self.inner.link(ctx, inode, newparent, newname)
+        self.entry(ctx, self.inner.link(ctx, inode, newparent, newname))
     }
 
     fn open(
@@ -331,7 +396,14 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
         if opens_for_write(flags) {
             self.writable()?;
         }
-        self.inner.open(ctx, inode, flags, fuse_flags)
+        let opened = self.inner.open(ctx, inode, flags, fuse_flags)?;
+        if !self.admit_handle(opened.0) {
+            if let Some(h) = opened.0 {
+                let _ = self.inner.release(ctx, inode, flags, h, false, false, None);
+            }
+            return Err(enfile());
+        }
+        Ok(opened)
     }
 
     fn create(
@@ -342,7 +414,22 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
         args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         self.writable()?;
-        self.inner.create(ctx, parent, name, args)
+        let flags = args.flags;
+        let (entry, handle, opts, passthrough) = self.inner.create(ctx, parent, name, args)?;
+        let inode_ok = self.admit_inode(entry.inode);
+        if inode_ok && self.admit_handle(handle) {
+            return Ok((entry, handle, opts, passthrough));
+        }
+        if let Some(h) = handle {
+            let _ = self
+                .inner
+                .release(ctx, entry.inode, flags, h, false, false, None);
+        }
+        if inode_ok {
+            self.live().forget(entry.inode, 1);
+        }
+        self.inner.forget(ctx, entry.inode, 1);
+        Err(enfile())
     }
 
     fn read(
@@ -421,6 +508,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
+        self.live().release(handle);
         self.inner
             .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
     }
@@ -470,7 +558,14 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
         inode: u64,
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
-        self.inner.opendir(ctx, inode, flags)
+        let opened = self.inner.opendir(ctx, inode, flags)?;
+        if !self.admit_handle(opened.0) {
+            if let Some(h) = opened.0 {
+                let _ = self.inner.releasedir(ctx, inode, flags, h);
+            }
+            return Err(enfile());
+        }
+        Ok(opened)
     }
 
     fn readdir(
@@ -495,8 +590,28 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
+        // Each entry is a reference; the back end gives it back when an entry is not
+        // taken (0), which is also how a listing stops at the inode cap.
+        let (mut refused, mut added) = (false, 0usize);
         self.inner
-            .readdirplus(ctx, inode, handle, size, offset, add_entry)
+            .readdirplus(ctx, inode, handle, size, offset, &mut |dir_entry, entry| {
+                let ino = entry.inode;
+                if refused || !self.admit_inode(ino) {
+                    refused = true;
+                    return Ok(0);
+                }
+                let taken = add_entry(dir_entry, entry)?;
+                if taken == 0 {
+                    self.live().forget(ino, 1);
+                } else {
+                    added += 1;
+                }
+                Ok(taken)
+            })?;
+        if refused && added == 0 {
+            return Err(enfile());
+        }
+        Ok(())
     }
 
     fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
@@ -504,6 +619,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
     }
 
     fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
+        self.live().release(handle);
         self.inner.releasedir(ctx, inode, flags, handle)
     }
 

@@ -1375,3 +1375,96 @@ fn flags_the_host_fd_refuses_leave_the_handle_open() {
     c.release(e.nodeid, o.fh, false).unwrap();
     assert_eq!(fs::read(mnt.join("f")).unwrap(), b"RAMFS data");
 }
+
+// ---- Bounds on what the guest holds open ------------------------------------------------
+
+fn open_fds() -> usize {
+    fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[test]
+fn a_guest_holding_too_many_inodes_or_handles_gets_enfile_and_recovers() {
+    let limits = limits::FsLimits {
+        max_inodes: 500,
+        max_handles: 50,
+    };
+    let mut f = share(ShareOptions {
+        limits,
+        ..Default::default()
+    });
+    let fds_before = open_fds();
+    // Create (and keep) far more files than the cap: the inode cap answers ENFILE, and the
+    // file created on the host is not pinned.
+    let mut kept = Vec::new();
+    let mut refused = 0;
+    for i in 0..2_000 {
+        let name = format!("f{i}");
+        match f.c.mknod(ROOT, &name, libc::S_IFREG | 0o644, 0) {
+            Ok(e) => kept.push(e.nodeid),
+            Err(e) => {
+                assert_eq!(e, libc::ENFILE, "{name}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(kept.len() <= limits.max_inodes, "{} kept", kept.len());
+    assert!(refused > 1_000, "{refused} refused");
+    // Lookups of existing files are capped the same way.
+    assert_eq!(f.c.lookup(ROOT, "f1999").unwrap_err(), libc::ENFILE);
+    // The process's fds stayed bounded by the caps.
+    let grown = open_fds().saturating_sub(fds_before);
+    assert!(
+        grown <= limits.max_inodes + limits.max_handles,
+        "{grown} fds"
+    );
+    // READDIRPLUS at the cap: entries of inodes the guest holds still come; the listing
+    // stops at the first new one (ENFILE when that is the first entry, rather than an
+    // empty listing that would read as the end of the directory).
+    let dir = f.c.opendir(ROOT).unwrap();
+    let mut offset = 0;
+    loop {
+        match f.c.readdir(ROOT, dir.fh, offset, 64 << 10, true) {
+            Ok(entries) => {
+                assert!(
+                    !entries.is_empty(),
+                    "a listing cut short must not look like EOF"
+                );
+                for e in &entries {
+                    let held = e.entry.is_some_and(|en| kept.contains(&en.nodeid))
+                        || [&b"."[..], &b".."[..]].contains(&e.name.as_slice());
+                    assert!(held, "a new inode was listed at the cap: {e:?}");
+                }
+                offset = entries.last().unwrap().off;
+            }
+            Err(e) => {
+                assert_eq!(e, libc::ENFILE);
+                break;
+            }
+        }
+    }
+    f.c.release(ROOT, dir.fh, true).unwrap();
+    // Forgetting gives room back.
+    for n in kept.drain(..) {
+        f.c.forget(n, 1);
+    }
+    let e = f.c.lookup(ROOT, "f1999").unwrap();
+    // Handles: open the same file more often than the cap.
+    let mut handles = Vec::new();
+    let mut refused = 0;
+    for _ in 0..200 {
+        match f.c.open(e.nodeid, libc::O_RDONLY as u32) {
+            Ok(o) => handles.push(o.fh),
+            Err(err) => {
+                assert_eq!(err, libc::ENFILE);
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(handles.len(), limits.max_handles);
+    assert_eq!(refused, 200 - limits.max_handles);
+    for h in handles {
+        f.c.release(e.nodeid, h, false).unwrap();
+    }
+    let o = f.c.open(e.nodeid, libc::O_RDONLY as u32).unwrap();
+    f.c.release(e.nodeid, o.fh, false).unwrap();
+}
