@@ -241,7 +241,17 @@ fn counter_keeps_counting_after_snapshot_and_restore() {
     let state_bytes = std::fs::read(snap.join(snapshot::STATE_FILE)).unwrap();
     let restore_bad = || {
         let out = podvisor(
-            &["boot", "--restore", bad.to_str().unwrap(), "--timeout", "5"],
+            &[
+                "boot",
+                "--restore",
+                bad.to_str().unwrap(),
+                "--disk",
+                disk.to_str().unwrap(),
+                "--vsock",
+                dir.join("bad.sock").to_str().unwrap(),
+                "--timeout",
+                "5",
+            ],
             &[],
         );
         assert_eq!(out.status.code(), Some(2), "{out:?}");
