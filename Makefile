@@ -13,7 +13,7 @@ BIN := $(TARGET_DIR)/$(if $(filter release,$(PROFILE)),release,debug)/podvisor
 INITRD := $(OUT)/boot-test.cpio
 
 .DEFAULT_GOAL := run
-.PHONY: run deps build guest-kernel rootfs test test-unit test-guest lint bench bench-boot bench-devices bench-density bench-template bench-net clean
+.PHONY: run deps build guest-kernel rootfs test test-unit test-guest lint fuzz bench bench-boot bench-devices bench-density bench-template bench-net clean
 
 ## deps: install system packages (Debian) the build and tests need.
 deps:
@@ -58,6 +58,13 @@ test: deps
 ## test-unit: unit and host-side tests only (no guest kernel needed).
 test-unit: deps
 	$(CARGO) test --workspace
+
+## fuzz: every cargo-fuzz target (the parsers a guest feeds: MMIO registers, virtio-blk,
+## virtio-fs, virtio-vsock, net headers; the snapshot state and the agent stream header)
+## for FUZZ_SECS seconds each, seeded from fuzz/corpus/ (installs nightly and cargo-fuzz).
+FUZZ_SECS ?= 30
+fuzz: deps
+	@bash scripts/fuzz.sh $(FUZZ_SECS)
 
 ## lint: formatting and clippy, warnings are errors.
 lint: deps

@@ -106,7 +106,12 @@ fn create(args: CreateArgs) -> Result<u8, String> {
             template::remove(&config.template_dir, &key)?;
         }
         let timeout = config.agent_timeout.max(Duration::from_secs(60));
-        template::ensure(&config.template_dir, &vm_config, timeout)
+        template::ensure(
+            &config.template_dir,
+            config.max_templates,
+            &vm_config,
+            timeout,
+        )
     });
     let _ = std::fs::remove_dir_all(&scratch);
     let dir = result?;

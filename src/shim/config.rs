@@ -22,7 +22,9 @@
 //! `max_vcpus`, `max_memory_mib`, `allow_kernel_override`, `template` (`"off"` or
 //! `"auto"`, see `template.rs`), `template_dir` and `seccomp` (`"enforce"`, the default,
 //! `"log"` or `"off"`: the filters of the threads that handle guest data, see
-//! `devices::confine`; also `PODVISOR_SECCOMP`). `config/podvisor.toml` in
+//! `devices::confine`; also `PODVISOR_SECCOMP`), `template_shapes` (`[[vcpus, MiB], ...]`:
+//! shapes chosen by annotation that may have templates; others boot cold) and
+//! `max_templates` (default 8; the least recently used go first). `config/podvisor.toml` in
 //! the repository documents each key with its default.
 
 use std::collections::HashMap;
@@ -64,6 +66,7 @@ const DEFAULT_MEM_MIB: u64 = 256;
 const DEFAULT_AGENT_TIMEOUT_SECS: u64 = 600;
 const DEFAULT_MAX_VCPUS: usize = 8;
 const DEFAULT_MAX_MEM_MIB: u64 = 16384;
+const DEFAULT_MAX_TEMPLATES: usize = 8;
 
 /// VM templates (issue 8): whether pods start as clones of a booted template VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -121,6 +124,14 @@ pub struct ShimConfig {
     pub template_dir: PathBuf,
     /// Seccomp filters of the VMM's guest-facing threads.
     pub seccomp: SeccompMode,
+    /// Shapes (vCPUs, MiB) that pods choosing their shape by annotation may get templates
+    /// for; the configured shape always may. Other pods boot cold, so that annotations
+    /// cannot make templates without bound.
+    pub template_shapes: Vec<[u64; 2]>,
+    /// Templates kept at most; the least recently used go first.
+    pub max_templates: usize,
+    /// This pod's VM shape came from its annotations.
+    pub annotated: bool,
     /// The file the settings came from, if any (for messages).
     pub source: Option<PathBuf>,
 }
@@ -141,6 +152,9 @@ impl Default for ShimConfig {
             template: TemplateMode::Auto,
             template_dir: PathBuf::from(DEFAULT_TEMPLATE_DIR),
             seccomp: SeccompMode::Enforce,
+            template_shapes: Vec::new(),
+            max_templates: DEFAULT_MAX_TEMPLATES,
+            annotated: false,
             source: None,
         }
     }
@@ -191,6 +205,8 @@ struct FileConfig {
     template: Option<TemplateMode>,
     template_dir: Option<PathBuf>,
     seccomp: Option<SeccompMode>,
+    template_shapes: Option<Vec<[u64; 2]>>,
+    max_templates: Option<usize>,
 }
 
 /// containerd's `runtimeoptions.v1.Options` (type_url = 1, config_path = 2,
@@ -387,6 +403,9 @@ impl ShimConfig {
             template: file.template.unwrap_or_default(),
             template_dir: file.template_dir.unwrap_or(d.template_dir),
             seccomp: file.seccomp.unwrap_or_default(),
+            template_shapes: file.template_shapes.unwrap_or_default(),
+            max_templates: file.max_templates.unwrap_or(d.max_templates),
+            annotated: false,
             source: None,
         };
         config.validate_as(origin)?;
@@ -473,6 +492,11 @@ impl ShimConfig {
                 message,
             })
         };
+        if self.max_templates == 0 {
+            return invalid(
+                "max_templates = 0: keep at least 1 (or set template = \"off\")".into(),
+            );
+        }
         if !(1..=MAX_VCPUS).contains(&self.max_vcpus) {
             return invalid(format!(
                 "max_vcpus = {}: must be 1 to {MAX_VCPUS}",
@@ -507,6 +531,16 @@ impl ShimConfig {
     /// sandbox container's OCI spec). Values outside the `max_*` limits, non-numbers,
     /// unknown `io.podvisor.config.*` keys and a kernel override without
     /// `allow_kernel_override = true` are errors naming the annotation.
+    /// Whether this pod may start from (or build) a template: always for the configured
+    /// shape; for a shape chosen by annotation only if `template_shapes` lists it (a pod
+    /// with a kernel chosen by annotation boots cold: its `template` is off).
+    pub fn template_allowed(&self) -> bool {
+        !self.annotated
+            || self
+                .template_shapes
+                .contains(&[self.vcpus as u64, self.mem_mib])
+    }
+
     pub fn with_annotations(
         &self,
         annotations: &HashMap<String, String>,
@@ -517,6 +551,7 @@ impl ShimConfig {
             .filter(|k| k.starts_with(ANNOTATION_PREFIX))
             .collect();
         keys.sort();
+        let mut kernel_chosen = false;
         for key in keys {
             let value = &annotations[key];
             let err = |message: String| ConfigError::Annotation {
@@ -537,9 +572,13 @@ impl ShimConfig {
                 Ok(n)
             };
             match key.as_str() {
-                ANNOTATION_VCPUS => config.vcpus = number(self.max_vcpus as u64, 1)? as usize,
+                ANNOTATION_VCPUS => {
+                    config.vcpus = number(self.max_vcpus as u64, 1)? as usize;
+                    config.annotated = true;
+                }
                 ANNOTATION_MEMORY_MIB => {
-                    config.mem_mib = number(self.max_mem_mib, vmm::config::MIN_MEM_MIB)?
+                    config.mem_mib = number(self.max_mem_mib, vmm::config::MIN_MEM_MIB)?;
+                    config.annotated = true;
                 }
                 ANNOTATION_KERNEL => {
                     if !self.allow_kernel_override {
@@ -556,6 +595,7 @@ impl ShimConfig {
                         ));
                     }
                     config.kernel = Some(path);
+                    kernel_chosen = true;
                 }
                 ANNOTATION_TEMPLATE => config.template = value.parse().map_err(err)?,
                 _ => {
@@ -565,6 +605,10 @@ impl ShimConfig {
                     )))
                 }
             }
+        }
+        if kernel_chosen {
+            // A template per kernel would be a template per pod's choice: boot cold.
+            config.template = TemplateMode::Off;
         }
         Ok(config)
     }
@@ -692,6 +736,8 @@ mod tests {
             template = "auto"
             template_dir = "/var/t"
             seccomp = "log"
+            template_shapes = [[2, 512]]
+            max_templates = 3
             "#,
             "t.toml",
         )
@@ -712,6 +758,9 @@ mod tests {
                 template: TemplateMode::Auto,
                 template_dir: "/var/t".into(),
                 seccomp: SeccompMode::Log,
+                template_shapes: vec![[2, 512]],
+                max_templates: 3,
+                annotated: false,
                 source: None,
             }
         );
@@ -1007,6 +1056,39 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_config_file_parses() {
+        let c = ShimConfig::from_toml(
+            include_str!("../../config/podvisor.toml"),
+            "config/podvisor.toml",
+        )
+        .unwrap();
+        assert_eq!(c.seccomp, SeccompMode::Enforce);
+        assert_eq!(c.max_templates, DEFAULT_MAX_TEMPLATES);
+    }
+
+    #[test]
+    fn templates_only_for_the_configured_shape_and_listed_ones() {
+        let base = ShimConfig {
+            max_vcpus: 4,
+            max_mem_mib: 4096,
+            template_shapes: vec![[2, 512]],
+            ..ShimConfig::default()
+        };
+        assert!(base.template_allowed());
+        let shape = |vcpus: &str, mem: &str| {
+            base.with_annotations(&annotations(&[
+                (ANNOTATION_VCPUS, vcpus),
+                (ANNOTATION_MEMORY_MIB, mem),
+            ]))
+            .unwrap()
+            .template_allowed()
+        };
+        assert!(shape("2", "512"), "a listed shape");
+        assert!(!shape("2", "513"), "every MiB would be a template");
+        assert!(!shape("3", "512"));
+    }
+
+    #[test]
     fn kernel_annotation_when_allowed() {
         let dir = temp_dir("kernel");
         let kernel = dir.join("vmlinux");
@@ -1022,6 +1104,15 @@ mod tests {
             )]))
             .unwrap();
         assert_eq!(c.kernel, Some(kernel.clone()));
+        // A template per chosen kernel would be unbounded: such a pod boots cold, even if
+        // its annotations ask for templates.
+        let c = base
+            .with_annotations(&annotations(&[
+                (ANNOTATION_KERNEL, kernel.to_str().unwrap()),
+                (ANNOTATION_TEMPLATE, "auto"),
+            ]))
+            .unwrap();
+        assert_eq!(c.template, TemplateMode::Off);
         for bad in ["vmlinux", "/nonexistent/vmlinux"] {
             let e = base
                 .with_annotations(&annotations(&[(ANNOTATION_KERNEL, bad)]))

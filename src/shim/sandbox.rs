@@ -284,8 +284,18 @@ impl Sandbox {
             .map_err(|e| format!("pod network: a tap fd for the VM: {e}"))?;
         let source = match config.template {
             TemplateMode::Off => VmSource::Boot(vm_config),
+            TemplateMode::Auto if !config.template_allowed() => {
+                log::info!(
+                    "pod {id}: its annotations chose {} vCPU(s) and {} MiB, not a shape in \
+                     template_shapes: booting cold",
+                    config.vcpus,
+                    config.mem_mib
+                );
+                VmSource::Boot(vm_config)
+            }
             TemplateMode::Auto => match super::template::ensure(
                 &config.template_dir,
+                config.max_templates,
                 &vm_config,
                 config.agent_timeout,
             ) {

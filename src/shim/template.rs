@@ -100,12 +100,14 @@ impl Drop for Lock {
 /// `config`'s share and vsock are replaced by scratch ones for the template VM.
 pub fn ensure(
     template_dir: &Path,
+    max_templates: usize,
     config: &VmConfig,
     timeout: Duration,
 ) -> Result<PathBuf, String> {
     let key = key(config);
     let dir = template_dir.join(&key);
     if dir.join(vmm::snapshot::STATE_FILE).is_file() {
+        touch_used(&dir);
         return Ok(dir);
     }
     vmm::snapshot_support()
@@ -143,9 +145,71 @@ pub fn ensure(
         }
         Ok(()) => {
             let _ = std::fs::remove_file(&failed);
+            touch_used(&dir);
         }
     }
+    drop(_lock);
+    if result.is_ok() {
+        collect_garbage(template_dir, max_templates, &key);
+    }
     result.map(|()| dir)
+}
+
+/// In a template's directory: touched by every pod that uses it.
+const USED_FILE: &str = "used";
+
+/// Marks the template in `dir` as used now.
+fn touch_used(dir: &Path) {
+    let touched = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(USED_FILE))
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+    if let Err(e) = touched {
+        log::debug!("template {}: mark as used: {e}", dir.display());
+    }
+}
+
+/// Removes the least recently used templates of `template_dir` beyond the `max` newest
+/// (never `keep`); returns the keys removed.
+pub fn collect_garbage(template_dir: &Path, max: usize, keep: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(template_dir) else {
+        return Vec::new();
+    };
+    let mut templates: Vec<(std::time::SystemTime, String)> = entries
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|k| !k.contains('.') && k != keep)
+        .map(|k| {
+            let dir = template_dir.join(&k);
+            let used = [
+                dir.join(USED_FILE),
+                dir.join(vmm::snapshot::STATE_FILE),
+                dir,
+            ]
+            .iter()
+            .find_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+            .unwrap_or(UNIX_EPOCH);
+            (used, k)
+        })
+        .collect();
+    templates.sort_by(|a, b| b.0.cmp(&a.0));
+    let mut removed = Vec::new();
+    // `keep` is one of the `max`.
+    for (_, k) in templates.into_iter().skip(max.saturating_sub(1)) {
+        match remove(template_dir, &k) {
+            Ok(()) => {
+                log::info!(
+                    "template {k} removed: more than {max} templates, it was used least recently"
+                );
+                removed.push(k);
+            }
+            Err(e) => log::warn!("template garbage collection: {e}"),
+        }
+    }
+    removed
 }
 
 /// After a failed build, pods boot cold without trying again for this long.
@@ -380,6 +444,32 @@ mod tests {
             key(&with_nic(nic("t0", 1, 9000))),
             "the MTU does"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn garbage_collection_keeps_the_most_recently_used_templates() {
+        let dir = std::env::temp_dir().join(format!("pv-tpl-gc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let t0 = std::time::SystemTime::now() - Duration::from_secs(1000);
+        for (i, key) in ["aa", "bb", "cc", "dd"].iter().enumerate() {
+            std::fs::create_dir_all(dir.join(key)).unwrap();
+            let used = std::fs::File::create(dir.join(key).join(USED_FILE)).unwrap();
+            used.set_modified(t0 + Duration::from_secs(i as u64 * 10))
+                .unwrap();
+        }
+        // A build in progress and a lock are not templates.
+        std::fs::create_dir_all(dir.join("ee.tmp-1")).unwrap();
+        std::fs::write(dir.join("aa.lock"), "").unwrap();
+        // "aa" is the oldest but was just built: it stays; of the others the newest stay.
+        let mut removed = collect_garbage(&dir, 3, "aa");
+        removed.sort();
+        assert_eq!(removed, ["bb"]);
+        for key in ["aa", "cc", "dd", "ee.tmp-1"] {
+            assert!(dir.join(key).is_dir(), "{key}");
+        }
+        touch_used(&dir.join("cc"));
+        assert_eq!(collect_garbage(&dir, 2, "aa"), ["dd"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

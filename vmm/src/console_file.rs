@@ -2,18 +2,21 @@
 //!
 //! Every byte the guest writes to its UART ends up here, and the guest writes as much and
 //! as fast as it likes. So the log
-//! - never holds more than its cap on disk: when the current file reaches half of it, it
-//!   becomes `<path>.1` (replacing the previous one) and a new file starts, so the newest
-//!   output (a panic, the last agent lines) is always kept;
+//! - never holds more than its cap on disk: when the next write would pass it, the newest
+//!   half of the file is moved to its start and the rest cut off, so the newest output (a
+//!   panic, the last agent lines) is always kept;
 //! - takes at most [`ConsoleCap::bytes_per_sec`] (after a burst of [`ConsoleCap::burst`]):
 //!   what is over is dropped and a line in the log says how much;
 //! - is created owner-only (0600): guest output can hold secrets;
-//! - never blocks or fails the guest's UART: errors and drops are the log's own.
+//! - never blocks or fails the guest's UART: errors and drops are the log's own;
+//! - works on the file descriptor it opened, with positional reads and writes and a
+//!   truncate, nothing by path: the vCPU threads that write it run under a seccomp filter
+//!   (`crate::seccomp`) that allows no path operation.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -21,7 +24,7 @@ use serde::{Deserialize, Serialize};
 /// The bounds of a console log file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsoleCap {
-    /// Bytes on disk at most, both files together.
+    /// Bytes on disk at most.
     pub max_bytes: u64,
     /// Sustained rate, bytes per second.
     pub bytes_per_sec: u64,
@@ -43,9 +46,8 @@ impl Default for ConsoleCap {
 
 /// A console log file with a [`ConsoleCap`].
 pub struct CappedLog {
-    path: PathBuf,
-    file: Option<File>,
-    /// Bytes in the current file.
+    file: File,
+    /// Bytes in the file (where the next write goes).
     written: u64,
     cap: ConsoleCap,
     tokens: f64,
@@ -54,22 +56,19 @@ pub struct CappedLog {
     dropped: u64,
 }
 
-fn open(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
-}
-
 impl CappedLog {
     /// Opens (appends to) `path`.
     pub fn open(path: &Path, cap: ConsoleCap) -> io::Result<CappedLog> {
-        let file = open(path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .open(path)?;
         let written = file.metadata()?.len();
         Ok(CappedLog {
-            path: path.to_path_buf(),
-            file: Some(file),
+            file,
             written,
             cap,
             tokens: cap.burst as f64,
@@ -85,27 +84,28 @@ impl CappedLog {
             (self.tokens + secs * self.cap.bytes_per_sec as f64).min(self.cap.burst as f64);
     }
 
-    /// Starts a new file when the current one would pass half the cap.
-    fn rotate_for(&mut self, len: u64) {
-        if self.written + len <= self.cap.max_bytes / 2 {
-            return;
+    /// Keeps the newest half of the file when `len` more bytes would pass the cap.
+    fn make_room_for(&mut self, len: u64) -> io::Result<()> {
+        if self.written + len <= self.cap.max_bytes {
+            return Ok(());
         }
-        self.file = None;
-        let mut old = self.path.clone().into_os_string();
-        old.push(".1");
-        let _ = std::fs::rename(&self.path, old);
-        self.file = open(&self.path).ok();
-        self.written = 0;
+        let keep = (self.cap.max_bytes / 2).min(self.written);
+        let mut tail = vec![0u8; keep as usize];
+        self.file.read_exact_at(&mut tail, self.written - keep)?;
+        self.file.write_all_at(&tail, 0)?;
+        self.file.set_len(keep)?;
+        self.written = keep;
+        Ok(())
     }
 
     fn append(&mut self, bytes: &[u8]) {
-        // Never more than half the cap in one file, whatever one write brings.
-        let bytes = &bytes[..bytes.len().min((self.cap.max_bytes / 2) as usize)];
-        self.rotate_for(bytes.len() as u64);
-        if let Some(f) = &mut self.file {
-            if f.write_all(bytes).is_ok() {
-                self.written += bytes.len() as u64;
-            }
+        // Never more than half the cap at once, whatever one write brings.
+        let bytes = &bytes[bytes.len() - bytes.len().min((self.cap.max_bytes / 2) as usize)..];
+        let written = self
+            .make_room_for(bytes.len() as u64)
+            .and_then(|()| self.file.write_all_at(bytes, self.written));
+        if written.is_ok() {
+            self.written += bytes.len() as u64;
         }
     }
 
@@ -147,12 +147,7 @@ mod tests {
     use std::time::Duration;
 
     fn on_disk(path: &Path) -> u64 {
-        let mut old = path.to_path_buf().into_os_string();
-        old.push(".1");
-        [path.to_path_buf(), PathBuf::from(old)]
-            .iter()
-            .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
-            .sum()
+        std::fs::metadata(path).unwrap().len()
     }
 
     #[test]

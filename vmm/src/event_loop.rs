@@ -107,7 +107,10 @@ pub struct EventLoop {
     stop_evt: EventFd,
     gate_evt: EventFd,
     gate: Arc<Gate>,
-    thread: Option<JoinHandle<()>>,
+    /// Gives the subscribers back when it ends: they are dropped on the thread that stops
+    /// the loop, not on the confined loop thread (a device's drop may remove its socket
+    /// file, which the loop's filter does not allow).
+    thread: Option<JoinHandle<EventManager<Subscriber>>>,
 }
 
 impl EventLoop {
@@ -146,13 +149,14 @@ impl EventLoop {
                 let ok = confined.is_ok();
                 let _ = confined_tx.send(confined);
                 if !ok {
-                    return;
+                    return manager;
                 }
                 while !stop.load(Ordering::SeqCst) {
                     if let Err(e) = manager.run() {
                         warn!("event loop: epoll wait failed: {e:?}");
                     }
                 }
+                manager
             })
             .map_err(EventLoopError::Spawn)?;
         match confined_rx.recv() {
@@ -239,6 +243,41 @@ mod tests {
         fn process(&mut self, _events: Events, _ops: &mut EventOps) {
             let _ = self.seen.send(self.evt.read().unwrap());
         }
+    }
+
+    /// A subscriber whose drop removes a file, as the vsock device removes its socket.
+    struct RemovesOnDrop {
+        evt: EventFd,
+        path: std::path::PathBuf,
+    }
+
+    impl MutEventSubscriber for RemovesOnDrop {
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new(&self.evt, EventSet::IN)).unwrap();
+        }
+        fn process(&mut self, _events: Events, _ops: &mut EventOps) {}
+    }
+
+    impl Drop for RemovesOnDrop {
+        fn drop(&mut self) {
+            std::fs::remove_file(&self.path).unwrap();
+        }
+    }
+
+    #[test]
+    fn subscribers_are_dropped_outside_the_confined_loop_thread() {
+        // Dropped on the loop thread, the removal would be a forbidden syscall there and
+        // end this process with SIGSYS.
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let path = dir.as_path().join("v.sock");
+        std::fs::write(&path, "").unwrap();
+        let sub = RemovesOnDrop {
+            evt: EventFd::new(EFD_NONBLOCK).unwrap(),
+            path: path.clone(),
+        };
+        let lp = EventLoop::start(vec![Arc::new(Mutex::new(sub))]).unwrap();
+        lp.stop();
+        assert!(!path.exists());
     }
 
     #[test]
