@@ -14,8 +14,8 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --version '^0.13' --locked
 fi
 targets=$(sed -n 's/^name = "\(.*\)"$/\1/p' fuzz/Cargo.toml | grep -v '^podvisor-fuzz$')
-# One build for all targets (debug assertions on, ASan).
-cargo +nightly fuzz build --dev $targets >/dev/null 2>&1 || cargo +nightly fuzz build --dev
+# One build for all targets (debug assertions on, AddressSanitizer).
+cargo +nightly fuzz build --dev
 failed=()
 for t in $targets; do
     scratch=fuzz/target/corpus/$t
@@ -27,7 +27,7 @@ for t in $targets; do
         tail -n 40 "fuzz/target/$t.log"
         failed+=("$t")
     else
-        grep -E '^stat::number_of_executed_units|^Done' "fuzz/target/$t.log" | tail -n 2 || true
+        grep -E '^Done [0-9]+ runs' "fuzz/target/$t.log" | tail -n 1 || true
     fi
 done
 if [ ${#failed[@]} -gt 0 ]; then

@@ -347,6 +347,81 @@ fn shim_containerd_pod() {
         "still one shim (and VM) for the pod"
     );
 
+    // A hostile guest: a privileged container (guest root) mounts the pod's virtio-fs
+    // share and tries to plant symlinks where the host mounts the next container's rootfs
+    // and volumes, and to move a running container's mount directories. Every change to
+    // the share's skeleton must fail (read-only on the host), and the next container's
+    // host mounts must land in the pod, nowhere else.
+    let outside = dir.join("outside");
+    let volume = dir.join("volume");
+    for d in [&outside, &volume] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("sentinel"), "keep me").unwrap();
+    }
+    let attack = format!(
+        "mkdir -p /tmp/share && mount -t virtiofs podvisor /tmp/share || exit 9; \
+         try() {{ if \"$@\" 2>/tmp/err; then echo \"CHANGED: $*\"; else echo \"refused: $(cat /tmp/err)\"; fi; }}; \
+         try ln -s {out} /tmp/share/c9; try mkdir /tmp/share/c9; \
+         try mv /tmp/share/c1/mounts /tmp/share/c1/moved; \
+         try ln -s {out} /tmp/share/c1/planted; try rmdir /tmp/share/c1/mounts; \
+         try touch /tmp/share/c1/file; echo attack-done",
+        out = outside.display()
+    );
+    let out = run(&["--rm", "--privileged"], "attack", &["sh", "-c", &attack]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("attack-done"), "{out:?}");
+    assert!(
+        !out.stdout.contains("CHANGED"),
+        "the guest changed the share: {out:?}"
+    );
+    assert_eq!(
+        out.stdout.matches("Read-only file system").count(),
+        6,
+        "every change refused by the host's read-only view: {out:?}"
+    );
+    let mount = format!(
+        "type=bind,src={},dst=/vol,options=rbind:ro",
+        volume.display()
+    );
+    let out = run(
+        &["--rm", "--mount", &mount],
+        "c9",
+        &[
+            "sh",
+            "-c",
+            "cat /vol/sentinel; touch /vol/x 2>/dev/null || echo ro-ok",
+        ],
+    );
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (Some(0), "keep mero-ok\n"),
+        "{out:?}"
+    );
+    let names = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        names(&outside),
+        ["sentinel"],
+        "something landed outside the pod"
+    );
+    assert_eq!(
+        names(&volume),
+        ["sentinel"],
+        "the read-only volume was written"
+    );
+    assert!(
+        !std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(&outside.display().to_string()),
+        "a mount landed outside the pod"
+    );
+
     // A terminal.
     let out = ctr_tty(
         c,

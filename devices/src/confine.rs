@@ -75,7 +75,7 @@ pub enum ConfineError {
         kind: &'static str,
         source: seccompiler::Error,
     },
-    #[error("dropping the {kind} thread's capabilities: {source}")]
+    #[error("dropping the {kind} thread's signals or capabilities: {source}")]
     Caps {
         kind: &'static str,
         source: std::io::Error,
@@ -341,16 +341,28 @@ pub fn confine(kind: Kind) -> Result<(), ConfineError> {
         Kind::Block => (block_rules(), &[][..]),
         Kind::Fs => (fs_rules(), FS_CAPS),
     };
-    confine_with(kind.name(), rules, caps)
+    confine_with(kind.name(), rules, caps, &[])
 }
 
-/// Confines the calling thread: keeps only `caps`, then installs `rules` as its filter.
-/// The thread should be named already (the SIGSYS report names it).
-pub fn confine_with(kind: &'static str, rules: Rules, caps: &[u32]) -> Result<(), ConfineError> {
+/// Confines the calling thread: blocks every signal but faults, SIGSYS and `signals`, keeps
+/// only `caps`, then installs `rules` as its filter. The thread should be named already
+/// (the SIGSYS report names it).
+///
+/// Why the signals: the process's signal handlers (containerd-shim's, for one, which
+/// writes each signal to a socket) would run on whichever thread the kernel picks, and a
+/// handler's syscalls are not a confined thread's; blocked here, process-directed signals
+/// go to the unconfined threads, and a write to a closed pipe returns EPIPE instead.
+pub fn confine_with(
+    kind: &'static str,
+    rules: Rules,
+    caps: &[u32],
+    signals: &[libc::c_int],
+) -> Result<(), ConfineError> {
     let mode = mode();
     if mode == Mode::Off {
         return Ok(());
     }
+    block_signals_but(signals).map_err(|source| ConfineError::Caps { kind, source })?;
     keep_caps(caps).map_err(|source| ConfineError::Caps { kind, source })?;
     let mismatch = match mode {
         Mode::Log => SeccompAction::Log,
@@ -374,6 +386,33 @@ fn arch() -> TargetArch {
     {
         TargetArch::aarch64
     }
+}
+
+/// Blocks every signal in the calling thread but the synchronous fault signals, SIGSYS and
+/// `keep`.
+fn block_signals_but(keep: &[libc::c_int]) -> std::io::Result<()> {
+    const FAULTS: [libc::c_int; 6] = [
+        libc::SIGSEGV,
+        libc::SIGBUS,
+        libc::SIGILL,
+        libc::SIGFPE,
+        libc::SIGTRAP,
+        libc::SIGSYS,
+    ];
+    // SAFETY: sigset_t is plain data; the sigset functions only write the set we own, and
+    // pthread_sigmask reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        for s in FAULTS.iter().chain(keep) {
+            libc::sigdelset(&mut set, *s);
+        }
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+    }
+    Ok(())
 }
 
 /// Sets the calling thread's effective, permitted and inheritable capabilities to `caps`.
@@ -577,6 +616,7 @@ pub const CHILD_ENV: &str = "PODVISOR_CONFINE_CHILD";
 mod tests {
     use super::*;
     use std::os::unix::process::ExitStatusExt;
+    use std::sync::mpsc;
 
     /// The child half: confine a named thread as `kind`, check its status, then make a
     /// syscall no filter allows.
@@ -604,6 +644,55 @@ mod tests {
             .unwrap()
             .join()
             .unwrap();
+    }
+
+    /// A handler that makes a syscall no filter allows (as containerd-shim's handlers send
+    /// on a socket).
+    extern "C" fn forbidden_handler(_: libc::c_int) {
+        // SAFETY: mount with null arguments: only its syscall number matters here.
+        unsafe { libc::syscall(libc::SYS_mount, 0, 0, 0, 0, 0) };
+    }
+
+    /// The child half: a confined thread, a signal with that handler sent to it.
+    #[test]
+    fn signalled_child() {
+        if std::env::var(CHILD_ENV).as_deref() != Ok("signal") {
+            return;
+        }
+        // SAFETY: installing a handler for SIGUSR1 (not used otherwise here).
+        unsafe { libc::signal(libc::SIGUSR1, forbidden_handler as *const () as usize) };
+        let (tx, rx) = mpsc::channel();
+        let confined = std::thread::Builder::new()
+            .name("confined-sig".into())
+            .spawn(move || {
+                confine(Kind::Block).unwrap();
+                let _ = rx.recv();
+            })
+            .unwrap();
+        // Directed at the confined thread (as SIGPIPE is at the thread whose write hit a
+        // closed pipe): blocked there, it stays pending instead of running the handler.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // SAFETY: the thread is alive (it waits on the channel); pthread_kill only signals.
+        unsafe {
+            libc::pthread_kill(
+                std::os::unix::thread::JoinHandleExt::as_pthread_t(&confined),
+                libc::SIGUSR1,
+            )
+        };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        eprintln!("alive after the signal");
+        let _ = tx.send(());
+        confined.join().unwrap();
+    }
+
+    #[test]
+    fn signal_handlers_never_run_on_a_confined_thread() {
+        if std::env::var(CHILD_ENV).is_ok() {
+            return;
+        }
+        let (status, stderr) = run_child("confine::tests::signalled_child", "signal");
+        assert!(stderr.contains("alive after the signal"), "{stderr}");
+        assert!(status.success(), "{status:?}: {stderr}");
     }
 
     #[test]

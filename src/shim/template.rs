@@ -195,7 +195,7 @@ pub fn collect_garbage(template_dir: &Path, max: usize, keep: &str) -> Vec<Strin
             (used, k)
         })
         .collect();
-    templates.sort_by(|a, b| b.0.cmp(&a.0));
+    templates.sort_by_key(|t| std::cmp::Reverse(t.0));
     let mut removed = Vec::new();
     // `keep` is one of the `max`.
     for (_, k) in templates.into_iter().skip(max.saturating_sub(1)) {

@@ -70,7 +70,8 @@ pub fn vcpu_rules() -> Rules {
 
 /// Confines the calling vCPU thread (no capabilities kept).
 pub fn confine_vcpu() -> Result<(), ConfineError> {
-    confine::confine_with("vCPU", vcpu_rules(), &[])
+    // The kick that interrupts KVM_RUN (pause, stop) must still arrive.
+    confine::confine_with("vCPU", vcpu_rules(), &[], &[crate::vcpu::kick_signal()])
 }
 
 #[cfg(test)]
