@@ -134,6 +134,9 @@ pub fn bind_listener(path: &Path) -> Result<(UnixListener, SocketFile), UdsError
     };
     let listener = UnixListener::bind(path).map_err(bind_err)?;
     listener.set_nonblocking(true).map_err(bind_err)?;
+    // Owner only: whoever may connect speaks to the guest's vsock ports (the agent).
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(bind_err)?;
     let meta = std::fs::symlink_metadata(path).map_err(bind_err)?;
     let id = file_id(&meta).ok_or_else(|| {
         bind_err(io::Error::other(
@@ -286,6 +289,12 @@ mod tests {
         drop(UnixListener::bind(&path).unwrap());
         assert!(path.exists());
         let (listener, guard) = bind_listener(&path).unwrap();
+        let mode = std::fs::symlink_metadata(&path).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600,
+            "owner only"
+        );
 
         let mut client = connect(&path).unwrap();
         let (mut server, _) = listener.accept().unwrap();
