@@ -205,26 +205,27 @@ pub fn tap_and_fd_ioctls() -> Vec<u64> {
     .to_vec()
 }
 
+/// Reading, writing and syncing a file the thread already holds open.
+const FILE_IO: &[libc::c_long] = &[
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_pread64,
+    libc::SYS_preadv,
+    libc::SYS_preadv2,
+    libc::SYS_pwrite64,
+    libc::SYS_pwritev,
+    libc::SYS_pwritev2,
+    libc::SYS_lseek,
+    libc::SYS_fstat,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_fallocate,
+];
+
 /// The block worker: positional I/O on the open disk file.
 pub fn block_rules() -> Rules {
     let mut r = base();
-    allow(
-        &mut r,
-        &[
-            libc::SYS_read,
-            libc::SYS_pread64,
-            libc::SYS_preadv,
-            libc::SYS_preadv2,
-            libc::SYS_pwrite64,
-            libc::SYS_pwritev,
-            libc::SYS_pwritev2,
-            libc::SYS_fsync,
-            libc::SYS_fdatasync,
-            libc::SYS_fallocate,
-            libc::SYS_lseek,
-            libc::SYS_fstat,
-        ],
-    );
+    allow(&mut r, FILE_IO);
     r
 }
 
@@ -232,18 +233,10 @@ pub fn block_rules() -> Rules {
 /// to the fds it holds (never a path from the root of the host).
 pub fn fs_rules() -> Rules {
     let mut r = base();
+    allow(&mut r, FILE_IO);
     allow(
         &mut r,
         &[
-            libc::SYS_read,
-            libc::SYS_readv,
-            libc::SYS_pread64,
-            libc::SYS_preadv,
-            libc::SYS_preadv2,
-            libc::SYS_pwrite64,
-            libc::SYS_pwritev,
-            libc::SYS_pwritev2,
-            libc::SYS_lseek,
             libc::SYS_openat,
             libc::SYS_openat2,
             libc::SYS_open_by_handle_at,
@@ -252,7 +245,6 @@ pub fn fs_rules() -> Rules {
             libc::SYS_dup3,
             libc::SYS_fcntl,
             libc::SYS_flock,
-            libc::SYS_fstat,
             libc::SYS_newfstatat,
             libc::SYS_statx,
             libc::SYS_fstatfs,
@@ -272,9 +264,6 @@ pub fn fs_rules() -> Rules {
             libc::SYS_fchownat,
             libc::SYS_utimensat,
             libc::SYS_ftruncate,
-            libc::SYS_fallocate,
-            libc::SYS_fsync,
-            libc::SYS_fdatasync,
             libc::SYS_copy_file_range,
             libc::SYS_getxattr,
             libc::SYS_lgetxattr,
@@ -583,14 +572,21 @@ pub fn thread_status(status: &std::fs::File) -> (String, String) {
     let n = unsafe { libc::read(status.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     buf.truncate(n.max(0) as usize);
     let status = String::from_utf8_lossy(&buf);
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(|v| v.trim().to_string())
-            .unwrap_or_default()
-    };
-    (field("Seccomp:"), field("NoNewPrivs:"))
+    (
+        status_field(&status, "Seccomp:"),
+        status_field(&status, "NoNewPrivs:"),
+    )
+}
+
+/// For tests of a filter: the value of field `name` (with its colon) in a
+/// `/proc/.../status` text, empty when absent.
+#[doc(hidden)]
+pub fn status_field(status: &str, name: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// For tests of a filter: re-runs the calling test binary's test `test` with `CHILD_ENV`

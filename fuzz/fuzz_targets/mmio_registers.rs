@@ -2,22 +2,13 @@
 //! status, feature selection, queue set-up, notifies, config space), on a virtio-blk device.
 #![no_main]
 
-use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::test_utils::MmioDriver;
 use libfuzzer_sys::fuzz_target;
 use podvisor_fuzz::{Input, MEM};
 
 fuzz_target!(|data: &[u8]| {
     podvisor_fuzz::no_filters();
-    let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
-    let disk = dir.as_path().join("disk");
-    std::fs::write(&disk, vec![0u8; 64 << 10]).unwrap();
-    let blk = Block::new(&BlockConfig {
-        path: disk,
-        read_only: false,
-        id: None,
-    })
-    .unwrap();
+    let (_dir, blk) = podvisor_fuzz::block_device(false);
     let mut drv = MmioDriver::new(Box::new(blk), MEM);
     let mut inp = Input(data);
     while !inp.0.is_empty() {

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::test_utils::{MmioDriver, BUFFER_AREA};
 use devices::virtio::VirtioDevice;
 use virtio_queue::desc::split::Descriptor;
@@ -23,6 +24,20 @@ const DATA_LEN: u64 = MEM as u64 - BUFFER_AREA;
 /// every thread that the device workers' filters do not allow.
 pub fn no_filters() {
     devices::confine::set_mode(devices::confine::Mode::Off);
+}
+
+/// A virtio-blk device on a fresh 64 KiB disk file (kept while the `TempDir` lives).
+pub fn block_device(read_only: bool) -> (vmm_sys_util::tempdir::TempDir, Block) {
+    let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+    let disk = dir.as_path().join("disk");
+    std::fs::write(&disk, vec![0u8; 64 << 10]).unwrap();
+    let blk = Block::new(&BlockConfig {
+        path: disk,
+        read_only,
+        id: None,
+    })
+    .unwrap();
+    (dir, blk)
 }
 
 /// `device` activated with every feature it offers that `wanted` lets through.

@@ -17,13 +17,7 @@ pub fn threads(pid: u32) -> Vec<ThreadConfinement> {
     dir.flatten()
         .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
         .map(|status| {
-            let field = |name: &str| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix(name))
-                    .map(|v| v.trim().to_string())
-                    .unwrap_or_default()
-            };
+            let field = |name: &str| devices::confine::status_field(&status, name);
             ThreadConfinement {
                 name: field("Name:"),
                 seccomp: field("Seccomp:"),
