@@ -422,6 +422,24 @@ fn shim_containerd_pod() {
         "a mount landed outside the pod"
     );
 
+    // A read-only rootfs is read-only on the host too (the guest cannot write it through
+    // the share either), and the container still starts: the mount points its spec needs
+    // are made before the rootfs turns read-only.
+    let out = run(
+        &["--rm", "--read-only"],
+        "ro1",
+        &[
+            "sh",
+            "-c",
+            "touch /new-file 2>/dev/null || echo ro-root; echo up",
+        ],
+    );
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (Some(0), "ro-root\nup\n"),
+        "{out:?}"
+    );
+
     // A terminal.
     let out = ctr_tty(
         c,
