@@ -156,9 +156,9 @@ pub struct Vm {
 impl Vm {
     /// Creates the VM described by `config`. `process_start` is when the process started
     /// (for the host set-up timing).
-    pub fn new(config: VmConfig, process_start: Instant) -> Result<Vm, VmError> {
+    pub fn new(mut config: VmConfig, process_start: Instant) -> Result<Vm, VmError> {
         config.validate()?;
-        ensure_fd_budget(&config);
+        ensure_fd_budget(&mut config);
         // Before any thread is confined: confined threads start workers through it.
         devices::confine::start_spawner().map_err(VmError::Spawner)?;
         let (kvm, host, vm_fd) = create_kvm_vm()?;
@@ -264,7 +264,7 @@ impl Vm {
         let dir = &restore.snapshot;
         let state = SnapshotState::read(dir)?;
         let mut config = restore.apply(&state.config)?;
-        ensure_fd_budget(&config);
+        ensure_fd_budget(&mut config);
         let saved_nics: Vec<_> = state
             .devices
             .virtio
@@ -452,14 +452,10 @@ const FD_RESERVE: u64 = 4096;
 
 /// Makes sure the process may open what `config`'s shares may pin (their caps) plus
 /// [`FD_RESERVE`]: raises the soft `RLIMIT_NOFILE` up to the hard one where it is lower,
-/// and says so when even the hard limit is lower.
-fn ensure_fd_budget(config: &VmConfig) {
-    let needed = config
-        .shares
-        .iter()
-        .map(|s| s.options.limits.fds())
-        .sum::<u64>()
-        + FD_RESERVE;
+/// and where even the hard limit is lower, lowers the shares' caps to fit under it (a guest
+/// holding many files then gets ENFILE sooner, instead of starving the VMM of fds).
+fn ensure_fd_budget(config: &mut VmConfig) {
+    let needed = shares_fds(&config.shares) + FD_RESERVE;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -474,16 +470,38 @@ fn ensure_fd_budget(config: &VmConfig) {
         rlim_max: lim.rlim_max,
     };
     // SAFETY: setrlimit reads one rlimit.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
+    let raised = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0;
+    let limit = if raised { want } else { lim.rlim_cur };
+    if raised {
         info!("RLIMIT_NOFILE raised from {} to {want}", lim.rlim_cur);
     }
-    if want < needed {
+    if limit < needed {
+        fit_share_limits(&mut config.shares, limit.saturating_sub(FD_RESERVE));
         warn!(
-            "RLIMIT_NOFILE's hard limit {} is below the {needed} descriptors the shares' caps \
-             and the VMM's reserve may need: a guest holding many files may starve the VMM \
-             (raise LimitNOFILE of containerd's service)",
-            lim.rlim_max
+            "RLIMIT_NOFILE is {limit}, below the {needed} descriptors the shares' caps and the \
+             VMM's reserve need: the shares' caps are lowered to {} descriptors in all (raise \
+             LimitNOFILE of containerd's service for the full caps)",
+            shares_fds(&config.shares)
         );
+    }
+}
+
+fn shares_fds(shares: &[crate::config::ShareConfig]) -> u64 {
+    shares.iter().map(|s| s.options.limits.fds()).sum()
+}
+
+/// Scales every share's inode and handle caps down by the same factor so that together
+/// they fit in `available` descriptors (each cap at least 1).
+fn fit_share_limits(shares: &mut [crate::config::ShareConfig], available: u64) {
+    let total = shares_fds(shares);
+    if total <= available || total == 0 {
+        return;
+    }
+    for s in shares.iter_mut() {
+        let l = &mut s.options.limits;
+        let scale = |n: usize| ((n as u64 * available / total) as usize).max(1);
+        l.max_inodes = scale(l.max_inodes);
+        l.max_handles = scale(l.max_handles);
     }
 }
 
@@ -998,6 +1016,25 @@ impl RunningVm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn share_caps_shrink_to_fit_the_descriptors_there_are() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let share = |tag: &str| {
+            crate::config::ShareConfig::new(tag, dir.as_path(), Default::default()).unwrap()
+        };
+        let mut shares = vec![share("a"), share("b")];
+        let full = shares_fds(&shares);
+        fit_share_limits(&mut shares, full);
+        assert_eq!(shares_fds(&shares), full, "room enough: unchanged");
+        // A hard limit of 20,000 (seen under a containerd with LimitNOFILE=20000).
+        fit_share_limits(&mut shares, 20_000 - FD_RESERVE);
+        assert!(shares_fds(&shares) <= 20_000 - FD_RESERVE, "{shares:?}");
+        let l = shares[0].options.limits;
+        assert!(l.max_inodes > l.max_handles && l.max_handles > 0, "{l:?}");
+        fit_share_limits(&mut shares, 0);
+        assert_eq!(shares[1].options.limits.max_inodes, 1);
+    }
 
     #[test]
     fn cmdline_gets_host_words_before_init_args() {
