@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+mod common;
+
+use common::containerd::mounts_below;
 use devices::virtio::fs::test_client::FuseClient;
 use devices::virtio::fs::{Fs, ShareConfig, ShareOptions};
 use podvisor::shim::share::{self, PodShare, RootfsMount, ShareError};
@@ -103,17 +106,6 @@ impl Drop for Pod {
         share::unmount_below(&self.base);
         let _ = std::fs::remove_dir_all(&self.base);
     }
-}
-
-/// Mount points at or below `dir` in this process's mount namespace.
-fn mounts_below(dir: &Path) -> Vec<String> {
-    let prefix = dir.to_string_lossy().into_owned();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-        .filter(|t| *t == prefix || t.starts_with(&format!("{prefix}/")))
-        .collect()
 }
 
 fn lookup(c: &mut FuseClient, path: &str) -> u64 {

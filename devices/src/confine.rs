@@ -75,7 +75,12 @@ pub enum ConfineError {
         kind: &'static str,
         source: seccompiler::Error,
     },
-    #[error("dropping the {kind} thread's signals or capabilities: {source}")]
+    #[error("blocking the {kind} thread's signals: {source}")]
+    Signals {
+        kind: &'static str,
+        source: std::io::Error,
+    },
+    #[error("dropping the {kind} thread's capabilities: {source}")]
     Caps {
         kind: &'static str,
         source: std::io::Error,
@@ -351,7 +356,7 @@ pub fn confine_with(
     if mode == Mode::Off {
         return Ok(());
     }
-    block_signals_but(signals).map_err(|source| ConfineError::Caps { kind, source })?;
+    block_signals_but(signals).map_err(|source| ConfineError::Signals { kind, source })?;
     keep_caps(caps).map_err(|source| ConfineError::Caps { kind, source })?;
     let mismatch = match mode {
         Mode::Log => SeccompAction::Log,

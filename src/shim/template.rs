@@ -114,7 +114,7 @@ pub fn ensure(
         .map_err(|e| format!("this host's KVM cannot save VMs, so no templates: {e}"))?;
     // Templates hold guest memory: owner only.
     super::share::ensure_dir(template_dir, 0o700).map_err(|e| format!("template dir: {e}"))?;
-    let _lock = Lock::take(&template_dir.join(format!("{key}.lock")))?;
+    let lock = Lock::take(&template_dir.join(format!("{key}.lock")))?;
     if dir.join(vmm::snapshot::STATE_FILE).is_file() {
         return Ok(dir); // Built by another pod while we waited.
     }
@@ -148,7 +148,8 @@ pub fn ensure(
             touch_used(&dir);
         }
     }
-    drop(_lock);
+    // Released first: the garbage collection takes other templates' locks.
+    drop(lock);
     if result.is_ok() {
         collect_garbage(template_dir, max_templates, &key);
     }
