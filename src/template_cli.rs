@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use podvisor::shim::sandbox::{pod_vm_config, StateDir};
+use podvisor::shim::pod::{pod_vm_config, StateDir};
 use podvisor::shim::{template, ShimConfig};
 
 #[derive(Subcommand)]
@@ -99,20 +99,22 @@ fn create(args: CreateArgs) -> Result<u8, String> {
     };
     std::fs::create_dir_all(state.shared())
         .map_err(|e| format!("create {}: {e}", state.shared().display()))?;
-    let result = pod_vm_config(&config, &state).and_then(|vm_config| {
-        let key = template::key(&vm_config);
-        template::clear_failure(&config.template_dir, &key);
-        if args.force && config.template_dir.join(&key).is_dir() {
-            template::remove(&config.template_dir, &key)?;
-        }
-        let timeout = config.agent_timeout.max(Duration::from_secs(60));
-        template::ensure(
-            &config.template_dir,
-            config.max_templates,
-            &vm_config,
-            timeout,
-        )
-    });
+    let result = pod_vm_config(&config, &state)
+        .map_err(|e| e.to_string())
+        .and_then(|vm_config| {
+            let key = template::key(&vm_config);
+            template::clear_failure(&config.template_dir, &key);
+            if args.force && config.template_dir.join(&key).is_dir() {
+                template::remove(&config.template_dir, &key)?;
+            }
+            let timeout = config.agent_timeout.max(Duration::from_secs(60));
+            template::ensure(
+                &config.template_dir,
+                config.max_templates,
+                &vm_config,
+                timeout,
+            )
+        });
     let _ = std::fs::remove_dir_all(&scratch);
     let dir = result?;
     println!("{}", dir.display());

@@ -1,8 +1,14 @@
 //! The containerd shim (task API v2, `containerd-shim` 0.11): the `start`/`delete` command
-//! contract ([`PodvisorShim`]) and the task service ([`task::Service`]) that runs the pod's
-//! containers in a VM hosted by this process ([`sandbox::Sandbox`]).
+//! contract ([`PodvisorShim`]) and the task service that runs the pod's containers in a VM
+//! hosted by this process. Three layers, each over the next one's narrow interface:
+//! - `task`: containerd's Task API translated into calls below, errors into errdefs codes
+//!   (`error::ShimError::code`);
+//! - `containers`: the pod's containers and processes, their state machine and task events,
+//!   over the pod's agent and share (`pod::PodHost`);
+//! - [`pod`]: the VM's life (config → VM, template or boot, the agent handshake, network,
+//!   share mounts, teardown), with `agent::Agent`, one typed method per guest agent RPC.
 //!
-//! One shim process serves one pod: containers of the same pod ([`pod::pod_id`]) get the
+//! One shim process serves one pod: containers of the same pod ([`grouping::pod_id`]) get the
 //! same ttrpc address from `start`, so the first container's `start` spawns the server and
 //! the others find it running.
 //!
@@ -12,14 +18,17 @@
 //! `shared/<container id>/rootfs` and the spec's host bind mounts at
 //! `shared/<container id>/mounts/<n>`.
 
+mod agent;
 pub mod config;
+mod containers;
+mod error;
+mod grouping;
 mod liveness;
 mod metrics;
 mod mount;
 mod net;
 mod oom_events;
-mod pod;
-pub mod sandbox;
+pub mod pod;
 pub mod share;
 mod spec;
 mod stdio;
@@ -75,8 +84,8 @@ impl containerd_shim::Shim for PodvisorShim {
 
     fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
         // containerd runs `start` in the container's bundle.
-        let annotations = pod::bundle_annotations(&self.bundle);
-        let grouping = pod::pod_id(&opts.id, &annotations);
+        let annotations = grouping::bundle_annotations(&self.bundle);
+        let grouping = grouping::pod_id(&opts.id, &annotations);
         let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
         write_address(&address)?;
         Ok(address)
@@ -90,16 +99,13 @@ impl containerd_shim::Shim for PodvisorShim {
         // network; containerd's deletes of the pod's other containers find nothing left.
         // What cannot be removed goes to stderr, which containerd logs ("cleanup warnings").
         let config = ShimConfig::for_delete(&self.bundle);
-        let annotations = pod::bundle_annotations(&self.bundle);
-        let pod_id = pod::pod_id(&self.id, &annotations);
+        let annotations = grouping::bundle_annotations(&self.bundle);
+        let pod_id = grouping::pod_id(&self.id, &annotations);
         let socket = containerd_shim::socket_address(&self.address, &self.namespace, &pod_id);
         let socket_path = socket.trim_start_matches("unix://");
         let alive = liveness::shim_serving(Path::new(socket_path));
-        if !alive && pod::valid_id(&pod_id) && pod::valid_id(&self.id) {
-            let state = sandbox::StateDir {
-                root: config.run_dir.join(&pod_id),
-            };
-            if let Err(e) = sandbox::cleanup_state_dir(&state.root) {
+        if !alive && grouping::valid_id(&pod_id) && grouping::valid_id(&self.id) {
+            if let Err(e) = pod::cleanup_state_dir(&config.run_dir.join(&pod_id)) {
                 eprintln!("podvisor: shim delete {}: {e}", self.id);
             }
             let _ = std::fs::remove_file(socket_path);
@@ -117,12 +123,7 @@ impl containerd_shim::Shim for PodvisorShim {
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
-        task::Service::new(
-            &self.namespace,
-            ShimConfig::from_env(),
-            publisher,
-            self.exit.clone(),
-        )
+        task::Service::new(&self.namespace, publisher, self.exit.clone())
     }
 }
 

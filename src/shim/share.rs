@@ -78,6 +78,8 @@ pub enum ShareError {
     TooDeep(String),
     #[error(transparent)]
     Mount(#[from] super::mount::MountError),
+    #[error("the pod is being torn down")]
+    TornDown,
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ShareError + 'a {

@@ -16,6 +16,9 @@
 //!
 //! The agent sets `linux.cgroupsPath` itself.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
 use serde_json::Value;
 
 /// A host path the shim must bind into the share before the container is created.
@@ -59,11 +62,48 @@ fn is_bind(mount: &Value) -> bool {
     typ == "bind" || bind_opt
 }
 
+/// A bundle's `config.json`, read once: what the shim itself needs of it and the spec
+/// adapted for the guest.
+#[derive(Debug)]
+pub struct BundleSpec {
+    pub annotations: HashMap<String, String>,
+    /// The spec's hostname (empty when it sets none).
+    pub hostname: String,
+    /// The network namespace the spec joins (a CRI sandbox's pod network).
+    pub netns: Option<PathBuf>,
+    pub guest: GuestSpec,
+}
+
+impl BundleSpec {
+    /// Reads `<bundle>/config.json` for a container whose directory in the guest is
+    /// `container_dir`.
+    pub fn read(bundle: &Path, container_dir: &str) -> Result<BundleSpec, String> {
+        let raw = std::fs::read(bundle.join("config.json"))
+            .map_err(|e| format!("bundle config.json: {e}"))?;
+        let spec: Value = serde_json::from_slice(&raw).map_err(|e| format!("config.json: {e}"))?;
+        Ok(BundleSpec {
+            annotations: super::grouping::annotations(&spec),
+            hostname: spec
+                .get("hostname")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            netns: super::net::netns_path(&spec),
+            guest: adapt(spec, container_dir)?,
+        })
+    }
+}
+
 /// Adapts `config_json` for a container whose directory in the guest is `container_dir`
 /// (its rootfs is `<container_dir>/rootfs`).
+#[cfg(test)]
 pub fn guest_spec(config_json: &[u8], container_dir: &str) -> Result<GuestSpec, String> {
-    let mut spec: Value =
+    let spec: Value =
         serde_json::from_slice(config_json).map_err(|e| format!("config.json: {e}"))?;
+    adapt(spec, container_dir)
+}
+
+fn adapt(mut spec: Value, container_dir: &str) -> Result<GuestSpec, String> {
     let obj = spec
         .as_object_mut()
         .ok_or("config.json is not a JSON object")?;

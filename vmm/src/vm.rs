@@ -134,6 +134,39 @@ pub enum VmError {
     Spawner(std::io::Error),
 }
 
+impl VmError {
+    /// Whether this restore error says the snapshot itself is unusable (not a snapshot,
+    /// another format version, corrupt or missing files, taken on another host, devices
+    /// that do not match what it saved), so that a cache of snapshots should drop it.
+    /// Errors of this host or this VM's bindings (KVM, memory, sockets, taps, threads)
+    /// say nothing about the snapshot: false.
+    pub fn invalidates_snapshot(&self) -> bool {
+        let VmError::Snapshot(e) = self else {
+            return false;
+        };
+        match e {
+            SnapshotError::NotASnapshot { .. }
+            | SnapshotError::Version { .. }
+            | SnapshotError::Corrupt { .. }
+            | SnapshotError::ForeignHost { .. }
+            | SnapshotError::DeviceCount { .. }
+            | SnapshotError::Device { .. }
+            | SnapshotError::Serial(_)
+            | SnapshotError::VcpuCount { .. } => true,
+            SnapshotError::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::InvalidData
+            ),
+            SnapshotError::NotPaused
+            | SnapshotError::EventLoopBusy(_)
+            | SnapshotError::Busy { .. }
+            | SnapshotError::Kvm { .. } => false,
+        }
+    }
+}
+
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
@@ -1051,6 +1084,46 @@ mod tests {
             c.as_cstring().unwrap().into_string().unwrap(),
             "console=ttyS0"
         );
+    }
+
+    #[test]
+    fn only_snapshot_faults_invalidate_a_snapshot() {
+        let path = std::path::PathBuf::from("/t");
+        let io = |kind| {
+            VmError::Snapshot(SnapshotError::Io {
+                path: path.clone(),
+                source: std::io::Error::from(kind),
+            })
+        };
+        let invalid = [
+            VmError::Snapshot(SnapshotError::Version {
+                path: path.clone(),
+                found: 0,
+            }),
+            VmError::Snapshot(SnapshotError::Corrupt {
+                path: path.clone(),
+                reason: "x".into(),
+            }),
+            VmError::Snapshot(SnapshotError::VcpuCount {
+                saved: 1,
+                current: 2,
+            }),
+            io(std::io::ErrorKind::NotFound),
+        ];
+        for e in invalid {
+            assert!(e.invalidates_snapshot(), "{e}");
+        }
+        let unrelated = [
+            io(std::io::ErrorKind::OutOfMemory),
+            io(std::io::ErrorKind::PermissionDenied),
+            VmError::KvmApiVersion(1),
+            VmError::Spawner(std::io::Error::from(std::io::ErrorKind::WouldBlock)),
+            VmError::Snapshot(SnapshotError::NotPaused),
+            VmError::PauseTimeout(Duration::from_secs(1)),
+        ];
+        for e in unrelated {
+            assert!(!e.invalidates_snapshot(), "{e}");
+        }
     }
 
     #[test]

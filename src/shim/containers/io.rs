@@ -1,0 +1,90 @@
+//! A process's stdio between containerd's side (`super::super::stdio`) and the agent's
+//! stream connections: attach the streams the process asks for, then start the copies.
+
+use std::os::unix::net::UnixStream;
+
+use crate::shim::agent::{Agent, StdioFlags, StreamKind};
+use crate::shim::error::ShimError;
+use crate::shim::stdio::{copy_input, copy_output, StdioPaths};
+
+use super::process::ProcessIo;
+
+/// The agent streams of one process, attached before the process is created.
+#[derive(Default)]
+pub struct Streams {
+    stdin: Option<UnixStream>,
+    stdout: Option<UnixStream>,
+    stderr: Option<UnixStream>,
+    pty: Option<UnixStream>,
+}
+
+/// Attaches the streams `stdio` asks for; returns them with the agent's flags.
+pub fn attach(
+    agent: &dyn Agent,
+    id: &str,
+    exec_id: &str,
+    stdio: &StdioPaths,
+) -> Result<(Streams, StdioFlags), ShimError> {
+    let attach = |kind| agent.attach_stream(kind, id, exec_id);
+    let mut s = Streams::default();
+    if stdio.terminal {
+        s.pty = Some(attach(StreamKind::Pty)?);
+        let flags = StdioFlags {
+            terminal: true,
+            ..Default::default()
+        };
+        return Ok((s, flags));
+    }
+    if !stdio.stdin.is_empty() {
+        s.stdin = Some(attach(StreamKind::Stdin)?);
+    }
+    if !stdio.stdout.is_empty() {
+        s.stdout = Some(attach(StreamKind::Stdout)?);
+    }
+    if !stdio.stderr.is_empty() {
+        s.stderr = Some(attach(StreamKind::Stderr)?);
+    }
+    let flags = StdioFlags {
+        stdin: s.stdin.is_some(),
+        stdout: s.stdout.is_some(),
+        stderr: s.stderr.is_some(),
+        terminal: false,
+    };
+    Ok((s, flags))
+}
+
+/// Starts the copies of a process whose streams the agent took; what they hold goes to `io`.
+pub fn wire(
+    id: &str,
+    namespace: &str,
+    stdio: &StdioPaths,
+    streams: Streams,
+    io: &mut ProcessIo,
+) -> Result<(), ShimError> {
+    let w = stdio
+        .output_writers(id, namespace)
+        .map_err(ShimError::Stdio)?;
+    io.logger = w.logger;
+    if let Some(pty) = streams.pty {
+        let input = pty
+            .try_clone()
+            .map_err(|e| ShimError::Stdio(format!("clone the pty stream: {e}")))?;
+        if let Some(out) = w.stdout {
+            io.outputs.push(copy_output(pty, out));
+        }
+        if !stdio.stdin.is_empty() {
+            io.stdin = Some(copy_input(stdio.stdin.clone(), input));
+        }
+        return Ok(());
+    }
+    if let (Some(conn), Some(out)) = (streams.stdout, w.stdout) {
+        io.outputs.push(copy_output(conn, out));
+    }
+    if let (Some(conn), Some(out)) = (streams.stderr, w.stderr) {
+        io.outputs.push(copy_output(conn, out));
+    }
+    if let Some(conn) = streams.stdin {
+        io.stdin = Some(copy_input(stdio.stdin.clone(), conn));
+    }
+    Ok(())
+}

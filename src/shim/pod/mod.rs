@@ -1,0 +1,383 @@
+//! The pod: its VM's whole life in this process. Create makes the state dir and the share,
+//! wires the pod network, starts the VM (template clone or cold boot, [`vm`]), waits for
+//! the agent and sets the sandbox up in it; containers are mounted into and unmounted from
+//! the share through [`PodHost`]; destroy tears the sandbox down, stops the VM, unwires the
+//! network and removes the state dir.
+//!
+//! Pod network: a pod whose sandbox spec joins a network namespace (CRI + CNI) gets that
+//! namespace wired to a tap per CNI interface (`super::net`), one virtio-net NIC on each
+//! tap, and the agent configures the guest NICs after CreateSandbox. Template clones get
+//! this pod's taps as restore bindings.
+
+mod state;
+pub mod vm;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use podvisor_agent_protocol::agent::{CreateSandboxRequest, SharedMount};
+use podvisor_agent_protocol::PROTOCOL_VERSION;
+use vmm::config::{NetConfig, TapSource};
+use vmm::{VmReport, VmStopHandle};
+
+pub use state::{cleanup_state_dir, StateDir, SHARED_IN_GUEST, SHARE_TAG};
+pub use vm::{pod_vm_config, OnVmExit};
+
+use super::agent::{Agent, AgentError, TtrpcAgent};
+use super::net::{NetError, PodNetwork};
+use super::share::{self, PodShare, RootfsMount, ShareError};
+use super::spec::HostBind;
+use super::{file_tail, template, ShimConfig};
+
+/// Console lines quoted in errors.
+const TAIL_LINES: usize = 30;
+
+/// Why the pod VM could not be brought up; each says what to fix where it can.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error(
+        "no guest kernel: set `kernel` in the podvisor config file (/etc/podvisor/config.toml) \
+         or PODVISOR_KERNEL in containerd's environment (`make guest-kernel` prints the path)"
+    )]
+    NoKernel,
+    #[error(
+        "no agent initramfs: set `initrd` in the podvisor config file \
+         (/etc/podvisor/config.toml) or PODVISOR_INITRD in containerd's environment \
+         (`make rootfs` builds out/agent-test.cpio)"
+    )]
+    NoInitrd,
+    #[error("{} ({var}: podvisor config file or containerd's environment) is not a file", path.display())]
+    NotAFile { path: PathBuf, var: &'static str },
+    #[error("virtio-fs share: {0}")]
+    ShareConfig(String),
+    #[error("pod state dir: {0}")]
+    StateDir(ShareError),
+    #[error("pod share: {0}")]
+    Share(ShareError),
+    #[error("pod network: {0}")]
+    Network(#[from] NetError),
+    #[error("pod network: a tap fd for the VM: {0}")]
+    TapFd(std::io::Error),
+    #[error("cannot start the pod VM: {0}")]
+    Vm(vmm::VmError),
+    #[error("cannot start the VM thread: {0}")]
+    VmThread(std::io::Error),
+    #[error("the VM thread died while starting the VM")]
+    VmThreadDied,
+    #[error("{reason}\nlast guest console lines ({}):\n{tail}", console.display())]
+    AgentUnreachable {
+        reason: String,
+        console: PathBuf,
+        tail: String,
+    },
+    #[error("the agent speaks protocol {0}, this shim {PROTOCOL_VERSION}")]
+    Protocol(u32),
+    #[error("no fresh host entropy for the pod VM: {0}")]
+    Entropy(std::io::Error),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+}
+
+/// What a container needs mounted in the pod's share before the guest creates it.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerMounts {
+    /// containerd's rootfs mounts (empty: the bundle's `rootfs` directory).
+    pub rootfs: Vec<RootfsMount>,
+    pub bundle_rootfs: PathBuf,
+    pub readonly: bool,
+    /// Mount destinations in the container, with whether each is a directory: made in a
+    /// read-only rootfs before it turns read-only.
+    pub mountpoints: Vec<(String, bool)>,
+    pub binds: Vec<HostBind>,
+}
+
+/// The pod as its containers see it: the agent, the share's mounts, whether it is down.
+pub trait PodHost: Send + Sync {
+    fn agent(&self) -> Arc<dyn Agent>;
+    /// Mounts container `id`'s rootfs and binds into the pod's share.
+    fn mount(&self, id: &str, mounts: &ContainerMounts) -> Result<(), ShareError>;
+    /// Removes what [`Self::mount`] made.
+    fn unmount(&self, id: &str) -> Result<(), ShareError>;
+    /// The container's rootfs as the guest sees it.
+    fn guest_rootfs(&self, id: &str) -> String;
+    /// The VM stopped or is being torn down: the agent will not answer.
+    fn is_down(&self) -> bool;
+}
+
+/// A running pod VM with its agent.
+pub struct Pod {
+    id: String,
+    state: StateDir,
+    agent: Arc<TtrpcAgent>,
+    /// The pod's share (until teardown, which closes it so that its mounts can go).
+    share: Mutex<Option<PodShare>>,
+    vm: Mutex<Option<JoinHandle<VmReport>>>,
+    stop: VmStopHandle,
+    /// Teardown has begun.
+    destroyed: AtomicBool,
+    /// The wiring of the pod's network namespace; undone after the VM stopped.
+    network: Mutex<Option<PodNetwork>>,
+}
+
+/// The pod's network wiring, when its sandbox spec names a network namespace (`netns`).
+fn pod_network(id: &str, netns: Option<&Path>) -> Result<Option<PodNetwork>, PodError> {
+    match netns {
+        None => {
+            log::info!(
+                "pod {id}: the sandbox spec joins no network namespace (`ctr run`, or a \
+                 hostNetwork pod): the VM gets no NIC, loopback only"
+            );
+            Ok(None)
+        }
+        Some(path) => Ok(Some(PodNetwork::setup(path)?)),
+    }
+}
+
+/// The agent's CreateSandbox for pod `id`.
+fn sandbox_request(id: &str, hostname: &str) -> Result<CreateSandboxRequest, PodError> {
+    let mut req = CreateSandboxRequest::new();
+    req.sandbox_id = id.to_string();
+    // Per-pod identity (a template clone starts with the template's clock and pool).
+    req.entropy = template::entropy().map_err(PodError::Entropy)?;
+    req.realtime_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64);
+    req.hostname = if hostname.is_empty() { id } else { hostname }
+        .chars()
+        .take(63)
+        .collect();
+    let mut mount = SharedMount::new();
+    mount.fstype = "virtiofs".into();
+    mount.source = SHARE_TAG.into();
+    mount.target = SHARED_IN_GUEST.into();
+    req.mounts.push(mount);
+    Ok(req)
+}
+
+/// What is up of a pod being created, undone in reverse when a later step fails.
+struct Partial {
+    state: StateDir,
+    share: Option<PodShare>,
+    network: Option<PodNetwork>,
+    vm: Option<vm::VmThread>,
+}
+
+impl Partial {
+    fn undo(mut self) {
+        if let Some(vm) = self.vm.take() {
+            vm.stop.stop("the sandbox could not be set up");
+            let _ = vm.handle.join();
+        }
+        drop(self.share.take());
+        if let Some(net) = self.network.take() {
+            if let Err(e) = net.teardown() {
+                log::warn!("pod network teardown: {e}");
+            }
+        }
+        let _ = cleanup_state_dir(&self.state.root);
+    }
+}
+
+impl Pod {
+    /// Brings the pod up: state dir, share, network, VM, agent, sandbox. `netns` is the
+    /// pod's network namespace (CRI/CNI), if any. On failure nothing of it is left: no VM,
+    /// no network wiring, no state dir.
+    pub fn create(
+        id: &str,
+        hostname: &str,
+        config: &ShimConfig,
+        netns: Option<&Path>,
+        on_exit: OnVmExit,
+    ) -> Result<Pod, PodError> {
+        vmm::seccomp::set_mode(config.seccomp);
+        if config.seccomp != vmm::seccomp::Mode::Enforce {
+            log::warn!(
+                "pod {id}: seccomp = {:?}: the VMM's guest-facing threads are not confined",
+                config.seccomp
+            );
+        }
+        let state = StateDir {
+            root: config.run_dir.join(id),
+        };
+        share::create_pod_dir(&config.run_dir, &state.root).map_err(PodError::StateDir)?;
+        let mut partial = Partial {
+            state,
+            share: None,
+            network: None,
+            vm: None,
+        };
+        match Self::bring_up(id, hostname, config, netns, on_exit, &mut partial) {
+            Ok(agent) => {
+                let vm = partial.vm.take().expect("bring_up started the VM");
+                Ok(Pod {
+                    id: id.to_string(),
+                    state: partial.state.clone(),
+                    agent: Arc::new(agent),
+                    share: Mutex::new(partial.share.take()),
+                    vm: Mutex::new(Some(vm.handle)),
+                    stop: vm.stop,
+                    destroyed: AtomicBool::new(false),
+                    network: Mutex::new(partial.network.take()),
+                })
+            }
+            Err(e) => {
+                partial.undo();
+                Err(e)
+            }
+        }
+    }
+
+    fn bring_up(
+        id: &str,
+        hostname: &str,
+        config: &ShimConfig,
+        netns: Option<&Path>,
+        on_exit: OnVmExit,
+        partial: &mut Partial,
+    ) -> Result<TtrpcAgent, PodError> {
+        let state = partial.state.clone();
+        partial.share = Some(PodShare::create(&state.root).map_err(PodError::Share)?);
+        let mut vm_config = pod_vm_config(config, &state)?;
+        partial.network = pod_network(id, netns)?;
+        // One NIC per wired interface, with the CNI interface's MAC and MTU.
+        vm_config.net = partial
+            .network
+            .iter()
+            .flat_map(|n| &n.nics)
+            .map(|nic| {
+                Ok(NetConfig {
+                    tap: TapSource::from(nic.tap_fd()?),
+                    mac: Some(nic.mac),
+                    mtu: Some(nic.mtu),
+                })
+            })
+            .collect::<std::io::Result<_>>()
+            .map_err(PodError::TapFd)?;
+        let source = vm::VmSource::choose(id, config, vm_config);
+        let started = vm::spawn(source, on_exit)?;
+        let vm = partial.vm.insert(started);
+        log::info!("pod VM {id} started; waiting for the agent");
+        let booted = Instant::now();
+        let (agent, version) = TtrpcAgent::connect(&state.vsock(), config.agent_timeout, || {
+            vm.handle.is_finished()
+        })
+        .map_err(|reason| PodError::AgentUnreachable {
+            reason,
+            console: state.console(),
+            tail: file_tail(&state.console(), TAIL_LINES),
+        })?;
+        if version.protocol_version != PROTOCOL_VERSION {
+            return Err(PodError::Protocol(version.protocol_version));
+        }
+        log::info!(
+            "agent {} answered {:.1} s after the VM started",
+            version.agent_version,
+            booted.elapsed().as_secs_f64()
+        );
+        agent.create_sandbox(sandbox_request(id, hostname)?)?;
+        // The guest NICs get the CNI interfaces' names, addresses and routes before any
+        // container runs (they share the VM's network namespace).
+        if let Some(net) = &partial.network {
+            agent.configure_network(&net.request)?;
+        }
+        Ok(agent)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn state(&self) -> &StateDir {
+        &self.state
+    }
+
+    /// Whether the VM has stopped.
+    pub fn vm_stopped(&self) -> bool {
+        match self.vm.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(vm) => vm.is_finished(),
+            None => true,
+        }
+    }
+
+    fn with_share<R>(
+        &self,
+        f: impl FnOnce(&PodShare) -> Result<R, ShareError>,
+    ) -> Result<R, ShareError> {
+        let share = self.share.lock().unwrap_or_else(|p| p.into_inner());
+        match share.as_ref() {
+            Some(share) => f(share),
+            None => Err(ShareError::TornDown),
+        }
+    }
+
+    /// Tears the pod down: DestroySandbox, then the VM stops, the share closes, the
+    /// network is unwired and the state dir removed. The agent answers DestroySandbox once
+    /// it has removed what was left, detached its mounts and synced the guest's file
+    /// systems (data written to host volumes is on the host then): nothing in the guest
+    /// needs to run any more, so the vCPUs are stopped right away instead of waiting for
+    /// the guest kernel to reboot itself, which an emulated guest kernel under load takes
+    /// minutes to do. If the agent does not answer (the guest died or hangs) the VM is
+    /// stopped too.
+    pub fn destroy(&self) {
+        self.destroyed.store(true, Ordering::SeqCst);
+        if let Err(e) = self.agent.destroy_sandbox() {
+            log::warn!("{e}; stopping the VM without it");
+        }
+        let vm = self.vm.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(vm) = vm {
+            if !vm.is_finished() {
+                self.stop.stop("pod teardown (after DestroySandbox)");
+            }
+            if let Ok(report) = vm.join() {
+                log::info!("pod VM stopped: {}", report.reason);
+            }
+        }
+        // Its descriptors would keep the share's mounts busy.
+        drop(self.share.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let network = self
+            .network
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(net) = network {
+            let netns = net.netns().to_string();
+            match net.teardown() {
+                Ok(()) => log::info!("pod network {netns} unwired"),
+                Err(e) => log::warn!("pod network teardown: {e}"),
+            }
+        }
+        let _ = cleanup_state_dir(&self.state.root);
+    }
+}
+
+impl PodHost for Pod {
+    fn agent(&self) -> Arc<dyn Agent> {
+        self.agent.clone()
+    }
+
+    fn mount(&self, id: &str, m: &ContainerMounts) -> Result<(), ShareError> {
+        self.with_share(|share| {
+            share.add_container(id)?;
+            share.mount_rootfs(id, &m.rootfs, &m.bundle_rootfs, m.readonly, &m.mountpoints)?;
+            for (n, b) in m.binds.iter().enumerate() {
+                share.bind(id, n, Path::new(&b.source), b.recursive, b.readonly)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn unmount(&self, id: &str) -> Result<(), ShareError> {
+        self.with_share(|share| share.remove_container(id))
+    }
+
+    fn guest_rootfs(&self, id: &str) -> String {
+        format!("{}/rootfs", StateDir::container_in_guest(id))
+    }
+
+    fn is_down(&self) -> bool {
+        self.destroyed.load(Ordering::SeqCst) || self.vm_stopped()
+    }
+}

@@ -1,0 +1,304 @@
+//! The pod VM: its configuration from the shim's settings, the choice between a template
+//! clone and a cold boot, and the thread that starts it and waits for it to stop.
+//!
+//! A template that cannot be restored is discarded only when the error says the snapshot
+//! itself is unusable ([`vmm::VmError::invalidates_snapshot`]); a failure of this host or
+//! of this pod's bindings (KVM, memory, a socket, a tap, a thread) leaves the template for
+//! the next pod. Either way the VM then boots cold.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use vmm::config::{
+    NetConfig, RestoreConfig, ShareConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_GUEST_CID,
+};
+use vmm::{ConsoleConfig, Vm, VmConfig, VmError, VmReport, VmStopHandle};
+
+use super::state::{StateDir, SHARE_TAG};
+use super::PodError;
+use crate::shim::config::TemplateMode;
+use crate::shim::{template, ShimConfig};
+
+/// The pod VM's configuration for `config`, with the pod's host paths under `state` (a
+/// template build replaces them with scratch ones; they do not enter the template key).
+pub fn pod_vm_config(config: &ShimConfig, state: &StateDir) -> Result<VmConfig, PodError> {
+    let kernel = config.kernel.clone().ok_or(PodError::NoKernel)?;
+    let initrd = config.initrd.clone().ok_or(PodError::NoInitrd)?;
+    for (path, var) in [
+        (&kernel, "`kernel` or PODVISOR_KERNEL"),
+        (&initrd, "`initrd` or PODVISOR_INITRD"),
+    ] {
+        if !path.is_file() {
+            return Err(PodError::NotAFile {
+                path: path.clone(),
+                var,
+            });
+        }
+    }
+    let share = ShareConfig::new(SHARE_TAG, state.shared(), Default::default())
+        .map_err(|e| PodError::ShareConfig(e.to_string()))?;
+    Ok(VmConfig {
+        kernel,
+        initrd: Some(initrd),
+        cmdline: DEFAULT_CMDLINE.to_string(),
+        vcpus: config.vcpus,
+        mem_mib: config.mem_mib,
+        console: ConsoleConfig::CappedFile(state.console(), Default::default()),
+        disks: Vec::new(),
+        shares: vec![share],
+        vsock: Some(VsockConfig {
+            guest_cid: DEFAULT_GUEST_CID,
+            uds_path: state.vsock(),
+        }),
+        net: Vec::new(),
+    })
+}
+
+/// How the pod VM comes up.
+pub enum VmSource {
+    /// A cold boot.
+    Boot(VmConfig),
+    /// A clone of a template; if it cannot be restored, the VM boots cold.
+    Template(RestoreConfig, VmConfig),
+}
+
+impl VmSource {
+    /// A template clone when the settings allow one and a template can be had, else a
+    /// cold boot of `vm`.
+    pub fn choose(pod: &str, config: &ShimConfig, vm: VmConfig) -> VmSource {
+        match config.template {
+            TemplateMode::Off => VmSource::Boot(vm),
+            TemplateMode::Auto if !config.template_allowed() => {
+                log::info!(
+                    "pod {pod}: its annotations chose {} vCPU(s) and {} MiB, not a shape in \
+                     template_shapes: booting cold",
+                    config.vcpus,
+                    config.mem_mib
+                );
+                VmSource::Boot(vm)
+            }
+            TemplateMode::Auto => match template::ensure(
+                &config.template_dir,
+                config.max_templates,
+                &vm,
+                config.agent_timeout,
+            ) {
+                Ok(dir) => VmSource::Template(restore_config(dir, &vm), vm),
+                Err(e) => {
+                    log::warn!("no VM template ({e}); booting the pod VM cold");
+                    VmSource::Boot(vm)
+                }
+            },
+        }
+    }
+}
+
+/// This pod's bindings for a clone of the template in `dir`.
+fn restore_config(dir: std::path::PathBuf, vm: &VmConfig) -> RestoreConfig {
+    RestoreConfig {
+        console: vm.console.clone(),
+        shares: Some(vm.shares.clone()),
+        vsock: vm.vsock.clone(),
+        // This pod's taps; MAC and MTU stay the template's (the agent gives the NIC the
+        // CNI interface's MAC).
+        net: Some(
+            vm.net
+                .iter()
+                .map(|n| NetConfig {
+                    tap: n.tap.clone(),
+                    mac: None,
+                    mtu: None,
+                })
+                .collect(),
+        ),
+        // The agent sets the wall clock at CreateSandbox.
+        ..RestoreConfig::new(dir)
+    }
+}
+
+/// Starts the VM `source` describes: a clone, else (or when the clone fails) a cold boot.
+/// `discard` drops a template whose snapshot is unusable.
+fn start<T>(
+    source: VmSource,
+    restore: impl FnOnce(&RestoreConfig) -> Result<T, VmError>,
+    boot: impl FnOnce(VmConfig) -> Result<T, VmError>,
+    discard: impl FnOnce(&Path),
+) -> Result<T, VmError> {
+    match source {
+        VmSource::Boot(config) => boot(config),
+        VmSource::Template(rc, config) => {
+            let t = Instant::now();
+            match restore(&rc) {
+                Ok(vm) => {
+                    log::info!(
+                        "pod VM restored from template {} in {:.1} ms",
+                        rc.snapshot.display(),
+                        t.elapsed().as_secs_f64() * 1000.0
+                    );
+                    Ok(vm)
+                }
+                Err(e) => {
+                    if e.invalidates_snapshot() {
+                        log::warn!(
+                            "template {} is unusable ({e}): discarding it; booting the pod VM cold",
+                            rc.snapshot.display()
+                        );
+                        discard(&rc.snapshot);
+                    } else {
+                        log::warn!(
+                            "cannot restore template {}: {e}; booting the pod VM cold (the \
+                             template is kept: the error is not about it)",
+                            rc.snapshot.display()
+                        );
+                    }
+                    boot(config)
+                }
+            }
+        }
+    }
+}
+
+/// Called once when the pod VM has stopped, with the reason.
+pub type OnVmExit = Box<dyn FnOnce(String) + Send>;
+
+/// A started pod VM: its waiting thread and the handle that stops it.
+pub struct VmThread {
+    pub handle: JoinHandle<VmReport>,
+    pub stop: VmStopHandle,
+}
+
+/// Builds, starts and waits for the VM in its own thread; returns once it runs, or with
+/// the error that kept it from running. `on_exit` runs when the started VM stops.
+pub fn spawn(source: VmSource, on_exit: OnVmExit) -> Result<VmThread, PodError> {
+    let (ready, started) = mpsc::channel::<Result<VmStopHandle, VmError>>();
+    let handle = std::thread::Builder::new()
+        .name("vm-wait".into())
+        .spawn(move || {
+            let running = start(
+                source,
+                |rc| Vm::restore(rc, Instant::now()).and_then(Vm::start),
+                |config| Vm::new(config, Instant::now()).and_then(Vm::start),
+                template::discard,
+            );
+            match running {
+                Ok(running) => {
+                    let _ = ready.send(Ok(running.stop_handle()));
+                    let report = running.wait(None);
+                    log::info!("VM stopped: {}", report.reason);
+                    on_exit(report.reason.to_string());
+                    report
+                }
+                Err(e) => {
+                    let reason = vmm::ExitReason::Stopped(e.to_string());
+                    let _ = ready.send(Err(e));
+                    VmReport {
+                        reason,
+                        timings: Default::default(),
+                        console_tail: String::new(),
+                    }
+                }
+            }
+        })
+        .map_err(PodError::VmThread)?;
+    match started.recv() {
+        Ok(Ok(stop)) => Ok(VmThread { handle, stop }),
+        Ok(Err(e)) => {
+            let _ = handle.join();
+            Err(PodError::Vm(e))
+        }
+        Err(_) => Err(PodError::VmThreadDied),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::path::PathBuf;
+
+    use vmm::SnapshotError;
+
+    use super::*;
+
+    fn vm_config() -> VmConfig {
+        VmConfig {
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: String::new(),
+            vcpus: 1,
+            mem_mib: 128,
+            console: ConsoleConfig::Discard,
+            disks: Vec::new(),
+            shares: Vec::new(),
+            vsock: None,
+            net: Vec::new(),
+        }
+    }
+
+    /// Restores with `restore_err`; whether the template was discarded and the VM booted.
+    fn restore_failing_with(restore_err: VmError) -> (bool, bool) {
+        let discarded = Cell::new(false);
+        let booted = Cell::new(false);
+        let source = VmSource::Template(RestoreConfig::new(PathBuf::from("/tpl")), vm_config());
+        let r = start(
+            source,
+            |_| Err::<(), _>(restore_err),
+            |_| {
+                booted.set(true);
+                Ok(())
+            },
+            |dir| {
+                assert_eq!(dir, Path::new("/tpl"));
+                discarded.set(true)
+            },
+        );
+        assert!(r.is_ok());
+        (discarded.get(), booted.get())
+    }
+
+    #[test]
+    fn a_template_is_discarded_only_when_its_snapshot_is_unusable() {
+        let corrupt = VmError::Snapshot(SnapshotError::Corrupt {
+            path: "/tpl/state".into(),
+            reason: "short".into(),
+        });
+        assert_eq!(restore_failing_with(corrupt), (true, true));
+        // A socket in use, no memory, a thread: the template is fine.
+        for e in [
+            VmError::Snapshot(SnapshotError::Io {
+                path: "/tpl/memory".into(),
+                source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
+            }),
+            VmError::Spawner(std::io::Error::from(std::io::ErrorKind::WouldBlock)),
+            VmError::KvmApiVersion(11),
+        ] {
+            assert_eq!(restore_failing_with(e), (false, true));
+        }
+    }
+
+    #[test]
+    fn a_garbage_snapshot_is_an_unusable_one() {
+        let dir = std::env::temp_dir().join(format!("podvisor-garbage-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in [vmm::snapshot::STATE_FILE, vmm::snapshot::MEMORY_FILE] {
+            std::fs::write(dir.join(f), b"not a snapshot").unwrap();
+        }
+        let e = Vm::restore(&RestoreConfig::new(dir.clone()), Instant::now())
+            .err()
+            .expect("garbage restores");
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(e.invalidates_snapshot(), "{e}");
+    }
+
+    #[test]
+    fn a_boot_never_touches_templates() {
+        let r = start(
+            VmSource::Boot(vm_config()),
+            |_| -> Result<u8, VmError> { panic!("no restore") },
+            |_| Ok(1),
+            |_| panic!("no discard"),
+        );
+        assert_eq!(r.unwrap(), 1);
+    }
+}
