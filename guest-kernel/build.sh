@@ -8,7 +8,7 @@
 # Results are cached outside the repository, keyed by the sha256 of
 # (config.fragment, patches, this script, linux-source-6.1 package version):
 #   ${PODVISOR_CACHE:-$HOME/.cache/podvisor}/guest-kernel/<key>/
-#       vmlinux      the kernel (load it through its PVH note, see NOTES.md)
+#       vmlinux      the kernel (load it through its PVH note: no decompressor)
 #       .config      the final kernel config
 #       System.map   symbols (map a RIP of an emulation failure to code)
 #       build.log    configuration + compiler output and stage timings

@@ -1,4 +1,4 @@
-//! `podvisor template create|list|rm`: the shim's pod templates (issue 8) by hand.
+//! `podvisor template create|list|rm`: the shim's pod templates by hand.
 //!
 //! The settings are the shim's own ([`ShimConfig::load`]: `$PODVISOR_CONFIG`, else
 //! `/etc/podvisor/config.toml`, then the `PODVISOR_*` environment overrides), so `create`

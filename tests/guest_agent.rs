@@ -1,4 +1,4 @@
-//! Guest tier of the agent (issue 5): one boot of the real guest kernel whose PID 1 is the
+//! Guest tier of the agent: one boot of the real guest kernel whose PID 1 is the
 //! agent (`out/agent-test.cpio`, nothing else in it), reached from the host through the
 //! hybrid vsock with the generated ttrpc client, exactly as the shim will. The container's
 //! rootfs is a busybox tree the test builds on the host inside a virtio-fs share.

@@ -1,4 +1,4 @@
-//! Guest tier of the shim (issue 6) with real containerd and `ctr`: a private containerd
+//! Guest tier of the shim with real containerd and `ctr`: a private containerd
 //! (Debian's `/usr/bin/containerd`, root/state/sockets in a temp dir, CRI plugin off) finds
 //! `containerd-shim-podvisor-v2` on its PATH; a busybox OCI image built here is imported
 //! with `ctr image import`.

@@ -1,4 +1,4 @@
-//! Kubernetes CRI tier of the shim (issue 6): a private containerd with its CRI plugin on
+//! Kubernetes CRI tier of the shim: a private containerd with its CRI plugin on
 //! (handlers `runc` and `podvisor`, host networking so no CNI is involved) driven by a CRI v1
 //! client of our own (`k8s-cri` over tonic on containerd's Unix socket), as kubelet would:
 //! RunPodSandbox → CreateContainer ×2 → StartContainer ×2 → ExecSync → ContainerStats →
@@ -792,7 +792,7 @@ fn cri_podvisor_bad_config_fails_cleanly() {
     );
 }
 
-/// Pod networking on podvisor (issue 9): CNI's bridge plugin makes the pod's network
+/// Pod networking on podvisor: CNI's bridge plugin makes the pod's network
 /// namespace, the shim wires it to the VM's NIC (tap + tc redirect) and the agent configures
 /// the guest NIC; then the same checks as with runc, both ways. The pod starts as a clone
 /// of a template with one NIC (templates are on by default): the agent gives the NIC the

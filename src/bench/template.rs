@@ -156,7 +156,7 @@ fn largest_only(report: &Report, clones: &[usize]) -> Report {
     }
 }
 
-/// Targets of issue 8 (figures, not assertions).
+/// The template targets (figures, not assertions).
 pub const TARGET_CLONE_VS_RUNC: f64 = 3.0;
 pub const TARGET_PRIVATE_MIB: f64 = 8.0;
 

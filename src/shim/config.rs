@@ -68,7 +68,7 @@ const DEFAULT_MAX_VCPUS: usize = 8;
 const DEFAULT_MAX_MEM_MIB: u64 = 16384;
 const DEFAULT_MAX_TEMPLATES: usize = 8;
 
-/// VM templates (issue 8): whether pods start as clones of a booted template VM.
+/// VM templates: whether pods start as clones of a booted template VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TemplateMode {
@@ -118,7 +118,7 @@ pub struct ShimConfig {
     pub max_mem_mib: u64,
     /// Whether `io.podvisor.config.kernel` may choose another guest kernel.
     pub allow_kernel_override: bool,
-    /// VM templates (issue 8).
+    /// VM templates: clone pods from a booted template VM, or boot each cold.
     pub template: TemplateMode,
     /// Where templates live: `<template_dir>/<key>/`.
     pub template_dir: PathBuf,

@@ -11,6 +11,7 @@ use super::agent::AgentError;
 use super::config::ConfigError;
 use super::pod::PodError;
 use super::share::ShareError;
+use super::spec::SpecError;
 
 /// Why a Task method failed.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +22,9 @@ pub enum ShimError {
     /// A request that cannot be carried out as given (stdio URI, spec, resources).
     #[error("{0}")]
     InvalidRequest(String),
+    /// The bundle's OCI spec.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
     /// The shim's settings (config file, environment, runtime options, annotations).
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -82,7 +86,7 @@ impl ShimError {
     /// The ttrpc status code containerd maps to its errdefs error.
     pub fn code(&self) -> Code {
         match self {
-            Self::InvalidId { .. } | Self::InvalidRequest(_) | Self::Config(_) => {
+            Self::InvalidId { .. } | Self::InvalidRequest(_) | Self::Spec(_) | Self::Config(_) => {
                 Code::INVALID_ARGUMENT
             }
             Self::ContainerExists(_) | Self::ExecExists { .. } => Code::ALREADY_EXISTS,

@@ -12,8 +12,6 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use serde_json::Value;
-
 /// CRI: the pod (sandbox) id of a container.
 pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 /// CRI: `sandbox` for the pod's sandbox container, `container` for the others.
@@ -21,24 +19,10 @@ pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 /// podvisor's own pod grouping for clients without CRI (`ctr run --annotation`).
 pub const PODVISOR_SANDBOX_ID: &str = "io.podvisor.sandbox-id";
 
-/// The annotations of an OCI spec (empty when it has none).
-pub fn annotations(spec: &Value) -> HashMap<String, String> {
-    spec.get("annotations")
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// The annotations of the bundle's `config.json` (empty when it cannot be read).
 pub fn bundle_annotations(bundle: &Path) -> HashMap<String, String> {
-    std::fs::read(bundle.join("config.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-        .map(|v| annotations(&v))
+    super::spec::load(bundle)
+        .map(|s| super::spec::annotations(&s))
         .unwrap_or_default()
 }
 
@@ -98,17 +82,18 @@ mod tests {
 
     #[test]
     fn reads_annotations_and_sandbox_type() {
-        let spec = serde_json::json!({
-            "annotations": {CRI_CONTAINER_TYPE: "sandbox", "n": 1}
-        });
-        let a = annotations(&spec);
+        let dir = std::env::temp_dir().join(format!("podvisor-grouping-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let spec = serde_json::json!({"annotations": {CRI_CONTAINER_TYPE: "sandbox"}});
+        std::fs::write(dir.join("config.json"), spec.to_string()).unwrap();
+        let a = bundle_annotations(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
         assert!(is_sandbox_container(&a));
-        assert_eq!(a.len(), 1, "non-string values are skipped");
         assert!(!is_sandbox_container(&ann(&[(
             CRI_CONTAINER_TYPE,
             "container"
         )])));
-        assert!(annotations(&serde_json::json!({})).is_empty());
+        assert!(bundle_annotations(Path::new("/nonexistent")).is_empty());
     }
 
     #[test]

@@ -133,9 +133,9 @@ const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
 /// Ends the process [`EXIT_GRACE`] after the exit signal if it has not ended by itself.
 /// The pod is gone by then (Shutdown tears it down before it signals); what is left is
 /// the `containerd-shim` crate stopping the ttrpc server, removing the socket and returning
-/// from `main`. Once, after a guest crash, a shim stayed alive past that with two busy
-/// threads: the watchdog logs the threads (for the next look at it), removes the socket
-/// the crate would have removed and exits, so that no shim process is left behind.
+/// from `main`. Should that hang, the watchdog logs the threads (what they were doing is the
+/// lead to the hang), removes the socket the crate would have removed and exits, so that
+/// no shim process is left behind.
 fn spawn_exit_watchdog() {
     let spawned = std::thread::Builder::new()
         .name("exit-watchdog".into())
@@ -202,10 +202,7 @@ pub fn thread_states(pid: Option<u32>) -> String {
 /// After the pod's shim died: removes the tc redirects and taps it left in the pod's network
 /// namespace (the one the bundle's spec joins), so that the namespace works again.
 fn cleanup_pod_network(bundle: &Path) {
-    let spec = std::fs::read(bundle.join("config.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
-    let Some(netns) = spec.as_ref().and_then(net::netns_path) else {
+    let Some(netns) = spec::load(bundle).ok().as_ref().and_then(spec::netns_path) else {
         return;
     };
     match net::cleanup_stale(&netns) {

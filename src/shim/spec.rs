@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
+use oci_spec::runtime::{LinuxNamespaceType, Mount, Root, Spec};
 
 /// A host path the shim must bind into the share before the container is created.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,21 +47,6 @@ pub struct GuestSpec {
     pub mountpoints: Vec<(String, Option<String>)>,
 }
 
-/// Namespaces a pod's containers share as the VM's own when the spec joins the sandbox's.
-const VM_NAMESPACES: [&str; 2] = ["uts", "ipc"];
-
-fn is_bind(mount: &Value) -> bool {
-    let typ = mount.get("type").and_then(Value::as_str).unwrap_or("");
-    let bind_opt = mount
-        .get("options")
-        .and_then(Value::as_array)
-        .is_some_and(|o| {
-            o.iter()
-                .any(|x| matches!(x.as_str(), Some("bind") | Some("rbind")))
-        });
-    typ == "bind" || bind_opt
-}
-
 /// A bundle's `config.json`, read once: what the shim itself needs of it and the spec
 /// adapted for the guest.
 #[derive(Debug)]
@@ -74,129 +59,150 @@ pub struct BundleSpec {
     pub guest: GuestSpec,
 }
 
+/// Why a bundle's spec cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("bundle {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: oci_spec::OciSpecError,
+    },
+    #[error("config.json: {0}")]
+    Parse(serde_json::Error),
+    #[error("config.json: bind mount source {0:?} is not absolute")]
+    RelativeBind(PathBuf),
+    #[error("config.json: {0}")]
+    Serialize(serde_json::Error),
+}
+
+/// Reads `<bundle>/config.json`.
+pub fn load(bundle: &Path) -> Result<Spec, SpecError> {
+    let path = bundle.join("config.json");
+    Spec::load(&path).map_err(|source| SpecError::Read { path, source })
+}
+
+/// The spec's annotations (empty when it has none).
+pub fn annotations(spec: &Spec) -> HashMap<String, String> {
+    spec.annotations().clone().unwrap_or_default()
+}
+
+/// The network namespace path a spec joins (`linux.namespaces`, type `network`, with a
+/// non-empty `path`), as the CRI sandbox container's spec has it.
+pub fn netns_path(spec: &Spec) -> Option<PathBuf> {
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .filter(|ns| ns.typ() == LinuxNamespaceType::Network)
+        .find_map(|ns| ns.path().clone())
+        .filter(|p| !p.as_os_str().is_empty())
+}
+
 impl BundleSpec {
     /// Reads `<bundle>/config.json` for a container whose directory in the guest is
     /// `container_dir`.
-    pub fn read(bundle: &Path, container_dir: &str) -> Result<BundleSpec, String> {
-        let raw = std::fs::read(bundle.join("config.json"))
-            .map_err(|e| format!("bundle config.json: {e}"))?;
-        let spec: Value = serde_json::from_slice(&raw).map_err(|e| format!("config.json: {e}"))?;
+    pub fn read(bundle: &Path, container_dir: &str) -> Result<BundleSpec, SpecError> {
+        let spec = load(bundle)?;
         Ok(BundleSpec {
-            annotations: super::grouping::annotations(&spec),
-            hostname: spec
-                .get("hostname")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string(),
-            netns: super::net::netns_path(&spec),
+            annotations: annotations(&spec),
+            hostname: spec.hostname().clone().unwrap_or_default(),
+            netns: netns_path(&spec),
             guest: adapt(spec, container_dir)?,
         })
     }
 }
 
+/// Namespaces a pod's containers share as the VM's own when the spec joins the sandbox's.
+const VM_NAMESPACES: [LinuxNamespaceType; 2] = [LinuxNamespaceType::Uts, LinuxNamespaceType::Ipc];
+
+fn is_bind(mount: &Mount) -> bool {
+    mount.typ().as_deref() == Some("bind")
+        || mount
+            .options()
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
+}
+
 /// Adapts `config_json` for a container whose directory in the guest is `container_dir`
 /// (its rootfs is `<container_dir>/rootfs`).
 #[cfg(test)]
-pub fn guest_spec(config_json: &[u8], container_dir: &str) -> Result<GuestSpec, String> {
-    let spec: Value =
-        serde_json::from_slice(config_json).map_err(|e| format!("config.json: {e}"))?;
+pub fn guest_spec(config_json: &[u8], container_dir: &str) -> Result<GuestSpec, SpecError> {
+    let spec: Spec = serde_json::from_slice(config_json).map_err(SpecError::Parse)?;
     adapt(spec, container_dir)
 }
 
-fn adapt(mut spec: Value, container_dir: &str) -> Result<GuestSpec, String> {
-    let obj = spec
-        .as_object_mut()
-        .ok_or("config.json is not a JSON object")?;
-    if obj.get("process").is_some_and(|p| !p.is_object()) {
-        return Err("config.json: `process` is not an object".into());
-    }
-    obj.remove("hooks");
-    let readonly = obj
-        .get("root")
-        .and_then(|r| r.get("readonly"))
-        .cloned()
-        .unwrap_or(Value::Bool(false));
-    obj.insert(
-        "root".into(),
-        serde_json::json!({"path": format!("{container_dir}/rootfs"), "readonly": readonly}),
-    );
-    if let Some(process) = obj.get_mut("process").and_then(Value::as_object_mut) {
-        process.remove("apparmorProfile");
-        process.remove("selinuxLabel");
+fn adapt(mut spec: Spec, container_dir: &str) -> Result<GuestSpec, SpecError> {
+    spec.set_hooks(None);
+    let readonly = spec
+        .root()
+        .as_ref()
+        .and_then(|r| r.readonly())
+        .unwrap_or(false);
+    let mut root = Root::default();
+    root.set_path(PathBuf::from(format!("{container_dir}/rootfs")));
+    root.set_readonly(Some(readonly));
+    spec.set_root(Some(root));
+    if let Some(process) = spec.process_mut() {
+        process.set_apparmor_profile(None);
+        process.set_selinux_label(None);
     }
 
     let mut binds = Vec::new();
     let mut mountpoints = Vec::new();
-    if let Some(mounts) = obj.get_mut("mounts").and_then(Value::as_array_mut) {
-        for m in mounts.iter_mut() {
-            let dest = m.get("destination").and_then(Value::as_str).unwrap_or("");
-            let source = m.get("source").and_then(Value::as_str);
-            let bind_source = source.filter(|_| is_bind(m)).map(str::to_string);
-            mountpoints.push((dest.to_string(), bind_source));
+    for m in spec.mounts_mut().iter_mut().flatten() {
+        let bind = is_bind(m);
+        let source = m.source().clone();
+        let bind_source = source
+            .as_ref()
+            .filter(|_| bind)
+            .map(|s| s.to_string_lossy().into_owned());
+        mountpoints.push((m.destination().to_string_lossy().into_owned(), bind_source));
+        let Some(source) = source.filter(|_| bind) else {
+            continue;
+        };
+        if !source.is_absolute() {
+            return Err(SpecError::RelativeBind(source));
         }
-        for m in mounts.iter_mut().filter(|m| is_bind(m)) {
-            let Some(source) = m.get("source").and_then(Value::as_str) else {
-                continue;
-            };
-            if !source.starts_with('/') {
-                return Err(format!("bind mount source {source:?} is not absolute"));
-            }
-            let options: Vec<String> = m
-                .get("options")
-                .and_then(Value::as_array)
-                .map(|o| {
-                    o.iter()
-                        .filter_map(Value::as_str)
-                        .map(str::to_string)
-                        .collect()
-                })
-                .unwrap_or_default();
-            let flags = super::mount::parse_options(&options).flags;
-            let target = format!("mounts/{}", binds.len());
-            binds.push(HostBind {
-                source: source.to_string(),
-                target: target.clone(),
-                recursive: flags & libc::MS_REC != 0,
-                readonly: flags & libc::MS_RDONLY != 0,
-            });
-            m["source"] = Value::String(format!("{container_dir}/{target}"));
-        }
+        let options = m.options().clone().unwrap_or_default();
+        let flags = super::mount::parse_options(&options).flags;
+        let target = format!("mounts/{}", binds.len());
+        m.set_source(Some(PathBuf::from(format!("{container_dir}/{target}"))));
+        binds.push(HostBind {
+            source: source.to_string_lossy().into_owned(),
+            target,
+            recursive: flags & libc::MS_REC != 0,
+            readonly: flags & libc::MS_RDONLY != 0,
+        });
     }
 
     let mut drop_hostname = false;
-    if let Some(linux) = obj.get_mut("linux").and_then(Value::as_object_mut) {
-        linux.remove("mountLabel");
-        if let Some(nss) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
+    if let Some(linux) = spec.linux_mut() {
+        linux.set_mount_label(None);
+        if let Some(nss) = linux.namespaces_mut() {
             nss.retain(|ns| {
                 let joined = ns
-                    .get("path")
-                    .and_then(Value::as_str)
-                    .is_some_and(|p| !p.is_empty());
-                let typ = ns.get("type").and_then(Value::as_str).unwrap_or("");
-                typ != "network" && !(joined && VM_NAMESPACES.contains(&typ))
+                    .path()
+                    .as_ref()
+                    .is_some_and(|p| !p.as_os_str().is_empty());
+                ns.typ() != LinuxNamespaceType::Network
+                    && !(joined && VM_NAMESPACES.contains(&ns.typ()))
             });
             for ns in nss.iter_mut() {
-                if let Some(o) = ns.as_object_mut() {
-                    o.remove("path");
-                }
+                ns.set_path(None);
             }
-            if !nss
-                .iter()
-                .any(|ns| ns.get("type").and_then(Value::as_str) == Some("uts"))
-            {
-                // The VM's hostname is the pod's; no UTS namespace to set another in.
-                drop_hostname = true;
-            }
+            // The VM's hostname is the pod's; no UTS namespace to set another in.
+            drop_hostname = !nss.iter().any(|ns| ns.typ() == LinuxNamespaceType::Uts);
         }
     }
     if drop_hostname {
-        obj.remove("hostname");
+        spec.set_hostname(None);
     }
-    let json = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
+    let json = serde_json::to_vec(&spec).map_err(SpecError::Serialize)?;
     Ok(GuestSpec {
         json,
         binds,
-        root_readonly: readonly.as_bool().unwrap_or(false),
+        root_readonly: readonly,
         mountpoints,
     })
 }
@@ -204,6 +210,7 @@ fn adapt(mut spec: Value, container_dir: &str) -> Result<GuestSpec, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn adapts_the_spec_for_the_guest() {
@@ -212,7 +219,8 @@ mod tests {
             "hostname": "app",
             "root": {"path": "/run/containerd/io.containerd.runtime.v2.task/default/c/rootfs"},
             "hooks": {"prestart": [{"path": "/usr/bin/host-hook"}]},
-            "process": {"args": ["echo"], "apparmorProfile": "cri-containerd.apparmor.d"},
+            "process": {"args": ["echo"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+                        "apparmorProfile": "cri-containerd.apparmor.d"},
             "mounts": [
                 {"destination": "/proc", "type": "proc", "source": "proc"},
                 {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/c/hosts",
@@ -284,10 +292,35 @@ mod tests {
 
     #[test]
     fn rejects_malformed_specs() {
-        assert!(guest_spec(b"[]", "/x").is_err());
+        assert!(guest_spec(b"\"spec\"", "/x").is_err());
         assert!(guest_spec(b"{", "/x").is_err());
         assert!(guest_spec(br#"{"process": 3}"#, "/x").is_err());
         let rel = br#"{"mounts": [{"destination": "/a", "type": "bind", "source": "rel"}]}"#;
-        assert!(guest_spec(rel, "/x").unwrap_err().contains("not absolute"));
+        assert!(guest_spec(rel, "/x")
+            .unwrap_err()
+            .to_string()
+            .contains("not absolute"));
+    }
+
+    #[test]
+    fn reads_the_netns_path_of_a_spec() {
+        let spec = |v: Value| -> Spec { serde_json::from_value(v).unwrap() };
+        let joined = spec(serde_json::json!({"linux": {"namespaces": [
+            {"type": "pid"},
+            {"type": "network", "path": "/var/run/netns/cni-1234"},
+        ]}}));
+        assert_eq!(
+            netns_path(&joined),
+            Some(PathBuf::from("/var/run/netns/cni-1234"))
+        );
+        for v in [
+            serde_json::json!({"linux": {"namespaces": [{"type": "network"}]}}),
+            serde_json::json!({"linux": {"namespaces": [{"type": "network", "path": ""}]}}),
+            serde_json::json!({"linux": {"namespaces": [{"type": "ipc", "path": "/proc/1/ns/ipc"}]}}),
+            serde_json::json!({"linux": {}}),
+            serde_json::json!({}),
+        ] {
+            assert_eq!(netns_path(&spec(v.clone())), None, "{v}");
+        }
     }
 }

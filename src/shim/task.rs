@@ -225,8 +225,7 @@ impl Service {
         let id = req.id.as_str();
         let stdio = stdio_paths(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         check_sinks(&stdio)?;
-        let spec = BundleSpec::read(Path::new(&req.bundle), &StateDir::container_in_guest(id))
-            .map_err(ShimError::InvalidRequest)?;
+        let spec = BundleSpec::read(Path::new(&req.bundle), &StateDir::container_in_guest(id))?;
         let pod = self.pod_for(&spec, id, req.options.as_ref())?;
         // For `shim delete` after a SIGKILL: where this pod's state is.
         if let Some(run_dir) = pod.state().root.parent() {

@@ -160,7 +160,7 @@ pub struct RuntimeRun {
     pub teardown_problems: Vec<String>,
 }
 
-/// Targets of issue 7 (printed next to the figures, never asserted).
+/// The density targets (printed next to the figures, never asserted).
 pub const TARGET_OVERHEAD_MIB: f64 = 4.0;
 pub const TARGET_TOTAL_MIB: f64 = 24.0;
 

@@ -10,7 +10,7 @@
 //! podvisor's guest NIC is a virtio-net device on a tap that the shim joins to the veth
 //! with tc mirred redirects, so the difference is the VM's network path.
 //!
-//! On a host whose `/dev/kvm` emulates guest kernel code (NOTES.md, "PVM"), every packet
+//! On a host whose `/dev/kvm` emulates guest kernel code (a nested "PVM" host), every packet
 //! costs guest kernel time that runs thousands of times slower than on real hardware:
 //! podvisor's figures here measure that emulation more than the device.
 //!

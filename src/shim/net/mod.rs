@@ -7,7 +7,7 @@
 //! ```
 //!
 //! * Input: the network namespace path of the CRI sandbox container
-//!   (`linux.namespaces[type=network].path`, [`netns_path`]). No path (`ctr run`): no NIC,
+//!   (`linux.namespaces[type=network].path`, `spec::netns_path`). No path (`ctr run`): no NIC,
 //!   the guest has loopback only.
 //! * [`PodNetwork::setup`], in a dedicated thread inside that namespace ([`Netns::run`]):
 //!   every non-loopback Ethernet link (CNI's veth, usually `eth0`) is read (MAC, MTU,
@@ -42,7 +42,6 @@ use std::path::{Path, PathBuf};
 
 use podvisor_agent_protocol::agent::{ConfigureNetworkRequest, Interface, Route as AgentRoute};
 use podvisor_agent_protocol::rtnl::{Address, Link, LinkChange, MacAddr, Route, Rtnl, RtnlError};
-use serde_json::Value;
 
 pub use netns::Netns;
 
@@ -91,19 +90,6 @@ pub enum NetError {
         name: String,
         mtu: u32,
     },
-}
-
-/// The network namespace path a spec joins (`linux.namespaces`, type `network`, with a
-/// non-empty `path`), as the CRI sandbox container's spec has it.
-pub fn netns_path(spec: &Value) -> Option<PathBuf> {
-    spec.get("linux")?
-        .get("namespaces")?
-        .as_array()?
-        .iter()
-        .filter(|ns| ns.get("type").and_then(Value::as_str) == Some("network"))
-        .find_map(|ns| ns.get("path").and_then(Value::as_str))
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
 }
 
 /// The links of a namespace CNI put there for the pod: non-loopback Ethernet links with a

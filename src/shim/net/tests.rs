@@ -46,27 +46,6 @@ fn route(dst: Option<&str>, gw: Option<&str>, oif: u32, kernel: bool) -> Route {
 }
 
 #[test]
-fn reads_the_netns_path_of_a_spec() {
-    let spec = serde_json::json!({"linux": {"namespaces": [
-        {"type": "pid"},
-        {"type": "network", "path": "/var/run/netns/cni-1234"},
-    ]}});
-    assert_eq!(
-        netns_path(&spec),
-        Some(PathBuf::from("/var/run/netns/cni-1234"))
-    );
-    for spec in [
-        serde_json::json!({"linux": {"namespaces": [{"type": "network"}]}}),
-        serde_json::json!({"linux": {"namespaces": [{"type": "network", "path": ""}]}}),
-        serde_json::json!({"linux": {"namespaces": [{"type": "ipc", "path": "/proc/1/ns/ipc"}]}}),
-        serde_json::json!({"linux": {}}),
-        serde_json::json!({}),
-    ] {
-        assert_eq!(netns_path(&spec), None, "{spec}");
-    }
-}
-
-#[test]
 fn builds_the_agent_request_from_what_the_netns_has() {
     let links = vec![
         link(1, "lo", None),
