@@ -18,10 +18,10 @@
 //! `shared/<container id>/rootfs` and the spec's host bind mounts at
 //! `shared/<container id>/mounts/<n>`.
 
-mod agent;
+pub mod agent;
 pub mod config;
-mod containers;
-mod error;
+pub mod containers;
+pub mod error;
 mod grouping;
 mod liveness;
 mod metrics;
@@ -31,7 +31,7 @@ mod oom_events;
 pub mod pod;
 pub mod share;
 mod spec;
-mod stdio;
+pub mod stdio;
 mod task;
 pub mod template;
 

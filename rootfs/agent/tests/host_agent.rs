@@ -13,13 +13,10 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::symlink;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio as ProcStdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::PathBuf;
+use std::process::Command;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use podvisor_agent_protocol::agent::*;
 use podvisor_agent_protocol::agent_ttrpc::AgentClient;
@@ -27,7 +24,11 @@ use podvisor_agent_protocol::stream::{StreamHeader, StreamKind};
 use serde_json::{json, Value};
 use ttrpc::Code;
 
-const TIMEOUT: Duration = Duration::from_secs(30);
+use podvisor_test_kit::host_agent::{
+    cgroup2_has, process_json, skip_reason, spec, HostAgent, TIMEOUT,
+};
+use podvisor_test_kit::wait_for;
+
 /// The agent binary: this build's, or another one (e.g. the static release build that goes
 /// into the initramfs) named by PODVISOR_AGENT_BIN.
 fn agent_bin() -> PathBuf {
@@ -35,37 +36,9 @@ fn agent_bin() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_podvisor-agent")))
 }
-const BUSYBOX: &str = "/bin/busybox";
 
 fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(TIMEOUT.as_nanos() as i64)
-}
-
-/// Polls `check` until it returns Some or the deadline passes.
-fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Why a test cannot run here, if it cannot.
-fn skip_reason() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("needs root (namespaces, mounts, cgroups)".into());
-    }
-    if !Path::new(BUSYBOX).exists() {
-        return Some(format!("needs {BUSYBOX} (apt-get install busybox-static)"));
-    }
-    if host_cgroup2().is_none() {
-        return Some("needs a cgroup2 mount on the host".into());
-    }
-    None
 }
 
 macro_rules! require_host {
@@ -77,22 +50,6 @@ macro_rules! require_host {
     };
 }
 
-/// Where the host's cgroup2 hierarchy is mounted (/sys/fs/cgroup or .../unified).
-fn host_cgroup2() -> Option<PathBuf> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mountinfo.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let mount_point = left.split_whitespace().nth(4)?;
-        (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
-    })
-}
-
-fn cgroup2_has(controller: &str) -> bool {
-    host_cgroup2()
-        .and_then(|root| fs::read_to_string(root.join("cgroup.controllers")).ok())
-        .is_some_and(|c| c.split_whitespace().any(|x| x == controller))
-}
-
 fn rpc_code<T: std::fmt::Debug>(result: ttrpc::Result<T>) -> Code {
     match result {
         Err(ttrpc::Error::RpcStatus(status)) => status.code(),
@@ -100,144 +57,18 @@ fn rpc_code<T: std::fmt::Debug>(result: ttrpc::Result<T>) -> Code {
     }
 }
 
-/// Builds a busybox rootfs: /bin/busybox + a link per applet, empty mount points.
-fn build_rootfs(dir: &Path) -> PathBuf {
-    let rootfs = dir.join("rootfs");
-    let bin = rootfs.join("bin");
-    fs::create_dir_all(&bin).unwrap();
-    for d in ["proc", "sys", "dev", "tmp", "etc", "root"] {
-        fs::create_dir_all(rootfs.join(d)).unwrap();
-    }
-    fs::copy(BUSYBOX, bin.join("busybox")).unwrap();
-    let list = Command::new(BUSYBOX).arg("--list").output().unwrap();
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" {
-            let _ = symlink("busybox", bin.join(applet));
-        }
-    }
-    fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    // Masked by the spec: containers must see neither.
-    fs::write(rootfs.join("root/secret"), "hidden\n").unwrap();
-    rootfs
-}
-
-/// A minimal OCI spec: pid/ipc/uts/mount namespaces, read-only rootfs, the usual mounts,
-/// default capabilities, masked and read-only paths.
-fn spec(args: &[&str], terminal: bool) -> Value {
-    let caps = json!([
-        "CAP_CHOWN",
-        "CAP_DAC_OVERRIDE",
-        "CAP_FOWNER",
-        "CAP_KILL",
-        "CAP_SETGID",
-        "CAP_SETUID",
-        "CAP_NET_BIND_SERVICE",
-        "CAP_SYS_CHROOT"
-    ]);
-    json!({
-        "ociVersion": "1.0.2",
-        "process": {
-            "terminal": terminal,
-            "user": {"uid": 0, "gid": 0},
-            "args": args,
-            "env": ["PATH=/bin", "TERM=xterm"],
-            "cwd": "/",
-            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-            "noNewPrivileges": true
-        },
-        "root": {"path": "rootfs", "readonly": true},
-        "hostname": "ctr",
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "nodev", "mode=1777"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-             "options": ["nosuid", "noexec", "nodev", "ro"]}
-        ],
-        "linux": {
-            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
-            "maskedPaths": ["/proc/kcore", "/proc/keys", "/sys/firmware", "/etc/passwd", "/root"],
-            "readonlyPaths": ["/proc/sys", "/proc/sysrq-trigger", "/proc/bus"]
-        }
-    })
-}
-
-fn process_json(args: &[&str], terminal: bool) -> Vec<u8> {
-    let mut spec = spec(args, terminal);
-    serde_json::to_vec(&spec["process"].take()).unwrap()
-}
-
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
-/// The agent process and what it leaves on the host; dropping it kills the agent (and so
-/// its PID namespace) and removes the temp dir and the test's cgroups, even on failure.
-struct AgentProcess {
-    unshare: Child,
-    dir: tempfile::TempDir,
-    cgroup_parent: String,
-}
-
 /// The agent under test with a connected client.
 struct Agent {
-    process: AgentProcess,
+    process: HostAgent,
     rootfs: PathBuf,
     stream_sock: PathBuf,
     client: AgentClient,
 }
 
 impl std::ops::Deref for Agent {
-    type Target = AgentProcess;
-    fn deref(&self) -> &AgentProcess {
+    type Target = HostAgent;
+    fn deref(&self) -> &HostAgent {
         &self.process
-    }
-}
-
-impl AgentProcess {
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
-    }
-
-    /// The agent's pid on the host (unshare's only child).
-    fn agent_pid(&self) -> u32 {
-        self.agent_pid_opt().expect("the agent runs")
-    }
-
-    fn agent_pid_opt(&self) -> Option<u32> {
-        let children =
-            fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.unshare.id())).ok()?;
-        children.split_whitespace().next()?.parse().ok()
-    }
-
-    /// Direct children of the agent (in host pids).
-    fn agent_children(&self) -> Vec<u32> {
-        let pid = self.agent_pid();
-        let mut children = Vec::new();
-        for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
-            let text = fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            children.extend(
-                text.split_whitespace()
-                    .filter_map(|p| p.parse::<u32>().ok()),
-            );
-        }
-        children
-    }
-
-    /// Number of open descriptors of the agent.
-    fn agent_fds(&self) -> usize {
-        fs::read_dir(format!("/proc/{}/fd", self.agent_pid()))
-            .unwrap()
-            .count()
-    }
-
-    fn container_cgroup(&self, id: &str) -> PathBuf {
-        host_cgroup2().unwrap().join(&self.cgroup_parent).join(id)
     }
 }
 
@@ -248,54 +79,10 @@ impl Agent {
 
     /// Starts the agent with extra `unshare` namespace options (e.g. `--net`).
     fn start_in(namespaces: &[&str]) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("pva-")
-            .tempdir_in("/tmp")
-            .unwrap();
-        let rootfs = build_rootfs(dir.path());
-        let sock = dir.path().join("agent.sock");
-        let cgroup_parent = format!(
-            "podvisor-test-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        );
-        let log = fs::File::create(dir.path().join("agent.log")).unwrap();
-        let unshare = Command::new("unshare")
-            .args([
-                "--mount",
-                "--pid",
-                "--uts",
-                "--ipc",
-                "--fork",
-                "--kill-child",
-                "--mount-proc",
-                "--propagation",
-                "private",
-            ])
-            .args(namespaces)
-            .arg(agent_bin())
-            .arg("--listen")
-            .arg(format!("unix://{}", sock.display()))
-            .arg("--state-dir")
-            .arg(dir.path().join("s"))
-            .args(["--cgroup-parent", &cgroup_parent, "--private-cgroup2"])
-            .arg("--resolv-conf")
-            .arg(dir.path().join("resolv.conf"))
-            .args(["--log-level", "debug"])
-            .env("GLIBC_TUNABLES", "glibc.malloc.check=0")
-            .stdin(ProcStdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("run unshare (util-linux)");
-        let mut process = AgentProcess {
-            unshare,
-            dir,
-            cgroup_parent,
-        };
-        let url = format!("unix://{}", sock.display());
+        let mut process = HostAgent::start(&agent_bin(), namespaces);
+        let url = format!("unix://{}", process.rpc_socket().display());
         let client = wait_for("the agent to listen", TIMEOUT, || {
-            if let Ok(Some(status)) = process.unshare.try_wait() {
+            if let Some(status) = process.try_wait() {
                 panic!("agent exited early ({status}):\n{}", process.log());
             }
             let client = AgentClient::new(ttrpc::Client::connect(&url).ok()?);
@@ -305,9 +92,9 @@ impl Agent {
                 .map(|_| client)
         });
         Self {
+            rootfs: process.rootfs.clone(),
+            stream_sock: process.stream_socket(),
             process,
-            rootfs,
-            stream_sock: PathBuf::from(format!("{}.stream", sock.display())),
             client,
         }
     }
@@ -317,8 +104,8 @@ impl Agent {
         self.client
             .destroy_sandbox(ctx(), &DestroySandboxRequest::new())
             .unwrap();
-        let unshare = &mut self.process.unshare;
-        wait_for("the agent to exit", TIMEOUT, || unshare.try_wait().unwrap())
+        let process = &mut self.process;
+        wait_for("the agent to exit", TIMEOUT, || process.try_wait())
     }
     /// Attaches a stream for (id, exec id).
     fn attach(&self, kind: StreamKind, id: &str, exec_id: &str) -> UnixStream {
@@ -388,42 +175,6 @@ impl Agent {
     }
 }
 
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        // Kill the agent itself first: unshare reaps it, so no zombie is left to the host's
-        // init; `--kill-child` covers the case where unshare goes first.
-        if let Some(pid) = self.agent_pid_opt() {
-            // SAFETY: kill has no memory preconditions; pid is the agent's host pid.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-        let _ = wait_for("unshare to exit", TIMEOUT, || {
-            self.unshare.try_wait().ok().flatten().map(Some)
-        });
-        let _ = self.unshare.kill();
-        let _ = self.unshare.wait();
-        if std::thread::panicking() || std::env::var_os("PODVISOR_AGENT_TEST_LOG").is_some() {
-            eprintln!("---- agent log ----\n{}", self.log());
-        }
-        // The namespace's processes die with the agent; then their cgroups can go.
-        if let Some(root) = host_cgroup2() {
-            let parent = root.join(&self.cgroup_parent);
-            let deadline = Instant::now() + TIMEOUT;
-            while parent.exists() && Instant::now() < deadline {
-                if let Ok(entries) = fs::read_dir(&parent) {
-                    for entry in entries.flatten() {
-                        if entry.path().is_dir() {
-                            let _ = fs::remove_dir(entry.path());
-                        }
-                    }
-                }
-                if fs::remove_dir(&parent).is_err() {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
-    }
-}
-
 fn stdio(stdin: bool, stdout: bool, stderr: bool) -> Stdio {
     let mut s = Stdio::new();
     s.stdin = stdin;
@@ -479,7 +230,7 @@ fn output_and_exit_code() {
         Code::ALREADY_EXISTS
     );
     assert_eq!(
-        fs::read_to_string(agent.dir.path().join("resolv.conf")).unwrap(),
+        fs::read_to_string(agent.dir().join("resolv.conf")).unwrap(),
         "nameserver 10.0.0.1\n"
     );
 
@@ -523,8 +274,8 @@ fn output_and_exit_code() {
     for id in ["c1", "big"] {
         agent.remove(id).unwrap();
         assert!(!agent.container_cgroup(id).exists());
-        assert!(!agent.dir.path().join("s/c").join(id).exists());
-        assert!(!agent.dir.path().join("s/bundles").join(id).exists());
+        assert!(!agent.dir().join("s/c").join(id).exists());
+        assert!(!agent.dir().join("s/bundles").join(id).exists());
     }
     assert!(agent.destroy().success());
 }
@@ -621,7 +372,7 @@ fn seccomp_profile() {
 fn shared_mounts_and_binds() {
     require_host!();
     let agent = Agent::start();
-    let shared = agent.dir.path().join("shared");
+    let shared = agent.dir().join("shared");
     let mut mount = SharedMount::new();
     mount.fstype = "tmpfs".into();
     mount.source = "podshare".into();
@@ -1010,10 +761,10 @@ fn nothing_leaks() {
 
     // DestroySandbox removes "c" as well, the pod cgroup, and the agent exits cleanly.
     agent.run_sleeper("c");
-    let parent = host_cgroup2().unwrap().join(&agent.cgroup_parent);
+    let parent = agent.cgroup_parent();
     assert!(agent.destroy().success());
     assert!(!parent.exists(), "{} left behind", parent.display());
-    assert!(fs::read_dir(agent.dir.path().join("s/c"))
+    assert!(fs::read_dir(agent.dir().join("s/c"))
         .unwrap()
         .next()
         .is_none());
@@ -1171,7 +922,7 @@ fn configure_network() {
     assert_eq!(find("10.99.0.0/16")["gateway"], "10.88.0.254");
     assert_eq!(find("192.168.77.0/24")["dev"], "eth0");
     assert!(
-        !agent.dir.path().join("resolv.conf").exists(),
+        !agent.dir().join("resolv.conf").exists(),
         "host-test mode must not write resolv.conf"
     );
 }

@@ -26,13 +26,20 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long connecting a stream may take.
 const STREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// The agent of one pod VM.
+/// Where stream connections go.
+enum StreamEndpoint {
+    /// The VM's hybrid vsock socket (the agent's stream port).
+    HybridVsock(PathBuf),
+    /// The stream socket of an agent on the host (`podvisor-agent --listen unix://…`).
+    Unix(PathBuf),
+}
+
+/// The agent of one pod VM (or of an agent run on the host).
 pub struct TtrpcAgent {
     client: AgentClient,
     /// The bound of every call but the long polls (the pod's `agent_timeout`).
     timeout: Duration,
-    /// The VM's hybrid vsock socket.
-    vsock: PathBuf,
+    streams: StreamEndpoint,
 }
 
 fn ctx(timeout: Duration) -> ttrpc::context::Context {
@@ -94,7 +101,7 @@ impl TtrpcAgent {
                                 let agent = TtrpcAgent {
                                     client,
                                     timeout,
-                                    vsock: vsock.to_path_buf(),
+                                    streams: StreamEndpoint::HybridVsock(vsock.to_path_buf()),
                                 };
                                 return Ok((agent, v));
                             }
@@ -114,6 +121,24 @@ impl TtrpcAgent {
             log::debug!("agent not ready yet: {err}");
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// An agent running on the host behind Unix sockets (`rpc` for ttrpc, `streams` for
+    /// stdio), as the KVM-free tests run it; `timeout` bounds every call but the long polls.
+    pub fn over_unix(
+        rpc: &Path,
+        streams: &Path,
+        timeout: Duration,
+    ) -> Result<(TtrpcAgent, GetVersionResponse), String> {
+        let client = ttrpc::Client::connect(&format!("unix://{}", rpc.display()))
+            .map_err(|e| format!("connect to the agent at {}: {e}", rpc.display()))?;
+        let agent = TtrpcAgent {
+            client: AgentClient::new(client),
+            timeout,
+            streams: StreamEndpoint::Unix(streams.to_path_buf()),
+        };
+        let version = agent.get_version().map_err(|e| e.to_string())?;
+        Ok((agent, version))
     }
 
     fn ctx(&self) -> ttrpc::context::Context {
@@ -313,8 +338,13 @@ impl Agent for TtrpcAgent {
         exec_id: &str,
     ) -> Result<UnixStream, AgentError> {
         let rpc = "stream attach";
-        let mut conn = connect_hybrid_vsock(&self.vsock, STREAM_VSOCK_PORT, STREAM_CONNECT_TIMEOUT)
-            .map_err(|e| AgentError::transport(rpc, format!("stream connection: {e}")))?;
+        let mut conn = match &self.streams {
+            StreamEndpoint::HybridVsock(vsock) => {
+                connect_hybrid_vsock(vsock, STREAM_VSOCK_PORT, STREAM_CONNECT_TIMEOUT)
+            }
+            StreamEndpoint::Unix(path) => UnixStream::connect(path),
+        }
+        .map_err(|e| AgentError::transport(rpc, format!("stream connection: {e}")))?;
         StreamHeader::new(kind, id, exec_id)
             .attach(&mut conn)
             .map_err(|e| AgentError::transport(rpc, format!("{kind:?} stream of {id}: {e}")))?;
