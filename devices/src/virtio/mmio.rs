@@ -29,7 +29,6 @@
 use std::sync::Arc;
 
 use log::{debug, error, info, warn};
-use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
@@ -39,6 +38,9 @@ use super::persist::{MmioPersist, PersistError, QueuePosition};
 use super::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
 use super::{ActivateError, DeviceSubscriber, GuestMem, Interrupt, VirtioDevice};
 use crate::bus::BusDevice;
+
+/// The register state as snapshots hold it; defined with the rest of the saved state.
+pub use super::persist::{MmioState, QueueRegs};
 
 /// Size of a device's MMIO window.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
@@ -102,17 +104,7 @@ pub enum MmioError {
     QueueMaxSize { index: usize, max: u16 },
 }
 
-/// What the driver wrote for one queue, validated at DRIVER_OK.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QueueRegs {
-    pub max_size: u16,
-    pub size: u16,
-    pub ready: bool,
-    pub desc_table: u64,
-    pub avail_ring: u64,
-    pub used_ring: u64,
-}
-
+/// Transport behaviour of the saved queue registers.
 impl QueueRegs {
     fn new(max_size: u16) -> Self {
         Self {
@@ -150,20 +142,6 @@ impl QueueRegs {
         }
         Ok(q)
     }
-}
-
-/// The transport's register state (for snapshots and tests).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MmioState {
-    pub status: u32,
-    pub device_features_sel: u32,
-    pub driver_features_sel: u32,
-    pub driver_features: u64,
-    pub queue_sel: u32,
-    pub queues: Vec<QueueRegs>,
-    pub interrupt_status: u32,
-    pub needs_reset: bool,
-    pub config_generation: u32,
 }
 
 /// A virtio device behind a virtio-mmio v2 register window.
