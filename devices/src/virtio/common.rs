@@ -7,17 +7,17 @@
 //!   queue, feature, subscriber and (read-only) config-write methods are answered from it
 //!   by default, so a device writes only what is its own: config space, activation, reset,
 //!   saved state (`common_accessors!` writes the two accessors);
-//! * the event-loop side, [`HandlerCore`], embedded (as a field `core`) in the device's
+//! * the event-loop side, `HandlerCore`, embedded (as a field `core`) in the device's
 //!   subscriber: the kick fds, a wake-up fd and the state that exists only while the driver
-//!   runs the device. A subscriber implements [`QueueHandler`] (what a kick, a wake-up or
-//!   another fd of its own does) and gets [`HasCore`] and its `MutEventSubscriber` from
-//!   `impl_subscriber!`. [`VirtioCommon::with_handler`] builds both halves, and the
+//!   runs the device. A subscriber implements `QueueHandler` (what a kick, a wake-up or
+//!   another fd of its own does) and gets `HasCore` and its `MutEventSubscriber` from
+//!   `impl_subscriber!`. `VirtioCommon::with_handler` builds both halves, and the
 //!   device's [`VirtioDevice::subscriber`] is answered from the common part.
 //!
 //! Rules enforced here for every device, against a possibly hostile guest and without
 //! panicking:
 //! * a device starts with exactly as many queues as it has ([`VirtioCommon::check_queues`])
-//!   and only when it is not running ([`HandlerCore::check_idle`]);
+//!   and only when it is not running (`HandlerCore::check_idle`);
 //! * a reset forgets the running state (the transport forgets the accepted features) and
 //!   wakes the subscriber so that it drops on the loop thread whatever it watched for the
 //!   running device;
