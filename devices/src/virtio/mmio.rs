@@ -8,8 +8,8 @@
 //! * Registers are 32 bits wide and 4-byte aligned; other accesses are ignored (reads give
 //!   zeros) with a warning. The config space (0x100 and up) takes any width.
 //! * Status moves only ACKNOWLEDGE → DRIVER → FEATURES_OK → DRIVER_OK, one step at a time;
-//!   anything else is ignored with a warning, except 0 (reset: device and every queue
-//!   register back to their initial state) and FAILED (the driver gave up).
+//!   anything else is ignored with a warning, except 0 (reset: device, accepted features and
+//!   every queue register back to their initial state) and FAILED (the driver gave up).
 //! * FEATURES_OK is refused (the bit stays clear, as the spec says) unless the driver took
 //!   `VIRTIO_F_VERSION_1` and nothing the device did not offer.
 //! * Queue registers are writable only between FEATURES_OK and DRIVER_OK, on a queue that is
@@ -29,7 +29,6 @@
 use std::sync::Arc;
 
 use log::{debug, error, info, warn};
-use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
@@ -39,6 +38,9 @@ use super::persist::{MmioPersist, PersistError, QueuePosition};
 use super::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
 use super::{ActivateError, DeviceSubscriber, GuestMem, Interrupt, VirtioDevice};
 use crate::bus::BusDevice;
+
+/// The register state as snapshots hold it; defined with the rest of the saved state.
+pub use super::persist::{MmioState, QueueRegs};
 
 /// Size of a device's MMIO window.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
@@ -102,17 +104,7 @@ pub enum MmioError {
     QueueMaxSize { index: usize, max: u16 },
 }
 
-/// What the driver wrote for one queue, validated at DRIVER_OK.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QueueRegs {
-    pub max_size: u16,
-    pub size: u16,
-    pub ready: bool,
-    pub desc_table: u64,
-    pub avail_ring: u64,
-    pub used_ring: u64,
-}
-
+/// Transport behaviour of the saved queue registers.
 impl QueueRegs {
     fn new(max_size: u16) -> Self {
         Self {
@@ -150,20 +142,6 @@ impl QueueRegs {
         }
         Ok(q)
     }
-}
-
-/// The transport's register state (for snapshots and tests).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MmioState {
-    pub status: u32,
-    pub device_features_sel: u32,
-    pub driver_features_sel: u32,
-    pub driver_features: u64,
-    pub queue_sel: u32,
-    pub queues: Vec<QueueRegs>,
-    pub interrupt_status: u32,
-    pub needs_reset: bool,
-    pub config_generation: u32,
 }
 
 /// A virtio device behind a virtio-mmio v2 register window.
@@ -576,6 +554,7 @@ impl MmioTransport {
             );
             self.broken = true;
         }
+        self.device.set_acked_features(0);
         self.status = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
@@ -627,25 +606,18 @@ impl BusDevice for MmioTransport {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
-    use event_manager::{EventOps, Events, MutEventSubscriber};
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     use super::*;
+    use crate::virtio::common::common_accessors;
     use crate::virtio::test_utils::MmioDriver;
-    use crate::virtio::{DeviceState, FeatureSet};
-
-    struct Idle;
-    impl MutEventSubscriber for Idle {
-        fn init(&mut self, _ops: &mut EventOps) {}
-        fn process(&mut self, _events: Events, _ops: &mut EventOps) {}
-    }
+    use crate::virtio::{DeviceState, VirtioCommon};
 
     /// A device with two queues that records what the transport does to it.
     struct Dummy {
+        common: VirtioCommon,
+        /// The kick fds the transport sees (the common ones, unless a test takes one away).
         events: Vec<EventFd>,
-        features: FeatureSet,
         active: bool,
         resettable: bool,
         config: [u8; 8],
@@ -653,11 +625,15 @@ mod tests {
 
     impl Dummy {
         fn new(resettable: bool) -> Self {
+            let common =
+                VirtioCommon::new("dummy", 42, &[16, 8], bit(VIRTIO_F_VERSION_1) | 0b101).unwrap();
             Self {
-                events: (0..2)
-                    .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+                events: common
+                    .queue_events()
+                    .iter()
+                    .map(|e| e.try_clone().unwrap())
                     .collect(),
-                features: FeatureSet::new(bit(VIRTIO_F_VERSION_1) | 0b101),
+                common,
                 active: false,
                 resettable,
                 config: *b"abcdefgh",
@@ -666,20 +642,9 @@ mod tests {
     }
 
     impl VirtioDevice for Dummy {
-        fn device_type(&self) -> u32 {
-            42
-        }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[16, 8]
-        }
+        common_accessors!(common);
         fn queue_events(&self) -> &[EventFd] {
             &self.events
-        }
-        fn features(&self) -> &FeatureSet {
-            &self.features
-        }
-        fn features_mut(&mut self) -> &mut FeatureSet {
-            &mut self.features
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             crate::virtio::read_config_bytes(&self.config, offset, data);
@@ -704,14 +669,11 @@ mod tests {
             self.active = false;
             self.resettable
         }
-        fn subscriber(&self) -> DeviceSubscriber {
-            Arc::new(Mutex::new(Idle))
-        }
         fn save(&self) -> DeviceState {
             DeviceState::Generic {
                 device_type: 42,
-                avail_features: self.features.avail(),
-                acked_features: self.features.acked(),
+                avail_features: self.avail_features(),
+                acked_features: self.acked_features(),
                 queues: None,
             }
         }

@@ -3,7 +3,9 @@
 //! How the pieces fit, for maintainers:
 //!
 //! * A device implements [`VirtioDevice`]: what it is (type, queues, features, config space)
-//!   and what it does once the driver is ready ([`VirtioDevice::activate`]).
+//!   and what it does once the driver is ready ([`VirtioDevice::activate`]). What every
+//!   device has — identity, queues, kick fds, features, and the event-loop skeleton of its
+//!   subscriber — is written once in [`common`]; a device adds only what is its own.
 //! * [`mmio::MmioTransport`] wraps one device and is the [`BusDevice`](crate::BusDevice) the
 //!   VMM puts on its MMIO bus. It owns the driver-facing registers, the status state machine
 //!   and queue configuration, and hands ready [`Queue`]s to the device at `DRIVER_OK`.
@@ -23,6 +25,7 @@
 //! like the Linux virtio-mmio driver does.
 
 pub mod block;
+pub mod common;
 pub mod fs;
 pub mod mmio;
 pub mod net;
@@ -42,6 +45,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+pub use common::VirtioCommon;
 pub use mmio::MmioTransport;
 pub use persist::{DeviceState, MmioPersist, PersistError, QueuePosition};
 
@@ -221,45 +225,55 @@ pub enum ActivateError {
 /// The transport calls these from vCPU threads (under its lock); the device's data path runs
 /// on its [`subscriber`](VirtioDevice::subscriber) and worker threads.
 pub trait VirtioDevice: Send {
+    /// The parts every device has (see [`common`]); the identity, queue and feature methods
+    /// below are answered from it unless a device overrides them.
+    fn common(&self) -> &VirtioCommon;
+
+    /// Mutable access to [`VirtioDevice::common`].
+    fn common_mut(&mut self) -> &mut VirtioCommon;
+
     /// The virtio device ID (e.g. 2 for block).
-    fn device_type(&self) -> u32;
+    fn device_type(&self) -> u32 {
+        self.common().device_type()
+    }
 
     /// The maximum size of each queue (powers of two); the device has this many queues.
-    fn queue_max_sizes(&self) -> &[u16];
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.common().queue_max_sizes()
+    }
 
     /// One kick event fd per queue: the VMM registers them as ioeventfds, the transport
     /// writes them on a trapped `QueueNotify`, the subscriber watches them.
-    fn queue_events(&self) -> &[EventFd];
-
-    /// What the device offers and what the driver accepted.
-    fn features(&self) -> &FeatureSet;
-
-    /// Mutable access to the feature set (the transport records the driver's choice).
-    fn features_mut(&mut self) -> &mut FeatureSet;
+    fn queue_events(&self) -> &[EventFd] {
+        self.common().queue_events()
+    }
 
     /// The features the device offers.
     fn avail_features(&self) -> u64 {
-        self.features().avail()
+        self.common().features().avail()
     }
 
     /// The features the driver accepted (a subset of [`avail_features`]).
     ///
     /// [`avail_features`]: VirtioDevice::avail_features
     fn acked_features(&self) -> u64 {
-        self.features().acked()
+        self.common().features().acked()
     }
 
     /// Records the driver's accepted features at `FEATURES_OK` (already checked to be a
     /// subset of the offered ones).
     fn set_acked_features(&mut self, features: u64) {
-        self.features_mut().ack(features);
+        self.common_mut().features_mut().ack(features);
     }
 
     /// Reads the device configuration space at `offset` (out-of-range bytes read as 0).
     fn read_config(&self, offset: u64, data: &mut [u8]);
 
-    /// Writes the device configuration space (devices ignore what they do not support).
-    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Writes the device configuration space (devices ignore what they do not support; by
+    /// default the whole config space is read-only).
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        self.common().ignore_config_write(offset, data);
+    }
 
     /// Starts the device at `DRIVER_OK` with the driver's queues (validated by the
     /// transport, one per [`queue_max_sizes`](VirtioDevice::queue_max_sizes) entry).
@@ -270,13 +284,16 @@ pub trait VirtioDevice: Send {
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError>;
 
-    /// Stops the device and forgets its queues (the driver wrote 0 to `Status`). When this
-    /// returns, the device no longer touches guest memory. Returns `false` if the device
+    /// Stops the device and forgets its queues (the driver wrote 0 to `Status`; the
+    /// transport then clears the accepted features). When this returns, the device no
+    /// longer touches guest memory. Returns `false` if the device
     /// cannot be reset; the transport then keeps it in `DEVICE_NEEDS_RESET` for good.
     fn reset(&mut self) -> bool;
 
     /// The subscriber to add to the VMM's event loop (once, when the VM is built).
-    fn subscriber(&self) -> DeviceSubscriber;
+    fn subscriber(&self) -> DeviceSubscriber {
+        self.common().subscriber()
+    }
 
     /// The device's saved state: identity, features and, while active, its queues (see
     /// [`persist`]). Consistent only at a quiescent point (no request in flight).
@@ -326,17 +343,4 @@ pub(crate) fn set_nonblocking(fd: &impl AsRawFd) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
-}
-
-/// `count` queue kick event fds (the device's: the transport writes them, the VMM registers
-/// them as ioeventfds) and a clone of each (for the device's event-loop subscriber).
-pub(crate) fn queue_event_pairs(count: usize) -> io::Result<(Vec<EventFd>, Vec<EventFd>)> {
-    let events = (0..count)
-        .map(|_| EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK))
-        .collect::<io::Result<Vec<_>>>()?;
-    let clones = events
-        .iter()
-        .map(EventFd::try_clone)
-        .collect::<io::Result<Vec<_>>>()?;
-    Ok((events, clones))
 }

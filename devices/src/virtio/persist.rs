@@ -19,12 +19,15 @@
 //! session). Snapshots are taken at a quiescent point — no request popped from a ring and
 //! not yet completed ([`MmioPersist::in_flight`] says which queue is not) — so no
 //! request is lost or served twice.
+//!
+//! The saved transport registers ([`MmioState`], [`QueueRegs`]) are defined here with the
+//! rest of the saved state, so the dependency goes one way: the transport uses this module,
+//! this module knows nothing of the transport.
 
 use std::num::Wrapping;
 
 use super::block::BlockState;
 use super::fs::FsState;
-use super::mmio::MmioState;
 use super::net::NetState;
 use super::vsock::VsockState;
 use super::ActivateError;
@@ -171,6 +174,31 @@ pub fn same<T: PartialEq + std::fmt::Debug>(
             current: format!("{current:?}"),
         })
     }
+}
+
+/// What the driver wrote for one queue (the transport validates it at DRIVER_OK).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueRegs {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+/// The transport's register state (for snapshots and tests).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioState {
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub queues: Vec<QueueRegs>,
+    pub interrupt_status: u32,
+    pub needs_reset: bool,
+    pub config_generation: u32,
 }
 
 /// A virtio-mmio device as a snapshot holds it.

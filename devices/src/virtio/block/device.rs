@@ -11,23 +11,23 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::Queue;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disk::{Disk, DiskError, ID_BYTES};
-use super::queue_handler::{Active, ActiveSlot, BlockHandler};
+use super::queue_handler::{Active, BlockHandler};
 use super::request::{DiskLimits, SECTOR_SIZE};
 use super::worker::{Worker, WorkerContext};
 use super::{
     DISCARD_ALIGNMENT_SECTORS, MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS, QUEUE_SIZE, SEG_MAX,
     SIZE_MAX,
 };
+use crate::virtio::common::{common_accessors, HasCore, VirtioCommon};
 use crate::virtio::features::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::virtio::persist::same;
 use crate::virtio::{
-    lock, read_config_bytes, ActivateError, DeviceState, DeviceSubscriber, FeatureSet, GuestMem,
-    Interrupt, PersistError, QueuePosition, VirtioDevice,
+    lock, read_config_bytes, ActivateError, DeviceState, GuestMem, Interrupt, PersistError,
+    QueuePosition, VirtioDevice,
 };
 
 /// Size of the part of `struct virtio_blk_config` the device fills (up to
@@ -71,11 +71,9 @@ pub struct BlockState {
 
 /// A virtio-blk device.
 pub struct Block {
+    common: VirtioCommon,
     disk: Arc<Disk>,
-    features: FeatureSet,
     config: [u8; CONFIG_LEN],
-    queue_events: Vec<EventFd>,
-    active: ActiveSlot,
     handler: Arc<Mutex<BlockHandler>>,
 }
 
@@ -83,13 +81,6 @@ impl Block {
     /// Opens the disk and builds the device.
     pub fn new(cfg: &BlockConfig) -> Result<Block, BlockError> {
         let disk = Disk::open(&cfg.path, cfg.read_only, cfg.id.as_deref())?;
-        let kick = EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?;
-        let active: ActiveSlot = Arc::new(Mutex::new(None));
-        let handler = BlockHandler::new(
-            kick.try_clone().map_err(BlockError::EventFd)?,
-            active.clone(),
-        );
-
         let mut avail_features = bit(VIRTIO_F_VERSION_1)
             | bit(VIRTIO_RING_F_INDIRECT_DESC)
             | bit(VIRTIO_RING_F_EVENT_IDX)
@@ -103,14 +94,20 @@ impl Block {
         if disk.supports_discard() {
             avail_features |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
         }
+        let (common, handler) = VirtioCommon::with_handler(
+            "virtio-blk",
+            VIRTIO_ID_BLOCK,
+            &[QUEUE_SIZE],
+            avail_features,
+            BlockHandler::new,
+        )
+        .map_err(BlockError::EventFd)?;
         let config = config_space(disk.capacity());
         Ok(Block {
+            common,
             disk: Arc::new(disk),
-            features: FeatureSet::new(avail_features),
             config,
-            queue_events: vec![kick],
-            active,
-            handler: Arc::new(Mutex::new(handler)),
+            handler,
         })
     }
 
@@ -126,24 +123,23 @@ impl Block {
 
     /// The device's state.
     pub fn state(&self) -> BlockState {
-        let queues = lock(&self.active)
-            .as_ref()
-            .map(|a| vec![QueuePosition::of(&lock(&a.queue))]);
+        let queues = lock(&self.handler).core().queue_positions();
         BlockState {
             path: self.disk.path().into(),
             capacity: self.disk.capacity(),
             read_only: self.disk.read_only(),
             id: *self.disk.id(),
-            avail_features: self.features.avail(),
-            acked_features: self.features.acked(),
+            avail_features: self.common.features().avail(),
+            acked_features: self.common.features().acked(),
             config: self.config.to_vec(),
             queues,
         }
     }
 
+    /// Stops the worker (outside the handler's lock: joining it waits for a request).
     fn stop(&mut self) {
-        let active = lock(&self.active).take();
-        if let Some(mut active) = active {
+        let stopped = lock(&self.handler).core_mut().reset();
+        if let Some(mut active) = stopped {
             active.worker.stop();
         }
     }
@@ -168,36 +164,12 @@ fn config_space(capacity: u64) -> [u8; CONFIG_LEN] {
 }
 
 impl VirtioDevice for Block {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_BLOCK
-    }
+    common_accessors!(common);
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
-    }
-
-    fn features(&self) -> &FeatureSet {
-        &self.features
-    }
-
-    fn features_mut(&mut self) -> &mut FeatureSet {
-        &mut self.features
-    }
-
+    // Nothing is writable without VIRTIO_BLK_F_CONFIG_WCE, which is not offered: the default
+    // `write_config` ignores writes.
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // Nothing is writable without VIRTIO_BLK_F_CONFIG_WCE, which is not offered.
-        log::warn!(
-            "virtio-blk: guest wrote {} bytes at config offset {offset:#x}; the config space is read-only, ignored",
-            data.len()
-        );
     }
 
     fn activate(
@@ -206,16 +178,9 @@ impl VirtioDevice for Block {
         interrupt: Arc<Interrupt>,
         mut queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
-        let mut slot = lock(&self.active);
-        if slot.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
+        self.common.check_queues(&queues)?;
+        let mut handler = lock(&self.handler);
+        handler.core().check_idle()?;
         let queue = Arc::new(Mutex::new(queues.remove(0)));
         let worker = Worker::spawn(WorkerContext {
             disk: self.disk.clone(),
@@ -224,8 +189,9 @@ impl VirtioDevice for Block {
             interrupt: interrupt.clone(),
         })
         .map_err(ActivateError::Worker)?;
-        let acked = self.features.acked();
-        *slot = Some(Active {
+        let acked = self.common.features().acked();
+        // Wakes the handler to serve anything the driver queued before DRIVER_OK.
+        handler.core_mut().activate(Active {
             mem,
             queue,
             interrupt,
@@ -237,23 +203,13 @@ impl VirtioDevice for Block {
             },
             worker,
         });
-        drop(slot);
         info!("virtio-blk: {} active", self.disk.path().display());
-        // Serve anything the driver queued before DRIVER_OK.
-        if let Err(e) = self.queue_events[0].write(1) {
-            log::warn!("virtio-blk: cannot kick the queue after activation: {e}");
-        }
         Ok(())
     }
 
     fn reset(&mut self) -> bool {
         self.stop();
-        self.features.clear_acked();
         true
-    }
-
-    fn subscriber(&self) -> DeviceSubscriber {
-        self.handler.clone()
     }
 
     fn save(&self) -> DeviceState {

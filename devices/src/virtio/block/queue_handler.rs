@@ -3,19 +3,19 @@
 //! file I/O itself, so a slow disk never blocks the event loop for other devices.
 //!
 //! The subscriber is added to the VMM's event loop once, when the VM is built. Until the
-//! driver activates the device (and after a reset) kicks are drained and ignored.
+//! driver activates the device (and after a reset) kicks are drained and ignored. Kick,
+//! wake-up and activation handling is the shared skeleton of [`common`](crate::virtio::common).
 
-use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::EventOps;
 use log::{debug, error, warn};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{parse, DiskLimits};
 use super::worker::{Job, Worker};
-use crate::virtio::{lock, GuestMem, Interrupt};
+use crate::virtio::common::{impl_subscriber, ActiveState, HandlerCore, QueueHandler};
+use crate::virtio::{lock, GuestMem, Interrupt, QueuePosition};
 
 /// What exists only while the device is active.
 pub(crate) struct Active {
@@ -26,24 +26,25 @@ pub(crate) struct Active {
     pub worker: Worker,
 }
 
-/// Shared between the device (which fills and empties it) and the handler.
-pub(crate) type ActiveSlot = Arc<Mutex<Option<Active>>>;
+impl ActiveState for Active {
+    fn queue_positions(&self) -> Vec<QueuePosition> {
+        vec![QueuePosition::of(&lock(&self.queue))]
+    }
+}
 
 /// The block device's event-loop subscriber.
 pub struct BlockHandler {
-    kick: EventFd,
-    active: ActiveSlot,
+    core: HandlerCore<Active>,
 }
 
 impl BlockHandler {
-    pub(crate) fn new(kick: EventFd, active: ActiveSlot) -> Self {
-        Self { kick, active }
+    pub(crate) fn new(core: HandlerCore<Active>) -> Self {
+        Self { core }
     }
 
     /// Serves what the driver made available (what a kick does, minus reading the kick).
     pub fn process_queue(&mut self) {
-        let slot = lock(&self.active);
-        let more = match slot.as_ref() {
+        let more = match self.core.active() {
             Some(active) => active.process_queue(),
             None => {
                 debug!("virtio-blk: kick while the device is not active; ignored");
@@ -51,10 +52,7 @@ impl BlockHandler {
             }
         };
         if more {
-            // Budget spent: come back after the loop's other subscribers had their turn.
-            if let Err(e) = self.kick.write(1) {
-                warn!("virtio-blk: cannot re-arm the queue kick event: {e}");
-            }
+            self.core.rekick(0);
         }
     }
 }
@@ -129,24 +127,10 @@ impl Active {
     }
 }
 
-impl MutEventSubscriber for BlockHandler {
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.kick, EventSet::IN)) {
-            error!("virtio-blk: cannot watch the queue kick event, the disk will not work: {e:?}");
-        }
-    }
-
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() != self.kick.as_raw_fd() {
-            return;
-        }
-        // The counter is drained before the queue is read: a kick that races with this
-        // pass leaves the fd readable and brings us back.
-        if let Err(e) = self.kick.read() {
-            if e.kind() != std::io::ErrorKind::WouldBlock {
-                warn!("virtio-blk: cannot read the queue kick event: {e}");
-            }
-        }
+impl QueueHandler for BlockHandler {
+    fn kicked(&mut self, _q: usize, _ops: &mut EventOps) {
         self.process_queue();
     }
 }
+
+impl_subscriber!(BlockHandler, Active);

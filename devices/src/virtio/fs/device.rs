@@ -4,23 +4,23 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use log::{info, warn};
+use log::info;
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
 use virtio_queue::Queue;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::config::{ConfigError, ShareConfig, ShareOptions, TAG_LEN};
-use super::queue_handler::{Active, ActiveSlot, FsHandler};
+use super::queue_handler::{Active, FsHandler};
 use super::worker::{Worker, WorkerContext, WorkerError};
 use super::{NUM_QUEUES, NUM_REQUEST_QUEUES, QUEUE_SIZE};
+use crate::virtio::common::{common_accessors, HasCore, VirtioCommon};
 use crate::virtio::features::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::virtio::persist::same;
 use crate::virtio::{
-    lock, read_config_bytes, ActivateError, DeviceState, DeviceSubscriber, FeatureSet, GuestMem,
-    Interrupt, PersistError, QueuePosition, VirtioDevice,
+    lock, read_config_bytes, ActivateError, DeviceState, GuestMem, Interrupt, PersistError,
+    QueuePosition, VirtioDevice,
 };
 
 /// `struct virtio_fs_config`: `char tag[36]` + `le32 num_request_queues`.
@@ -58,11 +58,9 @@ pub struct FsState {
 
 /// A virtio-fs device serving one share.
 pub struct Fs {
+    common: VirtioCommon,
     share: ShareConfig,
-    features: FeatureSet,
     config: [u8; CONFIG_LEN],
-    queue_events: Vec<EventFd>,
-    active: ActiveSlot,
     handler: Arc<Mutex<FsHandler>>,
 }
 
@@ -71,29 +69,24 @@ impl Fs {
     /// opened when the driver activates the device.
     pub fn new(share: ShareConfig) -> Result<Fs, FsError> {
         let share = ShareConfig::new(&share.tag, &share.dir, share.options)?;
-        let mut queue_events = Vec::with_capacity(NUM_QUEUES);
-        let mut kicks = Vec::with_capacity(NUM_QUEUES);
-        for _ in 0..NUM_QUEUES {
-            let evt = EventFd::new(EFD_NONBLOCK).map_err(FsError::EventFd)?;
-            kicks.push(evt.try_clone().map_err(FsError::EventFd)?);
-            queue_events.push(evt);
-        }
-        let active: ActiveSlot = Arc::new(Mutex::new(None));
-        let handler = FsHandler::new(share.tag.clone(), kicks, active.clone());
+        let (common, handler) = VirtioCommon::with_handler(
+            format!("virtio-fs {}", share.tag),
+            VIRTIO_ID_FS,
+            &[QUEUE_SIZE; NUM_QUEUES],
+            bit(VIRTIO_F_VERSION_1)
+                | bit(VIRTIO_RING_F_INDIRECT_DESC)
+                | bit(VIRTIO_RING_F_EVENT_IDX),
+            FsHandler::new,
+        )
+        .map_err(FsError::EventFd)?;
         let mut config = [0u8; CONFIG_LEN];
         config[..TAG_LEN].copy_from_slice(&share.tag_bytes());
         config[TAG_LEN..].copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
         Ok(Fs {
+            common,
             share,
-            features: FeatureSet::new(
-                bit(VIRTIO_F_VERSION_1)
-                    | bit(VIRTIO_RING_F_INDIRECT_DESC)
-                    | bit(VIRTIO_RING_F_EVENT_IDX),
-            ),
             config,
-            queue_events,
-            active,
-            handler: Arc::new(Mutex::new(handler)),
+            handler,
         })
     }
 
@@ -114,61 +107,31 @@ impl Fs {
 
     /// The device's state (see [`FsState`] for what is not in it).
     pub fn state(&self) -> FsState {
-        let queues = lock(&self.active).as_ref().map(|a| {
-            a.queues
-                .iter()
-                .map(|q| QueuePosition::of(&lock(q)))
-                .collect()
-        });
+        let queues = lock(&self.handler).core().queue_positions();
         FsState {
             tag: self.share.tag.clone(),
             dir: self.share.dir.clone(),
             options: self.share.options,
-            avail_features: self.features.avail(),
-            acked_features: self.features.acked(),
+            avail_features: self.common.features().avail(),
+            acked_features: self.common.features().acked(),
             queues,
         }
     }
 
+    /// Stops the worker (outside the handler's lock: joining it waits for a request).
     fn stop(&mut self) {
-        let active = lock(&self.active).take();
-        if let Some(mut active) = active {
+        let stopped = lock(&self.handler).core_mut().reset();
+        if let Some(mut active) = stopped {
             active.worker.stop();
         }
     }
 }
 
 impl VirtioDevice for Fs {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_FS
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE; NUM_QUEUES]
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
-    }
-
-    fn features(&self) -> &FeatureSet {
-        &self.features
-    }
-
-    fn features_mut(&mut self) -> &mut FeatureSet {
-        &mut self.features
-    }
+    common_accessors!(common);
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        warn!(
-            "virtio-fs {}: guest wrote {} bytes at config offset {offset:#x}; the config space is read-only, ignored",
-            self.share.tag,
-            data.len()
-        );
     }
 
     fn activate(
@@ -177,17 +140,10 @@ impl VirtioDevice for Fs {
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                got: queues.len(),
-            });
-        }
-        if lock(&self.active).is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        // The worker opens the share before this returns; the slot is not locked meanwhile,
-        // so the event loop never waits on the file system. The transport's lock keeps
+        self.common.check_queues(&queues)?;
+        lock(&self.handler).core().check_idle()?;
+        // The worker opens the share before this returns; the handler is not locked
+        // meanwhile, so the event loop never waits on the file system. The transport's lock keeps
         // activate and reset from running concurrently.
         let queues: Vec<_> = queues
             .into_iter()
@@ -203,9 +159,9 @@ impl VirtioDevice for Fs {
             WorkerError::Spawn(e) => ActivateError::Worker(e),
             other => ActivateError::Backend(other.to_string()),
         })?;
-        // Serve anything the driver queued before DRIVER_OK.
-        worker.kick();
-        *lock(&self.active) = Some(Active {
+        // Wakes the handler, which kicks the worker to serve anything the driver queued
+        // before DRIVER_OK.
+        lock(&self.handler).core_mut().activate(Active {
             queues,
             interrupt,
             worker,
@@ -225,12 +181,7 @@ impl VirtioDevice for Fs {
 
     fn reset(&mut self) -> bool {
         self.stop();
-        self.features.clear_acked();
         true
-    }
-
-    fn subscriber(&self) -> DeviceSubscriber {
-        self.handler.clone()
     }
 
     fn save(&self) -> DeviceState {

@@ -11,7 +11,6 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::Queue;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::queue_handler::{Active, NetHandler, NetStats};
 use super::rx::RxConfig;
@@ -20,14 +19,14 @@ use super::{
     DEFAULT_MTU, ETH_HLEN, HDR_LEN, MAX_FRAME_LEN, MAX_MTU, MIN_MTU, NUM_QUEUES, QUEUE_SIZE,
     VLAN_HLEN,
 };
+use crate::virtio::common::{common_accessors, ActiveQueues, HasCore, VirtioCommon};
 use crate::virtio::features::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::virtio::persist::same;
-use crate::virtio::queue_event_pairs;
 use crate::virtio::{
-    lock, read_config_bytes, ActivateError, DeviceState, DeviceSubscriber, FeatureSet, GuestMem,
-    Interrupt, PersistError, QueuePosition, VirtioDevice,
+    lock, read_config_bytes, ActivateError, DeviceState, GuestMem, Interrupt, PersistError,
+    QueuePosition, VirtioDevice,
 };
 
 /// Size of the part of `struct virtio_net_config` the device fills: `mac[6]`, `status`,
@@ -108,11 +107,10 @@ pub struct NetState {
 
 /// A virtio-net device on a tap (see the [module docs](super)).
 pub struct Net {
+    common: VirtioCommon,
     tap: Arc<Tap>,
     mac: [u8; 6],
     mtu: u16,
-    features: FeatureSet,
-    queue_events: Vec<EventFd>,
     handler: Arc<Mutex<NetHandler>>,
 }
 
@@ -129,8 +127,6 @@ impl Net {
             None => random_mac(),
         };
         let tap = Arc::new(Tap::open(&cfg.tap)?);
-        let (queue_events, kicks) = queue_event_pairs(NUM_QUEUES).map_err(NetError::EventFd)?;
-        let wake = EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?;
 
         let mut avail = bit(VIRTIO_F_VERSION_1)
             | bit(VIRTIO_RING_F_INDIRECT_DESC)
@@ -153,14 +149,20 @@ impl Net {
                 "off (the tap refuses them)"
             }
         );
-        let handler = NetHandler::new(kicks, wake, tap.clone());
+        let (common, handler) = VirtioCommon::with_handler(
+            "virtio-net",
+            VIRTIO_ID_NET,
+            &[QUEUE_SIZE; NUM_QUEUES],
+            avail,
+            |core| NetHandler::new(core, tap.clone()),
+        )
+        .map_err(NetError::EventFd)?;
         Ok(Net {
+            common,
             tap,
             mac,
             mtu,
-            features: FeatureSet::new(avail),
-            queue_events,
-            handler: Arc::new(Mutex::new(handler)),
+            handler,
         })
     }
 
@@ -195,9 +197,9 @@ impl Net {
             tap: self.tap.name().to_string(),
             mac: self.mac,
             mtu: self.mtu,
-            avail_features: self.features.avail(),
-            acked_features: self.features.acked(),
-            queues: lock(&self.handler).queue_states(),
+            avail_features: self.common.features().avail(),
+            acked_features: self.common.features().acked(),
+            queues: lock(&self.handler).core().queue_positions(),
         }
     }
 
@@ -262,36 +264,12 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 }
 
 impl VirtioDevice for Net {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_NET
-    }
+    common_accessors!(common);
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE; NUM_QUEUES]
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
-    }
-
-    fn features(&self) -> &FeatureSet {
-        &self.features
-    }
-
-    fn features_mut(&mut self) -> &mut FeatureSet {
-        &mut self.features
-    }
-
+    // The MAC is writable only for legacy drivers and with CTRL_MAC_ADDR (not offered): the
+    // default `write_config` ignores writes.
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_space(), offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // The MAC is writable only for legacy drivers and with CTRL_MAC_ADDR (not offered).
-        warn!(
-            "virtio-net: guest wrote {} bytes at config offset {offset:#x}; the config space is read-only, ignored",
-            data.len()
-        );
     }
 
     fn activate(
@@ -300,29 +278,20 @@ impl VirtioDevice for Net {
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                got: queues.len(),
-            });
-        }
+        self.common.check_queues(&queues)?;
         let mut handler = lock(&self.handler);
-        if handler.is_active() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        let acked = self.features.acked();
+        handler.core().check_idle()?;
+        let acked = self.common.features().acked();
         let offload = offload_flags(acked);
         self.tap
             .set_offload(offload)
             .map_err(|e| ActivateError::Backend(e.to_string()))?;
-        handler.activate(Active {
-            mem,
-            interrupt,
-            queues,
+        let io = ActiveQueues::new(handler.core(), mem, interrupt, queues);
+        handler.core_mut().activate(Active {
+            io,
             acked,
             rx: self.rx_config(acked),
             rx_waiting: false,
-            broken: false,
         });
         info!(
             "virtio-net: tap {} active, features {acked:#x}, tap offloads {offload:#x}",
@@ -332,16 +301,11 @@ impl VirtioDevice for Net {
     }
 
     fn reset(&mut self) -> bool {
-        lock(&self.handler).reset();
+        lock(&self.handler).core_mut().reset();
         if let Err(e) = self.tap.set_offload(0) {
             warn!("virtio-net: {e}");
         }
-        self.features.clear_acked();
         true
-    }
-
-    fn subscriber(&self) -> DeviceSubscriber {
-        self.handler.clone()
     }
 
     fn save(&self) -> DeviceState {

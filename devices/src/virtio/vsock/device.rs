@@ -3,26 +3,25 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use log::{info, warn};
+use log::info;
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::Queue;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::muxer::Muxer;
-use super::queue_handler::{Active, VsockHandler};
+use super::queue_handler::VsockHandler;
 use super::uds::{self, SocketFile, UdsError};
 use super::{Timeouts, NUM_QUEUES, QUEUE_SIZE};
+use crate::virtio::common::{common_accessors, ActiveQueues, HasCore, VirtioCommon};
 use crate::virtio::features::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::virtio::persist::same;
-use crate::virtio::queue_event_pairs;
 use crate::virtio::set_nonblocking;
 use crate::virtio::{
-    lock, read_config_bytes, ActivateError, DeviceState, DeviceSubscriber, FeatureSet, GuestMem,
-    Interrupt, PersistError, QueuePosition, VirtioDevice,
+    lock, read_config_bytes, ActivateError, DeviceState, GuestMem, Interrupt, PersistError,
+    QueuePosition, VirtioDevice,
 };
 
 /// Errors building a vsock device.
@@ -55,10 +54,9 @@ pub struct VsockState {
 
 /// A virtio-vsock device with the Unix-socket back end (see the [module docs](super)).
 pub struct Vsock {
+    common: VirtioCommon,
     guest_cid: u64,
     socket: SocketFile,
-    features: FeatureSet,
-    queue_events: Vec<EventFd>,
     handler: Arc<Mutex<VsockHandler>>,
 }
 
@@ -80,26 +78,28 @@ impl Vsock {
         }
         let uds_path = uds_path.as_ref();
         let (listener, socket) = uds::bind_listener(uds_path)?;
-        let (queue_events, kicks) = queue_event_pairs(NUM_QUEUES).map_err(VsockError::EventFd)?;
-        let wake = EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?;
         let timer = TimerFd::new().map_err(|e| VsockError::Timer(e.into()))?;
         set_nonblocking(&timer).map_err(VsockError::Timer)?;
         let muxer = Muxer::new(guest_cid, uds_path, listener, timeouts);
-        let handler = VsockHandler::new(kicks, wake, timer, muxer);
+        let (common, handler) = VirtioCommon::with_handler(
+            "virtio-vsock",
+            VIRTIO_ID_VSOCK,
+            &[QUEUE_SIZE; NUM_QUEUES],
+            bit(VIRTIO_F_VERSION_1)
+                | bit(VIRTIO_RING_F_INDIRECT_DESC)
+                | bit(VIRTIO_RING_F_EVENT_IDX),
+            |core| VsockHandler::new(core, timer, muxer),
+        )
+        .map_err(VsockError::EventFd)?;
         info!(
             "virtio-vsock: guest CID {guest_cid}, host socket {}",
             uds_path.display()
         );
         Ok(Vsock {
+            common,
             guest_cid,
             socket,
-            features: FeatureSet::new(
-                bit(VIRTIO_F_VERSION_1)
-                    | bit(VIRTIO_RING_F_INDIRECT_DESC)
-                    | bit(VIRTIO_RING_F_EVENT_IDX),
-            ),
-            queue_events,
-            handler: Arc::new(Mutex::new(handler)),
+            handler,
         })
     }
 
@@ -123,44 +123,19 @@ impl Vsock {
         VsockState {
             guest_cid: self.guest_cid,
             uds_path: self.socket.path().into(),
-            avail_features: self.features.avail(),
-            acked_features: self.features.acked(),
-            queues: lock(&self.handler).queue_states(),
+            avail_features: self.common.features().avail(),
+            acked_features: self.common.features().acked(),
+            queues: lock(&self.handler).core().queue_positions(),
         }
     }
 }
 
 impl VirtioDevice for Vsock {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_VSOCK
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE; NUM_QUEUES]
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
-    }
-
-    fn features(&self) -> &FeatureSet {
-        &self.features
-    }
-
-    fn features_mut(&mut self) -> &mut FeatureSet {
-        &mut self.features
-    }
+    common_accessors!(common);
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_vsock_config { le64 guest_cid; }
         read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        warn!(
-            "virtio-vsock: guest wrote {} bytes at config offset {offset:#x}; the config space is read-only, ignored",
-            data.len()
-        );
     }
 
     fn activate(
@@ -169,34 +144,18 @@ impl VirtioDevice for Vsock {
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                got: queues.len(),
-            });
-        }
+        self.common.check_queues(&queues)?;
         let mut handler = lock(&self.handler);
-        if handler.is_active() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        handler.activate(Active {
-            mem,
-            interrupt,
-            queues,
-            broken: false,
-        });
+        handler.core().check_idle()?;
+        let active = ActiveQueues::new(handler.core(), mem, interrupt, queues);
+        handler.core_mut().activate(active);
         info!("virtio-vsock: guest CID {} active", self.guest_cid);
         Ok(())
     }
 
     fn reset(&mut self) -> bool {
         lock(&self.handler).reset();
-        self.features.clear_acked();
         true
-    }
-
-    fn subscriber(&self) -> DeviceSubscriber {
-        self.handler.clone()
     }
 
     fn save(&self) -> DeviceState {

@@ -22,24 +22,24 @@
 //! The subscriber is added to the VMM's event loop once, when the VM is built. Before
 //! activation (and after a reset) the queues are not touched, but the listening socket is
 //! served: host clients can connect early, and their REQUEST reaches the guest once the
-//! driver is up.
+//! driver is up. Kick, wake-up and activation handling is the shared skeleton of
+//! [`common`](crate::virtio::common).
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, EventSet, Events};
 use log::{debug, error, warn};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::Bytes;
-use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::muxer::{FdRegistry, Muxer};
 use super::packet::{Header, HEADER_LEN};
-use super::{EVQ, MAX_PKT_DATA, NUM_QUEUES, RXQ, TXQ};
-use crate::virtio::{GuestMem, Interrupt, QueuePosition};
+use super::{EVQ, MAX_PKT_DATA, RXQ, TXQ};
+use crate::virtio::common::{impl_subscriber, ActiveQueues, HandlerCore, QueueHandler};
+use crate::virtio::GuestMem;
 
 /// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` (virtio 1.2 §5.10.6.4): `struct virtio_vsock_event
 /// { le32 id; }`.
@@ -48,24 +48,16 @@ const EVENT_TRANSPORT_RESET: u32 = 0;
 /// Chains handled per queue per wake-up before yielding to the loop's other subscribers.
 pub const BUDGET: usize = 256;
 
-/// What exists only while the device is active.
-pub(crate) struct Active {
-    pub mem: GuestMem,
-    pub interrupt: Arc<Interrupt>,
-    /// rx, tx, event.
-    pub queues: Vec<Queue>,
-    /// The driver broke a queue: nothing more is done until a reset.
-    pub broken: bool,
-}
+/// What exists only while the device is active: memory, interrupt and the queues (rx, tx,
+/// event).
+pub(crate) type Active = ActiveQueues;
 
 /// The vsock device's event-loop subscriber.
 pub struct VsockHandler {
-    kicks: Vec<EventFd>,
-    wake: EventFd,
+    core: HandlerCore<Active>,
     timer: TimerFd,
     timer_at: Option<Instant>,
     muxer: Muxer,
-    active: Option<Active>,
 }
 
 /// `EventOps` as the muxer's [`FdRegistry`].
@@ -90,16 +82,12 @@ impl FdRegistry for Ops<'_, '_> {
 }
 
 impl VsockHandler {
-    /// `kicks` are clones of the device's queue event fds (rx, tx, event).
-    pub(crate) fn new(kicks: Vec<EventFd>, wake: EventFd, timer: TimerFd, muxer: Muxer) -> Self {
-        debug_assert_eq!(kicks.len(), NUM_QUEUES);
+    pub(crate) fn new(core: HandlerCore<Active>, timer: TimerFd, muxer: Muxer) -> Self {
         Self {
-            kicks,
-            wake,
+            core,
             timer,
             timer_at: None,
             muxer,
-            active: None,
         }
     }
 
@@ -113,35 +101,18 @@ impl VsockHandler {
         self.muxer.pending_client_count()
     }
 
-    pub(crate) fn is_active(&self) -> bool {
-        self.active.is_some()
-    }
-
-    /// Starts serving the queues (from the transport, at DRIVER_OK).
-    pub(crate) fn activate(&mut self, active: Active) {
-        self.active = Some(active);
-        self.wake_up();
-    }
-
     /// Stops touching guest memory and forgets the streams (the driver reset the device).
     pub(crate) fn reset(&mut self) {
-        self.active = None;
+        self.core.reset();
+        // Closed sockets leave the epoll set on the loop thread (woken by the reset).
         self.muxer.reset();
-        // Closed sockets leave the epoll set on the loop thread.
-        self.wake_up();
-    }
-
-    /// Positions in the queues (rx, tx, event), while active.
-    pub(crate) fn queue_states(&self) -> Option<Vec<QueuePosition>> {
-        let a = self.active.as_ref()?;
-        Some(a.queues.iter().map(QueuePosition::of).collect())
     }
 
     /// Tells the guest that every stream is gone (after a snapshot restore): one
     /// transport-reset event on the event queue. Without a posted event buffer the guest
     /// is not told, which is logged.
     pub(crate) fn transport_reset(&mut self) {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.core.active_mut() else {
             return;
         };
         let mem = &a.mem.clone();
@@ -166,7 +137,7 @@ impl VsockHandler {
         };
         match head {
             Some((head, len)) => {
-                a.add_used(EVQ, mem, head, len);
+                a.add_used(EVQ, head, len);
                 a.notify(EVQ);
                 debug!("virtio-vsock: transport reset event sent");
             }
@@ -176,20 +147,14 @@ impl VsockHandler {
         }
     }
 
-    fn wake_up(&self) {
-        if let Err(e) = self.wake.write(1) {
-            warn!("virtio-vsock: cannot wake the event loop: {e}");
-        }
-    }
-
     /// Serves the queues (TX only if `tx`); `true` if a budget ran out.
     fn pump(&mut self, tx: bool) -> bool {
-        let Self { active, muxer, .. } = self;
-        let Some(a) = active.as_mut() else {
+        let Self { core, muxer, .. } = self;
+        let Some(a) = core.active_mut() else {
             return false;
         };
-        let more_tx = tx && !a.broken && a.process_tx(muxer);
-        let more_rx = !a.broken && a.process_rx(muxer);
+        let more_tx = tx && !a.broken && process_tx(a, muxer);
+        let more_rx = !a.broken && process_rx(a, muxer);
         more_tx || more_rx
     }
 
@@ -197,7 +162,7 @@ impl VsockHandler {
     /// muxer, then updates fd registrations and the timer.
     fn run(&mut self, ops: &mut EventOps, tx: bool) {
         if self.pump(tx) {
-            self.wake_up();
+            self.core.wake_up();
         }
         self.muxer.sync(&mut Ops(ops));
         self.arm_timer();
@@ -225,176 +190,148 @@ impl VsockHandler {
     }
 }
 
-impl Active {
-    /// Moves guest packets from the TX queue to the muxer. `true` if the budget ran out.
-    fn process_tx(&mut self, muxer: &mut Muxer) -> bool {
-        let mem = &self.mem.clone();
-        let mut used = false;
-        let mut more = false;
-        let mut handled = 0usize;
-        loop {
-            if let Err(e) = self.queues[TXQ].disable_notification(mem) {
-                return self.fail(format_args!(
+/// Moves guest packets from the TX queue to the muxer. `true` if the budget ran out.
+fn process_tx(a: &mut Active, muxer: &mut Muxer) -> bool {
+    let mem = &a.mem.clone();
+    let mut used = false;
+    let mut more = false;
+    let mut handled = 0usize;
+    loop {
+        if let Err(e) = a.queues[TXQ].disable_notification(mem) {
+            return a.fail(format_args!(
+                "tx queue: cannot update the used ring flags: {e}"
+            ));
+        }
+        let chains: Vec<DescriptorChain<&GuestMem>> = match a.queues[TXQ].iter(mem) {
+            Ok(it) => it.take(BUDGET - handled).collect(),
+            Err(e) => {
+                return a.fail(format_args!("tx queue: bad available ring: {e}"));
+            }
+        };
+        let progress = !chains.is_empty();
+        for mut chain in chains {
+            handled += 1;
+            let head = chain.head_index();
+            let raw = chain.clone();
+            match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
+                Ok(pkt) => {
+                    let hdr = Header::of(&pkt);
+                    muxer.send_pkt(&hdr, pkt.data_slice());
+                }
+                Err(e) => {
+                    let hdr = peek_header(raw);
+                    match &hdr {
+                        Some(h) => warn!(
+                            "virtio-vsock: malformed tx packet in chain {head}: {e}; dropped ({h})"
+                        ),
+                        None => warn!("virtio-vsock: malformed tx chain {head}: {e}; dropped"),
+                    }
+                    muxer.bad_packet(hdr.as_ref());
+                }
+            }
+            a.add_used(TXQ, head, 0);
+            used = true;
+        }
+        if handled >= BUDGET {
+            more = true;
+            break;
+        }
+        match a.queues[TXQ].enable_notification(mem) {
+            // More arrived meanwhile (and the ring is readable: no progress means the
+            // ring could not be read, and looping would spin).
+            Ok(true) if progress => continue,
+            Ok(_) => break,
+            Err(e) => {
+                return a.fail(format_args!(
                     "tx queue: cannot update the used ring flags: {e}"
                 ));
             }
-            let chains: Vec<DescriptorChain<&GuestMem>> = match self.queues[TXQ].iter(mem) {
-                Ok(it) => it.take(BUDGET - handled).collect(),
-                Err(e) => {
-                    return self.fail(format_args!("tx queue: bad available ring: {e}"));
-                }
-            };
-            let progress = !chains.is_empty();
-            for mut chain in chains {
-                handled += 1;
-                let head = chain.head_index();
-                let raw = chain.clone();
-                match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
-                    Ok(pkt) => {
-                        let hdr = Header::of(&pkt);
-                        muxer.send_pkt(&hdr, pkt.data_slice());
-                    }
-                    Err(e) => {
-                        let hdr = peek_header(raw);
-                        match &hdr {
-                            Some(h) => warn!(
-                                "virtio-vsock: malformed tx packet in chain {head}: {e}; dropped ({h})"
-                            ),
-                            None => warn!(
-                                "virtio-vsock: malformed tx chain {head}: {e}; dropped"
-                            ),
-                        }
-                        muxer.bad_packet(hdr.as_ref());
-                    }
-                }
-                self.add_used(TXQ, mem, head, 0);
-                used = true;
+        }
+    }
+    if used {
+        a.notify(TXQ);
+    }
+    more
+}
+
+/// Fills guest receive buffers with what the muxer owes the guest. `true` if the budget ran
+/// out.
+fn process_rx(a: &mut Active, muxer: &mut Muxer) -> bool {
+    let mem = &a.mem.clone();
+    let mut used = false;
+    let mut handled = 0usize;
+    let mut more = false;
+    let mut rechecked = false;
+    while muxer.has_pending_rx() {
+        if handled >= BUDGET {
+            more = true;
+            break;
+        }
+        let next = match a.queues[RXQ].iter(mem) {
+            Ok(mut it) => it.next(),
+            Err(e) => {
+                return a.fail(format_args!("rx queue: bad available ring: {e}"));
             }
-            if handled >= BUDGET {
-                more = true;
-                break;
-            }
-            match self.queues[TXQ].enable_notification(mem) {
-                // More arrived meanwhile (and the ring is readable: no progress means the
-                // ring could not be read, and looping would spin).
-                Ok(true) if progress => continue,
+        };
+        let Some(mut chain) = next else {
+            // Out of buffers: ask for a kick when the guest adds some.
+            match a.queues[RXQ].enable_notification(mem) {
+                // Buffers arrived meanwhile; once only, in case the ring is unreadable.
+                Ok(true) if !rechecked => {
+                    rechecked = true;
+                    continue;
+                }
                 Ok(_) => break,
                 Err(e) => {
-                    return self.fail(format_args!(
-                        "tx queue: cannot update the used ring flags: {e}"
+                    return a.fail(format_args!(
+                        "rx queue: cannot update the used ring flags: {e}"
                     ));
                 }
             }
-        }
-        if used {
-            self.notify(TXQ);
-        }
-        more
-    }
-
-    /// Fills guest receive buffers with what the muxer owes the guest. `true` if the budget
-    /// ran out.
-    fn process_rx(&mut self, muxer: &mut Muxer) -> bool {
-        let mem = &self.mem.clone();
-        let mut used = false;
-        let mut handled = 0usize;
-        let mut more = false;
-        let mut rechecked = false;
-        while muxer.has_pending_rx() {
-            if handled >= BUDGET {
-                more = true;
-                break;
-            }
-            let next = match self.queues[RXQ].iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    return self.fail(format_args!("rx queue: bad available ring: {e}"));
-                }
-            };
-            let Some(mut chain) = next else {
-                // Out of buffers: ask for a kick when the guest adds some.
-                match self.queues[RXQ].enable_notification(mem) {
-                    // Buffers arrived meanwhile; once only, in case the ring is unreadable.
-                    Ok(true) if !rechecked => {
-                        rechecked = true;
-                        continue;
-                    }
-                    Ok(_) => break,
-                    Err(e) => {
-                        return self.fail(format_args!(
-                            "rx queue: cannot update the used ring flags: {e}"
-                        ));
-                    }
-                }
-            };
-            handled += 1;
-            rechecked = false;
-            let head = chain.head_index();
-            let mut pkt = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
-                Ok(pkt) => pkt,
-                Err(e) => {
-                    warn!("virtio-vsock: unusable rx buffer in chain {head}: {e}; returned empty");
-                    self.add_used(RXQ, mem, head, 0);
-                    used = true;
-                    continue;
-                }
-            };
-            let data = match pkt.data_slice() {
-                Some(d) if !d.is_empty() => *d,
-                _ => {
-                    warn!("virtio-vsock: rx buffer in chain {head} has no room for data; returned empty");
-                    self.add_used(RXQ, mem, head, 0);
-                    used = true;
-                    continue;
-                }
-            };
-            let Some(hdr) = muxer.fill_rx(&data) else {
-                // Nothing after all: the buffer stays the guest's next one.
-                self.queues[RXQ].go_to_previous_position();
-                break;
-            };
-            let len = match pkt.set_header_from_raw(&hdr.to_bytes()) {
-                Ok(()) => HEADER_LEN as u32 + hdr.len,
-                Err(e) => {
-                    warn!("virtio-vsock: cannot write a packet header into rx chain {head}: {e}");
-                    0
-                }
-            };
-            debug!("virtio-vsock: to guest: {hdr}");
-            self.add_used(RXQ, mem, head, len);
-            used = true;
-        }
-        if used {
-            self.notify(RXQ);
-        }
-        more
-    }
-
-    fn add_used(&mut self, q: usize, mem: &GuestMem, head: u16, len: u32) {
-        if let Err(e) = self.queues[q].add_used(mem, head, len) {
-            warn!("virtio-vsock: cannot return chain {head} of queue {q} to the guest: {e}");
-        }
-    }
-
-    /// Raises the used-buffer interrupt if the driver wants one.
-    fn notify(&mut self, q: usize) {
-        match self.queues[q].needs_notification(&self.mem) {
-            Ok(false) => {}
-            Ok(true) => self.interrupt.signal_used_queue(),
+        };
+        handled += 1;
+        rechecked = false;
+        let head = chain.head_index();
+        let mut pkt = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
+            Ok(pkt) => pkt,
             Err(e) => {
-                warn!("virtio-vsock: cannot read the driver's notification index: {e}");
-                self.interrupt.signal_used_queue();
+                warn!("virtio-vsock: unusable rx buffer in chain {head}: {e}; returned empty");
+                a.add_used(RXQ, head, 0);
+                used = true;
+                continue;
             }
-        }
+        };
+        let data = match pkt.data_slice() {
+            Some(d) if !d.is_empty() => *d,
+            _ => {
+                warn!(
+                    "virtio-vsock: rx buffer in chain {head} has no room for data; returned empty"
+                );
+                a.add_used(RXQ, head, 0);
+                used = true;
+                continue;
+            }
+        };
+        let Some(hdr) = muxer.fill_rx(&data) else {
+            // Nothing after all: the buffer stays the guest's next one.
+            a.queues[RXQ].go_to_previous_position();
+            break;
+        };
+        let len = match pkt.set_header_from_raw(&hdr.to_bytes()) {
+            Ok(()) => HEADER_LEN as u32 + hdr.len,
+            Err(e) => {
+                warn!("virtio-vsock: cannot write a packet header into rx chain {head}: {e}");
+                0
+            }
+        };
+        debug!("virtio-vsock: to guest: {hdr}");
+        a.add_used(RXQ, head, len);
+        used = true;
     }
-
-    /// The driver broke a queue: the device needs a reset. Returns `false` (no more work).
-    fn fail(&mut self, why: std::fmt::Arguments) -> bool {
-        error!("virtio-vsock: {why}; the device needs a reset");
-        self.broken = true;
-        self.interrupt.set_needs_reset();
-        false
+    if used {
+        a.notify(RXQ);
     }
+    more
 }
 
 /// Reads a tx chain's header, if its first descriptor holds one (for logs and to reset the
@@ -409,43 +346,20 @@ fn peek_header(mut chain: DescriptorChain<&GuestMem>) -> Option<Header> {
     Header::from_bytes(&b)
 }
 
-fn drain(fd: &EventFd, what: &str) {
-    if let Err(e) = fd.read() {
-        if e.kind() != std::io::ErrorKind::WouldBlock {
-            warn!("virtio-vsock: cannot read the {what} event: {e}");
-        }
-    }
-}
-
-impl MutEventSubscriber for VsockHandler {
-    fn init(&mut self, ops: &mut EventOps) {
-        let fixed = self
-            .kicks
-            .iter()
-            .map(|k| k.as_raw_fd())
-            .chain([self.wake.as_raw_fd(), self.timer.as_raw_fd()]);
-        for fd in fixed {
-            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                error!("virtio-vsock: cannot watch fd {fd}, the device will not work: {e:?}");
-            }
-        }
-        self.muxer.sync(&mut Ops(ops));
+impl QueueHandler for VsockHandler {
+    /// Only a TX kick brings TX work; an RX kick (new buffers) or an event queue kick is
+    /// served by the RX pass every event ends with.
+    fn kicked(&mut self, q: usize, ops: &mut EventOps) {
+        self.run(ops, q == TXQ);
     }
 
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
+    fn woken(&mut self, ops: &mut EventOps) {
+        self.run(ops, true);
+    }
+
+    fn other_event(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        let mut tx = false;
-        if fd == self.kicks[RXQ].as_raw_fd() {
-            drain(&self.kicks[RXQ], "rx queue kick");
-        } else if fd == self.kicks[TXQ].as_raw_fd() {
-            drain(&self.kicks[TXQ], "tx queue kick");
-            tx = true;
-        } else if fd == self.kicks[EVQ].as_raw_fd() {
-            drain(&self.kicks[EVQ], "event queue kick");
-        } else if fd == self.wake.as_raw_fd() {
-            drain(&self.wake, "wake-up");
-            tx = true;
-        } else if fd == self.timer.as_raw_fd() {
+        if fd == self.timer.as_raw_fd() {
             // Non-blocking: a timer re-armed since it fired reads EAGAIN, not a hang.
             if let Err(e) = self.timer.wait() {
                 if e.errno() != libc::EAGAIN {
@@ -457,6 +371,18 @@ impl MutEventSubscriber for VsockHandler {
         } else if !self.muxer.handle_event(fd, events.event_set()) {
             debug!("virtio-vsock: event for fd {fd}, which is no longer watched");
         }
-        self.run(ops, tx);
+        self.run(ops, false);
+    }
+
+    fn watch_more(&mut self, ops: &mut EventOps) {
+        let fd = self.timer.as_raw_fd();
+        if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+            error!(
+                "virtio-vsock: cannot watch the connection timer, timeouts will not fire: {e:?}"
+            );
+        }
+        self.muxer.sync(&mut Ops(ops));
     }
 }
+
+impl_subscriber!(VsockHandler, Active);
