@@ -278,23 +278,15 @@ fn execs_with_and_without_stdin_then_kill_and_delete() {
 #[test]
 fn a_container_the_agent_refuses_leaves_nothing() {
     let Some(k) = kit() else { return };
-    // No such program in the rootfs: the agent refuses at create (runc-like) or the
-    // process exits 127; either way nothing of it is left after Delete.
-    match k.create("bad", &["/no/such/program"], StdioPaths::default()) {
-        Err(code) => {
-            assert_ne!(code, Code::OK);
-            assert!(!k.cs.contains("bad"));
-            assert_eq!(*k.pod.mounts.lock().unwrap(), ["mount bad", "unmount bad"]);
-        }
-        Ok(()) => {
-            let started = k.cs.start(&k.host, "bad", "");
-            if started.is_ok() {
-                assert_ne!(k.cs.wait("bad", "").unwrap().status, 0);
-            }
-            k.cs.delete(&k.host, "bad", "").unwrap();
-        }
-    }
-    // The agent holds nothing of it: the same id can be created again.
+    // No such program in the rootfs: the agent refuses at create, as runc does.
+    let code = k
+        .create("bad", &["/no/such/program"], StdioPaths::default())
+        .unwrap_err();
+    assert_eq!(code, Code::INTERNAL);
+    assert!(!k.cs.contains("bad"));
+    assert_eq!(*k.pod.mounts.lock().unwrap(), ["mount bad", "unmount bad"]);
+    // Neither the shim nor the agent holds anything of it: the id can be used again.
     k.create("bad", &["true"], StdioPaths::default()).unwrap();
     k.cs.delete(&k.host, "bad", "").unwrap();
+    assert!(k.events.topics().iter().all(|t| t == "delete"));
 }
