@@ -184,7 +184,7 @@ fn snapshot_and_stop(
         took.as_secs_f64() * 1e3,
         info.state_bytes.div_ceil(1024),
         info.memory_bytes >> 20,
-        info.memory_data_bytes as f64 / (1 << 20) as f64
+        info.memory_data_bytes as f64 / f64::from(1 << 20)
     );
     Ok(0)
 }

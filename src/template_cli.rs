@@ -134,7 +134,7 @@ fn list(common: &CommonArgs) -> Result<u8, String> {
     );
     for e in entries {
         let created = e.created.map_or_else(|| "?".to_string(), utc);
-        let disk = format!("{:.1}", e.disk_bytes as f64 / (1 << 20) as f64);
+        let disk = format!("{:.1}", e.disk_bytes as f64 / f64::from(1 << 20));
         match &e.state {
             Ok(s) => println!(
                 "{:<32}  {:>5}  {:>7}  {:>8}  {:<19}  {} / {}",

@@ -566,6 +566,7 @@ fn shim_containerd_pod() {
 
     // The shim dies under a running container (SIGKILL): containerd reports the task gone,
     // `ctr task rm` runs `shim delete`, which unmounts and removes the pod's state.
+    // SAFETY: plain kill(2) of the pod's shim.
     unsafe { libc::kill(shim as i32, libc::SIGKILL) };
     wait_until("c1 to be reported stopped", CTR_TIMEOUT, || {
         task_status(c, "c1").as_deref() != Some("RUNNING")

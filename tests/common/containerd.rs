@@ -320,6 +320,7 @@ impl Drop for Containerd {
             // SAFETY: plain kill(2) of a process of this test's containerd.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
+        // SAFETY: plain kill(2) of this test's containerd.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
@@ -331,6 +332,7 @@ impl Drop for Containerd {
         left.sort_by_key(|t| std::cmp::Reverse(t.len()));
         for m in left {
             let c = std::ffi::CString::new(m).unwrap();
+            // SAFETY: c is a valid NUL-terminated path; detaching a test mount.
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
         let mut left = mounts_below(&self.run_dir);
@@ -465,6 +467,7 @@ pub fn have_tools(test: &str) -> bool {
             return false;
         }
     }
+    // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         skip(test, "containerd needs root");
         return false;

@@ -437,7 +437,7 @@ impl Rtnl {
         msg.attributes.push(AddressAttribute::Address(cidr.ip));
         if let IpAddr::V4(ip) = cidr.ip {
             if cidr.prefix < 31 {
-                let host_bits = u32::MAX.checked_shr(cidr.prefix as u32).unwrap_or(0);
+                let host_bits = u32::MAX.checked_shr(u32::from(cidr.prefix)).unwrap_or(0);
                 let broadcast = u32::from(ip) | host_bits;
                 msg.attributes
                     .push(AddressAttribute::Broadcast(broadcast.into()));

@@ -48,7 +48,7 @@ pub struct CpuidMasks {
 
 /// Adjusts a copy of the supported-CPUID table for vCPU `cpu_id` of `cpu_count`.
 pub fn adjust(entries: &mut [kvm_cpuid_entry2], cpu_id: u8, cpu_count: u8, masks: CpuidMasks) {
-    let core_bits = bits_for(cpu_count as u32);
+    let core_bits = bits_for(u32::from(cpu_count));
     for e in entries.iter_mut() {
         match e.function {
             LEAF_FEATURES => {

@@ -195,7 +195,7 @@ mod tests {
     fn parse(table: &[u8], base: u64) -> (Vec<u8>, u8, usize) {
         assert_eq!(&table[..4], b"_MP_");
         assert_eq!(sum(&table[..FLOATING_LEN]), 0, "floating pointer checksum");
-        let cfg_addr = u32::from_le_bytes(table[4..8].try_into().unwrap()) as u64;
+        let cfg_addr = u64::from(u32::from_le_bytes(table[4..8].try_into().unwrap()));
         let cfg = &table[(cfg_addr - base) as usize..];
         assert_eq!(&cfg[..4], b"PCMP");
         let len = u16::from_le_bytes(cfg[4..6].try_into().unwrap()) as usize;
@@ -203,7 +203,7 @@ mod tests {
         assert_eq!(sum(&cfg[..len]), 0, "config table checksum");
         let count = u16::from_le_bytes(cfg[34..36].try_into().unwrap()) as usize;
         assert_eq!(
-            u32::from_le_bytes(cfg[36..40].try_into().unwrap()) as u64,
+            u64::from(u32::from_le_bytes(cfg[36..40].try_into().unwrap())),
             APIC_START
         );
         let (mut cpus, mut ioapic, mut io_ints) = (vec![], 0xff, 0);
@@ -219,7 +219,9 @@ mod tests {
                 ENTRY_IOAPIC => {
                     ioapic = cfg[off + 1];
                     assert_eq!(
-                        u32::from_le_bytes(cfg[off + 4..off + 8].try_into().unwrap()) as u64,
+                        u64::from(u32::from_le_bytes(
+                            cfg[off + 4..off + 8].try_into().unwrap()
+                        )),
                         IOAPIC_START
                     );
                     off += 8;

@@ -232,7 +232,7 @@ fn readdir_and_readdirplus() {
     // PassthroughFs leaves "." and ".." out (the guest kernel does not add them).
     assert_eq!(names, ["a", "bb", "ccc", "sub"]);
     let sub = entries.iter().find(|e| e.name == b"sub").unwrap();
-    assert_eq!(sub.type_, libc::DT_DIR as u32);
+    assert_eq!(sub.type_, u32::from(libc::DT_DIR));
 
     // Resuming from an offset gives the rest.
     let first = &entries[0];
