@@ -176,7 +176,7 @@ impl Service {
         }
     }
 
-    fn containers(&self) -> &Containers {
+    fn containers(&self) -> &Arc<Containers> {
         &self.inner.containers
     }
 

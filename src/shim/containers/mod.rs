@@ -371,15 +371,21 @@ impl Containers {
     /// Reports a started process's exit once: TaskExit first, then `Stopped` (containerd
     /// wants the event before Wait returns).
     fn finish(&self, id: &str, exec_id: &str, exit: Exit) {
-        {
-            let mut cs = self.lock();
-            let Some(p) = cs.get_mut(id).and_then(|c| c.proc_mut(exec_id)) else {
-                return;
-            };
-            if !p.state.begin_exit() {
-                return;
-            }
+        if self.begin_exit(id, exec_id) {
+            self.report_exit(id, exec_id, exit);
         }
+    }
+
+    /// Claims the report of a started process's exit; false if another caller has it.
+    fn begin_exit(&self, id: &str, exec_id: &str) -> bool {
+        let mut cs = self.lock();
+        cs.get_mut(id)
+            .and_then(|c| c.proc_mut(exec_id))
+            .is_some_and(|p| p.state.begin_exit())
+    }
+
+    /// The claimed report: TaskExit, then `Stopped`.
+    fn report_exit(&self, id: &str, exec_id: &str, exit: Exit) {
         emit(
             self.events.as_ref(),
             TaskExit {
@@ -426,7 +432,7 @@ impl Containers {
     }
 
     pub fn kill(
-        &self,
+        self: &Arc<Self>,
         pod: &Arc<dyn PodHost>,
         id: &str,
         exec_id: &str,
@@ -455,8 +461,27 @@ impl Containers {
                     self.with_proc(id, "", |c| c.init.state.stop_unstarted(exit.clone()))?;
                 if unstarted {
                     self.changed.notify_all();
-                } else {
-                    self.finish(id, "", exit);
+                } else if self.begin_exit(id, "") {
+                    // As a process's exit comes after the Kill that caused it, the exit is
+                    // reported after Kill has answered: containerd deletes the task and
+                    // shuts the shim's connection down once it sees the exit, which must
+                    // not overtake the answer to its Kill.
+                    let this = self.clone();
+                    let id_owned = id.to_string();
+                    let spawned = std::thread::Builder::new()
+                        .name("sandbox-exit".into())
+                        .spawn(move || this.report_exit(&id_owned, "", exit.clone()));
+                    if let Err(e) = spawned {
+                        log::warn!("no thread to report {id}'s exit ({e}): reporting it now");
+                        self.report_exit(
+                            id,
+                            "",
+                            Exit {
+                                status: 128 + signal,
+                                at: now(),
+                            },
+                        );
+                    }
                 }
                 Ok(())
             }
