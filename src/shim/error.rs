@@ -37,14 +37,14 @@ pub enum ShimError {
     #[error("process {exec_id} of container {id} not found")]
     ProcessNotFound { id: String, exec_id: String },
     /// The process is not in a state the request can act on.
-    #[error("process {id} {exec_id} {problem}")]
+    #[error("{} {problem}", process_name(id, exec_id))]
     State {
         id: String,
         exec_id: String,
         problem: &'static str,
     },
     /// Killing a process that has already exited.
-    #[error("process {id} {exec_id} already finished")]
+    #[error("{} already finished", process_name(id, exec_id))]
     Finished { id: String, exec_id: String },
     /// A request a CRI sandbox container (the pod itself, no process) cannot serve.
     #[error("container {0} is the pod's sandbox container: it runs no process to exec into")]
@@ -80,6 +80,15 @@ pub enum ShimError {
     Internal(String),
     #[error("{0}")]
     Unsupported(&'static str),
+}
+
+/// "container c" for an init process, "process e of container c" for an exec.
+fn process_name(id: &str, exec_id: &str) -> String {
+    if exec_id.is_empty() {
+        format!("container {id}")
+    } else {
+        format!("process {exec_id} of container {id}")
+    }
 }
 
 impl ShimError {

@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use containerd_shim::api;
 use containerd_shim::protos::events::task::{TaskCreate, TaskIO};
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
 use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::publisher::RemotePublisher;
@@ -329,12 +330,8 @@ impl Service {
     }
 }
 
-fn exit_fields(
-    exit: &Exit,
-) -> (
-    u32,
-    MessageField<containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp>,
-) {
+/// A process's exit as containerd's responses carry it.
+fn exit_fields(exit: &Exit) -> (u32, MessageField<Timestamp>) {
     (exit.status, MessageField::some(exit.at.clone()))
 }
 
