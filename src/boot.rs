@@ -11,7 +11,7 @@
 mod spec;
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -181,7 +181,7 @@ impl BootArgs {
 
     /// `--restore`: the bindings of the device arguments; their shape is checked against
     /// the snapshot's once it is read ([`BootArgs::check_restored`]).
-    fn restore_config(&self, dir: &std::path::Path) -> RestoreConfig {
+    fn restore_config(&self, dir: &Path) -> RestoreConfig {
         RestoreConfig {
             bindings: self.vm_config().bindings,
             verify_memory: self.verify_memory,
@@ -252,7 +252,7 @@ pub fn run(args: BootArgs, process_start: Instant) -> Result<u8, Box<dyn std::er
 /// `--snapshot`: waits `after` seconds, pauses, saves, stops. Exit status 0 once saved.
 fn snapshot_and_stop(
     running: RunningVm,
-    dir: &std::path::Path,
+    dir: &Path,
     after: f64,
 ) -> Result<u8, Box<dyn std::error::Error>> {
     std::thread::sleep(Duration::from_secs_f64(after.max(0.0)));
@@ -355,5 +355,74 @@ impl TimingsRecord {
             exit_code,
             reason: reason.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        boot: BootArgs,
+    }
+
+    fn args(words: &[&str]) -> BootArgs {
+        let argv = std::iter::once("podvisor").chain(words.iter().copied());
+        Cli::try_parse_from(argv).unwrap().boot
+    }
+
+    #[test]
+    fn arguments_split_into_shape_and_bindings() {
+        let a = args(&[
+            "--kernel",
+            "/k",
+            "--disk",
+            "/d.img,ro",
+            "--vsock",
+            "/v.sock",
+            "--guest-cid",
+            "7",
+            "--net",
+            "tap0,mtu=9000",
+            "--console",
+            "none",
+        ]);
+        let vm = a.vm_config();
+        assert_eq!(vm.shape.kernel, PathBuf::from("/k"));
+        assert!(vm.shape.disks[0].read_only);
+        assert_eq!(vm.shape.vsock.as_ref().map(|v| v.guest_cid), Some(7));
+        assert_eq!(vm.shape.nics[0].mtu, Some(9000));
+        assert_eq!(vm.bindings.disks, [PathBuf::from("/d.img")]);
+        assert_eq!(vm.bindings.vsock, Some(PathBuf::from("/v.sock")));
+        assert_eq!(vm.bindings.console, ConsoleConfig::Discard);
+        assert_eq!(vm.bindings.host.seccomp, vmm::SeccompMode::Enforce);
+    }
+
+    #[test]
+    fn a_restore_refuses_device_options_the_snapshot_contradicts() {
+        let a = args(&["--restore", "/snap", "--disk", "/d.img,ro", "--net", "tap0"]);
+        let booted = args(&[
+            "--kernel",
+            "/k",
+            "--disk",
+            "/d.img",
+            "--net",
+            "tap0,mtu=1400",
+        ]);
+        let saved = booted.vm_config().shape;
+        let e = a.check_restored(&saved).unwrap_err().to_string();
+        assert!(
+            e.contains("disks[0].read_only is false in the snapshot"),
+            "{e}"
+        );
+        let same = args(&["--restore", "/snap", "--disk", "/d.img", "--net", "tap1"]);
+        same.check_restored(&saved).unwrap();
+        let r = same.restore_config(Path::new("/snap"));
+        assert_eq!(r.shape, None);
+        assert_eq!(r.bindings.disks, [PathBuf::from("/d.img")]);
     }
 }

@@ -272,13 +272,8 @@ impl VmConfig {
     /// Checks the devices: one binding per device, existing disks, unique share tags
     /// (also for a restored VM, which has no kernel).
     pub fn validate_devices(&self) -> Result<(), ConfigError> {
-        let (s, b) = (&self.shape, &self.bindings);
-        for (what, shape, bound) in [
-            ("disk", s.disks.len(), b.disks.len()),
-            ("share", s.shares.len(), b.shares.len()),
-            ("vsock socket", s.vsock.iter().len(), b.vsock.iter().len()),
-            ("NIC", s.nics.len(), b.taps.len()),
-        ] {
+        let b = &self.bindings;
+        for (what, shape, bound) in device_counts(&self.shape, b) {
             if shape != bound {
                 return Err(ConfigError::BindingCount { what, shape, bound });
             }
@@ -343,6 +338,16 @@ impl VmConfig {
     pub fn mem_bytes(&self) -> u64 {
         self.shape.mem_mib << 20
     }
+}
+
+/// Per device kind: its name, how many the shape has, how many the bindings bind.
+fn device_counts(s: &GuestShape, b: &HostBindings) -> [(&'static str, usize, usize); 4] {
+    [
+        ("disk", s.disks.len(), b.disks.len()),
+        ("share", s.shares.len(), b.shares.len()),
+        ("vsock socket", s.vsock.iter().len(), b.vsock.iter().len()),
+        ("NIC", s.nics.len(), b.taps.len()),
+    ]
 }
 
 /// A share's guest-visible half and host half.
@@ -481,17 +486,7 @@ impl RestoreConfig {
         saved: &GuestShape,
         saved_nics: &[NetState],
     ) -> Result<VmConfig, ConfigError> {
-        let b = &self.bindings;
-        for (what, saved, bound) in [
-            ("disk", saved.disks.len(), b.disks.len()),
-            ("share", saved.shares.len(), b.shares.len()),
-            (
-                "vsock socket",
-                saved.vsock.iter().len(),
-                b.vsock.iter().len(),
-            ),
-            ("NIC", saved.nics.len(), b.taps.len()),
-        ] {
+        for (what, saved, bound) in device_counts(saved, &self.bindings) {
             if saved > 0 && bound == 0 {
                 return Err(ConfigError::Unbound { what, saved });
             }

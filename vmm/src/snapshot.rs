@@ -462,6 +462,27 @@ mod tests {
     }
 
     #[test]
+    fn a_restore_names_the_field_its_shape_differs_in() {
+        let saved = GuestShape::default();
+        assert!(SnapshotError::check_shape(&saved, &saved.clone()).is_ok());
+        let restoring = GuestShape {
+            mem_mib: 256,
+            ..saved.clone()
+        };
+        let e = SnapshotError::check_shape(&saved, &restoring).unwrap_err();
+        assert!(
+            matches!(&e, SnapshotError::ShapeMismatch { field, saved, restoring }
+                if field == "mem_mib" && saved == "128" && restoring == "256"),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains("mem_mib is 128 in the snapshot, 256 here"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn fingerprints_must_match() {
         let saved = HostFingerprint {
             cpu: "GenuineIntel family 6 model 85 stepping 7".into(),
