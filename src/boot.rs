@@ -1,17 +1,54 @@
 //! `podvisor boot`: one VM in this process, console on stdio or in a file; optionally saved
 //! to a snapshot once its init has started (`--snapshot`), or restored from one
 //! (`--restore`) instead of booted.
+//!
+//! The arguments split into the guest's shape (kernel, command line, vCPUs, memory, the
+//! devices' guest-visible side) and this process's bindings (console, the devices' files,
+//! socket and taps, and the host settings, which also come from the `PODVISOR_*`
+//! environment the shim reads: [`HostArgs`]). A restore takes the snapshot's shape and only
+//! the bindings; what the device arguments say of the shape must match the snapshot's.
+
+mod spec;
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use vmm::config::{
-    parse_disk, parse_net, BlockConfig, NetConfig, ShareConfig, VsockConfig, DEFAULT_CMDLINE,
-    DEFAULT_GUEST_CID,
+use podvisor::shim::config::{
+    parse_host_quirks, parse_ksm, parse_noreserve, HOST_QUIRKS_ENV, KSM_ENV, KVM_DEVICE_ENV,
+    NORESERVE_ENV,
 };
-use vmm::{BootTimings, ConsoleConfig, RestoreConfig, RunningVm, Vm, VmConfig};
+use spec::{parse_disk, parse_net};
+use vmm::config::{
+    split_share, BlockConfig, GuestShape, HostBindings, NetConfig, ShareConfig, DEFAULT_CMDLINE,
+    DEFAULT_GUEST_CID, DEFAULT_KVM_DEVICE,
+};
+use vmm::{
+    BootTimings, ConsoleConfig, HostQuirks, HostSettings, MemoryKnobs, RestoreConfig, RunningVm,
+    SnapshotError, Vm, VmConfig,
+};
+
+/// The VMM's host settings, from the same `PODVISOR_*` variables the shim reads (the
+/// options are for one-off runs; tests and `podvisor bench` set the variables).
+#[derive(Args, Debug, Clone)]
+pub struct HostArgs {
+    /// The KVM device node.
+    #[arg(long, env = KVM_DEVICE_ENV, default_value = DEFAULT_KVM_DEVICE, hide = true)]
+    pub kvm_device: PathBuf,
+    /// Host quirks: `pvm` or `none` force them, anything else detects them.
+    #[arg(long, env = HOST_QUIRKS_ENV, value_name = "pvm|none", value_parser = parse_host_quirks,
+          default_value = "auto", hide = true)]
+    pub host_quirks: HostQuirks,
+    /// `0`: guest RAM without MAP_NORESERVE.
+    #[arg(long, env = NORESERVE_ENV, value_name = "0|1", value_parser = parse_noreserve,
+          default_value = "1", action = clap::ArgAction::Set, hide = true)]
+    pub noreserve: bool,
+    /// `1`: guest RAM mergeable by KSM.
+    #[arg(long, env = KSM_ENV, value_name = "0|1", value_parser = parse_ksm, default_value = "0",
+          action = clap::ArgAction::Set, hide = true)]
+    pub ksm: bool,
+}
 
 #[derive(Args, Debug, Clone)]
 pub struct BootArgs {
@@ -67,7 +104,7 @@ pub struct BootArgs {
     /// syscall ends the process with SIGSYS), log (allowed and recorded in the kernel's
     /// audit log: to find what a new code path needs) or off.
     #[arg(long, value_name = "MODE", default_value = "enforce")]
-    pub seccomp: vmm::seccomp::Mode,
+    pub seccomp: vmm::SeccompMode,
     /// Save the VM to this directory once the guest's init has started (boot-timer
     /// marker) and `--snapshot-after` seconds more have passed, then stop it (exit status
     /// 0). The directory gets `state` and a sparse `memory` file (docs/snapshot-format.md).
@@ -91,6 +128,8 @@ pub struct BootArgs {
     /// With --restore: check the memory file's checksum first (reads all of it).
     #[arg(long, requires = "restore")]
     pub verify_memory: bool,
+    #[command(flatten)]
+    pub host: HostArgs,
 }
 
 fn console_config(spec: &str) -> ConsoleConfig {
@@ -101,41 +140,86 @@ fn console_config(spec: &str) -> ConsoleConfig {
     }
 }
 
+impl BootArgs {
+    /// The VM the arguments describe: shape and bindings.
+    fn vm_config(&self) -> VmConfig {
+        let mut vm = VmConfig {
+            shape: GuestShape {
+                kernel: self.kernel.clone().unwrap_or_default(),
+                initrd: self.initrd.clone(),
+                cmdline: self.cmdline.clone(),
+                vcpus: self.vcpus,
+                mem_mib: self.mem_mib,
+                ..GuestShape::default()
+            },
+            bindings: HostBindings {
+                console: console_config(&self.console),
+                host: self.host_settings(),
+                ..HostBindings::default()
+            },
+        };
+        self.disks.iter().for_each(|d| vm.add_disk(d.clone()));
+        self.shares.iter().for_each(|s| vm.add_share(s.clone()));
+        if let Some(path) = &self.vsock {
+            vm.set_vsock(self.guest_cid, path.clone());
+        }
+        self.nets.iter().for_each(|n| vm.add_nic(n.clone()));
+        vm
+    }
+
+    fn host_settings(&self) -> HostSettings {
+        HostSettings {
+            kvm_device: self.host.kvm_device.clone(),
+            memory: MemoryKnobs {
+                noreserve: self.host.noreserve,
+                ksm: self.host.ksm,
+            },
+            quirks: self.host.host_quirks,
+            seccomp: self.seccomp,
+        }
+    }
+
+    /// `--restore`: the bindings of the device arguments; their shape is checked against
+    /// the snapshot's once it is read ([`BootArgs::check_restored`]).
+    fn restore_config(&self, dir: &Path) -> RestoreConfig {
+        RestoreConfig {
+            bindings: self.vm_config().bindings,
+            verify_memory: self.verify_memory,
+            ..RestoreConfig::new(dir)
+        }
+    }
+
+    /// What the device arguments of a `--restore` say of the guest's shape must be the
+    /// restored guest's (`restored`): disks' read-only flags, shares' tags and options, the
+    /// vsock CID, and the NICs' MACs and MTUs where given.
+    fn check_restored(&self, restored: &GuestShape) -> Result<(), SnapshotError> {
+        let mut given = restored.clone();
+        for (shape, disk) in given.disks.iter_mut().zip(&self.disks) {
+            shape.read_only = disk.read_only;
+        }
+        for (shape, share) in given.shares.iter_mut().zip(&self.shares) {
+            *shape = split_share(share.clone()).0;
+        }
+        if let (Some(shape), Some(_)) = (&mut given.vsock, &self.vsock) {
+            shape.guest_cid = self.guest_cid;
+        }
+        for (shape, nic) in given.nics.iter_mut().zip(&self.nets) {
+            shape.mac = nic.mac.or(shape.mac);
+            shape.mtu = nic.mtu.or(shape.mtu);
+        }
+        SnapshotError::check_shape(restored, &given)
+    }
+}
+
 /// Boots (or restores) the VM and returns the process exit status.
 pub fn run(args: BootArgs, process_start: Instant) -> Result<u8, Box<dyn std::error::Error>> {
-    vmm::seccomp::set_mode(args.seccomp);
-    let vsock = args.vsock.clone().map(|uds_path| VsockConfig {
-        guest_cid: args.guest_cid,
-        uds_path,
-    });
     let vm = match &args.restore {
         Some(dir) => {
-            let restore = RestoreConfig {
-                console: console_config(&args.console),
-                disks: (!args.disks.is_empty()).then(|| args.disks.clone()),
-                shares: (!args.shares.is_empty()).then(|| args.shares.clone()),
-                vsock,
-                net: (!args.nets.is_empty()).then(|| args.nets.clone()),
-                verify_memory: args.verify_memory,
-                ..RestoreConfig::new(dir)
-            };
-            Vm::restore(&restore, process_start)?
+            let vm = Vm::restore(&args.restore_config(dir), process_start)?;
+            args.check_restored(vm.shape())?;
+            vm
         }
-        None => Vm::new(
-            VmConfig {
-                kernel: args.kernel.clone().unwrap_or_default(),
-                initrd: args.initrd.clone(),
-                cmdline: args.cmdline.clone(),
-                vcpus: args.vcpus,
-                mem_mib: args.mem_mib,
-                console: console_config(&args.console),
-                disks: args.disks.clone(),
-                shares: args.shares.clone(),
-                vsock,
-                net: args.nets.clone(),
-            },
-            process_start,
-        )?,
+        None => Vm::new(args.vm_config(), process_start)?,
     };
     let timeout = args.timeout.map(Duration::from_secs);
     let mut running = vm.start()?;
@@ -168,7 +252,7 @@ pub fn run(args: BootArgs, process_start: Instant) -> Result<u8, Box<dyn std::er
 /// `--snapshot`: waits `after` seconds, pauses, saves, stops. Exit status 0 once saved.
 fn snapshot_and_stop(
     running: RunningVm,
-    dir: &std::path::Path,
+    dir: &Path,
     after: f64,
 ) -> Result<u8, Box<dyn std::error::Error>> {
     std::thread::sleep(Duration::from_secs_f64(after.max(0.0)));
@@ -271,5 +355,74 @@ impl TimingsRecord {
             exit_code,
             reason: reason.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        boot: BootArgs,
+    }
+
+    fn args(words: &[&str]) -> BootArgs {
+        let argv = std::iter::once("podvisor").chain(words.iter().copied());
+        Cli::try_parse_from(argv).unwrap().boot
+    }
+
+    #[test]
+    fn arguments_split_into_shape_and_bindings() {
+        let a = args(&[
+            "--kernel",
+            "/k",
+            "--disk",
+            "/d.img,ro",
+            "--vsock",
+            "/v.sock",
+            "--guest-cid",
+            "7",
+            "--net",
+            "tap0,mtu=9000",
+            "--console",
+            "none",
+        ]);
+        let vm = a.vm_config();
+        assert_eq!(vm.shape.kernel, PathBuf::from("/k"));
+        assert!(vm.shape.disks[0].read_only);
+        assert_eq!(vm.shape.vsock.as_ref().map(|v| v.guest_cid), Some(7));
+        assert_eq!(vm.shape.nics[0].mtu, Some(9000));
+        assert_eq!(vm.bindings.disks, [PathBuf::from("/d.img")]);
+        assert_eq!(vm.bindings.vsock, Some(PathBuf::from("/v.sock")));
+        assert_eq!(vm.bindings.console, ConsoleConfig::Discard);
+        assert_eq!(vm.bindings.host.seccomp, vmm::SeccompMode::Enforce);
+    }
+
+    #[test]
+    fn a_restore_refuses_device_options_the_snapshot_contradicts() {
+        let a = args(&["--restore", "/snap", "--disk", "/d.img,ro", "--net", "tap0"]);
+        let booted = args(&[
+            "--kernel",
+            "/k",
+            "--disk",
+            "/d.img",
+            "--net",
+            "tap0,mtu=1400",
+        ]);
+        let saved = booted.vm_config().shape;
+        let e = a.check_restored(&saved).unwrap_err().to_string();
+        assert!(
+            e.contains("disks[0].read_only is false in the snapshot"),
+            "{e}"
+        );
+        let same = args(&["--restore", "/snap", "--disk", "/d.img", "--net", "tap1"]);
+        same.check_restored(&saved).unwrap();
+        let r = same.restore_config(Path::new("/snap"));
+        assert_eq!(r.shape, None);
+        assert_eq!(r.bindings.disks, [PathBuf::from("/d.img")]);
     }
 }

@@ -81,7 +81,6 @@ pub fn run(cmd: TemplateCommand) -> Result<u8, String> {
 
 fn create(args: CreateArgs) -> Result<u8, String> {
     let mut config = settings(&args.common)?;
-    vmm::seccomp::set_mode(config.seccomp);
     if let Some(v) = args.vcpus {
         config.vcpus = v;
     }
@@ -102,7 +101,7 @@ fn create(args: CreateArgs) -> Result<u8, String> {
     let result = pod_vm_config(&config, &state)
         .map_err(|e| e.to_string())
         .and_then(|vm_config| {
-            let key = template::key(&vm_config);
+            let key = template::key(&vm_config.shape);
             template::clear_failure(&config.template_dir, &key);
             if args.force && config.template_dir.join(&key).is_dir() {
                 template::remove(&config.template_dir, &key)?;
@@ -139,12 +138,12 @@ fn list(common: &CommonArgs) -> Result<u8, String> {
             Ok(s) => println!(
                 "{:<32}  {:>5}  {:>7}  {:>8}  {:<19}  {} / {}",
                 e.key,
-                s.config.vcpus,
-                s.config.mem_mib,
+                s.shape.vcpus,
+                s.shape.mem_mib,
                 disk,
                 created,
-                s.config.kernel.display(),
-                s.config
+                s.shape.kernel.display(),
+                s.shape
                     .initrd
                     .as_ref()
                     .map_or_else(|| "-".into(), |p| p.display().to_string()),

@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{guest_artifacts, podvisor, temp_path};
-use vmm::{ConsoleConfig, ExitReason, Vm, VmConfig};
+use vmm::{ConsoleConfig, ExitReason, GuestShape, HostBindings, Vm, VmConfig};
 
 const BOOT_TIMEOUT: &str = "900";
 
@@ -73,12 +73,17 @@ fn library_boots_two_vcpus_and_pauses() {
     let _vms = common::vm_slots::take(2);
     let console = temp_path("console-2vcpu.log");
     let config = VmConfig {
-        kernel: guest.kernel,
-        initrd: Some(guest.initrd),
-        vcpus: 2,
-        mem_mib: 256,
-        console: ConsoleConfig::File(console.clone()),
-        ..Default::default()
+        shape: GuestShape {
+            kernel: guest.kernel,
+            initrd: Some(guest.initrd),
+            vcpus: 2,
+            mem_mib: 256,
+            ..Default::default()
+        },
+        bindings: HostBindings {
+            console: ConsoleConfig::File(console.clone()),
+            ..Default::default()
+        },
     };
     let vm = Vm::new(config, Instant::now()).expect("create VM");
     let running = vm.start().expect("start VM");
@@ -147,10 +152,15 @@ fn stop_handle_ends_a_running_guest() {
     };
     let _vms = common::vm_slots::take(1);
     let config = VmConfig {
-        kernel: guest.kernel,
-        initrd: Some(guest.initrd),
-        console: ConsoleConfig::Discard,
-        ..Default::default()
+        shape: GuestShape {
+            kernel: guest.kernel,
+            initrd: Some(guest.initrd),
+            ..Default::default()
+        },
+        bindings: HostBindings {
+            console: ConsoleConfig::Discard,
+            ..Default::default()
+        },
     };
     let running = Vm::new(config, Instant::now())
         .expect("create VM")

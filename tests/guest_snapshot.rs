@@ -104,17 +104,12 @@ fn counter_keeps_counting_after_snapshot_and_restore() {
         .err()
         .expect("a restore without its disk and vsock bindings must fail");
     assert!(unbound.to_string().contains("binds none"), "{unbound}");
-    let restore = RestoreConfig {
-        disks: Some(vec![vmm::config::BlockConfig {
-            path: disk.clone(),
-            ..saved.config.disks[0].clone()
-        }]),
-        vsock: Some(vmm::config::VsockConfig {
-            uds_path: dir.join("again.sock"),
-            ..saved.config.vsock.clone().expect("the snapshot's vsock")
-        }),
+    let mut restore = RestoreConfig {
+        shape: Some(saved.shape.clone()),
         ..RestoreConfig::new(&snap)
     };
+    restore.bindings.disks = vec![disk.clone()];
+    restore.bindings.vsock = Some(dir.join("again.sock"));
     let restored = Vm::restore(&restore, Instant::now())
         .expect("restore")
         .start_paused()
@@ -161,7 +156,7 @@ fn counter_keeps_counting_after_snapshot_and_restore() {
         assert_eq!(json(&a.xsave), json(&s.xsave), "FPU state changed");
         assert_eq!(json(&a.mp_state), json(&s.mp_state));
         // Every MSR but the time stamp counter, which runs on.
-        let msrs = |v: &vmm::vcpu::VcpuState| {
+        let msrs = |v: &vmm::VcpuState| {
             v.msrs
                 .iter()
                 .filter(|m| m.index != 0x10)

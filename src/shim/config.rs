@@ -9,7 +9,11 @@
 //!    given), else [`DEFAULT_CONFIG_PATH`] when that file exists;
 //! 3. the environment containerd passes to its shims: `PODVISOR_KERNEL`,
 //!    `PODVISOR_INITRD`, `PODVISOR_VCPUS`, `PODVISOR_MEM_MIB`, `PODVISOR_RUN_DIR`,
-//!    `PODVISOR_AGENT_TIMEOUT_SECS`;
+//!    `PODVISOR_AGENT_TIMEOUT_SECS`, and the VMM's host settings, which only the
+//!    environment sets: `PODVISOR_KVM_DEVICE` (another KVM device node: tests use it),
+//!    `PODVISOR_HOST_QUIRKS` (`pvm`/`none`: override host detection), `PODVISOR_NORESERVE`
+//!    (`0`: guest RAM without `MAP_NORESERVE`) and `PODVISOR_KSM` (`1`: guest RAM
+//!    mergeable by KSM), which `podvisor bench density` sets;
 //! 4. per pod, the OCI annotations `io.podvisor.config.vcpus`,
 //!    `io.podvisor.config.memory_mib` (bounded by `max_vcpus` / `max_memory_mib`) and
 //!    `io.podvisor.config.kernel` (only with `allow_kernel_override = true`),
@@ -28,13 +32,15 @@
 //! the repository documents each key with its default.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::CodedInputStream;
 use serde::Deserialize;
-pub use vmm::seccomp::Mode as SeccompMode;
+pub use vmm::SeccompMode;
+use vmm::{HostQuirks, HostSettings, MemoryKnobs};
 
 /// Default directory of the pods' host state.
 pub const DEFAULT_RUN_DIR: &str = "/run/podvisor";
@@ -130,6 +136,12 @@ pub struct ShimConfig {
     pub template_shapes: Vec<[u64; 2]>,
     /// Templates kept at most; the least recently used go first.
     pub max_templates: usize,
+    /// The KVM device node (`PODVISOR_KVM_DEVICE`).
+    pub kvm_device: PathBuf,
+    /// Host quirks: detected, or forced (`PODVISOR_HOST_QUIRKS`).
+    pub host_quirks: HostQuirks,
+    /// How guest RAM is mapped (`PODVISOR_NORESERVE`, `PODVISOR_KSM`).
+    pub memory: MemoryKnobs,
     /// This pod's VM shape came from its annotations.
     pub annotated: bool,
     /// The file the settings came from, if any (for messages).
@@ -154,6 +166,9 @@ impl Default for ShimConfig {
             seccomp: SeccompMode::Enforce,
             template_shapes: Vec::new(),
             max_templates: DEFAULT_MAX_TEMPLATES,
+            kvm_device: PathBuf::from(vmm::config::DEFAULT_KVM_DEVICE),
+            host_quirks: HostQuirks::Auto,
+            memory: MemoryKnobs::default(),
             annotated: false,
             source: None,
         }
@@ -405,6 +420,9 @@ impl ShimConfig {
             seccomp: file.seccomp.unwrap_or_default(),
             template_shapes: file.template_shapes.unwrap_or_default(),
             max_templates: file.max_templates.unwrap_or(d.max_templates),
+            kvm_device: d.kvm_device,
+            host_quirks: d.host_quirks,
+            memory: d.memory,
             annotated: false,
             source: None,
         };
@@ -472,7 +490,30 @@ impl ShimConfig {
                 message,
             })?;
         }
+        let text = |name: &str| env(name).map(|v| v.to_string_lossy().into_owned());
+        if let Some(p) = path(KVM_DEVICE_ENV) {
+            self.kvm_device = p;
+        }
+        if let Some(Ok(q)) = text(HOST_QUIRKS_ENV).as_deref().map(parse_host_quirks) {
+            self.host_quirks = q;
+        }
+        if let Some(Ok(on)) = text(NORESERVE_ENV).as_deref().map(parse_noreserve) {
+            self.memory.noreserve = on;
+        }
+        if let Some(Ok(on)) = text(KSM_ENV).as_deref().map(parse_ksm) {
+            self.memory.ksm = on;
+        }
         Ok(())
+    }
+
+    /// The VMM's host settings of these settings.
+    pub fn host_settings(&self) -> HostSettings {
+        HostSettings {
+            kvm_device: self.kvm_device.clone(),
+            memory: self.memory,
+            quirks: self.host_quirks,
+            seccomp: self.seccomp,
+        }
     }
 
     /// Checks the settings (after the environment's overrides).
@@ -658,7 +699,7 @@ fn toml_error_line(text: &str, e: &toml::de::Error) -> String {
     format!("line {line_no} `{line}`: {what} (see config/podvisor.toml for the keys)")
 }
 
-/// The environment variables [`ShimConfig`] reads (besides `PODVISOR_CONFIG`).
+/// The environment variables [`ShimConfig::from_env`] reads.
 const ENV_VARS: &[&str] = &[
     "PODVISOR_KERNEL",
     "PODVISOR_INITRD",
@@ -666,7 +707,40 @@ const ENV_VARS: &[&str] = &[
     "PODVISOR_MEM_MIB",
     "PODVISOR_RUN_DIR",
     "PODVISOR_AGENT_TIMEOUT_SECS",
+    KVM_DEVICE_ENV,
+    HOST_QUIRKS_ENV,
+    NORESERVE_ENV,
+    KSM_ENV,
 ];
+
+/// Environment variable naming the KVM device (default `/dev/kvm`).
+pub const KVM_DEVICE_ENV: &str = "PODVISOR_KVM_DEVICE";
+/// Environment variable that overrides host detection (`pvm` or `none`; else detected).
+pub const HOST_QUIRKS_ENV: &str = "PODVISOR_HOST_QUIRKS";
+/// Environment variable: `0` maps guest RAM without `MAP_NORESERVE`.
+pub const NORESERVE_ENV: &str = "PODVISOR_NORESERVE";
+/// Environment variable: `1` marks guest RAM mergeable by KSM.
+pub const KSM_ENV: &str = "PODVISOR_KSM";
+
+/// [`HOST_QUIRKS_ENV`]'s value: `pvm` and `none` force the quirks either way, anything else
+/// detects them. Never fails (an unknown value detects), as a clap parser too.
+pub fn parse_host_quirks(value: &str) -> Result<HostQuirks, Infallible> {
+    Ok(match value {
+        "pvm" => HostQuirks::Pvm,
+        "none" => HostQuirks::None,
+        _ => HostQuirks::Auto,
+    })
+}
+
+/// [`NORESERVE_ENV`]'s value: `0` turns `MAP_NORESERVE` off, anything else keeps it on.
+pub fn parse_noreserve(value: &str) -> Result<bool, Infallible> {
+    Ok(value.trim() != "0")
+}
+
+/// [`KSM_ENV`]'s value: `1` turns KSM on, anything else keeps it off.
+pub fn parse_ksm(value: &str) -> Result<bool, Infallible> {
+    Ok(value.trim() == "1")
+}
 
 #[cfg(test)]
 mod tests {
@@ -762,6 +836,7 @@ mod tests {
                 max_templates: 3,
                 annotated: false,
                 source: None,
+                ..ShimConfig::default()
             }
         );
     }
@@ -1181,6 +1256,47 @@ mod tests {
                 run_dir: "/env/run".into(),
                 ..ShimConfig::default()
             }
+        );
+    }
+
+    #[test]
+    fn host_settings_come_from_the_environment_with_the_vmms_defaults() {
+        let c = load_env(&[]).unwrap();
+        let d = c.host_settings();
+        assert_eq!(d.kvm_device, PathBuf::from("/dev/kvm"));
+        assert_eq!(d.quirks, HostQuirks::Auto);
+        assert_eq!(d.memory, MemoryKnobs::default());
+        assert_eq!(d, vmm::HostSettings::default());
+        let c = load_env(&[
+            (KVM_DEVICE_ENV, "/nonexistent/kvm"),
+            (HOST_QUIRKS_ENV, "pvm"),
+            (NORESERVE_ENV, " 0 "),
+            (KSM_ENV, "1"),
+            ("PODVISOR_SECCOMP", "log"),
+        ])
+        .unwrap();
+        let h = c.host_settings();
+        assert_eq!(h.kvm_device, PathBuf::from("/nonexistent/kvm"));
+        assert_eq!(h.quirks, HostQuirks::Pvm);
+        assert_eq!(
+            h.memory,
+            MemoryKnobs {
+                noreserve: false,
+                ksm: true
+            }
+        );
+        assert_eq!(h.seccomp, SeccompMode::Log);
+        // Values they do not know keep the defaults, as they always did.
+        let c = load_env(&[
+            (HOST_QUIRKS_ENV, "auto"),
+            (NORESERVE_ENV, "no"),
+            (KSM_ENV, "yes"),
+        ])
+        .unwrap();
+        assert_eq!(c.host_settings(), d);
+        assert_eq!(
+            load_env(&[(HOST_QUIRKS_ENV, "none")]).unwrap().host_quirks,
+            HostQuirks::None
         );
     }
 }

@@ -1,10 +1,14 @@
 //! Pod templates: a booted pod VM, snapshotted once, that every later pod restores as a
 //! copy-on-write clone instead of booting (`template = "auto"`).
 //!
-//! A template is keyed by what shapes the booted guest: the podvisor version, the kernel and
-//! initrd (path, size, modification time), vCPUs, memory, the command line and the NICs'
-//! number and MTUs (a template VM's NICs sit on taps in a detached network namespace;
-//! clones bind their pods' taps and the agent gives the NIC the pod's MAC). It lives in
+//! A template is keyed by what shapes the booted guest ([`key`]): the template's
+//! [`GuestShape`] whole, serialised, with a key format version, the podvisor version and
+//! the kernel's and initrd's content identity (size, modification time), so that a field
+//! added to the shape can never reuse a template built without it. The template's shape is
+//! the pod's but for the NICs' MACs ([`shape`]): a template VM's NICs sit on taps in a
+//! detached network namespace with MACs of the template's own; clones bind their pods'
+//! taps and the agent gives each NIC its pod's MAC. A clone's restore expects the
+//! template's shape and refuses a template saved with another. It lives in
 //! `<template_dir>/<key>/` (`state` + sparse `memory`, `vmm::snapshot`'s format). The first
 //! pod that needs a missing template builds it under an exclusive `flock` on
 //! `<template_dir>/<key>.lock`, so concurrent pods wait for one build instead of racing: a
@@ -27,48 +31,92 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
+use serde::Serialize;
 use sha2::{Digest, Sha256};
-use vmm::{ConsoleConfig, Vm, VmConfig};
+use vmm::{ConsoleConfig, GuestShape, RestoreConfig, Vm, VmConfig};
 
 /// How long the agent may run after its marker before the template is saved (it has just
 /// started listening; let it settle in accept()).
 const SETTLE: Duration = Duration::from_secs(2);
 
-/// The template key of `config` (the pod VM's configuration before host paths are bound).
-pub fn key(config: &VmConfig) -> String {
-    let mut h = Sha256::new();
-    h.update(env!("CARGO_PKG_VERSION"));
-    for path in std::iter::once(&config.kernel).chain(config.initrd.iter()) {
-        h.update(path.to_string_lossy().as_bytes());
-        if let Ok(m) = std::fs::metadata(path) {
-            h.update(m.len().to_le_bytes());
-            let mtime = m
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .unwrap_or_default();
-            h.update(mtime.as_nanos().to_le_bytes());
-        }
+/// The version of what [`key`] hashes: raise it when its derivation changes.
+const KEY_FORMAT: u32 = 1;
+
+/// The MAC of a template VM's NIC `index` (a clone keeps it in config space; its agent gives
+/// the interface the pod's).
+fn template_mac(index: usize) -> [u8; 6] {
+    [0x02, 0x70, 0x76, 0, 0, index as u8]
+}
+
+/// The template's shape for a pod of shape `pod`: the same, but for the NICs' MACs, which
+/// are the template's own.
+pub fn shape(pod: &GuestShape) -> GuestShape {
+    let mut shape = pod.clone();
+    for (i, nic) in shape.nics.iter_mut().enumerate() {
+        nic.mac = Some(template_mac(i));
     }
-    h.update(config.vcpus.to_le_bytes());
-    h.update(config.mem_mib.to_le_bytes());
-    h.update(config.cmdline.as_bytes());
-    for s in &config.shares {
-        h.update(s.tag.as_bytes());
+    shape
+}
+
+/// A file's content identity in the key: size and modification time (absent: the file
+/// cannot be read; the build then fails and says why).
+#[derive(Serialize)]
+struct FileIdentity {
+    len: u64,
+    mtime_ns: u128,
+}
+
+impl FileIdentity {
+    fn of(path: &Path) -> Option<FileIdentity> {
+        let m = std::fs::metadata(path).ok()?;
+        let mtime = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .unwrap_or_default();
+        Some(FileIdentity {
+            len: m.len(),
+            mtime_ns: mtime.as_nanos(),
+        })
     }
-    if let Some(v) = &config.vsock {
-        h.update(v.guest_cid.to_le_bytes());
-    }
-    // The NICs' number and MTUs shape the guest (the MTU caps what the guest may set);
-    // their taps and MACs are the pod's.
-    if !config.net.is_empty() {
-        h.update(b"net");
-        for n in &config.net {
-            h.update(n.mtu.unwrap_or(0).to_le_bytes());
-        }
-    }
-    let d = h.finalize();
+}
+
+/// Everything a template key is the hash of.
+#[derive(Serialize)]
+struct KeyInput<'a> {
+    format: u32,
+    podvisor_version: &'a str,
+    shape: GuestShape,
+    kernel: Option<FileIdentity>,
+    initrd: Option<FileIdentity>,
+}
+
+/// The template key of a pod of shape `pod`: the first 128 bits of the SHA-256 of
+/// [`KeyInput`] as JSON (the template's [`shape`] whole, so every field of it counts).
+pub fn key(pod: &GuestShape) -> String {
+    let shape = shape(pod);
+    let input = KeyInput {
+        format: KEY_FORMAT,
+        podvisor_version: env!("CARGO_PKG_VERSION"),
+        kernel: FileIdentity::of(&shape.kernel),
+        initrd: shape.initrd.as_deref().and_then(FileIdentity::of),
+        shape,
+    };
+    // Plain fields, string keys: serialising cannot fail.
+    let json = serde_json::to_vec(&input).unwrap_or_default();
+    let d = Sha256::digest(&json);
     d.iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+/// A pod's restore of the template in `dir`: the template's shape expected, the pod's own
+/// bindings (console, share, vsock socket, taps, host settings).
+pub fn restore_config(dir: PathBuf, pod: &VmConfig) -> RestoreConfig {
+    RestoreConfig {
+        shape: Some(shape(&pod.shape)),
+        bindings: pod.bindings.clone(),
+        // The agent sets the wall clock at CreateSandbox.
+        ..RestoreConfig::new(dir)
+    }
 }
 
 /// An exclusive lock on a file, released on drop.
@@ -96,21 +144,21 @@ impl Drop for Lock {
     }
 }
 
-/// The template directory for `config`, building the template first if it is missing.
-/// `config`'s share and vsock are replaced by scratch ones for the template VM.
+/// The template directory for the pod VM `config`, building the template first if it is
+/// missing. The template VM has the template's [`shape`] and scratch bindings of its own.
 pub fn ensure(
     template_dir: &Path,
     max_templates: usize,
     config: &VmConfig,
     timeout: Duration,
 ) -> Result<PathBuf, String> {
-    let key = key(config);
+    let key = key(&config.shape);
     let dir = template_dir.join(&key);
     if dir.join(vmm::snapshot::STATE_FILE).is_file() {
         touch_used(&dir);
         return Ok(dir);
     }
-    vmm::snapshot_support()
+    vmm::snapshot_support(&config.bindings.host.kvm_device)
         .map_err(|e| format!("this host's KVM cannot save VMs, so no templates: {e}"))?;
     // Templates hold guest memory: owner only.
     super::share::ensure_dir(template_dir, 0o700).map_err(|e| format!("template dir: {e}"))?;
@@ -232,22 +280,24 @@ fn build(scratch: &Path, dir: &Path, config: &VmConfig, timeout: Duration) -> Re
     std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
         .create(&share_dir)
         .map_err(|e| format!("template scratch {}: {e}", share_dir.display()))?;
-    let mut cfg = config.clone();
-    for s in &mut cfg.shares {
+    let mut cfg = VmConfig {
+        shape: shape(&config.shape),
+        bindings: config.bindings.clone(),
+    };
+    for s in &mut cfg.bindings.shares {
         s.dir = share_dir.clone();
     }
-    if let Some(v) = &mut cfg.vsock {
-        v.uds_path = scratch.join("vsock.sock");
+    if let Some(v) = &mut cfg.bindings.vsock {
+        *v = scratch.join("vsock.sock");
     }
     // The template's NICs sit on taps that reach nothing; clones get their pods' taps.
-    for (i, n) in cfg.net.iter_mut().enumerate() {
+    for (i, t) in cfg.bindings.taps.iter_mut().enumerate() {
         let tap = super::net::tap::create_detached(&format!("pvtpl{i}"))
             .map_err(|e| format!("a tap for the template VM's NIC {i}: {e}"))?;
-        n.tap = vmm::config::TapSource::from(tap);
-        n.mac = Some([0x02, 0x70, 0x76, 0, 0, i as u8]);
+        *t = vmm::config::TapSource::from(tap);
     }
     let console = scratch.join("console.log");
-    cfg.console = ConsoleConfig::CappedFile(console.clone(), Default::default());
+    cfg.bindings.console = ConsoleConfig::CappedFile(console.clone(), Default::default());
     log::info!("building VM template {} (a cold boot)", dir.display());
     let mut running = Vm::new(cfg, Instant::now())
         .and_then(Vm::start)
@@ -388,63 +438,183 @@ mod tests {
         let kernel = dir.join("vmlinux");
         std::fs::write(&kernel, b"kernel").unwrap();
         VmConfig {
-            kernel,
-            initrd: None,
-            cmdline: "console=ttyS0".into(),
-            vcpus: 1,
-            mem_mib: 256,
-            console: ConsoleConfig::Discard,
-            disks: Vec::new(),
-            shares: Vec::new(),
-            vsock: None,
-            net: Vec::new(),
+            shape: GuestShape {
+                kernel,
+                cmdline: "console=ttyS0".into(),
+                mem_mib: 256,
+                ..GuestShape::default()
+            },
+            bindings: vmm::HostBindings {
+                console: ConsoleConfig::Discard,
+                ..Default::default()
+            },
         }
+    }
+
+    fn nic(tap: &str, mac: u8, mtu: u16) -> vmm::config::NetConfig {
+        vmm::config::NetConfig {
+            tap: vmm::config::TapSource::Name(tap.into()),
+            mac: Some([2, 0, 0, 0, 0, mac]),
+            mtu: Some(mtu),
+        }
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("podvisor-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     #[test]
     fn key_follows_what_shapes_the_guest() {
-        let dir = std::env::temp_dir().join(format!("podvisor-tkey-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = temp_dir("tkey");
         let a = config(&dir);
-        assert_eq!(key(&a), key(&a.clone()));
-        assert_eq!(key(&a).len(), 32);
-        let more_mem = VmConfig {
-            mem_mib: 512,
-            ..a.clone()
-        };
-        assert_ne!(key(&a), key(&more_mem));
-        let console = VmConfig {
-            console: ConsoleConfig::File(dir.join("c")),
-            ..a.clone()
-        };
-        assert_eq!(key(&a), key(&console), "host paths do not change the guest");
-        let before = key(&a);
-        std::fs::write(&a.kernel, b"another kernel").unwrap();
-        assert_ne!(before, key(&a), "a rebuilt kernel makes a new template");
-        let nic = |tap: &str, mac: u8, mtu: u16| vmm::config::NetConfig {
-            tap: vmm::config::TapSource::Name(tap.into()),
-            mac: Some([2, 0, 0, 0, 0, mac]),
-            mtu: Some(mtu),
-        };
-        let with_nic = |n: vmm::config::NetConfig| VmConfig {
-            net: vec![n],
-            ..a.clone()
+        let key_of = |c: &VmConfig| key(&c.shape);
+        assert_eq!(key_of(&a), key_of(&a.clone()));
+        assert_eq!(key_of(&a).len(), 32);
+        let mut more_mem = a.clone();
+        more_mem.shape.mem_mib = 512;
+        assert_ne!(key_of(&a), key_of(&more_mem));
+        let before = key_of(&a);
+        std::fs::write(&a.shape.kernel, b"another kernel").unwrap();
+        assert_ne!(before, key_of(&a), "a rebuilt kernel makes a new template");
+        let with_nic = |n| {
+            let mut c = a.clone();
+            c.add_nic(n);
+            c
         };
         assert_ne!(
-            key(&a),
-            key(&with_nic(nic("t0", 1, 1500))),
+            key_of(&a),
+            key_of(&with_nic(nic("t0", 1, 1500))),
             "a NIC shapes the guest"
         );
         assert_eq!(
-            key(&with_nic(nic("t0", 1, 1500))),
-            key(&with_nic(nic("t1", 2, 1500))),
+            key_of(&with_nic(nic("t0", 1, 1500))),
+            key_of(&with_nic(nic("t1", 2, 1500))),
             "the pod's tap and MAC do not"
         );
         assert_ne!(
-            key(&with_nic(nic("t0", 1, 1500))),
-            key(&with_nic(nic("t0", 1, 9000))),
+            key_of(&with_nic(nic("t0", 1, 1500))),
+            key_of(&with_nic(nic("t0", 1, 9000))),
             "the MTU does"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Every leaf of `v` (objects and arrays walked), by path.
+    fn leaves(v: &serde_json::Value, path: String, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    leaves(v, format!("{path}/{k}"), out)
+                }
+            }
+            serde_json::Value::Array(a) => {
+                for (i, v) in a.iter().enumerate() {
+                    leaves(v, format!("{path}/{i}"), out)
+                }
+            }
+            _ => out.push(path),
+        }
+    }
+
+    /// Other values for a leaf: the first that still makes a shape is used.
+    fn other_values(v: &serde_json::Value) -> Vec<serde_json::Value> {
+        use serde_json::Value;
+        match v {
+            Value::Bool(b) => vec![Value::Bool(!b)],
+            Value::Number(n) => vec![(n.as_u64().unwrap() + 1).into()],
+            // Free text, or one of an enum's names (the share's cache policy).
+            Value::String(s) => [format!("{s}x"), "never".into(), "always".into()]
+                .into_iter()
+                .filter(|o| o != s)
+                .map(Value::String)
+                .collect(),
+            Value::Null => panic!("the sample shape leaves an option unset"),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn every_shape_field_changes_the_key_and_no_binding_does() {
+        let dir = temp_dir("tkey-fields");
+        let initrd = dir.join("initrd");
+        std::fs::write(&initrd, b"initrd").unwrap();
+        // A shape with every option set and every list non-empty, so that each field has a
+        // leaf to change.
+        let mut pod = config(&dir);
+        pod.shape.initrd = Some(initrd);
+        pod.add_disk(vmm::config::BlockConfig {
+            path: "/pod/disk.img".into(),
+            read_only: false,
+            id: Some("disk0".into()),
+        });
+        pod.add_share(vmm::config::ShareConfig::new("share0", &dir, Default::default()).unwrap());
+        pod.set_vsock(3, "/pod/v.sock".into());
+        pod.add_nic(nic("tap0", 1, 1500));
+        let base = key(&pod.shape);
+        let json = serde_json::to_value(&pod.shape).unwrap();
+        let mut paths = Vec::new();
+        leaves(&json, String::new(), &mut paths);
+        assert!(paths.len() >= 20, "{paths:?}");
+        for path in paths {
+            let leaf = json.pointer(&path).unwrap();
+            let changed = other_values(leaf)
+                .into_iter()
+                .find_map(|other| {
+                    let mut v = json.clone();
+                    *v.pointer_mut(&path).unwrap() = other;
+                    serde_json::from_value::<GuestShape>(v).ok()
+                })
+                .unwrap_or_else(|| panic!("{path}: no other value makes a shape"));
+            if path.starts_with("/nics/") && path.contains("/mac") {
+                // The template's MACs are its own; the pod's never reach the key.
+                assert_eq!(key(&changed), base, "{path}");
+            } else {
+                assert_ne!(key(&changed), base, "{path} must change the key");
+            }
+        }
+        // Bindings: other paths, taps, console and host settings keep the key.
+        let mut other = pod.clone();
+        let b = &mut other.bindings;
+        b.console = ConsoleConfig::File(dir.join("console"));
+        b.disks = vec!["/other/disk.img".into()];
+        b.shares[0].dir = dir.join("elsewhere");
+        b.shares[0].limits.max_inodes = 1;
+        b.vsock = Some("/other/v.sock".into());
+        b.taps = vec![vmm::config::TapSource::Name("tap9".into())];
+        b.host = vmm::HostSettings {
+            kvm_device: "/dev/other-kvm".into(),
+            memory: vmm::MemoryKnobs {
+                noreserve: false,
+                ksm: true,
+            },
+            quirks: vmm::HostQuirks::Pvm,
+            seccomp: vmm::SeccompMode::Off,
+        };
+        assert_eq!(key(&other.shape), base);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_clone_expects_the_templates_shape_with_its_own_bindings() {
+        let dir = temp_dir("tkey-restore");
+        let mut pod = config(&dir);
+        pod.add_nic(nic("podtap", 7, 9000));
+        let r = restore_config(dir.join("k"), &pod);
+        let expected = r.shape.expect("a clone checks the template's shape");
+        assert_eq!(expected.nics[0].mac, Some(template_mac(0)));
+        assert_eq!(expected.nics[0].mtu, Some(9000));
+        assert_eq!(
+            key(&expected),
+            key(&pod.shape),
+            "the template's shape is its own"
+        );
+        assert!(matches!(
+            &r.bindings.taps[0],
+            vmm::config::TapSource::Name(t) if t == "podtap"
+        ));
+        assert_eq!(r.bindings.console, ConsoleConfig::Discard);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

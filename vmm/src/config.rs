@@ -1,14 +1,32 @@
-//! What a VM is made of: kernel, initrd, command line, vCPUs, memory, console.
+//! What a VM is made of, in two halves:
+//!
+//! * [`GuestShape`]: everything the guest sees — kernel and initrd, command line, vCPUs,
+//!   memory, and which devices exist with their guest-visible identity (disk read-only
+//!   flags and IDs, share tags and options, the vsock CID, NIC MACs and MTUs). A snapshot
+//!   saves the shape, a restore compares it ([`GuestShape::check_same`]), and the shim's
+//!   template key is derived from it: one definition of what shapes a guest.
+//! * [`HostBindings`]: how this process backs that guest — the console, the host side of
+//!   each device (disk files, share directories and caps, the vsock socket, taps), and
+//!   process-wide settings ([`HostSettings`]: the KVM device, guest RAM mapping knobs, host
+//!   quirks, seccomp). Nothing here is visible to the guest; a restored VM always brings
+//!   its own.
+//!
+//! The VMM reads no environment: the shim and the CLI turn theirs into these values.
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 pub use devices::virtio::block::BlockConfig;
-pub use devices::virtio::fs::ShareConfig;
-pub use devices::virtio::net::{NetConfig, NetState, TapSource};
+pub use devices::virtio::fs::limits::FsLimits;
+pub use devices::virtio::fs::{CachePolicy, ShareConfig, ShareOptions};
+pub use devices::virtio::net::{parse_mac, NetConfig, NetState, TapSource, MAX_MTU, MIN_MTU};
 
 use crate::arch::mptable;
+pub use crate::console_file::ConsoleCap;
+pub use crate::host::HostQuirks;
+pub use crate::memory::MemoryKnobs;
+pub use crate::seccomp::Mode as SeccompMode;
 
 /// Smallest guest memory podvisor accepts. A minimal kernel loads at 16 MiB and needs room
 /// above it for itself and an initramfs.
@@ -22,6 +40,13 @@ pub const MAX_VCPUS: usize = mptable::MAX_CPUS;
 /// (the VMM stops on it), reboot on panic so a panicked guest ends the VM, no PCI probing.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule";
 
+/// The guest CID podvisor gives a VM's vsock device (each VM has its own device, so the
+/// CID only has to differ from the host's, 2).
+pub const DEFAULT_GUEST_CID: u64 = 3;
+
+/// The KVM device opened when none is configured.
+pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
+
 /// Where the guest console goes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -32,14 +57,15 @@ pub enum ConsoleConfig {
     File(PathBuf),
     /// Appended to a file bounded in size and rate (`crate::console_file`): the console
     /// of a guest that may be hostile.
-    CappedFile(PathBuf, crate::console_file::ConsoleCap),
+    CappedFile(PathBuf, ConsoleCap),
     /// Kept only in memory (the console tail in errors).
     Discard,
 }
 
-/// A VM's configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VmConfig {
+/// Everything the guest sees. Two VMs of one shape are interchangeable to the guest:
+/// a snapshot of one restores as the other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestShape {
     /// Guest kernel: ELF `vmlinux` (PVH entry used when present) or `bzImage`.
     pub kernel: PathBuf,
     /// Initramfs (cpio, optionally compressed if the kernel supports it).
@@ -50,38 +76,56 @@ pub struct VmConfig {
     pub vcpus: usize,
     /// Guest memory in MiB.
     pub mem_mib: u64,
-    /// Console output.
-    pub console: ConsoleConfig,
     /// virtio-blk disks, in the order the guest sees them (`/dev/vda`, `/dev/vdb`, ...).
-    pub disks: Vec<BlockConfig>,
+    pub disks: Vec<DiskShape>,
     /// virtio-fs shares, one device per tag (`mount -t virtiofs TAG DIR` in the guest).
-    pub shares: Vec<ShareConfig>,
-    /// virtio-vsock with the hybrid Unix-socket back end, if any.
-    pub vsock: Option<VsockConfig>,
-    /// virtio-net NICs on host taps, in the order the guest sees them (`eth0`, `eth1`,
-    /// ...). E.g. the shim: `NetConfig { tap: TapSource::from(tap_fd), mac: Some(mac),
-    /// mtu: Some(mtu) }` with a tap it opened in the pod's network namespace.
-    ///
-    /// Not written to a snapshot's configuration (a tap fd means nothing in another
-    /// process): a restored VM's NICs come from [`RestoreConfig::net`], or else from the
-    /// tap names, MACs and MTUs in the snapshot's device state.
-    #[serde(skip)]
-    pub net: Vec<NetConfig>,
+    pub shares: Vec<ShareShape>,
+    /// virtio-vsock, if any.
+    pub vsock: Option<VsockShape>,
+    /// virtio-net NICs, in the order the guest sees them (`eth0`, `eth1`, ...).
+    pub nics: Vec<NicShape>,
 }
 
-/// The guest CID podvisor gives a VM's vsock device (each VM has its own device, so the
-/// CID only has to differ from the host's, 2).
-pub const DEFAULT_GUEST_CID: u64 = 3;
-
-/// virtio-vsock: the guest's CID and the VM's Unix socket (host → guest: connect to
-/// `uds_path` and send `CONNECT <port>`; guest → host port P: `<uds_path>_P`).
+/// A disk as the guest sees it (its size is the bound file's).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VsockConfig {
-    pub guest_cid: u64,
-    pub uds_path: PathBuf,
+pub struct DiskShape {
+    pub read_only: bool,
+    /// Device ID seen by the guest (≤ 20 bytes); derived from the bound file if `None`.
+    pub id: Option<String>,
 }
 
-impl Default for VmConfig {
+/// A virtio-fs share as the guest sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareShape {
+    pub tag: String,
+    /// Every change refused with `EROFS`.
+    pub read_only: bool,
+    pub cache: CachePolicy,
+    /// Extended attributes passed through.
+    pub xattr: bool,
+    /// FUSE writeback cache.
+    pub writeback: bool,
+    /// Device nodes may be created.
+    pub allow_devices: bool,
+}
+
+/// virtio-vsock as the guest sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockShape {
+    pub guest_cid: u64,
+}
+
+/// A NIC as the guest sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicShape {
+    /// The MAC in config space; `None`: a random locally administered one at boot (a
+    /// restore keeps the saved device's).
+    pub mac: Option<[u8; 6]>,
+    /// The MTU offered to the guest; `None`: 1500 at boot (a restore keeps the saved one).
+    pub mtu: Option<u16>,
+}
+
+impl Default for GuestShape {
     fn default() -> Self {
         Self {
             kernel: PathBuf::new(),
@@ -89,34 +133,323 @@ impl Default for VmConfig {
             cmdline: DEFAULT_CMDLINE.to_string(),
             vcpus: 1,
             mem_mib: 128,
-            console: ConsoleConfig::Stdio,
             disks: Vec::new(),
             shares: Vec::new(),
             vsock: None,
-            net: Vec::new(),
+            nics: Vec::new(),
         }
     }
 }
 
-/// A VM restored from a snapshot (see [`crate::snapshot`]): the snapshot, and this VM's
-/// own console and host resources. Devices are bound to this VM's files and sockets; they
-/// must be the snapshot's devices as the guest knows them (same number and order, same disk
-/// sizes and read-only flags, share tags and guest CID).
+/// How this process backs a guest: nothing of it is visible to the guest, and nothing of
+/// it is saved in a snapshot.
+#[derive(Debug, Clone)]
+pub struct HostBindings {
+    /// Console output.
+    pub console: ConsoleConfig,
+    /// One disk image or block device per [`GuestShape::disks`] entry, in order.
+    pub disks: Vec<PathBuf>,
+    /// One host directory per [`GuestShape::shares`] entry, in order.
+    pub shares: Vec<ShareBinding>,
+    /// The vsock device's Unix socket (host → guest: connect and send `CONNECT <port>`;
+    /// guest → host port P: `<path>_P`), if [`GuestShape::vsock`] is set.
+    pub vsock: Option<PathBuf>,
+    /// One tap per [`GuestShape::nics`] entry, in order: a name opened (or created) in this
+    /// process's network namespace, or a tap fd opened elsewhere (e.g. by the shim in the
+    /// pod's network namespace).
+    pub taps: Vec<TapSource>,
+    /// This process's settings.
+    pub host: HostSettings,
+}
+
+/// A share's host side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareBinding {
+    /// The host directory (absolute).
+    pub dir: PathBuf,
+    /// How many inodes and handles the guest may hold on the host at once.
+    pub limits: FsLimits,
+}
+
+/// Process-wide host settings of the VMM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostSettings {
+    /// The KVM device node (another one lets tests simulate a host without KVM).
+    pub kvm_device: PathBuf,
+    /// How guest RAM is mapped.
+    pub memory: MemoryKnobs,
+    /// Host quirks: detected, or forced.
+    pub quirks: HostQuirks,
+    /// Seccomp filters of the threads that handle guest data (one mode per process: the
+    /// first VM's wins).
+    pub seccomp: SeccompMode,
+}
+
+impl Default for HostSettings {
+    fn default() -> Self {
+        Self {
+            kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
+            memory: MemoryKnobs::default(),
+            quirks: HostQuirks::Auto,
+            seccomp: SeccompMode::default(),
+        }
+    }
+}
+
+impl Default for HostBindings {
+    fn default() -> Self {
+        Self {
+            console: ConsoleConfig::Stdio,
+            disks: Vec::new(),
+            shares: Vec::new(),
+            vsock: None,
+            taps: Vec::new(),
+            host: HostSettings::default(),
+        }
+    }
+}
+
+/// A VM to boot: its shape and this process's bindings for it.
+#[derive(Debug, Clone, Default)]
+pub struct VmConfig {
+    pub shape: GuestShape,
+    pub bindings: HostBindings,
+}
+
+impl VmConfig {
+    /// Adds a disk: its read-only flag and ID to the shape, its file to the bindings.
+    pub fn add_disk(&mut self, disk: BlockConfig) {
+        self.shape.disks.push(DiskShape {
+            read_only: disk.read_only,
+            id: disk.id,
+        });
+        self.bindings.disks.push(disk.path);
+    }
+
+    /// Adds a share: its tag and options to the shape, its directory and caps to the
+    /// bindings.
+    pub fn add_share(&mut self, share: ShareConfig) {
+        let (shape, binding) = split_share(share);
+        self.shape.shares.push(shape);
+        self.bindings.shares.push(binding);
+    }
+
+    /// Sets the vsock device: its CID to the shape, its socket to the bindings.
+    pub fn set_vsock(&mut self, guest_cid: u64, uds_path: PathBuf) {
+        self.shape.vsock = Some(VsockShape { guest_cid });
+        self.bindings.vsock = Some(uds_path);
+    }
+
+    /// Adds a NIC: its MAC and MTU to the shape, its tap to the bindings.
+    pub fn add_nic(&mut self, nic: NetConfig) {
+        self.shape.nics.push(NicShape {
+            mac: nic.mac,
+            mtu: nic.mtu,
+        });
+        self.bindings.taps.push(nic.tap);
+    }
+
+    /// Checks the configuration before anything is created.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let shape = &self.shape;
+        if shape.vcpus == 0 || shape.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(shape.vcpus));
+        }
+        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&shape.mem_mib) {
+            return Err(ConfigError::Memory(shape.mem_mib));
+        }
+        if !shape.kernel.is_file() {
+            return Err(ConfigError::KernelMissing(shape.kernel.clone()));
+        }
+        if let Some(initrd) = &shape.initrd {
+            if !initrd.is_file() {
+                return Err(ConfigError::InitrdMissing(initrd.clone()));
+            }
+        }
+        self.validate_devices()
+    }
+
+    /// Checks the devices: one binding per device, existing disks, unique share tags
+    /// (also for a restored VM, which has no kernel).
+    pub fn validate_devices(&self) -> Result<(), ConfigError> {
+        let b = &self.bindings;
+        for (what, shape, bound) in device_counts(&self.shape, b) {
+            if shape != bound {
+                return Err(ConfigError::BindingCount { what, shape, bound });
+            }
+        }
+        if let Some(disk) = b.disks.iter().find(|d| !d.exists()) {
+            return Err(ConfigError::DiskMissing(disk.clone()));
+        }
+        ShareConfig::check_unique_tags(&self.share_configs())?;
+        Ok(())
+    }
+
+    /// The disks as the block device takes them.
+    pub fn disk_configs(&self) -> Vec<BlockConfig> {
+        self.shape
+            .disks
+            .iter()
+            .zip(&self.bindings.disks)
+            .map(|(d, path)| BlockConfig {
+                path: path.clone(),
+                read_only: d.read_only,
+                id: d.id.clone(),
+            })
+            .collect()
+    }
+
+    /// The shares as the virtio-fs device takes them.
+    pub fn share_configs(&self) -> Vec<ShareConfig> {
+        self.shape
+            .shares
+            .iter()
+            .zip(&self.bindings.shares)
+            .map(|(s, b)| ShareConfig {
+                tag: s.tag.clone(),
+                dir: b.dir.clone(),
+                options: ShareOptions {
+                    read_only: s.read_only,
+                    cache: s.cache,
+                    xattr: s.xattr,
+                    writeback: s.writeback,
+                    allow_devices: s.allow_devices,
+                    limits: b.limits,
+                },
+            })
+            .collect()
+    }
+
+    /// The NICs as the net device takes them.
+    pub fn nic_configs(&self) -> Vec<NetConfig> {
+        self.shape
+            .nics
+            .iter()
+            .zip(&self.bindings.taps)
+            .map(|(nic, tap)| NetConfig {
+                tap: tap.clone(),
+                mac: nic.mac,
+                mtu: nic.mtu,
+            })
+            .collect()
+    }
+
+    /// Guest memory in bytes.
+    pub fn mem_bytes(&self) -> u64 {
+        self.shape.mem_mib << 20
+    }
+}
+
+/// Per device kind: its name, how many the shape has, how many the bindings bind.
+fn device_counts(s: &GuestShape, b: &HostBindings) -> [(&'static str, usize, usize); 4] {
+    [
+        ("disk", s.disks.len(), b.disks.len()),
+        ("share", s.shares.len(), b.shares.len()),
+        ("vsock socket", s.vsock.iter().len(), b.vsock.iter().len()),
+        ("NIC", s.nics.len(), b.taps.len()),
+    ]
+}
+
+/// A share's guest-visible half and host half.
+pub fn split_share(share: ShareConfig) -> (ShareShape, ShareBinding) {
+    let o = share.options;
+    (
+        ShareShape {
+            tag: share.tag,
+            read_only: o.read_only,
+            cache: o.cache,
+            xattr: o.xattr,
+            writeback: o.writeback,
+            allow_devices: o.allow_devices,
+        },
+        ShareBinding {
+            dir: share.dir,
+            limits: o.limits,
+        },
+    )
+}
+
+impl GuestShape {
+    /// `Ok` if `other` is this shape; else the first field that differs, by its path in
+    /// the shape (`vcpus`, `disks[0].read_only`, `nics`, ...) with both values.
+    pub fn check_same(&self, other: &GuestShape) -> Result<(), ShapeMismatch> {
+        let (a, b) = (shape_value(self), shape_value(other));
+        match first_difference(&a, &b, String::new()) {
+            None => Ok(()),
+            Some((field, ours, theirs)) => Err(ShapeMismatch {
+                field,
+                ours,
+                theirs,
+            }),
+        }
+    }
+}
+
+fn shape_value(shape: &GuestShape) -> serde_json::Value {
+    // A struct of plain fields always serialises.
+    serde_json::to_value(shape).unwrap_or_default()
+}
+
+/// The path of the first leaf where `a` and `b` differ, and both values there.
+fn first_difference(
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+    path: String,
+) -> Option<(String, String, String)> {
+    use serde_json::Value;
+    let join = |key: &str| {
+        if path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => x
+            .iter()
+            .find_map(|(k, v)| first_difference(v, y.get(k).unwrap_or(&Value::Null), join(k))),
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find_map(|(i, (v, w))| first_difference(v, w, format!("{path}[{i}]"))),
+        (x, y) if x == y => None,
+        (x, y) => Some((
+            if path.is_empty() {
+                "(shape)".into()
+            } else {
+                path
+            },
+            x.to_string(),
+            y.to_string(),
+        )),
+    }
+}
+
+/// Two shapes differ: the field (its path in [`GuestShape`]) and both values (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field} is {ours} in one shape and {theirs} in the other")]
+pub struct ShapeMismatch {
+    pub field: String,
+    /// The value in the shape `check_same` was called on.
+    pub ours: String,
+    /// The value in the other shape.
+    pub theirs: String,
+}
+
+/// A VM restored from a snapshot (see [`crate::snapshot`]): the snapshot, the shape the
+/// caller expects of it, and this VM's host bindings. The snapshot's shape is the restored
+/// VM's; its host paths are never reopened, so every device it has needs a binding here.
 #[derive(Debug, Clone)]
 pub struct RestoreConfig {
     /// The snapshot directory (`state` and `memory`).
     pub snapshot: PathBuf,
-    pub console: ConsoleConfig,
-    /// This VM's disks; `None`: the snapshot's own files.
-    pub disks: Option<Vec<BlockConfig>>,
-    /// This VM's shares; `None`: the snapshot's own directories.
-    pub shares: Option<Vec<ShareConfig>>,
-    /// This VM's vsock socket (same guest CID as saved); `None`: the snapshot's own path.
-    pub vsock: Option<VsockConfig>,
-    /// This VM's NICs (same number and order, same MACs and MTUs as saved; a `None` MAC or
-    /// MTU takes the saved one); `None`: the snapshot's taps, reopened by name in this
-    /// process's network namespace.
-    pub net: Option<Vec<NetConfig>>,
+    /// The shape the restored VM must have ([`crate::SnapshotError::ShapeMismatch`]
+    /// otherwise); `None`: the snapshot's, whatever it is.
+    pub shape: Option<GuestShape>,
+    /// This VM's console, device bindings (one per device of the snapshot's shape, in
+    /// order) and host settings.
+    pub bindings: HostBindings,
     /// Check the memory file's CRC first (reads the whole file: for debugging, or once after
     /// copying a snapshot).
     pub verify_memory: bool,
@@ -128,77 +461,45 @@ pub struct RestoreConfig {
 }
 
 impl RestoreConfig {
-    /// A restore of `snapshot` with the snapshot's own host resources, console discarded.
+    /// A restore of `snapshot` with no device bindings, default host settings and the
+    /// console discarded.
     pub fn new(snapshot: impl Into<PathBuf>) -> Self {
         Self {
             snapshot: snapshot.into(),
-            console: ConsoleConfig::Discard,
-            disks: None,
-            shares: None,
-            vsock: None,
-            net: None,
+            shape: None,
+            bindings: HostBindings {
+                console: ConsoleConfig::Discard,
+                ..HostBindings::default()
+            },
             verify_memory: false,
             advance_clock: false,
         }
     }
 
-    /// The restored VM's configuration: the snapshot's `saved` one with this VM's console
-    /// and host resources. A snapshot's state file is data, not a list of host objects to
-    /// reopen: every disk, share, vsock socket and NIC the snapshot has must be bound here
-    /// ([`ConfigError::Unbound`] otherwise).
-    pub fn apply(&self, saved: &VmConfig) -> Result<VmConfig, ConfigError> {
-        fn bound<T: Clone>(
-            given: &Option<Vec<T>>,
-            saved: usize,
-            what: &'static str,
-        ) -> Result<Vec<T>, ConfigError> {
-            match given {
-                Some(v) => Ok(v.clone()),
-                None if saved == 0 => Ok(Vec::new()),
-                None => Err(ConfigError::Unbound { what, saved }),
+    /// The restored VM's configuration: the snapshot's `saved` shape with this restore's
+    /// bindings, and the MACs and MTUs the shape left open (the boot chose them) those of
+    /// the `saved_nics` devices, in order. A device kind the snapshot has and the restore
+    /// binds none of is [`ConfigError::Unbound`]; other counts that do not match are found
+    /// by [`VmConfig::validate_devices`].
+    pub fn apply(
+        &self,
+        saved: &GuestShape,
+        saved_nics: &[NetState],
+    ) -> Result<VmConfig, ConfigError> {
+        for (what, saved, bound) in device_counts(saved, &self.bindings) {
+            if saved > 0 && bound == 0 {
+                return Err(ConfigError::Unbound { what, saved });
             }
         }
-        let disks = bound(&self.disks, saved.disks.len(), "disk")?;
-        let shares = bound(&self.shares, saved.shares.len(), "share")?;
-        let vsock = match (&self.vsock, &saved.vsock) {
-            (Some(v), _) => Some(v.clone()),
-            (None, None) => None,
-            (None, Some(_)) => {
-                return Err(ConfigError::Unbound {
-                    what: "vsock socket",
-                    saved: 1,
-                })
-            }
-        };
+        let mut shape = saved.clone();
+        for (nic, saved) in shape.nics.iter_mut().zip(saved_nics) {
+            nic.mac = nic.mac.or(Some(saved.mac));
+            nic.mtu = nic.mtu.or(Some(saved.mtu));
+        }
         Ok(VmConfig {
-            console: self.console.clone(),
-            disks,
-            shares,
-            vsock,
-            ..saved.clone()
+            shape,
+            bindings: self.bindings.clone(),
         })
-    }
-
-    /// The restored VM's NICs, given the snapshot's saved ones (in order): [`Self::net`]
-    /// with missing MACs and MTUs taken from the saved devices; a snapshot with NICs needs
-    /// [`Self::net`] (its taps are never reopened by the saved names).
-    pub fn net_configs(&self, saved: &[NetState]) -> Result<Vec<NetConfig>, ConfigError> {
-        match &self.net {
-            Some(nics) => Ok(nics
-                .iter()
-                .enumerate()
-                .map(|(i, nic)| NetConfig {
-                    tap: nic.tap.clone(),
-                    mac: nic.mac.or(saved.get(i).map(|s| s.mac)),
-                    mtu: nic.mtu.or(saved.get(i).map(|s| s.mtu)),
-                })
-                .collect()),
-            None if saved.is_empty() => Ok(Vec::new()),
-            None => Err(ConfigError::Unbound {
-                what: "NIC",
-                saved: saved.len(),
-            }),
-        }
     }
 }
 
@@ -211,6 +512,15 @@ pub enum ConfigError {
          snapshot's host paths are never reopened"
     )]
     Unbound { what: &'static str, saved: usize },
+    #[error(
+        "the guest has {shape} {what}(s) and the host bindings give {bound}: bind each device \
+         once, in the guest's order"
+    )]
+    BindingCount {
+        what: &'static str,
+        shape: usize,
+        bound: usize,
+    },
     #[error("vCPU count must be 1 to {MAX_VCPUS}, not {0}")]
     Vcpus(usize),
     #[error("guest memory must be {MIN_MEM_MIB} to {MAX_MEM_MIB} MiB, not {0} MiB")]
@@ -221,105 +531,8 @@ pub enum ConfigError {
     InitrdMissing(PathBuf),
     #[error("disk image {0} not found: create it first (e.g. `truncate -s 64M disk.img`)")]
     DiskMissing(PathBuf),
-    #[error("invalid disk {spec:?}: expected PATH[,ro]")]
-    DiskSpec { spec: String },
     #[error("virtio-fs share: {0}")]
     Share(#[from] devices::virtio::fs::ConfigError),
-    #[error("invalid NIC {spec:?}: {reason}; expected TAP[,mac=02:xx:xx:xx:xx:xx][,mtu=N]")]
-    NetSpec { spec: String, reason: String },
-}
-
-/// Parses a disk given as `PATH[,ro]`.
-pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
-    let err = || ConfigError::DiskSpec {
-        spec: spec.to_string(),
-    };
-    let mut parts = spec.split(',');
-    let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(err)?;
-    let mut read_only = false;
-    for opt in parts {
-        match opt {
-            "ro" => read_only = true,
-            "rw" => read_only = false,
-            _ => return Err(err()),
-        }
-    }
-    Ok(BlockConfig {
-        path: PathBuf::from(path),
-        read_only,
-        id: None,
-    })
-}
-
-/// Parses a NIC given as `TAP[,mac=AA:BB:CC:DD:EE:FF][,mtu=N]` (a tap by name, opened or
-/// created in the caller's network namespace).
-pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
-    let err = |reason: &str| ConfigError::NetSpec {
-        spec: spec.to_string(),
-        reason: reason.to_string(),
-    };
-    let mut parts = spec.split(',');
-    let tap = parts
-        .next()
-        .filter(|t| !t.is_empty() && !t.contains('='))
-        .ok_or_else(|| err("the tap name comes first"))?;
-    let mut nic = NetConfig::named(tap);
-    for opt in parts {
-        match opt.split_once('=') {
-            Some(("mac", v)) => {
-                let mac = devices::virtio::net::parse_mac(v).ok_or_else(|| err("bad MAC"))?;
-                if mac[0] & 1 != 0 {
-                    return Err(err("the MAC is a multicast address"));
-                }
-                nic.mac = Some(mac);
-            }
-            Some(("mtu", v)) => {
-                let mtu = v.parse::<u16>().map_err(|_| err("bad MTU"))?;
-                let (min, max) = (devices::virtio::net::MIN_MTU, devices::virtio::net::MAX_MTU);
-                if !(min..=max).contains(&mtu) {
-                    return Err(err(&format!("the MTU must be {min} to {max}")));
-                }
-                nic.mtu = Some(mtu);
-            }
-            _ => return Err(err(&format!("unknown option {opt:?}"))),
-        }
-    }
-    Ok(nic)
-}
-
-impl VmConfig {
-    /// Checks the configuration before anything is created.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(ConfigError::Vcpus(self.vcpus));
-        }
-        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_mib) {
-            return Err(ConfigError::Memory(self.mem_mib));
-        }
-        if !self.kernel.is_file() {
-            return Err(ConfigError::KernelMissing(self.kernel.clone()));
-        }
-        if let Some(initrd) = &self.initrd {
-            if !initrd.is_file() {
-                return Err(ConfigError::InitrdMissing(initrd.clone()));
-            }
-        }
-        self.validate_devices()
-    }
-
-    /// Checks the devices' host resources (also for a restored VM, which has no kernel).
-    pub fn validate_devices(&self) -> Result<(), ConfigError> {
-        if let Some(disk) = self.disks.iter().find(|d| !d.path.exists()) {
-            return Err(ConfigError::DiskMissing(disk.path.clone()));
-        }
-        ShareConfig::check_unique_tags(&self.shares)?;
-        Ok(())
-    }
-
-    /// Guest memory in bytes.
-    pub fn mem_bytes(&self) -> u64 {
-        self.mem_mib << 20
-    }
 }
 
 #[cfg(test)]
@@ -328,42 +541,24 @@ mod tests {
 
     fn config() -> VmConfig {
         VmConfig {
-            kernel: std::env::current_exe().unwrap(), // any existing file
-            ..Default::default()
+            shape: GuestShape {
+                kernel: std::env::current_exe().unwrap(), // any existing file
+                ..Default::default()
+            },
+            bindings: HostBindings::default(),
+        }
+    }
+
+    fn disk(path: &str) -> BlockConfig {
+        BlockConfig {
+            path: path.into(),
+            read_only: false,
+            id: None,
         }
     }
 
     #[test]
-    fn parses_disk_specs() {
-        let d = parse_disk("/var/a.img,ro").unwrap();
-        assert_eq!((d.path, d.read_only), (PathBuf::from("/var/a.img"), true));
-        assert!(!parse_disk("b.img").unwrap().read_only);
-        assert!(parse_disk("").is_err());
-        assert!(parse_disk("a.img,bogus").is_err());
-    }
-
-    #[test]
-    fn parses_net_specs() {
-        let n = parse_net("tap0,mac=02:00:00:00:00:07,mtu=9000").unwrap();
-        assert!(matches!(&n.tap, TapSource::Name(t) if t == "tap0"));
-        assert_eq!((n.mac, n.mtu), (Some([2, 0, 0, 0, 0, 7]), Some(9000)));
-        let n = parse_net("tap1").unwrap();
-        assert_eq!((n.mac, n.mtu), (None, None));
-        for bad in [
-            "",
-            "mac=02:00:00:00:00:07",
-            "tap0,mac=01:00:00:00:00:07",
-            "tap0,mac=zz",
-            "tap0,mtu=10",
-            "tap0,mtu=big",
-            "tap0,speed=10",
-        ] {
-            assert!(parse_net(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn restored_nics_come_from_the_override_never_the_snapshots_taps() {
+    fn restored_nics_take_what_the_shape_left_open_from_the_saved_device() {
         let saved = vec![NetState {
             tap: "tap9".into(),
             mac: [2, 0, 0, 0, 0, 9],
@@ -372,20 +567,12 @@ mod tests {
             acked_features: 0,
             queues: None,
         }];
-        let r = RestoreConfig::new("/snap");
-        assert_eq!(
-            r.net_configs(&saved).unwrap_err(),
-            ConfigError::Unbound {
-                what: "NIC",
-                saved: 1
-            }
-        );
-        assert!(r.net_configs(&[]).unwrap().is_empty());
-        let r = RestoreConfig {
-            net: Some(vec![NetConfig::named("tapX")]),
-            ..RestoreConfig::new("/snap")
-        };
-        let nics = r.net_configs(&saved).unwrap();
+        let mut booted = config();
+        booted.add_nic(NetConfig::named("tap9"));
+        assert_eq!(booted.nic_configs()[0].mac, None, "a boot picks its own");
+        let mut r = RestoreConfig::new("/snap");
+        r.bindings.taps = vec![TapSource::Name("tapX".into())];
+        let nics = r.apply(&booted.shape, &saved).unwrap().nic_configs();
         assert!(matches!(&nics[0].tap, TapSource::Name(t) if t == "tapX"));
         assert_eq!(
             (nics[0].mac, nics[0].mtu),
@@ -396,37 +583,95 @@ mod tests {
     #[test]
     fn a_restore_binds_every_host_resource_itself() {
         let mut saved = config();
-        saved.disks = vec![parse_disk("/saved/disk.img").unwrap()];
-        saved.vsock = Some(VsockConfig {
-            guest_cid: 3,
-            uds_path: "/saved/v.sock".into(),
-        });
+        saved.add_disk(disk("/saved/disk.img"));
+        saved.set_vsock(3, "/saved/v.sock".into());
+        saved.add_nic(NetConfig::named("tap9"));
+        let saved = saved.shape;
         let r = RestoreConfig::new("/snap");
         assert!(matches!(
-            r.apply(&saved),
+            r.apply(&saved, &[]),
             Err(ConfigError::Unbound { what: "disk", .. })
         ));
-        let r = RestoreConfig {
-            disks: Some(vec![parse_disk("/mine/disk.img").unwrap()]),
-            ..RestoreConfig::new("/snap")
-        };
+        let mut r = RestoreConfig::new("/snap");
+        r.bindings.disks = vec!["/mine/disk.img".into()];
         assert!(matches!(
-            r.apply(&saved),
+            r.apply(&saved, &[]),
             Err(ConfigError::Unbound {
                 what: "vsock socket",
                 ..
             })
         ));
-        let r = RestoreConfig {
-            vsock: Some(VsockConfig {
-                guest_cid: 3,
-                uds_path: "/mine/v.sock".into(),
-            }),
-            ..r
+        r.bindings.vsock = Some("/mine/v.sock".into());
+        assert_eq!(
+            r.apply(&saved, &[]).unwrap_err(),
+            ConfigError::Unbound {
+                what: "NIC",
+                saved: 1
+            }
+        );
+        r.bindings.taps = vec![TapSource::Name("tapX".into())];
+        let c = r.apply(&saved, &[]).unwrap();
+        assert_eq!(c.shape, saved);
+        assert_eq!(c.disk_configs()[0].path, PathBuf::from("/mine/disk.img"));
+        assert_eq!(c.bindings.vsock, Some(PathBuf::from("/mine/v.sock")));
+        r.bindings.disks.push("/mine/other.img".into());
+        assert_eq!(
+            r.apply(&saved, &[]).unwrap().validate_devices(),
+            Err(ConfigError::BindingCount {
+                what: "disk",
+                shape: 1,
+                bound: 2
+            })
+        );
+    }
+
+    #[test]
+    fn devices_split_into_shape_and_bindings_and_back() {
+        let dir = std::env::temp_dir();
+        let share = ShareConfig::new(
+            "tag0",
+            &dir,
+            ShareOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut c = config();
+        c.add_share(share.clone());
+        c.add_disk(BlockConfig {
+            read_only: true,
+            id: Some("id0".into()),
+            ..disk("/d.img")
+        });
+        assert_eq!(c.share_configs(), vec![share]);
+        assert_eq!(c.shape.shares[0].tag, "tag0");
+        assert_eq!(c.bindings.shares[0].dir, dir.canonicalize().unwrap());
+        let d = &c.disk_configs()[0];
+        assert_eq!(
+            (d.path.to_str(), d.read_only, d.id.as_deref()),
+            (Some("/d.img"), true, Some("id0"))
+        );
+    }
+
+    #[test]
+    fn shapes_are_compared_field_by_field() {
+        let a = config().shape;
+        assert_eq!(a.check_same(&a.clone()), Ok(()));
+        let more = GuestShape {
+            vcpus: 2,
+            ..a.clone()
         };
-        let c = r.apply(&saved).unwrap();
-        assert_eq!(c.disks[0].path, PathBuf::from("/mine/disk.img"));
-        assert_eq!(c.vsock.unwrap().uds_path, PathBuf::from("/mine/v.sock"));
+        let e = a.check_same(&more).unwrap_err();
+        assert_eq!((e.field.as_str(), e.ours.as_str()), ("vcpus", "1"));
+        let mut ro = config();
+        ro.add_disk(disk("/a"));
+        let mut rw = ro.clone();
+        rw.shape.disks[0].read_only = true;
+        let e = ro.shape.check_same(&rw.shape).unwrap_err();
+        assert_eq!(e.field, "disks[0].read_only", "{e}");
+        let e = a.check_same(&ro.shape).unwrap_err();
+        assert_eq!(e.field, "disks", "{e}");
     }
 
     #[test]
@@ -437,38 +682,36 @@ mod tests {
 
     #[test]
     fn rejects_bad_sizes_and_paths() {
-        let c = VmConfig {
-            vcpus: 0,
-            ..config()
+        let with = |f: &dyn Fn(&mut GuestShape)| {
+            let mut c = config();
+            f(&mut c.shape);
+            c.validate()
         };
-        assert_eq!(c.validate(), Err(ConfigError::Vcpus(0)));
-        let c = VmConfig {
-            vcpus: MAX_VCPUS + 1,
-            ..config()
-        };
-        assert!(c.validate().is_err());
-        let c = VmConfig {
-            mem_mib: 16,
-            ..config()
-        };
-        assert_eq!(c.validate(), Err(ConfigError::Memory(16)));
-        let c = VmConfig {
-            kernel: "/nonexistent/vmlinux".into(),
-            ..config()
-        };
-        assert!(matches!(c.validate(), Err(ConfigError::KernelMissing(_))));
-        let c = VmConfig {
-            initrd: Some("/nonexistent/initrd".into()),
-            ..config()
-        };
-        assert!(matches!(c.validate(), Err(ConfigError::InitrdMissing(_))));
-        let msg = VmConfig {
-            kernel: "/x".into(),
-            ..config()
-        }
-        .validate()
-        .unwrap_err()
-        .to_string();
+        assert_eq!(with(&|s| s.vcpus = 0), Err(ConfigError::Vcpus(0)));
+        assert!(with(&|s| s.vcpus = MAX_VCPUS + 1).is_err());
+        assert_eq!(with(&|s| s.mem_mib = 16), Err(ConfigError::Memory(16)));
+        assert!(matches!(
+            with(&|s| s.kernel = "/nonexistent/vmlinux".into()),
+            Err(ConfigError::KernelMissing(_))
+        ));
+        assert!(matches!(
+            with(&|s| s.initrd = Some("/nonexistent/initrd".into())),
+            Err(ConfigError::InitrdMissing(_))
+        ));
+        let msg = with(&|s| s.kernel = "/x".into()).unwrap_err().to_string();
         assert!(msg.contains("make guest-kernel"), "{msg}");
+        let mut c = config();
+        c.shape.disks.push(DiskShape {
+            read_only: false,
+            id: None,
+        });
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::BindingCount {
+                what: "disk",
+                shape: 1,
+                bound: 0
+            })
+        );
     }
 }

@@ -15,14 +15,24 @@
 //! * moves a restored guest's kvm-clock forward by the snapshot's age
 //!   ([`HostKind::restore_advances_clock`]).
 //!
-//! Detection: `/sys/module/kvm_pvm` exists. `PODVISOR_HOST_QUIRKS=pvm|none` overrides it.
+//! Detection: `/sys/module/kvm_pvm` exists. A host setting ([`HostQuirks`]; the shim and
+//! the CLI take it from `PODVISOR_HOST_QUIRKS=pvm|none`) overrides it.
 
 use std::path::Path;
 
 use crate::arch::cpuid::CpuidMasks;
 
-/// Environment variable that overrides host detection (`pvm`, `none`, or `auto`).
-pub const HOST_QUIRKS_ENV: &str = "PODVISOR_HOST_QUIRKS";
+/// Which host quirks apply: detected, or forced either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostQuirks {
+    /// Detect the host kind (see the module docs).
+    #[default]
+    Auto,
+    /// A nested PVM host's quirks, whatever detection says.
+    Pvm,
+    /// No quirks, whatever detection says.
+    None,
+}
 
 /// glibc tunable that keeps guest programs off AVX/AVX-512 code paths.
 ///
@@ -47,12 +57,12 @@ pub enum HostKind {
 }
 
 impl HostKind {
-    /// Detects the host kind (see the module docs).
-    pub fn detect() -> HostKind {
-        match std::env::var(HOST_QUIRKS_ENV).as_deref() {
-            Ok("pvm") => HostKind::NestedPvm,
-            Ok("none") => HostKind::Native,
-            _ => Self::detect_from(Path::new("/sys/module")),
+    /// The host kind `quirks` say: forced, or detected (see the module docs).
+    pub fn detect(quirks: HostQuirks) -> HostKind {
+        match quirks {
+            HostQuirks::Pvm => HostKind::NestedPvm,
+            HostQuirks::None => HostKind::Native,
+            HostQuirks::Auto => Self::detect_from(Path::new("/sys/module")),
         }
     }
 
@@ -120,6 +130,8 @@ mod tests {
         std::fs::create_dir_all(dir.join("kvm_pvm")).unwrap();
         assert_eq!(HostKind::detect_from(&dir), HostKind::NestedPvm);
         std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(HostKind::detect(HostQuirks::Pvm), HostKind::NestedPvm);
+        assert_eq!(HostKind::detect(HostQuirks::None), HostKind::Native);
     }
 
     #[test]

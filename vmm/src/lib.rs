@@ -2,36 +2,47 @@
 //!
 //! The VMM knows nothing about containers: it boots a kernel with devices and runs it on
 //! vCPU threads inside the calling process (the shim, or `podvisor boot`). Dependencies
-//! point one way: `podvisor` → `vmm` → `devices` → rust-vmm crates.
+//! point one way: `podvisor` → `vmm` → `devices` → rust-vmm crates. It reads no
+//! environment: every setting comes in its configuration.
 //!
-//! * [`config`]: what a VM is made of, validated up front.
-//! * [`vm`]: creating, starting, pausing and stopping a VM.
-//! * [`vcpu`]: vCPU boot state and threads; [`event_loop`]: the device event thread.
-//! * [`memory`], [`loader`], [`arch`]: guest RAM, kernel/initrd loading, x86_64 boot set-up.
-//! * [`device_manager`]: devices on buses, interrupts.
-//! * [`snapshot`]: snapshots of a paused VM (format, host check) and restoring from them.
-//! * [`host`]: host detection and its quirks; [`timings`]: boot timings and memory use.
+//! Public:
+//! * [`config`]: what a VM is made of — the guest's shape ([`GuestShape`]) and this
+//!   process's bindings for it ([`HostBindings`]) — validated up front.
+//! * [`Vm`] (creating, starting, pausing and stopping a VM; [`Vm::restore`]) and what it
+//!   reports ([`VmReport`], [`ExitReason`], [`BootTimings`]).
+//! * [`snapshot`]: the snapshot format (also read by `podvisor template list` and the fuzz
+//!   targets).
+//!
+//! Internal: `vm` (the VM and its controller), `vcpu` (vCPU boot state and threads),
+//! `event_loop` (the device event thread), `memory`, `loader` and `arch` (guest RAM,
+//! kernel/initrd loading, x86_64 boot set-up), `device_manager` (devices on buses,
+//! interrupts), `host` (host detection and its quirks), `seccomp` (the VMM threads'
+//! filters), `console_file` (the capped console log), `timings`, `exit`.
 
-pub mod arch;
+mod arch;
 pub mod config;
-pub mod console_file;
-pub mod device_manager;
-pub mod event_loop;
-pub mod exit;
-pub mod host;
-pub mod loader;
-pub mod memory;
-pub mod seccomp;
+mod console_file;
+mod device_manager;
+mod event_loop;
+mod exit;
+mod host;
+mod loader;
+mod memory;
+mod seccomp;
 pub mod snapshot;
-pub mod timings;
-pub mod vcpu;
-pub mod vm;
+mod timings;
+mod vcpu;
+mod vm;
 
-pub use config::{ConsoleConfig, NetConfig, RestoreConfig, TapSource, VmConfig};
+pub use config::{
+    ConsoleConfig, GuestShape, HostBindings, HostQuirks, HostSettings, MemoryKnobs, RestoreConfig,
+    SeccompMode, VmConfig,
+};
 pub use exit::ExitReason;
 pub use host::HostKind;
 pub use snapshot::{SnapshotError, SnapshotInfo};
 pub use timings::{BootTimings, MemoryUsage};
+pub use vcpu::VcpuState;
 pub use vm::{snapshot_support, RunningVm, Vm, VmError, VmReport, VmStopHandle};
 
 /// Locks `m`, recovering from poisoning: a panic on one thread must not take the VM's other

@@ -3,10 +3,10 @@
 //! (not in VMM core dumps; `dd` in `/proc/PID/smaps`, which is how `podvisor bench density`
 //! tells it from the VMM's own memory).
 //!
-//! Density knobs (read from the environment, which containerd passes to the shim; set by
-//! `podvisor bench density`, see [`DensityKnobs`]): `PODVISOR_NORESERVE=0` maps guest RAM
-//! without `MAP_NORESERVE` (default: with), `PODVISOR_KSM=1` marks it `MADV_MERGEABLE` so
-//! the host's KSM may merge identical guest pages across VMs.
+//! Mapping knobs ([`MemoryKnobs`], part of the host settings; the shim and the CLI take them
+//! from `PODVISOR_NORESERVE` and `PODVISOR_KSM`, which `podvisor bench density` sets): guest
+//! RAM without `MAP_NORESERVE` (default: with), and `MADV_MERGEABLE` so the host's KSM may
+//! merge identical guest pages across VMs (default: off).
 //!
 //! Snapshots: [`save`] writes guest RAM to a sparse file (regions one after the other, pages
 //! of zeros left as holes); [`map_snapshot`] maps such a file `MAP_PRIVATE`, so a restored
@@ -86,14 +86,14 @@ pub type GuestMem = GuestMemoryMmap<()>;
 
 /// How guest RAM is mapped (density benchmarks switch these; defaults are the product's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DensityKnobs {
+pub struct MemoryKnobs {
     /// `MAP_NORESERVE`: no swap/commit reservation for the whole size (default on).
     pub noreserve: bool,
     /// `madvise(MADV_MERGEABLE)` on guest RAM, for KSM (default off).
     pub ksm: bool,
 }
 
-impl Default for DensityKnobs {
+impl Default for MemoryKnobs {
     fn default() -> Self {
         Self {
             noreserve: true,
@@ -102,25 +102,8 @@ impl Default for DensityKnobs {
     }
 }
 
-impl DensityKnobs {
-    /// `PODVISOR_NORESERVE=0` and `PODVISOR_KSM=1`; anything else keeps the default.
-    pub fn from_env() -> Self {
-        let var = |name: &str| std::env::var(name).ok().map(|v| v.trim().to_string());
-        Self {
-            noreserve: var("PODVISOR_NORESERVE").as_deref() != Some("0"),
-            ksm: var("PODVISOR_KSM").as_deref() == Some("1"),
-        }
-    }
-}
-
-/// Maps `mem_size` bytes of guest RAM laid out around the MMIO gap, with the density knobs
-/// of the environment ([`DensityKnobs::from_env`]).
-pub fn create(mem_size: u64) -> Result<GuestMem, MemoryError> {
-    create_with(mem_size, DensityKnobs::from_env())
-}
-
-/// [`create`] with explicit knobs.
-pub fn create_with(mem_size: u64, knobs: DensityKnobs) -> Result<GuestMem, MemoryError> {
+/// Maps `mem_size` bytes of guest RAM laid out around the MMIO gap, as `knobs` say.
+pub fn create(mem_size: u64, knobs: MemoryKnobs) -> Result<GuestMem, MemoryError> {
     let ranges: Vec<_> = ram_regions(mem_size)
         .into_iter()
         .map(|(addr, size)| (addr, size as usize))
@@ -153,7 +136,7 @@ pub fn create_with(mem_size: u64, knobs: DensityKnobs) -> Result<GuestMem, Memor
         mark_mergeable(&mem);
     }
     if !knobs.noreserve {
-        log::info!("guest RAM mapped without MAP_NORESERVE (PODVISOR_NORESERVE=0)");
+        log::info!("guest RAM mapped without MAP_NORESERVE");
     }
     Ok(mem)
 }
@@ -270,8 +253,13 @@ pub fn file_crc32(path: &Path) -> io::Result<u32> {
 }
 
 /// Maps a memory snapshot file as guest RAM, `MAP_PRIVATE` (copy-on-write: the file is
-/// never written, its page-cache pages are shared by every VM mapping it).
-pub fn map_snapshot(path: &Path, layout: &MemoryFile) -> Result<GuestMem, MemoryError> {
+/// never written, its page-cache pages are shared by every VM mapping it). Of `knobs` only
+/// KSM applies (a file mapping reserves no swap).
+pub fn map_snapshot(
+    path: &Path,
+    layout: &MemoryFile,
+    knobs: MemoryKnobs,
+) -> Result<GuestMem, MemoryError> {
     let err = |reason: String| MemoryError::MapFile {
         path: path.to_path_buf(),
         reason,
@@ -310,13 +298,13 @@ pub fn map_snapshot(path: &Path, layout: &MemoryFile) -> Result<GuestMem, Memory
     mark_guest_ram(&mem);
     // KSM merges the pages a clone wrote (anonymous copies); the template's own pages are
     // already shared through the page cache.
-    if DensityKnobs::from_env().ksm {
+    if knobs.ksm {
         mark_mergeable(&mem);
     }
     Ok(mem)
 }
 
-/// `madvise(MADV_MERGEABLE)` on guest RAM (`PODVISOR_KSM=1`): KSM may share identical
+/// `madvise(MADV_MERGEABLE)` on guest RAM ([`MemoryKnobs::ksm`]): KSM may share identical
 /// pages copy-on-write. A failure only logs (KSM stays off for this VM).
 fn mark_mergeable(mem: &GuestMem) {
     for region in mem.iter() {
@@ -337,7 +325,7 @@ fn mark_mergeable(mem: &GuestMem) {
             return;
         }
     }
-    log::info!("guest RAM marked MADV_MERGEABLE (PODVISOR_KSM=1)");
+    log::info!("guest RAM marked MADV_MERGEABLE (KSM)");
 }
 
 /// Marks guest RAM `MADV_DONTDUMP`: out of VMM core dumps, and its own VMA flag (`dd` in
@@ -376,14 +364,14 @@ mod tests {
 
     #[test]
     fn maps_regions_around_the_gap() {
-        let mem = create(128 << 20).unwrap();
+        let mem = create(128 << 20, MemoryKnobs::default()).unwrap();
         assert_eq!(mem.num_regions(), 1);
         assert_eq!(host_ranges(&mem)[0].1, 128 << 20);
     }
 
     #[test]
     fn guest_ram_is_flagged_dontdump() {
-        let mem = create_with(32 << 20, DensityKnobs::default()).unwrap();
+        let mem = create(32 << 20, MemoryKnobs::default()).unwrap();
         let (start, _) = host_ranges(&mem)[0];
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
         let header = format!("{start:x}-");
@@ -395,13 +383,13 @@ mod tests {
     #[test]
     fn density_knobs_map_usable_memory() {
         for knobs in [
-            DensityKnobs::default(),
-            DensityKnobs {
+            MemoryKnobs::default(),
+            MemoryKnobs {
                 noreserve: false,
                 ksm: true,
             },
         ] {
-            let mem = create_with(64 << 20, knobs).unwrap();
+            let mem = create(64 << 20, knobs).unwrap();
             mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
                 .unwrap();
             assert_eq!(
@@ -415,7 +403,7 @@ mod tests {
     fn snapshot_file_is_sparse_and_maps_copy_on_write() {
         use std::os::unix::fs::MetadataExt;
 
-        let mem = create(64 << 20).unwrap();
+        let mem = create(64 << 20, MemoryKnobs::default()).unwrap();
         mem.write_slice(b"first page", GuestAddress(0)).unwrap();
         mem.write_slice(&[7u8; 3 * PAGE], GuestAddress(40 << 20))
             .unwrap();
@@ -434,8 +422,8 @@ mod tests {
         );
         assert_eq!(file_crc32(&path).unwrap(), saved.crc32);
 
-        let a = map_snapshot(&path, &saved).unwrap();
-        let b = map_snapshot(&path, &saved).unwrap();
+        let a = map_snapshot(&path, &saved, MemoryKnobs::default()).unwrap();
+        let b = map_snapshot(&path, &saved, MemoryKnobs::default()).unwrap();
         let mut buf = [0u8; 10];
         a.read_slice(&mut buf, GuestAddress(0)).unwrap();
         assert_eq!(&buf, b"first page");
@@ -448,7 +436,9 @@ mod tests {
             size: saved.size + 1,
             ..saved.clone()
         };
-        let e = map_snapshot(&path, &wrong).unwrap_err().to_string();
+        let e = map_snapshot(&path, &wrong, MemoryKnobs::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("incomplete"), "{e}");
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! * `state`: a 24-byte header — magic `PODVSNAP`, format version (u32 LE), CRC-32 of the
 //!   payload (u32 LE), payload length (u64 LE) — then the payload, a JSON
-//!   [`SnapshotState`]: the host it was taken on, the VM's configuration, the memory file's
+//!   [`SnapshotState`]: the host it was taken on, the guest's shape, the memory file's
 //!   layout and CRC, the KVM VM state (PIC, IOAPIC, PIT, kvm-clock), every vCPU's state and
 //!   every device's state.
 //! * `memory`: guest RAM, regions one after the other, zero pages as holes (sparse). A
@@ -14,7 +14,8 @@
 //! Loading checks the magic, the version ([`FORMAT_VERSION`]), the length and the CRC
 //! before parsing, then that the snapshot was taken on this kind of host CPU and KVM
 //! ([`HostFingerprint`]): KVM state is saved as raw KVM structures and CPUID tables, which
-//! are only valid where they came from. The memory file's size is always checked, its CRC
+//! are only valid where they came from. A restore that expects a shape compares it with the
+//! saved one ([`SnapshotError::ShapeMismatch`] names the first field that differs). The memory file's size is always checked, its CRC
 //! on request ([`verify_memory`]: it reads the whole file, which a fast restore avoids).
 //!
 //! Both files are written under temporary names and renamed into place, `state` last and
@@ -32,13 +33,13 @@ use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_MAX_CPUID_EN
 use kvm_ioctls::Kvm;
 use serde::{Deserialize, Serialize};
 
-use crate::config::VmConfig;
+use crate::config::GuestShape;
 use crate::host::HostKind;
 use crate::memory::{self, MemoryFile};
 use crate::vcpu::VcpuState;
 
 /// The snapshot format this podvisor writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The first bytes of a `state` file.
 pub const MAGIC: [u8; 8] = *b"PODVSNAP";
 /// Header length of the `state` file.
@@ -106,6 +107,29 @@ pub enum SnapshotError {
     Serial(#[from] devices::legacy::serial::SerialRestoreError),
     #[error("the snapshot has {saved} vCPU(s) but the VM has {current}")]
     VcpuCount { saved: usize, current: usize },
+    #[error(
+        "the snapshot's guest differs from the one to restore: {field} is {saved} in the \
+         snapshot, {restoring} here; take the snapshot again (recreate the template)"
+    )]
+    ShapeMismatch {
+        /// The first differing field, by its path in [`GuestShape`].
+        field: String,
+        saved: String,
+        restoring: String,
+    },
+}
+
+impl SnapshotError {
+    /// [`SnapshotError::ShapeMismatch`] unless the `restoring` shape is the `saved` one.
+    pub fn check_shape(saved: &GuestShape, restoring: &GuestShape) -> Result<(), SnapshotError> {
+        saved
+            .check_same(restoring)
+            .map_err(|m| SnapshotError::ShapeMismatch {
+                field: m.field,
+                saved: m.ours,
+                restoring: m.theirs,
+            })
+    }
 }
 
 /// What identifies the host CPU and KVM a snapshot belongs to.
@@ -236,8 +260,8 @@ pub struct SnapshotState {
     pub host: HostFingerprint,
     /// The podvisor (vmm crate) version that wrote it, for people.
     pub podvisor_version: String,
-    /// The source VM's configuration (its console is not used on restore).
-    pub config: VmConfig,
+    /// The source VM's shape (none of its host bindings: a restore brings its own).
+    pub shape: GuestShape,
     /// The kernel command line the guest booted with.
     pub cmdline: String,
     pub memory: MemoryFile,
@@ -430,11 +454,32 @@ mod tests {
         newer[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
         let m = msg(&newer);
         assert!(
-            m.contains("format version 2") && m.contains("recreate"),
+            m.contains(&format!("format version {}", FORMAT_VERSION + 1)) && m.contains("recreate"),
             "{m}"
         );
 
         assert!(msg(b"\x7fELF....................").contains("not a podvisor snapshot"));
+    }
+
+    #[test]
+    fn a_restore_names_the_field_its_shape_differs_in() {
+        let saved = GuestShape::default();
+        assert!(SnapshotError::check_shape(&saved, &saved.clone()).is_ok());
+        let restoring = GuestShape {
+            mem_mib: 256,
+            ..saved.clone()
+        };
+        let e = SnapshotError::check_shape(&saved, &restoring).unwrap_err();
+        assert!(
+            matches!(&e, SnapshotError::ShapeMismatch { field, saved, restoring }
+                if field == "mem_mib" && saved == "128" && restoring == "256"),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains("mem_mib is 128 in the snapshot, 256 here"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -470,7 +515,7 @@ mod tests {
                 host_kind: HostKind::Native,
             },
             podvisor_version: "test".into(),
-            config: VmConfig::default(),
+            shape: GuestShape::default(),
             cmdline: String::new(),
             memory: MemoryFile {
                 regions: Vec::new(),

@@ -38,7 +38,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, PVH_INFO_START, ZERO_PAGE_START};
 use crate::arch::regs::BootProtocol;
 use crate::arch::{boot, mptable};
-use crate::config::{ConfigError, ConsoleConfig, RestoreConfig, VmConfig};
+use crate::config::{
+    ConfigError, ConsoleConfig, GuestShape, HostSettings, RestoreConfig, ShareBinding, VmConfig,
+};
 use crate::device_manager::{clone_fd, DeviceError, DeviceManager};
 use crate::event_loop::{EventLoop, EventLoopError, Subscriber};
 use crate::exit::{ExitReason, VmEvent};
@@ -52,8 +54,6 @@ use crate::snapshot::{
 use crate::timings::{BootTimings, MemoryUsage};
 use crate::vcpu::{self, SaveCaps, VcpuContext, VcpuError, VcpuHandle};
 
-/// Environment variable naming the KVM device (default `/dev/kvm`).
-pub const KVM_DEVICE_ENV: &str = "PODVISOR_KVM_DEVICE";
 /// KVM API version podvisor is written for (stable since Linux 2.6.22).
 const KVM_API_VERSION: i32 = 12;
 /// Where KVM puts its real-mode TSS (three pages, inside the MMIO gap).
@@ -152,7 +152,8 @@ impl VmError {
             | SnapshotError::DeviceCount { .. }
             | SnapshotError::Device { .. }
             | SnapshotError::Serial(_)
-            | SnapshotError::VcpuCount { .. } => true,
+            | SnapshotError::VcpuCount { .. }
+            | SnapshotError::ShapeMismatch { .. } => true,
             SnapshotError::Io { source, .. } => matches!(
                 source.kind(),
                 std::io::ErrorKind::NotFound
@@ -192,17 +193,19 @@ impl Vm {
     pub fn new(mut config: VmConfig, process_start: Instant) -> Result<Vm, VmError> {
         config.validate()?;
         ensure_fd_budget(&mut config);
+        crate::seccomp::set_mode(config.bindings.host.seccomp);
         // Before any thread is confined: confined threads start workers through it.
         devices::confine::start_spawner().map_err(VmError::Spawner)?;
-        let (kvm, host, vm_fd) = create_kvm_vm()?;
+        let (kvm, host, vm_fd) = create_kvm_vm(&config.bindings.host)?;
         let mem_size = config.mem_bytes();
-        let mem = memory::create(mem_size)?;
+        let mem = memory::create(mem_size, config.bindings.host.memory)?;
         memory::register(&vm_fd, &mem)?;
-        let mut devices = DeviceManager::new(&vm_fd, &config.console, None)?;
+        let mut devices = DeviceManager::new(&vm_fd, &config.bindings.console, None)?;
         add_virtio_devices(&mut devices, &vm_fd, &mem, &config)?;
 
-        let kernel = loader::load_kernel(&mem, &config.kernel)?;
-        let initrd = match &config.initrd {
+        let shape = &config.shape;
+        let kernel = loader::load_kernel(&mem, &shape.kernel)?;
+        let initrd = match &shape.initrd {
             Some(path) => Some(loader::load_initrd(
                 &mem,
                 mem_size,
@@ -213,10 +216,10 @@ impl Vm {
         };
         let mut vmm_words = devices.cmdline_words.clone();
         vmm_words.extend(host.cmdline_words());
-        let cmdline = build_cmdline(&config.cmdline, &vmm_words)?;
+        let cmdline = build_cmdline(&shape.cmdline, &vmm_words)?;
         load_cmdline(&mem, GuestAddress(CMDLINE_START), &cmdline).map_err(|e| {
             VmError::Cmdline {
-                cmdline: config.cmdline.clone(),
+                cmdline: shape.cmdline.clone(),
                 reason: e.to_string(),
             }
         })?;
@@ -224,7 +227,7 @@ impl Vm {
             .as_cstring()
             .map(|c| c.to_string_lossy().into_owned())
             .unwrap_or_default();
-        mptable::setup(&mem, config.vcpus)?;
+        mptable::setup(&mem, shape.vcpus)?;
         let boot_info = match kernel.protocol {
             BootProtocol::Pvh => {
                 boot::write_pvh(&mem, mem_size, initrd)?;
@@ -243,12 +246,12 @@ impl Vm {
         };
         info!(
             "kernel {} ({:?} entry at {:#x}), initrd {:?}, {} vCPU(s), {} MiB, cmdline: {cmdline_str}",
-            config.kernel.display(),
+            shape.kernel.display(),
             kernel.protocol,
             kernel.entry,
             initrd,
-            config.vcpus,
-            config.mem_mib
+            shape.vcpus,
+            shape.mem_mib
         );
 
         let supported_cpuid = kvm
@@ -256,13 +259,13 @@ impl Vm {
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let save_caps = save_caps(&kvm)?;
         let msr_list = &save_caps.msr_list;
-        let mut vcpu_fds = Vec::with_capacity(config.vcpus);
-        for id in 0..config.vcpus {
+        let mut vcpu_fds = Vec::with_capacity(shape.vcpus);
+        for id in 0..shape.vcpus {
             let boot = (id == 0).then_some((&mem, kernel.protocol, kernel.entry, boot_info));
             vcpu_fds.push(vcpu::create(
                 &vm_fd,
                 id,
-                config.vcpus,
+                shape.vcpus,
                 &supported_cpuid,
                 host.cpuid_masks(),
                 msr_list,
@@ -284,20 +287,22 @@ impl Vm {
         })
     }
 
-    /// Creates a VM from the snapshot in `restore.snapshot`, bound to `restore`'s console
-    /// and host resources; [`Vm::start`] resumes the guest where it was saved.
+    /// Creates a VM from the snapshot in `restore.snapshot`, bound to `restore`'s bindings;
+    /// [`Vm::start`] resumes the guest where it was saved.
     ///
     /// Guest memory is the snapshot's memory file mapped `MAP_PRIVATE` (see
-    /// [`crate::snapshot`]); the snapshot is checked (format, checksum, host) before
-    /// anything is created. The guest's clock continues from the saved kvm-clock value
+    /// [`crate::snapshot`]); the snapshot is checked (format, checksum, the shape the
+    /// caller expects, host) before anything is created. The guest's clock continues from the saved kvm-clock value
     /// (no time passed for it); setting its wall clock, reseeding its RNG and everything
     /// else per clone is up to the caller, through the guest.
     pub fn restore(restore: &RestoreConfig, process_start: Instant) -> Result<Vm, VmError> {
+        crate::seccomp::set_mode(restore.bindings.host.seccomp);
         devices::confine::start_spawner().map_err(VmError::Spawner)?;
         let dir = &restore.snapshot;
         let state = SnapshotState::read(dir)?;
-        let mut config = restore.apply(&state.config)?;
-        ensure_fd_budget(&mut config);
+        if let Some(expected) = &restore.shape {
+            SnapshotError::check_shape(&state.shape, expected)?;
+        }
         let saved_nics: Vec<_> = state
             .devices
             .virtio
@@ -307,23 +312,28 @@ impl Vm {
                 _ => None,
             })
             .collect();
-        config.net = restore.net_configs(&saved_nics)?;
+        let mut config = restore.apply(&state.shape, &saved_nics)?;
+        ensure_fd_budget(&mut config);
         config.validate_devices()?;
-        if state.vcpus.len() != config.vcpus {
+        if state.vcpus.len() != config.shape.vcpus {
             return Err(SnapshotError::VcpuCount {
                 saved: state.vcpus.len(),
-                current: config.vcpus,
+                current: config.shape.vcpus,
             }
             .into());
         }
-        let (kvm, host, vm_fd) = create_kvm_vm()?;
+        let (kvm, host, vm_fd) = create_kvm_vm(&config.bindings.host)?;
         state
             .host
             .check(&HostFingerprint::of_this_host(&kvm, host)?)?;
         if restore.verify_memory {
             snapshot::verify_memory(dir, &state.memory)?;
         }
-        let mem = memory::map_snapshot(&dir.join(snapshot::MEMORY_FILE), &state.memory)?;
+        let mem = memory::map_snapshot(
+            &dir.join(snapshot::MEMORY_FILE),
+            &state.memory,
+            config.bindings.host.memory,
+        )?;
         memory::register(&vm_fd, &mem)?;
 
         // VM, then vCPUs, then devices: a device that raises its saved pending interrupt
@@ -339,7 +349,11 @@ impl Vm {
             .enumerate()
             .map(|(id, s)| vcpu::restore(&vm_fd, id, s))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut devices = DeviceManager::new(&vm_fd, &config.console, Some(&state.devices.serial))?;
+        let mut devices = DeviceManager::new(
+            &vm_fd,
+            &config.bindings.console,
+            Some(&state.devices.serial),
+        )?;
         add_virtio_devices(&mut devices, &vm_fd, &mem, &config)?;
         if devices.virtio.len() != state.devices.virtio.len() {
             return Err(SnapshotError::DeviceCount {
@@ -358,8 +372,8 @@ impl Vm {
         info!(
             "restored from {} ({} vCPU(s), {} MiB, {} MiB of data in the snapshot)",
             dir.display(),
-            config.vcpus,
-            config.mem_mib,
+            config.shape.vcpus,
+            config.shape.mem_mib,
             state.memory.data_pages * 4 / 1024
         );
         Ok(Vm {
@@ -374,6 +388,11 @@ impl Vm {
             kvm,
             mem,
         })
+    }
+
+    /// What the guest sees (for a restored VM: the snapshot's shape).
+    pub fn shape(&self) -> &GuestShape {
+        &self.config.shape
     }
 
     /// The final kernel command line (with the VMM's own words).
@@ -425,7 +444,7 @@ impl Vm {
             tx: events_tx.clone(),
         }))];
         subscribers.append(&mut self.devices.subscribers);
-        if self.config.console == ConsoleConfig::Stdio {
+        if self.config.bindings.console == ConsoleConfig::Stdio {
             subscribers.push(Arc::new(Mutex::new(ConsoleInput::new(
                 self.devices.serial.clone(),
                 std::io::stdin().as_raw_fd(),
@@ -466,19 +485,18 @@ impl Vm {
     }
 }
 
-/// Opens `/dev/kvm` (or `$PODVISOR_KVM_DEVICE`, which tests use to simulate a host without
-/// KVM).
-fn open_kvm() -> Result<Kvm, VmError> {
-    let path = std::env::var(KVM_DEVICE_ENV).unwrap_or_else(|_| "/dev/kvm".to_string());
-    let c_path = std::ffi::CString::new(path.clone()).map_err(|_| VmError::KvmUnavailable {
-        path: path.clone(),
-        source: kvm_ioctls::Error::new(libc::EINVAL),
-    })?;
-    Kvm::new_with_path(&c_path).map_err(|source| VmError::KvmUnavailable { path, source })
+/// Opens the KVM device at `path` (`/dev/kvm`, or another node: tests simulate a host
+/// without KVM with one that does not exist).
+fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
+    let unavailable = |source| VmError::KvmUnavailable {
+        path: path.display().to_string(),
+        source,
+    };
+    let c_path = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))
+        .map_err(|_| unavailable(kvm_ioctls::Error::new(libc::EINVAL)))?;
+    Kvm::new_with_path(&c_path).map_err(unavailable)
 }
 
-/// Opens KVM, checks what podvisor needs, and creates a VM with the in-kernel irqchip and
-/// PIT (the same for a booted and a restored VM).
 /// Descriptors the VMM keeps for itself beyond what its shares may pin: guest memory,
 /// KVM, event fds, vsock streams, taps, and the shim's own sockets.
 const FD_RESERVE: u64 = 4096;
@@ -488,7 +506,7 @@ const FD_RESERVE: u64 = 4096;
 /// and where even the hard limit is lower, lowers the shares' caps to fit under it (a guest
 /// holding many files then gets ENFILE sooner, instead of starving the VMM of fds).
 fn ensure_fd_budget(config: &mut VmConfig) {
-    let needed = shares_fds(&config.shares) + FD_RESERVE;
+    let needed = shares_fds(&config.bindings.shares) + FD_RESERVE;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -509,37 +527,42 @@ fn ensure_fd_budget(config: &mut VmConfig) {
         info!("RLIMIT_NOFILE raised from {} to {want}", lim.rlim_cur);
     }
     if limit < needed {
-        fit_share_limits(&mut config.shares, limit.saturating_sub(FD_RESERVE));
+        fit_share_limits(
+            &mut config.bindings.shares,
+            limit.saturating_sub(FD_RESERVE),
+        );
         warn!(
             "RLIMIT_NOFILE is {limit}, below the {needed} descriptors the shares' caps and the \
              VMM's reserve need: the shares' caps are lowered to {} descriptors in all (raise \
              LimitNOFILE of containerd's service for the full caps)",
-            shares_fds(&config.shares)
+            shares_fds(&config.bindings.shares)
         );
     }
 }
 
-fn shares_fds(shares: &[crate::config::ShareConfig]) -> u64 {
-    shares.iter().map(|s| s.options.limits.fds()).sum()
+fn shares_fds(shares: &[ShareBinding]) -> u64 {
+    shares.iter().map(|s| s.limits.fds()).sum()
 }
 
 /// Scales every share's inode and handle caps down by the same factor so that together
 /// they fit in `available` descriptors (each cap at least 1).
-fn fit_share_limits(shares: &mut [crate::config::ShareConfig], available: u64) {
+fn fit_share_limits(shares: &mut [ShareBinding], available: u64) {
     let total = shares_fds(shares);
     if total <= available || total == 0 {
         return;
     }
     for s in shares.iter_mut() {
-        let l = &mut s.options.limits;
+        let l = &mut s.limits;
         let scale = |n: usize| ((n as u64 * available / total) as usize).max(1);
         l.max_inodes = scale(l.max_inodes);
         l.max_handles = scale(l.max_handles);
     }
 }
 
-fn create_kvm_vm() -> Result<(Kvm, HostKind, VmFd), VmError> {
-    let kvm = open_kvm()?;
+/// Opens KVM, checks what podvisor needs, and creates a VM with the in-kernel irqchip and
+/// PIT (the same for a booted and a restored VM).
+fn create_kvm_vm(settings: &HostSettings) -> Result<(Kvm, HostKind, VmFd), VmError> {
+    let kvm = open_kvm(&settings.kvm_device)?;
     let api = kvm.get_api_version();
     if api != KVM_API_VERSION {
         return Err(VmError::KvmApiVersion(api));
@@ -556,7 +579,7 @@ fn create_kvm_vm() -> Result<(Kvm, HostKind, VmFd), VmError> {
             return Err(VmError::KvmCapability(cap));
         }
     }
-    let host = HostKind::detect();
+    let host = HostKind::detect(settings.quirks);
     if host == HostKind::NestedPvm {
         info!(
             "nested PVM host detected (kvm_pvm): masking CX16/XSAVE/POPCNT/SMAP and KVM PV IPIs in \
@@ -582,10 +605,11 @@ fn create_kvm_vm() -> Result<(Kvm, HostKind, VmFd), VmError> {
     Ok((kvm, host, vm_fd))
 }
 
-/// Whether this host's KVM can save and restore a VM (what templates need): the state
-/// ioctls of [`crate::snapshot`] beyond those every VM needs. `Err` names what is missing.
-pub fn snapshot_support() -> Result<(), VmError> {
-    let kvm = open_kvm()?;
+/// Whether the KVM at `kvm_device` can save and restore a VM (what templates need): the
+/// state ioctls of [`crate::snapshot`] beyond those every VM needs. `Err` names what is
+/// missing.
+pub fn snapshot_support(kvm_device: &Path) -> Result<(), VmError> {
+    let kvm = open_kvm(kvm_device)?;
     for cap in [
         Cap::AdjustClock,
         Cap::VcpuEvents,
@@ -621,28 +645,26 @@ fn add_virtio_devices(
     mem: &GuestMem,
     config: &VmConfig,
 ) -> Result<(), VmError> {
-    for disk in &config.disks {
-        let block = Block::new(disk).map_err(|e| VmError::Disk {
+    for disk in config.disk_configs() {
+        let block = Block::new(&disk).map_err(|e| VmError::Disk {
             path: disk.path.clone(),
             source: e,
         })?;
         devices.add_virtio(vm_fd, mem, Box::new(block))?;
     }
-    for share in &config.shares {
-        let fs = Fs::new(share.clone()).map_err(|source| VmError::Share {
-            tag: share.tag.clone(),
-            source,
-        })?;
+    for share in config.share_configs() {
+        let tag = share.tag.clone();
+        let fs = Fs::new(share).map_err(|source| VmError::Share { tag, source })?;
         devices.add_virtio(vm_fd, mem, Box::new(fs))?;
     }
-    if let Some(v) = &config.vsock {
-        let vsock = Vsock::new(v.guest_cid, &v.uds_path).map_err(|source| VmError::Vsock {
-            path: v.uds_path.clone(),
+    if let (Some(v), Some(uds_path)) = (&config.shape.vsock, &config.bindings.vsock) {
+        let vsock = Vsock::new(v.guest_cid, uds_path).map_err(|source| VmError::Vsock {
+            path: uds_path.clone(),
             source,
         })?;
         devices.add_virtio(vm_fd, mem, Box::new(vsock))?;
     }
-    for (index, nic) in config.net.iter().enumerate() {
+    for (index, nic) in config.nic_configs().iter().enumerate() {
         let net = Net::new(nic).map_err(|source| VmError::Net {
             index,
             tap: nic.tap.to_string(),
@@ -864,7 +886,7 @@ impl RunningVm {
         let state = SnapshotState {
             host: HostFingerprint::of_this_host(&self.vm.kvm, self.vm.host)?,
             podvisor_version: env!("CARGO_PKG_VERSION").to_string(),
-            config: self.vm.config.clone(),
+            shape: self.vm.config.shape.clone(),
             cmdline: self.vm.cmdline.clone(),
             memory: memory.clone(),
             vm,
@@ -1053,20 +1075,21 @@ mod tests {
     #[test]
     fn share_caps_shrink_to_fit_the_descriptors_there_are() {
         let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
-        let share = |tag: &str| {
-            crate::config::ShareConfig::new(tag, dir.as_path(), Default::default()).unwrap()
+        let share = || ShareBinding {
+            dir: dir.as_path().to_path_buf(),
+            limits: Default::default(),
         };
-        let mut shares = vec![share("a"), share("b")];
+        let mut shares = vec![share(), share()];
         let full = shares_fds(&shares);
         fit_share_limits(&mut shares, full);
         assert_eq!(shares_fds(&shares), full, "room enough: unchanged");
         // A hard limit of 20,000 (seen under a containerd with LimitNOFILE=20000).
         fit_share_limits(&mut shares, 20_000 - FD_RESERVE);
         assert!(shares_fds(&shares) <= 20_000 - FD_RESERVE, "{shares:?}");
-        let l = shares[0].options.limits;
+        let l = shares[0].limits;
         assert!(l.max_inodes > l.max_handles && l.max_handles > 0, "{l:?}");
         fit_share_limits(&mut shares, 0);
-        assert_eq!(shares[1].options.limits.max_inodes, 1);
+        assert_eq!(shares[1].limits.max_inodes, 1);
     }
 
     #[test]
@@ -1108,6 +1131,11 @@ mod tests {
                 saved: 1,
                 current: 2,
             }),
+            VmError::Snapshot(SnapshotError::ShapeMismatch {
+                field: "vcpus".into(),
+                saved: "1".into(),
+                restoring: "2".into(),
+            }),
             io(std::io::ErrorKind::NotFound),
         ];
         for e in invalid {
@@ -1120,6 +1148,11 @@ mod tests {
             VmError::Spawner(std::io::Error::from(std::io::ErrorKind::WouldBlock)),
             VmError::Snapshot(SnapshotError::NotPaused),
             VmError::PauseTimeout(Duration::from_secs(1)),
+            VmError::Config(ConfigError::BindingCount {
+                what: "disk",
+                shape: 1,
+                bound: 2,
+            }),
         ];
         for e in unrelated {
             assert!(!e.invalidates_snapshot(), "{e}");

@@ -315,8 +315,10 @@ pub fn markdown(r: &NetReport) -> String {
     s
 }
 
+/// Whether the shim's VMM runs on a PVM host (with the shim's host-quirks setting).
 fn vmm_emulates_guest_kernel() -> bool {
-    vmm::HostKind::detect() == vmm::HostKind::NestedPvm
+    let quirks = podvisor::shim::ShimConfig::from_env().host_quirks;
+    vmm::HostKind::detect(quirks) == vmm::HostKind::NestedPvm
 }
 
 #[cfg(test)]

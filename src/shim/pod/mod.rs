@@ -192,8 +192,7 @@ impl Pod {
         netns: Option<&Path>,
         on_exit: OnVmExit,
     ) -> Result<Pod, PodError> {
-        vmm::seccomp::set_mode(config.seccomp);
-        if config.seccomp != vmm::seccomp::Mode::Enforce {
+        if config.seccomp != vmm::SeccompMode::Enforce {
             log::warn!(
                 "pod {id}: seccomp = {:?}: the VMM's guest-facing threads are not confined",
                 config.seccomp
@@ -243,19 +242,13 @@ impl Pod {
         let mut vm_config = pod_vm_config(config, &state)?;
         partial.network = pod_network(id, netns)?;
         // One NIC per wired interface, with the CNI interface's MAC and MTU.
-        vm_config.net = partial
-            .network
-            .iter()
-            .flat_map(|n| &n.nics)
-            .map(|nic| {
-                Ok(NetConfig {
-                    tap: TapSource::from(nic.tap_fd()?),
-                    mac: Some(nic.mac),
-                    mtu: Some(nic.mtu),
-                })
-            })
-            .collect::<std::io::Result<_>>()
-            .map_err(PodError::TapFd)?;
+        for nic in partial.network.iter().flat_map(|n| &n.nics) {
+            vm_config.add_nic(NetConfig {
+                tap: TapSource::from(nic.tap_fd().map_err(PodError::TapFd)?),
+                mac: Some(nic.mac),
+                mtu: Some(nic.mtu),
+            });
+        }
         let source = vm::VmSource::choose(id, config, vm_config);
         let started = vm::spawn(source, on_exit)?;
         let vm = partial.vm.insert(started);

@@ -11,18 +11,18 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use vmm::config::{
-    NetConfig, RestoreConfig, ShareConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_GUEST_CID,
-};
-use vmm::{ConsoleConfig, Vm, VmConfig, VmError, VmReport, VmStopHandle};
+use vmm::config::{GuestShape, HostBindings, ShareConfig, DEFAULT_CMDLINE, DEFAULT_GUEST_CID};
+use vmm::{ConsoleConfig, RestoreConfig, Vm, VmConfig, VmError, VmReport, VmStopHandle};
 
 use super::state::{StateDir, SHARE_TAG};
 use super::PodError;
 use crate::shim::config::TemplateMode;
 use crate::shim::{template, ShimConfig};
 
-/// The pod VM's configuration for `config`, with the pod's host paths under `state` (a
-/// template build replaces them with scratch ones; they do not enter the template key).
+/// The pod VM's configuration for `config`: its shape, and its bindings to the pod's host
+/// paths under `state` and the shim's host settings (a template build replaces the paths
+/// with scratch ones; bindings never enter the template key). The pod's NICs are added
+/// once its network is wired ([`VmConfig::add_nic`]).
 pub fn pod_vm_config(config: &ShimConfig, state: &StateDir) -> Result<VmConfig, PodError> {
     let kernel = config.kernel.clone().ok_or(PodError::NoKernel)?;
     let initrd = config.initrd.clone().ok_or(PodError::NoInitrd)?;
@@ -39,21 +39,24 @@ pub fn pod_vm_config(config: &ShimConfig, state: &StateDir) -> Result<VmConfig, 
     }
     let share = ShareConfig::new(SHARE_TAG, state.shared(), Default::default())
         .map_err(|e| PodError::ShareConfig(e.to_string()))?;
-    Ok(VmConfig {
-        kernel,
-        initrd: Some(initrd),
-        cmdline: DEFAULT_CMDLINE.to_string(),
-        vcpus: config.vcpus,
-        mem_mib: config.mem_mib,
-        console: ConsoleConfig::CappedFile(state.console(), Default::default()),
-        disks: Vec::new(),
-        shares: vec![share],
-        vsock: Some(VsockConfig {
-            guest_cid: DEFAULT_GUEST_CID,
-            uds_path: state.vsock(),
-        }),
-        net: Vec::new(),
-    })
+    let mut vm = VmConfig {
+        shape: GuestShape {
+            kernel,
+            initrd: Some(initrd),
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            vcpus: config.vcpus,
+            mem_mib: config.mem_mib,
+            ..GuestShape::default()
+        },
+        bindings: HostBindings {
+            console: ConsoleConfig::CappedFile(state.console(), Default::default()),
+            host: config.host_settings(),
+            ..HostBindings::default()
+        },
+    };
+    vm.add_share(share);
+    vm.set_vsock(DEFAULT_GUEST_CID, state.vsock());
+    Ok(vm)
 }
 
 /// How the pod VM comes up.
@@ -61,7 +64,7 @@ pub enum VmSource {
     /// A cold boot.
     Boot(VmConfig),
     /// A clone of a template; if it cannot be restored, the VM boots cold.
-    Template(RestoreConfig, VmConfig),
+    Template(Box<RestoreConfig>, VmConfig),
 }
 
 impl VmSource {
@@ -85,36 +88,13 @@ impl VmSource {
                 &vm,
                 config.agent_timeout,
             ) {
-                Ok(dir) => VmSource::Template(restore_config(dir, &vm), vm),
+                Ok(dir) => VmSource::Template(Box::new(template::restore_config(dir, &vm)), vm),
                 Err(e) => {
                     log::warn!("no VM template ({e}); booting the pod VM cold");
                     VmSource::Boot(vm)
                 }
             },
         }
-    }
-}
-
-/// This pod's bindings for a clone of the template in `dir`.
-fn restore_config(dir: std::path::PathBuf, vm: &VmConfig) -> RestoreConfig {
-    RestoreConfig {
-        console: vm.console.clone(),
-        shares: Some(vm.shares.clone()),
-        vsock: vm.vsock.clone(),
-        // This pod's taps; MAC and MTU stay the template's (the agent gives the NIC the
-        // CNI interface's MAC).
-        net: Some(
-            vm.net
-                .iter()
-                .map(|n| NetConfig {
-                    tap: n.tap.clone(),
-                    mac: None,
-                    mtu: None,
-                })
-                .collect(),
-        ),
-        // The agent sets the wall clock at CreateSandbox.
-        ..RestoreConfig::new(dir)
     }
 }
 
@@ -223,16 +203,15 @@ mod tests {
 
     fn vm_config() -> VmConfig {
         VmConfig {
-            kernel: "/k".into(),
-            initrd: None,
-            cmdline: String::new(),
-            vcpus: 1,
-            mem_mib: 128,
-            console: ConsoleConfig::Discard,
-            disks: Vec::new(),
-            shares: Vec::new(),
-            vsock: None,
-            net: Vec::new(),
+            shape: GuestShape {
+                kernel: "/k".into(),
+                cmdline: String::new(),
+                ..GuestShape::default()
+            },
+            bindings: HostBindings {
+                console: ConsoleConfig::Discard,
+                ..HostBindings::default()
+            },
         }
     }
 
@@ -240,7 +219,10 @@ mod tests {
     fn restore_failing_with(restore_err: VmError) -> (bool, bool) {
         let discarded = Cell::new(false);
         let booted = Cell::new(false);
-        let source = VmSource::Template(RestoreConfig::new(PathBuf::from("/tpl")), vm_config());
+        let source = VmSource::Template(
+            Box::new(RestoreConfig::new(PathBuf::from("/tpl"))),
+            vm_config(),
+        );
         let r = start(
             source,
             |_| Err::<(), _>(restore_err),
