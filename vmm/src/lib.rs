@@ -45,6 +45,16 @@ pub use timings::{BootTimings, MemoryUsage};
 pub use vcpu::VcpuState;
 pub use vm::{snapshot_support, RunningVm, Vm, VmError, VmReport, VmStopHandle};
 
+/// The sizes of the host mappings that back a guest of `mem_mib` MiB of RAM, in guest
+/// address order (one below the MMIO gap; a second above 4 GiB for larger guests): what
+/// tells guest RAM apart from the VMM's own memory in `/proc/<pid>/smaps`.
+pub fn guest_ram_mapping_sizes(mem_mib: u64) -> Vec<u64> {
+    arch::layout::ram_regions(mem_mib << 20)
+        .into_iter()
+        .map(|(_, size)| size)
+        .collect()
+}
+
 /// Locks `m`, recovering from poisoning: a panic on one thread must not take the VM's other
 /// threads down with it.
 pub(crate) fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

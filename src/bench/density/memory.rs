@@ -164,17 +164,9 @@ fn parse_range(word: &str) -> Option<(u64, u64)> {
     (end >= start).then_some((start, end))
 }
 
-/// Host sizes of guest RAM mappings for a VM of `mem_mib` (the layout of
-/// `vmm::arch::layout::ram_regions`: one region below the MMIO gap at 3 GiB, a second one
-/// above 4 GiB for larger guests).
+/// Host sizes of guest RAM mappings for a VM of `mem_mib` (the VMM's own layout).
 pub fn guest_region_sizes(mem_mib: u64) -> Vec<u64> {
-    const GAP_START: u64 = 0xc000_0000;
-    let bytes = mem_mib << 20;
-    if bytes <= GAP_START {
-        vec![bytes]
-    } else {
-        vec![GAP_START, bytes - GAP_START]
-    }
+    vmm::guest_ram_mapping_sizes(mem_mib)
 }
 
 /// Machine-wide figures from `/proc/meminfo`, KiB.
