@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use podvisor::shim::config::{
+use podvisor_shim::config::{
     parse_host_quirks, parse_ksm, parse_noreserve, HOST_QUIRKS_ENV, KSM_ENV, KVM_DEVICE_ENV,
     NORESERVE_ENV,
 };
@@ -243,7 +243,8 @@ pub fn run(args: BootArgs, process_start: Instant) -> Result<u8, Box<dyn std::er
         eprint!("{}", format_timings(&report.timings));
     }
     if let Some(path) = &args.timings_json {
-        let record = TimingsRecord::new(&report.timings, &report.reason.to_string(), code);
+        let record =
+            podvisor_bench::TimingsRecord::new(&report.timings, &report.reason.to_string(), code);
         std::fs::write(path, serde_json::to_string(&record)?)?;
     }
     Ok(code as u8)
@@ -319,43 +320,6 @@ pub fn format_timings(t: &BootTimings) -> String {
     }
     out += &format!("total run time: {:.2} s\n", t.total.as_secs_f64());
     out
-}
-
-/// One boot's figures, as `--timings-json` writes them (ms, KiB; null when not measured).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct TimingsRecord {
-    pub host_setup_ms: Option<f64>,
-    pub guest_to_init_ms: Option<f64>,
-    pub vmm_rss_kib: Option<u64>,
-    pub vmm_pss_kib: Option<u64>,
-    pub guest_rss_kib: Option<u64>,
-    /// At stop: the VMM's PSS, guest RAM PSS, and guest RAM private to this VM (for a
-    /// restored VM, its copy-on-write copies; the rest is shared with the snapshot file).
-    pub vmm_pss_kib_at_stop: Option<u64>,
-    pub guest_pss_kib_at_stop: Option<u64>,
-    pub guest_private_kib_at_stop: Option<u64>,
-    pub total_ms: f64,
-    pub exit_code: i32,
-    pub reason: String,
-}
-
-impl TimingsRecord {
-    pub fn new(t: &BootTimings, reason: &str, exit_code: i32) -> Self {
-        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
-        TimingsRecord {
-            host_setup_ms: ms(t.host_setup),
-            guest_to_init_ms: ms(t.guest_to_init),
-            vmm_rss_kib: t.memory_at_init.map(|m| m.vmm_rss_kib),
-            vmm_pss_kib: t.memory_at_init.map(|m| m.vmm_pss_kib),
-            guest_rss_kib: t.memory_at_init.map(|m| m.guest_rss_kib),
-            vmm_pss_kib_at_stop: t.memory_at_stop.map(|m| m.vmm_pss_kib),
-            guest_pss_kib_at_stop: t.memory_at_stop.map(|m| m.guest_pss_kib),
-            guest_private_kib_at_stop: t.memory_at_stop.map(|m| m.guest_anon_kib),
-            total_ms: t.total.as_secs_f64() * 1e3,
-            exit_code,
-            reason: reason.to_string(),
-        }
-    }
 }
 
 #[cfg(test)]

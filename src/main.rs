@@ -6,7 +6,6 @@
 //! * `podvisor bench density`: N idle pods through containerd, podvisor vs runc.
 //! * `podvisor template create|list|rm`: the shim's pod templates by hand.
 
-mod bench;
 mod boot;
 mod template_cli;
 
@@ -35,7 +34,7 @@ enum Command {
     Boot(Box<boot::BootArgs>),
     /// Benchmarks.
     #[command(subcommand)]
-    Bench(Box<bench::BenchCommand>),
+    Bench(Box<podvisor_bench::BenchCommand>),
     /// Pod templates (booted VMs that pods restore as copy-on-write clones).
     #[command(subcommand)]
     Template(Box<template_cli::TemplateCommand>),
@@ -55,7 +54,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Boot(args) => boot::run(*args, process_start),
-        Command::Bench(cmd) => bench::run(*cmd),
+        Command::Bench(cmd) => podvisor_bench::run(*cmd),
         Command::Template(cmd) => template_cli::run(*cmd).map_err(Into::into),
     };
     match result {

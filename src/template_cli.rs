@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use podvisor::shim::pod::{pod_vm_config, StateDir};
-use podvisor::shim::{template, ShimConfig};
+use podvisor_shim::pod::{pod_vm_config, StateDir};
+use podvisor_shim::{template, ShimConfig};
 
 #[derive(Subcommand)]
 pub enum TemplateCommand {

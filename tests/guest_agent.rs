@@ -282,7 +282,7 @@ fn guest_agent_runs_a_container() {
     // with its template's random state): refused without it.
     let err = client.create_sandbox(ctx(), &req).unwrap_err();
     assert!(err.to_string().contains("host entropy"), "{err}");
-    req.entropy = podvisor::shim::template::entropy().unwrap();
+    req.entropy = podvisor_shim::template::entropy().unwrap();
     client.create_sandbox(ctx(), &req).unwrap();
 
     // ConfigureNetwork through the guest kernel's rtnetlink. The VM has no NIC here: a

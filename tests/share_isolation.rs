@@ -17,7 +17,7 @@ mod common;
 use common::containerd::mounts_below;
 use devices::virtio::fs::test_client::FuseClient;
 use devices::virtio::fs::{Fs, ShareConfig, ShareOptions};
-use podvisor::shim::share::{self, PodShare, RootfsMount, ShareError};
+use podvisor_shim::share::{self, PodShare, RootfsMount, ShareError};
 
 const ROOT: u64 = 1;
 

@@ -22,11 +22,11 @@ use containerd_shim::protos::events::task::TaskExit;
 use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::ttrpc::Code;
 use containerd_shim::protos::types::task::Status;
-use podvisor::shim::agent::{Agent, TtrpcAgent};
-use podvisor::shim::containers::{ContainerKind, ContainerSpec, Containers, EventSink};
-use podvisor::shim::pod::{ContainerMounts, PodHost};
-use podvisor::shim::share::ShareError;
-use podvisor::shim::stdio::StdioPaths;
+use podvisor_shim::agent::{Agent, TtrpcAgent};
+use podvisor_shim::containers::{ContainerKind, ContainerSpec, Containers, EventSink};
+use podvisor_shim::pod::{ContainerMounts, PodHost};
+use podvisor_shim::share::ShareError;
+use podvisor_shim::stdio::StdioPaths;
 use podvisor_test_kit::host_agent::{process_json, skip_reason, spec, HostAgent};
 
 const TIMEOUT: Duration = Duration::from_secs(30);

@@ -3,10 +3,10 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use clap::Args;
-
-use crate::boot::TimingsRecord;
+use vmm::BootTimings;
 
 #[derive(Args)]
 pub struct BenchBootArgs {
@@ -112,6 +112,43 @@ fn boot_table(records: &[TimingsRecord], vcpus: usize, mem_mib: u64) -> String {
         out += &format!("| {name:<36} | {value:>12} |\n");
     }
     out
+}
+
+/// One boot's figures, as `--timings-json` writes them (ms, KiB; null when not measured).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TimingsRecord {
+    pub host_setup_ms: Option<f64>,
+    pub guest_to_init_ms: Option<f64>,
+    pub vmm_rss_kib: Option<u64>,
+    pub vmm_pss_kib: Option<u64>,
+    pub guest_rss_kib: Option<u64>,
+    /// At stop: the VMM's PSS, guest RAM PSS, and guest RAM private to this VM (for a
+    /// restored VM, its copy-on-write copies; the rest is shared with the snapshot file).
+    pub vmm_pss_kib_at_stop: Option<u64>,
+    pub guest_pss_kib_at_stop: Option<u64>,
+    pub guest_private_kib_at_stop: Option<u64>,
+    pub total_ms: f64,
+    pub exit_code: i32,
+    pub reason: String,
+}
+
+impl TimingsRecord {
+    pub fn new(t: &BootTimings, reason: &str, exit_code: i32) -> Self {
+        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
+        TimingsRecord {
+            host_setup_ms: ms(t.host_setup),
+            guest_to_init_ms: ms(t.guest_to_init),
+            vmm_rss_kib: t.memory_at_init.map(|m| m.vmm_rss_kib),
+            vmm_pss_kib: t.memory_at_init.map(|m| m.vmm_pss_kib),
+            guest_rss_kib: t.memory_at_init.map(|m| m.guest_rss_kib),
+            vmm_pss_kib_at_stop: t.memory_at_stop.map(|m| m.vmm_pss_kib),
+            guest_pss_kib_at_stop: t.memory_at_stop.map(|m| m.guest_pss_kib),
+            guest_private_kib_at_stop: t.memory_at_stop.map(|m| m.guest_anon_kib),
+            total_ms: t.total.as_secs_f64() * 1e3,
+            exit_code,
+            reason: reason.to_string(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -240,7 +240,7 @@ mod tests {
     use super::*;
 
     fn args(line: &str) -> TemplateBenchArgs {
-        crate::bench::parse_args(line)
+        crate::parse_args(line)
     }
 
     #[test]

@@ -477,20 +477,26 @@ pub fn bind_at(
     .map_err(errno("bind onto", name))
 }
 
-/// Unmounts every mount at or below `dir` (deepest first; lazily when busy), by name with
-/// `UMOUNT_NOFOLLOW`. Only for trees whose directories the guest cannot change (the share
-/// view, the pod dir).
-pub fn unmount_below(dir: &Path) {
+/// The mount points at or below `dir` (`/proc/self/mountinfo`, unescaped), in mount order.
+/// One scanner for the shim, its tests and the benches.
+pub fn mounts_below(dir: &Path) -> Vec<String> {
     let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
+        return Vec::new();
     };
     let prefix = dir.to_string_lossy().into_owned();
-    let mut targets: Vec<String> = mounts
+    mounts
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
         .map(unescape_mountinfo)
         .filter(|t| t == &prefix || t.starts_with(&format!("{prefix}/")))
-        .collect();
+        .collect()
+}
+
+/// Unmounts every mount at or below `dir` (deepest first; lazily when busy), by name with
+/// `UMOUNT_NOFOLLOW`. Only for trees whose directories the guest cannot change (the share
+/// view, the pod dir).
+pub fn unmount_below(dir: &Path) {
+    let mut targets = mounts_below(dir);
     targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
     for t in targets {
         let flags = rustix::mount::UnmountFlags::NOFOLLOW;

@@ -227,7 +227,7 @@ pub fn shim_pids(sock: &Path) -> Vec<u32> {
     pids_of("containerd-shim-podvisor-v2", sock)
 }
 
-/// A process's command line and its threads (`podvisor::shim::thread_states`), for
+/// A process's command line and its threads (`podvisor_shim::thread_states`), for
 /// failure messages.
 pub fn process_threads(pid: u32) -> String {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
@@ -235,7 +235,7 @@ pub fn process_threads(pid: u32) -> String {
         .unwrap_or_default();
     format!(
         "pid {pid}: {cmdline}{}",
-        podvisor::shim::thread_states(Some(pid))
+        podvisor_shim::thread_states(Some(pid))
     )
 }
 
@@ -269,17 +269,7 @@ fn pids_of(binary: &str, sock: &Path) -> Vec<u32> {
     pids
 }
 
-/// Mount points at or below `dir`.
-pub fn mounts_below(dir: &Path) -> Vec<String> {
-    let dir = dir.to_string_lossy().into_owned();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|t| *t == dir || t.starts_with(&format!("{dir}/")))
-        .map(str::to_string)
-        .collect()
-}
+pub use podvisor_shim::share::mounts_below;
 
 impl Drop for Containerd {
     fn drop(&mut self) {

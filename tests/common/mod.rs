@@ -4,9 +4,7 @@
 
 pub mod cni;
 pub mod containerd;
-/// The busybox image builder of `podvisor bench density`, shared with the tests.
-#[path = "../../src/bench/density/image.rs"]
-pub mod image;
+pub use podvisor_test_kit::image;
 pub mod threads;
 pub mod vm_slots;
 

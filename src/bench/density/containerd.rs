@@ -265,17 +265,7 @@ fn check_tool(path: &'static str) -> Result<(), ContainerdError> {
     }
 }
 
-/// Mount points at or below `dir` (from `/proc/self/mountinfo`).
-pub fn mounts_below(dir: &Path) -> Vec<String> {
-    let dir = dir.to_string_lossy().into_owned();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|t| *t == dir || t.starts_with(&format!("{dir}/")))
-        .map(str::to_string)
-        .collect()
-}
+pub use podvisor_shim::share::mounts_below;
 
 /// Makes the child get SIGKILL when the harness dies without tearing down (SIGKILL, crash),
 /// so that no containerd or `ctr` client outlives it. (Shims that containerd started are

@@ -25,7 +25,6 @@
 //! copy-on-write clones of it).
 
 pub mod containerd;
-pub mod image;
 pub mod memory;
 pub mod plot;
 pub mod report;
@@ -41,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use podvisor_test_kit::image;
 
 use containerd::{Containerd, ContainerdError};
 use report::{ConfigRecord, MachineDelta, PodRecord, Report, RunSummary, RuntimeRun, WaveSample};
@@ -771,7 +771,7 @@ impl Pods<'_> {
                     .iter()
                     .map(|&p| {
                         let args = memory::cmdline(p).join(" ");
-                        format!("{p} {args}:{}", podvisor::shim::thread_states(Some(p)))
+                        format!("{p} {args}:{}", podvisor_shim::thread_states(Some(p)))
                     })
                     .collect();
                 problems.push(format!(
@@ -1186,7 +1186,7 @@ mod tests {
     use super::*;
 
     fn args(line: &str) -> DensityArgs {
-        crate::bench::parse_args(line)
+        crate::parse_args(line)
     }
 
     #[test]
@@ -1219,8 +1219,8 @@ mod tests {
             "--pods 1 --runtime podvisor --kernel /nonexistent/vmlinux --initrd /nonexistent/i"
         )
         .contains("not a file"));
-        assert!(crate::bench::try_parse_args::<DensityArgs>("--pods 1 --runtime kata").is_err());
-        assert!(crate::bench::try_parse_args::<DensityArgs>("--pods 1 --ksm maybe").is_err());
+        assert!(crate::try_parse_args::<DensityArgs>("--pods 1 --runtime kata").is_err());
+        assert!(crate::try_parse_args::<DensityArgs>("--pods 1 --ksm maybe").is_err());
     }
 
     #[test]

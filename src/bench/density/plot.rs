@@ -228,7 +228,7 @@ mod tests {
             return;
         }
         let path = std::env::temp_dir().join(format!("podvisor-plot-{}.png", std::process::id()));
-        draw(&crate::bench::density::report::tests::sample(), &path).unwrap();
+        draw(&crate::density::report::tests::sample(), &path).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");

@@ -31,7 +31,9 @@ use super::density::containerd::Containerd;
 use super::density::report::{self, mib};
 use super::density::stats::Summary;
 use super::density::RuntimeChoice;
-use super::density::{self, image, DensityArgs, DensityError, GuestArgs, OnOff, Runtime};
+use podvisor_test_kit::image;
+
+use super::density::{self, DensityArgs, DensityError, GuestArgs, OnOff, Runtime};
 use pair::NetnsPair;
 use probe::Throughput;
 
@@ -206,7 +208,7 @@ fn measure(
         ])
         .map_err(|e| format!("{e}\ncontainerd log:\n{}", containerd.log_tail(20)))?;
     run.started_ms = Some(start.elapsed().as_secs_f64() * 1e3);
-    let peer = podvisor::shim::Netns::open(&pair.peer_path())
+    let peer = podvisor_shim::Netns::open(&pair.peer_path())
         .map_err(|e| format!("open {}: {e}", pair.peer_path().display()))?;
     let addr = |port| SocketAddr::from((pair::POD_IP, port));
     let seconds = Duration::from_secs(args.seconds);
@@ -317,7 +319,7 @@ pub fn markdown(r: &NetReport) -> String {
 
 /// Whether the shim's VMM runs on a PVM host (with the shim's host-quirks setting).
 fn vmm_emulates_guest_kernel() -> bool {
-    let quirks = podvisor::shim::ShimConfig::from_env().host_quirks;
+    let quirks = podvisor_shim::ShimConfig::from_env().host_quirks;
     vmm::HostKind::detect(quirks) == vmm::HostKind::NestedPvm
 }
 
@@ -374,7 +376,7 @@ mod tests {
 
     #[test]
     fn rejects_zero_durations() {
-        let args: NetBenchArgs = crate::bench::parse_args("--runtime runc --seconds 0");
+        let args: NetBenchArgs = crate::parse_args("--runtime runc --seconds 0");
         assert!(run(args).unwrap_err().to_string().contains("--seconds"));
     }
 }

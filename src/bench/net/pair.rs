@@ -106,7 +106,7 @@ impl Drop for NetnsPair {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::net::probe;
+    use crate::net::probe;
 
     /// Root and iproute2 here: creates a pair, reaches the pod side from the peer side
     /// through the veth, and leaves no namespace behind.
@@ -120,14 +120,14 @@ mod tests {
         let pair = NetnsPair::create("unit").expect("netns pair");
         let (pod, peer) = (pair.pod_path(), pair.peer_path());
         assert!(pod.exists() && peer.exists());
-        let pod_ns = podvisor::shim::Netns::open(&pod).unwrap();
+        let pod_ns = podvisor_shim::Netns::open(&pod).unwrap();
         let listener = pod_ns
             .run("pair-test-listen", || {
                 std::net::TcpListener::bind((POD_IP, 0)).unwrap()
             })
             .unwrap();
         let port = listener.local_addr().unwrap().port();
-        let peer_ns = podvisor::shim::Netns::open(&peer).unwrap();
+        let peer_ns = podvisor_shim::Netns::open(&peer).unwrap();
         let accept = std::thread::spawn(move || listener.accept().map(|_| ()));
         let connected = peer_ns
             .run("pair-test-connect", || {

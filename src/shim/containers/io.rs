@@ -3,9 +3,9 @@
 
 use std::os::unix::net::UnixStream;
 
-use crate::shim::agent::{Agent, StdioFlags, StreamKind};
-use crate::shim::error::ShimError;
-use crate::shim::stdio::{copy_input, copy_output, StdioPaths};
+use crate::agent::{Agent, StdioFlags, StreamKind};
+use crate::error::ShimError;
+use crate::stdio::{copy_input, copy_output, StdioPaths};
 
 use super::process::ProcessIo;
 

@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::types::task::Status;
 
-use crate::shim::stdio::{StdinState, StdioPaths};
+use crate::stdio::{StdinState, StdioPaths};
 
 /// How a process ended, as containerd is told.
 #[derive(Debug, Clone, PartialEq)]

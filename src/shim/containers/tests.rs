@@ -10,9 +10,9 @@ use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::ttrpc::Code;
 
 use super::*;
-use crate::shim::agent::fake::FakeAgent;
-use crate::shim::agent::Agent;
-use crate::shim::share::ShareError;
+use crate::agent::fake::FakeAgent;
+use crate::agent::Agent;
+use crate::share::ShareError;
 
 #[derive(Default)]
 struct Recorder {

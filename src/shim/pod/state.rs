@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::shim::share::{self, PodShare, ShareError};
+use crate::share::{self, PodShare, ShareError};
 
 /// virtio-fs tag of the pod's share.
 pub const SHARE_TAG: &str = "podvisor";

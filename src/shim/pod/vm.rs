@@ -16,8 +16,8 @@ use vmm::{ConsoleConfig, RestoreConfig, Vm, VmConfig, VmError, VmReport, VmStopH
 
 use super::state::{StateDir, SHARE_TAG};
 use super::PodError;
-use crate::shim::config::TemplateMode;
-use crate::shim::{template, ShimConfig};
+use crate::config::TemplateMode;
+use crate::{template, ShimConfig};
 
 /// The pod VM's configuration for `config`: its shape, and its bindings to the pod's host
 /// paths under `state` and the shim's host settings (a template build replaces the paths

@@ -8,7 +8,6 @@
 //! per-agent parent, removed when the [`HostAgent`] is dropped, even on failure.
 
 use std::fs;
-use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -20,8 +19,7 @@ use crate::wait_for;
 
 /// How long the agent may take to start, and to exit.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
-/// Debian's busybox-static.
-pub const BUSYBOX: &str = "/bin/busybox";
+pub use crate::image::BUSYBOX;
 
 /// Why the host agent cannot run here, if it cannot.
 pub fn skip_reason() -> Option<String> {
@@ -55,23 +53,11 @@ pub fn cgroup2_has(controller: &str) -> bool {
         .is_some_and(|c| c.split_whitespace().any(|x| x == controller))
 }
 
-/// Builds a busybox rootfs in `dir/rootfs`: /bin/busybox + a link per applet, empty mount
-/// points, an /etc/passwd, and a /root/secret that [`spec`] masks.
+/// Builds a busybox rootfs in `dir/rootfs` (`image::build_busybox_rootfs`) with a
+/// /root/secret that [`spec`] masks.
 pub fn build_rootfs(dir: &Path) -> PathBuf {
     let rootfs = dir.join("rootfs");
-    let bin = rootfs.join("bin");
-    fs::create_dir_all(&bin).unwrap();
-    for d in ["proc", "sys", "dev", "tmp", "etc", "root"] {
-        fs::create_dir_all(rootfs.join(d)).unwrap();
-    }
-    fs::copy(BUSYBOX, bin.join("busybox")).unwrap();
-    let list = Command::new(BUSYBOX).arg("--list").output().unwrap();
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" {
-            let _ = symlink("busybox", bin.join(applet));
-        }
-    }
-    fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    crate::image::build_busybox_rootfs(&rootfs).unwrap();
     fs::write(rootfs.join("root/secret"), "hidden\n").unwrap();
     rootfs
 }

@@ -2,9 +2,11 @@
 //!
 //! - [`host_agent`]: the real guest agent on the host, in namespaces of its own, behind
 //!   Unix sockets, with a busybox rootfs and a minimal OCI spec for its containers;
+//! - [`image`]: the local busybox OCI image (no registry) that containerd imports;
 //! - [`wait_for`]: polling a condition with a deadline (no sleeps as synchronization).
 
 pub mod host_agent;
+pub mod image;
 
 use std::time::{Duration, Instant};
 

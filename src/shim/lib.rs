@@ -48,6 +48,25 @@ pub use config::ShimConfig;
 /// Running code in another network namespace (also `podvisor bench net`'s client).
 pub use net::Netns;
 
+/// Runs the shim binary (`start`, `delete`, or the long-running server, as containerd's
+/// command line says).
+pub fn run() {
+    // No reaper: the shim waits for the only children it has (a binary:// logger) itself,
+    // and without SIGCHLD in containerd-shim's signal set, `shim start` cannot hang in a
+    // signal storm: it drops its signal-hook iterator on return, closing the iterator's
+    // socket before unregistering the handlers; a SIGCHLD in between (from the duplicate
+    // daemon a pod's second container spawns, which exits at once) makes the handler send
+    // to the closed socket, which raises SIGPIPE, whose handler does the same, forever
+    // (`start` spinning at 100% CPU while containerd waits on it). No subreaper
+    // either: no container process runs on the host.
+    let config = containerd_shim::Config {
+        no_reaper: true,
+        no_sub_reaper: true,
+        ..Default::default()
+    };
+    containerd_shim::run::<PodvisorShim>(RUNTIME_ID, Some(config));
+}
+
 /// containerd's runtime name for podvisor.
 pub const RUNTIME_ID: &str = "io.containerd.podvisor.v2";
 

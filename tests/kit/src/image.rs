@@ -2,8 +2,7 @@
 //! package busybox-static) with one link per applet, packed as an OCI image layout archive
 //! with one uncompressed layer, ready for `ctr image import`.
 //!
-//! Product code with no test-only dependencies, so that the integration tests' containerd
-//! harness can include it (`#[path]`) instead of keeping its own copy.
+//! Returns errors rather than panicking: `podvisor bench` uses it as well as the tests.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -15,6 +15,8 @@ mod template;
 
 use clap::Subcommand;
 
+pub use boot::TimingsRecord;
+
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Boot timings: host set-up, guest time to init, VMM RSS, guest RAM touched.
