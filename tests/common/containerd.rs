@@ -3,25 +3,26 @@
 //! a busybox OCI image built here and imported with `ctr image import`, and the checks that
 //! nothing is left behind.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use super::kvm_required;
 
-pub const CONTAINERD: &str = "/usr/bin/containerd";
-pub const CTR: &str = "/usr/bin/ctr";
-pub const BUSYBOX: &str = "/bin/busybox";
-pub const IMAGE: &str = "docker.io/library/busybox:local";
+pub use podvisor_shim::share::mounts_below;
+use podvisor_test_kit::containerd::PrivateConfig;
+pub use podvisor_test_kit::containerd::{CONTAINERD, CRI_NAMESPACE, CTR};
+pub use podvisor_test_kit::image::{BUSYBOX, IMAGE};
+pub use podvisor_test_kit::processes::process_threads;
+use podvisor_test_kit::processes::processes_of;
+pub use podvisor_test_kit::run_bounded;
+
 pub const RUNTIME: &str = "io.containerd.podvisor.v2";
 pub const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-podvisor-v2");
 /// `ctr run` of one container, VM boot included (minutes on a nested-KVM host).
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(900);
-/// The CRI plugin's containerd namespace.
-pub const CRI_NAMESPACE: &str = "k8s.io";
 /// The CRI sandbox image: the busybox layer with `sleep` as its entrypoint (runc runs it as
 /// the pod's pause process; podvisor runs no pause process).
 pub const PAUSE_IMAGE: &str = "localhost/podvisor-test/pause:local";
@@ -56,12 +57,13 @@ pub fn shared_template_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("podvisor-templates")
 }
 
-/// A private containerd; killed, and its temp dir removed, on drop (also on failure).
+/// A private containerd for a test (`podvisor_test_kit::containerd`, failures panic); on
+/// drop (also on failure) its log and the pods' consoles are printed when the test failed,
+/// then the kit stops it and removes its dirs.
 pub struct Containerd {
     pub dir: PathBuf,
-    child: Child,
-    cri: bool,
     run_dir: PathBuf,
+    inner: podvisor_test_kit::containerd::Containerd,
 }
 
 impl Containerd {
@@ -75,7 +77,7 @@ impl Containerd {
         self.run_dir.clone()
     }
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+        self.inner.log()
     }
 
     pub fn start(dir: &Path, kernel: &Path, initrd: &Path) -> Containerd {
@@ -94,54 +96,10 @@ impl Containerd {
         options: ContainerdOptions,
     ) -> Containerd {
         std::fs::create_dir_all(dir).unwrap();
-        let config = dir.join("config.toml");
-        let mut text = format!(
-            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n{disabled}\
-             [grpc]\n  address = \"{d}/containerd.sock\"\n\
-             [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n\
-             [debug]\n  level = \"debug\"\n",
-            d = dir.display(),
-            disabled = if options.cri {
-                ""
-            } else {
-                "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n"
-            },
-        );
         if let Some(body) = &options.podvisor_config {
             std::fs::write(dir.join("podvisor.toml"), body).unwrap();
         }
-        if options.cri {
-            let cri = "[plugins.\"io.containerd.grpc.v1.cri\"";
-            let runtimes = format!("{cri}.containerd.runtimes");
-            text += &format!(
-                "{cri}]\n  sandbox_image = \"{PAUSE_IMAGE}\"\n\
-                 \x20 restrict_oom_score_adj = true\n\
-                 \x20 stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n\
-                 {cri}.containerd]\n  default_runtime_name = \"{CRI_HANDLER_RUNC}\"\n\
-                 {runtimes}.{CRI_HANDLER_RUNC}]\n  runtime_type = \"io.containerd.runc.v2\"\n\
-                 {runtimes}.{CRI_HANDLER_PODVISOR}]\n  runtime_type = \"{RUNTIME}\"\n\
-                 \x20 pod_annotations = [\"io.podvisor.*\"]\n\
-                 {cni}]\n  bin_dir = \"{bin}\"\n  conf_dir = \"{conf}\"\n",
-                cni = format_args!("{cri}.cni"),
-                bin = match &options.cni_conf_dir {
-                    Some(_) => PathBuf::from(super::cni::CNI_BIN_DIR),
-                    None => dir.join("cni/bin"),
-                }
-                .display(),
-                conf = options
-                    .cni_conf_dir
-                    .clone()
-                    .unwrap_or_else(|| dir.join("cni/conf"))
-                    .display(),
-            );
-            if options.podvisor_config.is_some() {
-                text += &format!(
-                    "{runtimes}.{CRI_HANDLER_PODVISOR}.options]\n  ConfigPath = \"{}\"\n",
-                    dir.join("podvisor.toml").display()
-                );
-            }
-        }
-        std::fs::write(&config, text).unwrap();
+        let cri = options.cri.then(|| cri_config(dir, &options));
         let run_dir = if options.cri {
             static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
             let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -149,56 +107,32 @@ impl Containerd {
         } else {
             dir.join("podvisor-run")
         };
-        let shim_dir = Path::new(SHIM).parent().unwrap();
-        let path = format!(
-            "{}:{}",
-            shim_dir.display(),
-            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
-        );
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new(CONTAINERD)
-            .arg("--config")
-            .arg(&config)
-            .env("PATH", path)
-            .env("PODVISOR_KERNEL", kernel)
-            .env("PODVISOR_INITRD", initrd)
-            .env("PODVISOR_RUN_DIR", &run_dir)
-            .env(
-                "PODVISOR_TEMPLATE_DIR",
-                options
-                    .template_dir
-                    .clone()
-                    .unwrap_or_else(shared_template_dir),
-            )
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start containerd");
-        let c = Containerd {
+        let template_dir = options.template_dir.unwrap_or_else(shared_template_dir);
+        let env = |k: &str, v: &Path| (k.to_string(), v.display().to_string());
+        let inner = podvisor_test_kit::containerd::Containerd::start(PrivateConfig {
             dir: dir.to_path_buf(),
-            child,
-            cri: options.cri,
+            path_prepend: Path::new(SHIM).parent().map(Path::to_path_buf),
+            envs: vec![
+                env("PODVISOR_KERNEL", kernel),
+                env("PODVISOR_INITRD", initrd),
+                env("PODVISOR_RUN_DIR", &run_dir),
+                env("PODVISOR_TEMPLATE_DIR", &template_dir),
+                ("RUST_LOG".into(), "debug".into()),
+            ],
+            cri,
+            debug: true,
+            cleanup_dirs: vec![run_dir.clone()],
+        })
+        .unwrap_or_else(|e| panic!("private containerd: {e}"));
+        Containerd {
+            dir: dir.to_path_buf(),
             run_dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !c.ctr(&["version"]).status.success() {
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not come up:\n{}",
-                c.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
+            inner,
         }
-        c
     }
 
     pub fn ctr_cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(CTR);
-        cmd.arg("-a").arg(self.sock()).args(args);
-        cmd.stdin(Stdio::null());
-        cmd
+        self.inner.ctr_cmd(args)
     }
 
     /// `ctr run --rm --runtime io.containerd.podvisor.v2 busybox <id> echo hello`, bounded
@@ -218,66 +152,61 @@ impl Containerd {
     }
 
     pub fn ctr(&self, args: &[&str]) -> Output {
-        self.ctr_cmd(args).output().expect("run ctr")
+        self.inner.ctr(args).expect("run ctr")
     }
 }
 
-/// PIDs of processes running the shim binary on behalf of this containerd.
-pub fn shim_pids(sock: &Path) -> Vec<u32> {
-    pids_of("containerd-shim-podvisor-v2", sock)
+/// The CRI plugin's section: handlers `runc` (the default) and `podvisor` (pod annotations
+/// `io.podvisor.*`, the test's podvisor config as `ConfigPath`), the sandbox image, a
+/// streaming server on a free port, CNI.
+fn cri_config(dir: &Path, options: &ContainerdOptions) -> String {
+    let cri = "[plugins.\"io.containerd.grpc.v1.cri\"";
+    let runtimes = format!("{cri}.containerd.runtimes");
+    let mut text = format!(
+        "{cri}]\n  sandbox_image = \"{PAUSE_IMAGE}\"\n\
+         \x20 restrict_oom_score_adj = true\n\
+         \x20 stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n\
+         {cri}.containerd]\n  default_runtime_name = \"{CRI_HANDLER_RUNC}\"\n\
+         {runtimes}.{CRI_HANDLER_RUNC}]\n  runtime_type = \"io.containerd.runc.v2\"\n\
+         {runtimes}.{CRI_HANDLER_PODVISOR}]\n  runtime_type = \"{RUNTIME}\"\n\
+         \x20 pod_annotations = [\"io.podvisor.*\"]\n\
+         {cni}]\n  bin_dir = \"{bin}\"\n  conf_dir = \"{conf}\"\n",
+        cni = format_args!("{cri}.cni"),
+        bin = match &options.cni_conf_dir {
+            Some(_) => PathBuf::from(super::cni::CNI_BIN_DIR),
+            None => dir.join("cni/bin"),
+        }
+        .display(),
+        conf = options
+            .cni_conf_dir
+            .clone()
+            .unwrap_or_else(|| dir.join("cni/conf"))
+            .display(),
+    );
+    if options.podvisor_config.is_some() {
+        text += &format!(
+            "{runtimes}.{CRI_HANDLER_PODVISOR}.options]\n  ConfigPath = \"{}\"\n",
+            dir.join("podvisor.toml").display()
+        );
+    }
+    text
 }
 
-/// A process's command line and its threads (`podvisor_shim::thread_states`), for
-/// failure messages.
-pub fn process_threads(pid: u32) -> String {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .unwrap_or_default();
-    format!(
-        "pid {pid}: {cmdline}{}",
-        podvisor_shim::thread_states(Some(pid))
-    )
+/// PIDs of processes running the podvisor shim binary on behalf of this containerd.
+pub fn shim_pids(sock: &Path) -> Vec<u32> {
+    processes_of("containerd-shim-podvisor-v2", sock)
 }
 
 /// PIDs of runc shims (`containerd-shim-runc-v2`) of this containerd.
 pub fn runc_shim_pids(sock: &Path) -> Vec<u32> {
-    pids_of("containerd-shim-runc-v2", sock)
+    processes_of("containerd-shim-runc-v2", sock)
 }
-
-/// PIDs of processes running `binary` with `sock` among their arguments.
-fn pids_of(binary: &str, sock: &Path) -> Vec<u32> {
-    let mut pids = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    let sock = sock.to_string_lossy().into_owned();
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if args.first().is_some_and(|a| a.ends_with(binary)) && args.iter().any(|a| a == &sock) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-pub use podvisor_shim::share::mounts_below;
 
 impl Drop for Containerd {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("---- containerd log (tail) ----");
-            let log = self.log();
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!("{}", lines[lines.len().saturating_sub(80)..].join("\n"));
+            eprintln!("{}", self.inner.log_tail(80));
             for console in find_files(&self.run_dir(), "console.log") {
                 eprintln!(
                     "---- {} ----\n{}",
@@ -286,54 +215,8 @@ impl Drop for Containerd {
                 );
             }
         }
-        if self.cri {
-            // Containers a failed CRI test left (runc's outlive their shim): kill them.
-            let tasks = self.ctr(&["-n", CRI_NAMESPACE, "task", "ls", "-q"]);
-            for id in String::from_utf8_lossy(&tasks.stdout).split_whitespace() {
-                let _ = self.ctr(&[
-                    "-n",
-                    CRI_NAMESPACE,
-                    "task",
-                    "kill",
-                    "-a",
-                    "-s",
-                    "SIGKILL",
-                    id,
-                ]);
-            }
-        }
-        // Shims this containerd started, then containerd itself.
-        for pid in shim_pids(&self.sock())
-            .into_iter()
-            .chain(runc_shim_pids(&self.sock()))
-        {
-            // SAFETY: plain kill(2) of a process of this test's containerd.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-        // SAFETY: plain kill(2) of this test's containerd.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let mut left = mounts_below(&self.dir);
-        left.sort_by_key(|t| std::cmp::Reverse(t.len()));
-        for m in left {
-            let c = std::ffi::CString::new(m).unwrap();
-            // SAFETY: c is a valid NUL-terminated path; detaching a test mount.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
-        let mut left = mounts_below(&self.run_dir);
-        left.sort_by_key(|t| std::cmp::Reverse(t.len()));
-        for m in left {
-            let c = std::ffi::CString::new(m).unwrap();
-            // SAFETY: umount2 of a path string; no memory is shared with the kernel after.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
-        let _ = std::fs::remove_dir_all(&self.run_dir);
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // Then `inner` drops: the kit kills the CRI tasks, the shims and containerd, and
+        // removes the dirs.
     }
 }
 
@@ -361,81 +244,6 @@ pub fn build_image(dir: &Path) -> PathBuf {
 /// `Entrypoint`, ...).
 pub fn build_image_as(dir: &Path, name: &str, config: &serde_json::Value) -> PathBuf {
     super::image::build_image_as(dir, name, config).unwrap()
-}
-
-/// Runs `cmd` to completion within `timeout` (killed after); returns (status, stdout, stderr).
-pub fn run_bounded(mut cmd: Command, timeout: Duration) -> (Option<i32>, String, String) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let collect = |r: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            if let Some(mut r) = r {
-                let _ = r.read_to_string(&mut s);
-            }
-            s
-        })
-    };
-    let out = collect(child.stdout.take().map(|r| Box::new(r) as _));
-    let err = collect(child.stderr.take().map(|r| Box::new(r) as _));
-    let deadline = Instant::now() + timeout;
-    let mut timed_out = None;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            // What every process of the test (containerd, `shim start`, the shims) was
-            // doing when the command hung, for the failure message.
-            timed_out = Some(descendant_threads());
-            let _ = child.kill();
-            break child.wait().unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut stderr = err.join().unwrap();
-    if let Some(threads) = timed_out {
-        stderr += &format!("\n[killed after {timeout:?}; the test's processes then:]{threads}");
-    }
-    (status.code(), out.join().unwrap(), stderr)
-}
-
-/// [`process_threads`] of every descendant of this test process (containerd is the
-/// subreaper of its shims, so they are below it), one block each.
-pub fn descendant_threads() -> String {
-    let mut parent = std::collections::HashMap::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        // After the name: state, then the parent's pid.
-        let ppid = stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.split(' ').nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if let Some(ppid) = ppid {
-            parent.insert(pid, ppid);
-        }
-    }
-    let me = std::process::id();
-    let below_me = |mut pid: u32| {
-        while let Some(&p) = parent.get(&pid) {
-            if p == me {
-                return true;
-            }
-            pid = p;
-        }
-        false
-    };
-    let mut pids: Vec<u32> = parent.keys().copied().filter(|&p| below_me(p)).collect();
-    pids.sort_unstable();
-    pids.iter()
-        .map(|&p| format!("\n{}", process_threads(p)))
-        .collect()
 }
 
 pub fn skip(test: &str, why: &str) {

@@ -2,11 +2,10 @@
 
 #![allow(dead_code)]
 
-pub mod cni;
 pub mod containerd;
-pub use podvisor_test_kit::image;
-pub mod threads;
-pub mod vm_slots;
+// Each test binary uses a part of the kit.
+#[allow(unused_imports)]
+pub use podvisor_test_kit::{cni, image, threads, vm_slots};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

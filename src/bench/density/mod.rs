@@ -15,7 +15,7 @@
 //! Then [`report`] writes `density.md` + `density.json` and [`plot`] `density.png` into
 //! `--out`. Teardown also runs on errors and on Ctrl-C/SIGTERM (then exit status 130):
 //! pods first ([`Pods`]' drop), then the private containerd with its work dir
-//! ([`containerd::Containerd`]' drop), then KSM's `run` is restored ([`KsmGuard`]).
+//! (`Containerd`'s drop), then KSM's `run` is restored ([`KsmGuard`]).
 //!
 //! Density knobs go into the private containerd's environment, which the podvisor shim
 //! inherits: `--mem-mib` (`PODVISOR_MEM_MIB`), `--vcpus` (`PODVISOR_VCPUS`), `--noreserve
@@ -24,7 +24,6 @@
 //! work dir: the first pod boots and snapshots a template VM, the others restore
 //! copy-on-write clones of it).
 
-pub mod containerd;
 pub mod memory;
 pub mod plot;
 pub mod report;
@@ -42,7 +41,8 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use podvisor_test_kit::image;
 
-use containerd::{Containerd, ContainerdError};
+use podvisor_test_kit::containerd::{Containerd, ContainerdError, PrivateConfig};
+use podvisor_test_kit::processes::die_with_parent;
 use report::{ConfigRecord, MachineDelta, PodRecord, Report, RunSummary, RuntimeRun, WaveSample};
 
 /// The command each pod runs: one line of output, then idle.
@@ -424,6 +424,17 @@ fn absolute(p: &Path) -> PathBuf {
 }
 
 impl Plan {
+    /// The private containerd of this plan: in the work dir, the podvisor shim's directory
+    /// first on its `PATH`, [`Self::shim_env`] in its environment.
+    pub fn private_containerd(&self) -> PrivateConfig {
+        PrivateConfig {
+            dir: self.work_dir.clone(),
+            path_prepend: self.shim_dir.clone(),
+            envs: self.shim_env(),
+            ..Default::default()
+        }
+    }
+
     /// containerd's (and so the podvisor shim's) environment for this plan.
     pub fn shim_env(&self) -> Vec<(String, String)> {
         let mut env = vec![
@@ -563,7 +574,7 @@ impl Events {
         let mut cmd = containerd.ctr_cmd(&["events"]);
         cmd.stdout(Stdio::piped()).stderr(Stdio::null());
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        containerd::die_with_parent(&mut cmd);
+        die_with_parent(&mut cmd);
         let mut child = cmd.spawn().map_err(|source| DensityError::Spawn {
             what: "ctr events".into(),
             source,
@@ -636,7 +647,7 @@ impl Pod {
         let mut cmd = containerd.ctr_cmd(&args);
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        containerd::die_with_parent(&mut cmd);
+        die_with_parent(&mut cmd);
         let spawned = Instant::now();
         let mut child = cmd.spawn().map_err(|source| DensityError::Spawn {
             what: format!("ctr run {id}"),
@@ -769,10 +780,7 @@ impl Pods<'_> {
             if Instant::now() > deadline {
                 let threads: Vec<String> = left
                     .iter()
-                    .map(|&p| {
-                        let args = memory::cmdline(p).join(" ");
-                        format!("{p} {args}:{}", podvisor_shim::thread_states(Some(p)))
-                    })
+                    .map(|&p| podvisor_test_kit::processes::process_threads(p))
                     .collect();
                 problems.push(format!(
                     "shims still running after 120 s: {left:?}; their threads: {}",
@@ -1155,7 +1163,7 @@ fn run_session(
     let (_ksm, ksm_note) = KsmGuard::enable(plan.ksm);
     let containerd = match &plan.address {
         Some(sock) => Containerd::existing(sock)?,
-        None => Containerd::start(&plan.work_dir, plan.shim_dir.as_deref(), &plan.shim_env())?,
+        None => Containerd::start(plan.private_containerd())?,
     };
     check_interrupt()?;
     let image_dir = match containerd.dir() {

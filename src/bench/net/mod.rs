@@ -27,10 +27,10 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use super::density::containerd::Containerd;
 use super::density::report::{self, mib};
 use super::density::stats::Summary;
 use super::density::RuntimeChoice;
+use podvisor_test_kit::containerd::Containerd;
 use podvisor_test_kit::image;
 
 use super::density::{self, DensityArgs, DensityError, GuestArgs, OnOff, Runtime};
@@ -119,7 +119,7 @@ pub fn run(args: NetBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
     }
     let plan = density::plan(&density_args(&args))?;
     density::install_interrupt_handler();
-    let containerd = Containerd::start(&plan.work_dir, plan.shim_dir.as_deref(), &plan.shim_env())?;
+    let containerd = Containerd::start(plan.private_containerd())?;
     let archive = image::build_image(&plan.work_dir.join("image"))?;
     containerd.import_image(&archive, image::IMAGE)?;
     let mut report = NetReport {

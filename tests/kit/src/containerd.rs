@@ -1,18 +1,43 @@
-//! containerd for the density harness: either a private one (Debian's
-//! `/usr/bin/containerd`, root/state/sockets in a work dir, CRI plugin off, the podvisor
-//! shim's directory on its `PATH` and the pods' settings in its environment) or an existing
-//! one reached through `--address`; driven with `ctr` subprocesses.
+//! A containerd for tests and benches: either a private one (Debian's
+//! `/usr/bin/containerd`, root/state/sockets/log in a work dir, the shims' directory first
+//! on its `PATH`, the pods' settings in its environment, the CRI plugin off unless a test
+//! configures it) or an existing one reached by its socket; driven with `ctr`.
 //!
-//! Product code with no test-only dependencies: the integration tests' harness can include
-//! this file (`#[path]`). Everything here returns errors instead of panicking, and
-//! [`Containerd`]'s `Drop` stops what it started (shims of its socket, then containerd),
-//! unmounts what is left below its work dir and removes the dir.
+//! Everything returns errors instead of panicking (the benches report them; the tests'
+//! wrapper turns them into failures), and [`Containerd`]'s `Drop` stops what it started:
+//! the CRI namespace's tasks, the shims of its socket (and their children), containerd,
+//! then unmounts what is left below its work dir (and the extra dirs it was given) and
+//! removes them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::memory;
+use podvisor_shim::share::mounts_below;
+
+use crate::processes::{descendants, die_with_parent, kill, processes_of};
+
+/// The CRI plugin's containerd namespace.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+
+/// How a private containerd is set up.
+#[derive(Debug, Clone, Default)]
+pub struct PrivateConfig {
+    /// Root, state, sockets, config and log go here (created; removed on drop).
+    pub dir: PathBuf,
+    /// Put in front of its `PATH`: where it finds `containerd-shim-<name>-v2` binaries.
+    pub path_prepend: Option<PathBuf>,
+    /// Its environment, which the shims inherit.
+    pub envs: Vec<(String, String)>,
+    /// The CRI plugin's configuration (TOML tables `[plugins."io.containerd.grpc.v1.cri"…]`);
+    /// `None`: the plugin is off.
+    pub cri: Option<String>,
+    /// Debug logging (`[debug] level = "debug"`).
+    pub debug: bool,
+    /// Directories outside `dir` that its shims fill (a short run dir): unmounted and
+    /// removed with `dir`.
+    pub cleanup_dirs: Vec<PathBuf>,
+}
 
 pub const CONTAINERD: &str = "/usr/bin/containerd";
 pub const CTR: &str = "/usr/bin/ctr";
@@ -39,12 +64,19 @@ pub enum ContainerdError {
     Ctr { args: String, detail: String },
 }
 
-/// A containerd the harness talks to. Private ones are stopped and their work dir removed
-/// on drop; an existing one (`--address`) is left as it was found.
+/// A containerd a harness talks to. Private ones are stopped and their work dir removed
+/// on drop; an existing one is left as it was found.
 pub struct Containerd {
     sock: PathBuf,
-    /// The work dir and the process of a private containerd.
-    private: Option<(PathBuf, Child)>,
+    private: Option<Private>,
+}
+
+/// What a private containerd leaves to clean up.
+struct Private {
+    dir: PathBuf,
+    child: Child,
+    cri: bool,
+    cleanup_dirs: Vec<PathBuf>,
 }
 
 impl Containerd {
@@ -59,37 +91,35 @@ impl Containerd {
         Ok(c)
     }
 
-    /// Starts a private containerd with root, state, sockets and log under `dir` (created;
-    /// removed again on drop), `path_prepend` in front of its `PATH` (where it finds
-    /// `containerd-shim-<name>-v2` binaries) and `envs` in its environment (the shims
-    /// inherit it). Waits until it answers (30 s).
-    pub fn start(
-        dir: &Path,
-        path_prepend: Option<&Path>,
-        envs: &[(String, String)],
-    ) -> Result<Containerd, ContainerdError> {
+    /// Starts a private containerd as `config` says; waits until it answers (30 s).
+    pub fn start(config: PrivateConfig) -> Result<Containerd, ContainerdError> {
         check_tool(CONTAINERD)?;
         check_tool(CTR)?;
+        let dir = config.dir.as_path();
         let io = |source| ContainerdError::Io {
             path: dir.to_path_buf(),
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-                 [grpc]\n  address = \"{d}/containerd.sock\"\n\
-                 [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n",
-                d = dir.display()
-            ),
-        )
-        .map_err(io)?;
+        let mut text = format!(
+            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+             [grpc]\n  address = \"{d}/containerd.sock\"\n\
+             [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n",
+            d = dir.display()
+        );
+        if config.debug {
+            text += "[debug]\n  level = \"debug\"\n";
+        }
+        match &config.cri {
+            Some(cri) => text += cri,
+            // Top-level keys must come before the tables: prepend.
+            None => text = format!("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n{text}"),
+        }
+        let toml = dir.join("config.toml");
+        std::fs::write(&toml, text).map_err(io)?;
         let base_path =
             std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
-        let path = match path_prepend {
+        let path = match &config.path_prepend {
             Some(p) => format!("{}:{base_path}", p.display()),
             None => base_path,
         };
@@ -100,9 +130,9 @@ impl Containerd {
         // `PATH`: run it in the work dir so that only the intended shim is found.
         cmd.current_dir(dir)
             .arg("--config")
-            .arg(&config)
+            .arg(&toml)
             .env("PATH", path)
-            .envs(envs.iter().map(|(k, v)| (k, v)))
+            .envs(config.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
@@ -113,7 +143,12 @@ impl Containerd {
         let child = cmd.spawn().map_err(ContainerdError::Spawn)?;
         let c = Containerd {
             sock: dir.join("containerd.sock"),
-            private: Some((dir.to_path_buf(), child)),
+            private: Some(Private {
+                dir: dir.to_path_buf(),
+                child,
+                cri: config.cri.is_some(),
+                cleanup_dirs: config.cleanup_dirs,
+            }),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while c
@@ -141,15 +176,19 @@ impl Containerd {
 
     /// The work dir of a private containerd.
     pub fn dir(&self) -> Option<&Path> {
-        self.private.as_ref().map(|(d, _)| d.as_path())
+        self.private.as_ref().map(|p| p.dir.as_path())
+    }
+
+    /// A private containerd's log (empty for an existing one).
+    pub fn log(&self) -> String {
+        self.dir()
+            .and_then(|d| std::fs::read_to_string(d.join("containerd.log")).ok())
+            .unwrap_or_default()
     }
 
     /// The last `lines` lines of a private containerd's log.
     pub fn log_tail(&self, lines: usize) -> String {
-        let Some(dir) = self.dir() else {
-            return String::new();
-        };
-        let log = std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default();
+        let log = self.log();
         let all: Vec<&str> = log.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
@@ -265,63 +304,68 @@ fn check_tool(path: &'static str) -> Result<(), ContainerdError> {
     }
 }
 
-pub use podvisor_shim::share::mounts_below;
-
-/// Makes the child get SIGKILL when the harness dies without tearing down (SIGKILL, crash),
-/// so that no containerd or `ctr` client outlives it. (Shims that containerd started are
-/// not children of the harness; they stay until their containerd's state dir is cleaned.)
-pub fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
-    // which is async-signal-safe.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(cmd, || {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-}
-
-/// Shim binaries containerd may start for the harness's pods.
+/// Shim binaries containerd may start for a harness's pods.
 pub const SHIM_BINARIES: [&str; 2] = ["containerd-shim-podvisor-v2", "containerd-shim-runc-v2"];
 
-/// Sends `signal` to `pid`.
-pub fn kill(pid: u32, signal: i32) {
-    // SAFETY: kill(2) has no memory effects; a stale PID at worst gets ESRCH.
-    unsafe { libc::kill(pid as i32, signal) };
+/// Unmounts (lazily) what is mounted at or below `dir`, deepest first.
+fn unmount_all_below(dir: &Path) {
+    let mut left = mounts_below(dir);
+    left.sort_by_key(|t| std::cmp::Reverse(t.len()));
+    for m in left {
+        if let Ok(c) = std::ffi::CString::new(m) {
+            // SAFETY: umount2 with a valid C string; MNT_DETACH never blocks.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
 }
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        let Some((dir, mut child)) = self.private.take() else {
+        let Some(mut p) = self.private.take() else {
             return;
         };
+        if p.cri {
+            // Containers a failed CRI run left (runc's outlive their shim): kill them.
+            let tasks = self
+                .ctr_ok(&["-n", CRI_NAMESPACE, "task", "ls", "-q"])
+                .unwrap_or_default();
+            for id in tasks.split_whitespace() {
+                let _ = self.ctr(&[
+                    "-n",
+                    CRI_NAMESPACE,
+                    "task",
+                    "kill",
+                    "-a",
+                    "-s",
+                    "SIGKILL",
+                    id,
+                ]);
+            }
+        }
         // Shims of this containerd (pods that teardown could not remove), then containerd.
         for binary in SHIM_BINARIES {
-            for pid in memory::shim_pids(binary, None, &self.sock) {
+            for pid in processes_of(binary, &self.sock) {
                 log::warn!("killing leftover {binary} (pid {pid})");
-                for child in memory::descendants(pid) {
+                for child in descendants(pid) {
                     kill(child, libc::SIGKILL);
                 }
                 kill(pid, libc::SIGKILL);
             }
         }
-        kill(child.id(), libc::SIGTERM);
+        kill(p.child.id(), libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        while p.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
         }
-        let _ = child.kill();
-        let _ = child.wait();
-        let mut left = mounts_below(&dir);
-        left.sort_by_key(|t| std::cmp::Reverse(t.len()));
-        for m in left {
-            if let Ok(c) = std::ffi::CString::new(m) {
-                // SAFETY: umount2 with a valid C string; MNT_DETACH never blocks.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+        for dir in std::iter::once(&p.dir).chain(&p.cleanup_dirs) {
+            unmount_all_below(dir);
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    log::warn!("cannot remove {}: {e}", dir.display());
+                }
             }
-        }
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            log::warn!("cannot remove {}: {e}", dir.display());
         }
     }
 }
