@@ -30,6 +30,7 @@ mod reaper;
 mod sandbox;
 mod server;
 mod stall;
+mod stdin_control;
 mod stream;
 
 use std::os::fd::IntoRawFd;

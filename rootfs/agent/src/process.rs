@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::stream::StdinControl;
+use crate::stdin_control::StdinControl;
 
 /// How long WaitProcess waits for output to drain after the process exited. Only reached
 /// when something outside the process (a daemonized child) still holds its stdout/stderr.

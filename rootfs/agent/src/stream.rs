@@ -23,6 +23,7 @@ use podvisor_agent_protocol::stream::{Ack, StreamError, StreamHeader, StreamKind
 
 use crate::listener::{self, ListenAddr};
 use crate::process::Process;
+use crate::stdin_control::StdinControl;
 
 /// Stack size of pump and acceptor threads: they only copy through a heap buffer.
 const PUMP_STACK: usize = 64 * 1024;
@@ -151,58 +152,6 @@ impl Streams {
     }
 }
 
-#[derive(Default)]
-struct StdinState {
-    forwarded: u64,
-    close_at: Option<u64>,
-    stopped: bool,
-}
-
-/// Controls a stdin (or pty input) pump: CloseStdin and process exit end it.
-pub struct StdinControl {
-    /// The client connection, shut down for reading to wake a pump blocked in read.
-    conn: OwnedFd,
-    state: Mutex<StdinState>,
-}
-
-impl StdinControl {
-    fn state(&self) -> MutexGuard<'_, StdinState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn wake_pump(&self) {
-        // ENOTCONN once the client is gone: nothing to wake then.
-        let _ = shutdown(std::os::fd::AsRawFd::as_raw_fd(&self.conn), Shutdown::Read);
-    }
-
-    /// CloseStdin: end stdin once `bytes` bytes (the client's total) were forwarded.
-    pub fn close_after(&self, bytes: u64) {
-        let mut state = self.state();
-        state.close_at = Some(bytes);
-        if state.forwarded >= bytes {
-            self.wake_pump();
-        }
-    }
-
-    /// Stops forwarding now (process exited or is being removed).
-    pub fn stop(&self) {
-        self.state().stopped = true;
-        self.wake_pump();
-    }
-
-    /// Accounts `n` forwarded bytes; false when the pump should end.
-    fn forwarded(&self, n: usize) -> bool {
-        let mut state = self.state();
-        state.forwarded += n as u64;
-        !(state.stopped || state.close_at.is_some_and(|at| state.forwarded >= at))
-    }
-
-    fn should_stop(&self) -> bool {
-        let state = self.state();
-        state.stopped || state.close_at.is_some_and(|at| state.forwarded >= at)
-    }
-}
-
 /// Starts a pump from the client connection `conn` into `sink` (the stdin pipe's write end
 /// or the pty master); returns its control. Dropping `sink` at the end is the EOF.
 pub fn start_input_pump(
@@ -210,10 +159,7 @@ pub fn start_input_pump(
     conn: File,
     sink: File,
 ) -> io::Result<Arc<StdinControl>> {
-    let control = Arc::new(StdinControl {
-        conn: OwnedFd::from(conn.try_clone()?),
-        state: Mutex::new(StdinState::default()),
-    });
+    let control = Arc::new(StdinControl::new(OwnedFd::from(conn.try_clone()?)));
     let pump_control = control.clone();
     let name = process.name();
     spawn_small(format!("stdin-{}", process.container_id), move || {

@@ -1082,7 +1082,7 @@ pub fn run(args: DensityArgs) -> Result<u8, Box<dyn std::error::Error>> {
     if let Some(json) = &args.from_json {
         let report = report::read(json)?;
         print!("{}", report::markdown(&report));
-        for p in report::write(&report, &absolute(&args.out))? {
+        for p in write_reports(&report, &absolute(&args.out))? {
             println!("wrote {}", p.display());
         }
         return Ok(0);
@@ -1116,7 +1116,7 @@ pub fn run_plan(plan: &Plan) -> Result<(Report, Vec<PathBuf>), DensityError> {
         }
         Ok(runs)
     })?;
-    let paths = report::write(&report, &plan.out)?;
+    let paths = write_reports(&report, &plan.out)?;
     Ok((report, paths))
 }
 
@@ -1187,6 +1187,33 @@ fn run_session(
         config: ConfigRecord::new(plan, &ksm_note),
         runs,
     })
+}
+
+/// Writes density.json, density.md ([`report`]) and density.png ([`plot`]) into `dir`
+/// (created); returns the
+/// paths written. A plot that cannot be drawn (no font) is logged, not fatal.
+fn write_reports(report: &Report, dir: &Path) -> Result<Vec<PathBuf>, DensityError> {
+    let text = serde_json::to_string_pretty(report).expect("report serialises");
+    let json = report::write_file(dir, "density.json", &text)?;
+    let png = dir.join("density.png");
+    let plotted = match plot::draw(report, &png) {
+        Ok(()) => true,
+        Err(e) => {
+            log::warn!("no plot: {e}");
+            false
+        }
+    };
+    let mut text = report::markdown(report);
+    if plotted {
+        text += &format!("\nPlot: {}\n", png.display());
+    }
+    text += &report::pod_table(report);
+    let md = report::write_file(dir, "density.md", &text)?;
+    let mut paths = vec![md, json];
+    if plotted {
+        paths.push(png);
+    }
+    Ok(paths)
 }
 
 #[cfg(test)]

@@ -324,32 +324,6 @@ pub fn pod_table(report: &Report) -> String {
     out
 }
 
-/// Writes density.json, density.md and density.png into `dir` (created); returns the
-/// paths written. A plot that cannot be drawn (no font) is logged, not fatal.
-pub fn write(report: &Report, dir: &Path) -> Result<Vec<PathBuf>, DensityError> {
-    let text = serde_json::to_string_pretty(report).expect("report serialises");
-    let json = write_file(dir, "density.json", &text)?;
-    let png = dir.join("density.png");
-    let plotted = match super::plot::draw(report, &png) {
-        Ok(()) => true,
-        Err(e) => {
-            log::warn!("no plot: {e}");
-            false
-        }
-    };
-    let mut text = markdown(report);
-    if plotted {
-        let _ = writeln!(text, "\nPlot: {}", png.display());
-    }
-    text += &pod_table(report);
-    let md = write_file(dir, "density.md", &text)?;
-    let mut paths = vec![md, json];
-    if plotted {
-        paths.push(png);
-    }
-    Ok(paths)
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
