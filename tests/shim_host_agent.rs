@@ -1,9 +1,11 @@
-//! KVM-free tier of the shim: the shim's container layer (`containers::Containers`, the
-//! process state machine, stdio wiring, exit waiters, task events) driving the real guest
+//! KVM-free tier of the shim: the real task service (`task::Service`, from containerd's
+//! requests to errdefs codes) and the container layer under it (`containers::Containers`:
+//! the process state machine, stdio wiring, exit waiters, task events) drive the real guest
 //! agent, run on the host behind Unix sockets (`podvisor_test_kit::host_agent`), through
-//! the real ttrpc `Agent` implementation. containerd's side is played by the test: FIFOs
-//! for stdio and a recorder for the events. No VM: what a pod's Create, Start, Exec, Kill
-//! and Delete do in the agent is checked in about a second.
+//! the real ttrpc `Agent` implementation. Only the pod differs: the agent on the host takes
+//! the VM's place (`PodFactory`). containerd's side is played by the test: bundles, FIFOs
+//! for stdio and a recorder for the events. What a pod's Create, Start, Exec, Kill, Delete
+//! and Shutdown do in the agent is checked in about a second.
 //!
 //! Needs root, busybox-static and cgroup2 (else SKIP, as the agent's own host tests), and
 //! the agent binary of this build (`target/<profile>/podvisor-agent`, which `cargo test
@@ -18,15 +20,20 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use containerd_shim::api;
 use containerd_shim::protos::events::task::TaskExit;
 use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::ttrpc::Code;
 use containerd_shim::protos::types::task::Status;
+use containerd_shim::ExitSignal;
 use podvisor_shim::agent::{Agent, TtrpcAgent};
+use podvisor_shim::config::ShimConfig;
 use podvisor_shim::containers::{ContainerKind, ContainerSpec, Containers, EventSink};
-use podvisor_shim::pod::{ContainerMounts, PodHost};
+use podvisor_shim::error::ShimError;
+use podvisor_shim::pod::{ContainerMounts, OnVmExit, PodError, PodFactory, PodHost, PodRuntime};
 use podvisor_shim::share::ShareError;
 use podvisor_shim::stdio::StdioPaths;
+use podvisor_shim::task::Service;
 use podvisor_test_kit::host_agent::{process_json, skip_reason, spec, HostAgent};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -53,9 +60,52 @@ fn agent_bin() -> PathBuf {
 
 /// The pod as the container layer sees it, with the host agent in place of the VM's.
 struct HostPod {
+    id: String,
     agent: Arc<TtrpcAgent>,
     rootfs: PathBuf,
     mounts: Mutex<Vec<String>>,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl PodRuntime for HostPod {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn run_dir(&self) -> Option<PathBuf> {
+        None
+    }
+    fn destroy(&self) {
+        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.agent.destroy_sandbox().unwrap();
+    }
+}
+
+/// Pods for the task service: the one host agent of the test.
+struct HostPods {
+    agent: Arc<TtrpcAgent>,
+    rootfs: PathBuf,
+    created: Mutex<Vec<Arc<HostPod>>>,
+}
+
+impl PodFactory for HostPods {
+    fn create(
+        &self,
+        id: &str,
+        _hostname: &str,
+        _netns: Option<&Path>,
+        _config: &ShimConfig,
+        _on_exit: OnVmExit,
+    ) -> Result<Arc<dyn PodRuntime>, PodError> {
+        let pod = Arc::new(HostPod {
+            id: id.to_string(),
+            agent: self.agent.clone(),
+            rootfs: self.rootfs.clone(),
+            mounts: Mutex::default(),
+            down: Default::default(),
+        });
+        self.created.lock().unwrap().push(pod.clone());
+        Ok(pod)
+    }
 }
 
 impl PodHost for HostPod {
@@ -74,7 +124,7 @@ impl PodHost for HostPod {
         self.rootfs.display().to_string()
     }
     fn is_down(&self) -> bool {
-        false
+        self.down.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -146,9 +196,11 @@ fn kit() -> Option<Kit> {
     });
     assert!(!version.agent_version.is_empty());
     let pod = Arc::new(HostPod {
+        id: "pod".into(),
         agent: Arc::new(client),
         rootfs: agent.rootfs.clone(),
         mounts: Mutex::default(),
+        down: Default::default(),
     });
     let events = Arc::new(Recorder::default());
     Some(Kit {
@@ -289,4 +341,207 @@ fn a_container_the_agent_refuses_leaves_nothing() {
     k.create("bad", &["true"], StdioPaths::default()).unwrap();
     k.cs.delete(&k.host, "bad", "").unwrap();
     assert!(k.events.topics().iter().all(|t| t == "delete"));
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, ShimError>) -> Code {
+    r.expect_err("should fail").code()
+}
+
+/// A bundle for container `id` running `args`, with `annotations`.
+fn bundle(dir: &Path, id: &str, args: &[&str], annotations: &[(&str, &str)]) -> String {
+    let bundle = dir.join(id);
+    std::fs::create_dir_all(&bundle).unwrap();
+    let mut spec = spec(args, false);
+    spec["annotations"] = annotations
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    std::fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
+    bundle.display().to_string()
+}
+
+#[test]
+fn the_task_service_runs_a_pod_through_containerds_requests() {
+    let Some(k) = kit() else { return };
+    let pods = Arc::new(HostPods {
+        agent: k.pod.agent.clone(),
+        rootfs: k.pod.rootfs.clone(),
+        created: Mutex::default(),
+    });
+    let exit = Arc::new(ExitSignal::default());
+    let svc = Service::with("test", k.events.clone(), pods.clone(), exit.clone());
+    let dir = k.fifos.path();
+
+    // Bad requests: errdefs codes, nothing brought up.
+    let create = |id: &str, bundle: String, stdout: String| api::CreateTaskRequest {
+        id: id.into(),
+        bundle,
+        stdout,
+        ..Default::default()
+    };
+    assert_eq!(
+        code(svc.create_task(&create(
+            "../x",
+            bundle(dir, "x", &["true"], &[]),
+            String::new()
+        ))),
+        Code::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        code(svc.create_task(&create(
+            "nob",
+            dir.join("none").display().to_string(),
+            String::new()
+        ))),
+        Code::INVALID_ARGUMENT,
+        "no config.json"
+    );
+    assert_eq!(
+        code(svc.create_task(&create(
+            "c1",
+            bundle(dir, "c1", &["sleep", "1000"], &[]),
+            "ftp://x".into()
+        ))),
+        Code::INVALID_ARGUMENT,
+        "a log URI podvisor cannot serve"
+    );
+    assert!(pods.created.lock().unwrap().is_empty());
+
+    // The pod's first container brings the pod up.
+    let c1 = bundle(dir, "c1", &["sleep", "1000"], &[]);
+    let created = svc
+        .create_task(&create("c1", c1.clone(), String::new()))
+        .unwrap();
+    assert_eq!(created.pid, std::process::id());
+    assert_eq!(
+        code(svc.create_task(&create("c1", c1.clone(), String::new()))),
+        Code::ALREADY_EXISTS
+    );
+    // A container of another pod cannot join this shim.
+    let other = bundle(dir, "o", &["true"], &[("io.podvisor.sandbox-id", "other")]);
+    assert_eq!(
+        code(svc.create_task(&create("o", other, String::new()))),
+        Code::FAILED_PRECONDITION
+    );
+    let state = svc
+        .task_state(&api::StateRequest {
+            id: "c1".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(state.bundle, c1);
+    assert_eq!(state.status, Status::CREATED.into());
+    svc.start_task(&api::StartRequest {
+        id: "c1".into(),
+        ..Default::default()
+    })
+    .unwrap();
+
+    // An exec with its output on a FIFO.
+    let stdout = k.fifo("e1-out");
+    let out = read_fifo(stdout.clone());
+    let exec = |exec_id: &str, spec: Vec<u8>, stdout: String| api::ExecProcessRequest {
+        id: "c1".into(),
+        exec_id: exec_id.into(),
+        stdout,
+        spec: Some(
+            containerd_shim::protos::protobuf::well_known_types::any::Any {
+                value: spec,
+                ..Default::default()
+            },
+        )
+        .into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(svc.exec_process(&exec("bad", b"[1]".to_vec(), String::new()))),
+        Code::INVALID_ARGUMENT
+    );
+    svc.exec_process(&exec(
+        "e1",
+        process_json(&["echo", "from-exec"], false),
+        stdout,
+    ))
+    .unwrap();
+    let e1 = |exec_id: &str| (String::from("c1"), exec_id.to_string());
+    let (id, exec_id) = e1("e1");
+    svc.start_task(&api::StartRequest {
+        id: id.clone(),
+        exec_id: exec_id.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    let waited = svc
+        .wait_task(&api::WaitRequest {
+            id: id.clone(),
+            exec_id: exec_id.clone(),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(waited.exit_status, 0);
+    assert_eq!(out.join().unwrap(), "from-exec\n");
+    svc.delete_task(&api::DeleteRequest {
+        id: id.clone(),
+        exec_id,
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(
+        svc.task_pids(&api::PidsRequest {
+            id: id.clone(),
+            ..Default::default()
+        })
+        .unwrap()
+        .processes
+        .len(),
+        1
+    );
+
+    // Kill, a Delete that must wait for the exit, Delete, then Shutdown.
+    svc.kill_task(&api::KillRequest {
+        id: id.clone(),
+        signal: 9,
+        all: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let waited = svc
+        .wait_task(&api::WaitRequest {
+            id: id.clone(),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(waited.exit_status, 137);
+    let deleted = svc
+        .delete_task(&api::DeleteRequest {
+            id: id.clone(),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(deleted.exit_status, 137);
+    assert_eq!(
+        code(svc.task_state(&api::StateRequest {
+            id,
+            ..Default::default()
+        })),
+        Code::NOT_FOUND
+    );
+    svc.shutdown_pod();
+    exit.wait();
+    let pod = pods.created.lock().unwrap()[0].clone();
+    assert!(pod.is_down(), "Shutdown tore the pod down");
+    assert_eq!(*pod.mounts.lock().unwrap(), ["mount c1", "unmount c1"]);
+    assert_eq!(
+        k.events.topics(),
+        [
+            "create",
+            "start",
+            "exec-added",
+            "exec-started",
+            "exit",
+            "exit",
+            "delete"
+        ]
+    );
 }

@@ -32,7 +32,7 @@ pub mod pod;
 pub mod share;
 mod spec;
 pub mod stdio;
-mod task;
+pub mod task;
 pub mod template;
 
 use std::path::Path;

@@ -43,7 +43,7 @@ use super::containers::{ContainerKind, ContainerSpec, Containers, EventSink};
 use super::error::ShimError;
 use super::grouping::{is_sandbox_container, pod_id, valid_id};
 use super::metrics::metrics_any;
-use super::pod::{ContainerMounts, Pod, PodHost, StateDir};
+use super::pod::{ContainerMounts, PodFactory, PodHost, PodRuntime, StateDir, VmPods};
 use super::share::RootfsMount;
 use super::spec::BundleSpec;
 use super::stdio::{OutputSink, StdioPaths};
@@ -67,16 +67,19 @@ impl EventSink for Publisher {
 }
 
 struct Inner {
-    events: Arc<Publisher>,
+    events: Arc<dyn EventSink>,
+    pods: Arc<dyn PodFactory>,
     exit: Arc<ExitSignal>,
-    /// One pod per shim; held while its VM comes up.
-    pod: Mutex<Option<Arc<Pod>>>,
+    /// One pod per shim; held while it comes up.
+    pod: Mutex<Option<Arc<dyn PodRuntime>>>,
     containers: Arc<Containers>,
     /// Shutdown has started tearing the pod down (a second Shutdown must not exit early).
     shutting_down: AtomicBool,
 }
 
-/// The Task service of one shim (one pod).
+/// The Task service of one shim (one pod). Each Task method is an inherent method with a
+/// typed error (callable without ttrpc, as the KVM-free tests do); the `Task` impl below
+/// only turns the error into a ttrpc status.
 #[derive(Clone)]
 pub struct Service {
     inner: Arc<Inner>,
@@ -150,15 +153,27 @@ fn container_mounts(req: &api::CreateTaskRequest, spec: &BundleSpec) -> Containe
 }
 
 impl Service {
+    /// The shim's service: pods are VMs of this process, events go to containerd.
     pub fn new(namespace: &str, publisher: RemotePublisher, exit: Arc<ExitSignal>) -> Self {
         let events = Arc::new(Publisher {
             publisher,
             namespace: namespace.to_string(),
         });
+        Self::with(namespace, events, Arc::new(VmPods), exit)
+    }
+
+    /// A service whose pods come from `pods` and whose events go to `events`.
+    pub fn with(
+        namespace: &str,
+        events: Arc<dyn EventSink>,
+        pods: Arc<dyn PodFactory>,
+        exit: Arc<ExitSignal>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 containers: Containers::new(namespace, events.clone()),
                 events,
+                pods,
                 exit,
                 pod: Mutex::new(None),
                 shutting_down: AtomicBool::new(false),
@@ -166,7 +181,7 @@ impl Service {
         }
     }
 
-    fn slot(&self) -> MutexGuard<'_, Option<Arc<Pod>>> {
+    fn slot(&self) -> MutexGuard<'_, Option<Arc<dyn PodRuntime>>> {
         self.inner.pod.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -188,7 +203,7 @@ impl Service {
         spec: &BundleSpec,
         id: &str,
         options: Option<&containerd_shim::protos::protobuf::well_known_types::any::Any>,
-    ) -> Result<Arc<Pod>, ShimError> {
+    ) -> Result<Arc<dyn PodRuntime>, ShimError> {
         let pod_id = pod_id(id, &spec.annotations);
         let mut slot = self.slot();
         if let Some(p) = slot.as_ref() {
@@ -207,14 +222,15 @@ impl Service {
         config.apply_log_level();
         let containers = self.inner.containers.clone();
         let on_exit = Box::new(move |reason: String| containers.vm_exited(&reason));
-        let pod = Arc::new(Pod::create(
+        let pod = self.inner.pods.create(
             &pod_id,
             &spec.hostname,
-            &config,
             spec.netns.as_deref(),
+            &config,
             on_exit,
-        )?);
-        if let Err(e) = self.inner.containers.watch_ooms(pod.clone()) {
+        )?;
+        let host: Arc<dyn PodHost> = pod.clone();
+        if let Err(e) = self.inner.containers.watch_ooms(host) {
             pod.destroy();
             return Err(e);
         }
@@ -229,8 +245,8 @@ impl Service {
         let spec = BundleSpec::read(Path::new(&req.bundle), &StateDir::container_in_guest(id))?;
         let pod = self.pod_for(&spec, id, req.options.as_ref())?;
         // For `shim delete` after a SIGKILL: where this pod's state is.
-        if let Some(run_dir) = pod.state().root.parent() {
-            if let Err(e) = super::config::record_run_dir(Path::new(&req.bundle), run_dir) {
+        if let Some(run_dir) = pod.run_dir() {
+            if let Err(e) = super::config::record_run_dir(Path::new(&req.bundle), &run_dir) {
                 log::warn!("Create {id}: record the run dir in the bundle: {e}");
             }
         }
@@ -259,7 +275,12 @@ impl Service {
         }
     }
 
-    fn create_task(&self, req: &api::CreateTaskRequest) -> Result<u32, ShimError> {
+    /// Create: the first container brings the pod up.
+    pub fn create_task(
+        &self,
+        req: &api::CreateTaskRequest,
+    ) -> Result<api::CreateTaskResponse, ShimError> {
+        log::info!("Create {} (bundle {})", req.id, req.bundle);
         check_id("container", &req.id)?;
         if !req.checkpoint.is_empty() {
             return Err(ShimError::Unsupported(
@@ -294,20 +315,141 @@ impl Service {
                 ..Default::default()
             }),
         );
-        Ok(pid)
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
     }
 
-    fn add_exec(&self, req: &api::ExecProcessRequest) -> Result<(), ShimError> {
+    pub fn start_task(&self, req: &api::StartRequest) -> Result<api::StartResponse, ShimError> {
+        let pod = self.pod()?;
+        self.containers().start(&pod, &req.id, &req.exec_id)?;
+        Ok(api::StartResponse {
+            pid: std::process::id(),
+            ..Default::default()
+        })
+    }
+
+    pub fn task_state(&self, req: &api::StateRequest) -> Result<api::StateResponse, ShimError> {
+        let v = self.containers().state(&req.id, &req.exec_id)?;
+        let (exit_status, exited_at) = v.exit.as_ref().map(exit_fields).unwrap_or_default();
+        Ok(api::StateResponse {
+            id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            bundle: v.bundle,
+            pid: std::process::id(),
+            status: v.status.into(),
+            stdin: v.stdio.stdin,
+            stdout: v.stdio.stdout,
+            stderr: v.stdio.stderr,
+            terminal: v.stdio.terminal,
+            exit_status,
+            exited_at,
+            ..Default::default()
+        })
+    }
+
+    pub fn wait_task(&self, req: &api::WaitRequest) -> Result<api::WaitResponse, ShimError> {
+        let (exit_status, exited_at) = exit_fields(&self.containers().wait(&req.id, &req.exec_id)?);
+        Ok(api::WaitResponse {
+            exit_status,
+            exited_at,
+            ..Default::default()
+        })
+    }
+
+    pub fn kill_task(&self, req: &api::KillRequest) -> Result<api::Empty, ShimError> {
+        let pod = self.pod()?;
+        self.containers()
+            .kill(&pod, &req.id, &req.exec_id, req.signal, req.all)?;
+        Ok(api::Empty::new())
+    }
+
+    pub fn delete_task(&self, req: &api::DeleteRequest) -> Result<api::DeleteResponse, ShimError> {
+        let pod = self.pod()?;
+        let (exit_status, exited_at) =
+            exit_fields(&self.containers().delete(&pod, &req.id, &req.exec_id)?);
+        Ok(api::DeleteResponse {
+            pid: std::process::id(),
+            exit_status,
+            exited_at,
+            ..Default::default()
+        })
+    }
+
+    pub fn exec_process(&self, req: &api::ExecProcessRequest) -> Result<api::Empty, ShimError> {
         check_id("exec", &req.exec_id)?;
         let stdio = stdio_paths(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         check_sinks(&stdio)?;
         let spec = req.spec.value.clone();
         check_json_object(&spec, "exec spec: the OCI process")?;
         self.containers()
-            .add_exec(&req.id, &req.exec_id, stdio, spec)
+            .add_exec(&req.id, &req.exec_id, stdio, spec)?;
+        Ok(api::Empty::new())
     }
 
-    fn shutdown_pod(&self) {
+    pub fn task_pids(&self, req: &api::PidsRequest) -> Result<api::PidsResponse, ShimError> {
+        let pod = self.pod()?;
+        let pids = self.containers().pids(&pod, &req.id)?;
+        Ok(api::PidsResponse {
+            processes: pids
+                .into_iter()
+                .map(|pid| ProcessInfo {
+                    pid,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    pub fn resize_pty(&self, req: &api::ResizePtyRequest) -> Result<api::Empty, ShimError> {
+        let pod = self.pod()?;
+        self.containers()
+            .resize_pty(&pod, &req.id, &req.exec_id, req.width, req.height)?;
+        Ok(api::Empty::new())
+    }
+
+    pub fn close_io(&self, req: &api::CloseIORequest) -> Result<api::Empty, ShimError> {
+        if req.stdin {
+            let pod = self.pod()?;
+            self.containers().close_stdin(&pod, &req.id, &req.exec_id)?;
+        }
+        Ok(api::Empty::new())
+    }
+
+    pub fn pause_task(&self, req: &api::PauseRequest) -> Result<api::Empty, ShimError> {
+        let pod = self.pod()?;
+        self.containers().pause(&pod, &req.id)?;
+        Ok(api::Empty::new())
+    }
+
+    pub fn resume_task(&self, req: &api::ResumeRequest) -> Result<api::Empty, ShimError> {
+        let pod = self.pod()?;
+        self.containers().resume(&pod, &req.id)?;
+        Ok(api::Empty::new())
+    }
+
+    pub fn update_task(&self, req: &api::UpdateTaskRequest) -> Result<api::Empty, ShimError> {
+        let resources = req.resources.value.clone();
+        check_json_object(&resources, "update: the OCI LinuxResources")?;
+        let pod = self.pod()?;
+        self.containers().update(&pod, &req.id, resources)?;
+        Ok(api::Empty::new())
+    }
+
+    pub fn task_stats(&self, req: &api::StatsRequest) -> Result<api::StatsResponse, ShimError> {
+        let pod = self.pod()?;
+        let stats = self.containers().stats(&pod, &req.id)?;
+        let any = metrics_any(&stats).map_err(ShimError::Internal)?;
+        Ok(api::StatsResponse {
+            stats: MessageField::some(any),
+            ..Default::default()
+        })
+    }
+
+    /// Shutdown: with no container left, the pod is torn down and the process exits.
+    pub fn shutdown_pod(&self) {
         if !self.containers().is_empty() || self.inner.shutting_down.swap(true, Ordering::SeqCst) {
             return;
         }
@@ -341,12 +483,7 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
-        log::info!("Create {} (bundle {})", req.id, req.bundle);
-        let pid = self.create_task(&req)?;
-        Ok(api::CreateTaskResponse {
-            pid,
-            ..Default::default()
-        })
+        Ok(self.create_task(&req)?)
     }
 
     fn start(
@@ -354,12 +491,7 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
-        let pod = self.pod()?;
-        self.inner.containers.start(&pod, &req.id, &req.exec_id)?;
-        Ok(api::StartResponse {
-            pid: std::process::id(),
-            ..Default::default()
-        })
+        Ok(self.start_task(&req)?)
     }
 
     fn state(
@@ -367,38 +499,15 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
-        let v = self.containers().state(&req.id, &req.exec_id)?;
-        let (exit_status, exited_at) = v.exit.as_ref().map(exit_fields).unwrap_or_default();
-        Ok(api::StateResponse {
-            id: req.id,
-            exec_id: req.exec_id,
-            bundle: v.bundle,
-            pid: std::process::id(),
-            status: v.status.into(),
-            stdin: v.stdio.stdin,
-            stdout: v.stdio.stdout,
-            stderr: v.stdio.stderr,
-            terminal: v.stdio.terminal,
-            exit_status,
-            exited_at,
-            ..Default::default()
-        })
+        Ok(self.task_state(&req)?)
     }
 
     fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
-        let (exit_status, exited_at) = exit_fields(&self.containers().wait(&req.id, &req.exec_id)?);
-        Ok(api::WaitResponse {
-            exit_status,
-            exited_at,
-            ..Default::default()
-        })
+        Ok(self.wait_task(&req)?)
     }
 
     fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
-        let pod = self.pod()?;
-        self.containers()
-            .kill(&pod, &req.id, &req.exec_id, req.signal, req.all)?;
-        Ok(api::Empty::new())
+        Ok(self.kill_task(&req)?)
     }
 
     fn delete(
@@ -406,35 +515,15 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
-        let pod = self.pod()?;
-        let (exit_status, exited_at) =
-            exit_fields(&self.containers().delete(&pod, &req.id, &req.exec_id)?);
-        Ok(api::DeleteResponse {
-            pid: std::process::id(),
-            exit_status,
-            exited_at,
-            ..Default::default()
-        })
+        Ok(self.delete_task(&req)?)
     }
 
     fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
-        self.add_exec(&req)?;
-        Ok(api::Empty::new())
+        Ok(self.exec_process(&req)?)
     }
 
     fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
-        let pod = self.pod()?;
-        let pids = self.containers().pids(&pod, &req.id)?;
-        Ok(api::PidsResponse {
-            processes: pids
-                .into_iter()
-                .map(|pid| ProcessInfo {
-                    pid,
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        })
+        Ok(self.task_pids(&req)?)
     }
 
     fn resize_pty(
@@ -442,38 +531,23 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::ResizePtyRequest,
     ) -> TtrpcResult<api::Empty> {
-        let pod = self.pod()?;
-        self.containers()
-            .resize_pty(&pod, &req.id, &req.exec_id, req.width, req.height)?;
-        Ok(api::Empty::new())
+        Ok(Service::resize_pty(self, &req)?)
     }
 
     fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
-        if req.stdin {
-            let pod = self.pod()?;
-            self.containers().close_stdin(&pod, &req.id, &req.exec_id)?;
-        }
-        Ok(api::Empty::new())
+        Ok(Service::close_io(self, &req)?)
     }
 
     fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        let pod = self.pod()?;
-        self.containers().pause(&pod, &req.id)?;
-        Ok(api::Empty::new())
+        Ok(self.pause_task(&req)?)
     }
 
     fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
-        let pod = self.pod()?;
-        self.containers().resume(&pod, &req.id)?;
-        Ok(api::Empty::new())
+        Ok(self.resume_task(&req)?)
     }
 
     fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
-        let resources = req.resources.value.clone();
-        check_json_object(&resources, "update: the OCI LinuxResources")?;
-        let pod = self.pod()?;
-        self.containers().update(&pod, &req.id, resources)?;
-        Ok(api::Empty::new())
+        Ok(self.update_task(&req)?)
     }
 
     fn stats(
@@ -481,13 +555,7 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::StatsRequest,
     ) -> TtrpcResult<api::StatsResponse> {
-        let pod = self.pod()?;
-        let stats = self.containers().stats(&pod, &req.id)?;
-        let any = metrics_any(&stats).map_err(ShimError::Internal)?;
-        Ok(api::StatsResponse {
-            stats: MessageField::some(any),
-            ..Default::default()
-        })
+        Ok(self.task_stats(&req)?)
     }
 
     fn connect(

@@ -107,6 +107,45 @@ pub trait PodHost: Send + Sync {
     fn is_down(&self) -> bool;
 }
 
+/// A pod as the task service holds it: what containers need, and its own life.
+pub trait PodRuntime: PodHost {
+    fn id(&self) -> &str;
+    /// Where the pod's host state lives (recorded in bundles for `shim delete`).
+    fn run_dir(&self) -> Option<PathBuf>;
+    /// Tears the pod down; it is down afterwards.
+    fn destroy(&self);
+}
+
+/// How the task service brings a pod up: a VM in this process ([`VmPods`]), or in tests an
+/// agent running on the host.
+pub trait PodFactory: Send + Sync {
+    /// Brings up pod `id` with `config`; `on_exit` runs once when it stops by itself.
+    fn create(
+        &self,
+        id: &str,
+        hostname: &str,
+        netns: Option<&Path>,
+        config: &ShimConfig,
+        on_exit: OnVmExit,
+    ) -> Result<Arc<dyn PodRuntime>, PodError>;
+}
+
+/// Pods as VMs of this process ([`Pod::create`]).
+pub struct VmPods;
+
+impl PodFactory for VmPods {
+    fn create(
+        &self,
+        id: &str,
+        hostname: &str,
+        netns: Option<&Path>,
+        config: &ShimConfig,
+        on_exit: OnVmExit,
+    ) -> Result<Arc<dyn PodRuntime>, PodError> {
+        Ok(Arc::new(Pod::create(id, hostname, config, netns, on_exit)?))
+    }
+}
+
 /// A running pod VM with its agent.
 pub struct Pod {
     id: String,
@@ -343,6 +382,20 @@ impl Pod {
             }
         }
         let _ = cleanup_state_dir(&self.state.root);
+    }
+}
+
+impl PodRuntime for Pod {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn run_dir(&self) -> Option<PathBuf> {
+        self.state.root.parent().map(Path::to_path_buf)
+    }
+
+    fn destroy(&self) {
+        Pod::destroy(self);
     }
 }
 
