@@ -176,6 +176,16 @@ pub struct MemInfo {
     pub committed_kib: u64,
 }
 
+impl MemInfo {
+    /// How much more is used than in `before`, KiB (negative where less is).
+    pub fn used_delta_kib(&self, before: &MemInfo) -> i64 {
+        // Never out of range: meminfo figures are far below 2^63 KiB.
+        self.used_kib
+            .checked_signed_diff(before.used_kib)
+            .unwrap_or(i64::MAX)
+    }
+}
+
 /// Parses `/proc/meminfo` text.
 pub fn parse_meminfo(text: &str) -> Option<MemInfo> {
     let total = kib_field(text, "MemTotal")?;
@@ -215,7 +225,7 @@ pub fn ksm_state() -> KsmState {
             .and_then(|s| s.trim().parse::<u64>().ok())
     };
     KsmState {
-        run: num("run").map(|v| v as u32),
+        run: num("run").and_then(|v| u32::try_from(v).ok()),
         pages_sharing: num("pages_sharing"),
     }
 }
