@@ -179,10 +179,9 @@ pub struct MemInfo {
 impl MemInfo {
     /// How much more is used than in `before`, KiB (negative where less is).
     pub fn used_delta_kib(&self, before: &MemInfo) -> i64 {
-        // Never out of range: meminfo figures are far below 2^63 KiB.
-        self.used_kib
-            .checked_signed_diff(before.used_kib)
-            .unwrap_or(i64::MAX)
+        // Meminfo figures are far below 2^63 KiB: the clamp never bites.
+        let kib = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        kib(self.used_kib) - kib(before.used_kib)
     }
 }
 
@@ -336,6 +335,16 @@ Committed_AS:    3456789 kB
     fn guest_regions_around_the_gap() {
         assert_eq!(guest_region_sizes(256), vec![256 << 20]);
         assert_eq!(guest_region_sizes(4096), vec![3 << 30, 1 << 30]);
+    }
+
+    #[test]
+    fn used_delta_is_signed() {
+        let used = |used_kib| MemInfo {
+            used_kib,
+            ..MemInfo::default()
+        };
+        assert_eq!(used(25).used_delta_kib(&used(10)), 15);
+        assert_eq!(used(10).used_delta_kib(&used(25)), -15);
     }
 
     #[test]
