@@ -58,7 +58,7 @@ pub enum VcpuError {
     },
     #[error("cannot set up vCPU {0}'s boot page tables: {1}")]
     Regs(usize, regs::RegsError),
-    #[error("vCPU {id} of {count}: APIC ids are bytes, so at most 255 vCPUs")]
+    #[error("vCPU {id} of {count}: APIC ids are bytes (at most {max} vCPUs)", max = crate::arch::mptable::MAX_CPUS)]
     TooMany { id: usize, count: usize },
     #[error("cannot start the thread of vCPU {id}: {source}")]
     Spawn { id: usize, source: std::io::Error },
