@@ -1,3 +1,9 @@
+// TODO(cast lints): being converted
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 //! `podvisor bench density` end to end against runc (fast: no guest), through Debian's
 //! containerd: the JSON report holds the pods with real figures, and teardown leaves no
 //! containers, tasks, shims, containerd or temp dirs behind — after a normal run, after

@@ -1,3 +1,9 @@
+// TODO(cast lints): being converted
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 //! Guest tier of the agent: one boot of the real guest kernel whose PID 1 is the
 //! agent (`out/agent-test.cpio`, nothing else in it), reached from the host through the
 //! hybrid vsock with the generated ttrpc client, exactly as the shim will. The container's

@@ -1,3 +1,9 @@
+// TODO(cast lints): being converted
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 //! Guest tier for the virtio devices: one boot of the real guest kernel whose init runs
 //! `pvtest devices` (rootfs/guest-test) against a virtio-blk disk, a virtio-fs share, the
 //! hybrid vsock and a virtio-net NIC, while this test plays the host side and checks the

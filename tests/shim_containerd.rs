@@ -1,3 +1,9 @@
+// TODO(cast lints): being converted
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 //! Guest tier of the shim with real containerd and `ctr`: a private containerd
 //! (Debian's `/usr/bin/containerd`, root/state/sockets in a temp dir, CRI plugin off) finds
 //! `containerd-shim-podvisor-v2` on its PATH; a busybox OCI image built here is imported

@@ -495,7 +495,7 @@ extern "C" fn sigsys_handler(
         b"podvisor: seccomp: thread '",
         &name[..name_len],
         b"' made forbidden syscall ",
-        decimal(nr.max(0) as u64, &mut digits),
+        decimal(u64::try_from(nr).unwrap_or(0), &mut digits),
         b"; ending the process with SIGSYS\n",
     ];
     for p in parts {
@@ -575,7 +575,7 @@ pub fn thread_status(status: &std::fs::File) -> (String, String) {
     let mut buf = vec![0u8; 8192];
     // SAFETY: read(2) into a buffer of the length given.
     let n = unsafe { libc::read(status.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-    buf.truncate(n.max(0) as usize);
+    buf.truncate(usize::try_from(n).unwrap_or(0));
     let status = String::from_utf8_lossy(&buf);
     (
         status_field(&status, "Seccomp:"),

@@ -1,3 +1,9 @@
+// TODO(cast lints): being converted
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 //! The containerd shim (task API v2, `containerd-shim` 0.11): the `start`/`delete` command
 //! contract ([`PodvisorShim`]) and the task service that runs the pod's containers in a VM
 //! hosted by this process. Three layers, each over the next one's narrow interface:

@@ -112,6 +112,8 @@ impl CappedLog {
     /// Writes what the rate allows of `buf` at `now`; the rest is counted as dropped.
     pub fn write_at(&mut self, buf: &[u8], now: Instant) {
         self.refill(now);
+        // Float-to-int `as` saturates: the whole tokens, 0 when there are none.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let n = (self.tokens.max(0.0) as usize).min(buf.len());
         if n > 0 && self.dropped > 0 {
             let marker = format!(

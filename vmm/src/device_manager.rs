@@ -188,7 +188,7 @@ impl DeviceManager {
                 max: MAX_VIRTIO_DEVICES,
             });
         }
-        let gsi = FIRST_DEVICE_GSI + index as u32;
+        let gsi = FIRST_DEVICE_GSI + u32::try_from(index).expect("below MAX_VIRTIO_DEVICES");
         let irq = event_fd("a virtio interrupt")?;
         vm.register_irqfd(&irq, gsi)
             .map_err(|source| DeviceError::Irqfd { gsi, source })?;
@@ -197,7 +197,7 @@ impl DeviceManager {
             vm.register_ioevent(
                 evt,
                 &IoEventAddress::Mmio(base + NOTIFY_OFFSET),
-                queue as u32,
+                u32::try_from(queue).expect("a device has a few queues"),
             )
             .map_err(|source| DeviceError::Ioeventfd { base, source })?;
         }

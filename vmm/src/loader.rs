@@ -135,7 +135,8 @@ pub fn load_initrd<M: GuestMemory>(
     let mut file = File::open(path).map_err(read_err)?;
     let size = file.metadata().map_err(read_err)?.len();
     let addr = initrd_address(mem_size, size, kernel_end)?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+    let len = usize::try_from(size).expect("initrd_address placed it in guest RAM");
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
         .map_err(|source| LoaderError::InitrdCopy {
             path: path.to_path_buf(),
             source,
@@ -176,7 +177,7 @@ mod tests {
 
     #[test]
     fn initrd_lands_at_the_top_of_ram() {
-        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let data: Vec<u8> = (0..10_000u32).map(|i| i.to_le_bytes()[0]).collect();
         let path = temp_file("initrd", &data);
         let mem = mem();
         let (addr, size) = load_initrd(&mem, 64 << 20, &path, 20 << 20).unwrap();

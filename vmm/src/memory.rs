@@ -37,6 +37,8 @@ pub enum MemoryError {
         mib: u64,
         source: vm_memory::mmap::FromRangesError,
     },
+    #[error("{mib} MiB of guest memory do not fit this host's address space")]
+    AddressSpace { mib: u64 },
     #[error("KVM refused guest memory slot {slot}: {source}")]
     RegisterSlot {
         slot: u32,
@@ -104,10 +106,13 @@ impl Default for MemoryKnobs {
 
 /// Maps `mem_size` bytes of guest RAM laid out around the MMIO gap, as `knobs` say.
 pub fn create(mem_size: u64, knobs: MemoryKnobs) -> Result<GuestMem, MemoryError> {
-    let ranges: Vec<_> = ram_regions(mem_size)
+    let ranges = ram_regions(mem_size)
         .into_iter()
-        .map(|(addr, size)| (addr, size as usize))
-        .collect();
+        .map(|(addr, size)| Some((addr, usize::try_from(size).ok()?)))
+        .collect::<Option<Vec<_>>>()
+        .ok_or(MemoryError::AddressSpace {
+            mib: mem_size >> 20,
+        })?;
     let map_err = |source| MemoryError::Map {
         mib: mem_size >> 20,
         source,
@@ -144,7 +149,7 @@ pub fn create(mem_size: u64, knobs: MemoryKnobs) -> Result<GuestMem, MemoryError
 /// Registers every region of `mem` with KVM, one slot per region.
 pub fn register(vm: &VmFd, mem: &GuestMem) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
-        let slot = slot as u32;
+        let slot = u32::try_from(slot).expect("guest RAM has at most two regions");
         let region = kvm_userspace_memory_region {
             slot,
             flags: 0,
@@ -191,7 +196,7 @@ pub fn save(mem: &GuestMem, path: &Path) -> Result<MemoryFile, MemoryError> {
         });
         let mut done = 0u64;
         while done < len {
-            let n = CHUNK.min((len - done) as usize);
+            let n = usize::try_from(len - done).map_or(CHUNK, |rest| rest.min(CHUNK));
             let chunk = &mut buf[..n];
             let addr = start.unchecked_add(done);
             mem.read_slice(chunk, addr)
@@ -284,7 +289,9 @@ pub fn map_snapshot(
             )));
         }
         let fd = file.try_clone().map_err(|e| err(e.to_string()))?;
-        let mapping = MmapRegionBuilder::new(r.size as usize)
+        let size = usize::try_from(r.size)
+            .map_err(|_| err(format!("region at {:#x} is too large", r.guest_addr)))?;
+        let mapping = MmapRegionBuilder::new(size)
             .with_file_offset(FileOffset::new(fd, r.file_offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
@@ -304,6 +311,11 @@ pub fn map_snapshot(
     Ok(mem)
 }
 
+/// The length of a region this process has mapped: it fits the address space.
+fn mapped_len(region: &GuestRegionMmap) -> usize {
+    usize::try_from(region.len()).expect("a mapped region fits the address space")
+}
+
 /// `madvise(MADV_MERGEABLE)` on guest RAM ([`MemoryKnobs::ksm`]): KSM may share identical
 /// pages copy-on-write. A failure only logs (KSM stays off for this VM).
 fn mark_mergeable(mem: &GuestMem) {
@@ -313,7 +325,7 @@ fn mark_mergeable(mem: &GuestMem) {
         let rc = unsafe {
             libc::madvise(
                 region.as_ptr().cast(),
-                region.len() as usize,
+                mapped_len(region),
                 libc::MADV_MERGEABLE,
             )
         };
@@ -340,7 +352,7 @@ fn mark_guest_ram(mem: &GuestMem) {
         let rc = unsafe {
             libc::madvise(
                 region.as_ptr().cast(),
-                region.len() as usize,
+                mapped_len(region),
                 libc::MADV_DONTDUMP,
             )
         };

@@ -58,6 +58,8 @@ pub enum VcpuError {
     },
     #[error("cannot set up vCPU {0}'s boot page tables: {1}")]
     Regs(usize, regs::RegsError),
+    #[error("vCPU {id} of {count}: APIC ids are bytes (at most {max} vCPUs)", max = crate::arch::mptable::MAX_CPUS)]
+    TooMany { id: usize, count: usize },
     #[error("cannot start the thread of vCPU {id}: {source}")]
     Spawn { id: usize, source: std::io::Error },
     #[error("cannot install the vCPU kick signal handler: {0}")]
@@ -292,7 +294,11 @@ pub fn create(
         .map_err(|source| VcpuError::Create { id, source })?;
 
     let mut table = supported_cpuid.clone();
-    cpuid::adjust(table.as_mut_slice(), id as u8, count as u8, masks);
+    // APIC ids are bytes; the MP table already held the count to MAX_CPUS (254).
+    let too_many = || VcpuError::TooMany { id, count };
+    let apic_id = u8::try_from(id).map_err(|_| too_many())?;
+    let cpu_count = u8::try_from(count).map_err(|_| too_many())?;
+    cpuid::adjust(table.as_mut_slice(), apic_id, cpu_count, masks);
     fd.set_cpuid2(&table).map_err(|e| setup("CPUID", e))?;
 
     let (entries, skipped) = msr::boot_entries(supported_msrs);

@@ -553,7 +553,9 @@ fn fit_share_limits(shares: &mut [ShareBinding], available: u64) {
     }
     for s in shares.iter_mut() {
         let l = &mut s.limits;
-        let scale = |n: usize| ((n as u64 * available / total) as usize).max(1);
+        // available < total: the scaled cap is below n, so it fits where n did.
+        let scale =
+            |n: usize| usize::try_from(n as u64 * available / total).map_or(n, |m| m.max(1));
         l.max_inodes = scale(l.max_inodes);
         l.max_handles = scale(l.max_handles);
     }

@@ -3,7 +3,7 @@
 
 use devices::virtio::block::{Block, BlockConfig, QUEUE_SIZE, SECTOR_SIZE, SIZE_MAX};
 use devices::virtio::features::{bit, VIRTIO_F_VERSION_1};
-use devices::virtio::test_utils::{Buf, MmioDriver};
+use devices::virtio::test_utils::{len32, Buf, MmioDriver};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_S_OK,
     VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -76,8 +76,9 @@ impl FileIo for BlkDevice {
         let bufs = &mut self.bufs;
         bufs.clear();
         bufs.push((self.header, 16, false));
-        for start in (0..size as u32).step_by(SIZE_MAX as usize) {
-            let len = SIZE_MAX.min(size as u32 - start);
+        let size = len32(size);
+        for start in (0..size).step_by(SIZE_MAX as usize) {
+            let len = SIZE_MAX.min(size - start);
             let addr = GuestAddress(self.data.0 + u64::from(start));
             bufs.push((addr, len, dir == Dir::Read));
         }

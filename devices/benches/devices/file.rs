@@ -37,7 +37,7 @@ impl Iterator for Offsets {
 /// A test pattern of `len` bytes.
 pub fn pattern(len: usize) -> Vec<u8> {
     (0..len)
-        .map(|i| (i as u8).wrapping_mul(31) ^ (i >> 12) as u8)
+        .map(|i| i.to_le_bytes()[0].wrapping_mul(31) ^ (i >> 12).to_le_bytes()[0])
         .collect()
 }
 
@@ -73,7 +73,7 @@ pub trait FileIo {
 impl<T: FileIo> Subject for T {
     fn cell(&mut self, dir: Dir, size: usize) -> Box<dyn FnMut(u64) + '_> {
         Box::new(move |n| {
-            for off in Offsets::new(size).take(n as usize) {
+            for off in Offsets::new(size).take(usize::try_from(n).expect("a run count")) {
                 self.io(dir, off, size);
             }
         })

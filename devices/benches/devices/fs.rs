@@ -5,9 +5,10 @@
 use std::fs::OpenOptions;
 use std::mem::size_of;
 
+use devices::virtio::const_u32;
 use devices::virtio::fs::test_client::{FuseClient, DATA_SEGMENT};
 use devices::virtio::fs::{Fs, ShareConfig, ShareOptions, REQUEST_QUEUE};
-use devices::virtio::test_utils::Buf;
+use devices::virtio::test_utils::{len32, size32, Buf};
 use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode, OutHeader, ReadIn, WriteIn, WriteOut};
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 use vmm_sys_util::tempdir::TempDir;
@@ -17,8 +18,8 @@ use super::{Dir, TIMEOUT};
 
 const ROOT: u64 = 1;
 const NAME: &str = "bench.dat";
-const IN_HEADER: u32 = size_of::<InHeader>() as u32;
-const OUT_HEADER: u32 = size_of::<OutHeader>() as u32;
+const IN_HEADER: u32 = const_u32(size_of::<InHeader>() as u64);
+const OUT_HEADER: u32 = const_u32(size_of::<OutHeader>() as u64);
 
 /// The device, its FUSE client and the open file.
 pub struct FsDevice {
@@ -85,14 +86,14 @@ impl FsDevice {
 impl FileIo for FsDevice {
     /// One READ or WRITE of `size` bytes at `offset`, waited for and checked.
     fn io(&mut self, dir: Dir, offset: u64, size: usize) {
-        let (fh, size32) = (self.fh, size as u32);
+        let (fh, size_u32) = (self.fh, len32(size));
         let (opcode, args_len) = match dir {
             Dir::Read => (
                 Opcode::Read,
                 self.put_args(ReadIn {
                     fh,
                     offset,
-                    size: size32,
+                    size: size_u32,
                     ..Default::default()
                 }),
             ),
@@ -101,7 +102,7 @@ impl FileIo for FsDevice {
                 self.put_args(WriteIn {
                     fh,
                     offset,
-                    size: size32,
+                    size: size_u32,
                     ..Default::default()
                 }),
             ),
@@ -114,9 +115,9 @@ impl FileIo for FsDevice {
         let bufs = &mut self.bufs;
         bufs.clear();
         bufs.push((self.req, IN_HEADER, false));
-        bufs.push((args_at, args_len as u32, false));
-        let data = (0..size32).step_by(DATA_SEGMENT as usize).map(|start| {
-            let len = DATA_SEGMENT.min(size32 - start);
+        bufs.push((args_at, len32(args_len), false));
+        let data = (0..size_u32).step_by(DATA_SEGMENT as usize).map(|start| {
+            let len = DATA_SEGMENT.min(size_u32 - start);
             (
                 GuestAddress(self.data.0 + u64::from(start)),
                 len,
@@ -132,7 +133,7 @@ impl FileIo for FsDevice {
             Dir::Write => {
                 bufs.extend(data);
                 bufs.push((self.reply, OUT_HEADER, true));
-                bufs.push((reply_body, size_of::<WriteOut>() as u32, true));
+                bufs.push((reply_body, size32::<WriteOut>(), true));
             }
         }
         self.c.submit(REQUEST_QUEUE, bufs);
@@ -146,6 +147,6 @@ impl FileIo for FsDevice {
                 w.size
             }
         };
-        assert_eq!(done, size32, "short FUSE {opcode:?}");
+        assert_eq!(done, size_u32, "short FUSE {opcode:?}");
     }
 }

@@ -111,7 +111,14 @@ fn calibrate(t: Timing, op: &mut dyn FnMut(u64)) -> u64 {
         n *= 2;
         took = time(op, n);
     }
-    ((n as f64 * target / took).ceil() as u64).max(1)
+    ceil_count(n as f64 * target / took).max(1)
+}
+
+/// A run count from a float estimate, rounded up. Float-to-int `as` saturates (NaN gives
+/// 0), which is what a count wants.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+fn ceil_count(x: f64) -> u64 {
+    x.ceil() as u64
 }
 
 /// Rates (requests/s) of timed runs: median and spread ((max - min) / median).

@@ -16,10 +16,11 @@
 
 use std::os::fd::AsRawFd;
 
+use devices::virtio::const_u32;
 use devices::virtio::features::{bit, VIRTIO_F_VERSION_1};
 use devices::virtio::net::test_net::{ether_frame, link_up, set_mtu, PacketSocket};
 use devices::virtio::net::{Net, NetConfig, Tap, TapSource};
-use devices::virtio::test_utils::MmioDriver;
+use devices::virtio::test_utils::{len32, MmioDriver};
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU};
 use vm_memory::GuestAddress;
 
@@ -36,7 +37,7 @@ const TXQ: usize = 1;
 const MEM: usize = 4 << 20;
 const QSIZE: u16 = 256;
 /// A receive buffer: header and the largest frame the device may deliver.
-const RX_BUF: u32 = (HDR + MTU as usize + 14 + 4) as u32;
+const RX_BUF: u32 = const_u32((HDR + MTU as usize + 14 + 4) as u64);
 
 fn frame(size: usize) -> Vec<u8> {
     ether_frame(MAC, ETHERTYPE, &vec![0x5a; size - 14])
@@ -101,7 +102,7 @@ impl Subject for NetDevice {
             Dir::Write => {
                 self.drv.write_mem(self.tx, &[0; HDR]);
                 self.drv.write_mem(GuestAddress(self.tx.0 + HDR as u64), &f);
-                let chain = [(self.tx, (HDR + size) as u32, false)];
+                let chain = [(self.tx, len32(HDR + size), false)];
                 Box::new(move |n| {
                     for _ in 0..n {
                         self.drv.submit(TXQ, &chain);
@@ -175,6 +176,12 @@ fn wait_readable(fd: i32) {
         revents: 0,
     };
     // SAFETY: one valid pollfd.
-    let rc = unsafe { libc::poll(&mut pfd, 1, TIMEOUT.as_millis() as i32) };
+    let rc = unsafe {
+        libc::poll(
+            &mut pfd,
+            1,
+            i32::try_from(TIMEOUT.as_millis()).unwrap_or(i32::MAX),
+        )
+    };
     assert_eq!(rc, 1, "baseline tap: no frame within {TIMEOUT:?}");
 }

@@ -12,7 +12,9 @@ use std::time::Instant;
 
 use devices::virtio::features::{bit, VIRTIO_F_VERSION_1};
 use devices::virtio::test_utils::MmioDriver;
-use devices::virtio::vsock::packet::{op, Header, HEADER_LEN, HOST_CID, TYPE_STREAM};
+use devices::virtio::vsock::packet::{
+    op, Header, HEADER_LEN, HEADER_LEN_U32, HOST_CID, TYPE_STREAM,
+};
 use devices::virtio::vsock::{Vsock, MAX_PKT_DATA, QUEUE_SIZE, RXQ, TXQ};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::tempdir::TempDir;
@@ -190,7 +192,7 @@ impl Guest {
         for (id, _) in self.drv.queues[RXQ].take_used(&self.drv.mem) {
             let slot = self
                 .rx_posted
-                .remove(&(id as u16))
+                .remove(&u16::try_from(id).unwrap())
                 .expect("posted rx buffer");
             let mut b = [0u8; HEADER_LEN];
             self.drv.mem.read_slice(&mut b, slot).expect("rx header");
@@ -229,11 +231,11 @@ impl Guest {
         }
         for slot in std::mem::take(&mut self.rx_free) {
             let data = GuestAddress(slot.0 + RX_DATA_AT);
-            let bufs = [(slot, HEADER_LEN as u32, true), (data, RX_DATA, true)];
+            let bufs = [(slot, HEADER_LEN_U32, true), (data, RX_DATA, true)];
             let head = self.drv.queues[RXQ].add_chain(&self.drv.mem, &bufs);
             self.rx_posted.insert(head, slot);
         }
-        self.drv.kick(RXQ as u32);
+        self.drv.kick_queue(RXQ);
     }
 
     fn reap_tx(&mut self) {
@@ -242,7 +244,7 @@ impl Guest {
 
     fn kick_tx(&mut self) {
         if std::mem::take(&mut self.tx_unkicked) {
-            self.drv.kick(TXQ as u32);
+            self.drv.kick_queue(TXQ);
         }
     }
 
@@ -276,7 +278,7 @@ impl Guest {
         };
         let slot = GuestAddress(self.tx_hdrs.0 + (self.tx_seq % CHAINS * HEADER_LEN) as u64);
         self.drv.write_mem(slot, &h.to_bytes());
-        let hdr = (slot, HEADER_LEN as u32, false);
+        let hdr = (slot, HEADER_LEN_U32, false);
         match data {
             Some((off, len)) => {
                 let payload = (GuestAddress(self.data.0 + off), len, false);
@@ -304,7 +306,9 @@ impl Guest {
                 self.pump(10);
                 continue;
             }
-            let len = credit.min(MAX_PKT_DATA).min((size - off) as u32);
+            let len = credit
+                .min(MAX_PKT_DATA)
+                .min(u32::try_from(size - off).unwrap_or(u32::MAX));
             self.add_packet(op::RW, Some((off as u64, len)));
             off += len as usize;
         }

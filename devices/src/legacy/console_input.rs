@@ -54,10 +54,10 @@ impl ConsoleInput {
         let mut buf = [0u8; 256];
         // SAFETY: reads into a stack buffer of the given length from an fd we were handed.
         let n = unsafe { libc::read(self.input, buf.as_mut_ptr().cast(), buf.len()) };
-        match n {
-            0 => self.eof = true,
-            n if n > 0 => self.pending.extend_from_slice(&buf[..n as usize]),
-            _ => {
+        match usize::try_from(n) {
+            Ok(0) => self.eof = true,
+            Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+            Err(_) => {
                 let err = std::io::Error::last_os_error();
                 if err.kind() != std::io::ErrorKind::WouldBlock
                     && err.kind() != std::io::ErrorKind::Interrupted

@@ -289,18 +289,19 @@ impl Serial {
 
 impl BusDevice for Serial {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if data.len() != 1 || offset >= SERIAL_PORT_LEN {
-            data.fill(0xff);
-            return;
+        // The register: an offset in the port's 8 bytes (the guest picks it).
+        match u8::try_from(offset) {
+            Ok(reg) if data.len() == 1 && offset < SERIAL_PORT_LEN => data[0] = self.uart.read(reg),
+            _ => data.fill(0xff),
         }
-        data[0] = self.uart.read(offset as u8);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if data.len() != 1 || offset >= SERIAL_PORT_LEN {
-            return;
-        }
-        if let Err(e) = self.uart.write(offset as u8, data[0]) {
+        let reg = match u8::try_from(offset) {
+            Ok(reg) if data.len() == 1 && offset < SERIAL_PORT_LEN => reg,
+            _ => return,
+        };
+        if let Err(e) = self.uart.write(reg, data[0]) {
             warn!("serial: write to register {offset} failed: {e:?}");
         }
     }

@@ -325,7 +325,7 @@ impl MmioTransport {
             regs::DEVICE_ID => self.device.device_type(),
             regs::VENDOR_ID => VENDOR_ID,
             regs::DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device.avail_features() as u32,
+                0 => (self.device.avail_features() & 0xffff_ffff) as u32,
                 1 => (self.device.avail_features() >> 32) as u32,
                 _ => 0,
             },
@@ -650,7 +650,9 @@ mod tests {
             crate::virtio::read_config_bytes(&self.config, offset, data);
         }
         fn write_config(&mut self, offset: u64, data: &[u8]) {
-            let start = offset as usize;
+            let Ok(start) = usize::try_from(offset) else {
+                return;
+            };
             if let Some(dst) = self.config.get_mut(start..start + data.len()) {
                 dst.copy_from_slice(data);
             }

@@ -65,6 +65,32 @@ pub mod status {
     pub const FAILED: u32 = 0x80;
 }
 
+/// A constant (virtio-bindings' `u32` values, sizes, limits) in the narrower field it goes
+/// in. Use these in `const` items: a value that does not fit then fails the build. Never
+/// for guest values: those go through `try_from` and the device's error.
+pub const fn const_u8(v: u32) -> u8 {
+    let [b, 0, 0, 0] = v.to_le_bytes() else {
+        panic!("constant does not fit a u8")
+    };
+    b
+}
+
+/// As [`const_u8`], for a 16-bit field.
+pub const fn const_u16(v: u32) -> u16 {
+    let [lo, hi, 0, 0] = v.to_le_bytes() else {
+        panic!("constant does not fit a u16")
+    };
+    u16::from_le_bytes([lo, hi])
+}
+
+/// As [`const_u8`], for a 32-bit field (from a `u64` or, with `as u64`, a `usize`).
+pub const fn const_u32(v: u64) -> u32 {
+    let [a, b, c, d, 0, 0, 0, 0] = v.to_le_bytes() else {
+        panic!("constant does not fit a u32")
+    };
+    u32::from_le_bytes([a, b, c, d])
+}
+
 /// Feature bits common to all devices (virtio 1.x §6).
 pub mod features {
     /// Indirect descriptor tables.

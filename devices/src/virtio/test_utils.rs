@@ -20,7 +20,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::DescriptorTable;
@@ -31,6 +31,21 @@ use super::mmio::{regs, MmioTransport};
 use super::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
 use super::{DeviceSubscriber, GuestMem, MmioPersist, PersistError, VirtioDevice};
 use crate::bus::BusDevice;
+
+/// The descriptor flags (virtio-bindings has them as `u32`s).
+pub const DESC_NEXT: u16 = super::const_u16(VRING_DESC_F_NEXT);
+pub const DESC_WRITE: u16 = super::const_u16(VRING_DESC_F_WRITE);
+pub const DESC_INDIRECT: u16 = super::const_u16(VRING_DESC_F_INDIRECT);
+
+/// A test's length as a descriptor's or a header's `u32` (past 4 GiB the test is broken).
+pub fn len32(len: usize) -> u32 {
+    u32::try_from(len).expect("a test length fits u32")
+}
+
+/// `size_of::<T>()` as a `u32` length.
+pub fn size32<T>() -> u32 {
+    len32(std::mem::size_of::<T>())
+}
 
 /// Where queue rings go.
 pub const QUEUE_AREA: u64 = 0x1_0000;
@@ -66,15 +81,11 @@ impl DriverQueue {
         let head = self.next_desc;
         let table = DescriptorTable::new(mem, self.desc_table, self.size);
         for (i, &(addr, len, writable)) in bufs.iter().enumerate() {
-            let idx = (head as usize + i) as u16 % self.size;
+            let idx = u16::try_from((usize::from(head) + i) % usize::from(self.size)).unwrap();
             let last = i + 1 == bufs.len();
-            let mut flags = if writable {
-                VRING_DESC_F_WRITE as u16
-            } else {
-                0
-            };
+            let mut flags = if writable { DESC_WRITE } else { 0 };
             if !last {
-                flags |= VRING_DESC_F_NEXT as u16;
+                flags |= DESC_NEXT;
             }
             let next = (idx + 1) % self.size;
             let desc = Descriptor::new(addr.0, len, flags, next);
@@ -82,7 +93,8 @@ impl DriverQueue {
                 .store(idx, RawDescriptor::from(desc))
                 .expect("descriptor store");
         }
-        self.next_desc = ((head as usize + bufs.len()) % self.size as usize) as u16;
+        self.next_desc =
+            u16::try_from((usize::from(head) + bufs.len()) % usize::from(self.size)).unwrap();
         self.make_available(mem, head);
         head
     }
@@ -93,7 +105,7 @@ impl DriverQueue {
         let table = DescriptorTable::new(mem, self.desc_table, self.size);
         for (i, d) in descs.iter().enumerate() {
             table
-                .store(first + i as u16, RawDescriptor::from(*d))
+                .store(first + u16::try_from(i).unwrap(), RawDescriptor::from(*d))
                 .expect("descriptor store");
         }
     }
@@ -191,7 +203,7 @@ impl MmioDriver {
         device: Box<dyn VirtioDevice>,
         saved: &MmioPersist,
     ) -> Result<MmioDriver, PersistError> {
-        let size = self.mem_size as usize;
+        let size = usize::try_from(self.mem_size).unwrap();
         let mem = GuestMem::from_ranges(&[(GuestAddress(0), size)]).expect("guest memory");
         let mut image = vec![0u8; size];
         self.mem.read_slice(&mut image, GuestAddress(0)).unwrap();
@@ -265,7 +277,7 @@ impl MmioDriver {
     /// Writes both pages of the driver features.
     pub fn write_driver_features(&mut self, features: u64) {
         self.write32(regs::DRIVER_FEATURES_SEL, 0);
-        self.write32(regs::DRIVER_FEATURES, features as u32);
+        self.write32(regs::DRIVER_FEATURES, (features & 0xffff_ffff) as u32);
         self.write32(regs::DRIVER_FEATURES_SEL, 1);
         self.write32(regs::DRIVER_FEATURES, (features >> 32) as u32);
     }
@@ -295,7 +307,7 @@ impl MmioDriver {
             used_seen: 0,
         };
         // Clean rings, as a fresh allocation in the guest would be.
-        let len = (used + 6 + 8 * n - desc) as usize;
+        let len = usize::try_from(used + 6 + 8 * n - desc).unwrap();
         self.mem
             .write_slice(&vec![0u8; len], GuestAddress(desc))
             .unwrap();
@@ -305,7 +317,7 @@ impl MmioDriver {
             (regs::QUEUE_DRIVER_LOW, avail),
             (regs::QUEUE_DEVICE_LOW, used),
         ] {
-            self.write32(low, value as u32);
+            self.write32(low, (value & 0xffff_ffff) as u32);
             self.write32(low + 4, (value >> 32) as u32);
         }
         self.write32(regs::QUEUE_READY, 1);
@@ -314,11 +326,11 @@ impl MmioDriver {
 
     /// Sets up every queue at `min(size, QueueNumMax)`.
     pub fn setup_queues(&mut self, size: u16) {
-        let count = self.transport.device().queue_max_sizes().len() as u32;
+        let count = u32::try_from(self.transport.device().queue_max_sizes().len()).unwrap();
         self.queues.clear();
         for i in 0..count {
             self.write32(regs::QUEUE_SEL, i);
-            let max = self.read32(regs::QUEUE_NUM_MAX) as u16;
+            let max = u16::try_from(self.read32(regs::QUEUE_NUM_MAX)).unwrap();
             let q = self.setup_queue(i, size.min(max));
             self.queues.push(q);
         }
@@ -355,8 +367,13 @@ impl MmioDriver {
     /// Adds a chain to queue `q` and kicks it through `QueueNotify`.
     pub fn submit(&mut self, q: usize, bufs: &[Buf]) -> u16 {
         let head = self.queues[q].add_chain(&self.mem, bufs);
-        self.kick(q as u32);
+        self.kick_queue(q);
         head
+    }
+
+    /// Kicks queue `q` (an index into the device's queues).
+    pub fn kick_queue(&mut self, q: usize) {
+        self.kick(u32::try_from(q).expect("a queue index"));
     }
 
     /// Writes `QueueNotify`.

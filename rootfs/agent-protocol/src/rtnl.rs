@@ -38,8 +38,12 @@ use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 /// The main routing table.
 pub const RT_TABLE_MAIN: u8 = 254;
-/// `ETH_P_ALL` in network byte order, as tc's `protocol all`.
-const ETH_P_ALL_BE: u16 = (libc::ETH_P_ALL as u16).to_be();
+/// `ETH_P_ALL` in network byte order, as tc's `protocol all`: libc's `c_int` holds a 16-bit
+/// ethertype (0x0003), the low two of its big-endian bytes.
+const ETH_P_ALL_BE: u16 = {
+    let be = libc::ETH_P_ALL.to_be_bytes();
+    u16::from_ne_bytes([be[2], be[3]])
+};
 /// Priority of the redirect filter (tc's `prio`).
 const REDIRECT_PRIO: u32 = 1;
 
@@ -211,6 +215,12 @@ pub struct LinkChange {
     pub up: Option<bool>,
     /// A new hardware address.
     pub mac: Option<MacAddr>,
+}
+
+/// A link index as tc's `tcm_ifindex`, a C `int`: the kernel's ifindex is a positive `int`
+/// that rtnetlink's link messages carry as `u32`, so this is the same bits.
+fn tc_ifindex(index: u32) -> i32 {
+    index.cast_signed()
 }
 
 fn family_of(ip: &IpAddr) -> AddressFamily {
@@ -485,7 +495,7 @@ impl Rtnl {
 
     /// Adds the `ingress` qdisc (handle ffff:) to link `index`.
     pub fn add_ingress_qdisc(&mut self, index: u32) -> RtnlResult<()> {
-        let mut msg = TcMessage::with_index(index as i32);
+        let mut msg = TcMessage::with_index(tc_ifindex(index));
         msg.header.handle = TcHandle::from(0xffff_0000);
         msg.header.parent = TcHandle::INGRESS;
         msg.attributes.push(TcAttribute::Kind("ingress".into()));
@@ -499,7 +509,7 @@ impl Rtnl {
 
     /// Deletes link `index`'s `ingress` qdisc, and with it its filters.
     pub fn del_ingress_qdisc(&mut self, index: u32) -> RtnlResult<()> {
-        let mut msg = TcMessage::with_index(index as i32);
+        let mut msg = TcMessage::with_index(tc_ifindex(index));
         msg.header.handle = TcHandle::from(0xffff_0000);
         msg.header.parent = TcHandle::INGRESS;
         self.request(RouteNetlinkMessage::DelQueueDiscipline(msg), 0)
@@ -514,7 +524,7 @@ impl Rtnl {
         )?;
         Ok(answers.iter().any(|m| match m {
             RouteNetlinkMessage::NewQueueDiscipline(q) => {
-                q.header.index == index as i32
+                q.header.index == tc_ifindex(index)
                     && q.attributes.contains(&TcAttribute::Kind("ingress".into()))
             }
             _ => false,
@@ -526,7 +536,7 @@ impl Rtnl {
     /// `filter add dev FROM parent ffff: protocol all u32 match u8 0 0 action mirred egress
     /// redirect dev TO`.
     pub fn add_redirect_filter(&mut self, from: u32, to: u32) -> RtnlResult<()> {
-        let mut msg = TcMessage::with_index(from as i32);
+        let mut msg = TcMessage::with_index(tc_ifindex(from));
         msg.header.parent = TcHandle::from(0xffff_0000);
         msg.header.info = (REDIRECT_PRIO << 16) | u32::from(ETH_P_ALL_BE);
         msg.attributes.push(TcAttribute::Kind("u32".into()));
@@ -560,7 +570,7 @@ impl Rtnl {
 
     /// The mirred redirect targets (ifindex) of the filters on link `index`'s ingress.
     pub fn redirect_targets(&mut self, index: u32) -> RtnlResult<Vec<u32>> {
-        let mut msg = TcMessage::with_index(index as i32);
+        let mut msg = TcMessage::with_index(tc_ifindex(index));
         msg.header.parent = TcHandle::from(0xffff_0000);
         let answers = self.request(RouteNetlinkMessage::GetTrafficFilter(msg), NLM_F_DUMP)?;
         let mut targets = Vec::new();

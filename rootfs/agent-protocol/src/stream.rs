@@ -92,11 +92,10 @@ pub struct StreamHeader {
 }
 
 fn check_len(what: &'static str, len: usize, allow_empty: bool) -> Result<u16, StreamError> {
-    if len > MAX_ID_LEN || (len == 0 && !allow_empty) {
-        return Err(StreamError::BadIdLength { what, len });
+    match u16::try_from(len) {
+        Ok(n) if len <= MAX_ID_LEN && (len != 0 || allow_empty) => Ok(n),
+        _ => Err(StreamError::BadIdLength { what, len }),
     }
-    // MAX_ID_LEN fits in u16.
-    Ok(len as u16)
 }
 
 fn read_id<R: Read>(

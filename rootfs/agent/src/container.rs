@@ -268,6 +268,14 @@ impl Drop for Console {
     }
 }
 
+/// Signals a pid listed in cgroup.procs. One that is no `pid_t` (the kernel lists none) is
+/// skipped: a wrapped negative pid would signal a process group.
+fn kill_cgroup_pid(pid: u32, sig: Signal) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = kill(Pid::from_raw(pid), sig);
+    }
+}
+
 fn dev_null() -> std::io::Result<OwnedFd> {
     OpenOptions::new()
         .read(true)
@@ -769,7 +777,7 @@ impl Container {
         let _guard = reaper.lock_spawn();
         if all && exec_id.is_empty() {
             for pid in self.cgroup.pids()? {
-                let _ = kill(Pid::from_raw(pid as i32), sig);
+                kill_cgroup_pid(pid, sig);
             }
             return Ok(());
         }
@@ -830,7 +838,7 @@ impl Container {
             let _guard = reaper.lock_spawn();
             if !self.cgroup.kill_all() {
                 for pid in self.cgroup.pids().unwrap_or_default() {
-                    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                    kill_cgroup_pid(pid, Signal::SIGKILL);
                 }
             }
             for process in &processes {

@@ -136,6 +136,11 @@ fn console_stdio() {
     }
 }
 
+/// An `IFF_*` interface flag (a C `int` of a low bit) as `ifr_flags`' `short`.
+fn short_flag(flag: libc::c_int) -> libc::c_short {
+    libc::c_short::try_from(flag).expect("IFF_* flags used here are low bits")
+}
+
 /// Sets IFF_UP on `lo` (SIOCGIFFLAGS + SIOCSIFFLAGS).
 pub fn loopback_up() -> Result<(), Pid1Error> {
     use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
@@ -149,15 +154,16 @@ pub fn loopback_up() -> Result<(), Pid1Error> {
     // SAFETY: ifreq is plain data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as libc::c_char;
+        *dst = libc::c_char::from_ne_bytes([*src]);
     }
     // SAFETY: SIOCGIFFLAGS fills `req`, a valid ifreq naming "lo", for the call's duration.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
         return Err(Pid1Error::Loopback(nix::Error::last()));
     }
+    let up_running = short_flag(libc::IFF_UP | libc::IFF_RUNNING);
     // SAFETY: after SIOCGIFFLAGS the union holds the flags member.
     unsafe {
-        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        req.ifr_ifru.ifru_flags |= up_running;
     }
     // SAFETY: SIOCSIFFLAGS reads `req`, valid for the call's duration.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
@@ -341,8 +347,8 @@ mod tests {
         // SAFETY: as in loopback_up: a zeroed ifreq naming "lo", valid for the call.
         unsafe {
             let mut req: libc::ifreq = std::mem::zeroed();
-            req.ifr_name[0] = b'l' as libc::c_char;
-            req.ifr_name[1] = b'o' as libc::c_char;
+            req.ifr_name[0] = libc::c_char::from_ne_bytes([b'l']);
+            req.ifr_name[1] = libc::c_char::from_ne_bytes([b'o']);
             assert!(libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) >= 0);
             req.ifr_ifru.ifru_flags
         }
@@ -358,9 +364,9 @@ mod tests {
         // The network namespace is per thread: this one's dies with it.
         std::thread::spawn(|| {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            assert_eq!(lo_flags() & libc::IFF_UP as libc::c_short, 0);
+            assert_eq!(lo_flags() & short_flag(libc::IFF_UP), 0);
             loopback_up().unwrap();
-            assert_ne!(lo_flags() & libc::IFF_UP as libc::c_short, 0);
+            assert_ne!(lo_flags() & short_flag(libc::IFF_UP), 0);
         })
         .join()
         .unwrap();

@@ -120,7 +120,7 @@ impl Process {
     pub fn set_exited(&self, status: i32) {
         let at_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i64)
+            .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
             .unwrap_or(0);
         {
             let mut state = self.state();

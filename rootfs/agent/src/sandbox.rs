@@ -315,7 +315,8 @@ impl Sandbox {
                 guest_env: &guest_env,
             },
         )?;
-        let pid = container.init.pid() as u32;
+        // A created process has a positive pid_t.
+        let pid = container.init.pid().cast_unsigned();
         self.oom.watch(id, &container.cgroup);
         let mut state = self.state();
         if state.containers.contains_key(id) {
@@ -349,7 +350,7 @@ impl Sandbox {
                 guest_env: &guest_env,
             },
         )?;
-        Ok(process.pid() as u32)
+        Ok(process.pid().cast_unsigned())
     }
 
     pub fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> RpcResult<()> {
@@ -479,8 +480,9 @@ fn add_entropy(bytes: &[u8]) -> std::io::Result<()> {
     let bytes = &bytes[..bytes.len().min(512)];
     // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
     let mut buf = Vec::with_capacity(8 + bytes.len());
-    buf.extend_from_slice(&((bytes.len() * 8) as i32).to_ne_bytes());
-    buf.extend_from_slice(&(bytes.len() as i32).to_ne_bytes());
+    let len = i32::try_from(bytes.len()).expect("at most 512 bytes");
+    buf.extend_from_slice(&(len * 8).to_ne_bytes());
+    buf.extend_from_slice(&len.to_ne_bytes());
     buf.extend_from_slice(bytes);
     let f = std::fs::OpenOptions::new()
         .write(true)

@@ -201,7 +201,10 @@ impl Agent for AgentService {
 
     fn get_oom_event(&self, ctx: &TtrpcContext, _req: GetOOMEventRequest) -> Reply<OOMEvent> {
         // Honour the client's deadline so a long poll ends with DEADLINE_EXCEEDED.
-        let timeout = (ctx.timeout_nano > 0).then(|| Duration::from_nanos(ctx.timeout_nano as u64));
+        let timeout = u64::try_from(ctx.timeout_nano)
+            .ok()
+            .filter(|&nanos| nanos > 0)
+            .map(Duration::from_nanos);
         let id = self.sandbox.next_oom(timeout);
         reply(
             "GetOOMEvent",

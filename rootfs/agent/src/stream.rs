@@ -104,7 +104,8 @@ impl Streams {
     }
 
     fn handshake(&self, conn: OwnedFd) -> Result<(), StreamError> {
-        let timeout = TimeVal::new(HEADER_TIMEOUT.as_secs() as i64, 0);
+        let secs = i64::try_from(HEADER_TIMEOUT.as_secs()).expect("a few seconds");
+        let timeout = TimeVal::new(secs, 0);
         setsockopt(&conn, sockopt::ReceiveTimeout, &timeout).map_err(io::Error::from)?;
         let mut conn = File::from(conn);
         let header = match StreamHeader::read_from(&mut conn) {

@@ -38,7 +38,7 @@ fn agent_bin() -> PathBuf {
 }
 
 fn ctx() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(TIMEOUT.as_nanos() as i64)
+    ttrpc::context::with_timeout(i64::try_from(TIMEOUT.as_nanos()).expect("seconds"))
 }
 
 macro_rules! require_host {
@@ -165,7 +165,7 @@ impl Agent {
         let mut req = SignalProcessRequest::new();
         req.container_id = id.into();
         req.exec_id = exec_id.into();
-        req.signal = signal as u32;
+        req.signal = u32::try_from(signal).expect("signal numbers are positive");
         self.client.signal_process(ctx(), &req)
     }
 

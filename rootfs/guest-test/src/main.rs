@@ -104,10 +104,20 @@ fn vsock_socket() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// An `AF_*` address family (a small C `int`) as a sockaddr's `sa_family_t`.
+fn family(af: libc::c_int) -> libc::sa_family_t {
+    libc::sa_family_t::try_from(af).expect("address families fit sa_family_t")
+}
+
+/// The size of a `sockaddr_vm` (16 bytes) as `socklen_t`.
+fn vsock_addr_len() -> libc::socklen_t {
+    libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_vm>()).expect("16 bytes")
+}
+
 fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
     // SAFETY: sockaddr_vm is plain data; all-zero is valid.
     let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_family = family(libc::AF_VSOCK);
     addr.svm_cid = cid;
     addr.svm_port = port;
     addr
@@ -122,7 +132,7 @@ fn check_vsock_connect() -> io::Result<String> {
         libc::connect(
             sock.as_raw_fd(),
             (&addr as *const libc::sockaddr_vm).cast(),
-            std::mem::size_of_val(&addr) as u32,
+            vsock_addr_len(),
         )
     };
     if rc != 0 {
@@ -151,7 +161,7 @@ fn check_vsock_listen() -> io::Result<String> {
         if libc::bind(
             sock.as_raw_fd(),
             (&addr as *const libc::sockaddr_vm).cast(),
-            std::mem::size_of_val(&addr) as u32,
+            vsock_addr_len(),
         ) != 0
             || libc::listen(sock.as_raw_fd(), 1) != 0
         {
@@ -185,7 +195,7 @@ fn ifreq(name: &str) -> libc::ifreq {
     // SAFETY: ifreq is plain data; all-zero is valid.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (d, b) in req.ifr_name.iter_mut().zip(name.bytes()) {
-        *d = b as libc::c_char;
+        *d = libc::c_char::from_ne_bytes([b]);
     }
     req
 }
@@ -194,7 +204,7 @@ fn ifreq(name: &str) -> libc::ifreq {
 fn sockaddr_in(ip: Ipv4Addr) -> libc::sockaddr {
     // SAFETY: sockaddr_in is plain data; all-zero is valid.
     let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    sin.sin_family = libc::AF_INET as libc::sa_family_t;
+    sin.sin_family = family(libc::AF_INET);
     sin.sin_addr.s_addr = u32::from_ne_bytes(ip.octets());
     // SAFETY: sockaddr_in and sockaddr have the same size; plain data.
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
@@ -224,8 +234,9 @@ fn nic_up() -> io::Result<()> {
     call(libc::SIOCSIFNETMASK, &mut r)?;
     let mut r = ifreq(NIC);
     call(libc::SIOCGIFFLAGS, &mut r)?;
+    let up = libc::c_short::try_from(libc::IFF_UP).expect("IFF_UP is bit 0");
     // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
-    unsafe { r.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    unsafe { r.ifr_ifru.ifru_flags |= up };
     call(libc::SIOCSIFFLAGS, &mut r)
 }
 
@@ -237,8 +248,8 @@ fn read_summary(stream: &mut TcpStream) -> io::Result<String> {
 }
 
 fn net_payload() -> Vec<u8> {
-    (0..NET_BYTES as u32)
-        .map(|i| (i % 249) as u8 ^ 0x5a)
+    (0..NET_BYTES)
+        .map(|i| u8::try_from(i % 249).expect("below 249") ^ 0x5a)
         .collect()
 }
 

@@ -176,6 +176,15 @@ pub struct MemInfo {
     pub committed_kib: u64,
 }
 
+impl MemInfo {
+    /// How much more is used than in `before`, KiB (negative where less is).
+    pub fn used_delta_kib(&self, before: &MemInfo) -> i64 {
+        // Meminfo figures are far below 2^63 KiB: the clamp never bites.
+        let kib = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        kib(self.used_kib) - kib(before.used_kib)
+    }
+}
+
 /// Parses `/proc/meminfo` text.
 pub fn parse_meminfo(text: &str) -> Option<MemInfo> {
     let total = kib_field(text, "MemTotal")?;
@@ -215,7 +224,7 @@ pub fn ksm_state() -> KsmState {
             .and_then(|s| s.trim().parse::<u64>().ok())
     };
     KsmState {
-        run: num("run").map(|v| v as u32),
+        run: num("run").and_then(|v| u32::try_from(v).ok()),
         pages_sharing: num("pages_sharing"),
     }
 }
@@ -326,6 +335,16 @@ Committed_AS:    3456789 kB
     fn guest_regions_around_the_gap() {
         assert_eq!(guest_region_sizes(256), vec![256 << 20]);
         assert_eq!(guest_region_sizes(4096), vec![3 << 30, 1 << 30]);
+    }
+
+    #[test]
+    fn used_delta_is_signed() {
+        let used = |used_kib| MemInfo {
+            used_kib,
+            ..MemInfo::default()
+        };
+        assert_eq!(used(25).used_delta_kib(&used(10)), 15);
+        assert_eq!(used(10).used_delta_kib(&used(25)), -15);
     }
 
     #[test]

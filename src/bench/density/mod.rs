@@ -968,7 +968,7 @@ fn run_runtime_at(
         samples.push(WaveSample {
             pods_up: pods.pods.iter().filter(|p| p.error.is_none()).count(),
             seconds: started.elapsed().as_secs_f64(),
-            used_delta_kib: now.used_kib as i64 - before.used_kib as i64,
+            used_delta_kib: now.used_delta_kib(&before),
         });
         let n = pods.pods.len();
         if !checkpoints.contains(&n) {
@@ -1052,7 +1052,7 @@ fn measure_run(
         .sum();
     let ksm = memory::ksm_state();
     let n = pods.pods.len().max(1) as f64;
-    let used_delta = after.used_kib as i64 - before.used_kib as i64;
+    let used_delta = after.used_delta_kib(before);
     let machine = MachineDelta {
         before: *before,
         after,

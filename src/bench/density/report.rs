@@ -342,7 +342,7 @@ pub(crate) mod tests {
             to_created_ms: Some(first_ms * 0.5),
             to_running_ms: Some(first_ms * 0.9),
             to_first_output_ms: Some(first_ms),
-            shim_pid: Some(100 + index as u32),
+            shim_pid: Some(100 + u32::try_from(index).unwrap()),
             processes: 1,
             pss_kib: Some(overhead + workload),
             overhead_pss_kib: Some(overhead),

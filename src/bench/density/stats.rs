@@ -17,6 +17,8 @@ pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     if sorted.is_empty() || !(p > 0.0 && p <= 100.0) {
         return None;
     }
+    // In 0..=len: the ceiling of a fraction in (0, 1] of len.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }

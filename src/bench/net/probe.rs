@@ -89,6 +89,11 @@ pub fn wait_ready(
 }
 
 /// One byte to the echo server and back; returns the round trip.
+/// A round's number as the one byte it sends: the low byte, wrapping every 256 rounds.
+fn seq_byte(round: usize) -> u8 {
+    round.to_le_bytes()[0]
+}
+
 fn round_trip(s: &mut TcpStream, addr: SocketAddr, seq: u8) -> Result<Duration, ProbeError> {
     let t = Instant::now();
     s.write_all(&[seq]).map_err(io("write to", addr))?;
@@ -116,7 +121,7 @@ pub fn connect_times(addr: SocketAddr, count: usize) -> Result<Vec<(f64, f64)>, 
             let t = Instant::now();
             let mut s = connect(addr, IO_TIMEOUT)?;
             let connected = t.elapsed().as_secs_f64() * 1e3;
-            round_trip(&mut s, addr, i as u8)?;
+            round_trip(&mut s, addr, seq_byte(i))?;
             let echoed = t.elapsed().as_secs_f64() * 1e3;
             let _ = s.shutdown(Shutdown::Both);
             Ok((connected, echoed))
@@ -138,7 +143,7 @@ pub fn request_response(
     let start = Instant::now();
     let mut rtts = Vec::new();
     while rtts.len() < max && start.elapsed() < duration {
-        let rtt = round_trip(&mut s, addr, rtts.len() as u8)?;
+        let rtt = round_trip(&mut s, addr, seq_byte(rtts.len()))?;
         rtts.push(rtt.as_secs_f64() * 1e6);
     }
     Ok(rtts)

@@ -258,9 +258,10 @@ impl Drop for HostAgent {
     fn drop(&mut self) {
         // Kill the agent itself first: unshare reaps it, so no zombie is left to the host's
         // init; `--kill-child` covers the case where unshare goes first.
-        if let Some(pid) = self.agent_pid_opt() {
+        // A pid that is no pid_t is skipped: wrapped negative, it would name a process group.
+        if let Some(pid) = self.agent_pid_opt().and_then(|p| i32::try_from(p).ok()) {
             // SAFETY: kill has no memory preconditions; pid is the agent's host pid.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         let deadline = Instant::now() + TIMEOUT;
         while self.unshare.try_wait().ok().flatten().is_none() && Instant::now() < deadline {

@@ -27,6 +27,8 @@ pub enum BootError {
         kernel_end: u64,
         ram_end: u64,
     },
+    #[error("the {what} ({value:#x}) does not fit the boot protocol's 32-bit field")]
+    Above32Bits { what: &'static str, value: u64 },
     #[error("cannot write the boot parameters into guest memory: {0}")]
     Configurator(#[from] linux_loader::configurator::Error),
 }
@@ -41,6 +43,11 @@ const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
 const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
+
+/// `value` for a 32-bit boot-protocol field, or an error naming `what`.
+fn field32(what: &'static str, value: u64) -> Result<u32, BootError> {
+    u32::try_from(value).map_err(|_| BootError::Above32Bits { what, value })
+}
 
 /// One entry of the memory map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,7 +125,7 @@ pub fn write_pvh<M: GuestMemory>(
         version: 1,
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: PVH_MEMMAP_START,
-        memmap_entries: memmap.len() as u32,
+        memmap_entries: u32::try_from(memmap.len()).expect("a memory map has at most 4 entries"),
         ..Default::default()
     };
     let mut params = BootParams::new(&info, GuestAddress(PVH_INFO_START));
@@ -154,12 +161,12 @@ pub fn write_linux_boot_params<M: GuestMemory>(
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.header = KERNEL_HDR_MAGIC;
-    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
-    params.hdr.cmdline_size = cmdline_len as u32;
+    params.hdr.cmd_line_ptr = field32("command line address", CMDLINE_START)?;
+    params.hdr.cmdline_size = field32("command line size", cmdline_len as u64)?;
     params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
     if let Some((addr, size)) = initrd {
-        params.hdr.ramdisk_image = addr as u32;
-        params.hdr.ramdisk_size = size as u32;
+        params.hdr.ramdisk_image = field32("initrd address", addr)?;
+        params.hdr.ramdisk_size = field32("initrd size", size)?;
     }
     let map = memory_map(mem_size);
     for (slot, e) in params.e820_table.iter_mut().zip(&map) {
@@ -167,7 +174,7 @@ pub fn write_linux_boot_params<M: GuestMemory>(
         slot.size = e.size;
         slot.type_ = e.kind;
     }
-    params.e820_entries = map.len() as u8;
+    params.e820_entries = u8::try_from(map.len()).expect("a memory map has at most 4 entries");
     LinuxBootConfigurator::write_bootparams::<M>(
         &BootParams::new(&params, GuestAddress(ZERO_PAGE_START)),
         mem,
@@ -281,7 +288,7 @@ mod tests {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 128 << 20)]).unwrap();
         write_linux_boot_params(&mem, 128 << 20, None, 42, Some((0x700_0000, 0x1000))).unwrap();
         let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
-        assert_eq!({ params.hdr.cmd_line_ptr }, CMDLINE_START as u32);
+        assert_eq!(u64::from(params.hdr.cmd_line_ptr), CMDLINE_START);
         assert_eq!({ params.hdr.cmdline_size }, 42);
         assert_eq!({ params.hdr.ramdisk_image }, 0x700_0000);
         assert_eq!(params.e820_entries, 3);

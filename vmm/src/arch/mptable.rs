@@ -20,6 +20,8 @@ pub enum MptableError {
     TooManyCpus(usize),
     #[error("the MP table ({0} bytes) does not fit between the EBDA and 1 MiB")]
     TooLarge(usize),
+    #[error("the MP table's {what} ({addr:#x}) is not below 4 GiB")]
+    Above4G { what: &'static str, addr: u64 },
     #[error("cannot write the MP table into guest memory: {0}")]
     Write(#[from] vm_memory::GuestMemoryError),
 }
@@ -79,22 +81,29 @@ fn checksum(bytes: &[u8]) -> u8 {
 }
 
 /// The IOAPIC's APIC id for a guest with `num_cpus` vCPUs.
-pub fn ioapic_id(num_cpus: usize) -> u8 {
-    num_cpus as u8
+pub fn ioapic_id(num_cpus: u8) -> u8 {
+    num_cpus
+}
+
+/// A 32-bit physical address in the table, or an error naming `what`.
+fn addr32(what: &'static str, addr: u64) -> Result<u32, MptableError> {
+    u32::try_from(addr).map_err(|_| MptableError::Above4G { what, addr })
 }
 
 /// Builds the floating pointer and configuration table as they are placed at `base`.
 pub fn build(num_cpus: usize, base: u64) -> Result<Vec<u8>, MptableError> {
-    if num_cpus == 0 || num_cpus > MAX_CPUS {
-        return Err(MptableError::TooManyCpus(num_cpus));
-    }
+    // APIC ids are bytes: MAX_CPUS (254) fits.
+    let cpus = u8::try_from(num_cpus)
+        .ok()
+        .filter(|&n| n > 0 && usize::from(n) <= MAX_CPUS)
+        .ok_or(MptableError::TooManyCpus(num_cpus))?;
     let mut entries = Table::default();
     let mut count: u16 = 0;
-    for cpu in 0..num_cpus {
+    for cpu in 0..cpus {
         let flags = CPU_ENABLED | if cpu == 0 { CPU_BOOTSTRAP } else { 0 };
         entries
             .u8(ENTRY_PROCESSOR)
-            .u8(cpu as u8)
+            .u8(cpu)
             .u8(APIC_VERSION)
             .u8(flags)
             .u32(CPU_SIGNATURE)
@@ -105,15 +114,15 @@ pub fn build(num_cpus: usize, base: u64) -> Result<Vec<u8>, MptableError> {
     }
     entries.u8(ENTRY_BUS).u8(ISA_BUS_ID).bytes(b"ISA   ");
     count += 1;
-    let ioapic = ioapic_id(num_cpus);
+    let ioapic = ioapic_id(cpus);
     entries
         .u8(ENTRY_IOAPIC)
         .u8(ioapic)
         .u8(IOAPIC_VERSION)
         .u8(1) // enabled
-        .u32(IOAPIC_START as u32);
+        .u32(addr32("IOAPIC", IOAPIC_START)?);
     count += 1;
-    for pin in 0..IOAPIC_PINS as u8 {
+    for pin in 0..u8::try_from(IOAPIC_PINS).expect("an IOAPIC has 24 pins") {
         entries
             .u8(ENTRY_IO_INTERRUPT)
             .u8(INT_TYPE_INT)
@@ -140,7 +149,7 @@ pub fn build(num_cpus: usize, base: u64) -> Result<Vec<u8>, MptableError> {
     let mut header = Table::default();
     header
         .bytes(b"PCMP")
-        .u16(table_len as u16)
+        .u16(u16::try_from(table_len).map_err(|_| MptableError::TooLarge(table_len))?)
         .u8(SPEC_REV)
         .u8(0) // checksum, patched below
         .bytes(b"PODVISOR")
@@ -148,7 +157,7 @@ pub fn build(num_cpus: usize, base: u64) -> Result<Vec<u8>, MptableError> {
         .u32(0) // OEM table pointer
         .u16(0) // OEM table size
         .u16(count)
-        .u32(APIC_START as u32)
+        .u32(addr32("local APIC", APIC_START)?)
         .u16(0) // extended table length
         .u8(0) // extended table checksum
         .u8(0);
@@ -161,7 +170,7 @@ pub fn build(num_cpus: usize, base: u64) -> Result<Vec<u8>, MptableError> {
     let mut floating = Table::default();
     floating
         .bytes(b"_MP_")
-        .u32(config_addr as u32)
+        .u32(addr32("configuration table", config_addr)?)
         .u8(1) // length in 16-byte units
         .u8(SPEC_REV)
         .u8(0) // checksum, patched below
@@ -196,7 +205,7 @@ mod tests {
         assert_eq!(&table[..4], b"_MP_");
         assert_eq!(sum(&table[..FLOATING_LEN]), 0, "floating pointer checksum");
         let cfg_addr = u64::from(u32::from_le_bytes(table[4..8].try_into().unwrap()));
-        let cfg = &table[(cfg_addr - base) as usize..];
+        let cfg = &table[usize::try_from(cfg_addr - base).unwrap()..];
         assert_eq!(&cfg[..4], b"PCMP");
         let len = u16::from_le_bytes(cfg[4..6].try_into().unwrap()) as usize;
         assert_eq!(len, cfg.len());
@@ -244,7 +253,10 @@ mod tests {
         for n in [1, 2, 8, MAX_CPUS] {
             let table = build(n, EBDA_START).unwrap();
             let (cpus, ioapic, io_ints) = parse(&table, EBDA_START);
-            assert_eq!(cpus, (0..n as u8).collect::<Vec<_>>());
+            assert_eq!(
+                cpus,
+                (0..n).map(|i| u8::try_from(i).unwrap()).collect::<Vec<_>>()
+            );
             assert_eq!(ioapic as usize, n);
             assert_eq!(io_ints, IOAPIC_PINS as usize);
         }

@@ -56,7 +56,7 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 /// The `kvm_segment` a selector loads for descriptor `entry` at GDT index `index`.
 pub fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
     let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
-    let limit_raw = ((entry & 0xffff) | ((entry >> 32) & 0x000f_0000)) as u32;
+    let limit_raw = ((entry & 0xffff) as u32) | (((entry >> 32) & 0x000f_0000) as u32);
     let g = ((entry >> 55) & 1) as u8;
     // With G set, the limit counts 4 KiB pages.
     let limit = if g == 1 {
@@ -106,7 +106,7 @@ pub fn setup_sregs<M: GuestMemory>(
     let tss = segment_from_gdt(table[3], 3);
 
     sregs.gdt.base = GDT_START;
-    sregs.gdt.limit = (std::mem::size_of_val(&table) - 1) as u16;
+    sregs.gdt.limit = u16::try_from(std::mem::size_of_val(&table) - 1).expect("a 4-entry GDT");
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
     sregs.cs = code;
@@ -182,16 +182,15 @@ const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
 fn lapic_reg(state: &kvm_lapic_state, offset: usize) -> u32 {
-    let bytes: Vec<u8> = state.regs[offset..offset + 4]
-        .iter()
-        .map(|&b| b as u8)
-        .collect();
-    u32::from_le_bytes(bytes.try_into().expect("4 bytes"))
+    // The register file is C `char`s: each one's byte, as it is.
+    u32::from_le_bytes(std::array::from_fn(|i| {
+        state.regs[offset + i].to_ne_bytes()[0]
+    }))
 }
 
 fn set_lapic_reg(state: &mut kvm_lapic_state, offset: usize, value: u32) {
-    for (i, b) in value.to_le_bytes().iter().enumerate() {
-        state.regs[offset + i] = *b as _;
+    for (i, b) in value.to_le_bytes().into_iter().enumerate() {
+        state.regs[offset + i] = std::ffi::c_char::from_ne_bytes([b]);
     }
 }
 

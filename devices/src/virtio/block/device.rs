@@ -33,6 +33,8 @@ use crate::virtio::{
 /// Size of the part of `struct virtio_blk_config` the device fills (up to
 /// `write_zeroes_may_unmap` and its padding).
 const CONFIG_LEN: usize = 60;
+/// `blk_size` in the config space: the sector size.
+const BLK_SIZE: u32 = crate::virtio::const_u32(SECTOR_SIZE);
 
 /// How to build a block device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,7 +155,7 @@ fn config_space(capacity: u64) -> [u8; CONFIG_LEN] {
     put(0, &capacity.to_le_bytes());
     put(8, &SIZE_MAX.to_le_bytes());
     put(12, &SEG_MAX.to_le_bytes());
-    put(20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+    put(20, &BLK_SIZE.to_le_bytes());
     put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
     put(40, &1u32.to_le_bytes()); // max_discard_seg
     put(44, &DISCARD_ALIGNMENT_SECTORS.to_le_bytes());

@@ -252,7 +252,7 @@ impl Disk {
         let mut offset = sector << SECTOR_SHIFT;
         let mut left = u64::from(sectors) << SECTOR_SHIFT;
         while left > 0 {
-            let n = left.min(CHUNK as u64) as usize;
+            let n = usize::try_from(left).map_or(CHUNK, |left| left.min(CHUNK));
             self.file.write_all_at(&zeros[..n], offset)?;
             offset += n as u64;
             left -= n as u64;
@@ -306,7 +306,8 @@ fn transfer(
             first += 1;
             continue;
         }
-        let count = (iovs.len() - first).min(1024) as libc::c_int;
+        // At most IOV_MAX (1024) iovecs a call.
+        let count = libc::c_int::try_from(iovs.len() - first).map_or(1024, |n| n.min(1024));
         let ptr = iovs[first..].as_ptr();
         // SAFETY: each iovec points into a guest memory mapping that `slices` (borrowing the
         // guest memory) keeps alive for this call, with the slice's own length; `count`
@@ -318,21 +319,20 @@ fn transfer(
                 libc::preadv(file.as_raw_fd(), ptr, count, offset)
             }
         };
-        if n < 0 {
+        let Ok(mut done) = usize::try_from(n) else {
             let err = io::Error::last_os_error();
             if err.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
             return Err(err);
-        }
-        if n == 0 {
+        };
+        if done == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the disk image ended early (was it truncated?)",
             ));
         }
         offset += n as libc::off_t;
-        let mut done = n as usize;
         while done > 0 {
             let iov = &mut iovs[first];
             if done >= iov.iov_len {
@@ -370,7 +370,7 @@ mod tests {
                 .unwrap();
         let img = image(8192);
         let disk = Disk::open(img.as_path(), false, Some("x")).unwrap();
-        let pattern: Vec<u8> = (0..1024).map(|i| (i % 251) as u8).collect();
+        let pattern: Vec<u8> = (0..1024).map(|i| u8::try_from(i % 251).unwrap()).collect();
         mem.write_slice(&pattern, GuestAddress(0xe00)).unwrap();
         let seg = [Segment {
             addr: GuestAddress(0xe00),

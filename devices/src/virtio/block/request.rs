@@ -15,17 +15,22 @@
 //! Everything here is plain data and unit-testable without a VM.
 
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
-    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
-    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use super::{MAX_DISCARD_SECTORS, MAX_REQUEST_BYTES, MAX_WRITE_ZEROES_SECTORS, SEG_MAX};
+use crate::virtio::const_u8;
 
 /// Size of a disk sector as virtio-blk counts them.
 pub const SECTOR_SIZE: u64 = 512;
+/// The status bytes a request completes with.
+pub const STATUS_OK: u8 = const_u8(VIRTIO_BLK_S_OK);
+pub const STATUS_IOERR: u8 = const_u8(VIRTIO_BLK_S_IOERR);
+pub const STATUS_UNSUPP: u8 = const_u8(VIRTIO_BLK_S_UNSUPP);
 /// log2 of [`SECTOR_SIZE`].
 pub const SECTOR_SHIFT: u32 = 9;
 /// Size of the request header.
@@ -154,8 +159,8 @@ impl RequestError {
     /// The status byte a request failing this way completes with.
     pub fn status(&self) -> u8 {
         match self {
-            RequestError::Unsupported(_) | RequestError::RangeFlags(_) => VIRTIO_BLK_S_UNSUPP as u8,
-            _ => VIRTIO_BLK_S_IOERR as u8,
+            RequestError::Unsupported(_) | RequestError::RangeFlags(_) => STATUS_UNSUPP,
+            _ => STATUS_IOERR,
         }
     }
 }
@@ -378,20 +383,18 @@ fn check_range(sector: u64, sectors: u64, capacity: u64) -> Result<(), RequestEr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio_bindings::virtio_ring::{
-        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
-    };
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueOwnedT};
 
+    use crate::virtio::test_utils::{DESC_INDIRECT, DESC_NEXT, DESC_WRITE};
     use crate::virtio::GuestMem;
 
     const HDR: u64 = 0x10_0000;
     const DATA: u64 = 0x20_0000;
     const STATUS: u64 = 0x30_0000;
     const R: u16 = 0;
-    const W: u16 = VRING_DESC_F_WRITE as u16;
+    const W: u16 = DESC_WRITE;
 
     fn mem() -> GuestMem {
         GuestMem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()
@@ -525,10 +528,7 @@ mod tests {
             err(parse_chain(&m, &chain, &limits())).1,
             RequestError::RangeFlags(1)
         );
-        assert_eq!(
-            RequestError::RangeFlags(1).status(),
-            VIRTIO_BLK_S_UNSUPP as u8
-        );
+        assert_eq!(RequestError::RangeFlags(1).status(), STATUS_UNSUPP);
 
         header(&m, VIRTIO_BLK_T_WRITE_ZEROES, 0);
         range(1000, 24, 1);
@@ -629,11 +629,11 @@ mod tests {
                 "type {req_type} chain {chain:x?}"
             );
             let want = if matches!(error, Unsupported(_)) {
-                VIRTIO_BLK_S_UNSUPP
+                STATUS_UNSUPP
             } else {
-                VIRTIO_BLK_S_IOERR
+                STATUS_IOERR
             };
-            assert_eq!(error.status(), want as u8);
+            assert_eq!(error.status(), want);
         }
     }
 
@@ -641,7 +641,7 @@ mod tests {
     fn rejects_loops_bad_links_and_long_chains() {
         let m = mem();
         header(&m, VIRTIO_BLK_T_IN, 0);
-        let n = VRING_DESC_F_NEXT as u16;
+        let n = DESC_NEXT;
         let d = |a, l, f, next| RawDescriptor::from(Descriptor::new(a, l, f, next));
         // 0 -> 1 -> 0 -> ...
         let looped = [d(HDR, 16, R | n, 1), d(DATA, 512, W | n, 0)];
@@ -654,17 +654,14 @@ mod tests {
         );
         // Nested indirect table: the inner indirect descriptor ends the chain early.
         let table = 0x8000u64;
-        for (i, desc) in [
-            d(HDR, 16, R | n, 1),
-            d(0x9000, 32, VRING_DESC_F_INDIRECT as u16, 0),
-        ]
-        .iter()
-        .enumerate()
+        for (i, desc) in [d(HDR, 16, R | n, 1), d(0x9000, 32, DESC_INDIRECT, 0)]
+            .iter()
+            .enumerate()
         {
             m.write_obj(*desc, GuestAddress(table + 16 * i as u64))
                 .unwrap();
         }
-        let indirect = [d(table, 32, VRING_DESC_F_INDIRECT as u16, 0)];
+        let indirect = [d(table, 32, DESC_INDIRECT, 0)];
         assert_eq!(
             err(parse_raw(&m, &indirect)),
             (None, RequestError::Truncated)
@@ -681,7 +678,7 @@ mod tests {
             m.write_obj(*desc, GuestAddress(table + 16 * i as u64))
                 .unwrap();
         }
-        let indirect = [d(table, 48, VRING_DESC_F_INDIRECT as u16, 0)];
+        let indirect = [d(table, 48, DESC_INDIRECT, 0)];
         assert!(matches!(
             parse_raw(&m, &indirect).unwrap().kind,
             RequestKind::In { .. }
@@ -694,12 +691,17 @@ mod tests {
             let desc = if i == 0 {
                 d(HDR, 16, R | n, 1)
             } else {
-                d(DATA, 512, flags, i as u16 + 1)
+                d(DATA, 512, flags, u16::try_from(i).unwrap() + 1)
             };
             m.write_obj(desc, GuestAddress(table + 16 * i as u64))
                 .unwrap();
         }
-        let indirect = [d(table, 16 * count as u32, VRING_DESC_F_INDIRECT as u16, 0)];
+        let indirect = [d(
+            table,
+            16 * u32::try_from(count).unwrap(),
+            DESC_INDIRECT,
+            0,
+        )];
         assert_eq!(err(parse_raw(&m, &indirect)), (None, RequestError::TooLong));
     }
 

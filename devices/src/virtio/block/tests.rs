@@ -5,25 +5,25 @@ use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
 use virtio_bindings::virtio_blk::*;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, GuestAddress};
 use vmm_sys_util::tempfile::TempFile;
 
 use super::*;
 use crate::bus::BusDevice;
+use crate::virtio::block::request::{STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
 use crate::virtio::features::{bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::virtio::mmio::regs;
 use crate::virtio::status::*;
-use crate::virtio::test_utils::{Buf, MmioDriver};
+use crate::virtio::test_utils::{Buf, MmioDriver, DESC_INDIRECT, DESC_NEXT, DESC_WRITE};
 use crate::virtio::{DeviceState, MmioPersist, INT_CONFIG_CHANGE, INT_USED_RING};
 
 const WAIT: Duration = Duration::from_secs(10);
 const SETTLE: Duration = Duration::from_millis(50);
 const MEM: usize = 64 << 20;
-const OK: u8 = VIRTIO_BLK_S_OK as u8;
-const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
-const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+const OK: u8 = STATUS_OK;
+const IOERR: u8 = STATUS_IOERR;
+const UNSUPP: u8 = STATUS_UNSUPP;
 
 /// What Linux asks for.
 fn linux_features() -> u64 {
@@ -119,7 +119,7 @@ impl Fixture {
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .map(|i| i.to_le_bytes()[0].wrapping_mul(31).wrapping_add(seed))
         .collect()
 }
 
@@ -149,7 +149,7 @@ fn round_trip(len: usize, seg: u32, sector: u64) {
     );
 
     let (bufs, r) = f.request(VIRTIO_BLK_T_IN, sector, &lens, true);
-    assert_eq!(r, (OK, len as u32 + 1));
+    assert_eq!(r, (OK, u32::try_from(len).unwrap() + 1));
     let mut back = Vec::with_capacity(len);
     for b in &bufs[1..bufs.len() - 1] {
         back.extend(f.drv.read_mem(b.0, b.1 as usize));
@@ -348,7 +348,7 @@ fn many_requests_wrap_the_rings() {
     let mut f = device(1 << 20, false, None);
     f.drv.activate(linux_features(), 8);
     for i in 0..40u64 {
-        let data = pattern(512, i as u8);
+        let data = pattern(512, u8::try_from(i).unwrap());
         let addr = f.drv.alloc(512);
         f.drv.write_mem(addr, &data);
         let bufs = vec![
@@ -373,7 +373,12 @@ fn many_requests_wrap_the_rings() {
     }
     f.drv.kick(0);
     let used = f.drv.wait_used(0, 2, WAIT);
-    assert_eq!(used.iter().map(|u| u.0 as u16).collect::<Vec<_>>(), heads);
+    assert_eq!(
+        used.iter()
+            .map(|u| u16::try_from(u.0).unwrap())
+            .collect::<Vec<_>>(),
+        heads
+    );
     for s in statuses {
         assert_eq!(f.drv.read_mem(s, 1), [OK]);
     }
@@ -405,8 +410,8 @@ fn submit_raw(f: &mut Fixture, descs: &[Descriptor], head: u16) {
     f.drv.kick(0);
 }
 
-const N: u16 = VRING_DESC_F_NEXT as u16;
-const W: u16 = VRING_DESC_F_WRITE as u16;
+const N: u16 = DESC_NEXT;
+const W: u16 = DESC_WRITE;
 
 #[test]
 fn descriptor_loop_is_returned_unanswered() {
@@ -751,7 +756,7 @@ fn indirect_descriptors() {
             vm_memory::ByteValued::as_slice(&virtio_queue::desc::RawDescriptor::from(*d)),
         );
     }
-    let indirect = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
+    let indirect = DESC_INDIRECT;
     submit_raw(&mut f, &[Descriptor::new(table.0, 64, indirect, 0)], 0);
     assert_eq!(f.drv.wait_used(0, 1, WAIT), vec![(0, 1025)]);
     let mut got = f.drv.read_mem(d1, 512);

@@ -17,12 +17,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use log::{error, warn};
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::disk::{Disk, ID_BYTES};
-use super::request::{Request, RequestKind, Segment};
+use super::request::{Request, RequestKind, Segment, STATUS_IOERR, STATUS_OK};
 use crate::virtio::{lock, GuestMem, Interrupt};
 
 /// Work for the worker.
@@ -128,7 +127,8 @@ impl WorkerContext {
             RequestKind::In { sector, data } => self
                 .disk
                 .read(&self.mem, *sector, data)
-                .map(|()| req.data_len() as u32),
+                // parse_chain held it to MAX_REQUEST_BYTES (16 MiB); a used length saturates.
+                .map(|()| u32::try_from(req.data_len()).unwrap_or(u32::MAX)),
             RequestKind::Out { sector, data } => {
                 self.disk.write(&self.mem, *sector, data).map(|()| 0)
             }
@@ -147,14 +147,14 @@ impl WorkerContext {
                 .map(|()| 0),
         };
         match result {
-            Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
+            Ok(written) => (STATUS_OK, written),
             Err(e) => {
                 warn!(
                     "virtio-blk: {} failed on {}: {e}",
                     kind_name(&req.kind),
                     self.disk.path().display()
                 );
-                (VIRTIO_BLK_S_IOERR as u8, 0)
+                (STATUS_IOERR, 0)
             }
         }
     }
@@ -172,7 +172,7 @@ impl WorkerContext {
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
             done += n;
         }
-        Ok(done as u32)
+        Ok(u32::try_from(done).expect("at most ID_BYTES"))
     }
 
     /// Writes the status byte and puts the chain on the used ring.

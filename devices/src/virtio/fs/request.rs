@@ -33,6 +33,8 @@ pub const MAX_MESSAGE: u64 = MAX_BUFFER_SIZE as u64 + 0x1000;
 pub const IN_HEADER_LEN: u64 = size_of::<InHeader>() as u64;
 /// `sizeof(struct fuse_out_header)`.
 pub const OUT_HEADER_LEN: u64 = size_of::<OutHeader>() as u64;
+/// The same, for a used length or the header's own `len`.
+const OUT_HEADER_LEN_U32: u32 = crate::virtio::const_u32(OUT_HEADER_LEN);
 
 /// One buffer of a checked chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,12 +247,12 @@ pub fn write_error<M: GuestMemory + ?Sized>(
     errno: i32,
 ) -> u32 {
     let out = OutHeader {
-        len: OUT_HEADER_LEN as u32,
+        len: OUT_HEADER_LEN_U32,
         error: -errno,
         unique,
     };
     match scatter(mem, segs, out.as_slice()) {
-        Ok(()) => OUT_HEADER_LEN as u32,
+        Ok(()) => OUT_HEADER_LEN_U32,
         Err(_) => 0,
     }
 }
@@ -266,17 +268,16 @@ pub fn read_out_header<M: GuestMemory + ?Sized>(mem: &M, segs: &[Segment]) -> Ou
 
 #[cfg(test)]
 mod tests {
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-
     use super::*;
+    use crate::virtio::test_utils::{DESC_NEXT, DESC_WRITE};
     use crate::virtio::GuestMem;
 
-    const N: u16 = VRING_DESC_F_NEXT as u16;
-    const W: u16 = VRING_DESC_F_WRITE as u16;
+    const N: u16 = DESC_NEXT;
+    const W: u16 = DESC_WRITE;
     const MEM: u64 = 0x10_0000;
 
     fn mem() -> GuestMem {
-        GuestMem::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap()
+        GuestMem::from_ranges(&[(GuestAddress(0), usize::try_from(MEM).unwrap())]).unwrap()
     }
 
     fn d(addr: u64, len: u32, flags: u16) -> Descriptor {

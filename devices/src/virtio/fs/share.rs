@@ -239,7 +239,8 @@ const FLAGS_TO_KEEP: u32 = !((libc::O_DIRECT | libc::O_NOATIME) as u32);
 
 /// Whether open `flags` (guest `O_*`, the same values on Linux) ask to modify the file.
 fn opens_for_write(flags: u32) -> bool {
-    let flags = flags as i32;
+    // The guest's flags word is the C `int` of open(2), bit for bit.
+    let flags = flags.cast_signed();
     flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
 }
 

@@ -19,7 +19,7 @@ use super::{Fs, HIPRIO_QUEUE, REQUEST_QUEUE};
 use crate::virtio::features::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use crate::virtio::test_utils::{Buf, MmioDriver};
+use crate::virtio::test_utils::{len32, size32, Buf, MmioDriver};
 
 /// Guest memory for a client's driver.
 pub const CLIENT_MEM: usize = 16 << 20;
@@ -147,7 +147,7 @@ impl FuseClient {
     /// A `fuse_in_header` for `opcode` on `nodeid` with `arg_len` bytes of arguments.
     pub fn header(&mut self, opcode: Opcode, nodeid: u64, arg_len: usize) -> InHeader {
         InHeader {
-            len: (size_of::<InHeader>() + arg_len) as u32,
+            len: len32(size_of::<InHeader>() + arg_len),
             opcode: opcode as u32,
             unique: self.next_unique(),
             nodeid,
@@ -170,13 +170,13 @@ impl FuseClient {
                 "request too big"
             );
             self.drv.write_mem(GuestAddress(at), piece);
-            bufs.push((GuestAddress(at), piece.len() as u32, false));
+            bufs.push((GuestAddress(at), len32(piece.len()), false));
             at += piece.len() as u64;
         }
         let total: u64 = writable.iter().map(|&l| u64::from(l)).sum();
         assert!(total <= AREA, "reply area too small");
         self.drv
-            .write_mem(self.out_area, &vec![0u8; total as usize]);
+            .write_mem(self.out_area, &vec![0u8; usize::try_from(total).unwrap()]);
         let mut at = self.out_area.0;
         for &len in writable {
             bufs.push((GuestAddress(at), len, true));
@@ -186,7 +186,11 @@ impl FuseClient {
         let used = self.wait_used(q, REPLY_TIMEOUT);
         assert_eq!(used.len(), 1, "one request in flight");
         assert_eq!(used[0].0, u32::from(head), "used head");
-        (used[0].1, self.drv.read_mem(self.out_area, total as usize))
+        (
+            used[0].1,
+            self.drv
+                .read_mem(self.out_area, usize::try_from(total).unwrap()),
+        )
     }
 
     /// Adds a chain to queue `q`, asks for an interrupt at its completion (`used_event`, as
@@ -210,7 +214,7 @@ impl FuseClient {
         let h = self.header(opcode, nodeid, arg_len);
         let mut readable: Vec<&[u8]> = vec![h.as_slice()];
         readable.extend_from_slice(args);
-        let mut writable = vec![size_of::<OutHeader>() as u32];
+        let mut writable = vec![size32::<OutHeader>()];
         let mut left = reply_len;
         while left > 0 {
             let n = left.min(DATA_SEGMENT);
@@ -229,7 +233,8 @@ impl FuseClient {
             major: KERNEL_VERSION,
             minor: CLIENT_MINOR,
             max_readahead: 128 << 10,
-            flags: flags::LINUX_INIT_FLAGS as u32 | FsOptions::INIT_EXT.bits() as u32,
+            // The low halves (INIT_EXT is bit 30); flags2 has the high one.
+            flags: ((flags::LINUX_INIT_FLAGS | FsOptions::INIT_EXT.bits()) & 0xffff_ffff) as u32,
         };
         let init2 = InitIn2 {
             flags2: (flags::LINUX_INIT_FLAGS >> 32) as u32,
@@ -239,7 +244,7 @@ impl FuseClient {
             Opcode::Init,
             0,
             &[init.as_slice(), init2.as_slice()],
-            size_of::<InitOut>() as u32,
+            size32::<InitOut>(),
         )
         .into()
         .expect("FUSE_INIT failed")
@@ -316,7 +321,7 @@ impl FuseClient {
             Opcode::Create,
             parent,
             &[a.as_slice(), &name],
-            (size_of::<EntryOut>() + size_of::<OpenOut>()) as u32,
+            size32::<EntryOut>() + size32::<OpenOut>(),
         );
         r.check()?;
         Ok((parse(&r.body), parse(&r.body[size_of::<EntryOut>()..])))
@@ -327,13 +332,8 @@ impl FuseClient {
             flags,
             fuse_flags: 0,
         };
-        self.call(
-            Opcode::Open,
-            nodeid,
-            &[a.as_slice()],
-            size_of::<OpenOut>() as u32,
-        )
-        .into()
+        self.call(Opcode::Open, nodeid, &[a.as_slice()], size32::<OpenOut>())
+            .into()
     }
 
     pub fn opendir(&mut self, nodeid: u64) -> Result<OpenOut, i32> {
@@ -345,7 +345,7 @@ impl FuseClient {
             Opcode::Opendir,
             nodeid,
             &[a.as_slice()],
-            size_of::<OpenOut>() as u32,
+            size32::<OpenOut>(),
         )
         .into()
     }
@@ -380,13 +380,13 @@ impl FuseClient {
         let a = WriteIn {
             fh,
             offset,
-            size: data.len() as u32,
+            size: len32(data.len()),
             ..Default::default()
         };
         let mut args: Vec<&[u8]> = vec![a.as_slice()];
         args.extend(data.chunks(DATA_SEGMENT as usize));
         let out: WriteOut = self
-            .call(Opcode::Write, nodeid, &args, size_of::<WriteOut>() as u32)
+            .call(Opcode::Write, nodeid, &args, size32::<WriteOut>())
             .into()?;
         Ok(out.size)
     }
@@ -474,7 +474,7 @@ impl FuseClient {
         flags: u32,
     ) -> Result<(), i32> {
         let a = SetxattrIn {
-            size: value.len() as u32,
+            size: len32(value.len()),
             flags,
         };
         let n = cstr(name);
@@ -487,7 +487,7 @@ impl FuseClient {
         let a = GetxattrIn { size, padding: 0 };
         let n = cstr(name);
         let reply_len = if size == 0 {
-            size_of::<GetxattrOut>() as u32
+            size32::<GetxattrOut>()
         } else {
             size
         };
@@ -504,7 +504,7 @@ impl FuseClient {
     }
 
     pub fn statfs(&mut self) -> Result<Kstatfs, i32> {
-        self.call(Opcode::Statfs, 1, &[], size_of::<Kstatfs>() as u32)
+        self.call(Opcode::Statfs, 1, &[], size32::<Kstatfs>())
             .into()
     }
 
@@ -516,11 +516,11 @@ impl FuseClient {
 }
 
 fn entry_len() -> u32 {
-    size_of::<EntryOut>() as u32
+    size32::<EntryOut>()
 }
 
 fn attr_len() -> u32 {
-    size_of::<AttrOut>() as u32
+    size32::<AttrOut>()
 }
 
 /// `name` with its NUL.

@@ -9,7 +9,6 @@ use fuse_backend_rs::abi::fuse_abi::{
     AttrOut, EntryOut, FsOptions, GetattrIn, GetxattrIn, InHeader, Opcode, OutHeader, ReadIn,
     SetattrIn, WriteIn, WriteOut,
 };
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{ByteValued, GuestAddress};
 use vmm_sys_util::tempdir::TempDir;
@@ -20,7 +19,7 @@ use crate::bus::BusDevice;
 use crate::virtio::features;
 use crate::virtio::mmio::regs;
 use crate::virtio::status::*;
-use crate::virtio::test_utils::Buf;
+use crate::virtio::test_utils::{len32, size32, Buf, DESC_INDIRECT, DESC_NEXT, DESC_WRITE};
 use crate::virtio::INT_CONFIG_CHANGE;
 
 const ROOT: u64 = 1;
@@ -55,7 +54,9 @@ fn rw() -> Fixture {
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+        .map(|i| {
+            i.to_le_bytes()[0].wrapping_mul(31).wrapping_add(seed) ^ (i >> 12).to_le_bytes()[0]
+        })
         .collect()
 }
 
@@ -133,7 +134,10 @@ fn init_negotiates_without_writeback_or_dax_by_default() {
     };
     let mut c = FuseClient::new(device(dir.as_path(), TAG, opts));
     let out = c.init();
-    assert_ne!(out.flags & FsOptions::WRITEBACK_CACHE.bits() as u32, 0);
+    assert_ne!(
+        out.flags & (FsOptions::WRITEBACK_CACHE.bits() & 0xffff_ffff) as u32,
+        0
+    );
 }
 
 // ---- What containers do ---------------------------------------------------------------
@@ -357,7 +361,7 @@ fn extended_attributes() {
             buf.len(),
         )
     };
-    assert_eq!(&buf[..n as usize], b"value-1");
+    assert_eq!(&buf[..usize::try_from(n).unwrap()], b"value-1");
 
     // A share without xattrs says so.
     let mut f = share(ShareOptions {
@@ -469,7 +473,9 @@ fn mknod_makes_fifos_but_no_device_nodes_unless_allowed() {
         ("null", libc::S_IFCHR | 0o666, libc::makedev(1, 3)),
         ("sda", libc::S_IFBLK | 0o600, libc::makedev(8, 0)),
     ] {
-        let err = f.c.mknod(ROOT, name, mode, dev as u32).unwrap_err();
+        let err =
+            f.c.mknod(ROOT, name, mode, u32::try_from(dev).unwrap())
+                .unwrap_err();
         assert_eq!(err, libc::EPERM, "{name}");
     }
     assert!(!f.host("null").exists());
@@ -485,7 +491,7 @@ fn mknod_makes_fifos_but_no_device_nodes_unless_allowed() {
             ROOT,
             "null",
             libc::S_IFCHR | 0o666,
-            libc::makedev(1, 3) as u32,
+            u32::try_from(libc::makedev(1, 3)).unwrap(),
         )
         .unwrap();
     assert_eq!(mode_of(&n) & libc::S_IFMT, libc::S_IFCHR);
@@ -506,7 +512,10 @@ fn read_only_share_rejects_every_change() {
         },
     ));
     let out = c.init();
-    assert_eq!(out.flags & FsOptions::WRITEBACK_CACHE.bits() as u32, 0);
+    assert_eq!(
+        out.flags & (FsOptions::WRITEBACK_CACHE.bits() & 0xffff_ffff) as u32,
+        0
+    );
     let e = c.lookup(ROOT, "f").unwrap();
     let d = c.lookup(ROOT, "d").unwrap();
     let o = c.open(e.nodeid, libc::O_RDONLY as u32).unwrap();
@@ -972,18 +981,18 @@ fn fuzzed_requests_never_break_the_device() {
         }
         let mut args = vec![0u8; (rand() % 96) as usize];
         for b in args.iter_mut() {
-            *b = rand() as u8;
+            *b = rand().to_le_bytes()[0];
         }
-        args.extend_from_slice(names[(rand() % names.len() as u64) as usize]);
+        args.extend_from_slice(names[usize::try_from(rand()).unwrap() % names.len()]);
         let len = match rand() % 4 {
-            0 => rand() as u32,
-            _ => (40 + args.len()) as u32,
+            0 => (rand() & 0xffff_ffff) as u32,
+            _ => len32(40 + args.len()),
         };
         let h = InHeader {
             len,
             opcode,
             unique: i,
-            nodeid: nodes[(rand() % nodes.len() as u64) as usize],
+            nodeid: nodes[usize::try_from(rand()).unwrap() % nodes.len()],
             uid: [0, 1000, u32::MAX][(rand() % 3) as usize],
             gid: 0,
             pid: 1,
@@ -1006,8 +1015,8 @@ fn fuzzed_requests_never_break_the_device() {
 
 // ---- Hostile guest: bad descriptor chains and rings ----------------------------------
 
-const N: u16 = VRING_DESC_F_NEXT as u16;
-const W: u16 = VRING_DESC_F_WRITE as u16;
+const N: u16 = DESC_NEXT;
+const W: u16 = DESC_WRITE;
 
 /// Stores raw descriptors at table index 0.., makes `head` available on the request queue
 /// and kicks; then a good GETATTR proves the device still serves. Returns the used entries
@@ -1018,7 +1027,7 @@ fn submit_raw(f: &mut Fixture, descs: &[Descriptor], head: u16) -> Vec<(u32, u32
     q.store_raw(&mem, 0, descs);
     q.set_used_event(&mem, q.used_idx(&mem));
     q.make_available(&mem, head);
-    f.c.drv.kick(REQUEST_QUEUE as u32);
+    f.c.drv.kick_queue(REQUEST_QUEUE);
     let used = f.c.wait_used(REQUEST_QUEUE, REPLY_TIMEOUT);
     f.c.getattr(ROOT).unwrap();
     used
@@ -1129,9 +1138,9 @@ fn indirect_descriptors_work() {
             virtio_queue::desc::RawDescriptor::from(*d).as_slice(),
         );
     }
-    let indirect = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
+    let indirect = DESC_INDIRECT;
     let used = submit_raw(&mut f, &[Descriptor::new(table.0, 32, indirect, 0)], 0);
-    let len = (std::mem::size_of::<OutHeader>() + std::mem::size_of::<AttrOut>()) as u32;
+    let len = size32::<OutHeader>() + size32::<AttrOut>();
     assert_eq!(used, vec![(0, len)]);
     let out: OutHeader = test_client::parse(&f.c.drv.read_mem(reply, 16));
     assert_eq!((out.error, out.unique, out.len), (0, 77, len));
@@ -1142,7 +1151,7 @@ fn lying_available_index_needs_reset() {
     let mut f = rw();
     f.c.drv.take_irqs();
     f.c.drv.queues[REQUEST_QUEUE].set_avail_idx(&f.c.drv.mem, 5000);
-    f.c.drv.kick(REQUEST_QUEUE as u32);
+    f.c.drv.kick_queue(REQUEST_QUEUE);
     // The worker raises a config-change interrupt with NEEDS_RESET.
     let deadline = std::time::Instant::now() + REPLY_TIMEOUT;
     while f.c.drv.status() & DEVICE_NEEDS_RESET == 0 {
@@ -1158,7 +1167,7 @@ fn lying_available_index_needs_reset() {
     }
     assert_ne!(f.c.drv.ack_interrupt() & INT_CONFIG_CHANGE, 0);
     // Kicks are ignored until the reset; then it works again with a fresh session.
-    f.c.drv.kick(REQUEST_QUEUE as u32);
+    f.c.drv.kick_queue(REQUEST_QUEUE);
     f.c.drv.run_events(0);
     f.c.drv
         .activate(features::bit(features::VIRTIO_F_VERSION_1), 32);

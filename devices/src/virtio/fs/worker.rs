@@ -31,10 +31,11 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use fuse_backend_rs::abi::fuse_abi::Opcode;
+use fuse_backend_rs::abi::fuse_abi::{Opcode, OutHeader};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
 use log::{debug, error, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::ByteValued;
 
 use super::config::ShareConfig;
 use super::request::{check_chain, read_out_header, scatter, write_error, OUT_HEADER_LEN};
@@ -283,7 +284,7 @@ impl Serving {
         // Zero the reply header so that a reply written by the server can be told apart
         // from none when the server fails.
         if writable >= OUT_HEADER_LEN {
-            let _ = scatter(mem, &req.writable, &[0u8; OUT_HEADER_LEN as usize]);
+            let _ = scatter(mem, &req.writable, OutHeader::default().as_slice());
         }
         let reader = Reader::from_descriptor_chain(mem, chain.clone());
         let writer = VirtioFsWriter::new(mem, chain);
@@ -299,7 +300,8 @@ impl Serving {
             self.server
                 .handle_message(reader, Writer::VirtioFs(writer), None, None)
         }));
-        let answered = |len: u64| len.min(writable) as u32;
+        // A used length: the guest's buffers may add up past u32, the reply never does.
+        let answered = |len: u64| u32::try_from(len.min(writable)).unwrap_or(u32::MAX);
         match result {
             // DESTROY replies but reports 0 bytes: the reply header tells.
             Ok(Ok(0)) => answered(u64::from(read_out_header(mem, &req.writable).len)),

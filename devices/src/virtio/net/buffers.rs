@@ -226,14 +226,16 @@ pub fn pop_chain<'m>(
 /// but not used): the next pop returns them again.
 pub fn unpop(queue: &mut Queue, count: usize) {
     if count > 0 {
-        let back = Wrapping(queue.next_avail()) - Wrapping(count as u16);
+        // Ring indices count modulo 2^16: the low 16 bits of `count` are its distance.
+        let [lo, hi, ..] = count.to_le_bytes();
+        let back = Wrapping(queue.next_avail()) - Wrapping(u16::from_le_bytes([lo, hi]));
         queue.set_next_avail(back.0);
     }
 }
 
 /// How a received frame of `len` bytes spreads over buffers of `caps` bytes, in order: the
 /// used length of each buffer it occupies (the last may be partly filled). `None` if the
-/// buffers are too small.
+/// buffers are too small (or a part is past a u32 used length, which no frame is).
 pub fn spread(len: usize, caps: &[usize]) -> Option<Vec<u32>> {
     let mut left = len;
     let mut used = Vec::new();
@@ -242,7 +244,7 @@ pub fn spread(len: usize, caps: &[usize]) -> Option<Vec<u32>> {
             break;
         }
         let n = left.min(cap);
-        used.push(n as u32);
+        used.push(u32::try_from(n).ok()?);
         left -= n;
     }
     (left == 0 && !used.is_empty()).then_some(used)

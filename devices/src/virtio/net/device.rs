@@ -25,8 +25,8 @@ use crate::virtio::features::{
 };
 use crate::virtio::persist::same;
 use crate::virtio::{
-    lock, read_config_bytes, ActivateError, DeviceState, GuestMem, Interrupt, PersistError,
-    QueuePosition, VirtioDevice,
+    const_u16, lock, read_config_bytes, ActivateError, DeviceState, GuestMem, Interrupt,
+    PersistError, QueuePosition, VirtioDevice,
 };
 
 /// Size of the part of `struct virtio_net_config` the device fills: `mac[6]`, `status`,
@@ -206,7 +206,7 @@ impl Net {
     fn config_space(&self) -> [u8; CONFIG_LEN] {
         let mut c = [0u8; CONFIG_LEN];
         c[..6].copy_from_slice(&self.mac);
-        c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        c[6..8].copy_from_slice(&const { const_u16(VIRTIO_NET_S_LINK_UP) }.to_le_bytes());
         c[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
         c[10..12].copy_from_slice(&self.mtu.to_le_bytes());
         c
@@ -232,7 +232,7 @@ pub fn random_mac() -> [u8; 6] {
     let mut mac = [0u8; 6];
     // SAFETY: getrandom writes at most `mac.len()` bytes into the valid buffer.
     let n = unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) };
-    if n != mac.len() as isize {
+    if usize::try_from(n) != Ok(mac.len()) {
         // No entropy source: still unique enough per process for a NIC address.
         let seed = std::process::id().to_le_bytes();
         mac[2..6].copy_from_slice(&seed);

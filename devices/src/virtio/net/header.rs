@@ -21,7 +21,12 @@ use virtio_bindings::virtio_net::{
 };
 
 use super::HDR_LEN;
+use crate::virtio::const_u8;
 use crate::virtio::features::bit;
+
+/// The header's flag bits, as its `flags` byte holds them.
+pub const F_NEEDS_CSUM: u8 = const_u8(VIRTIO_NET_HDR_F_NEEDS_CSUM);
+pub const F_DATA_VALID: u8 = const_u8(VIRTIO_NET_HDR_F_DATA_VALID);
 
 /// Offset of `num_buffers` in the header.
 pub const NUM_BUFFERS_OFFSET: usize = 10;
@@ -95,11 +100,11 @@ impl NetHdr {
     /// zeroed: it means nothing on transmit).
     pub fn check_tx(self, acked: u64, frame_len: usize) -> Result<NetHdr, HeaderError> {
         let has = |f: u32| acked & bit(f) != 0;
-        let known = (VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID) as u8;
+        let known = F_NEEDS_CSUM | F_DATA_VALID;
         if self.flags & !known != 0 {
             return Err(HeaderError::Flags(self.flags));
         }
-        let needs_csum = self.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM as u8 != 0;
+        let needs_csum = self.flags & F_NEEDS_CSUM != 0;
         if needs_csum {
             if !has(VIRTIO_NET_F_CSUM) {
                 return Err(HeaderError::CsumNotNegotiated);
@@ -148,8 +153,8 @@ mod tests {
 
     fn tso4(gso_size: u16) -> NetHdr {
         NetHdr {
-            flags: VIRTIO_NET_HDR_F_NEEDS_CSUM as u8,
-            gso_type: VIRTIO_NET_HDR_GSO_TCPV4 as u8,
+            flags: F_NEEDS_CSUM,
+            gso_type: const_u8(VIRTIO_NET_HDR_GSO_TCPV4),
             hdr_len: 54,
             gso_size,
             csum_start: 34,
@@ -174,7 +179,7 @@ mod tests {
         assert_eq!(h, NetHdr::default());
         // DATA_VALID is harmless.
         let dv = NetHdr {
-            flags: VIRTIO_NET_HDR_F_DATA_VALID as u8,
+            flags: F_DATA_VALID,
             ..Default::default()
         };
         assert!(dv.check_tx(0, 60).is_ok());
@@ -183,7 +188,7 @@ mod tests {
     #[test]
     fn offloads_must_have_been_negotiated() {
         let csum = NetHdr {
-            flags: VIRTIO_NET_HDR_F_NEEDS_CSUM as u8,
+            flags: F_NEEDS_CSUM,
             csum_start: 34,
             csum_offset: 6,
             ..Default::default()
@@ -199,7 +204,7 @@ mod tests {
         let ok = tso4(1448).check_tx(CSUM | TSO4, 9000).unwrap();
         assert_eq!(ok.num_buffers, 0, "num_buffers is cleared on transmit");
         let v6 = NetHdr {
-            gso_type: VIRTIO_NET_HDR_GSO_TCPV6 as u8,
+            gso_type: const_u8(VIRTIO_NET_HDR_GSO_TCPV6),
             ..tso4(1448)
         };
         assert_eq!(v6.check_tx(CSUM | TSO4, 9000), Err(HeaderError::Gso(4)));
@@ -216,7 +221,7 @@ mod tests {
         assert_eq!(bad_flags.check_tx(all, 60), Err(HeaderError::Flags(0x80)));
         assert_eq!(tso4(0).check_tx(all, 9000), Err(HeaderError::GsoSize));
         let ecn = NetHdr {
-            gso_type: (VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_ECN) as u8,
+            gso_type: const_u8(VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_ECN),
             ..tso4(1448)
         };
         assert!(matches!(ecn.check_tx(all, 9000), Err(HeaderError::Gso(_))));

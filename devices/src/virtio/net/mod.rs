@@ -90,7 +90,10 @@ pub const DEFAULT_MTU: u16 = 1500;
 /// Smallest MTU (IPv4's minimum).
 pub const MIN_MTU: u16 = 68;
 /// Largest MTU: a frame must fit [`MAX_FRAME_LEN`].
-pub const MAX_MTU: u16 = (MAX_FRAME_LEN - ETH_HLEN - VLAN_HLEN) as u16;
+pub const MAX_MTU: u16 = {
+    use crate::virtio::{const_u16, const_u32};
+    const_u16(const_u32((MAX_FRAME_LEN - ETH_HLEN - VLAN_HLEN) as u64))
+};
 
 /// Frames received per wake-up before yielding to the loop's other subscribers (the tap
 /// stays readable, so the loop comes back).

@@ -143,7 +143,8 @@ pub fn receive(
                 continue;
             }
         };
-        let num_buffers = used.len() as u16;
+        // At most the chains popped, which the queue size (a u16) bounds.
+        let num_buffers = u16::try_from(used.len()).unwrap_or(u16::MAX);
         chains[0].write_at(NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes());
         unpop(queue, chains.len() - used.len());
         for (chain, len) in chains.iter().zip(used) {

@@ -105,19 +105,19 @@ impl IfReqFlags {
     fn new(name: &str, flags: i32) -> Self {
         let mut req = IfReqFlags {
             name: [0; libc::IFNAMSIZ],
-            // The TUN flags all fit 16 bits; ifr_flags is a short.
-            flags: flags as libc::c_short,
+            // ifr_flags is a short; the flags passed here (TAP_FLAGS or none) fit it.
+            flags: libc::c_short::try_from(flags).expect("the TUN flags fit 16 bits"),
             _pad: [0; 22],
         };
         for (dst, &b) in req.name.iter_mut().zip(name.as_bytes()) {
-            *dst = b as libc::c_char;
+            *dst = libc::c_char::from_ne_bytes([b]);
         }
         req
     }
 
     fn name(&self) -> String {
         // The kernel NUL-terminates ifr_name; a name without a NUL reads as empty.
-        let bytes: [u8; libc::IFNAMSIZ] = self.name.map(|c| c as u8);
+        let bytes: [u8; libc::IFNAMSIZ] = self.name.map(|c| c.to_ne_bytes()[0]);
         CStr::from_bytes_until_nul(&bytes)
             .map(|c| c.to_string_lossy().into_owned())
             .unwrap_or_default()
@@ -142,7 +142,7 @@ impl Tap {
             TapSource::Name(name) => Self::open_named(name)?,
             TapSource::Fd(fd) => Self::adopt(fd)?,
         };
-        let size: libc::c_int = HDR_LEN as libc::c_int;
+        let size = libc::c_int::try_from(HDR_LEN).expect("12 bytes");
         // SAFETY: TUNSETVNETHDRSZ reads one int from the valid pointer; fd is a tap.
         if unsafe { libc::ioctl(tap.fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &size) } < 0 {
             return Err(TapError::VnetHdrSize {
@@ -251,7 +251,9 @@ impl Tap {
     }
 
     fn transfer(&self, iovs: &[libc::iovec], write: bool) -> io::Result<usize> {
-        let count = iovs.len() as libc::c_int;
+        // More than an int of iovecs is as invalid as more than IOV_MAX: EINVAL either way.
+        let count = libc::c_int::try_from(iovs.len())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         loop {
             // SAFETY: the caller's iovecs point into live buffers (guest memory kept mapped
             // by the guest memory the caller borrowed them from, or its local arrays) with
@@ -264,8 +266,8 @@ impl Tap {
                     libc::readv(self.fd.as_raw_fd(), iovs.as_ptr(), count)
                 }
             };
-            if n >= 0 {
-                return Ok(n as usize);
+            if let Ok(n) = usize::try_from(n) {
+                return Ok(n);
             }
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {

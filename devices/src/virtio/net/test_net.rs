@@ -99,7 +99,7 @@ fn ifreq_ioctl(req: libc::c_ulong, r: &mut IfReq, what: &str) {
 pub fn link_up(name: &str) {
     let mut r = IfReq::new(name);
     ifreq_ioctl(libc::SIOCGIFFLAGS, &mut r, "SIOCGIFFLAGS");
-    let flags = i16::from_ne_bytes([r.data[0], r.data[1]]) | libc::IFF_UP as i16;
+    let flags = i16::from_ne_bytes([r.data[0], r.data[1]]) | i16::try_from(libc::IFF_UP).unwrap();
     r.data[..2].copy_from_slice(&flags.to_ne_bytes());
     ifreq_ioctl(libc::SIOCSIFFLAGS, &mut r, "SIOCSIFFLAGS");
 }
@@ -108,7 +108,7 @@ pub fn link_up(name: &str) {
 pub fn set_ipv4(name: &str, addr: Ipv4Addr, prefix: u8) {
     let sockaddr = |a: Ipv4Addr| {
         let mut d = [0u8; 24];
-        d[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        d[..2].copy_from_slice(&u16::try_from(libc::AF_INET).unwrap().to_ne_bytes());
         d[4..8].copy_from_slice(&a.octets());
         d
     };
@@ -123,7 +123,7 @@ pub fn set_ipv4(name: &str, addr: Ipv4Addr, prefix: u8) {
 /// Sets interface `name`'s MTU.
 pub fn set_mtu(name: &str, mtu: u32) {
     let mut r = IfReq::new(name);
-    r.data[..4].copy_from_slice(&(mtu as i32).to_ne_bytes());
+    r.data[..4].copy_from_slice(&i32::try_from(mtu).expect("an MTU").to_ne_bytes());
     ifreq_ioctl(libc::SIOCSIFMTU, &mut r, "SIOCSIFMTU");
 }
 
@@ -172,7 +172,7 @@ pub struct PacketSocket {
 impl PacketSocket {
     /// A socket bound to interface `name` for every protocol.
     pub fn bind(name: &str) -> PacketSocket {
-        let proto = (libc::ETH_P_ALL as u16).to_be();
+        let proto = u16::try_from(libc::ETH_P_ALL).unwrap().to_be();
         // SAFETY: plain socket(2); the fd is owned right away.
         let fd = unsafe {
             libc::socket(
@@ -186,7 +186,7 @@ impl PacketSocket {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // SAFETY: sockaddr_ll is plain data; all-zero is valid.
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
         addr.sll_protocol = proto;
         addr.sll_ifindex = ifindex(name);
         // SAFETY: addr is a valid sockaddr_ll of the given size.
@@ -194,7 +194,7 @@ impl PacketSocket {
             libc::bind(
                 fd.as_raw_fd(),
                 (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of_val(&addr) as u32,
+                libc::socklen_t::try_from(std::mem::size_of_val(&addr)).unwrap(),
             )
         };
         assert_eq!(rc, 0, "bind AF_PACKET: {}", io::Error::last_os_error());
@@ -207,7 +207,7 @@ impl PacketSocket {
         let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
         assert_eq!(
             n,
-            frame.len() as isize,
+            isize::try_from(frame.len()).unwrap(),
             "AF_PACKET send: {}",
             io::Error::last_os_error()
         );
@@ -229,12 +229,19 @@ impl PacketSocket {
                 revents: 0,
             };
             // SAFETY: one valid pollfd.
-            if unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) } <= 0 {
+            if unsafe {
+                libc::poll(
+                    &mut pfd,
+                    1,
+                    i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX),
+                )
+            } <= 0
+            {
                 continue;
             }
             // SAFETY: sockaddr_ll is plain data; all-zero is valid.
             let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut len = std::mem::size_of_val(&from) as libc::socklen_t;
+            let mut len = libc::socklen_t::try_from(std::mem::size_of_val(&from)).unwrap();
             // SAFETY: buffer and address are valid for the sizes given.
             let n = unsafe {
                 libc::recvfrom(
@@ -249,7 +256,7 @@ impl PacketSocket {
             if n < 14 || from.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
-            let frame = &buf[..n as usize];
+            let frame = &buf[..usize::try_from(n).unwrap()];
             if u16::from_be_bytes([frame[12], frame[13]]) == ethertype {
                 return Some(frame.to_vec());
             }

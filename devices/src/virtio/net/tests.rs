@@ -14,18 +14,18 @@ use std::time::Duration;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
-    VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_F_STATUS,
 };
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::GuestAddress;
 
-use super::header::NetHdr;
+use super::header::{NetHdr, F_NEEDS_CSUM};
 use super::test_net::*;
 use super::*;
 use crate::virtio::features::{bit, VIRTIO_F_VERSION_1};
 use crate::virtio::mmio::regs;
 use crate::virtio::status::DEVICE_NEEDS_RESET;
-use crate::virtio::test_utils::MmioDriver;
+use crate::virtio::test_utils::{len32, MmioDriver, DESC_NEXT};
 use crate::virtio::{lock, DeviceState, PersistError};
 
 const TAP: &str = "pvt0";
@@ -97,7 +97,7 @@ impl Guest {
             .map(|(data, writable)| {
                 let addr = self.drv.alloc(data.len() as u64);
                 self.drv.write_mem(addr, data);
-                (addr, data.len() as u32, *writable)
+                (addr, len32(data.len()), *writable)
             })
             .collect();
         let head = self.drv.submit(TXQ, &bufs);
@@ -123,7 +123,7 @@ impl Guest {
             let head = self.drv.queues[RXQ].add_chain(&self.drv.mem, &[(addr, size, true)]);
             self.rx_posted.push_back((head, addr, size));
         }
-        self.drv.kick(RXQ as u32);
+        self.drv.kick_queue(RXQ);
     }
 
     /// Waits for the next received frame: its header and the bytes after it, and the used
@@ -168,7 +168,7 @@ impl Guest {
 
 fn frame(len: usize, seed: u8) -> Vec<u8> {
     let payload: Vec<u8> = (0..len - 14)
-        .map(|i| (i as u8).wrapping_mul(7) ^ seed)
+        .map(|i| i.to_le_bytes()[0].wrapping_mul(7) ^ seed)
         .collect();
     ether_frame(MAC, ETHERTYPE, &payload)
 }
@@ -205,7 +205,7 @@ fn frames_go_both_ways_through_a_real_tap() {
         let (hdr, data, lens) = g.receive();
         assert_eq!(hdr.num_buffers, 1);
         assert_eq!(data, back);
-        assert_eq!(lens, vec![(HDR_LEN + back.len()) as u32]);
+        assert_eq!(lens, vec![len32(HDR_LEN + back.len())]);
         let s = g.stats();
         assert_eq!(
             (s.tx_frames, s.rx_frames, s.tx_dropped, s.rx_dropped),
@@ -225,7 +225,7 @@ fn a_large_frame_spans_mergeable_buffers() {
         g.host.send(&big);
         let (hdr, data, lens) = g.receive();
         assert_eq!(hdr.num_buffers, 3);
-        assert_eq!(lens, vec![1024, 1024, (HDR_LEN + 3000 - 2048) as u32]);
+        assert_eq!(lens, vec![1024, 1024, len32(HDR_LEN + 3000 - 2048)]);
         assert_eq!(data, big);
         // The chains it did not need were put back: the next frame takes the 4th.
         let small = frame(100, 4);
@@ -284,7 +284,7 @@ fn without_receive_buffers_the_tap_is_left_alone_until_a_kick() {
 fn udp_needing_csum(dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, data: &[u8]) -> Vec<u8> {
     let udp_len = 8 + data.len();
     let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
-    ip[2..4].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+    ip[2..4].copy_from_slice(&u16::try_from(20 + udp_len).unwrap().to_be_bytes());
     ip.extend_from_slice(&src.octets());
     ip.extend_from_slice(&dst.octets());
     let sum = |words: &[u8], init: u32| {
@@ -295,7 +295,7 @@ fn udp_needing_csum(dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, data: &[u8])
         while s > 0xffff {
             s = (s & 0xffff) + (s >> 16);
         }
-        s as u16
+        u16::try_from(s).unwrap()
     };
     let ip_csum = !sum(&ip, 0);
     ip[10..12].copy_from_slice(&ip_csum.to_be_bytes());
@@ -303,7 +303,7 @@ fn udp_needing_csum(dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, data: &[u8])
     pseudo.extend_from_slice(&src.octets());
     pseudo.extend_from_slice(&dst.octets());
     pseudo.extend_from_slice(&[0, 17]);
-    pseudo.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    pseudo.extend_from_slice(&u16::try_from(udp_len).unwrap().to_be_bytes());
     let partial = sum(&pseudo, 0);
     let mut f = dst_mac.to_vec();
     f.extend_from_slice(&MAC);
@@ -311,7 +311,7 @@ fn udp_needing_csum(dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, data: &[u8])
     f.extend_from_slice(&ip);
     f.extend_from_slice(&40000u16.to_be_bytes());
     f.extend_from_slice(&9999u16.to_be_bytes());
-    f.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    f.extend_from_slice(&u16::try_from(udp_len).unwrap().to_be_bytes());
     f.extend_from_slice(&partial.to_be_bytes());
     f.extend_from_slice(data);
     f
@@ -339,7 +339,7 @@ fn offloads_follow_the_negotiated_features() {
         let sock = UdpSocket::bind((host_ip, 9999)).unwrap();
         sock.set_read_timeout(Some(WAIT)).unwrap();
         let hdr = NetHdr {
-            flags: VIRTIO_NET_HDR_F_NEEDS_CSUM as u8,
+            flags: F_NEEDS_CSUM,
             csum_start: 34,
             csum_offset: 6,
             ..Default::default()
@@ -393,7 +393,7 @@ fn hostile_transmit_chains_are_dropped() {
         // GSO the guest did not negotiate (TSO4), and one never offered (UFO).
         for gso_type in [1u8, 3] {
             let tso = NetHdr {
-                flags: VIRTIO_NET_HDR_F_NEEDS_CSUM as u8,
+                flags: F_NEEDS_CSUM,
                 gso_type,
                 gso_size: 1000,
                 csum_start: 34,
@@ -410,7 +410,7 @@ fn hostile_transmit_chains_are_dropped() {
         // A descriptor loop: 100 → 101 → 100 ...
         let buf = g.drv.alloc(64);
         g.drv.write_mem(buf, &hdr);
-        let next = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+        let next = DESC_NEXT;
         g.drv.queues[TXQ].store_raw(
             &g.drv.mem,
             100,
@@ -420,12 +420,12 @@ fn hostile_transmit_chains_are_dropped() {
             ],
         );
         g.drv.queues[TXQ].make_available(&g.drv.mem, 100);
-        g.drv.kick(TXQ as u32);
+        g.drv.kick_queue(TXQ);
         assert_eq!(g.drv.wait_used(TXQ, 1, WAIT), vec![(100, 0)]);
         // A link past the end of the table.
         g.drv.queues[TXQ].store_raw(&g.drv.mem, 110, &[Descriptor::new(buf.0, 32, next, 999)]);
         g.drv.queues[TXQ].make_available(&g.drv.mem, 110);
-        g.drv.kick(TXQ as u32);
+        g.drv.kick_queue(TXQ);
         assert_eq!(g.drv.wait_used(TXQ, 1, WAIT), vec![(110, 0)]);
 
         assert_eq!(g.stats().tx_dropped, 9);
@@ -460,10 +460,7 @@ fn hostile_receive_chains_are_returned_empty() {
         let expected: Vec<_> = bad_heads.iter().map(|&h| (u32::from(h), 0)).collect();
         assert_eq!(used[..3], expected[..], "bad chains come back empty, first");
         let (head, addr, _) = g.rx_posted[0];
-        assert_eq!(
-            used[3..],
-            [(u32::from(head), (HDR_LEN + data.len()) as u32)]
-        );
+        assert_eq!(used[3..], [(u32::from(head), len32(HDR_LEN + data.len()))]);
         let got = g.drv.read_mem(addr, HDR_LEN + data.len());
         assert_eq!(got[HDR_LEN..], data[..]);
         assert!(!g.needs_reset());
@@ -476,7 +473,7 @@ fn a_broken_available_ring_needs_a_reset() {
         let mut g = guest(None, u64::MAX);
         // avail.idx claims more chains than the queue has.
         g.drv.queues[TXQ].set_avail_idx(&g.drv.mem, QSIZE + 5);
-        g.drv.kick(TXQ as u32);
+        g.drv.kick_queue(TXQ);
         g.drv.settle(TXQ, QUIET);
         assert!(g.needs_reset());
         // The driver resets and starts over.

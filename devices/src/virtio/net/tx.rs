@@ -67,7 +67,7 @@ pub fn transmit(
             .disable_notification(mem)
             .map_err(|e| format!("tx queue: cannot update the used ring flags: {e}"))?;
         loop {
-            if count.used as usize >= budget {
+            if count.used >= budget as u64 {
                 return Ok((TxEnd::Budget, count));
             }
             let chain = pop_chain(queue, mem, "tx")?;

@@ -353,8 +353,7 @@ impl Connection {
                         return self.emit_shutdown();
                     }
                     Ok(n) => {
-                        // n <= max <= MAX_PKT_DATA: fits u32.
-                        let n = n as u32;
+                        let n = u32::try_from(n).expect("n <= max <= MAX_PKT_DATA");
                         self.rx_cnt += Wrapping(n);
                         if self.peer_credit() == 0 && !self.credit_requested {
                             self.credit_request_due = true;
@@ -518,8 +517,7 @@ impl Connection {
 
     /// `n` more guest bytes reached the host socket.
     fn forwarded(&mut self, n: usize) {
-        // n <= CONN_BUF_ALLOC: fits u32.
-        self.fwd_cnt += Wrapping(n as u32);
+        self.fwd_cnt += Wrapping(u32::try_from(n).expect("n <= CONN_BUF_ALLOC"));
         if (self.fwd_cnt - self.fwd_cnt_told).0 >= CREDIT_UPDATE_THRESHOLD {
             self.credit_update_due = true;
         }
@@ -709,7 +707,7 @@ mod tests {
         let mut big = vec![1u8; CONN_BUF_ALLOC as usize + 1];
         let slice = VolatileSlice::from(big.as_mut_slice());
         let mut h = guest_hdr(op::RW, 4096, 0);
-        h.len = slice.len() as u32;
+        h.len = u32::try_from(slice.len()).unwrap();
         assert_eq!(c.on_guest_pkt(&h, Some(&slice)), Verdict::Reset);
     }
 
@@ -719,7 +717,7 @@ mod tests {
         let mut chunk = vec![5u8; 64 << 10];
         let slice = VolatileSlice::from(chunk.as_mut_slice());
         let mut h = guest_hdr(op::RW, 4096, 0);
-        h.len = slice.len() as u32;
+        h.len = u32::try_from(slice.len()).unwrap();
         // The socket pair's buffer fills; the rest waits in the TX buffer, bounded by the
         // credit we gave.
         let mut sent = 0usize;
@@ -733,7 +731,7 @@ mod tests {
         let buffered = c.tx_buf.len();
         assert!(buffered > 0);
         assert_eq!(
-            (Wrapping(sent as u32) - c.fwd_cnt).0 as usize,
+            (Wrapping(u32::try_from(sent).unwrap()) - c.fwd_cnt).0 as usize,
             buffered,
             "fwd_cnt counts only what the host socket took"
         );

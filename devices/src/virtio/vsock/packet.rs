@@ -12,6 +12,8 @@ use vm_memory::bitmap::BitmapSlice;
 
 /// Size of `struct virtio_vsock_hdr`.
 pub const HEADER_LEN: usize = PKT_HEADER_SIZE;
+/// The same, in a used length.
+pub const HEADER_LEN_U32: u32 = crate::virtio::const_u32(HEADER_LEN as u64);
 
 /// The host's CID: guest connections to it go to the host side of this device.
 pub const HOST_CID: u64 = 2;

@@ -36,7 +36,7 @@ use vm_memory::Bytes;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::muxer::{FdRegistry, Muxer};
-use super::packet::{Header, HEADER_LEN};
+use super::packet::{Header, HEADER_LEN, HEADER_LEN_U32};
 use super::{EVQ, MAX_PKT_DATA, RXQ, TXQ};
 use crate::virtio::common::{impl_subscriber, ActiveQueues, HandlerCore, QueueHandler};
 use crate::virtio::GuestMem;
@@ -318,7 +318,7 @@ fn process_rx(a: &mut Active, muxer: &mut Muxer) -> bool {
             break;
         };
         let len = match pkt.set_header_from_raw(&hdr.to_bytes()) {
-            Ok(()) => HEADER_LEN as u32 + hdr.len,
+            Ok(()) => HEADER_LEN_U32 + hdr.len,
             Err(e) => {
                 warn!("virtio-vsock: cannot write a packet header into rx chain {head}: {e}");
                 0

@@ -14,12 +14,12 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, GuestAddress};
 use vmm_sys_util::tempdir::TempDir;
 
-use super::packet::{op, shutdown, Header, HEADER_LEN, HOST_CID, TYPE_STREAM};
+use super::packet::{op, shutdown, Header, HEADER_LEN, HEADER_LEN_U32, HOST_CID, TYPE_STREAM};
 use super::*;
 use crate::virtio::features::{bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::virtio::mmio::regs;
 use crate::virtio::status::DEVICE_NEEDS_RESET;
-use crate::virtio::test_utils::{Buf, MmioDriver};
+use crate::virtio::test_utils::{len32, Buf, MmioDriver};
 use crate::virtio::{lock, DeviceState, MmioPersist};
 
 const CID: u64 = 3;
@@ -177,13 +177,13 @@ impl Guest {
             return;
         }
         for (h, d) in std::mem::take(&mut self.rx_free) {
-            let two = [(h, HEADER_LEN as u32, true), (d, RX_DATA, true)];
-            let one = [(h, HEADER_LEN as u32 + SINGLE_RX_DATA, true)];
+            let two = [(h, HEADER_LEN_U32, true), (d, RX_DATA, true)];
+            let one = [(h, HEADER_LEN_U32 + SINGLE_RX_DATA, true)];
             let bufs: &[Buf] = if self.single_rx_desc { &one } else { &two };
             let head = self.drv.queues[RXQ].add_chain(&self.drv.mem, bufs);
             self.rx_posted.insert(head, (h, d));
         }
-        self.drv.kick(RXQ as u32);
+        self.drv.kick_queue(RXQ);
     }
 
     /// A header from guest port `gport` to host port `hport` with the flow's credit.
@@ -214,10 +214,10 @@ impl Guest {
     /// Sends `hdr` (its `len` as given) with `data` in a second descriptor.
     fn send(&mut self, hdr: Header, data: &[u8]) {
         self.drv.write_mem(self.tx_hdr, &hdr.to_bytes());
-        let mut bufs = vec![(self.tx_hdr, HEADER_LEN as u32, false)];
+        let mut bufs = vec![(self.tx_hdr, HEADER_LEN_U32, false)];
         if !data.is_empty() {
             self.drv.write_mem(self.tx_data, data);
-            bufs.push((self.tx_data, data.len() as u32, false));
+            bufs.push((self.tx_data, len32(data.len()), false));
         }
         let (_, len) = self.send_chain(&bufs);
         assert_eq!(len, 0, "tx chains come back with used length 0");
@@ -241,10 +241,10 @@ impl Guest {
     /// One RW packet.
     fn send_data(&mut self, gport: u32, hport: u32, data: &[u8]) {
         let mut h = self.hdr(op::RW, gport, hport);
-        h.len = data.len() as u32;
+        h.len = len32(data.len());
         self.send(h, data);
         let f = self.flow(gport);
-        f.tx_cnt = f.tx_cnt.wrapping_add(data.len() as u32);
+        f.tx_cnt = f.tx_cnt.wrapping_add(len32(data.len()));
         f.fwd_cnt_told = h.fwd_cnt;
     }
 
@@ -254,7 +254,7 @@ impl Guest {
         for (id, len) in self.drv.queues[RXQ].take_used(&self.drv.mem) {
             let (h, d) = self
                 .rx_posted
-                .remove(&(id as u16))
+                .remove(&u16::try_from(id).unwrap())
                 .expect("used id of a posted buffer");
             self.rx_free.push((h, d));
             assert!(len as usize >= HEADER_LEN, "rx used length {len}");
@@ -336,7 +336,7 @@ impl Guest {
             match p.hdr.op {
                 op::RW => {
                     out.extend_from_slice(&p.data);
-                    self.consume(gport, p.data.len() as u32);
+                    self.consume(gport, len32(p.data.len()));
                     let f = *self.flow(gport);
                     if f.fwd_cnt.wrapping_sub(f.fwd_cnt_told) >= 32 << 10 {
                         self.send_op(op::CREDIT_UPDATE, gport, hport);
@@ -514,9 +514,9 @@ impl Guest {
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| {
-            (i as u8)
+            i.to_le_bytes()[0]
                 .wrapping_mul(13)
-                .wrapping_add(seed ^ (i >> 12) as u8)
+                .wrapping_add(seed ^ (i >> 12).to_le_bytes()[0])
         })
         .collect()
 }
@@ -691,7 +691,7 @@ fn requests_wait_for_the_driver() {
     drv.activate(bit(VIRTIO_F_VERSION_1), 16);
     let h = drv.alloc(64);
     let d = drv.alloc(4096);
-    drv.submit(RXQ, &[(h, HEADER_LEN as u32, true), (d, 4096, true)]);
+    drv.submit(RXQ, &[(h, HEADER_LEN_U32, true), (d, 4096, true)]);
     let used = drv.wait_used(RXQ, 1, WAIT);
     assert_eq!(used[0].1 as usize, HEADER_LEN);
     let hdr = Header::from_bytes(&drv.read_mem(h, HEADER_LEN)).unwrap();
@@ -790,7 +790,7 @@ fn one_mib_each_way_in_chunks() {
                 op::RW => {
                     assert!(p.data.len() <= RX_DATA as usize);
                     received.extend_from_slice(&p.data);
-                    g.consume(40_003, p.data.len() as u32);
+                    g.consume(40_003, len32(p.data.len()));
                 }
                 op::CREDIT_REQUEST | op::CREDIT_UPDATE => {}
                 _ => panic!("unexpected {}", p.hdr),
@@ -913,7 +913,7 @@ fn a_stalled_stream_does_not_block_the_others() {
             let p = g.inbox.remove(i).unwrap();
             if p.hdr.op == op::RW {
                 up_got.extend_from_slice(&p.data);
-                g.consume(200, p.data.len() as u32);
+                g.consume(200, len32(p.data.len()));
                 g.send_op(op::CREDIT_UPDATE, 200, hb);
             }
         }
@@ -1013,17 +1013,11 @@ fn stalled_and_hung_up_streams_do_not_spin_the_event_loop() {
 
 #[test]
 fn indirect_descriptors_both_ways() {
-    use virtio_bindings::virtio_ring::{
-        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
-    };
+    use crate::virtio::test_utils::{DESC_INDIRECT, DESC_NEXT, DESC_WRITE};
     let features =
         bit(VIRTIO_F_VERSION_1) | bit(crate::virtio::features::VIRTIO_RING_F_INDIRECT_DESC);
     let mut g = Guest::build(Timeouts::default(), features, 0);
-    let (n, w, ind) = (
-        VRING_DESC_F_NEXT as u16,
-        VRING_DESC_F_WRITE as u16,
-        VRING_DESC_F_INDIRECT as u16,
-    );
+    let (n, w, ind) = (DESC_NEXT, DESC_WRITE, DESC_INDIRECT);
     // Writes a descriptor table and puts one INDIRECT descriptor for it on queue `q`.
     let submit_indirect = |g: &mut Guest, q: usize, descs: &[Descriptor]| {
         let table = g.drv.alloc(16 * descs.len() as u64);
@@ -1037,9 +1031,9 @@ fn indirect_descriptors_both_ways() {
         g.drv.queues[q].store_raw(
             &g.drv.mem,
             head,
-            &[Descriptor::new(table.0, 16 * descs.len() as u32, ind, 0)],
+            &[Descriptor::new(table.0, 16 * len32(descs.len()), ind, 0)],
         );
-        g.drv.kick(q as u32);
+        g.drv.kick_queue(q);
     };
     // An RX buffer as Linux posts it with INDIRECT_DESC: header + data in a table.
     let (rh, rd) = (g.drv.alloc(64), g.drv.alloc(4096));
@@ -1101,7 +1095,7 @@ fn many_concurrent_streams() {
     for (i, (_, hport)) in streams.iter().enumerate() {
         let msg = format!("ping {i}");
         assert_eq!(
-            g.read_stream(2000 + i as u32, *hport, msg.len()),
+            g.read_stream(2000 + len32(i), *hport, msg.len()),
             msg.as_bytes()
         );
     }
@@ -1304,9 +1298,9 @@ fn hostile_malformed_tx_chains_are_dropped() {
     g.drv.write_mem(hdr_addr, &h.to_bytes());
     assert_eq!(g.send_chain(&[(hdr_addr, 20, false)]).1, 0);
     // Device-writable header.
-    g.send_chain(&[(hdr_addr, HEADER_LEN as u32, true)]);
+    g.send_chain(&[(hdr_addr, HEADER_LEN_U32, true)]);
     // Header outside guest memory.
-    g.send_chain(&[(GuestAddress(MEM as u64 + 0x1000), HEADER_LEN as u32, false)]);
+    g.send_chain(&[(GuestAddress(MEM as u64 + 0x1000), HEADER_LEN_U32, false)]);
     g.expect_quiet(71);
     // A payload bigger than the packet size limit: the header is readable, so the stream
     // it names hears RST.
@@ -1353,7 +1347,7 @@ fn hostile_malformed_tx_chains_are_dropped() {
     let mut one = h.to_bytes().to_vec();
     one.extend_from_slice(b"hello");
     g.drv.write_mem(data_addr, &one);
-    g.send_chain(&[(data_addr, one.len() as u32, false)]);
+    g.send_chain(&[(data_addr, len32(one.len()), false)]);
     assert_eq!(g.host_read(&mut s, 5), b"hello");
 
     // A chain whose descriptors loop: only what a packet needs is read, and the chain
@@ -1370,7 +1364,7 @@ fn hostile_malformed_tx_chains_are_dropped() {
             Descriptor::new(hdr_addr.0, 44, 1, head),
         ],
     );
-    g.drv.kick(TXQ as u32);
+    g.drv.kick_queue(TXQ);
     g.drv.wait_used(TXQ, 1, WAIT);
     g.send_data(74, hport, b" again");
     assert_eq!(g.host_read(&mut s, 6), b" again");
@@ -1415,7 +1409,7 @@ fn hostile_lying_available_index_needs_reset() {
     let mut g = Guest::new();
     let q = g.drv.queues[TXQ].clone();
     q.set_avail_idx(&g.drv.mem, QSIZE + 5);
-    g.drv.kick(TXQ as u32);
+    g.drv.kick_queue(TXQ);
     g.until("needs reset", |g| g.needs_reset());
     assert_ne!(g.drv.status() & DEVICE_NEEDS_RESET, 0);
 }

@@ -171,9 +171,9 @@ pub fn connect(path: &Path) -> io::Result<UnixStream> {
     }
     // SAFETY: sockaddr_un is plain data; all zeroes is a valid (empty) address.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).expect("AF_UNIX is 1");
     for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = src as libc::c_char;
+        *dst = libc::c_char::from_ne_bytes([src]);
     }
     // SAFETY: plain system call with constant arguments; the result is checked.
     let fd = unsafe {
@@ -196,7 +196,7 @@ pub fn connect(path: &Path) -> io::Result<UnixStream> {
         libc::connect(
             fd.as_raw_fd(),
             std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
-            len as libc::socklen_t,
+            libc::socklen_t::try_from(len).expect("at most size_of::<sockaddr_un>()"),
         )
     };
     if rc < 0 {
@@ -213,8 +213,8 @@ const SEND_FLAGS: libc::c_int = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
 fn retry_eintr(mut call: impl FnMut() -> isize) -> io::Result<usize> {
     loop {
         let n = call();
-        if n >= 0 {
-            return Ok(n as usize);
+        if let Ok(n) = usize::try_from(n) {
+            return Ok(n);
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {
