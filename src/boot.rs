@@ -247,7 +247,8 @@ pub fn run(args: BootArgs, process_start: Instant) -> Result<u8, Box<dyn std::er
             podvisor_bench::TimingsRecord::new(&report.timings, &report.reason.to_string(), code);
         std::fs::write(path, serde_json::to_string(&record)?)?;
     }
-    Ok(code as u8)
+    // Exit codes are 0, 1 or 3 (`ExitReason::exit_code`).
+    Ok(u8::try_from(code).unwrap_or(u8::MAX))
 }
 
 /// `--snapshot`: waits `after` seconds, pauses, saves, stops. Exit status 0 once saved.

@@ -1,9 +1,3 @@
-// TODO(cast lints): being converted
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss
-)]
 //! `podvisor`: the command-line tool.
 //!
 //! * `podvisor boot`: boot a kernel + initrd with podvisor's VMM, stream the console, exit

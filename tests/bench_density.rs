@@ -1,9 +1,3 @@
-// TODO(cast lints): being converted
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss
-)]
 //! `podvisor bench density` end to end against runc (fast: no guest), through Debian's
 //! containerd: the JSON report holds the pods with real figures, and teardown leaves no
 //! containers, tasks, shims, containerd or temp dirs behind — after a normal run, after
@@ -195,8 +189,7 @@ fn density_ctrl_c_tears_everything_down() {
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: a signal to the child this test started.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    podvisor_test_kit::processes::kill(child.id(), libc::SIGINT);
     let out = child.wait_with_output().unwrap();
     let text = output_text(&out);
     assert_eq!(out.status.code(), Some(130), "{text}");

@@ -1,9 +1,3 @@
-// TODO(cast lints): being converted
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss
-)]
 //! Guest tier of the agent: one boot of the real guest kernel whose PID 1 is the
 //! agent (`out/agent-test.cpio`, nothing else in it), reached from the host through the
 //! hybrid vsock with the generated ttrpc client, exactly as the shim will. The container's
@@ -56,7 +50,7 @@ const SHARE_TAG: &str = "rootfs";
 const SHARED_IN_GUEST: &str = "/run/podvisor/shared";
 
 fn ctx() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(RPC_TIMEOUT.as_nanos() as i64)
+    ttrpc::context::with_timeout(i64::try_from(RPC_TIMEOUT.as_nanos()).unwrap())
 }
 
 /// A minimal OCI spec running `args` in the given namespaces, read-only rootfs.
@@ -400,7 +394,7 @@ fn guest_agent_runs_a_container() {
     drop(stdin);
     let event = client
         .get_oom_event(
-            ttrpc::context::with_timeout(OOM_TIMEOUT.as_nanos() as i64),
+            ttrpc::context::with_timeout(i64::try_from(OOM_TIMEOUT.as_nanos()).unwrap()),
             &GetOOMEventRequest::new(),
         )
         .unwrap();

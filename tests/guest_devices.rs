@@ -1,9 +1,3 @@
-// TODO(cast lints): being converted
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss
-)]
 //! Guest tier for the virtio devices: one boot of the real guest kernel whose init runs
 //! `pvtest devices` (rootfs/guest-test) against a virtio-blk disk, a virtio-fs share, the
 //! hybrid vsock and a virtio-net NIC, while this test plays the host side and checks the
@@ -80,7 +74,7 @@ fn run_devices_guest(guest: GuestArtifacts, initrd: PathBuf, net: bool) {
     std::fs::create_dir_all(dir.join("share")).unwrap();
 
     // Disk: a pattern in the first MiB, whose hash the guest reports.
-    let pattern: Vec<u8> = (0..MARKER_OFFSET as u32)
+    let pattern: Vec<u8> = (0..u32::try_from(MARKER_OFFSET).unwrap())
         .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
         .collect();
     let disk = dir.join("disk.img");
@@ -281,7 +275,7 @@ fn connect_and_echo(uds: &std::path::Path) -> usize {
 }
 
 fn net_payload() -> Vec<u8> {
-    (0..NET_BYTES as u32)
+    (0..u32::try_from(NET_BYTES).unwrap())
         .map(|i| (i % 249) as u8 ^ 0x5a)
         .collect()
 }

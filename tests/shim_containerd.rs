@@ -1,9 +1,3 @@
-// TODO(cast lints): being converted
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss
-)]
 //! Guest tier of the shim with real containerd and `ctr`: a private containerd
 //! (Debian's `/usr/bin/containerd`, root/state/sockets in a temp dir, CRI plugin off) finds
 //! `containerd-shim-podvisor-v2` on its PATH; a busybox OCI image built here is imported
@@ -572,8 +566,7 @@ fn shim_containerd_pod() {
 
     // The shim dies under a running container (SIGKILL): containerd reports the task gone,
     // `ctr task rm` runs `shim delete`, which unmounts and removes the pod's state.
-    // SAFETY: plain kill(2) of the pod's shim.
-    unsafe { libc::kill(shim as i32, libc::SIGKILL) };
+    podvisor_test_kit::processes::kill(shim, libc::SIGKILL);
     wait_until("c1 to be reported stopped", CTR_TIMEOUT, || {
         task_status(c, "c1").as_deref() != Some("RUNNING")
     });

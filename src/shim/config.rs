@@ -614,7 +614,8 @@ impl ShimConfig {
             };
             match key.as_str() {
                 ANNOTATION_VCPUS => {
-                    config.vcpus = number(self.max_vcpus as u64, 1)? as usize;
+                    let max = u64::try_from(self.max_vcpus).unwrap_or(u64::MAX);
+                    config.vcpus = usize::try_from(number(max, 1)?).unwrap_or(self.max_vcpus);
                     config.annotated = true;
                 }
                 ANNOTATION_MEMORY_MIB => {

@@ -1,9 +1,3 @@
-// TODO(cast lints): being converted
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss
-)]
 //! The containerd shim (task API v2, `containerd-shim` 0.11): the `start`/`delete` command
 //! contract ([`PodvisorShim`]) and the task service that runs the pod's containers in a VM
 //! hosted by this process. Three layers, each over the next one's narrow interface:
@@ -246,14 +240,14 @@ pub fn now() -> Timestamp {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    timestamp_ns(d.as_nanos() as i64)
+    timestamp_ns(i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
 /// A protobuf timestamp from Unix nanoseconds.
 pub fn timestamp_ns(ns: i64) -> Timestamp {
     let mut ts = Timestamp::new();
     ts.seconds = ns.div_euclid(1_000_000_000);
-    ts.nanos = ns.rem_euclid(1_000_000_000) as i32;
+    ts.nanos = i32::try_from(ns.rem_euclid(1_000_000_000)).expect("below 10^9");
     ts
 }
 

@@ -37,7 +37,8 @@ fn peer_pid(stream: &UnixStream) -> Option<i32> {
         uid: 0,
         gid: 0,
     };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>())
+        .expect("a ucred is a few bytes");
     // SAFETY: getsockopt writes at most `len` bytes into `cred`, a live ucred of that size.
     let rc = unsafe {
         libc::getsockopt(

@@ -184,8 +184,8 @@ fn start_logger(
                     return Err(io::Error::last_os_error());
                 }
             }
-            for (i, h) in high.iter().enumerate() {
-                if libc::dup2(*h, 3 + i as libc::c_int) < 0 {
+            for (target, h) in (3..).zip(high) {
+                if libc::dup2(h, target) < 0 {
                     return Err(io::Error::last_os_error());
                 }
             }

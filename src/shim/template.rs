@@ -45,7 +45,8 @@ const KEY_FORMAT: u32 = 1;
 /// The MAC of a template VM's NIC `index` (a clone keeps it in config space; its agent gives
 /// the interface the pod's).
 fn template_mac(index: usize) -> [u8; 6] {
-    [0x02, 0x70, 0x76, 0, 0, index as u8]
+    let [lo, hi, ..] = index.to_le_bytes();
+    [0x02, 0x70, 0x76, 0, hi, lo]
 }
 
 /// The template's shape for a pod of shape `pod`: the same, but for the NICs' MACs, which
@@ -417,7 +418,7 @@ pub fn entropy() -> std::io::Result<Vec<u8>> {
         // SAFETY: getrandom writes at most rest.len() bytes into rest.
         let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
         match n {
-            n if n > 0 => filled += n as usize,
+            n if n > 0 => filled += n.cast_unsigned(),
             0 => return Err(std::io::Error::other("getrandom returned no bytes")),
             _ => {
                 let e = std::io::Error::last_os_error();

@@ -43,7 +43,7 @@ pub struct TtrpcAgent {
 }
 
 fn ctx(timeout: Duration) -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(timeout.as_nanos().min(i64::MAX as u128) as i64)
+    ttrpc::context::with_timeout(i64::try_from(timeout.as_nanos()).unwrap_or(i64::MAX))
 }
 
 fn container(id: &str) -> ContainerRequest {
@@ -289,7 +289,8 @@ impl Agent for TtrpcAgent {
                 .wait_process(ttrpc::context::Context::default(), &process(id, exec_id)),
         )
         .map(|r| GuestExit {
-            status: r.exit_status as u32,
+            // The agent's i32 carries a wait status's u32 (e.g. 128 + signal) bit for bit.
+            status: r.exit_status.cast_unsigned(),
             at_ns: r.exited_at_ns,
         })
     }

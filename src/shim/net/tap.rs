@@ -47,15 +47,16 @@ pub fn create(name: &str) -> io::Result<OwnedFd> {
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
-        *dst = src as libc::c_char;
+        *dst = libc::c_char::from_ne_bytes([src]);
     }
     req.ifr_ifru.ifru_flags =
-        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        libc::c_short::try_from(libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR)
+            .expect("the TUN flags fit a short");
     // SAFETY: TUNSETIFF reads and writes `req`, valid for the call.
     if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    let hdr_len = VNET_HDR_LEN as libc::c_int;
+    let hdr_len = libc::c_int::try_from(VNET_HDR_LEN).expect("a virtio-net header is 12 bytes");
     // SAFETY: TUNSETVNETHDRSZ reads one int, valid for the call.
     if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) } < 0 {
         return Err(io::Error::last_os_error());

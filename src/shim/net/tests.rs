@@ -24,7 +24,7 @@ fn link(index: u32, name: &str, kind: Option<&str>) -> Link {
     Link {
         index,
         name: name.into(),
-        mac: Some(mac(index as u8)),
+        mac: Some(mac(u8::try_from(index).unwrap())),
         mtu: 1450,
         up: true,
         loopback: name == "lo",
@@ -180,7 +180,8 @@ fn checksum(mut sum: u32, data: &[u8]) -> u16 {
     while sum >> 16 != 0 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    !(sum as u16)
+    // The loop above folded the carries: the sum fits 16 bits.
+    !u16::try_from(sum).unwrap()
 }
 
 /// virtio-net header (zeroed) + Ethernet + IPv4 + UDP with correct checksums.
@@ -192,23 +193,24 @@ fn udp_frame(
     payload: &[u8],
 ) -> Vec<u8> {
     let udp_len = 8 + payload.len();
+    let udp_len16 = u16::try_from(udp_len).unwrap();
     let mut udp = Vec::with_capacity(udp_len);
     udp.extend(src.1.to_be_bytes());
     udp.extend(dst.1.to_be_bytes());
-    udp.extend((udp_len as u16).to_be_bytes());
+    udp.extend(udp_len16.to_be_bytes());
     udp.extend([0, 0]);
     udp.extend(payload);
     let mut pseudo = Vec::new();
     pseudo.extend(src.0.octets());
     pseudo.extend(dst.0.octets());
     pseudo.extend([0, 17]);
-    pseudo.extend((udp_len as u16).to_be_bytes());
+    pseudo.extend(udp_len16.to_be_bytes());
     pseudo.extend(&udp);
     let sum = checksum(0, &pseudo);
     udp[6..8].copy_from_slice(&(if sum == 0 { 0xffff } else { sum }).to_be_bytes());
 
     let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 17, 0, 0];
-    ip[2..4].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+    ip[2..4].copy_from_slice(&(20 + udp_len16).to_be_bytes());
     ip.extend(src.0.octets());
     ip.extend(dst.0.octets());
     let sum = checksum(0, &ip);
@@ -253,15 +255,19 @@ fn read_tap_until<T>(tap: &OwnedFd, mut want: impl FnMut(&[u8]) -> Option<T>) ->
             events: libc::POLLIN,
             revents: 0,
         };
+        let timeout_ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
         // SAFETY: one valid pollfd for the call.
-        unsafe { libc::poll(&mut pfd, 1, left.as_millis() as i32) };
+        unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
         // SAFETY: buf is valid for its length.
         let n = unsafe { libc::read(tap.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= tap::VNET_HDR_LEN as isize {
+        let Ok(n) = usize::try_from(n) else {
+            continue;
+        };
+        if n <= tap::VNET_HDR_LEN {
             continue;
         }
         seen += 1;
-        if let Some(v) = want(&buf[tap::VNET_HDR_LEN..n as usize]) {
+        if let Some(v) = want(&buf[tap::VNET_HDR_LEN..n]) {
             return v;
         }
     }
@@ -271,8 +277,8 @@ fn write_tap(tap: &OwnedFd, frame: &[u8]) {
     // SAFETY: frame is valid for its length.
     let n = unsafe { libc::write(tap.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
     assert_eq!(
-        n,
-        frame.len() as isize,
+        usize::try_from(n).ok(),
+        Some(frame.len()),
         "{}",
         std::io::Error::last_os_error()
     );

@@ -183,7 +183,7 @@ fn sandbox_request(id: &str, hostname: &str) -> Result<CreateSandboxRequest, Pod
     req.entropy = template::entropy().map_err(PodError::Entropy)?;
     req.realtime_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64);
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
     req.hostname = if hostname.is_empty() { id } else { hostname }
         .chars()
         .take(63)
