@@ -927,6 +927,12 @@ impl Task for Service {
         let Some(mut p) = removed else {
             return Err(not_found(&req.id, &req.exec_id));
         };
+        if let Some(stdin) = p.stdin.take() {
+            // Its client may never have opened the FIFO: end the copy, closing the FIFO and
+            // the stream. (A deleted container's execs went with it: dropping the last
+            // handle of their stdin does the same.)
+            stdin.close();
+        }
         if let Some(mut logger) = p.logger.take() {
             // Its pipes closed with the output threads; it exits by itself.
             let _ = logger.wait();
