@@ -9,9 +9,10 @@
 //!   - stdin is opened `O_RDONLY|O_NONBLOCK` and read when poll(2) says so. Linux reports
 //!     neither input nor hang-up on such a FIFO until a writer has come, so "no writer yet"
 //!     waits and EOF means the client closed its end; EOF half-closes the agent stream,
-//!     which closes the process's stdin. The copy also ends when told to ([`StdinState::close`],
-//!     or when its last handle is dropped) and when the agent hangs up the stream: a released
-//!     process holds no thread, FIFO or connection.
+//!     which closes the process's stdin. The copy also ends when told to
+//!     ([`StdinState::close`], or its last handle dropped) and when the agent hangs up the
+//!     stream: a released process holds no thread, FIFO or connection. (`O_RDWR` would
+//!     not block either, but the shim's own write end would hide the client's EOF.)
 //!   - stdout/stderr are opened `O_WRONLY|O_NONBLOCK`; while containerd has no reader
 //!     (`ENXIO`) the copy retries until one comes or the agent has shut the stream down
 //!     (the process is gone and nobody wants its output). Writes then block: a reader that
@@ -161,7 +162,7 @@ fn open_for_writing(path: &str, conn: &UnixStream) -> io::Result<Option<File>> {
             .open(path)
         {
             Ok(f) => {
-                set_nonblocking(f.as_fd(), false)?;
+                clear_nonblocking(f.as_fd())?;
                 return Ok(Some(f));
             }
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
@@ -177,24 +178,18 @@ fn open_for_writing(path: &str, conn: &UnixStream) -> io::Result<Option<File>> {
     }
 }
 
-/// Sets or clears `O_NONBLOCK` on `fd`'s open file description.
-fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+/// Clears `O_NONBLOCK` on `fd`'s open file description.
+fn clear_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: F_GETFL/F_SETFL on a descriptor the caller keeps open; no memory is passed.
-    unsafe {
+    let ok = unsafe {
         let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-        if flags < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let flags = if on {
-            flags | libc::O_NONBLOCK
-        } else {
-            flags & !libc::O_NONBLOCK
-        };
-        if libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags) < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        flags >= 0 && libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) >= 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
-    Ok(())
 }
 
 /// A `pollfd` for `fd` and `events` (0: only hang-up and errors, which poll(2) always
@@ -472,7 +467,8 @@ impl StdinState {
         self.handle.shared.bytes.load(Ordering::SeqCst)
     }
 
-    /// Waits up to `timeout` for the copy to end (EOF, or stopped); whether it did.
+    /// Waits up to `timeout` for the copy to end (EOF, closed, or the agent hung up);
+    /// whether it did.
     pub fn wait_done(&self, timeout: Duration) -> bool {
         let (lock, cv) = &self.handle.shared.done;
         let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
