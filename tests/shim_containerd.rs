@@ -12,6 +12,8 @@
 //!   may be left.
 //! - `shim_containerd_pod_io`: exit codes, env/cwd/stderr, stdin to EOF, an OOM kill with
 //!   its event, SIGKILL (exit 137) and a TERM the container traps; nothing may be left.
+//! - `shim_containerd_churn`: exec/delete, container and pod cycles in one pod leave the
+//!   shim's threads and fds, the host's mounts and the run dir where they were.
 //! - `shim_containerd_guest_death`: a privileged container crashes the guest kernel
 //!   (sysrq): every task of the pod exits non-zero with its TaskExit event, nothing left.
 
@@ -23,7 +25,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::containerd::{
-    assert_nothing_left, have_tools, import_image, mounts_below, run_bounded, shim_pids,
+    assert_nothing_left, have_tools, import_image, list_tree, mounts_below, run_bounded, shim_pids,
     Containerd, ContainerdOptions, IMAGE, RUNTIME, RUN_TIMEOUT,
 };
 use common::{guest_artifacts, temp_path};
@@ -719,6 +721,218 @@ fn shim_containerd_pod_io() {
         &["/tasks/start", "/tasks/oom", "/tasks/exit"],
     );
     assert_nothing_left(c, "pod3");
+}
+
+/// The name every thread of the shim's ttrpc server has: per containerd connection a
+/// handler, a reader, a writer and a worker pool that ttrpc grows and shrinks between 1
+/// and 5 threads with the load.
+const TTRPC_THREADS: &str = "client_handler";
+/// How far the ttrpc worker pools may have grown between two counts: 4 threads for each of
+/// containerd's connections (two at most) — a leak per exec or container is far more.
+const TTRPC_POOL_SLACK: usize = 8;
+
+/// What a pod's shim and the host hold: the shim's threads (how many of each name) and
+/// open fds, the mounts below the test's dir and the paths below the run dir.
+#[derive(Debug, PartialEq, Eq)]
+struct Held {
+    threads: std::collections::BTreeMap<String, usize>,
+    fds: usize,
+    mounts: Vec<String>,
+    run_dir: Vec<String>,
+}
+
+impl Held {
+    fn of(shim: u32, c: &Containerd) -> Held {
+        let mut threads = std::collections::BTreeMap::new();
+        for t in std::fs::read_dir(format!("/proc/{shim}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(name) = std::fs::read_to_string(t.path().join("comm")) {
+                *threads.entry(name.trim().to_string()).or_insert(0) += 1;
+            }
+        }
+        let fds = std::fs::read_dir(format!("/proc/{shim}/fd")).map_or(0, |d| d.flatten().count());
+        let mut mounts = mounts_below(&c.dir);
+        mounts.sort();
+        let mut run_dir = Vec::new();
+        list_tree(&c.run_dir(), 3, &mut run_dir);
+        run_dir.sort();
+        Held {
+            threads,
+            fds,
+            mounts,
+            run_dir,
+        }
+    }
+
+    fn thread_count(&self) -> usize {
+        self.threads.values().sum()
+    }
+
+    /// Whether this holds no more than `baseline`: the same threads but for the size of
+    /// ttrpc's worker pools, and the same fds, mounts and run-dir paths.
+    fn within(&self, baseline: &Held) -> bool {
+        let without_ttrpc = |h: &Held| {
+            let mut t = h.threads.clone();
+            (t.remove(TTRPC_THREADS).unwrap_or(0), t)
+        };
+        let ((ttrpc, others), (ttrpc_base, others_base)) =
+            (without_ttrpc(self), without_ttrpc(baseline));
+        others == others_base
+            && ttrpc <= ttrpc_base + TTRPC_POOL_SLACK
+            && (self.fds, &self.mounts, &self.run_dir)
+                == (baseline.fds, &baseline.mounts, &baseline.run_dir)
+    }
+}
+
+/// Churn in one pod: exec/delete cycles (with and without stdin), container
+/// create/start/kill/delete cycles, then pods of their own created and deleted next to it.
+/// Everything a finished process, container or pod held must be released: the pod shim's
+/// thread and fd counts, the mounts below the test's dir and the run dir end where they
+/// started.
+#[test]
+fn shim_containerd_churn() {
+    const TEST: &str = "shim_containerd_churn";
+    const EXECS: usize = 50;
+    const CONTAINERS: usize = 10;
+    const PODS: usize = 5;
+    let Some((guest, initrd)) = pod_tools(TEST) else {
+        return;
+    };
+    let p = PodTest::start(guest, initrd, "shim-churn", "pod5");
+    let c = &p.containerd;
+    let started = Instant::now();
+    let out = p.run(&["-d", "--null-io"], "keep", &["sleep", "100000"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let shims = shim_pids(&c.sock());
+    assert_eq!(shims.len(), 1, "one shim for the pod: {shims:?}");
+    let shim = shims[0];
+    let boot = started.elapsed();
+
+    // One exec: every third with a line on ctr's stdin that `cat` echoes back, the others
+    // with ctr's stdin at EOF from the start, so that ctr gives up its stdin FIFO before
+    // the shim opens it (no writer ever comes: `ctr task exec` has no `-i` and always wires
+    // stdin).
+    let exec = |n: usize| {
+        let id = format!("x{n}");
+        let out = if n.is_multiple_of(3) {
+            ctr_stdin(
+                c,
+                &["task", "exec", "--exec-id", &id, "keep", "cat"],
+                "churn\n",
+            )
+        } else {
+            ctr(
+                c,
+                &["task", "exec", "--exec-id", &id, "keep", "echo", "churn"],
+            )
+        };
+        assert_eq!(
+            (out.code, out.stdout.as_str()),
+            (Some(0), "churn\n"),
+            "{out:?}"
+        );
+    };
+    // One container: created and started with ctr's FIFOs (stdin never opened), killed,
+    // deleted.
+    let container = |n: usize| {
+        let id = format!("churn{n}");
+        let out = p.run(&["-d"], &id, &["sleep", "100000"]);
+        assert_eq!(out.code, Some(0), "{out:?}");
+        assert_eq!(ctr(c, &["task", "kill", "-s", "KILL", &id]).code, Some(0));
+        wait_until("the churn container to stop", CTR_TIMEOUT, || {
+            task_status(c, &id).as_deref() == Some("STOPPED")
+        });
+        let out = ctr(c, &["task", "rm", &id]);
+        assert_eq!(out.code, Some(0), "{out:?}");
+        assert_eq!(ctr(c, &["container", "rm", &id]).code, Some(0));
+    };
+
+    // The baseline comes after one cycle of each kind: the first exec and container start
+    // threads the shim creates lazily and keeps (e.g. ttrpc's worker pools; see
+    // `Held::within`).
+    exec(0);
+    exec(1);
+    container(0);
+    let baseline = Held::of(shim, c);
+    let t = Instant::now();
+    for n in 2..EXECS + 2 {
+        exec(n);
+    }
+    let execs = t.elapsed();
+    let t = Instant::now();
+    for n in 1..=CONTAINERS {
+        container(n);
+    }
+    let containers = t.elapsed();
+    // One more pod VM at a time next to the churn pod: a second slot for this phase only.
+    let second_vm = common::vm_slots::take(1);
+    let t = Instant::now();
+    for n in 0..PODS {
+        let pod = format!("churn-pod{n}");
+        let ann = in_pod(&pod);
+        let args = [
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--annotation",
+            &ann,
+            IMAGE,
+            &pod,
+            "true",
+        ];
+        let out = ctr(c, &args);
+        assert_eq!(out.code, Some(0), "{out:?}");
+        wait_until("the churn pod's shim to exit", CTR_TIMEOUT, || {
+            shim_pids(&c.sock()) == vec![shim]
+        });
+    }
+    let pods = t.elapsed();
+    drop(second_vm);
+
+    // Exit waiters and copy threads end just after containerd hears of the exit.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut now = Held::of(shim, c);
+    while !now.within(&baseline) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+        now = Held::of(shim, c);
+    }
+    eprintln!(
+        "{TEST}: baseline {} threads, {} fds, {} mounts, {} run-dir paths; after {EXECS} \
+         execs, {CONTAINERS} containers and {PODS} pods: {} threads, {} fds, {} mounts, {} \
+         run-dir paths (boot {:.1} s, execs {:.1} s, containers {:.1} s, pods {:.1} s)",
+        baseline.thread_count(),
+        baseline.fds,
+        baseline.mounts.len(),
+        baseline.run_dir.len(),
+        now.thread_count(),
+        now.fds,
+        now.mounts.len(),
+        now.run_dir.len(),
+        boot.as_secs_f64(),
+        execs.as_secs_f64(),
+        containers.as_secs_f64(),
+        pods.as_secs_f64(),
+    );
+    assert!(
+        now.within(&baseline),
+        "the churn left something held:\nnow {now:#?}\nbaseline {baseline:#?}\n{}",
+        common::containerd::process_threads(shim)
+    );
+
+    assert_eq!(
+        ctr(c, &["task", "kill", "-s", "KILL", "keep"]).code,
+        Some(0)
+    );
+    wait_until("keep to stop", CTR_TIMEOUT, || {
+        task_status(c, "keep").as_deref() == Some("STOPPED")
+    });
+    assert_eq!(ctr(c, &["task", "rm", "keep"]).code, Some(0));
+    assert_eq!(ctr(c, &["container", "rm", "keep"]).code, Some(0));
+    assert_nothing_left(c, "pod5");
 }
 
 #[test]

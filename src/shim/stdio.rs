@@ -2,9 +2,21 @@
 //! agent's stream connections (one connection per stream, raw bytes after the PVS1 header;
 //! see `agent.proto`), copied by one thread per stream.
 //!
-//! - FIFO paths: stdout/stderr are opened for writing (which waits for containerd's reader),
-//!   stdin for reading; stdin EOF half-closes the agent stream, which closes the process's
-//!   stdin.
+//! - FIFO paths are opened without ever blocking in open(2), as containerd's own fifo
+//!   package does: a client may never open its end (`ctr` gives up its stdin FIFO when its
+//!   own stdin is at EOF before the shim opened it; a detached client goes away), and a
+//!   thread blocked in open(2) could not be told to stop.
+//!   - stdin is opened `O_RDONLY|O_NONBLOCK` and read when poll(2) says so. Linux reports
+//!     neither input nor hang-up on such a FIFO until a writer has come, so "no writer yet"
+//!     waits and EOF means the client closed its end; EOF half-closes the agent stream,
+//!     which closes the process's stdin. The copy also ends when told to
+//!     ([`StdinState::close`], or its last handle dropped) and when the agent hangs up the
+//!     stream: a released process holds no thread, FIFO or connection. (`O_RDWR` would
+//!     not block either, but the shim's own write end would hide the client's EOF.)
+//!   - stdout/stderr are opened `O_WRONLY|O_NONBLOCK`; while containerd has no reader
+//!     (`ENXIO`) the copy retries until one comes or the agent has shut the stream down
+//!     (the process is gone and nobody wants its output). Writes then block: a reader that
+//!     goes away gets the copy an `EPIPE`.
 //! - `file:///path`: stdout and stderr appended to one host file.
 //! - `binary:///path?arg=value`: a logging program started by the shim, as containerd's runc
 //!   shim does: fd 3 = stdout, fd 4 = stderr, fd 5 closed by the program once it is ready;
@@ -14,7 +26,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -26,6 +39,8 @@ use std::time::Duration;
 
 /// How long a `binary://` logger may take to signal that it is ready.
 const LOGGER_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often an output copy looks again for containerd's reader of its FIFO, at most.
+const READER_RETRY_MAX: Duration = Duration::from_millis(500);
 
 /// The stdio containerd gave for a process; empty = not wired.
 #[derive(Debug, Clone, Default)]
@@ -113,8 +128,8 @@ pub struct OutputWriters {
     pub logger: Option<Child>,
 }
 
-/// One output destination: a path opened (and waited for) by the copy thread, or an open
-/// file shared by stdout and stderr.
+/// One output destination: a path opened by the copy thread once it has a reader, or an
+/// open file shared by stdout and stderr.
 #[derive(Clone)]
 pub enum Writer {
     Path(String),
@@ -122,11 +137,88 @@ pub enum Writer {
 }
 
 impl Writer {
-    fn open(&self) -> io::Result<Box<dyn Write + Send>> {
-        Ok(match self {
-            Writer::Path(p) => Box::new(OpenOptions::new().write(true).open(p)?),
+    /// The open destination; `None` when `conn`'s peer finished before a FIFO at the path had
+    /// a reader.
+    fn open(&self, conn: &UnixStream) -> io::Result<Option<Box<dyn Write + Send>>> {
+        Ok(Some(match self {
+            Writer::Path(p) => match open_for_writing(p, conn)? {
+                Some(f) => Box::new(f),
+                None => return Ok(None),
+            },
             Writer::Shared(f) => Box::new(SharedFile(f.clone())),
-        })
+        }))
+    }
+}
+
+/// Opens `path` for writing without blocking in open(2): a FIFO without a reader (`ENXIO`)
+/// is tried again until it has one, or `None` once `conn`'s peer has sent all it will (the
+/// process is gone). The file is returned in blocking mode.
+fn open_for_writing(path: &str, conn: &UnixStream) -> io::Result<Option<File>> {
+    let mut retry = Duration::from_millis(10);
+    loop {
+        match OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+        {
+            Ok(f) => {
+                clear_nonblocking(f.as_fd())?;
+                return Ok(Some(f));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                // The agent shuts its side down once the process's output is all sent.
+                if poll(&mut [watch(conn.as_fd(), libc::POLLRDHUP)], Some(retry))? > 0 {
+                    log::debug!("{path}: no reader came before the process's stream ended");
+                    return Ok(None);
+                }
+                retry = (retry * 2).min(READER_RETRY_MAX);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Clears `O_NONBLOCK` on `fd`'s open file description.
+fn clear_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on a descriptor the caller keeps open; no memory is passed.
+    let ok = unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) >= 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A `pollfd` for `fd` and `events` (0: only hang-up and errors, which poll(2) always
+/// reports).
+fn watch(fd: BorrowedFd<'_>, events: libc::c_short) -> libc::pollfd {
+    libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    }
+}
+
+/// poll(2) on `fds` for up to `timeout` (`None`: no limit), retried on `EINTR` with the
+/// whole timeout; how many have events.
+fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<usize> {
+    let ms = timeout.map_or(-1, |t| {
+        libc::c_int::try_from(t.as_millis()).unwrap_or(libc::c_int::MAX)
+    });
+    loop {
+        // SAFETY: `fds` is a valid, exclusively borrowed array of `fds.len()` pollfds whose
+        // descriptors the caller keeps open for the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if let Ok(n) = usize::try_from(n) {
+            return Ok(n);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }
 
@@ -197,10 +289,20 @@ fn start_logger(
     // Ready: the logger closed fd 5 (EOF on our end), or exited.
     let (tx, rx) = std::sync::mpsc::channel();
     let mut ready = File::from(ready_r);
-    std::thread::spawn(move || {
-        let mut b = [0u8; 1];
-        let _ = tx.send(ready.read(&mut b));
-    });
+    let waiter = std::thread::Builder::new()
+        .name("logger-ready".into())
+        .spawn(move || {
+            let mut b = [0u8; 1];
+            let _ = tx.send(ready.read(&mut b));
+        });
+    if let Err(e) = waiter {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(format!(
+            "no thread to wait for logging binary {}: {e}",
+            path.display()
+        ));
+    }
     if rx.recv_timeout(LOGGER_READY_TIMEOUT).is_err() {
         let _ = child.kill();
         let _ = child.wait();
@@ -273,13 +375,17 @@ impl StdioPaths {
     }
 }
 
-/// Copies an output stream (agent → host) until the agent closes it.
-pub fn copy_output(conn: UnixStream, to: Writer) -> JoinHandle<()> {
+/// Copies an output stream (agent → host) until the agent closes it, in a thread of its
+/// own (the error: no thread could be started).
+pub fn copy_output(conn: UnixStream, to: Writer) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("stdio-out".into())
         .spawn(move || {
             let mut conn = conn;
-            let result = to.open().and_then(|mut w| {
+            let result = to.open(&conn).and_then(|w| {
+                let Some(mut w) = w else {
+                    return Ok(0);
+                };
                 let n = io::copy(&mut conn, &mut w)?;
                 w.flush()?;
                 Ok(n)
@@ -289,65 +395,255 @@ pub fn copy_output(conn: UnixStream, to: Writer) -> JoinHandle<()> {
                 Err(e) => log::warn!("copying output: {e}"),
             }
         })
-        .expect("spawn a stdio thread")
 }
 
-/// The stdin copy of a process: how many bytes went to the agent, and whether it ended.
-#[derive(Clone, Default, Debug)]
+/// An eventfd that tells a copy thread to stop; polled next to the copy's descriptors.
+#[derive(Debug)]
+struct StopSignal(OwnedFd);
+
+impl StopSignal {
+    fn new() -> io::Result<StopSignal> {
+        // SAFETY: eventfd takes no pointers; a non-negative result is a new descriptor.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nobody else.
+        Ok(StopSignal(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Raises the signal (it stays raised).
+    fn raise(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes the 8 bytes of `one` to an eventfd this struct owns. A full counter
+        // (EAGAIN) is raised already; nothing else can fail here.
+        let _ = unsafe { libc::write(self.0.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
+}
+
+/// What the stdin copy thread and its handles share.
+#[derive(Debug)]
+struct StdinShared {
+    bytes: AtomicU64,
+    done: (Mutex<bool>, Condvar),
+    /// `None` when the eventfd could not be created: the copy then runs without it and
+    /// ends only at EOF or when the agent hangs up.
+    stop: Option<StopSignal>,
+}
+
+/// The release point of a stdin copy: the last handle to go stops it.
+#[derive(Debug)]
+struct StdinHandle {
+    shared: Arc<StdinShared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl StdinHandle {
+    fn stop(&self) {
+        if let Some(stop) = &self.shared.stop {
+            stop.raise();
+        }
+    }
+}
+
+impl Drop for StdinHandle {
+    fn drop(&mut self) {
+        // The thread ends by itself right after; it is not waited for here.
+        self.stop();
+    }
+}
+
+/// The stdin copy of a process: how many bytes went to the agent, whether it ended, and
+/// the way to end it. Clones share one copy; when the last clone is dropped the copy is
+/// told to stop (its thread then closes the FIFO and the agent stream by itself).
+#[derive(Clone, Debug)]
 pub struct StdinState {
-    bytes: Arc<AtomicU64>,
-    done: Arc<(Mutex<bool>, Condvar)>,
+    handle: Arc<StdinHandle>,
 }
 
 impl StdinState {
-    pub fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::SeqCst)
+    fn new(stop: Option<StopSignal>) -> StdinState {
+        StdinState {
+            handle: Arc::new(StdinHandle {
+                shared: Arc::new(StdinShared {
+                    bytes: AtomicU64::new(0),
+                    done: (Mutex::new(false), Condvar::new()),
+                    stop,
+                }),
+                thread: Mutex::new(None),
+            }),
+        }
     }
 
-    /// Waits up to `timeout` for the copy to reach EOF; whether it did.
+    pub fn bytes(&self) -> u64 {
+        self.handle.shared.bytes.load(Ordering::SeqCst)
+    }
+
+    /// Waits up to `timeout` for the copy to end (EOF, closed, or the agent hung up);
+    /// whether it did.
     pub fn wait_done(&self, timeout: Duration) -> bool {
-        let (lock, cv) = &*self.done;
+        let (lock, cv) = &self.handle.shared.done;
         let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
         let (guard, _) = cv
             .wait_timeout_while(guard, timeout, |done| !*done)
             .unwrap_or_else(|p| p.into_inner());
         *guard
     }
+
+    /// Ends the copy now, whether or not the client ever opened or closed its FIFO, and
+    /// waits for its thread: the FIFO and the agent stream are closed when this returns.
+    /// What the copy had forwarded stays forwarded; the stream is not half-closed.
+    pub fn close(&self) {
+        self.handle.stop();
+        let thread = self
+            .handle
+            .thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+/// How a stdin copy ended without an error.
+#[derive(Debug, PartialEq, Eq)]
+enum StdinEnd {
+    /// The client closed its end of the FIFO.
+    Eof,
+    /// Told to stop.
+    Stopped,
+    /// The agent hung up the stream: the process is gone.
+    HungUp,
 }
 
 /// Copies containerd's stdin (a FIFO) into the agent's stdin (or pty) stream; at EOF
-/// half-closes the stream, which closes the process's stdin.
-pub fn copy_input(path: String, conn: UnixStream) -> StdinState {
-    let state = StdinState::default();
-    let st = state.clone();
-    std::thread::Builder::new()
+/// half-closes the stream, which closes the process's stdin. Ends early when the returned
+/// state is closed or dropped, or when the agent hangs up the stream. The error: no thread
+/// could be started.
+pub fn copy_input(path: String, conn: UnixStream) -> io::Result<StdinState> {
+    let stop = StopSignal::new()
+        .inspect_err(|e| log::warn!("stdin {path}: no stop signal ({e}); it ends at EOF only"))
+        .ok();
+    let state = StdinState::new(stop);
+    let shared = state.handle.shared.clone();
+    let thread = std::thread::Builder::new()
         .name("stdio-in".into())
         .spawn(move || {
-            let mut conn = conn;
             let result = OpenOptions::new()
                 .read(true)
+                .custom_flags(libc::O_NONBLOCK)
                 .open(&path)
-                .and_then(|mut fifo| {
-                    let mut buf = [0u8; 16 * 1024];
-                    loop {
-                        let n = fifo.read(&mut buf)?;
-                        if n == 0 {
-                            return Ok(());
-                        }
-                        conn.write_all(&buf[..n])?;
-                        st.bytes.fetch_add(n as u64, Ordering::SeqCst);
-                    }
-                });
-            if let Err(e) = result {
-                log::debug!("copying stdin from {path}: {e}");
+                .and_then(|fifo| copy_stdin(&fifo, &conn, &shared));
+            match result {
+                Ok(StdinEnd::Eof) => {
+                    let _ = conn.shutdown(Shutdown::Write);
+                }
+                Ok(end) => log::debug!("stdin {path}: {end:?}"),
+                Err(e) => {
+                    log::debug!("copying stdin from {path}: {e}");
+                    let _ = conn.shutdown(Shutdown::Write);
+                }
             }
-            let _ = conn.shutdown(Shutdown::Write);
-            let (lock, cv) = &*st.done;
+            let (lock, cv) = &shared.done;
             *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
             cv.notify_all();
-        })
-        .expect("spawn a stdio thread");
-    state
+        })?;
+    *state
+        .handle
+        .thread
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(thread);
+    Ok(state)
+}
+
+/// Waits until `fd` has one of `events`, the stop signal is raised or `conn`'s peer hung
+/// up; `None` when the copy is to end (stopped or hung up, as the `StdinEnd`).
+fn wait_for(
+    fd: BorrowedFd<'_>,
+    events: libc::c_short,
+    conn: &UnixStream,
+    shared: &StdinShared,
+) -> io::Result<Option<StdinEnd>> {
+    let mut fds = vec![watch(fd, events), watch(conn.as_fd(), 0)];
+    if let Some(stop) = &shared.stop {
+        fds.push(watch(stop.0.as_fd(), libc::POLLIN));
+    }
+    poll(&mut fds, None)?;
+    if fds.get(2).is_some_and(|s| s.revents != 0) {
+        return Ok(Some(StdinEnd::Stopped));
+    }
+    if fds[1].revents != 0 {
+        return Ok(Some(StdinEnd::HungUp));
+    }
+    if fds[0].revents & libc::POLLNVAL != 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    Ok(None)
+}
+
+/// The stdin copy loop: `fifo` (non-blocking) into `conn` until EOF, stop or hang-up.
+fn copy_stdin(fifo: &File, conn: &UnixStream, shared: &StdinShared) -> io::Result<StdinEnd> {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if let Some(end) = wait_for(fifo.as_fd(), libc::POLLIN, conn, shared)? {
+            return Ok(end);
+        }
+        // Drain what is there. After poll reported the FIFO, 0 bytes means every writer
+        // (there was one) closed its end: EOF.
+        loop {
+            let n = match (&*fifo).read(&mut buf) {
+                Ok(0) => return Ok(StdinEnd::Eof),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if let Some(end) = send_all(conn, &buf[..n], shared)? {
+                return Ok(end);
+            }
+            shared.bytes.fetch_add(n as u64, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Writes all of `data` to `conn` without blocking in send(2) (a pty stream's descriptor
+/// is shared with its output copy, so `O_NONBLOCK` is not set on it); `Some` when the copy
+/// is to end first.
+fn send_all(
+    conn: &UnixStream,
+    mut data: &[u8],
+    shared: &StdinShared,
+) -> io::Result<Option<StdinEnd>> {
+    while !data.is_empty() {
+        // SAFETY: sends from `data`, valid for `data.len()` bytes, on a socket `conn` keeps
+        // open; MSG_DONTWAIT makes this one call non-blocking, MSG_NOSIGNAL turns SIGPIPE
+        // into EPIPE.
+        let n = unsafe {
+            libc::send(
+                conn.as_raw_fd(),
+                data.as_ptr().cast(),
+                data.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if let Ok(n) = usize::try_from(n) {
+            data = &data[n..];
+            continue;
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::WouldBlock => {
+                if let Some(end) = wait_for(conn.as_fd(), libc::POLLOUT, conn, shared)? {
+                    return Ok(Some(end));
+                }
+            }
+            io::ErrorKind::Interrupted => {}
+            _ => return Err(e),
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -393,7 +689,7 @@ mod tests {
             let (a, mut b) = UnixStream::pair().unwrap();
             b.write_all(text.as_bytes()).unwrap();
             drop(b);
-            copy_output(a, writer).join().unwrap();
+            copy_output(a, writer).unwrap().join().unwrap();
         }
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "out\nerr\n");
         std::fs::remove_dir_all(&dir).unwrap();
@@ -430,7 +726,7 @@ mod tests {
             let (a, mut b) = UnixStream::pair().unwrap();
             b.write_all(text.as_bytes()).unwrap();
             drop(b);
-            copy_output(a, writer).join().unwrap();
+            copy_output(a, writer).unwrap().join().unwrap();
         }
         assert!(logger.wait().unwrap().success());
         let read = |s: &str| std::fs::read_to_string(format!("{}.{s}", out.display())).unwrap();
@@ -447,12 +743,170 @@ mod tests {
         let file = dir.join("in");
         std::fs::write(&file, "hello").unwrap();
         let (a, mut b) = UnixStream::pair().unwrap();
-        let st = copy_input(file.to_string_lossy().into_owned(), a);
+        let st = copy_input(file.to_string_lossy().into_owned(), a).unwrap();
         let mut got = String::new();
         b.read_to_string(&mut got).unwrap();
         assert_eq!(got, "hello");
         assert!(st.wait_done(Duration::from_secs(5)));
         assert_eq!(st.bytes(), 5);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A FIFO in a fresh temp dir: (dir, fifo).
+    fn fifo(name: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("podvisor-fifo-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("fifo");
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path and nothing else.
+        let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+        assert_eq!(rc, 0, "mkfifo: {}", io::Error::last_os_error());
+        (dir, path)
+    }
+
+    /// How many of this process's descriptors are open on `path`.
+    fn fds_on(path: &std::path::Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == path))
+            .count()
+    }
+
+    /// Whether `f` holds within 5 s.
+    fn within_5s(mut f: impl FnMut() -> bool) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !f() {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
+    /// Reads `conn` to its end (bounded by a 5 s timeout per read).
+    fn read_to_end(conn: &mut UnixStream) -> String {
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = String::new();
+        conn.read_to_string(&mut got).unwrap();
+        got
+    }
+
+    /// A stdin copy from a fresh FIFO that no client opened yet, once the copy has opened it:
+    /// (dir, fifo, state, the agent's end of the stream).
+    fn started_stdin(name: &str) -> (PathBuf, PathBuf, StdinState, UnixStream) {
+        let (dir, path) = fifo(name);
+        let (a, b) = UnixStream::pair().unwrap();
+        let st = copy_input(path.to_string_lossy().into_owned(), a).unwrap();
+        // open(2) did not wait for a writer.
+        assert!(within_5s(|| fds_on(&path) == 1), "the copy opens the FIFO");
+        (dir, path, st, b)
+    }
+
+    #[test]
+    fn stdin_fifo_nobody_opens_is_released_on_close() {
+        let (dir, path, st, mut b) = started_stdin("stdin-close");
+        assert!(!st.wait_done(Duration::from_millis(100)));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let closer = st.clone();
+        std::thread::spawn(move || {
+            closer.close();
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("close ends the copy thread");
+        assert!(st.wait_done(Duration::ZERO));
+        assert_eq!(fds_on(&path), 0, "the FIFO is closed");
+        assert_eq!(read_to_end(&mut b), "", "the agent stream is closed");
+        assert_eq!(st.bytes(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn stdin_copy_stops_when_its_last_handle_is_dropped() {
+        let (dir, path, st, mut b) = started_stdin("stdin-drop");
+        let other = st.clone();
+        drop(st);
+        assert_eq!(fds_on(&path), 1, "a clone keeps the copy");
+        drop(other);
+        assert!(within_5s(|| fds_on(&path) == 0), "the FIFO is closed");
+        assert_eq!(read_to_end(&mut b), "", "the agent stream is closed");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn stdin_fifo_data_reaches_the_stream_and_eof_half_closes_it() {
+        let (dir, path, st, mut b) = started_stdin("stdin-data");
+        // The client's end.
+        let mut writer = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .unwrap();
+        writer.write_all(b"abc").unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = [0u8; 3];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"abc");
+        assert!(
+            !st.wait_done(Duration::from_millis(50)),
+            "no EOF while open"
+        );
+        writer.write_all(b"def").unwrap();
+        drop(writer);
+        assert_eq!(read_to_end(&mut b), "def", "EOF half-closes the stream");
+        assert!(st.wait_done(Duration::from_secs(5)));
+        assert_eq!(st.bytes(), 6);
+        assert!(within_5s(|| fds_on(&path) == 0), "the FIFO is closed");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn stdin_copy_ends_when_the_agent_hangs_up() {
+        let (dir, path, st, b) = started_stdin("stdin-hangup");
+        drop(b);
+        assert!(st.wait_done(Duration::from_secs(5)));
+        assert!(within_5s(|| fds_on(&path) == 0), "the FIFO is closed");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// An output copy to a fresh FIFO with "early " sent by the agent: (dir, fifo, thread,
+    /// the agent's end of the stream).
+    fn started_output(name: &str) -> (PathBuf, PathBuf, JoinHandle<()>, UnixStream) {
+        let (dir, path) = fifo(name);
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let t = copy_output(a, Writer::Path(path.to_string_lossy().into_owned())).unwrap();
+        b.write_all(b"early ").unwrap();
+        (dir, path, t, b)
+    }
+
+    #[test]
+    fn output_fifo_without_a_reader_ends_with_the_stream() {
+        let (dir, path, t, b) = started_output("out-noreader");
+        drop(b);
+        assert!(within_5s(|| t.is_finished()), "the copy thread ends");
+        assert_eq!(fds_on(&path), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn output_fifo_reader_that_comes_late_gets_everything() {
+        let (dir, path, t, mut b) = started_output("out-late");
+        std::thread::sleep(Duration::from_millis(100));
+        // containerd's way: a non-blocking reader.
+        let mut reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .unwrap();
+        assert!(within_5s(|| fds_on(&path) == 2), "the copy opens the FIFO");
+        b.write_all(b"late").unwrap();
+        drop(b);
+        assert!(within_5s(|| t.is_finished()), "the copy thread ends");
+        let mut got = String::new();
+        reader.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "early late");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

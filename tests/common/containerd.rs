@@ -321,7 +321,7 @@ pub fn import_cri_images(containerd: &Containerd, dir: &Path) {
 /// Waits until no shim of `containerd` runs; then checks that the pod's state dir `id` is
 /// gone and nothing is mounted under the run dir.
 /// The paths below `dir`, `depth` levels deep.
-fn list_tree(dir: &Path, depth: usize, out: &mut Vec<String>) {
+pub fn list_tree(dir: &Path, depth: usize, out: &mut Vec<String>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };

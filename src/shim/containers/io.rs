@@ -53,6 +53,13 @@ pub fn attach(
     Ok((s, flags))
 }
 
+fn no_thread(source: std::io::Error) -> ShimError {
+    ShimError::Thread {
+        what: "stdio copy",
+        source,
+    }
+}
+
 /// Starts the copies of a process whose streams the agent took; what they hold goes to `io`.
 pub fn wire(
     id: &str,
@@ -70,21 +77,21 @@ pub fn wire(
             .try_clone()
             .map_err(|e| ShimError::Stdio(format!("clone the pty stream: {e}")))?;
         if let Some(out) = w.stdout {
-            io.outputs.push(copy_output(pty, out));
+            io.outputs.push(copy_output(pty, out).map_err(no_thread)?);
         }
         if !stdio.stdin.is_empty() {
-            io.stdin = Some(copy_input(stdio.stdin.clone(), input));
+            io.stdin = Some(copy_input(stdio.stdin.clone(), input).map_err(no_thread)?);
         }
         return Ok(());
     }
     if let (Some(conn), Some(out)) = (streams.stdout, w.stdout) {
-        io.outputs.push(copy_output(conn, out));
+        io.outputs.push(copy_output(conn, out).map_err(no_thread)?);
     }
     if let (Some(conn), Some(out)) = (streams.stderr, w.stderr) {
-        io.outputs.push(copy_output(conn, out));
+        io.outputs.push(copy_output(conn, out).map_err(no_thread)?);
     }
     if let Some(conn) = streams.stdin {
-        io.stdin = Some(copy_input(stdio.stdin.clone(), conn));
+        io.stdin = Some(copy_input(stdio.stdin.clone(), conn).map_err(no_thread)?);
     }
     Ok(())
 }

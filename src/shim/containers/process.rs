@@ -143,8 +143,13 @@ pub struct ProcessIo {
 }
 
 impl ProcessIo {
-    /// Reaps the logger: its pipes closed with the output threads, so it ends by itself.
+    /// Releases what the process held: ends the stdin copy (its client may never have
+    /// opened the FIFO), closing the FIFO and the stream, and reaps the logger (its pipes
+    /// closed with the output threads, so it ends by itself).
     pub fn release(&mut self) {
+        if let Some(stdin) = self.stdin.take() {
+            stdin.close();
+        }
         if let Some(mut logger) = self.logger.take() {
             let _ = logger.wait();
         }
