@@ -407,6 +407,21 @@ fn the_task_service_runs_a_pod_through_containerds_requests() {
         "a log URI podvisor cannot serve"
     );
     assert!(pods.created.lock().unwrap().is_empty());
+    // containerd cleans up after a failed Create: an unknown container is NOT_FOUND, with
+    // or without a pod.
+    let unknown = || api::DeleteRequest {
+        id: "c0".into(),
+        ..Default::default()
+    };
+    assert_eq!(code(svc.delete_task(&unknown())), Code::NOT_FOUND);
+    assert_eq!(
+        code(svc.kill_task(&api::KillRequest {
+            id: "c0".into(),
+            signal: 9,
+            ..Default::default()
+        })),
+        Code::NOT_FOUND
+    );
 
     // The pod's first container brings the pod up.
     let c1 = bundle(dir, "c1", &["sleep", "1000"], &[]);
@@ -437,6 +452,7 @@ fn the_task_service_runs_a_pod_through_containerds_requests() {
         ..Default::default()
     })
     .unwrap();
+    assert_eq!(code(svc.delete_task(&unknown())), Code::NOT_FOUND);
 
     // An exec with its output on a FIFO.
     let stdout = k.fifo("e1-out");

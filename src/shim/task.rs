@@ -192,6 +192,15 @@ impl Service {
         }
     }
 
+    /// The pod, for a request about container `id`: an unknown container is NOT_FOUND
+    /// (as containerd expects when it cleans up), whether or not a pod runs.
+    fn pod_of(&self, id: &str) -> Result<Arc<dyn PodHost>, ShimError> {
+        if !self.containers().contains(id) {
+            return Err(ShimError::ContainerNotFound(id.to_string()));
+        }
+        self.pod()
+    }
+
     fn containers(&self) -> &Arc<Containers> {
         &self.inner.containers
     }
@@ -322,7 +331,7 @@ impl Service {
     }
 
     pub fn start_task(&self, req: &api::StartRequest) -> Result<api::StartResponse, ShimError> {
-        let pod = self.pod()?;
+        let pod = self.pod_of(&req.id)?;
         self.containers().start(&pod, &req.id, &req.exec_id)?;
         Ok(api::StartResponse {
             pid: std::process::id(),
@@ -359,14 +368,14 @@ impl Service {
     }
 
     pub fn kill_task(&self, req: &api::KillRequest) -> Result<api::Empty, ShimError> {
-        let pod = self.pod()?;
+        let pod = self.pod_of(&req.id)?;
         self.containers()
             .kill(&pod, &req.id, &req.exec_id, req.signal, req.all)?;
         Ok(api::Empty::new())
     }
 
     pub fn delete_task(&self, req: &api::DeleteRequest) -> Result<api::DeleteResponse, ShimError> {
-        let pod = self.pod()?;
+        let pod = self.pod_of(&req.id)?;
         let (exit_status, exited_at) =
             exit_fields(&self.containers().delete(&pod, &req.id, &req.exec_id)?);
         Ok(api::DeleteResponse {
@@ -389,7 +398,7 @@ impl Service {
     }
 
     pub fn task_pids(&self, req: &api::PidsRequest) -> Result<api::PidsResponse, ShimError> {
-        let pod = self.pod()?;
+        let pod = self.pod_of(&req.id)?;
         let pids = self.containers().pids(&pod, &req.id)?;
         Ok(api::PidsResponse {
             processes: pids
@@ -404,7 +413,7 @@ impl Service {
     }
 
     pub fn resize_pty(&self, req: &api::ResizePtyRequest) -> Result<api::Empty, ShimError> {
-        let pod = self.pod()?;
+        let pod = self.pod_of(&req.id)?;
         self.containers()
             .resize_pty(&pod, &req.id, &req.exec_id, req.width, req.height)?;
         Ok(api::Empty::new())
@@ -412,20 +421,20 @@ impl Service {
 
     pub fn close_io(&self, req: &api::CloseIORequest) -> Result<api::Empty, ShimError> {
         if req.stdin {
-            let pod = self.pod()?;
+            let pod = self.pod_of(&req.id)?;
             self.containers().close_stdin(&pod, &req.id, &req.exec_id)?;
         }
         Ok(api::Empty::new())
     }
 
     pub fn pause_task(&self, req: &api::PauseRequest) -> Result<api::Empty, ShimError> {
-        let pod = self.pod()?;
+        let pod = self.pod_of(&req.id)?;
         self.containers().pause(&pod, &req.id)?;
         Ok(api::Empty::new())
     }
 
     pub fn resume_task(&self, req: &api::ResumeRequest) -> Result<api::Empty, ShimError> {
-        let pod = self.pod()?;
+        let pod = self.pod_of(&req.id)?;
         self.containers().resume(&pod, &req.id)?;
         Ok(api::Empty::new())
     }
@@ -433,13 +442,13 @@ impl Service {
     pub fn update_task(&self, req: &api::UpdateTaskRequest) -> Result<api::Empty, ShimError> {
         let resources = req.resources.value.clone();
         check_json_object(&resources, "update: the OCI LinuxResources")?;
-        let pod = self.pod()?;
+        let pod = self.pod_of(&req.id)?;
         self.containers().update(&pod, &req.id, resources)?;
         Ok(api::Empty::new())
     }
 
     pub fn task_stats(&self, req: &api::StatsRequest) -> Result<api::StatsResponse, ShimError> {
-        let pod = self.pod()?;
+        let pod = self.pod_of(&req.id)?;
         let stats = self.containers().stats(&pod, &req.id)?;
         let any = metrics_any(&stats).map_err(ShimError::Internal)?;
         Ok(api::StatsResponse {
