@@ -94,6 +94,13 @@ impl Container {
     }
 }
 
+/// Pause or Resume.
+#[derive(Debug, Clone, Copy)]
+enum Freeze {
+    Pause,
+    Resume,
+}
+
 /// A container to create.
 #[derive(Debug)]
 pub struct ContainerSpec {
@@ -630,37 +637,42 @@ impl Containers {
     }
 
     pub fn pause(&self, pod: &Arc<dyn PodHost>, id: &str) -> Result<(), ShimError> {
-        let (kind, state) = self.with_proc(id, "", |c| (c.kind, c.init.state.clone()))?;
-        state.clone().pause().map_err(|r| refused(id, "", r))?;
-        if kind == ContainerKind::Workload {
-            pod.agent().pause_container(id)?;
-        }
-        // It may have exited meanwhile: then it stays as the exit left it.
-        let _ = self.with_proc(id, "", |c| c.init.state.pause());
-        emit(
-            self.events.as_ref(),
-            TaskPaused {
-                container_id: id.to_string(),
-                ..Default::default()
-            },
-        );
+        self.freeze(pod, id, Freeze::Pause)?;
+        let event = TaskPaused {
+            container_id: id.to_string(),
+            ..Default::default()
+        };
+        emit(self.events.as_ref(), event);
         Ok(())
     }
 
     pub fn resume(&self, pod: &Arc<dyn PodHost>, id: &str) -> Result<(), ShimError> {
-        let (kind, state) = self.with_proc(id, "", |c| (c.kind, c.init.state.clone()))?;
-        state.clone().resume().map_err(|r| refused(id, "", r))?;
+        self.freeze(pod, id, Freeze::Resume)?;
+        let event = TaskResumed {
+            container_id: id.to_string(),
+            ..Default::default()
+        };
+        emit(self.events.as_ref(), event);
+        Ok(())
+    }
+
+    /// Pause or Resume of a container's processes (the cgroup freezer in the guest).
+    fn freeze(&self, pod: &Arc<dyn PodHost>, id: &str, op: Freeze) -> Result<(), ShimError> {
+        let transition = match op {
+            Freeze::Pause => ProcState::pause,
+            Freeze::Resume => ProcState::resume,
+        };
+        let (kind, mut state) = self.with_proc(id, "", |c| (c.kind, c.init.state.clone()))?;
+        transition(&mut state).map_err(|r| refused(id, "", r))?;
         if kind == ContainerKind::Workload {
-            pod.agent().resume_container(id)?;
+            let agent = pod.agent();
+            match op {
+                Freeze::Pause => agent.pause_container(id)?,
+                Freeze::Resume => agent.resume_container(id)?,
+            }
         }
-        let _ = self.with_proc(id, "", |c| c.init.state.resume());
-        emit(
-            self.events.as_ref(),
-            TaskResumed {
-                container_id: id.to_string(),
-                ..Default::default()
-            },
-        );
+        // It may have exited meanwhile: then it stays as the exit left it.
+        let _ = self.with_proc(id, "", |c| transition(&mut c.init.state));
         Ok(())
     }
 
