@@ -28,8 +28,14 @@
 //! `"log"` or `"off"`: the filters of the threads that handle guest data, see
 //! `devices::confine`; also `PODVISOR_SECCOMP`), `template_shapes` (`[[vcpus, MiB], ...]`:
 //! shapes chosen by annotation that may have templates; others boot cold) and
-//! `max_templates` (default 8; the least recently used go first). `config/podvisor.toml` in
-//! the repository documents each key with its default.
+//! `max_templates` (default 8; the least recently used go first), `size_from_pod` (default
+//! true), `guest_overhead_mib` and `memory_step_mib` (a pod's VM from its CRI resources,
+//! `super::sizing`). `config/podvisor.toml` in the repository documents each key with its
+//! default.
+//!
+//! Per pod, before the `io.podvisor.config.*` annotations: with `size_from_pod`, the
+//! CRI sandbox's resources (`io.kubernetes.cri.sandbox-memory`, `-cpu-quota`,
+//! `-cpu-period`) size the VM.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -40,6 +46,8 @@ use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::CodedInputStream;
 use serde::Deserialize;
 pub use vmm::SeccompMode;
+
+use super::sizing::{PodResources, SizingError, SizingRules};
 use vmm::{HostQuirks, HostSettings, MemoryKnobs};
 
 /// Default directory of the pods' host state.
@@ -68,6 +76,10 @@ pub const ANNOTATION_TEMPLATE: &str = "io.podvisor.config.template";
 
 const DEFAULT_VCPUS: usize = 1;
 const DEFAULT_MEM_MIB: u64 = 256;
+/// The guest's own memory next to a pod's limit: kernel, agent and a page-cache floor.
+const DEFAULT_GUEST_OVERHEAD_MIB: u64 = 64;
+/// Pod memory sizes are rounded up to this: pods of similar size share a template.
+const DEFAULT_MEMORY_STEP_MIB: u64 = 128;
 /// A guest boot takes minutes on nested-KVM hosts.
 const DEFAULT_AGENT_TIMEOUT_SECS: u64 = 600;
 const DEFAULT_MAX_VCPUS: usize = 8;
@@ -136,6 +148,12 @@ pub struct ShimConfig {
     pub template_shapes: Vec<[u64; 2]>,
     /// Templates kept at most; the least recently used go first.
     pub max_templates: usize,
+    /// Size each pod's VM from its resources (CRI's sandbox annotations, `super::sizing`).
+    pub size_from_pod: bool,
+    /// What the guest itself uses, added to a pod's memory limit.
+    pub guest_overhead_mib: u64,
+    /// Pod memory sizes are rounded up to a multiple of this (few template shapes).
+    pub memory_step_mib: u64,
     /// The KVM device node (`PODVISOR_KVM_DEVICE`).
     pub kvm_device: PathBuf,
     /// Host quirks: detected, or forced (`PODVISOR_HOST_QUIRKS`).
@@ -165,6 +183,9 @@ impl Default for ShimConfig {
             template_dir: PathBuf::from(DEFAULT_TEMPLATE_DIR),
             seccomp: SeccompMode::Enforce,
             template_shapes: Vec::new(),
+            size_from_pod: true,
+            guest_overhead_mib: DEFAULT_GUEST_OVERHEAD_MIB,
+            memory_step_mib: DEFAULT_MEMORY_STEP_MIB,
             max_templates: DEFAULT_MAX_TEMPLATES,
             kvm_device: PathBuf::from(vmm::config::DEFAULT_KVM_DEVICE),
             host_quirks: HostQuirks::Auto,
@@ -195,6 +216,8 @@ pub enum ConfigError {
     },
     #[error("containerd runtime options ({type_url}): {message}")]
     Options { type_url: String, message: String },
+    #[error("sizing the pod's VM from its resources: {0}")]
+    Sizing(#[from] SizingError),
     #[error("annotation {key}={value:?}: {message}")]
     Annotation {
         key: String,
@@ -221,6 +244,9 @@ struct FileConfig {
     template_dir: Option<PathBuf>,
     seccomp: Option<SeccompMode>,
     template_shapes: Option<Vec<[u64; 2]>>,
+    size_from_pod: Option<bool>,
+    guest_overhead_mib: Option<u64>,
+    memory_step_mib: Option<u64>,
     max_templates: Option<usize>,
 }
 
@@ -420,6 +446,9 @@ impl ShimConfig {
             seccomp: file.seccomp.unwrap_or_default(),
             template_shapes: file.template_shapes.unwrap_or_default(),
             max_templates: file.max_templates.unwrap_or(d.max_templates),
+            size_from_pod: file.size_from_pod.unwrap_or(d.size_from_pod),
+            guest_overhead_mib: file.guest_overhead_mib.unwrap_or(d.guest_overhead_mib),
+            memory_step_mib: file.memory_step_mib.unwrap_or(d.memory_step_mib),
             kvm_device: d.kvm_device,
             host_quirks: d.host_quirks,
             memory: d.memory,
@@ -587,6 +616,18 @@ impl ShimConfig {
         annotations: &HashMap<String, String>,
     ) -> Result<ShimConfig, ConfigError> {
         let mut config = self.clone();
+        if self.size_from_pod {
+            let resources = PodResources::from_annotations(annotations)?;
+            let sized = resources
+                .is_set()
+                .then(|| resources.vm_size(&self.sizing_rules()))
+                .transpose()?;
+            if let Some((vcpus, mem_mib)) = sized {
+                log::info!("pod VM sized from the pod's resources: {vcpus} vCPU(s), {mem_mib} MiB");
+                config.vcpus = vcpus;
+                config.mem_mib = mem_mib;
+            }
+        }
         let mut keys: Vec<&String> = annotations
             .keys()
             .filter(|k| k.starts_with(ANNOTATION_PREFIX))
@@ -653,6 +694,19 @@ impl ShimConfig {
             config.template = TemplateMode::Off;
         }
         Ok(config)
+    }
+
+    /// The bounds of sizing VMs from pods.
+    pub fn sizing_rules(&self) -> SizingRules {
+        SizingRules {
+            default_vcpus: self.vcpus,
+            max_vcpus: self.max_vcpus,
+            default_mem_mib: self.mem_mib,
+            min_mem_mib: vmm::config::MIN_MEM_MIB,
+            max_mem_mib: self.max_mem_mib,
+            guest_overhead_mib: self.guest_overhead_mib,
+            memory_step_mib: self.memory_step_mib,
+        }
     }
 
     /// Where the limits were set, for annotation errors.
@@ -1162,6 +1216,44 @@ mod tests {
         assert!(shape("2", "512"), "a listed shape");
         assert!(!shape("2", "513"), "every MiB would be a template");
         assert!(!shape("3", "512"));
+    }
+
+    #[test]
+    fn cri_pod_resources_size_the_vm_and_podvisor_annotations_win() {
+        let c = ShimConfig::from_toml(
+            "max_vcpus = 4\nmax_memory_mib = 4096\nguest_overhead_mib = 48\nmemory_step_mib = 64\n",
+            "t.toml",
+        )
+        .unwrap();
+        let cri = [
+            (super::super::sizing::CRI_SANDBOX_MEMORY, "268435456"),
+            (super::super::sizing::CRI_SANDBOX_CPU_QUOTA, "150000"),
+            (super::super::sizing::CRI_SANDBOX_CPU_PERIOD, "100000"),
+        ];
+        let sized = c.with_annotations(&annotations(&cri)).unwrap();
+        assert_eq!((sized.vcpus, sized.mem_mib), (2, 320));
+        assert!(
+            sized.template_allowed(),
+            "rounded pod sizes may have templates"
+        );
+        let mut both = cri.to_vec();
+        both.push((ANNOTATION_MEMORY_MIB, "512"));
+        let chosen = c.with_annotations(&annotations(&both)).unwrap();
+        assert_eq!((chosen.vcpus, chosen.mem_mib), (2, 512));
+        // Off: the configured shape.
+        let off = ShimConfig {
+            size_from_pod: false,
+            ..c.clone()
+        };
+        let fixed = off.with_annotations(&annotations(&cri)).unwrap();
+        assert_eq!((fixed.vcpus, fixed.mem_mib), (c.vcpus, c.mem_mib));
+        // A limit the settings cannot hold is an error naming the fix.
+        let big = [(super::super::sizing::CRI_SANDBOX_MEMORY, "68719476736")];
+        let e = c
+            .with_annotations(&annotations(&big))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_memory_mib"), "{e}");
     }
 
     #[test]

@@ -30,6 +30,7 @@ mod net;
 mod oom_events;
 pub mod pod;
 pub mod share;
+mod sizing;
 mod spec;
 pub mod stdio;
 pub mod task;
