@@ -62,13 +62,19 @@ fn req<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
 const CALL: Duration = Duration::from_secs(60);
 
 /// A pod with PID and IPC namespaces of its own, using the node's network unless
-/// `pod_network` (then CNI gives it a network namespace; containerd needs a CNI config).
-fn pod_config(
-    name: &str,
-    log_dir: &Path,
-    annotations: &[(&str, &str)],
+/// `pod_network` (then CNI gives it a network namespace; containerd needs a CNI config),
+/// with the pod-level `resources` the kubelet passes (containerd puts them on the sandbox
+/// spec as `io.kubernetes.cri.sandbox-*` annotations).
+/// What a test's pod asks for.
+#[derive(Default)]
+struct PodWants<'a> {
+    annotations: &'a [(&'a str, &'a str)],
+    resources: Option<LinuxContainerResources>,
     pod_network: bool,
-) -> PodSandboxConfig {
+}
+
+fn pod_config(name: &str, log_dir: &Path, wants: &PodWants) -> PodSandboxConfig {
+    let (annotations, pod_network) = (wants.annotations, wants.pod_network);
     PodSandboxConfig {
         metadata: Some(PodSandboxMetadata {
             name: name.into(),
@@ -95,6 +101,7 @@ fn pod_config(
                 }),
                 ..Default::default()
             }),
+            resources: wants.resources.clone(),
             ..Default::default()
         }),
         ..Default::default()
@@ -150,8 +157,7 @@ fn pod_lifecycle(
     test: &str,
     containerd: &Containerd,
     handler: &str,
-    annotations: &[(&str, &str)],
-    pod_network: bool,
+    wants: PodWants,
     start_timeout: Duration,
     while_running: &dyn Fn(&mut Client, &tokio::runtime::Runtime, &PodRun),
 ) -> PodRun {
@@ -167,7 +173,7 @@ fn pod_lifecycle(
 
     let log_dir = containerd.dir.join("pod-logs");
     std::fs::create_dir_all(&log_dir).unwrap();
-    let config = pod_config(test, &log_dir, annotations, pod_network);
+    let config = pod_config(test, &log_dir, &wants);
     let started = Instant::now();
     let sandbox_id = rt
         .block_on(client.run_pod_sandbox(req(
@@ -600,8 +606,10 @@ fn cri_runc_pod_lifecycle() {
         TEST,
         containerd,
         CRI_HANDLER_RUNC,
-        &[],
-        true,
+        PodWants {
+            pod_network: true,
+            ..Default::default()
+        },
         Duration::from_secs(120),
         &|client, rt, run| {
             // runc's shim serves the whole pod too.
@@ -650,7 +658,7 @@ fn cri_podvisor_pod_lifecycle() {
         &initrd,
         ContainerdOptions {
             cri: true,
-            // The pod asks for more memory than the default, within this file's limit.
+            // The pod needs more memory than the default, within this file's limit.
             podvisor_config: Some(
                 "memory_mib = 256\nmax_memory_mib = 512\nagent_timeout_secs = 900\n".into(),
             ),
@@ -664,15 +672,88 @@ fn cri_podvisor_pod_lifecycle() {
         TEST,
         &containerd,
         CRI_HANDLER_PODVISOR,
-        &[("io.podvisor.config.memory_mib", "320")],
-        false,
+        // 1.5 CPUs and 200 MiB: the shim sizes the VM to 2 vCPUs and 200 + 64 MiB rounded
+        // up to 128 MiB steps = 384 MiB (its defaults: 1 vCPU, 256 MiB).
+        PodWants {
+            resources: Some(LinuxContainerResources {
+                cpu_period: 100_000,
+                cpu_quota: 150_000,
+                memory_limit_in_bytes: 200 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
         RUN_TIMEOUT,
         &|client, rt, run| {
-            // One shim process hosts the sandbox and both containers, with one VM (1 vCPU).
+            // One shim process hosts the sandbox and both containers, with one VM.
             let pids = shim_pids(&sock);
             assert_eq!(pids.len(), 1, "podvisor shims: {pids:?}");
-            assert_eq!(vcpu_threads(pids[0]), vec!["vcpu0".to_string()], "one VM");
-            // The pod's annotation sized the VM: the guest sees about 320 MiB.
+            assert_eq!(
+                vcpu_threads(pids[0]),
+                vec!["vcpu0".to_string(), "vcpu1".to_string()],
+                "one VM with the pod's 2 vCPUs"
+            );
+            // Every thread of the shim (VMM, vCPUs, workers) is in the pod's cgroup (the
+            // sandbox's cgroupsPath ends with its id), in every hierarchy, and the pod's
+            // memory cgroup is charged with the process's anonymous memory (guest pages it
+            // touched and the VMM's; a template clone's unmodified pages are the template
+            // file's page cache, charged where the template was built).
+            let shim = pids[0];
+            for task in std::fs::read_dir(format!("/proc/{shim}/task"))
+                .unwrap()
+                .flatten()
+            {
+                let cgroups = std::fs::read_to_string(task.path().join("cgroup")).unwrap();
+                for line in cgroups.lines() {
+                    assert!(
+                        line.ends_with(&run.sandbox_id),
+                        "thread {:?} of the shim: {line}",
+                        task.file_name()
+                    );
+                }
+            }
+            let memory_cgroup = std::fs::read_to_string(format!("/proc/{shim}/cgroup"))
+                .unwrap()
+                .lines()
+                .find_map(|l| {
+                    let (_, rest) = l.split_once(':')?;
+                    let (controllers, path) = rest.split_once(':')?;
+                    controllers
+                        .split(',')
+                        .any(|c| c == "memory")
+                        .then(|| path.to_string())
+                });
+            if let Some(path) = memory_cgroup {
+                let usage = std::fs::read_to_string(format!(
+                    "/sys/fs/cgroup/memory{path}/memory.usage_in_bytes"
+                ))
+                .unwrap();
+                let usage: u64 = usage.trim().parse().unwrap();
+                let rollup = std::fs::read_to_string(format!("/proc/{shim}/smaps_rollup")).unwrap();
+                let anon_kib: u64 = rollup
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Anonymous:"))
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap();
+                eprintln!(
+                    "pod memory cgroup: {} KiB charged, shim anonymous {anon_kib} KiB",
+                    usage >> 10
+                );
+                // Less than what the shim allocated before it joined (its start-up).
+                assert!(
+                    usage >> 10 >= anon_kib * 3 / 4,
+                    "pod memory cgroup charged {} KiB, the shim has {anon_kib} KiB anonymous",
+                    usage >> 10
+                );
+            }
+            let nproc = exec_sync(client, rt, &run.container_ids[1], &["nproc"]);
+            assert_eq!(
+                String::from_utf8_lossy(&nproc.stdout).trim(),
+                "2",
+                "guest CPUs"
+            );
+            // The pod's memory limit sized the VM: the guest sees about 384 MiB.
             let meminfo = exec_sync(client, rt, &run.container_ids[1], &["cat", "/proc/meminfo"]);
             let text = String::from_utf8_lossy(&meminfo.stdout);
             let total_kib: u64 = text
@@ -682,8 +763,8 @@ fn cri_podvisor_pod_lifecycle() {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or_else(|| panic!("no MemTotal in {text:?}"));
             assert!(
-                (256 * 1024..=320 * 1024).contains(&total_kib),
-                "guest MemTotal {total_kib} kB for a 320 MiB pod"
+                (320 * 1024..=384 * 1024).contains(&total_kib),
+                "guest MemTotal {total_kib} kB for a 384 MiB VM"
             );
         },
     );
@@ -735,7 +816,7 @@ fn cri_podvisor_bad_config_fails_cleanly() {
     let err = rt
         .block_on(client.run_pod_sandbox(req(
             RunPodSandboxRequest {
-                config: Some(pod_config(TEST, &log_dir, &[], false)),
+                config: Some(pod_config(TEST, &log_dir, &PodWants::default())),
                 runtime_handler: CRI_HANDLER_PODVISOR.into(),
             },
             Duration::from_secs(120),
@@ -820,8 +901,10 @@ fn cri_podvisor_pod_network() {
         TEST,
         containerd,
         CRI_HANDLER_PODVISOR,
-        &[],
-        true,
+        PodWants {
+            pod_network: true,
+            ..Default::default()
+        },
         RUN_TIMEOUT,
         &|client, rt, run| check_pod_network(TEST, client, rt, run, cni),
     );

@@ -30,7 +30,9 @@ use podvisor_shim::agent::{Agent, TtrpcAgent};
 use podvisor_shim::config::ShimConfig;
 use podvisor_shim::containers::{ContainerKind, ContainerSpec, Containers, EventSink};
 use podvisor_shim::error::ShimError;
-use podvisor_shim::pod::{ContainerMounts, OnVmExit, PodError, PodFactory, PodHost, PodRuntime};
+use podvisor_shim::pod::{
+    ContainerMounts, OnVmExit, PodError, PodFactory, PodHost, PodRequest, PodRuntime,
+};
 use podvisor_shim::share::ShareError;
 use podvisor_shim::stdio::StdioPaths;
 use podvisor_shim::task::Service;
@@ -90,14 +92,12 @@ struct HostPods {
 impl PodFactory for HostPods {
     fn create(
         &self,
-        id: &str,
-        _hostname: &str,
-        _netns: Option<&Path>,
+        req: &PodRequest,
         _config: &ShimConfig,
         _on_exit: OnVmExit,
     ) -> Result<Arc<dyn PodRuntime>, PodError> {
         let pod = Arc::new(HostPod {
-            id: id.to_string(),
+            id: req.id.to_string(),
             agent: self.agent.clone(),
             rootfs: self.rootfs.clone(),
             mounts: Mutex::default(),

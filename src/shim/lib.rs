@@ -130,6 +130,14 @@ impl containerd_shim::Shim for PodvisorShim {
             }
             let _ = std::fs::remove_file(socket_path);
             cleanup_pod_network(&self.bundle);
+            let cgroup = spec::load(&self.bundle)
+                .ok()
+                .and_then(|s| spec::cgroups_path(&s));
+            if let Some(path) = cgroup {
+                if let Err(e) = pod::PodCgroup::remove_leftover(&path) {
+                    eprintln!("podvisor: shim delete {}: {e}", self.id);
+                }
+            }
         }
         let mut resp = DeleteResponse::new();
         resp.exit_status = 128 + libc::SIGKILL as u32;

@@ -56,6 +56,8 @@ pub struct BundleSpec {
     pub hostname: String,
     /// The network namespace the spec joins (a CRI sandbox's pod network).
     pub netns: Option<PathBuf>,
+    /// `linux.cgroupsPath`: the pod's host cgroup, for a sandbox's spec.
+    pub cgroups_path: Option<String>,
     pub guest: GuestSpec,
 }
 
@@ -86,6 +88,16 @@ pub fn annotations(spec: &Spec) -> HashMap<String, String> {
     spec.annotations().clone().unwrap_or_default()
 }
 
+/// `linux.cgroupsPath`, when set.
+pub fn cgroups_path(spec: &Spec) -> Option<String> {
+    spec.linux()
+        .as_ref()?
+        .cgroups_path()
+        .as_ref()
+        .map(|p| p.to_string_lossy().into_owned())
+        .filter(|p| !p.is_empty())
+}
+
 /// The network namespace path a spec joins (`linux.namespaces`, type `network`, with a
 /// non-empty `path`), as the CRI sandbox container's spec has it.
 pub fn netns_path(spec: &Spec) -> Option<PathBuf> {
@@ -108,6 +120,7 @@ impl BundleSpec {
             annotations: annotations(&spec),
             hostname: spec.hostname().clone().unwrap_or_default(),
             netns: netns_path(&spec),
+            cgroups_path: cgroups_path(&spec),
             guest: adapt(spec, container_dir)?,
         })
     }

@@ -43,7 +43,7 @@ use super::containers::{ContainerKind, ContainerSpec, Containers, EventSink};
 use super::error::ShimError;
 use super::grouping::{is_sandbox_container, pod_id, valid_id};
 use super::metrics::metrics_any;
-use super::pod::{ContainerMounts, PodFactory, PodHost, PodRuntime, StateDir, VmPods};
+use super::pod::{ContainerMounts, PodFactory, PodHost, PodRequest, PodRuntime, StateDir, VmPods};
 use super::share::RootfsMount;
 use super::spec::BundleSpec;
 use super::stdio::{OutputSink, StdioPaths};
@@ -231,13 +231,13 @@ impl Service {
         config.apply_log_level();
         let containers = self.inner.containers.clone();
         let on_exit = Box::new(move |reason: String| containers.vm_exited(&reason));
-        let pod = self.inner.pods.create(
-            &pod_id,
-            &spec.hostname,
-            spec.netns.as_deref(),
-            &config,
-            on_exit,
-        )?;
+        let request = PodRequest {
+            id: &pod_id,
+            hostname: &spec.hostname,
+            netns: spec.netns.as_deref(),
+            cgroups_path: spec.cgroups_path.as_deref(),
+        };
+        let pod = self.inner.pods.create(&request, &config, on_exit)?;
         let host: Arc<dyn PodHost> = pod.clone();
         if let Err(e) = self.inner.containers.watch_ooms(host) {
             pod.destroy();

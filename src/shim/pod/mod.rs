@@ -9,6 +9,7 @@
 //! tap, and the agent configures the guest NICs after CreateSandbox. Template clones get
 //! this pod's taps as restore bindings.
 
+mod cgroup;
 mod state;
 pub mod vm;
 
@@ -23,6 +24,7 @@ use podvisor_agent_protocol::PROTOCOL_VERSION;
 use vmm::config::{NetConfig, TapSource};
 use vmm::{VmReport, VmStopHandle};
 
+pub use cgroup::{CgroupError, PodCgroup};
 pub use state::{cleanup_state_dir, StateDir, SHARED_IN_GUEST, SHARE_TAG};
 pub use vm::{pod_vm_config, OnVmExit};
 
@@ -119,15 +121,26 @@ pub trait PodRuntime: PodHost {
 /// How the task service brings a pod up: a VM in this process ([`VmPods`]), or in tests an
 /// agent running on the host.
 pub trait PodFactory: Send + Sync {
-    /// Brings up pod `id` with `config`; `on_exit` runs once when it stops by itself.
+    /// Brings up the pod `req` describes with `config`; `on_exit` runs once when it stops
+    /// by itself.
     fn create(
         &self,
-        id: &str,
-        hostname: &str,
-        netns: Option<&Path>,
+        req: &PodRequest,
         config: &ShimConfig,
         on_exit: OnVmExit,
     ) -> Result<Arc<dyn PodRuntime>, PodError>;
+}
+
+/// What the sandbox's spec says about the pod.
+#[derive(Debug, Clone, Copy)]
+pub struct PodRequest<'a> {
+    pub id: &'a str,
+    /// The guest's hostname (empty: the pod id).
+    pub hostname: &'a str,
+    /// The network namespace CNI made for the pod, if any.
+    pub netns: Option<&'a Path>,
+    /// The pod's host cgroup (`linux.cgroupsPath`), which the shim process joins.
+    pub cgroups_path: Option<&'a str>,
 }
 
 /// Pods as VMs of this process ([`Pod::create`]).
@@ -136,13 +149,11 @@ pub struct VmPods;
 impl PodFactory for VmPods {
     fn create(
         &self,
-        id: &str,
-        hostname: &str,
-        netns: Option<&Path>,
+        req: &PodRequest,
         config: &ShimConfig,
         on_exit: OnVmExit,
     ) -> Result<Arc<dyn PodRuntime>, PodError> {
-        Ok(Arc::new(Pod::create(id, hostname, config, netns, on_exit)?))
+        Ok(Arc::new(Pod::create(req, config, on_exit)?))
     }
 }
 
@@ -159,6 +170,8 @@ pub struct Pod {
     destroyed: AtomicBool,
     /// The wiring of the pod's network namespace; undone after the VM stopped.
     network: Mutex<Option<PodNetwork>>,
+    /// The pod's host cgroup, which this process joined; left at teardown.
+    cgroup: Mutex<Option<PodCgroup>>,
 }
 
 /// The pod's network wiring, when its sandbox spec names a network namespace (`netns`).
@@ -199,6 +212,7 @@ fn sandbox_request(id: &str, hostname: &str) -> Result<CreateSandboxRequest, Pod
 /// What is up of a pod being created, undone in reverse when a later step fails.
 struct Partial {
     state: StateDir,
+    cgroup: Option<PodCgroup>,
     share: Option<PodShare>,
     network: Option<PodNetwork>,
     vm: Option<vm::VmThread>,
@@ -217,6 +231,23 @@ impl Partial {
             }
         }
         let _ = cleanup_state_dir(&self.state.root);
+        // Last: the process leaves the pod's cgroup once the VM is gone.
+        drop(self.cgroup.take());
+    }
+}
+
+/// The shim process joins the pod's cgroup; a failure is logged (the pod then runs, not
+/// accounted to its cgroup, as before).
+fn join_cgroup(id: &str, path: &str) -> Option<PodCgroup> {
+    match PodCgroup::join(std::process::id(), path) {
+        Ok(cg) => {
+            log::info!("pod {id}: the shim process joined cgroup {path}");
+            Some(cg)
+        }
+        Err(e) => {
+            log::warn!("pod {id}: its VM is not accounted to the pod's cgroup: {e}");
+            None
+        }
     }
 }
 
@@ -225,12 +256,11 @@ impl Pod {
     /// pod's network namespace (CRI/CNI), if any. On failure nothing of it is left: no VM,
     /// no network wiring, no state dir.
     pub fn create(
-        id: &str,
-        hostname: &str,
+        req: &PodRequest,
         config: &ShimConfig,
-        netns: Option<&Path>,
         on_exit: OnVmExit,
     ) -> Result<Pod, PodError> {
+        let id = req.id;
         if config.seccomp != vmm::SeccompMode::Enforce {
             log::warn!(
                 "pod {id}: seccomp = {:?}: the VMM's guest-facing threads are not confined",
@@ -243,11 +273,12 @@ impl Pod {
         share::create_pod_dir(&config.run_dir, &state.root).map_err(PodError::StateDir)?;
         let mut partial = Partial {
             state,
+            cgroup: req.cgroups_path.and_then(|path| join_cgroup(id, path)),
             share: None,
             network: None,
             vm: None,
         };
-        match Self::bring_up(id, hostname, config, netns, on_exit, &mut partial) {
+        match Self::bring_up(id, req.hostname, config, req.netns, on_exit, &mut partial) {
             Ok(agent) => {
                 let vm = partial.vm.take().expect("bring_up started the VM");
                 Ok(Pod {
@@ -259,6 +290,7 @@ impl Pod {
                     stop: vm.stop,
                     destroyed: AtomicBool::new(false),
                     network: Mutex::new(partial.network.take()),
+                    cgroup: Mutex::new(partial.cgroup.take()),
                 })
             }
             Err(e) => {
@@ -382,6 +414,7 @@ impl Pod {
             }
         }
         let _ = cleanup_state_dir(&self.state.root);
+        drop(self.cgroup.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 }
 

@@ -1,0 +1,355 @@
+//! The pod's host cgroup: the shim process (VMM, vCPU and worker threads) joins the cgroup
+//! the sandbox's spec names (`linux.cgroupsPath`, which the CRI plugin sets from the
+//! kubelet's pod cgroup), so that the node's accounting of the pod (`memory.current` /
+//! `memory.usage_in_bytes`, `cpu.stat` / `cpuacct.usage`) includes guest RAM and vCPU time.
+//! Container limits stay in the guest.
+//!
+//! Works on cgroup v2, v1 and hybrid hosts: the process joins the path in every mounted
+//! hierarchy (v1: each controller's mount, named ones such as `name=systemd` included;
+//! v2: the unified mount), creating the directories that do not exist (a new v1 cpuset
+//! gets its parent's CPUs and memory nodes, or nobody could join it). Leaving moves the
+//! process back to where it was and removes what was created, deepest first.
+//!
+//! The cgroupfs driver's paths (`/kubepods/burstable/pod<uid>/<id>`) are handled; a
+//! systemd-driver path (`slice:prefix:name`, whose scope systemd must create over D-Bus)
+//! is refused with [`CgroupError::SystemdPath`], which the pod logs: it then stays in the
+//! shim's own cgroup as before.
+
+use std::path::{Component, Path, PathBuf};
+
+/// Why the pod could not join its cgroup.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error(
+        "cgroupsPath {0:?} is a systemd-driver path (slice:prefix:name): podvisor joins \
+         cgroupfs-driver paths only; configure containerd and the kubelet with the cgroupfs \
+         driver to have the pod's VM accounted in the pod's cgroup"
+    )]
+    SystemdPath(String),
+    #[error("cgroupsPath {0:?} is not an absolute path without `..`")]
+    BadPath(String),
+    #[error("no cgroup hierarchy is mounted (read /proc/self/mountinfo)")]
+    NoHierarchy,
+    #[error("cgroup {path}: {what}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CgroupError + 'a {
+    move |source| CgroupError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One mounted hierarchy: where it is mounted, and which cgroup of it a process is in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Hierarchy {
+    mount: PathBuf,
+    /// The mount's root within the hierarchy (`/` unless a sub-tree is mounted).
+    root: PathBuf,
+    /// `cpuset` is among its controllers.
+    cpuset: bool,
+    /// The key of `/proc/<pid>/cgroup` lines for it: its controllers (`cpu,cpuacct`,
+    /// `name=systemd`), or empty for v2.
+    key: String,
+}
+
+/// The cgroup mounts in `mountinfo` text.
+fn hierarchies(mountinfo: &str) -> Vec<Hierarchy> {
+    let mut out = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let fields: Vec<&str> = left.split(' ').collect();
+        let rest: Vec<&str> = right.split(' ').collect();
+        let (Some(root), Some(mount), Some(fstype)) = (fields.get(3), fields.get(4), rest.first())
+        else {
+            continue;
+        };
+        let key = match *fstype {
+            "cgroup2" => String::new(),
+            "cgroup" => {
+                let options = rest.get(2).copied().unwrap_or("");
+                options
+                    .split(',')
+                    .filter(|o| !matches!(*o, "rw" | "ro") && !o.contains("relatime"))
+                    .filter(|o| !matches!(*o, "nosuid" | "nodev" | "noexec" | "clone_children"))
+                    .filter(|o| !o.starts_with("release_agent="))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }
+            _ => continue,
+        };
+        out.push(Hierarchy {
+            mount: PathBuf::from(mount),
+            root: PathBuf::from(root),
+            cpuset: key.split(',').any(|c| c == "cpuset"),
+            key,
+        });
+    }
+    out
+}
+
+/// The cgroup of `pid` in the hierarchy with `key` (`/proc/<pid>/cgroup`).
+fn current(proc_cgroup: &str, key: &str) -> Option<PathBuf> {
+    proc_cgroup.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, k, path) = (parts.next()?, parts.next()?, parts.next()?);
+        // v1 lines list the controllers in the kernel's order; compare as sets.
+        let same = |a: &str, b: &str| {
+            let mut a: Vec<&str> = a.split(',').collect();
+            let mut b: Vec<&str> = b.split(',').collect();
+            a.sort_unstable();
+            b.sort_unstable();
+            a == b
+        };
+        same(k, key).then(|| PathBuf::from(path))
+    })
+}
+
+/// `cgroups_path` checked: absolute, no `..`, not a systemd-driver path.
+fn checked(cgroups_path: &str) -> Result<PathBuf, CgroupError> {
+    if !cgroups_path.starts_with('/') && cgroups_path.split(':').count() == 3 {
+        return Err(CgroupError::SystemdPath(cgroups_path.to_string()));
+    }
+    let path = PathBuf::from(cgroups_path);
+    let clean = path.is_absolute()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    if !clean {
+        return Err(CgroupError::BadPath(cgroups_path.to_string()));
+    }
+    Ok(path)
+}
+
+/// The directory of cgroup `path` in hierarchy `h` (`None` when the mount does not
+/// contain it).
+fn dir_of(h: &Hierarchy, path: &Path) -> Option<PathBuf> {
+    let rel = path.strip_prefix(&h.root).ok()?;
+    Some(h.mount.join(rel))
+}
+
+/// A process in the pod's cgroup: where it came from, and what was created for it.
+#[derive(Debug)]
+pub struct PodCgroup {
+    pid: u32,
+    /// (the cgroup.procs to move back to, the cgroup's directory) per hierarchy joined.
+    joined: Vec<(PathBuf, PathBuf)>,
+    /// Directories created, in creation order.
+    created: Vec<PathBuf>,
+}
+
+impl PodCgroup {
+    /// Moves process `pid` (with all its threads) into `cgroups_path` in every hierarchy.
+    /// On failure it is where it was and nothing created is left.
+    pub fn join(pid: u32, cgroups_path: &str) -> Result<PodCgroup, CgroupError> {
+        let path = checked(cgroups_path)?;
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+            .map_err(io("read", Path::new("/proc/self/mountinfo")))?;
+        let hierarchies = hierarchies(&mountinfo);
+        if hierarchies.is_empty() {
+            return Err(CgroupError::NoHierarchy);
+        }
+        let proc_cgroup = format!("/proc/{pid}/cgroup");
+        let before =
+            std::fs::read_to_string(&proc_cgroup).map_err(io("read", Path::new(&proc_cgroup)))?;
+        let mut cg = PodCgroup {
+            pid,
+            joined: Vec::new(),
+            created: Vec::new(),
+        };
+        for h in &hierarchies {
+            let (Some(from), Some(dir)) = (
+                current(&before, &h.key).and_then(|c| dir_of(h, &c)),
+                dir_of(h, &path),
+            ) else {
+                continue;
+            };
+            if let Err(e) = cg.enter(h, &dir, &from) {
+                cg.leave();
+                return Err(e);
+            }
+        }
+        Ok(cg)
+    }
+
+    fn enter(&mut self, h: &Hierarchy, dir: &Path, from: &Path) -> Result<(), CgroupError> {
+        // Create the missing levels, top down.
+        let missing: Vec<&Path> = dir
+            .ancestors()
+            .take_while(|d| *d != h.mount && !d.exists())
+            .collect();
+        for d in missing.into_iter().rev() {
+            std::fs::create_dir(d).map_err(io("create", d))?;
+            self.created.push(d.to_path_buf());
+            if h.cpuset {
+                if let Some(parent) = d.parent() {
+                    for file in ["cpuset.cpus", "cpuset.mems"] {
+                        let value = std::fs::read_to_string(parent.join(file))
+                            .map_err(io("read", &parent.join(file)))?;
+                        std::fs::write(d.join(file), value.trim())
+                            .map_err(io("write", &d.join(file)))?;
+                    }
+                }
+            }
+        }
+        let procs = dir.join("cgroup.procs");
+        std::fs::write(&procs, self.pid.to_string()).map_err(io("join", &procs))?;
+        self.joined
+            .push((from.join("cgroup.procs"), dir.to_path_buf()));
+        Ok(())
+    }
+
+    /// Moves the process back where it came from and removes the directories created for
+    /// it (those still holding other processes stay, logged).
+    pub fn leave(&mut self) {
+        for (back, _) in self.joined.drain(..) {
+            if let Err(e) = std::fs::write(&back, self.pid.to_string()) {
+                log::warn!("cgroup: moving back to {}: {e}", back.display());
+            }
+        }
+        for d in self.created.drain(..).rev() {
+            if let Err(e) = std::fs::remove_dir(&d) {
+                log::warn!("cgroup: removing {}: {e}", d.display());
+            }
+        }
+    }
+
+    /// After a shim died in its pod's cgroup: removes that (now empty) cgroup in every
+    /// hierarchy. Its parents are left: the kubelet (or another pod) may own them.
+    pub fn remove_leftover(cgroups_path: &str) -> Result<(), CgroupError> {
+        let path = checked(cgroups_path)?;
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+            .map_err(io("read", Path::new("/proc/self/mountinfo")))?;
+        for dir in hierarchies(&mountinfo)
+            .iter()
+            .filter_map(|h| dir_of(h, &path))
+        {
+            match std::fs::remove_dir(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(CgroupError::Io {
+                        what: "remove",
+                        path: dir,
+                        source: e,
+                    })
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The cgroup directories the process is in, one per hierarchy.
+    pub fn dirs(&self) -> impl Iterator<Item = &Path> {
+        self.joined.iter().map(|(_, d)| d.as_path())
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+30 23 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:4 - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:5 - cgroup2 cgroup2 rw
+33 30 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid,nodev,noexec,relatime shared:8 - cgroup cgroup rw,cpu,cpuacct
+34 30 0:30 / /sys/fs/cgroup/cpuset rw,relatime shared:9 - cgroup cgroup rw,cpuset,clone_children
+35 30 0:31 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,release_agent=/x,name=systemd
+36 25 0:32 / /proc rw - proc proc rw";
+
+    #[test]
+    fn finds_every_hierarchy_v1_v2_and_named() {
+        let h = hierarchies(MOUNTINFO);
+        let keys: Vec<&str> = h.iter().map(|h| h.key.as_str()).collect();
+        assert_eq!(keys, ["", "cpu,cpuacct", "cpuset", "xattr,name=systemd"]);
+        assert!(h[2].cpuset && !h[1].cpuset);
+    }
+
+    #[test]
+    fn reads_a_process_cgroup_per_hierarchy() {
+        let proc_cgroup = "4:memory:/a/b\n2:cpuacct,cpu:/c\n0::/d\n";
+        assert_eq!(current(proc_cgroup, "cpu,cpuacct"), Some("/c".into()));
+        assert_eq!(current(proc_cgroup, "memory"), Some("/a/b".into()));
+        assert_eq!(current(proc_cgroup, ""), Some("/d".into()));
+        assert_eq!(current(proc_cgroup, "pids"), None);
+    }
+
+    #[test]
+    fn checks_paths() {
+        assert!(checked("/kubepods/burstable/pod1/abc").is_ok());
+        assert!(matches!(
+            checked("kubepods-pod1.slice:cri-containerd:abc"),
+            Err(CgroupError::SystemdPath(_))
+        ));
+        for bad in ["relative/x", "/a/../b", ""] {
+            assert!(
+                matches!(checked(bad), Err(CgroupError::BadPath(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    /// As root on a host with cgroups: a child process joins a new cgroup tree in every
+    /// hierarchy and leaves it; nothing created is left.
+    #[test]
+    fn a_process_joins_and_leaves_the_pod_cgroup() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP: needs root");
+            return;
+        }
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let path = format!("/podvisor-test-{}/pod/sandbox", std::process::id());
+        let cg = PodCgroup::join(child.id(), &path).unwrap();
+        let dirs: Vec<PathBuf> = cg.dirs().map(Path::to_path_buf).collect();
+        assert!(!dirs.is_empty());
+        let now = std::fs::read_to_string(format!("/proc/{}/cgroup", child.id())).unwrap();
+        for line in now.lines() {
+            assert!(line.ends_with(&path), "{line} after joining {path}");
+        }
+        for d in &dirs {
+            let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap();
+            assert!(procs.lines().any(|p| p == child.id().to_string()), "{d:?}");
+        }
+        // A leftover of a dead process is removed by `shim delete`; an empty path is
+        // nothing to remove.
+        drop(cg);
+        let after = std::fs::read_to_string(format!("/proc/{}/cgroup", child.id())).unwrap();
+        assert!(!after.contains("podvisor-test"), "{after}");
+        for d in &dirs {
+            assert!(!d.exists(), "{d:?} left");
+            assert!(
+                !d.parent().unwrap().parent().unwrap().exists(),
+                "{d:?}'s tree left"
+            );
+        }
+        // `shim delete` after a crash: the process gone, its cgroup is removed.
+        let leftover = PodCgroup::join(child.id(), &path).unwrap();
+        std::mem::forget(leftover);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        PodCgroup::remove_leftover(&path).unwrap();
+        for d in &dirs {
+            assert!(!d.exists(), "{d:?} left after remove_leftover");
+            // Its parents are not ours to remove here.
+            let _ = std::fs::remove_dir(d.parent().unwrap());
+            let _ = std::fs::remove_dir(d.parent().unwrap().parent().unwrap());
+        }
+    }
+}
