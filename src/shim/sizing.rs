@@ -152,6 +152,7 @@ impl PodResources {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::grouping::ann;
 
     fn rules() -> SizingRules {
         SizingRules {
@@ -163,13 +164,6 @@ mod tests {
             guest_overhead_mib: 48,
             memory_step_mib: 64,
         }
-    }
-
-    fn ann(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
     }
 
     #[test]
