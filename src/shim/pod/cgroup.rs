@@ -52,11 +52,32 @@ struct Hierarchy {
     mount: PathBuf,
     /// The mount's root within the hierarchy (`/` unless a sub-tree is mounted).
     root: PathBuf,
-    /// `cpuset` is among its controllers.
-    cpuset: bool,
-    /// The key of `/proc/<pid>/cgroup` lines for it: its controllers (`cpu,cpuacct`,
-    /// `name=systemd`), or empty for v2.
-    key: String,
+    /// v1: the mount's options, among them its controllers (`cpu`, `cpuacct`) or name
+    /// (`name=systemd`); `None` for v2.
+    v1_options: Option<Vec<String>>,
+}
+
+impl Hierarchy {
+    fn is_cpuset(&self) -> bool {
+        self.v1_options
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|c| c == "cpuset"))
+    }
+
+    /// Whether a `/proc/<pid>/cgroup` line's controller field (`cpuacct,cpu`,
+    /// `name=systemd`, empty for v2) names this hierarchy: v1 controllers are all among the
+    /// mount's options (which also hold `rw`, `xattr`, ...).
+    fn is_named_by(&self, controllers: &str) -> bool {
+        match &self.v1_options {
+            None => controllers.is_empty(),
+            Some(options) => {
+                !controllers.is_empty()
+                    && controllers
+                        .split(',')
+                        .all(|c| options.iter().any(|o| o == c))
+            }
+        }
+    }
 }
 
 /// The cgroup mounts in `mountinfo` text.
@@ -72,44 +93,33 @@ fn hierarchies(mountinfo: &str) -> Vec<Hierarchy> {
         else {
             continue;
         };
-        let key = match *fstype {
-            "cgroup2" => String::new(),
-            "cgroup" => {
-                let options = rest.get(2).copied().unwrap_or("");
-                options
+        let v1_options = match *fstype {
+            "cgroup2" => None,
+            "cgroup" => Some(
+                rest.get(2)
+                    .copied()
+                    .unwrap_or("")
                     .split(',')
-                    .filter(|o| !matches!(*o, "rw" | "ro") && !o.contains("relatime"))
-                    .filter(|o| !matches!(*o, "nosuid" | "nodev" | "noexec" | "clone_children"))
-                    .filter(|o| !o.starts_with("release_agent="))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            }
+                    .map(str::to_string)
+                    .collect(),
+            ),
             _ => continue,
         };
         out.push(Hierarchy {
             mount: PathBuf::from(mount),
             root: PathBuf::from(root),
-            cpuset: key.split(',').any(|c| c == "cpuset"),
-            key,
+            v1_options,
         });
     }
     out
 }
 
-/// The cgroup of `pid` in the hierarchy with `key` (`/proc/<pid>/cgroup`).
-fn current(proc_cgroup: &str, key: &str) -> Option<PathBuf> {
+/// The cgroup a process is in within hierarchy `h` (from its `/proc/<pid>/cgroup`).
+fn current(proc_cgroup: &str, h: &Hierarchy) -> Option<PathBuf> {
     proc_cgroup.lines().find_map(|l| {
         let mut parts = l.splitn(3, ':');
-        let (_, k, path) = (parts.next()?, parts.next()?, parts.next()?);
-        // v1 lines list the controllers in the kernel's order; compare as sets.
-        let same = |a: &str, b: &str| {
-            let mut a: Vec<&str> = a.split(',').collect();
-            let mut b: Vec<&str> = b.split(',').collect();
-            a.sort_unstable();
-            b.sort_unstable();
-            a == b
-        };
-        same(k, key).then(|| PathBuf::from(path))
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        h.is_named_by(controllers).then(|| PathBuf::from(path))
     })
 }
 
@@ -167,7 +177,7 @@ impl PodCgroup {
         };
         for h in &hierarchies {
             let (Some(from), Some(dir)) = (
-                current(&before, &h.key).and_then(|c| dir_of(h, &c)),
+                current(&before, h).and_then(|c| dir_of(h, &c)),
                 dir_of(h, &path),
             ) else {
                 continue;
@@ -189,7 +199,7 @@ impl PodCgroup {
         for d in missing.into_iter().rev() {
             std::fs::create_dir(d).map_err(io("create", d))?;
             self.created.push(d.to_path_buf());
-            if h.cpuset {
+            if h.is_cpuset() {
                 if let Some(parent) = d.parent() {
                     for file in ["cpuset.cpus", "cpuset.mems"] {
                         let value = std::fs::read_to_string(parent.join(file))
@@ -273,18 +283,38 @@ mod tests {
     #[test]
     fn finds_every_hierarchy_v1_v2_and_named() {
         let h = hierarchies(MOUNTINFO);
-        let keys: Vec<&str> = h.iter().map(|h| h.key.as_str()).collect();
-        assert_eq!(keys, ["", "cpu,cpuacct", "cpuset", "xattr,name=systemd"]);
-        assert!(h[2].cpuset && !h[1].cpuset);
+        let mounts: Vec<&Path> = h.iter().map(|h| h.mount.as_path()).collect();
+        assert_eq!(
+            mounts,
+            [
+                "/sys/fs/cgroup/unified",
+                "/sys/fs/cgroup/cpu,cpuacct",
+                "/sys/fs/cgroup/cpuset",
+                "/sys/fs/cgroup/systemd"
+            ]
+            .map(Path::new)
+        );
+        assert!(h[2].is_cpuset() && !h[1].is_cpuset());
+        // Each one is found in a process's cgroups, whatever other options it was
+        // mounted with (xattr, clone_children, release_agent=...).
+        let proc_cgroup = "4:memory:/m\n3:name=systemd:/s\n2:cpuacct,cpu:/c\n1:cpuset:/x\n0::/d\n";
+        let found: Vec<Option<PathBuf>> = h.iter().map(|h| current(proc_cgroup, h)).collect();
+        assert_eq!(
+            found,
+            [Some("/d"), Some("/c"), Some("/x"), Some("/s")].map(|p| p.map(PathBuf::from))
+        );
     }
 
     #[test]
     fn reads_a_process_cgroup_per_hierarchy() {
+        let h = hierarchies(MOUNTINFO);
         let proc_cgroup = "4:memory:/a/b\n2:cpuacct,cpu:/c\n0::/d\n";
-        assert_eq!(current(proc_cgroup, "cpu,cpuacct"), Some("/c".into()));
-        assert_eq!(current(proc_cgroup, "memory"), Some("/a/b".into()));
-        assert_eq!(current(proc_cgroup, ""), Some("/d".into()));
-        assert_eq!(current(proc_cgroup, "pids"), None);
+        assert_eq!(current(proc_cgroup, &h[1]), Some("/c".into()));
+        assert_eq!(current(proc_cgroup, &h[0]), Some("/d".into()));
+        // No line for it: the hierarchy is skipped.
+        assert_eq!(current(proc_cgroup, &h[2]), None);
+        // A controller the mount does not have never matches.
+        assert_eq!(current("2:cpu,memory:/z\n", &h[1]), None);
     }
 
     #[test]
