@@ -119,7 +119,8 @@ impl containerd_shim::Shim for PodvisorShim {
         // network; containerd's deletes of the pod's other containers find nothing left.
         // What cannot be removed goes to stderr, which containerd logs ("cleanup warnings").
         let config = ShimConfig::for_delete(&self.bundle);
-        let annotations = grouping::bundle_annotations(&self.bundle);
+        let spec = spec::load(&self.bundle).ok();
+        let annotations = spec.as_ref().map(spec::annotations).unwrap_or_default();
         let pod_id = grouping::pod_id(&self.id, &annotations);
         let socket = containerd_shim::socket_address(&self.address, &self.namespace, &pod_id);
         let socket_path = socket.trim_start_matches("unix://");
@@ -129,13 +130,12 @@ impl containerd_shim::Shim for PodvisorShim {
                 eprintln!("podvisor: shim delete {}: {e}", self.id);
             }
             let _ = std::fs::remove_file(socket_path);
-            cleanup_pod_network(&self.bundle);
-            let cgroup = spec::load(&self.bundle)
-                .ok()
-                .and_then(|s| spec::cgroups_path(&s));
-            if let Some(path) = cgroup {
-                if let Err(e) = pod::PodCgroup::remove_leftover(&path) {
-                    eprintln!("podvisor: shim delete {}: {e}", self.id);
+            if let Some(spec) = &spec {
+                cleanup_pod_network(spec);
+                if let Some(path) = spec::cgroups_path(spec) {
+                    if let Err(e) = pod::PodCgroup::remove_leftover(&path) {
+                        eprintln!("podvisor: shim delete {}: {e}", self.id);
+                    }
                 }
             }
         }
@@ -229,8 +229,8 @@ pub fn thread_states(pid: Option<u32>) -> String {
 
 /// After the pod's shim died: removes the tc redirects and taps it left in the pod's network
 /// namespace (the one the bundle's spec joins), so that the namespace works again.
-fn cleanup_pod_network(bundle: &Path) {
-    let Some(netns) = spec::load(bundle).ok().as_ref().and_then(spec::netns_path) else {
+fn cleanup_pod_network(spec: &oci_spec::runtime::Spec) {
+    let Some(netns) = spec::netns_path(spec) else {
         return;
     };
     match net::cleanup_stale(&netns) {

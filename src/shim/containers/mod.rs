@@ -473,21 +473,13 @@ impl Containers {
                     // reported after Kill has answered: containerd deletes the task and
                     // shuts the shim's connection down once it sees the exit, which must
                     // not overtake the answer to its Kill.
-                    let this = self.clone();
-                    let id_owned = id.to_string();
+                    let (this, id_owned, exit_owned) = (self.clone(), id.to_string(), exit.clone());
                     let spawned = std::thread::Builder::new()
                         .name("sandbox-exit".into())
-                        .spawn(move || this.report_exit(&id_owned, "", exit.clone()));
+                        .spawn(move || this.report_exit(&id_owned, "", exit_owned));
                     if let Err(e) = spawned {
                         log::warn!("no thread to report {id}'s exit ({e}): reporting it now");
-                        self.report_exit(
-                            id,
-                            "",
-                            Exit {
-                                status: 128 + signal,
-                                at: now(),
-                            },
-                        );
+                        self.report_exit(id, "", exit);
                     }
                 }
                 Ok(())

@@ -16,13 +16,11 @@ pub mod vm;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use podvisor_agent_protocol::agent::{CreateSandboxRequest, SharedMount};
 use podvisor_agent_protocol::PROTOCOL_VERSION;
 use vmm::config::{NetConfig, TapSource};
-use vmm::{VmReport, VmStopHandle};
 
 pub use cgroup::{CgroupError, PodCgroup};
 pub use state::{cleanup_state_dir, StateDir, SHARED_IN_GUEST, SHARE_TAG};
@@ -164,8 +162,7 @@ pub struct Pod {
     agent: Arc<TtrpcAgent>,
     /// The pod's share (until teardown, which closes it so that its mounts can go).
     share: Mutex<Option<PodShare>>,
-    vm: Mutex<Option<JoinHandle<VmReport>>>,
-    stop: VmStopHandle,
+    vm: Mutex<Option<vm::VmThread>>,
     /// Teardown has begun.
     destroyed: AtomicBool,
     /// The wiring of the pod's network namespace; undone after the VM stopped.
@@ -219,21 +216,35 @@ struct Partial {
 }
 
 impl Partial {
-    fn undo(mut self) {
+    /// Undoes what is up, in reverse: stops the VM (with `reason`, unless it stopped by
+    /// itself) and waits for it, closes the share (its descriptors would keep the share's
+    /// mounts busy), unwires the network, removes the state dir, and last, once the VM is
+    /// gone, leaves the pod's cgroup. A failed create and a pod's teardown both end here.
+    fn undo(mut self, reason: &str) {
         if let Some(vm) = self.vm.take() {
-            vm.stop.stop("the sandbox could not be set up");
-            let _ = vm.handle.join();
+            if !vm.handle.is_finished() {
+                vm.stop.stop(reason);
+            }
+            if let Ok(report) = vm.handle.join() {
+                log::info!("pod VM stopped: {}", report.reason);
+            }
         }
         drop(self.share.take());
         if let Some(net) = self.network.take() {
-            if let Err(e) = net.teardown() {
-                log::warn!("pod network teardown: {e}");
+            let netns = net.netns().to_string();
+            match net.teardown() {
+                Ok(()) => log::info!("pod network {netns} unwired"),
+                Err(e) => log::warn!("pod network teardown: {e}"),
             }
         }
         let _ = cleanup_state_dir(&self.state.root);
-        // Last: the process leaves the pod's cgroup once the VM is gone.
         drop(self.cgroup.take());
     }
+}
+
+/// What `m` holds, taken out (a poisoned lock still gives it up: teardown must go on).
+fn take<T>(m: &Mutex<Option<T>>) -> Option<T> {
+    m.lock().unwrap_or_else(|p| p.into_inner()).take()
 }
 
 /// The shim process joins the pod's cgroup; a failure is logged (the pod then runs, not
@@ -279,22 +290,18 @@ impl Pod {
             vm: None,
         };
         match Self::bring_up(id, req.hostname, config, req.netns, on_exit, &mut partial) {
-            Ok(agent) => {
-                let vm = partial.vm.take().expect("bring_up started the VM");
-                Ok(Pod {
-                    id: id.to_string(),
-                    state: partial.state.clone(),
-                    agent: Arc::new(agent),
-                    share: Mutex::new(partial.share.take()),
-                    vm: Mutex::new(Some(vm.handle)),
-                    stop: vm.stop,
-                    destroyed: AtomicBool::new(false),
-                    network: Mutex::new(partial.network.take()),
-                    cgroup: Mutex::new(partial.cgroup.take()),
-                })
-            }
+            Ok(agent) => Ok(Pod {
+                id: id.to_string(),
+                state: partial.state.clone(),
+                agent: Arc::new(agent),
+                share: Mutex::new(partial.share.take()),
+                vm: Mutex::new(partial.vm.take()),
+                destroyed: AtomicBool::new(false),
+                network: Mutex::new(partial.network.take()),
+                cgroup: Mutex::new(partial.cgroup.take()),
+            }),
             Err(e) => {
-                partial.undo();
+                partial.undo("the sandbox could not be set up");
                 Err(e)
             }
         }
@@ -350,20 +357,13 @@ impl Pod {
         Ok(agent)
     }
 
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    pub fn state(&self) -> &StateDir {
-        &self.state
-    }
-
     /// Whether the VM has stopped.
-    pub fn vm_stopped(&self) -> bool {
-        match self.vm.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            Some(vm) => vm.is_finished(),
-            None => true,
-        }
+    fn vm_stopped(&self) -> bool {
+        self.vm
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_none_or(|vm| vm.handle.is_finished())
     }
 
     fn with_share<R>(
@@ -390,31 +390,14 @@ impl Pod {
         if let Err(e) = self.agent.destroy_sandbox() {
             log::warn!("{e}; stopping the VM without it");
         }
-        let vm = self.vm.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(vm) = vm {
-            if !vm.is_finished() {
-                self.stop.stop("pod teardown (after DestroySandbox)");
-            }
-            if let Ok(report) = vm.join() {
-                log::info!("pod VM stopped: {}", report.reason);
-            }
-        }
-        // Its descriptors would keep the share's mounts busy.
-        drop(self.share.lock().unwrap_or_else(|p| p.into_inner()).take());
-        let network = self
-            .network
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(net) = network {
-            let netns = net.netns().to_string();
-            match net.teardown() {
-                Ok(()) => log::info!("pod network {netns} unwired"),
-                Err(e) => log::warn!("pod network teardown: {e}"),
-            }
-        }
-        let _ = cleanup_state_dir(&self.state.root);
-        drop(self.cgroup.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let parts = Partial {
+            state: self.state.clone(),
+            cgroup: take(&self.cgroup),
+            share: take(&self.share),
+            network: take(&self.network),
+            vm: take(&self.vm),
+        };
+        parts.undo("pod teardown (after DestroySandbox)");
     }
 }
 
