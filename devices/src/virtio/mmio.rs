@@ -14,7 +14,8 @@
 //!   `VIRTIO_F_VERSION_1` and nothing the device did not offer.
 //! * Queue registers are writable only between FEATURES_OK and DRIVER_OK, on a queue that is
 //!   not ready. The values are checked at DRIVER_OK (size a power of two ≤ max, rings aligned
-//!   and inside guest memory, every queue ready); a bad configuration puts the device into
+//!   and inside guest memory, every queue the device uses with the accepted features ready,
+//!   see `VirtioDevice::queues_in_use`); a bad configuration puts the device into
 //!   `DEVICE_NEEDS_RESET` with a config-change interrupt.
 //! * `QueueNotify` writes the queue's kick event fd (the same fd the VMM registers as an
 //!   ioeventfd, so a trapped write and a KVM-handled one look alike to the device); notifies
@@ -292,6 +293,7 @@ impl MmioTransport {
             });
         }
         self.device.set_acked_features(acked);
+        self.device.load(&saved.device);
         self.status = t.status & !DEVICE_NEEDS_RESET;
         self.device_features_sel = t.device_features_sel;
         self.driver_features_sel = t.driver_features_sel;
@@ -301,10 +303,11 @@ impl MmioTransport {
         self.config_generation = t.config_generation;
         if self.status & DRIVER_OK != 0 && !t.needs_reset {
             let positions = saved.device.queues().ok_or(PersistError::MissingQueues)?;
-            if positions.len() != self.queues.len() {
+            let in_use = self.queues_in_use();
+            if positions.len() != in_use {
                 return Err(PersistError::QueueCount {
                     saved: positions.len(),
-                    current: self.queues.len(),
+                    current: in_use,
                 });
             }
             self.activate(Some(positions))?;
@@ -312,6 +315,13 @@ impl MmioTransport {
         }
         self.interrupt.restore(t.interrupt_status, t.needs_reset);
         Ok(())
+    }
+
+    /// How many queues (the first ones) the driver uses with the features it accepted.
+    fn queues_in_use(&self) -> usize {
+        self.device
+            .queues_in_use(self.device.acked_features())
+            .min(self.queues.len())
     }
 
     fn selected_queue(&self) -> Option<&QueueRegs> {
@@ -528,6 +538,7 @@ impl MmioTransport {
         let queues = self
             .queues
             .iter()
+            .take(self.queues_in_use())
             .enumerate()
             .map(|(index, regs)| {
                 let mut q = regs

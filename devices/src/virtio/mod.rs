@@ -20,10 +20,11 @@
 //!   "device needs reset" flag a device raises when the driver broke the protocol.
 //!
 //! Devices: [`block`] (virtio-blk), [`fs`] (virtio-fs), [`vsock`] (virtio-vsock), [`net`]
-//! (virtio-net on a tap). The test driver in `test_utils` (built for tests and
+//! (virtio-net on a tap), [`balloon`] (virtio-balloon with free page reporting). The test driver in `test_utils` (built for tests and
 //! with the `test-utils` feature) drives a device through the transport's registers exactly
 //! like the Linux virtio-mmio driver does.
 
+pub mod balloon;
 pub mod block;
 pub mod common;
 pub mod fs;
@@ -301,8 +302,17 @@ pub trait VirtioDevice: Send {
         self.common().ignore_config_write(offset, data);
     }
 
+    /// How many of the device's queues a driver that accepted `acked_features` uses: the
+    /// first ones, in order. By default all of them; a device whose queues depend on
+    /// features (virtio-balloon's reporting queue) says fewer, and the transport then
+    /// requires and hands over only those.
+    fn queues_in_use(&self, acked_features: u64) -> usize {
+        let _ = acked_features;
+        self.queue_max_sizes().len()
+    }
+
     /// Starts the device at `DRIVER_OK` with the driver's queues (validated by the
-    /// transport, one per [`queue_max_sizes`](VirtioDevice::queue_max_sizes) entry).
+    /// transport, one per queue in use, see [`queues_in_use`](VirtioDevice::queues_in_use)).
     fn activate(
         &mut self,
         mem: GuestMem,
@@ -330,6 +340,13 @@ pub trait VirtioDevice: Send {
     /// transport then restores the features and, if it was running, activates the device
     /// with the saved queues.
     fn check_restore(&self, saved: &DeviceState) -> Result<(), PersistError>;
+
+    /// Takes the device-specific state of `saved` (already checked with
+    /// [`check_restore`](VirtioDevice::check_restore)) that is neither identity nor queues,
+    /// e.g. a balloon's target. Called by the transport before it restarts the device.
+    fn load(&mut self, saved: &DeviceState) {
+        let _ = saved;
+    }
 
     /// Called once a restored device runs again (after its activation with the saved
     /// queues), e.g. to tell the guest that host-side sessions are gone.

@@ -26,6 +26,7 @@
 
 use std::num::Wrapping;
 
+use super::balloon::BalloonState;
 use super::block::BlockState;
 use super::fs::FsState;
 use super::net::NetState;
@@ -101,6 +102,7 @@ pub enum DeviceState {
     Fs(FsState),
     Vsock(VsockState),
     Net(NetState),
+    Balloon(BalloonState),
     /// A device with no state of its own beyond features and queues (tests).
     Generic {
         device_type: u32,
@@ -118,6 +120,7 @@ impl DeviceState {
             DeviceState::Fs(_) => "virtio-fs",
             DeviceState::Vsock(_) => "virtio-vsock",
             DeviceState::Net(_) => "virtio-net",
+            DeviceState::Balloon(_) => "virtio-balloon",
             DeviceState::Generic { .. } => "generic virtio",
         }
     }
@@ -129,6 +132,7 @@ impl DeviceState {
             DeviceState::Fs(s) => s.acked_features,
             DeviceState::Vsock(s) => s.acked_features,
             DeviceState::Net(s) => s.acked_features,
+            DeviceState::Balloon(s) => s.acked_features,
             DeviceState::Generic { acked_features, .. } => *acked_features,
         }
     }
@@ -140,6 +144,7 @@ impl DeviceState {
             DeviceState::Fs(s) => s.queues.as_deref(),
             DeviceState::Vsock(s) => s.queues.as_deref(),
             DeviceState::Net(s) => s.queues.as_deref(),
+            DeviceState::Balloon(s) => s.queues.as_deref(),
             DeviceState::Generic { queues, .. } => queues.as_deref(),
         }
     }
