@@ -88,6 +88,10 @@ pub struct BootArgs {
     /// administered; default MTU: 1500 (keep the tap's MTU at most the NIC's).
     #[arg(long = "net", value_name = "TAP[,mac=..][,mtu=N]", value_parser = parse_net)]
     pub nets: Vec<NetConfig>,
+    /// A virtio-balloon (the last device): the guest reports the memory it frees and the
+    /// host releases it (see `--timings` for the VM's memory at the end).
+    #[arg(long)]
+    pub balloon: bool,
     /// Where the guest console goes: `stdio`, `none`, or a file path (appended).
     #[arg(long, default_value = "stdio")]
     pub console: String,
@@ -150,6 +154,7 @@ impl BootArgs {
                 cmdline: self.cmdline.clone(),
                 vcpus: self.vcpus,
                 mem_mib: self.mem_mib,
+                balloon: self.balloon,
                 ..GuestShape::default()
             },
             bindings: HostBindings {

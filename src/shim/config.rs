@@ -30,7 +30,8 @@
 //! shapes chosen by annotation that may have templates; others boot cold) and
 //! `max_templates` (default 8; the least recently used go first), `size_from_pod` (default
 //! true), `guest_overhead_mib` and `memory_step_mib` (a pod's VM from its CRI resources,
-//! `super::sizing`). `config/podvisor.toml` in the repository documents each key with its
+//! `super::sizing`), `balloon` (default true: a virtio-balloon that resizes a running pod's
+//! memory and hands memory the guest frees back to the host, `super::pod::resize`). `config/podvisor.toml` in the repository documents each key with its
 //! default.
 //!
 //! Per pod, before the `io.podvisor.config.*` annotations: with `size_from_pod`, the
@@ -154,6 +155,8 @@ pub struct ShimConfig {
     pub guest_overhead_mib: u64,
     /// Pod memory sizes are rounded up to a multiple of this (few template shapes).
     pub memory_step_mib: u64,
+    /// Give pod VMs a balloon: memory resize on Update, free page reporting.
+    pub balloon: bool,
     /// The KVM device node (`PODVISOR_KVM_DEVICE`).
     pub kvm_device: PathBuf,
     /// Host quirks: detected, or forced (`PODVISOR_HOST_QUIRKS`).
@@ -186,6 +189,7 @@ impl Default for ShimConfig {
             size_from_pod: true,
             guest_overhead_mib: DEFAULT_GUEST_OVERHEAD_MIB,
             memory_step_mib: DEFAULT_MEMORY_STEP_MIB,
+            balloon: true,
             max_templates: DEFAULT_MAX_TEMPLATES,
             kvm_device: PathBuf::from(vmm::config::DEFAULT_KVM_DEVICE),
             host_quirks: HostQuirks::Auto,
@@ -247,6 +251,7 @@ struct FileConfig {
     size_from_pod: Option<bool>,
     guest_overhead_mib: Option<u64>,
     memory_step_mib: Option<u64>,
+    balloon: Option<bool>,
     max_templates: Option<usize>,
 }
 
@@ -449,6 +454,7 @@ impl ShimConfig {
             size_from_pod: file.size_from_pod.unwrap_or(d.size_from_pod),
             guest_overhead_mib: file.guest_overhead_mib.unwrap_or(d.guest_overhead_mib),
             memory_step_mib: file.memory_step_mib.unwrap_or(d.memory_step_mib),
+            balloon: file.balloon.unwrap_or(d.balloon),
             kvm_device: d.kvm_device,
             host_quirks: d.host_quirks,
             memory: d.memory,

@@ -9,7 +9,7 @@ use containerd_shim::protos::ttrpc::{self, Code};
 
 use super::agent::AgentError;
 use super::config::ConfigError;
-use super::pod::PodError;
+use super::pod::{PodError, ResizeError};
 use super::share::ShareError;
 use super::spec::SpecError;
 
@@ -58,6 +58,9 @@ pub enum ShimError {
     NoPod,
     #[error("the VM of pod {0} has stopped")]
     VmStopped(String),
+    /// The pod VM could not follow its containers' new memory limits.
+    #[error("pod VM resize: {0}")]
+    Resize(#[from] ResizeError),
     /// The pod VM could not be brought up.
     #[error("pod VM: {0}")]
     Pod(#[from] PodError),
@@ -108,6 +111,8 @@ impl ShimError {
             | Self::NoPod
             | Self::VmStopped(_)
             | Self::Pod(_) => Code::FAILED_PRECONDITION,
+            Self::Resize(ResizeError::Timeout { .. }) => Code::DEADLINE_EXCEEDED,
+            Self::Resize(ResizeError::NoDriver { .. }) => Code::FAILED_PRECONDITION,
             Self::Agent(e) => e.code(),
             Self::Mount(_) | Self::Stdio(_) | Self::Thread { .. } | Self::Internal(_) => {
                 Code::INTERNAL

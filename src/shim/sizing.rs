@@ -46,6 +46,20 @@ pub struct SizingRules {
     pub memory_step_mib: u64,
 }
 
+impl SizingRules {
+    /// The VM memory (MiB) for a memory limit of `limit_bytes`: the limit plus the guest's
+    /// overhead, at least the minimum, rounded up to the step (no maximum applied).
+    pub fn vm_mem_mib(&self, limit_bytes: u64) -> u64 {
+        let step = self.memory_step_mib.max(1);
+        limit_bytes
+            .div_ceil(1 << 20)
+            .saturating_add(self.guest_overhead_mib)
+            .max(self.min_mem_mib)
+            .div_ceil(step)
+            .saturating_mul(step)
+    }
+}
+
 /// Why a pod's resources cannot size its VM.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SizingError {
@@ -128,13 +142,7 @@ impl PodResources {
         let mem_mib = match self.memory_bytes {
             None => rules.default_mem_mib,
             Some(bytes) => {
-                let step = rules.memory_step_mib.max(1);
-                let needed = bytes
-                    .div_ceil(1 << 20)
-                    .saturating_add(rules.guest_overhead_mib)
-                    .max(rules.min_mem_mib)
-                    .div_ceil(step)
-                    .saturating_mul(step);
+                let needed = rules.vm_mem_mib(bytes);
                 if needed > rules.max_mem_mib {
                     return Err(SizingError::TooMuchMemory {
                         needed,

@@ -270,6 +270,7 @@ impl Service {
             kind,
             stdio,
             mounts: container_mounts(req, &spec),
+            memory_limit: spec.memory_limit,
             spec_json: spec.guest.json,
         };
         let host: Arc<dyn PodHost> = pod;

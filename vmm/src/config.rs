@@ -84,6 +84,11 @@ pub struct GuestShape {
     pub vsock: Option<VsockShape>,
     /// virtio-net NICs, in the order the guest sees them (`eth0`, `eth1`, ...).
     pub nics: Vec<NicShape>,
+    /// A virtio-balloon (after every other device): the host can take memory back from the
+    /// running guest ([`RunningVm::balloon`](crate::RunningVm::balloon)) and the guest
+    /// reports the memory it frees, which the host then releases.
+    #[serde(default)]
+    pub balloon: bool,
 }
 
 /// A disk as the guest sees it (its size is the bound file's).
@@ -137,6 +142,7 @@ impl Default for GuestShape {
             shares: Vec::new(),
             vsock: None,
             nics: Vec::new(),
+            balloon: false,
         }
     }
 }

@@ -17,6 +17,7 @@ use devices::legacy::i8042::{I8042_PORT_BASE, I8042_PORT_LEN};
 use devices::legacy::serial::SerialRestoreError;
 use devices::legacy::serial::{SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN};
 use devices::legacy::{BootTimer, ConsoleLog, IrqTrigger, Serial, SerialPersist, I8042};
+use devices::virtio::balloon::BalloonControl;
 use devices::virtio::mmio::{kernel_cmdline_arg, MmioError, MMIO_WINDOW_SIZE, NOTIFY_OFFSET};
 use devices::virtio::{DeviceSubscriber, MmioTransport, VirtioDevice};
 use devices::{Bus, BusError};
@@ -92,6 +93,8 @@ pub struct DeviceManager {
     pub cmdline_words: Vec<String>,
     /// The virtio transports, in MMIO window order (for snapshots).
     pub virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The balloon's control, if the VM has one.
+    pub balloon: Option<BalloonControl>,
 }
 
 impl DeviceManager {
@@ -171,6 +174,7 @@ impl DeviceManager {
             subscribers: Vec::new(),
             cmdline_words: Vec::new(),
             virtio: Vec::new(),
+            balloon: None,
         })
     }
 

@@ -38,6 +38,7 @@ pub use config::{
     ConsoleConfig, GuestShape, HostBindings, HostQuirks, HostSettings, MemoryKnobs, RestoreConfig,
     SeccompMode, VmConfig,
 };
+pub use devices::virtio::balloon::{BalloonControl, BalloonStats};
 pub use exit::ExitReason;
 pub use host::HostKind;
 pub use snapshot::{SnapshotError, SnapshotInfo};

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use devices::legacy::ConsoleInput;
+use devices::virtio::balloon::{Balloon, BalloonControl};
 use devices::virtio::block::Block;
 use devices::virtio::fs::Fs;
 use devices::virtio::net::Net;
@@ -94,6 +95,8 @@ pub enum VmError {
         tag: String,
         source: devices::virtio::fs::FsError,
     },
+    #[error("cannot create the balloon device: {0}")]
+    Balloon(std::io::Error),
     #[error("vsock {path}: {source}")]
     Vsock {
         path: std::path::PathBuf,
@@ -640,7 +643,8 @@ fn save_caps(kvm: &Kvm) -> Result<SaveCaps, VmError> {
     })
 }
 
-/// The configuration's virtio devices, in MMIO window order: disks, shares, vsock, NICs.
+/// The configuration's virtio devices, in MMIO window order: disks, shares, vsock, NICs,
+/// the balloon.
 fn add_virtio_devices(
     devices: &mut DeviceManager,
     vm_fd: &VmFd,
@@ -673,6 +677,11 @@ fn add_virtio_devices(
             source,
         })?;
         devices.add_virtio(vm_fd, mem, Box::new(net))?;
+    }
+    if config.shape.balloon {
+        let balloon = Balloon::new().map_err(VmError::Balloon)?;
+        devices.balloon = Some(balloon.control());
+        devices.add_virtio(vm_fd, mem, Box::new(balloon))?;
     }
     Ok(())
 }
@@ -819,6 +828,12 @@ impl RunningVm {
     /// A handle that stops this VM from another thread.
     pub fn stop_handle(&self) -> VmStopHandle {
         self.stop.clone()
+    }
+
+    /// The host's handle on the VM's balloon, if its shape has one: set how much memory the
+    /// guest gives back, read what it did.
+    pub fn balloon(&self) -> Option<BalloonControl> {
+        self.vm.devices.balloon.clone()
     }
 
     /// Pauses every vCPU (outside `KVM_RUN`, state consistent for saving).

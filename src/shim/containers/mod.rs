@@ -30,11 +30,12 @@ use containerd_shim::protos::events::task::{
 };
 use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
 use containerd_shim::protos::types::task::Status;
+use oci_spec::runtime::LinuxResources;
 
 use super::agent::{NewContainer, StatsResponse};
 use super::error::ShimError;
 use super::oom_events::{OomFilter, Verdict};
-use super::pod::{ContainerMounts, PodHost};
+use super::pod::{memory_limit, ContainerMounts, PodHost};
 use super::stdio::StdioPaths;
 use super::{now, timestamp_ns};
 use process::{Exit, ProcState, Process};
@@ -111,6 +112,8 @@ pub struct ContainerSpec {
     pub mounts: ContainerMounts,
     /// The OCI spec adapted for the guest (JSON).
     pub spec_json: Vec<u8>,
+    /// The container's memory limit (bytes), which the pod's VM size follows.
+    pub memory_limit: Option<u64>,
 }
 
 /// A process as State reports it.
@@ -202,6 +205,14 @@ impl Containers {
                 }
                 init.io.abort();
                 return Err(e);
+            }
+        }
+        if spec.kind == ContainerKind::Workload {
+            // A pod created with its limits is already at this size; a container added
+            // later may change it. The container runs either way (its limit is enforced in
+            // the guest): a VM that cannot follow is logged, not a failed Create.
+            if let Err(e) = pod.set_memory_limit(&spec.id, spec.memory_limit) {
+                log::warn!("Create {}: {e}", spec.id);
             }
         }
         let mut cs = self.lock();
@@ -525,6 +536,11 @@ impl Containers {
             if let Err(e) = pod.unmount(id) {
                 log::warn!("Delete {id}: its host mounts: {e}");
             }
+            if !pod.is_down() {
+                if let Err(e) = pod.forget_container(id) {
+                    log::warn!("Delete {id}: {e}");
+                }
+            }
         }
         let exit = p.state.exit().cloned().unwrap_or_else(|| Exit {
             status: 0,
@@ -669,6 +685,9 @@ impl Containers {
     }
 
     /// `resources`: OCI LinuxResources JSON (a sandbox container has nothing to update).
+    /// The container's limits change in the guest first, then the pod's VM follows its
+    /// new memory limit (see `pod::resize`): lowered, the guest gives the memory back
+    /// before this returns.
     pub fn update(
         &self,
         pod: &Arc<dyn PodHost>,
@@ -677,7 +696,15 @@ impl Containers {
     ) -> Result<(), ShimError> {
         match self.kind(id)? {
             ContainerKind::Sandbox => Ok(()),
-            ContainerKind::Workload => Ok(pod.agent().update_resources(id, resources)?),
+            ContainerKind::Workload => {
+                let parsed: LinuxResources = serde_json::from_slice(&resources).map_err(|e| {
+                    ShimError::InvalidRequest(format!(
+                        "update of {id}: the OCI LinuxResources: {e}"
+                    ))
+                })?;
+                pod.agent().update_resources(id, resources)?;
+                Ok(pod.set_memory_limit(id, memory_limit(Some(&parsed)))?)
+            }
         }
     }
 

@@ -52,6 +52,8 @@ struct FakePod {
     mounts: Mutex<Vec<String>>,
     fail_mount: AtomicBool,
     down: AtomicBool,
+    /// What the pod's size was told: "id=limit" or "-id".
+    sizes: Mutex<Vec<String>>,
 }
 
 impl PodHost for FakePod {
@@ -74,6 +76,18 @@ impl PodHost for FakePod {
     }
     fn is_down(&self) -> bool {
         self.down.load(Ordering::SeqCst)
+    }
+    fn set_memory_limit(
+        &self,
+        id: &str,
+        limit: Option<u64>,
+    ) -> Result<(), crate::pod::ResizeError> {
+        self.sizes.lock().unwrap().push(format!("{id}={limit:?}"));
+        Ok(())
+    }
+    fn forget_container(&self, id: &str) -> Result<(), crate::pod::ResizeError> {
+        self.sizes.lock().unwrap().push(format!("-{id}"));
+        Ok(())
     }
 }
 
@@ -103,6 +117,7 @@ fn spec(id: &str, kind: ContainerKind) -> ContainerSpec {
         stdio: StdioPaths::default(),
         mounts: ContainerMounts::default(),
         spec_json: b"{}".to_vec(),
+        memory_limit: None,
     }
 }
 
@@ -397,4 +412,30 @@ fn ooms_of_this_pods_workloads_are_published() {
     assert_eq!(k.events.topics(), ["oom"]);
     k.fake.down.store(true, Ordering::SeqCst);
     k.fake.agent.stop();
+}
+
+#[test]
+fn the_pod_size_follows_workload_limits_through_create_update_and_delete() {
+    let k = kit();
+    let mut s = spec("c1", ContainerKind::Workload);
+    s.memory_limit = Some(256 << 20);
+    k.cs.create(&k.pod, s).unwrap();
+    k.cs.create(&k.pod, spec("sb", ContainerKind::Sandbox))
+        .unwrap();
+    k.cs.update(&k.pod, "c1", br#"{"memory":{"limit":134217728}}"#.to_vec())
+        .unwrap();
+    k.cs.update(&k.pod, "c1", br#"{"cpu":{"shares":512}}"#.to_vec())
+        .unwrap();
+    assert_eq!(
+        code(k.cs.update(&k.pod, "c1", b"[1]".to_vec())),
+        Code::INVALID_ARGUMENT
+    );
+    k.cs.update(&k.pod, "sb", br#"{"memory":{"limit":1}}"#.to_vec())
+        .unwrap();
+    k.cs.delete(&k.pod, "c1", "").unwrap();
+    assert_eq!(
+        *k.fake.sizes.lock().unwrap(),
+        ["c1=Some(268435456)", "c1=Some(134217728)", "c1=None", "-c1"],
+        "the sandbox container never sizes the pod; a bad update changes nothing"
+    );
 }

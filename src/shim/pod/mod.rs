@@ -10,6 +10,7 @@
 //! this pod's taps as restore bindings.
 
 mod cgroup;
+pub mod resize;
 mod state;
 pub mod vm;
 
@@ -23,6 +24,7 @@ use podvisor_agent_protocol::PROTOCOL_VERSION;
 use vmm::config::{NetConfig, TapSource};
 
 pub use cgroup::{CgroupError, PodCgroup};
+pub use resize::{memory_limit, PodMemory, ResizeError, Resizer};
 pub use state::{cleanup_state_dir, StateDir, SHARED_IN_GUEST, SHARE_TAG};
 pub use vm::{pod_vm_config, OnVmExit};
 
@@ -105,6 +107,18 @@ pub trait PodHost: Send + Sync {
     fn guest_rootfs(&self, id: &str) -> String;
     /// The VM stopped or is being torn down: the agent will not answer.
     fn is_down(&self) -> bool;
+    /// Workload container `id` now has memory limit `limit` (bytes; `None`: unlimited):
+    /// the pod's VM follows (see [`resize`]). A pod without a VM of its own size has
+    /// nothing to do.
+    fn set_memory_limit(&self, id: &str, limit: Option<u64>) -> Result<(), ResizeError> {
+        let _ = (id, limit);
+        Ok(())
+    }
+    /// Workload container `id` is gone: its limit leaves the pod's size.
+    fn forget_container(&self, id: &str) -> Result<(), ResizeError> {
+        let _ = id;
+        Ok(())
+    }
 }
 
 /// A pod as the task service holds it: what containers need, and its own life.
@@ -169,6 +183,8 @@ pub struct Pod {
     network: Mutex<Option<PodNetwork>>,
     /// The pod's host cgroup, which this process joined; left at teardown.
     cgroup: Mutex<Option<PodCgroup>>,
+    /// The VM's memory as its containers' limits want it.
+    memory: Resizer,
 }
 
 /// The pod's network wiring, when its sandbox spec names a network namespace (`netns`).
@@ -291,6 +307,12 @@ impl Pod {
         };
         match Self::bring_up(id, req.hostname, config, req.netns, on_exit, &mut partial) {
             Ok(agent) => Ok(Pod {
+                memory: Resizer::new(
+                    id,
+                    PodMemory::new(config.mem_mib, config.sizing_rules()),
+                    partial.vm.as_ref().and_then(|vm| vm.balloon.clone()),
+                    config.agent_timeout,
+                ),
                 id: id.to_string(),
                 state: partial.state.clone(),
                 agent: Arc::new(agent),
@@ -441,5 +463,13 @@ impl PodHost for Pod {
 
     fn is_down(&self) -> bool {
         self.destroyed.load(Ordering::SeqCst) || self.vm_stopped()
+    }
+
+    fn set_memory_limit(&self, id: &str, limit: Option<u64>) -> Result<(), ResizeError> {
+        self.memory.update(|plan| plan.set(id, limit))
+    }
+
+    fn forget_container(&self, id: &str) -> Result<(), ResizeError> {
+        self.memory.update(|plan| plan.remove(id))
     }
 }

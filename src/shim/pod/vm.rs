@@ -12,7 +12,9 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use vmm::config::{GuestShape, HostBindings, ShareConfig, DEFAULT_CMDLINE, DEFAULT_GUEST_CID};
-use vmm::{ConsoleConfig, RestoreConfig, Vm, VmConfig, VmError, VmReport, VmStopHandle};
+use vmm::{
+    BalloonControl, ConsoleConfig, RestoreConfig, Vm, VmConfig, VmError, VmReport, VmStopHandle,
+};
 
 use super::state::{StateDir, SHARE_TAG};
 use super::PodError;
@@ -46,6 +48,7 @@ pub fn pod_vm_config(config: &ShimConfig, state: &StateDir) -> Result<VmConfig, 
             cmdline: DEFAULT_CMDLINE.to_string(),
             vcpus: config.vcpus,
             mem_mib: config.mem_mib,
+            balloon: config.balloon,
             ..GuestShape::default()
         },
         bindings: HostBindings {
@@ -143,16 +146,18 @@ fn start<T>(
 /// Called once when the pod VM has stopped, with the reason.
 pub type OnVmExit = Box<dyn FnOnce(String) + Send>;
 
-/// A started pod VM: its waiting thread and the handle that stops it.
+/// A started pod VM: its waiting thread, the handle that stops it and its balloon.
 pub struct VmThread {
     pub handle: JoinHandle<VmReport>,
     pub stop: VmStopHandle,
+    pub balloon: Option<BalloonControl>,
 }
 
 /// Builds, starts and waits for the VM in its own thread; returns once it runs, or with
 /// the error that kept it from running. `on_exit` runs when the started VM stops.
 pub fn spawn(source: VmSource, on_exit: OnVmExit) -> Result<VmThread, PodError> {
-    let (ready, started) = mpsc::channel::<Result<VmStopHandle, VmError>>();
+    type Started = (VmStopHandle, Option<BalloonControl>);
+    let (ready, started) = mpsc::channel::<Result<Started, VmError>>();
     let handle = std::thread::Builder::new()
         .name("vm-wait".into())
         .spawn(move || {
@@ -164,7 +169,7 @@ pub fn spawn(source: VmSource, on_exit: OnVmExit) -> Result<VmThread, PodError> 
             );
             match running {
                 Ok(running) => {
-                    let _ = ready.send(Ok(running.stop_handle()));
+                    let _ = ready.send(Ok((running.stop_handle(), running.balloon())));
                     let report = running.wait(None);
                     log::info!("VM stopped: {}", report.reason);
                     on_exit(report.reason.to_string());
@@ -183,7 +188,11 @@ pub fn spawn(source: VmSource, on_exit: OnVmExit) -> Result<VmThread, PodError> 
         })
         .map_err(PodError::VmThread)?;
     match started.recv() {
-        Ok(Ok(stop)) => Ok(VmThread { handle, stop }),
+        Ok(Ok((stop, balloon))) => Ok(VmThread {
+            handle,
+            stop,
+            balloon,
+        }),
         Ok(Err(e)) => {
             let _ = handle.join();
             Err(PodError::Vm(e))
