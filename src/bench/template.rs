@@ -153,6 +153,7 @@ fn largest_only(report: &Report, clones: &[usize]) -> Report {
             .filter(|r| r.runtime.ends_with(&suffix) || !r.runtime.contains(" N="))
             .cloned()
             .collect(),
+        alloc_free: Vec::new(),
     }
 }
 

@@ -17,6 +17,11 @@
 //! pods first ([`Pods`]' drop), then the private containerd with its work dir
 //! (`Containerd`'s drop), then KSM's `run` is restored ([`KsmGuard`]).
 //!
+//! `--scenario alloc-free` runs [`alloc_free`] instead: pods that touch `--alloc-mib` MiB,
+//! free it and idle, measured before, right after the free and `--reclaim-wait` s later.
+//! The idle scenario's report ends with the RuntimeClass `overhead.podFixed` the run
+//! justifies ([`overhead`]).
+//!
 //! Density knobs go into the private containerd's environment, which the podvisor shim
 //! inherits: `--mem-mib` (`PODVISOR_MEM_MIB`), `--vcpus` (`PODVISOR_VCPUS`), `--noreserve
 //! off` (`PODVISOR_NORESERVE=0`), `--ksm on` (`PODVISOR_KSM=1` + `/sys/kernel/mm/ksm/run`
@@ -24,7 +29,9 @@
 //! work dir: the first pod boots and snapshots a template VM, the others restore
 //! copy-on-write clones of it).
 
+pub mod alloc_free;
 pub mod memory;
+pub mod overhead;
 pub mod plot;
 pub mod report;
 pub mod stats;
@@ -108,6 +115,25 @@ impl RuntimeChoice {
     }
 }
 
+/// What the pods do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// Print a line and idle.
+    Idle,
+    /// Touch `--alloc-mib` MiB, free it, idle ([`alloc_free`]).
+    AllocFree,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Idle => "idle",
+            Scenario::AllocFree => "alloc-free",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnOff {
@@ -167,6 +193,17 @@ pub struct DensityArgs {
     /// density.json of an earlier run.
     #[arg(long)]
     pub from_json: Option<PathBuf>,
+    /// What the pods do: `idle`, or `alloc-free` (touch --alloc-mib MiB, free it, idle:
+    /// does the pod's host memory come back?).
+    #[arg(long, value_enum, default_value_t = Scenario::Idle)]
+    pub scenario: Scenario,
+    /// MiB each alloc-free pod touches and frees (podvisor pods need --mem-mib above it
+    /// plus the guest's own use).
+    #[arg(long, default_value_t = 200)]
+    pub alloc_mib: u64,
+    /// Seconds between an alloc-free pod's free and its last measurement.
+    #[arg(long, default_value_t = 30)]
+    pub reclaim_wait: u64,
 }
 
 impl DensityArgs {
@@ -197,6 +234,9 @@ impl DensityArgs {
             settle: None,
             timeout,
             from_json: None,
+            scenario: Scenario::Idle,
+            alloc_mib: 200,
+            reclaim_wait: 30,
         }
     }
 }
@@ -300,6 +340,9 @@ pub struct Plan {
     pub template: bool,
     pub settle: Duration,
     pub timeout: Duration,
+    pub scenario: Scenario,
+    pub alloc_mib: u64,
+    pub reclaim_wait: Duration,
 }
 
 /// The shim's default guest memory (src/shim/config.rs), used when --mem-mib is not given.
@@ -328,6 +371,20 @@ pub fn plan(args: &DensityArgs) -> Result<Plan, DensityError> {
     }
     if args.vcpus == Some(0) {
         return usage("--vcpus must be at least 1".into());
+    }
+    let mem_mib = args.mem_mib.unwrap_or(DEFAULT_MEM_MIB);
+    if args.scenario == Scenario::AllocFree {
+        if args.alloc_mib == 0 {
+            return usage("--alloc-mib must be at least 1".into());
+        }
+        // The guest itself needs some of its memory (kernel, agent, page cache floor).
+        let needed = args.alloc_mib + ALLOC_FREE_GUEST_MIB;
+        if args.runtime != RuntimeChoice::Runc && mem_mib < needed {
+            return usage(format!(
+                "--alloc-mib {} needs podvisor pods of at least {needed} MiB (the guest's                  own {ALLOC_FREE_GUEST_MIB} MiB on top): pass --mem-mib {needed} or more",
+                args.alloc_mib
+            ));
+        }
     }
     let runtimes = args.runtime.runtimes();
     let podvisor = runtimes.contains(&Runtime::Podvisor);
@@ -409,15 +466,21 @@ pub fn plan(args: &DensityArgs) -> Result<Plan, DensityError> {
         kernel,
         initrd,
         shim_dir,
-        mem_mib: args.mem_mib.unwrap_or(DEFAULT_MEM_MIB),
+        mem_mib,
         vcpus: args.vcpus.unwrap_or(1),
         ksm,
         noreserve: args.noreserve != Some(OnOff::Off),
         template: args.template != Some(OnOff::Off),
         settle: Duration::from_secs(args.settle.unwrap_or(if ksm { 60 } else { 5 })),
         timeout: Duration::from_secs(args.timeout),
+        scenario: args.scenario,
+        alloc_mib: args.alloc_mib,
+        reclaim_wait: Duration::from_secs(args.reclaim_wait),
     })
 }
+
+/// Guest memory an alloc-free pod needs besides its allocation, MiB.
+pub const ALLOC_FREE_GUEST_MIB: u64 = 128;
 
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
@@ -626,6 +689,8 @@ struct Pod {
     spawned: Instant,
     child: Child,
     first_line: Arc<Mutex<Option<(Instant, String)>>>,
+    /// Every stdout line, with when it came.
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
     stderr: Arc<Mutex<String>>,
     /// Why it failed (exited early, timed out), when it did.
     error: Option<String>,
@@ -640,10 +705,22 @@ impl Pod {
         index: usize,
         wave: usize,
     ) -> Result<Pod, DensityError> {
+        Self::spawn_running(containerd, runtime, id, index, wave, &POD_COMMAND)
+    }
+
+    /// A pod running `command` (its first stdout line says it is up).
+    fn spawn_running(
+        containerd: &Containerd,
+        runtime: Runtime,
+        id: String,
+        index: usize,
+        wave: usize,
+        command: &[&str],
+    ) -> Result<Pod, DensityError> {
         let mut args = vec!["run", "--rm", "--runtime", runtime.containerd_name()];
         args.extend(runtime.run_args());
         args.extend([image::IMAGE, &id]);
-        args.extend(POD_COMMAND);
+        args.extend(command);
         let mut cmd = containerd.ctr_cmd(&args);
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
@@ -656,13 +733,17 @@ impl Pod {
         let first_line: Arc<Mutex<Option<(Instant, String)>>> = Arc::default();
         let stderr: Arc<Mutex<String>> = Arc::default();
         let out = child.stdout.take().expect("piped");
+        let lines: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
         let fl = first_line.clone();
+        let all = lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let now = Instant::now();
                 let mut first = fl.lock().unwrap();
                 if first.is_none() {
-                    *first = Some((Instant::now(), line));
+                    *first = Some((now, line.clone()));
                 }
+                all.lock().unwrap().push((now, line));
             }
         });
         let mut err = child.stderr.take().expect("piped");
@@ -679,6 +760,7 @@ impl Pod {
             spawned,
             child,
             first_line,
+            lines,
             stderr,
             error: None,
             exited: false,
@@ -687,6 +769,16 @@ impl Pod {
 
     fn first_output(&self) -> Option<Instant> {
         self.first_line.lock().unwrap().as_ref().map(|(t, _)| *t)
+    }
+
+    /// When the pod printed `line`, if it did.
+    fn printed(&self, line: &str) -> Option<Instant> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, l)| l == line)
+            .map(|(t, _)| *t)
     }
 
     /// Whether the pod is settled for its wave: printed its first line, or failed.
@@ -800,6 +892,66 @@ impl Drop for Pods<'_> {
             for p in self.teardown() {
                 log::warn!("teardown: {p}");
             }
+        }
+    }
+}
+
+/// CPU time (clock ticks) of each pod's shim, every thread, by pod id.
+fn shim_cpu(pods: &Pods<'_>, containerd: &Containerd) -> HashMap<String, u64> {
+    pods.pods
+        .iter()
+        .filter(|p| p.error.is_none())
+        .filter_map(|p| {
+            let shims =
+                memory::shim_pids(pods.runtime.shim_binary(), Some(&p.id), containerd.sock());
+            let [shim] = shims[..] else { return None };
+            memory::cpu_ticks(shim).map(|t| (p.id.clone(), t))
+        })
+        .collect()
+}
+
+/// Mean CPU per pod between two [`shim_cpu`] samples `elapsed` apart, millicores.
+fn idle_millicores(
+    before: &HashMap<String, u64>,
+    after: &HashMap<String, u64>,
+    elapsed: Duration,
+) -> Option<f64> {
+    let ticks: Vec<u64> = after
+        .iter()
+        .filter_map(|(id, a)| before.get(id).map(|b| a.saturating_sub(*b)))
+        .collect();
+    if ticks.is_empty() || elapsed.is_zero() {
+        return None;
+    }
+    let per_pod = ticks.iter().sum::<u64>() as f64 / ticks.len() as f64;
+    Some(per_pod / memory::clock_ticks_per_sec() as f64 / elapsed.as_secs_f64() * 1000.0)
+}
+
+/// `MemAvailable` inside pod `id`'s guest (its container reads the VM's `/proc/meminfo`).
+fn guest_available_kib(containerd: &Containerd, id: &str) -> Option<u64> {
+    let exec_id = format!("meminfo-{}", std::process::id());
+    match containerd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        &exec_id,
+        id,
+        "cat",
+        "/proc/meminfo",
+    ]) {
+        Ok(out) if out.status.success() => {
+            memory::kib_field(&String::from_utf8_lossy(&out.stdout), "MemAvailable")
+        }
+        Ok(out) => {
+            log::warn!(
+                "pod {id}: cat /proc/meminfo in the guest failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            None
+        }
+        Err(e) => {
+            log::warn!("pod {id}: cat /proc/meminfo in the guest: {e}");
+            None
         }
     }
 }
@@ -975,16 +1127,32 @@ fn run_runtime_at(
             continue;
         }
         bar.set_message(format!("settling {} s", plan.settle.as_secs()));
+        let cpu_before = shim_cpu(&pods, containerd);
+        let settle_start = Instant::now();
         sleep_interruptible(plan.settle)?;
+        let idle_cpu = idle_millicores(
+            &cpu_before,
+            &shim_cpu(&pods, containerd),
+            settle_start.elapsed(),
+        );
         bar.set_message(format!("measuring {n} pods"));
         let name = if checkpoints.len() > 1 {
             format!("{}{label} N={n}", runtime.name())
         } else {
             format!("{}{label}", runtime.name())
         };
-        runs.push(measure_run(
+        let mut run = measure_run(
             plan, containerd, events, runtime, &pods, &samples, &before, started, last_up, name,
-        )?);
+        )?;
+        run.idle_cpu_millicores = idle_cpu;
+        if runtime != Runtime::Runc {
+            run.guest_available_kib = pods
+                .pods
+                .iter()
+                .find(|p| p.error.is_none())
+                .and_then(|p| guest_available_kib(containerd, &p.id));
+        }
+        runs.push(run);
     }
     bar.set_message("tearing down");
     let problems = pods.teardown();
@@ -1074,6 +1242,8 @@ fn measure_run(
         pods_per_s: if wall > 0.0 { ok as f64 / wall } else { 0.0 },
         summary,
         teardown_problems: Vec::new(),
+        idle_cpu_millicores: None,
+        guest_available_kib: None,
     })
 }
 
@@ -1108,14 +1278,21 @@ pub fn run(args: DensityArgs) -> Result<u8, Box<dyn std::error::Error>> {
 
 /// Runs `plan` end to end; returns the report and the files written.
 pub fn run_plan(plan: &Plan) -> Result<(Report, Vec<PathBuf>), DensityError> {
-    let report = run_session(plan, |containerd, events| {
+    let mut alloc_free = Vec::new();
+    let mut report = run_session(plan, |containerd, events| {
         let mut runs = Vec::new();
         for &runtime in &plan.runtimes {
             check_interrupt()?;
-            runs.push(run_runtime(plan, containerd, events, runtime)?);
+            match plan.scenario {
+                Scenario::Idle => runs.push(run_runtime(plan, containerd, events, runtime)?),
+                Scenario::AllocFree => {
+                    alloc_free.push(alloc_free::run(plan, containerd, runtime)?);
+                }
+            }
         }
         Ok(runs)
     })?;
+    report.alloc_free = alloc_free;
     let paths = write_reports(&report, &plan.out)?;
     Ok((report, paths))
 }
@@ -1186,6 +1363,7 @@ fn run_session(
     Ok(Report {
         config: ConfigRecord::new(plan, &ksm_note),
         runs,
+        alloc_free: Vec::new(),
     })
 }
 

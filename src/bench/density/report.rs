@@ -25,6 +25,102 @@ use super::{DensityError, Plan};
 pub struct Report {
     pub config: ConfigRecord,
     pub runs: Vec<RuntimeRun>,
+    /// The alloc-free scenario's runs (`--scenario alloc-free`).
+    #[serde(default)]
+    pub alloc_free: Vec<AllocFreeRun>,
+}
+
+/// One runtime's alloc-free pods ([`super::alloc_free`]).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AllocFreeRun {
+    pub runtime: String,
+    /// MiB each pod touched and freed.
+    pub alloc_mib: u64,
+    /// Seconds between the free and the last measurement.
+    pub reclaim_wait_s: u64,
+    pub pods: Vec<AllocFreeRecord>,
+    pub teardown_problems: Vec<String>,
+}
+
+/// One alloc-free pod: its PSS (shim + descendants, KiB) before, right after the free and
+/// after the wait.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AllocFreeRecord {
+    pub id: String,
+    pub error: Option<String>,
+    /// Spawn to `ready`, seconds.
+    pub start_s: Option<f64>,
+    /// The allocation and free (from the end of the pause to `freed`), seconds.
+    pub alloc_s: Option<f64>,
+    pub baseline_pss_kib: Option<u64>,
+    pub freed_pss_kib: Option<u64>,
+    pub settled_pss_kib: Option<u64>,
+}
+
+/// The mean of `f` over the pods where it is known.
+fn mean_of<T>(items: &[T], f: impl Fn(&T) -> Option<f64>) -> Option<f64> {
+    let v: Vec<f64> = items.iter().filter_map(f).collect();
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+/// The alloc-free table: one row per runtime, means over its pods.
+pub fn alloc_free_markdown(runs: &[AllocFreeRun]) -> String {
+    let Some(first) = runs.first() else {
+        return String::new();
+    };
+    let mut out = format!(
+        "\n## Alloc-free: each pod touches {} MiB, frees it and idles\n\nPSS per pod (shim + descendants), mean over the pods: before the allocation, right after the free, and {} s later.\n\n| runtime | pods ok | PSS before (MiB) | right after the free (MiB) | {} s later (MiB) | still above before (MiB) | given back | alloc + free took |\n|---|---|---|---|---|---|---|---|\n",
+        first.alloc_mib, first.reclaim_wait_s, first.reclaim_wait_s
+    );
+    for r in runs {
+        let ok: Vec<&AllocFreeRecord> = r
+            .pods
+            .iter()
+            .filter(|p| p.error.is_none() && p.settled_pss_kib.is_some())
+            .collect();
+        let kib = |f: fn(&AllocFreeRecord) -> Option<u64>| mean_of(&ok, |p| f(p).map(|v| v as f64));
+        let (before, freed, settled) = (
+            kib(|p| p.baseline_pss_kib),
+            kib(|p| p.freed_pss_kib),
+            kib(|p| p.settled_pss_kib),
+        );
+        let above = before.zip(settled).map(|(b, s)| s - b);
+        let given_back = match (before, freed, settled) {
+            (Some(b), Some(f), Some(s)) if f - b > 1024.0 => {
+                format!("{:.0}%", 100.0 * (f - s) / (f - b))
+            }
+            (Some(_), Some(_), Some(_)) => "already back at the free".into(),
+            _ => "n/a".into(),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {}/{} | {} | {} | {} | {} | {} | {} |",
+            r.runtime,
+            ok.len(),
+            r.pods.len(),
+            mib(before),
+            mib(freed),
+            mib(settled),
+            mib(above),
+            given_back,
+            secs(mean_of(&ok, |p| p.alloc_s).map(|s| s * 1000.0)),
+        );
+    }
+    for r in runs {
+        for p in r.pods.iter().filter(|p| p.error.is_some()) {
+            let _ = writeln!(
+                out,
+                "\n{} alloc-free pod {} failed: {}",
+                r.runtime,
+                p.id,
+                p.error.as_deref().unwrap_or_default()
+            );
+        }
+        for t in &r.teardown_problems {
+            let _ = writeln!(out, "\n{} alloc-free teardown: {t}", r.runtime);
+        }
+    }
+    out
 }
 
 /// How the run was set up.
@@ -43,6 +139,15 @@ pub struct ConfigRecord {
     pub host_cpus: usize,
     pub host_mem_total_kib: u64,
     pub unix_time: u64,
+    /// The shim's `guest_overhead_mib` and `memory_step_mib` (its defaults: the harness
+    /// does not change them), for the overhead advice.
+    #[serde(default)]
+    pub guest_overhead_mib: u64,
+    #[serde(default)]
+    pub memory_step_mib: u64,
+    /// The scenario: `idle` or `alloc-free`.
+    #[serde(default)]
+    pub scenario: String,
 }
 
 impl ConfigRecord {
@@ -65,8 +170,15 @@ impl ConfigRecord {
             unix_time: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            guest_overhead_mib: shim_defaults().guest_overhead_mib,
+            memory_step_mib: shim_defaults().memory_step_mib,
+            scenario: plan.scenario.name().to_string(),
         }
     }
+}
+
+fn shim_defaults() -> podvisor_shim::config::ShimConfig {
+    podvisor_shim::config::ShimConfig::default()
 }
 
 /// One pod.
@@ -158,6 +270,12 @@ pub struct RuntimeRun {
     pub pods_per_s: f64,
     pub summary: RunSummary,
     pub teardown_problems: Vec<String>,
+    /// CPU of each pod's shim (every thread) over the settle period, millicores, mean.
+    #[serde(default)]
+    pub idle_cpu_millicores: Option<f64>,
+    /// `MemAvailable` inside the first pod's guest (podvisor), KiB.
+    #[serde(default)]
+    pub guest_available_kib: Option<u64>,
 }
 
 /// The density targets (printed next to the figures, never asserted).
@@ -256,6 +374,10 @@ pub fn markdown(report: &Report) -> String {
         );
     }
     out += &failures(report);
+    out += &alloc_free_markdown(&report.alloc_free);
+    if let Some(p) = super::overhead::pod_fixed(report) {
+        out += &super::overhead::markdown(&p);
+    }
     out
 }
 
@@ -376,6 +498,8 @@ pub(crate) mod tests {
                 start_wall_s: 2.0,
                 pods_per_s: 1.5,
                 teardown_problems: vec![],
+                idle_cpu_millicores: None,
+                guest_available_kib: None,
             }
         };
         Report {
@@ -392,6 +516,7 @@ pub(crate) mod tests {
                 run("runc", 120.0, 5 * 1024, 300),
                 run("podvisor", 75_000.0, 3 * 1024, 20 * 1024),
             ],
+            alloc_free: vec![],
         }
     }
 
@@ -446,6 +571,56 @@ pub(crate) mod tests {
             pods.lines().filter(|l| l.starts_with("| podvisor")).count(),
             4
         );
+    }
+
+    #[test]
+    fn alloc_free_rows_say_how_much_came_back() {
+        let rec = |b: u64, f: u64, st: u64| AllocFreeRecord {
+            id: "p".into(),
+            alloc_s: Some(2.0),
+            baseline_pss_kib: Some(b * 1024),
+            freed_pss_kib: Some(f * 1024),
+            settled_pss_kib: Some(st * 1024),
+            ..Default::default()
+        };
+        let runs = vec![
+            AllocFreeRun {
+                runtime: "runc".into(),
+                alloc_mib: 200,
+                reclaim_wait_s: 30,
+                pods: vec![rec(2, 2, 2)],
+                teardown_problems: vec![],
+            },
+            AllocFreeRun {
+                runtime: "podvisor".into(),
+                alloc_mib: 200,
+                reclaim_wait_s: 30,
+                pods: vec![
+                    rec(40, 240, 44),
+                    AllocFreeRecord {
+                        error: Some("no `freed`".into()),
+                        ..Default::default()
+                    },
+                ],
+                teardown_problems: vec![],
+            },
+        ];
+        let md = alloc_free_markdown(&runs);
+        assert!(
+            md.contains(
+                "| runc | 1/1 | 2.0 | 2.0 | 2.0 | 0.0 | already back at the free | 2.0 s |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| podvisor | 1/2 | 40.0 | 240.0 | 44.0 | 4.0 | 98% | 2.0 s |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("podvisor alloc-free pod  failed: no `freed`"),
+            "{md}"
+        );
+        assert_eq!(alloc_free_markdown(&[]), "");
     }
 
     #[test]
