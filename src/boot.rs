@@ -61,9 +61,13 @@ pub struct BootArgs {
     /// Kernel command line (podvisor appends the words this host needs).
     #[arg(long, default_value = DEFAULT_CMDLINE)]
     pub cmdline: String,
-    /// Number of vCPUs.
+    /// Number of vCPUs online at boot.
     #[arg(long, default_value_t = 1)]
     pub vcpus: usize,
+    /// vCPUs the guest may bring online later (`echo 1 > /sys/devices/system/cpu/cpuN/online`);
+    /// those beyond --vcpus wait parked.
+    #[arg(long)]
+    pub max_vcpus: Option<usize>,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 128)]
     pub mem_mib: u64,
@@ -153,6 +157,7 @@ impl BootArgs {
                 initrd: self.initrd.clone(),
                 cmdline: self.cmdline.clone(),
                 vcpus: self.vcpus,
+                max_vcpus: self.max_vcpus.unwrap_or(0),
                 mem_mib: self.mem_mib,
                 balloon: self.balloon,
                 ..GuestShape::default()

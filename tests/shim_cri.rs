@@ -766,6 +766,8 @@ fn cri_podvisor_pod_lifecycle() {
                 (320 * 1024..=384 * 1024).contains(&total_kib),
                 "guest MemTotal {total_kib} kB for a 384 MiB VM"
             );
+            memory_comes_back(client, rt, run, shim);
+            memory_resizes(client, rt, run, total_kib);
         },
     );
 
@@ -784,6 +786,124 @@ fn cri_podvisor_pod_lifecycle() {
     assert_no_tasks_or_mounts(&containerd);
     let log = containerd.log();
     assert!(!log.contains("publishing /tasks"), "an event failed");
+}
+
+/// A `kB` field of `/proc/meminfo` or `smaps_rollup` text.
+fn kib_field(text: &str, field: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The shim's PSS, KiB.
+fn pss_kib(shim: u32) -> u64 {
+    let rollup = std::fs::read_to_string(format!("/proc/{shim}/smaps_rollup")).unwrap();
+    kib_field(&rollup, "Pss").expect("Pss in smaps_rollup")
+}
+
+/// The guest's MemTotal as container `id` sees it, kB.
+fn guest_mem_total(client: &mut Client, rt: &tokio::runtime::Runtime, id: &str) -> u64 {
+    let meminfo = exec_sync(client, rt, id, &["cat", "/proc/meminfo"]);
+    let text = String::from_utf8_lossy(&meminfo.stdout);
+    kib_field(&text, "MemTotal").unwrap_or_else(|| panic!("no MemTotal in {text:?}"))
+}
+
+/// A container touches 64 MiB and frees it: the pod's host memory (the shim's PSS) grows,
+/// then comes back near where it was once the guest reports the freed memory on its
+/// balloon.
+fn memory_comes_back(client: &mut Client, rt: &tokio::runtime::Runtime, run: &PodRun, shim: u32) {
+    let before = pss_kib(shim);
+    let dd = exec_sync(
+        client,
+        rt,
+        &run.container_ids[1],
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
+    );
+    assert_eq!(
+        dd.exit_code,
+        0,
+        "dd: {}",
+        String::from_utf8_lossy(&dd.stderr)
+    );
+    let freed = Instant::now();
+    let peak = pss_kib(shim);
+    eprintln!("alloc-free: shim PSS {before} KiB before, {peak} KiB right after the free");
+    assert!(
+        peak >= before + 32 * 1024,
+        "touching 64 MiB in the guest grew the shim's PSS from {before} to {peak} KiB only"
+    );
+    let deadline = freed + Duration::from_secs(180);
+    loop {
+        let now = pss_kib(shim);
+        if now <= before + 16 * 1024 {
+            eprintln!(
+                "alloc-free: shim PSS back to {now} KiB {:.1} s after the free",
+                freed.elapsed().as_secs_f64()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the shim's PSS is still {now} KiB (before: {before}, right after the free:              {peak}): the guest did not give the freed memory back"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// UpdateContainerResources resizes the pod's VM: once every container has a memory limit
+/// the VM follows their sum (+ the guest's overhead, in 128 MiB steps), down and back up to
+/// the size it was built with. `full_kib` is the guest's MemTotal at that size.
+fn memory_resizes(client: &mut Client, rt: &tokio::runtime::Runtime, run: &PodRun, full_kib: u64) {
+    let update = |client: &mut Client, id: &str, mib: i64| {
+        let t = Instant::now();
+        rt.block_on(client.update_container_resources(req(
+            UpdateContainerResourcesRequest {
+                container_id: id.to_string(),
+                linux: Some(LinuxContainerResources {
+                    memory_limit_in_bytes: mib << 20,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            Duration::from_secs(900),
+        )))
+        .unwrap_or_else(|e| panic!("UpdateContainerResources {id} to {mib} MiB: {e}"));
+        t.elapsed()
+    };
+    let (sleeper, talker) = (&run.container_ids[0], &run.container_ids[1]);
+    let took = update(client, sleeper, 100);
+    let total = guest_mem_total(client, rt, talker);
+    eprintln!(
+        "resize: one container limited ({:.2} s): guest MemTotal {total} kB",
+        took.as_secs_f64()
+    );
+    assert_eq!(
+        total, full_kib,
+        "a container without a limit keeps the VM whole"
+    );
+    // 100 + 50 + 64 MiB → a 256 MiB VM: the balloon takes 128 MiB.
+    let took = update(client, talker, 50);
+    let lowered = guest_mem_total(client, rt, talker);
+    eprintln!(
+        "resize: VM 384 → 256 MiB took {:.2} s: guest MemTotal {lowered} kB",
+        took.as_secs_f64()
+    );
+    assert_eq!(full_kib - lowered, 128 * 1024, "the guest lost 128 MiB");
+    // The containers' limits hold in the guest next to it.
+    let limit = exec_sync(client, rt, talker, &["cat", "/sys/fs/cgroup/memory.max"]);
+    eprintln!(
+        "resize: talker's memory.max in the guest: {}",
+        String::from_utf8_lossy(&limit.stdout).trim()
+    );
+    // 200 + 50 + 64 MiB → 384 MiB, the size it was built with.
+    let took = update(client, sleeper, 200);
+    let raised = guest_mem_total(client, rt, talker);
+    eprintln!(
+        "resize: VM 256 → 384 MiB took {:.2} s: guest MemTotal {raised} kB",
+        took.as_secs_f64()
+    );
+    assert_eq!(raised, full_kib, "the guest has its memory back");
 }
 
 /// No guest needed: a podvisor config file with an unknown key makes RunPodSandbox fail with

@@ -226,7 +226,7 @@ impl Kit {
             stdio,
             mounts: ContainerMounts::default(),
             spec_json: serde_json::to_vec(&spec(args, false)).unwrap(),
-            memory_limit: None,
+            limits: Default::default(),
         };
         self.cs.create(&self.host, spec).map_err(|e| e.code())
     }

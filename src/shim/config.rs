@@ -31,7 +31,9 @@
 //! `max_templates` (default 8; the least recently used go first), `size_from_pod` (default
 //! true), `guest_overhead_mib` and `memory_step_mib` (a pod's VM from its CRI resources,
 //! `super::sizing`), `balloon` (default true: a virtio-balloon that resizes a running pod's
-//! memory and hands memory the guest frees back to the host, `super::pod::resize`). `config/podvisor.toml` in the repository documents each key with its
+//! memory and hands memory the guest frees back to the host, `super::pod::resize`),
+//! `resizable_vcpus` (default true: pod VMs have `max_vcpus` vCPUs, those beyond the pod's
+//! parked until an Update brings them online). `config/podvisor.toml` in the repository documents each key with its
 //! default.
 //!
 //! Per pod, before the `io.podvisor.config.*` annotations: with `size_from_pod`, the
@@ -157,6 +159,8 @@ pub struct ShimConfig {
     pub memory_step_mib: u64,
     /// Give pod VMs a balloon: memory resize on Update, free page reporting.
     pub balloon: bool,
+    /// Give pod VMs `max_vcpus` vCPUs, parked beyond the pod's: CPU resize on Update.
+    pub resizable_vcpus: bool,
     /// The KVM device node (`PODVISOR_KVM_DEVICE`).
     pub kvm_device: PathBuf,
     /// Host quirks: detected, or forced (`PODVISOR_HOST_QUIRKS`).
@@ -190,6 +194,7 @@ impl Default for ShimConfig {
             guest_overhead_mib: DEFAULT_GUEST_OVERHEAD_MIB,
             memory_step_mib: DEFAULT_MEMORY_STEP_MIB,
             balloon: true,
+            resizable_vcpus: true,
             max_templates: DEFAULT_MAX_TEMPLATES,
             kvm_device: PathBuf::from(vmm::config::DEFAULT_KVM_DEVICE),
             host_quirks: HostQuirks::Auto,
@@ -252,6 +257,7 @@ struct FileConfig {
     guest_overhead_mib: Option<u64>,
     memory_step_mib: Option<u64>,
     balloon: Option<bool>,
+    resizable_vcpus: Option<bool>,
     max_templates: Option<usize>,
 }
 
@@ -455,6 +461,7 @@ impl ShimConfig {
             guest_overhead_mib: file.guest_overhead_mib.unwrap_or(d.guest_overhead_mib),
             memory_step_mib: file.memory_step_mib.unwrap_or(d.memory_step_mib),
             balloon: file.balloon.unwrap_or(d.balloon),
+            resizable_vcpus: file.resizable_vcpus.unwrap_or(d.resizable_vcpus),
             kvm_device: d.kvm_device,
             host_quirks: d.host_quirks,
             memory: d.memory,

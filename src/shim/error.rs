@@ -113,6 +113,7 @@ impl ShimError {
             | Self::Pod(_) => Code::FAILED_PRECONDITION,
             Self::Resize(ResizeError::Timeout { .. }) => Code::DEADLINE_EXCEEDED,
             Self::Resize(ResizeError::NoDriver { .. }) => Code::FAILED_PRECONDITION,
+            Self::Resize(ResizeError::Cpus { source, .. }) => source.code(),
             Self::Agent(e) => e.code(),
             Self::Mount(_) | Self::Stdio(_) | Self::Thread { .. } | Self::Internal(_) => {
                 Code::INTERNAL

@@ -58,8 +58,8 @@ pub struct BundleSpec {
     pub netns: Option<PathBuf>,
     /// `linux.cgroupsPath`: the pod's host cgroup, for a sandbox's spec.
     pub cgroups_path: Option<String>,
-    /// `linux.resources.memory.limit` (bytes; absent, 0 or negative: none).
-    pub memory_limit: Option<u64>,
+    /// `linux.resources`' memory and CPU limits.
+    pub limits: crate::pod::ContainerLimits,
     pub guest: GuestSpec,
 }
 
@@ -123,7 +123,7 @@ impl BundleSpec {
             hostname: spec.hostname().clone().unwrap_or_default(),
             netns: netns_path(&spec),
             cgroups_path: cgroups_path(&spec),
-            memory_limit: crate::pod::memory_limit(
+            limits: crate::pod::ContainerLimits::of(
                 spec.linux().as_ref().and_then(|l| l.resources().as_ref()),
             ),
             guest: adapt(spec, container_dir)?,

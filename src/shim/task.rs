@@ -270,7 +270,7 @@ impl Service {
             kind,
             stdio,
             mounts: container_mounts(req, &spec),
-            memory_limit: spec.memory_limit,
+            limits: spec.limits,
             spec_json: spec.guest.json,
         };
         let host: Arc<dyn PodHost> = pod;

@@ -72,8 +72,15 @@ pub struct GuestShape {
     pub initrd: Option<PathBuf>,
     /// Kernel command line; the VMM appends its own words (devices, host quirks).
     pub cmdline: String,
-    /// Number of vCPUs.
+    /// Number of vCPUs online at boot.
     pub vcpus: usize,
+    /// vCPUs the guest can have online (0: `vcpus`). Those beyond `vcpus` exist from the
+    /// start (MP table entries, vCPU threads) but stay parked, waiting for the guest's
+    /// INIT/SIPI, until the guest brings them online (`maxcpus=` on the kernel command line
+    /// keeps the kernel from starting them at boot; writing 1 to
+    /// `/sys/devices/system/cpu/cpuN/online` starts one). How a running VM's CPUs resize.
+    #[serde(default)]
+    pub max_vcpus: usize,
     /// Guest memory in MiB.
     pub mem_mib: u64,
     /// virtio-blk disks, in the order the guest sees them (`/dev/vda`, `/dev/vdb`, ...).
@@ -137,6 +144,7 @@ impl Default for GuestShape {
             initrd: None,
             cmdline: DEFAULT_CMDLINE.to_string(),
             vcpus: 1,
+            max_vcpus: 0,
             mem_mib: 128,
             disks: Vec::new(),
             shares: Vec::new(),
@@ -261,6 +269,9 @@ impl VmConfig {
         if shape.vcpus == 0 || shape.vcpus > MAX_VCPUS {
             return Err(ConfigError::Vcpus(shape.vcpus));
         }
+        if shape.max_vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(shape.max_vcpus));
+        }
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&shape.mem_mib) {
             return Err(ConfigError::Memory(shape.mem_mib));
         }
@@ -376,6 +387,12 @@ pub fn split_share(share: ShareConfig) -> (ShareShape, ShareBinding) {
 }
 
 impl GuestShape {
+    /// The vCPUs the VM has (online at boot or parked): what the MP table lists and how
+    /// many vCPU threads run.
+    pub fn vcpu_slots(&self) -> usize {
+        self.vcpus.max(self.max_vcpus)
+    }
+
     /// `Ok` if `other` is this shape; else the first field that differs, by its path in
     /// the shape (`vcpus`, `disks[0].read_only`, `nics`, ...) with both values.
     pub fn check_same(&self, other: &GuestShape) -> Result<(), ShapeMismatch> {

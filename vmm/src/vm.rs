@@ -219,6 +219,11 @@ impl Vm {
         };
         let mut vmm_words = devices.cmdline_words.clone();
         vmm_words.extend(host.cmdline_words());
+        let slots = shape.vcpu_slots();
+        if slots > shape.vcpus {
+            // The other vCPUs wait parked until the guest brings them online.
+            vmm_words.push(format!("maxcpus={}", shape.vcpus));
+        }
         let cmdline = build_cmdline(&shape.cmdline, &vmm_words)?;
         load_cmdline(&mem, GuestAddress(CMDLINE_START), &cmdline).map_err(|e| {
             VmError::Cmdline {
@@ -230,7 +235,7 @@ impl Vm {
             .as_cstring()
             .map(|c| c.to_string_lossy().into_owned())
             .unwrap_or_default();
-        mptable::setup(&mem, shape.vcpus)?;
+        mptable::setup(&mem, slots)?;
         let boot_info = match kernel.protocol {
             BootProtocol::Pvh => {
                 boot::write_pvh(&mem, mem_size, initrd)?;
@@ -248,12 +253,13 @@ impl Vm {
             }
         };
         info!(
-            "kernel {} ({:?} entry at {:#x}), initrd {:?}, {} vCPU(s), {} MiB, cmdline: {cmdline_str}",
+            "kernel {} ({:?} entry at {:#x}), initrd {:?}, {} vCPU(s) ({} parked), {} MiB, cmdline: {cmdline_str}",
             shape.kernel.display(),
             kernel.protocol,
             kernel.entry,
             initrd,
             shape.vcpus,
+            slots - shape.vcpus,
             shape.mem_mib
         );
 
@@ -262,13 +268,13 @@ impl Vm {
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let save_caps = save_caps(&kvm)?;
         let msr_list = &save_caps.msr_list;
-        let mut vcpu_fds = Vec::with_capacity(shape.vcpus);
-        for id in 0..shape.vcpus {
+        let mut vcpu_fds = Vec::with_capacity(slots);
+        for id in 0..slots {
             let boot = (id == 0).then_some((&mem, kernel.protocol, kernel.entry, boot_info));
             vcpu_fds.push(vcpu::create(
                 &vm_fd,
                 id,
-                shape.vcpus,
+                slots,
                 &supported_cpuid,
                 host.cpuid_masks(),
                 msr_list,
@@ -318,10 +324,10 @@ impl Vm {
         let mut config = restore.apply(&state.shape, &saved_nics)?;
         ensure_fd_budget(&mut config);
         config.validate_devices()?;
-        if state.vcpus.len() != config.shape.vcpus {
+        if state.vcpus.len() != config.shape.vcpu_slots() {
             return Err(SnapshotError::VcpuCount {
                 saved: state.vcpus.len(),
-                current: config.shape.vcpus,
+                current: config.shape.vcpu_slots(),
             }
             .into());
         }

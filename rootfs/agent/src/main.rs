@@ -19,6 +19,7 @@
 
 mod cgroup;
 mod container;
+mod cpus;
 mod error;
 mod listener;
 mod logger;
@@ -62,6 +63,8 @@ usage: podvisor-agent [options]
   --resolv-conf PATH    where CreateSandbox writes DNS (default /etc/resolv.conf)
   --private-cgroup2     host test: mount cgroup v2 on /sys/fs/cgroup in a private mount
                         namespace if the host has v1/hybrid there
+  --cpu-dir DIR         the CPUs SetOnlineCpus changes (default /sys/devices/system/cpu
+                        when PID 1; none otherwise)
   --log-level LEVEL     error|warn|info|debug|trace (default info)
   --version             print the agent and protocol versions
 ";
@@ -88,6 +91,7 @@ struct Args {
     cgroup_parent: String,
     resolv_conf: PathBuf,
     private_cgroup2: bool,
+    cpu_dir: Option<PathBuf>,
     log_level: LevelFilter,
 }
 
@@ -98,6 +102,7 @@ fn parse_args() -> Result<Option<Args>, ArgsError> {
     let mut cgroup_parent = "podvisor".to_string();
     let mut resolv_conf = PathBuf::from("/etc/resolv.conf");
     let mut private_cgroup2 = false;
+    let mut cpu_dir = (std::process::id() == 1).then(|| PathBuf::from("/sys/devices/system/cpu"));
     let mut log_level = LevelFilter::Info;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -111,6 +116,7 @@ fn parse_args() -> Result<Option<Args>, ArgsError> {
             "--state-dir" => state_dir = value()?.into(),
             "--cgroup-parent" => cgroup_parent = value()?,
             "--resolv-conf" => resolv_conf = value()?.into(),
+            "--cpu-dir" => cpu_dir = Some(value()?.into()),
             "--log-level" => {
                 let level = value()?;
                 log_level = level.parse().map_err(|_| ArgsError::LogLevel(level))?;
@@ -149,6 +155,7 @@ fn parse_args() -> Result<Option<Args>, ArgsError> {
         cgroup_parent,
         resolv_conf,
         private_cgroup2,
+        cpu_dir,
         log_level,
     }))
 }
@@ -203,7 +210,8 @@ fn run(args: &Args, guest: bool) -> Result<(), StartError> {
         owns_machine: guest,
     };
     let sandbox = Arc::new(Sandbox::new(config, reaper, streams, oom));
-    let service = server::AgentService::new(sandbox.clone());
+    let service =
+        server::AgentService::new(sandbox.clone(), cpus::for_dir(args.cpu_dir.as_deref()));
 
     let rpc_fd = args.listen.bind()?;
     let mut server = ttrpc::Server::new()

@@ -15,17 +15,20 @@ use podvisor_agent_protocol::agent_ttrpc::Agent;
 use podvisor_agent_protocol::PROTOCOL_VERSION;
 use ttrpc::TtrpcContext;
 
-use crate::error::RpcResult;
+use crate::cpus::Cpus;
+use crate::error::{RpcError, RpcResult};
 use crate::sandbox::Sandbox;
 
 /// The service registered with the ttrpc server.
 pub struct AgentService {
     sandbox: Arc<Sandbox>,
+    /// The guest's CPUs (none for an agent that must not change them).
+    cpus: Option<Cpus>,
 }
 
 impl AgentService {
-    pub fn new(sandbox: Arc<Sandbox>) -> Self {
-        Self { sandbox }
+    pub fn new(sandbox: Arc<Sandbox>, cpus: Option<Cpus>) -> Self {
+        Self { sandbox, cpus }
     }
 }
 
@@ -183,6 +186,25 @@ impl Agent for AgentService {
             self.sandbox
                 .update(&req.container_id, &req.oci_resources_json),
         )
+    }
+
+    fn set_online_cpus(
+        &self,
+        _: &TtrpcContext,
+        req: SetOnlineCpusRequest,
+    ) -> Reply<SetOnlineCpusResponse> {
+        let result = match &self.cpus {
+            Some(cpus) => cpus
+                .set_online(req.count)
+                .map(|online| SetOnlineCpusResponse {
+                    online,
+                    ..Default::default()
+                }),
+            None => Err(RpcError::FailedPrecondition(
+                "this agent changes no CPUs (a host test agent without --cpu-dir)".into(),
+            )),
+        };
+        reply("SetOnlineCpus", result)
     }
 
     fn pause_container(&self, _: &TtrpcContext, req: ContainerRequest) -> Reply<Empty> {

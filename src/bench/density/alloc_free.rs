@@ -3,8 +3,9 @@
 //! Each pod runs [`command`]: it prints `ready`, waits [`PAUSE_S`] seconds (the harness
 //! takes the pod's baseline PSS meanwhile), touches `--alloc-mib` MiB in one buffer
 //! (`dd bs=<N>M count=1` from `/dev/zero`: the read fills every page of it), exits (which
-//! frees it), prints `freed` and idles. The harness takes the pod's PSS again right after
-//! `freed` and once more `--reclaim-wait` seconds later.
+//! frees it), prints `freed` and idles. The harness samples the pod's PSS about once a
+//! second while it allocates (the peak), takes it again right after `freed` and once more
+//! `--reclaim-wait` seconds later.
 //!
 //! runc's pod gives the memory back at once (the process's exit unmaps it). A VM pod keeps
 //! it as guest free memory unless the guest hands it back: podvisor's guest reports free
@@ -77,8 +78,10 @@ pub(super) fn run(
         measure_pod(runtime, &pod.id, containerd.sock(), plan.mem_mib)
             .map(|m| m.overhead + m.workload)
     };
+    let mut last_sample = Instant::now();
     while stages.iter().any(|s| !matches!(s, Stage::Done)) {
         check_interrupt()?;
+        let mut sampled = false;
         for ((pod, stage), rec) in pods.pods.iter_mut().zip(&mut stages).zip(&mut records) {
             let next = match stage {
                 Stage::Done => continue,
@@ -105,6 +108,15 @@ pub(super) fn run(
                     }
                 }
                 Stage::Allocating => match pod.printed(FREED) {
+                    None if last_sample.elapsed() >= Duration::from_secs(1) => {
+                        // The peak while the guest allocates (a VM's host memory grows
+                        // as the guest touches pages).
+                        if let Ok(kib) = measure(pod) {
+                            rec.peak_pss_kib = Some(rec.peak_pss_kib.unwrap_or(0).max(kib));
+                        }
+                        sampled = true;
+                        None
+                    }
                     Some(freed) => {
                         let ready = pod.first_output().unwrap_or(pod.spawned);
                         rec.alloc_s =
@@ -151,6 +163,9 @@ pub(super) fn run(
             if let Some(next) = next {
                 *stage = next;
             }
+        }
+        if sampled {
+            last_sample = Instant::now();
         }
         std::thread::sleep(Duration::from_millis(100));
     }

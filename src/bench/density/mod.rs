@@ -1374,18 +1374,22 @@ fn write_reports(report: &Report, dir: &Path) -> Result<Vec<PathBuf>, DensityErr
     let text = serde_json::to_string_pretty(report).expect("report serialises");
     let json = report::write_file(dir, "density.json", &text)?;
     let png = dir.join("density.png");
-    let plotted = match plot::draw(report, &png) {
-        Ok(()) => true,
-        Err(e) => {
-            log::warn!("no plot: {e}");
-            false
-        }
-    };
+    // The plot is of the idle pods' start latency and memory; an alloc-free run has none.
+    let plotted = !report.runs.is_empty()
+        && match plot::draw(report, &png) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("no plot: {e}");
+                false
+            }
+        };
     let mut text = report::markdown(report);
     if plotted {
         text += &format!("\nPlot: {}\n", png.display());
     }
-    text += &report::pod_table(report);
+    if !report.runs.is_empty() {
+        text += &report::pod_table(report);
+    }
     let md = report::write_file(dir, "density.md", &text)?;
     let mut paths = vec![md, json];
     if plotted {

@@ -53,6 +53,9 @@ pub struct AllocFreeRecord {
     /// The allocation and free (from the end of the pause to `freed`), seconds.
     pub alloc_s: Option<f64>,
     pub baseline_pss_kib: Option<u64>,
+    /// The most seen while the pod allocated (sampled about once a second).
+    #[serde(default)]
+    pub peak_pss_kib: Option<u64>,
     pub freed_pss_kib: Option<u64>,
     pub settled_pss_kib: Option<u64>,
 }
@@ -69,7 +72,7 @@ pub fn alloc_free_markdown(runs: &[AllocFreeRun]) -> String {
         return String::new();
     };
     let mut out = format!(
-        "\n## Alloc-free: each pod touches {} MiB, frees it and idles\n\nPSS per pod (shim + descendants), mean over the pods: before the allocation, right after the free, and {} s later.\n\n| runtime | pods ok | PSS before (MiB) | right after the free (MiB) | {} s later (MiB) | still above before (MiB) | given back | alloc + free took |\n|---|---|---|---|---|---|---|---|\n",
+        "\n## Alloc-free: each pod touches {} MiB, frees it and idles\n\nPSS per pod (shim + descendants), mean over the pods: before the allocation, its peak while allocating (sampled each second), right after the free, and {} s later. Given back: how much of the growth at the peak came back.\n\n| runtime | pods ok | PSS before (MiB) | peak (MiB) | right after the free (MiB) | {} s later (MiB) | still above before (MiB) | given back | alloc + free took |\n|---|---|---|---|---|---|---|---|---|\n",
         first.alloc_mib, first.reclaim_wait_s, first.reclaim_wait_s
     );
     for r in runs {
@@ -79,26 +82,29 @@ pub fn alloc_free_markdown(runs: &[AllocFreeRun]) -> String {
             .filter(|p| p.error.is_none() && p.settled_pss_kib.is_some())
             .collect();
         let kib = |f: fn(&AllocFreeRecord) -> Option<u64>| mean_of(&ok, |p| f(p).map(|v| v as f64));
-        let (before, freed, settled) = (
+        let (before, peak, freed, settled) = (
             kib(|p| p.baseline_pss_kib),
+            kib(|p| p.peak_pss_kib.max(p.freed_pss_kib)),
             kib(|p| p.freed_pss_kib),
             kib(|p| p.settled_pss_kib),
         );
         let above = before.zip(settled).map(|(b, s)| s - b);
-        let given_back = match (before, freed, settled) {
-            (Some(b), Some(f), Some(s)) if f - b > 1024.0 => {
-                format!("{:.0}%", 100.0 * (f - s) / (f - b))
+        // Of what the pod grew by at its peak, how much came back.
+        let given_back = match (before, peak, settled) {
+            (Some(b), Some(p), Some(s)) if p - b > 1024.0 => {
+                format!("{:.0}%", 100.0 * (p - s) / (p - b))
             }
-            (Some(_), Some(_), Some(_)) => "already back at the free".into(),
+            (Some(_), Some(_), Some(_)) => "never grew".into(),
             _ => "n/a".into(),
         };
         let _ = writeln!(
             out,
-            "| {} | {}/{} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {}/{} | {} | {} | {} | {} | {} | {} | {} |",
             r.runtime,
             ok.len(),
             r.pods.len(),
             mib(before),
+            mib(peak),
             mib(freed),
             mib(settled),
             mib(above),
@@ -300,6 +306,13 @@ pub fn mib(kib: Option<f64>) -> String {
 
 /// The Markdown report: configuration, one summary row per runtime, targets, failures.
 pub fn markdown(report: &Report) -> String {
+    if report.runs.is_empty() {
+        return format!(
+            "{}{}",
+            failures(report),
+            alloc_free_markdown(&report.alloc_free)
+        );
+    }
     let c = &report.config;
     let mut out = String::new();
     let _ = writeln!(
@@ -607,13 +620,11 @@ pub(crate) mod tests {
         ];
         let md = alloc_free_markdown(&runs);
         assert!(
-            md.contains(
-                "| runc | 1/1 | 2.0 | 2.0 | 2.0 | 0.0 | already back at the free | 2.0 s |"
-            ),
+            md.contains("| runc | 1/1 | 2.0 | 2.0 | 2.0 | 2.0 | 0.0 | never grew | 2.0 s |"),
             "{md}"
         );
         assert!(
-            md.contains("| podvisor | 1/2 | 40.0 | 240.0 | 44.0 | 4.0 | 98% | 2.0 s |"),
+            md.contains("| podvisor | 1/2 | 40.0 | 240.0 | 240.0 | 44.0 | 4.0 | 98% | 2.0 s |"),
             "{md}"
         );
         assert!(

@@ -139,6 +139,10 @@ impl Agent for FakeAgent {
     fn update_resources(&self, id: &str, _resources: Vec<u8>) -> Result<(), AgentError> {
         self.call("UpdateResources", id, "")
     }
+    fn set_online_cpus(&self, count: u32) -> Result<u32, AgentError> {
+        self.call("SetOnlineCpus", &count.to_string(), "")?;
+        Ok(count)
+    }
     fn exec_process(
         &self,
         id: &str,

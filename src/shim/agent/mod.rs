@@ -113,6 +113,8 @@ pub trait Agent: Send + Sync {
     fn stats(&self, id: &str) -> Result<StatsResponse, AgentError>;
     /// `resources`: OCI LinuxResources JSON.
     fn update_resources(&self, id: &str, resources: Vec<u8>) -> Result<(), AgentError>;
+    /// Brings guest CPUs online or offline until `count` are online; returns how many are.
+    fn set_online_cpus(&self, count: u32) -> Result<u32, AgentError>;
 
     /// Starts an exec process from its OCI process JSON. Returns its PID.
     fn exec_process(

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use podvisor_agent_protocol::agent::{
     CloseStdinRequest, ContainerRequest, CreateContainerRequest, DestroySandboxRequest,
     ExecProcessRequest, GetOOMEventRequest, GetVersionRequest, ProcessRequest, ResizeTtyRequest,
-    SignalProcessRequest, Stdio, UpdateResourcesRequest,
+    SetOnlineCpusRequest, SignalProcessRequest, Stdio, UpdateResourcesRequest,
 };
 use podvisor_agent_protocol::agent_ttrpc::AgentClient;
 use podvisor_agent_protocol::stream::StreamHeader;
@@ -246,6 +246,16 @@ impl Agent for TtrpcAgent {
             self.client.update_resources(self.ctx(), &req),
         )
         .map(drop)
+    }
+
+    fn set_online_cpus(&self, count: u32) -> Result<u32, AgentError> {
+        let mut req = SetOnlineCpusRequest::new();
+        req.count = count;
+        check(
+            "SetOnlineCpus",
+            self.client.set_online_cpus(self.ctx(), &req),
+        )
+        .map(|r| r.online)
     }
 
     fn exec_process(

@@ -35,7 +35,7 @@ use oci_spec::runtime::LinuxResources;
 use super::agent::{NewContainer, StatsResponse};
 use super::error::ShimError;
 use super::oom_events::{OomFilter, Verdict};
-use super::pod::{memory_limit, ContainerMounts, PodHost};
+use super::pod::{ContainerLimits, ContainerMounts, PodHost};
 use super::stdio::StdioPaths;
 use super::{now, timestamp_ns};
 use process::{Exit, ProcState, Process};
@@ -112,8 +112,8 @@ pub struct ContainerSpec {
     pub mounts: ContainerMounts,
     /// The OCI spec adapted for the guest (JSON).
     pub spec_json: Vec<u8>,
-    /// The container's memory limit (bytes), which the pod's VM size follows.
-    pub memory_limit: Option<u64>,
+    /// The container's limits, which the pod's VM size follows.
+    pub limits: ContainerLimits,
 }
 
 /// A process as State reports it.
@@ -211,7 +211,7 @@ impl Containers {
             // A pod created with its limits is already at this size; a container added
             // later may change it. The container runs either way (its limit is enforced in
             // the guest): a VM that cannot follow is logged, not a failed Create.
-            if let Err(e) = pod.set_memory_limit(&spec.id, spec.memory_limit) {
+            if let Err(e) = pod.set_limits(&spec.id, spec.limits) {
                 log::warn!("Create {}: {e}", spec.id);
             }
         }
@@ -703,7 +703,7 @@ impl Containers {
                     ))
                 })?;
                 pod.agent().update_resources(id, resources)?;
-                Ok(pod.set_memory_limit(id, memory_limit(Some(&parsed)))?)
+                Ok(pod.set_limits(id, ContainerLimits::of(Some(&parsed)))?)
             }
         }
     }

@@ -77,12 +77,9 @@ impl PodHost for FakePod {
     fn is_down(&self) -> bool {
         self.down.load(Ordering::SeqCst)
     }
-    fn set_memory_limit(
-        &self,
-        id: &str,
-        limit: Option<u64>,
-    ) -> Result<(), crate::pod::ResizeError> {
-        self.sizes.lock().unwrap().push(format!("{id}={limit:?}"));
+    fn set_limits(&self, id: &str, limits: ContainerLimits) -> Result<(), crate::pod::ResizeError> {
+        let memory = limits.memory_bytes;
+        self.sizes.lock().unwrap().push(format!("{id}={memory:?}"));
         Ok(())
     }
     fn forget_container(&self, id: &str) -> Result<(), crate::pod::ResizeError> {
@@ -117,7 +114,7 @@ fn spec(id: &str, kind: ContainerKind) -> ContainerSpec {
         stdio: StdioPaths::default(),
         mounts: ContainerMounts::default(),
         spec_json: b"{}".to_vec(),
-        memory_limit: None,
+        limits: ContainerLimits::default(),
     }
 }
 
@@ -418,7 +415,7 @@ fn ooms_of_this_pods_workloads_are_published() {
 fn the_pod_size_follows_workload_limits_through_create_update_and_delete() {
     let k = kit();
     let mut s = spec("c1", ContainerKind::Workload);
-    s.memory_limit = Some(256 << 20);
+    s.limits.memory_bytes = Some(256 << 20);
     k.cs.create(&k.pod, s).unwrap();
     k.cs.create(&k.pod, spec("sb", ContainerKind::Sandbox))
         .unwrap();

@@ -24,7 +24,7 @@ use podvisor_agent_protocol::PROTOCOL_VERSION;
 use vmm::config::{NetConfig, TapSource};
 
 pub use cgroup::{CgroupError, PodCgroup};
-pub use resize::{memory_limit, PodMemory, ResizeError, Resizer};
+pub use resize::{ContainerLimits, PodSize, ResizeError, Resizer};
 pub use state::{cleanup_state_dir, StateDir, SHARED_IN_GUEST, SHARE_TAG};
 pub use vm::{pod_vm_config, OnVmExit};
 
@@ -107,11 +107,10 @@ pub trait PodHost: Send + Sync {
     fn guest_rootfs(&self, id: &str) -> String;
     /// The VM stopped or is being torn down: the agent will not answer.
     fn is_down(&self) -> bool;
-    /// Workload container `id` now has memory limit `limit` (bytes; `None`: unlimited):
-    /// the pod's VM follows (see [`resize`]). A pod without a VM of its own size has
-    /// nothing to do.
-    fn set_memory_limit(&self, id: &str, limit: Option<u64>) -> Result<(), ResizeError> {
-        let _ = (id, limit);
+    /// Workload container `id` now has `limits`: the pod's VM follows (see [`resize`]). A
+    /// pod without a VM of its own size has nothing to do.
+    fn set_limits(&self, id: &str, limits: ContainerLimits) -> Result<(), ResizeError> {
+        let _ = (id, limits);
         Ok(())
     }
     /// Workload container `id` is gone: its limit leaves the pod's size.
@@ -183,8 +182,8 @@ pub struct Pod {
     network: Mutex<Option<PodNetwork>>,
     /// The pod's host cgroup, which this process joined; left at teardown.
     cgroup: Mutex<Option<PodCgroup>>,
-    /// The VM's memory as its containers' limits want it.
-    memory: Resizer,
+    /// The VM's size as its containers' limits want it.
+    size: Resizer,
 }
 
 /// The pod's network wiring, when its sandbox spec names a network namespace (`netns`).
@@ -307,9 +306,14 @@ impl Pod {
         };
         match Self::bring_up(id, req.hostname, config, req.netns, on_exit, &mut partial) {
             Ok(agent) => Ok(Pod {
-                memory: Resizer::new(
+                size: Resizer::new(
                     id,
-                    PodMemory::new(config.mem_mib, config.sizing_rules()),
+                    PodSize::new(
+                        config.mem_mib,
+                        u32::try_from(config.vcpus).unwrap_or(u32::MAX),
+                        u32::try_from(vm::vcpu_slots(config)).unwrap_or(u32::MAX),
+                        config.sizing_rules(),
+                    ),
                     partial.vm.as_ref().and_then(|vm| vm.balloon.clone()),
                     config.agent_timeout,
                 ),
@@ -465,11 +469,13 @@ impl PodHost for Pod {
         self.destroyed.load(Ordering::SeqCst) || self.vm_stopped()
     }
 
-    fn set_memory_limit(&self, id: &str, limit: Option<u64>) -> Result<(), ResizeError> {
-        self.memory.update(|plan| plan.set(id, limit))
+    fn set_limits(&self, id: &str, limits: ContainerLimits) -> Result<(), ResizeError> {
+        self.size
+            .update(self.agent.as_ref(), |plan| plan.set(id, limits))
     }
 
     fn forget_container(&self, id: &str) -> Result<(), ResizeError> {
-        self.memory.update(|plan| plan.remove(id))
+        self.size
+            .update(self.agent.as_ref(), |plan| plan.remove(id))
     }
 }

@@ -1,26 +1,31 @@
-//! Resizing a running pod's memory: what its containers' memory limits add up to, the VM
-//! size that follows, and the balloon that takes the guest there.
+//! Resizing a running pod: what its containers' limits add up to, the VM size that follows,
+//! and how the VM gets there (vCPUs through the agent, memory through the balloon).
 //!
-//! The VM is built at its full size ([`crate::sizing`]). Guest RAM cannot grow after that,
-//! so a pod's memory moves between a floor and that boot size:
-//! * wanted = [`SizingRules::vm_mem_mib`] of the sum of the workload containers' limits
-//!   (limits + guest overhead, rounded up to the step), at most the boot size;
-//! * only while every workload container has a limit: a container without one, or no
-//!   container at all (a pod being set up), leaves the VM at its boot size;
-//! * the balloon holds boot − wanted: the guest driver allocates that memory, hands it to
-//!   the host (which frees it) and takes it out of the guest's `MemTotal`.
+//! The VM is built at its full size ([`crate::sizing`]): the pod's vCPUs online plus parked
+//! ones up to `max_vcpus`, and its memory. Guest RAM cannot grow after that, so a pod's
+//! memory moves between a floor and that boot size; its CPUs between 1 and the vCPUs the VM
+//! has.
+//! * memory wanted = [`SizingRules::vm_mem_mib`] of the sum of the workload containers'
+//!   limits (limits + guest overhead, rounded up to the step), at most the boot size; the
+//!   balloon holds boot − wanted (the guest driver allocates it, hands it to the host, which
+//!   frees it, and takes it out of the guest's `MemTotal`);
+//! * vCPUs wanted = ⌈Σ quota / period⌉ of the workload containers' CPU limits, 1 to the VM's
+//!   vCPUs; the agent brings guest CPUs online (parked vCPUs start) or offline;
+//! * each applies only while every workload container has that limit: a container without
+//!   one, or no container at all (a pod being set up), leaves it at the boot size.
 //!
-//! A pod created with its limits gets wanted = boot when its containers are created: no
-//! balloon work at start. An Update (CRI UpdateContainerResources, in-place pod resize)
-//! that lowers a limit inflates the balloon; one that raises it deflates it, up to the boot
-//! size. Asking for more than the boot size is logged and capped: the container's limit in
-//! the guest still changes, the VM stays at its boot size.
+//! A pod created with its limits is at the wanted size when its containers are created: no
+//! resize work at start. An Update (CRI UpdateContainerResources, in-place pod resize) that
+//! lowers a limit shrinks the VM; one that raises it grows the VM back, up to what it was
+//! built with. Asking for more is logged and capped: the container's limit in the guest
+//! still changes.
 //!
-//! [`Resizer::apply`] waits for the guest driver to report the new size (`actual`): when
-//! the kubelet lowers a pod, it lowers the pod's host cgroup limit right after the
-//! containers' Updates, and the memory must be back by then. A guest that does not get
-//! there in time (its containers hold the memory) fails the Update with how far it got; the
-//! target stays, so the guest keeps giving memory back as it frees it.
+//! [`Resizer::update`] waits for the guest to get there: the CPUs when the agent answers,
+//! the memory when the balloon driver reports it (`actual`). When the kubelet lowers a pod,
+//! it lowers the pod's host cgroup limit right after the containers' Updates, and the
+//! memory must be back by then. A guest that does not get there in time (its containers
+//! hold the memory) fails the Update with how far it got; the target stays, so the guest
+//! keeps giving memory back as it frees it.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -29,6 +34,7 @@ use std::time::{Duration, Instant};
 use oci_spec::runtime::LinuxResources;
 use vmm::BalloonControl;
 
+use crate::agent::{Agent, AgentError};
 use crate::sizing::SizingRules;
 
 /// Pages of 4 KiB in a MiB.
@@ -36,17 +42,33 @@ const PAGES_PER_MIB: u64 = 256;
 /// How often [`Resizer::apply`] looks at the driver's progress.
 const POLL: Duration = Duration::from_millis(20);
 
-/// A container's memory limit from its resources (absent, 0 or negative: none).
-pub fn memory_limit(resources: Option<&LinuxResources>) -> Option<u64> {
-    resources
-        .and_then(|r| r.memory().as_ref())
-        .and_then(|m| m.limit())
-        .and_then(|l| u64::try_from(l).ok())
-        .filter(|&l| l > 0)
+/// A container's limits that size the pod.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ContainerLimits {
+    /// Memory limit, bytes.
+    pub memory_bytes: Option<u64>,
+    /// CPU limit as (quota, period), µs.
+    pub cpu: Option<(u64, u64)>,
+}
+
+impl ContainerLimits {
+    /// From OCI resources (absent, 0 or negative values: no limit).
+    pub fn of(resources: Option<&LinuxResources>) -> Self {
+        let positive = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok()).filter(|&v| v > 0);
+        let memory_bytes = positive(
+            resources
+                .and_then(|r| r.memory().as_ref())
+                .and_then(|m| m.limit()),
+        );
+        let cpu = resources
+            .and_then(|r| r.cpu().as_ref())
+            .and_then(|c| positive(c.quota()).zip(c.period().filter(|&p| p > 0)));
+        Self { memory_bytes, cpu }
+    }
 }
 
 /// Why a resize did not complete.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum ResizeError {
     #[error(
         "the pod VM did not get to {wanted_mib} MiB in {:.0} s: its balloon holds {held_mib} \
@@ -66,29 +88,39 @@ pub enum ResizeError {
          CONFIG_VIRTIO_BALLOON?): its memory cannot be lowered to {wanted_mib} MiB"
     )]
     NoDriver { wanted_mib: u64 },
+    #[error("cannot bring {wanted} vCPUs online in the pod VM: {source}")]
+    Cpus {
+        wanted: u32,
+        #[source]
+        source: AgentError,
+    },
 }
 
-/// The memory plan of a pod: its boot size and its workload containers' limits.
+/// The size plan of a pod: its boot size and its workload containers' limits.
 #[derive(Debug, Clone)]
-pub struct PodMemory {
+pub struct PodSize {
     boot_mib: u64,
+    boot_vcpus: u32,
+    /// vCPUs the VM has (online or parked).
+    vcpu_slots: u32,
     rules: SizingRules,
-    /// Memory limit per workload container (`None`: unlimited).
-    limits: BTreeMap<String, Option<u64>>,
+    limits: BTreeMap<String, ContainerLimits>,
 }
 
-impl PodMemory {
-    pub fn new(boot_mib: u64, rules: SizingRules) -> Self {
+impl PodSize {
+    pub fn new(boot_mib: u64, boot_vcpus: u32, vcpu_slots: u32, rules: SizingRules) -> Self {
         Self {
             boot_mib,
+            boot_vcpus,
+            vcpu_slots: vcpu_slots.max(boot_vcpus),
             rules,
             limits: BTreeMap::new(),
         }
     }
 
-    /// Container `id` has memory limit `limit` (bytes; `None`: unlimited).
-    pub fn set(&mut self, id: &str, limit: Option<u64>) {
-        self.limits.insert(id.to_string(), limit);
+    /// Container `id` has `limits`.
+    pub fn set(&mut self, id: &str, limits: ContainerLimits) {
+        self.limits.insert(id.to_string(), limits);
     }
 
     /// Container `id` is gone.
@@ -96,8 +128,8 @@ impl PodMemory {
         self.limits.remove(id);
     }
 
-    /// What the containers ask for (MiB, before the cap at the boot size); `None` when the
-    /// VM stays at its boot size (a container without a limit, or none at all).
+    /// What the containers' memory limits ask for (MiB, before the cap at the boot size);
+    /// `None` when the VM stays at its boot size.
     pub fn asked_mib(&self) -> Option<u64> {
         if self.limits.is_empty() {
             return None;
@@ -105,11 +137,11 @@ impl PodMemory {
         let sum = self
             .limits
             .values()
-            .try_fold(0u64, |sum, l| l.map(|l| sum.saturating_add(l)))?;
+            .try_fold(0u64, |sum, l| l.memory_bytes.map(|m| sum.saturating_add(m)))?;
         Some(self.rules.vm_mem_mib(sum))
     }
 
-    /// The size the VM should have now (MiB).
+    /// The memory the VM should have now (MiB).
     pub fn wanted_mib(&self) -> u64 {
         self.asked_mib()
             .map_or(self.boot_mib, |asked| asked.min(self.boot_mib))
@@ -119,21 +151,49 @@ impl PodMemory {
     pub fn balloon_mib(&self) -> u64 {
         self.boot_mib - self.wanted_mib()
     }
+
+    /// What the containers' CPU limits ask for (vCPUs, before the cap); `None` when the VM
+    /// stays at its boot vCPUs.
+    pub fn asked_vcpus(&self) -> Option<u64> {
+        if self.limits.is_empty() {
+            return None;
+        }
+        // Σ quota/period, exactly: over a common period of 1 s (quota scaled), then rounded up.
+        let micros = self.limits.values().try_fold(0u128, |sum, l| {
+            l.cpu.map(|(quota, period)| {
+                sum + u128::from(quota) * 1_000_000 / u128::from(period.max(1))
+            })
+        })?;
+        Some(
+            u64::try_from(micros.div_ceil(1_000_000))
+                .unwrap_or(u64::MAX)
+                .max(1),
+        )
+    }
+
+    /// The vCPUs that should be online now.
+    pub fn wanted_vcpus(&self) -> u32 {
+        self.asked_vcpus().map_or(self.boot_vcpus, |asked| {
+            u32::try_from(asked)
+                .unwrap_or(u32::MAX)
+                .min(self.vcpu_slots)
+        })
+    }
 }
 
-/// A pod's memory plan and the balloon that carries it out.
+/// A pod's size plan and what carries it out.
 pub struct Resizer {
     pod: String,
-    plan: Mutex<PodMemory>,
+    plan: Mutex<PodSize>,
     balloon: Option<BalloonControl>,
     timeout: Duration,
 }
 
 impl Resizer {
-    /// `balloon`: the VM's, if it has one (without, the VM keeps its boot size).
+    /// `balloon`: the VM's, if it has one (without, the VM keeps its boot memory).
     pub fn new(
         pod: &str,
-        plan: PodMemory,
+        plan: PodSize,
         balloon: Option<BalloonControl>,
         timeout: Duration,
     ) -> Self {
@@ -145,15 +205,20 @@ impl Resizer {
         }
     }
 
-    fn plan(&self) -> std::sync::MutexGuard<'_, PodMemory> {
+    fn plan(&self) -> std::sync::MutexGuard<'_, PodSize> {
         self.plan.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a change of the plan (`f`) and brings the VM to the size it gives.
-    pub fn update(&self, f: impl FnOnce(&mut PodMemory)) -> Result<(), ResizeError> {
+    /// Records a change of the plan (`f`) and brings the VM to the size it gives: its CPUs
+    /// through `agent`, its memory through the balloon.
+    pub fn update(
+        &self,
+        agent: &dyn Agent,
+        f: impl FnOnce(&mut PodSize),
+    ) -> Result<(), ResizeError> {
         // One resize at a time: the lock is held while the guest follows.
         let mut plan = self.plan();
-        let before = plan.balloon_mib();
+        let (balloon_before, vcpus_before) = (plan.balloon_mib(), plan.wanted_vcpus());
         f(&mut plan);
         if let Some(asked) = plan.asked_mib().filter(|&a| a > plan.boot_mib) {
             log::warn!(
@@ -163,8 +228,34 @@ impl Resizer {
                 plan.boot_mib
             );
         }
+        if let Some(asked) = plan
+            .asked_vcpus()
+            .filter(|&a| a > u64::from(plan.vcpu_slots))
+        {
+            log::warn!(
+                "pod {}: its containers' CPU limits ask for {asked} vCPUs; the VM has {} \
+                 (max_vcpus)",
+                self.pod,
+                plan.vcpu_slots
+            );
+        }
+        let vcpus = plan.wanted_vcpus();
+        if vcpus != vcpus_before {
+            let start = Instant::now();
+            let online = agent
+                .set_online_cpus(vcpus)
+                .map_err(|source| ResizeError::Cpus {
+                    wanted: vcpus,
+                    source,
+                })?;
+            log::info!(
+                "pod {}: {online} vCPUs online (asked {vcpus}), in {:.0} ms",
+                self.pod,
+                start.elapsed().as_secs_f64() * 1000.0
+            );
+        }
         let balloon_mib = plan.balloon_mib();
-        if balloon_mib == before {
+        if balloon_mib == balloon_before {
             return Ok(());
         }
         self.apply(plan.wanted_mib(), balloon_mib)
@@ -228,15 +319,29 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
+    fn mem(bytes: u64) -> ContainerLimits {
+        ContainerLimits {
+            memory_bytes: Some(bytes),
+            cpu: None,
+        }
+    }
+
+    fn cpu(quota: u64, period: u64) -> ContainerLimits {
+        ContainerLimits {
+            memory_bytes: None,
+            cpu: Some((quota, period)),
+        }
+    }
+
     #[test]
     fn the_vm_stays_at_boot_size_until_every_container_has_a_limit() {
-        let mut p = PodMemory::new(384, rules());
+        let mut p = PodSize::new(384, 1, 1, rules());
         assert_eq!(p.wanted_mib(), 384, "no container yet");
-        p.set("a", Some(100 * MIB));
-        p.set("b", None);
+        p.set("a", mem(100 * MIB));
+        p.set("b", ContainerLimits::default());
         assert_eq!(p.asked_mib(), None);
         assert_eq!(p.balloon_mib(), 0);
-        p.set("b", Some(20 * MIB));
+        p.set("b", mem(20 * MIB));
         // 120 + 64 = 184, rounded up to 256.
         assert_eq!(p.wanted_mib(), 256);
         assert_eq!(p.balloon_mib(), 128);
@@ -249,13 +354,13 @@ mod tests {
     fn a_pod_created_at_its_limit_needs_no_balloon_and_cannot_grow_past_boot() {
         let r = rules();
         let boot = r.vm_mem_mib(256 * MIB);
-        let mut p = PodMemory::new(boot, r);
-        p.set("app", Some(256 * MIB));
+        let mut p = PodSize::new(boot, 1, 1, r);
+        p.set("app", mem(256 * MIB));
         assert_eq!(p.balloon_mib(), 0);
-        p.set("app", Some(128 * MIB));
+        p.set("app", mem(128 * MIB));
         assert_eq!(p.wanted_mib(), 256);
         assert_eq!(p.balloon_mib(), boot - 256);
-        p.set("app", Some(1024 * MIB));
+        p.set("app", mem(1024 * MIB));
         assert_eq!(p.asked_mib(), Some(1152));
         assert_eq!(p.wanted_mib(), boot);
         assert_eq!(p.balloon_mib(), 0);
@@ -263,36 +368,81 @@ mod tests {
 
     #[test]
     fn huge_limits_saturate() {
-        let mut p = PodMemory::new(512, rules());
-        p.set("a", Some(u64::MAX));
-        p.set("b", Some(u64::MAX));
+        let mut p = PodSize::new(512, 1, 1, rules());
+        p.set("a", mem(u64::MAX));
+        p.set("b", mem(u64::MAX));
         assert_eq!(p.wanted_mib(), 512);
+    }
+
+    #[test]
+    fn vcpus_follow_the_sum_of_cpu_limits_within_the_vms_vcpus() {
+        let mut p = PodSize::new(384, 2, 4, rules());
+        assert_eq!(p.wanted_vcpus(), 2, "no container yet");
+        p.set("a", cpu(50_000, 100_000));
+        assert_eq!(p.wanted_vcpus(), 1);
+        p.set("b", ContainerLimits::default());
+        assert_eq!(p.wanted_vcpus(), 2, "a container without a CPU limit");
+        // 0.5 + 1.2 (over another period) = 1.7 → 2.
+        p.set("b", cpu(60_000, 50_000));
+        assert_eq!(p.asked_vcpus(), Some(2));
+        p.set("b", cpu(300_000, 100_000));
+        assert_eq!(p.wanted_vcpus(), 4, "3.5 → 4");
+        p.set("b", cpu(900_000, 100_000));
+        assert_eq!(p.asked_vcpus(), Some(10));
+        assert_eq!(p.wanted_vcpus(), 4, "capped at the VM's vCPUs");
+        p.set("b", cpu(u64::MAX, 1));
+        assert_eq!(p.wanted_vcpus(), 4);
+        // Memory limits alone leave the CPUs.
+        let mut m = PodSize::new(384, 2, 4, rules());
+        m.set("a", mem(100 * MIB));
+        assert_eq!(m.wanted_vcpus(), 2);
     }
 
     #[test]
     fn limits_come_from_the_oci_resources() {
         let json = |v: &str| serde_json::from_str::<LinuxResources>(v).unwrap();
+        let of = |v: &str| ContainerLimits::of(Some(&json(v)));
         assert_eq!(
-            memory_limit(Some(&json(r#"{"memory":{"limit":268435456}}"#))),
-            Some(256 * MIB)
+            of(r#"{"memory":{"limit":268435456},"cpu":{"quota":150000,"period":100000}}"#),
+            ContainerLimits {
+                memory_bytes: Some(256 * MIB),
+                cpu: Some((150_000, 100_000)),
+            }
         );
-        assert_eq!(
-            memory_limit(Some(&json(r#"{"memory":{"limit":-1}}"#))),
-            None
-        );
-        assert_eq!(memory_limit(Some(&json(r#"{"memory":{"limit":0}}"#))), None);
-        assert_eq!(memory_limit(Some(&json(r#"{"cpu":{"shares":2}}"#))), None);
-        assert_eq!(memory_limit(None), None);
+        for none in [
+            r#"{"memory":{"limit":-1},"cpu":{"quota":-1,"period":100000}}"#,
+            r#"{"memory":{"limit":0},"cpu":{"quota":1000}}"#,
+            r#"{"cpu":{"shares":2,"quota":1000,"period":0}}"#,
+            "{}",
+        ] {
+            assert_eq!(of(none), ContainerLimits::default(), "{none}");
+        }
+        assert_eq!(ContainerLimits::of(None), ContainerLimits::default());
     }
 
     #[test]
-    fn without_a_balloon_a_resize_leaves_the_vm_as_built() {
+    fn a_resize_brings_cpus_online_through_the_agent_and_skips_what_did_not_change() {
+        let agent = crate::agent::fake::FakeAgent::default();
         let r = Resizer::new(
             "p",
-            PodMemory::new(384, rules()),
+            PodSize::new(384, 2, 4, rules()),
             None,
             Duration::from_secs(1),
         );
-        r.update(|p| p.set("a", Some(64 * MIB))).unwrap();
+        r.update(&agent, |p| p.set("a", cpu(300_000, 100_000)))
+            .unwrap();
+        r.update(&agent, |p| p.set("a", cpu(250_000, 100_000)))
+            .unwrap();
+        r.update(&agent, |p| p.set("a", mem(64 * MIB))).unwrap();
+        // Without a balloon the memory stays; the CPUs went 2 → 3, then back to 2.
+        assert_eq!(agent.calls(), ["SetOnlineCpus 3", "SetOnlineCpus 2"]);
+        agent.fail(
+            "SetOnlineCpus",
+            containerd_shim::protos::ttrpc::Code::FAILED_PRECONDITION,
+        );
+        let e = r
+            .update(&agent, |p| p.set("a", cpu(100_000, 100_000)))
+            .unwrap_err();
+        assert!(matches!(e, ResizeError::Cpus { wanted: 1, .. }), "{e}");
     }
 }

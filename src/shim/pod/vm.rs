@@ -47,6 +47,7 @@ pub fn pod_vm_config(config: &ShimConfig, state: &StateDir) -> Result<VmConfig, 
             initrd: Some(initrd),
             cmdline: DEFAULT_CMDLINE.to_string(),
             vcpus: config.vcpus,
+            max_vcpus: vcpu_slots(config),
             mem_mib: config.mem_mib,
             balloon: config.balloon,
             ..GuestShape::default()
@@ -60,6 +61,16 @@ pub fn pod_vm_config(config: &ShimConfig, state: &StateDir) -> Result<VmConfig, 
     vm.add_share(share);
     vm.set_vsock(DEFAULT_GUEST_CID, state.vsock());
     Ok(vm)
+}
+
+/// The vCPUs a pod VM has: with `resizable_vcpus`, `max_vcpus` (those beyond the pod's
+/// `vcpus` parked until an Update brings them online); else just `vcpus`.
+pub fn vcpu_slots(config: &ShimConfig) -> usize {
+    if config.resizable_vcpus {
+        config.max_vcpus.max(config.vcpus)
+    } else {
+        config.vcpus
+    }
 }
 
 /// How the pod VM comes up.
