@@ -660,7 +660,8 @@ fn cri_podvisor_pod_lifecycle() {
             cri: true,
             // The pod needs more memory than the default, within this file's limit.
             podvisor_config: Some(
-                "memory_mib = 256\nmax_memory_mib = 512\nagent_timeout_secs = 900\n".into(),
+                "memory_mib = 256\nmax_memory_mib = 512\nmax_vcpus = 4\nagent_timeout_secs = 900\n"
+                    .into(),
             ),
             ..Default::default()
         },
@@ -690,8 +691,8 @@ fn cri_podvisor_pod_lifecycle() {
             assert_eq!(pids.len(), 1, "podvisor shims: {pids:?}");
             assert_eq!(
                 vcpu_threads(pids[0]),
-                vec!["vcpu0".to_string(), "vcpu1".to_string()],
-                "one VM with the pod's 2 vCPUs"
+                ["vcpu0", "vcpu1", "vcpu2", "vcpu3"],
+                "one VM with max_vcpus vCPUs (the pod's 2 online, 2 parked)"
             );
             // Every thread of the shim (VMM, vCPUs, workers) is in the pod's cgroup (the
             // sandbox's cgroupsPath ends with its id), in every hierarchy, and the pod's
@@ -768,6 +769,7 @@ fn cri_podvisor_pod_lifecycle() {
             );
             memory_comes_back(client, rt, run, shim);
             memory_resizes(client, rt, run, total_kib);
+            cpus_resize(client, rt, run);
         },
     );
 
@@ -813,13 +815,28 @@ fn guest_mem_total(client: &mut Client, rt: &tokio::runtime::Runtime, id: &str) 
 /// then comes back near where it was once the guest reports the freed memory on its
 /// balloon.
 fn memory_comes_back(client: &mut Client, rt: &tokio::runtime::Runtime, run: &PodRun, shim: u32) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let before = pss_kib(shim);
-    let dd = exec_sync(
-        client,
-        rt,
-        &run.container_ids[1],
-        &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
-    );
+    // The peak while the guest touches the memory (the guest may give some back before
+    // the exec's answer arrives).
+    let peak = AtomicU64::new(before);
+    let done = AtomicBool::new(false);
+    let dd = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(Ordering::SeqCst) {
+                peak.fetch_max(pss_kib(shim), Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let dd = exec_sync(
+            client,
+            rt,
+            &run.container_ids[1],
+            &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
+        );
+        done.store(true, Ordering::SeqCst);
+        dd
+    });
     assert_eq!(
         dd.exit_code,
         0,
@@ -827,8 +844,8 @@ fn memory_comes_back(client: &mut Client, rt: &tokio::runtime::Runtime, run: &Po
         String::from_utf8_lossy(&dd.stderr)
     );
     let freed = Instant::now();
-    let peak = pss_kib(shim);
-    eprintln!("alloc-free: shim PSS {before} KiB before, {peak} KiB right after the free");
+    let peak = peak.load(Ordering::SeqCst);
+    eprintln!("alloc-free: shim PSS {before} KiB before, {peak} KiB at the peak");
     assert!(
         peak >= before + 32 * 1024,
         "touching 64 MiB in the guest grew the shim's PSS from {before} to {peak} KiB only"
@@ -845,7 +862,8 @@ fn memory_comes_back(client: &mut Client, rt: &tokio::runtime::Runtime, run: &Po
         }
         assert!(
             Instant::now() < deadline,
-            "the shim's PSS is still {now} KiB (before: {before}, right after the free:              {peak}): the guest did not give the freed memory back"
+            "the shim's PSS is still {now} KiB (before: {before}, at the peak: {peak}): the \
+             guest did not give the freed memory back"
         );
         std::thread::sleep(Duration::from_secs(1));
     }
@@ -890,12 +908,6 @@ fn memory_resizes(client: &mut Client, rt: &tokio::runtime::Runtime, run: &PodRu
         took.as_secs_f64()
     );
     assert_eq!(full_kib - lowered, 128 * 1024, "the guest lost 128 MiB");
-    // The containers' limits hold in the guest next to it.
-    let limit = exec_sync(client, rt, talker, &["cat", "/sys/fs/cgroup/memory.max"]);
-    eprintln!(
-        "resize: talker's memory.max in the guest: {}",
-        String::from_utf8_lossy(&limit.stdout).trim()
-    );
     // 200 + 50 + 64 MiB → 384 MiB, the size it was built with.
     let took = update(client, sleeper, 200);
     let raised = guest_mem_total(client, rt, talker);
@@ -904,6 +916,66 @@ fn memory_resizes(client: &mut Client, rt: &tokio::runtime::Runtime, run: &PodRu
         took.as_secs_f64()
     );
     assert_eq!(raised, full_kib, "the guest has its memory back");
+}
+
+/// UpdateContainerResources resizes the pod's vCPUs: once every container has a CPU limit
+/// the guest has ⌈Σ quota / period⌉ CPUs online, up to the VM's `max_vcpus` (4 here; the
+/// pod booted with 2 online, the others parked).
+fn cpus_resize(client: &mut Client, rt: &tokio::runtime::Runtime, run: &PodRun) {
+    let update = |client: &mut Client, id: &str, quota: i64| {
+        let t = Instant::now();
+        rt.block_on(client.update_container_resources(req(
+            UpdateContainerResourcesRequest {
+                container_id: id.to_string(),
+                linux: Some(LinuxContainerResources {
+                    cpu_period: 100_000,
+                    cpu_quota: quota,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            Duration::from_secs(900),
+        )))
+        .unwrap_or_else(|e| panic!("UpdateContainerResources {id} to quota {quota}: {e}"));
+        t.elapsed()
+    };
+    let online = |client: &mut Client| {
+        let out = exec_sync(
+            client,
+            rt,
+            &run.container_ids[1],
+            &["sh", "-c", "cat /sys/devices/system/cpu/online; nproc"],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut lines = text.lines();
+        let online = lines.next().unwrap_or_default().to_string();
+        let nproc = lines.next().unwrap_or_default().to_string();
+        (online, nproc)
+    };
+    let (sleeper, talker) = (&run.container_ids[0], &run.container_ids[1]);
+    let took = update(client, sleeper, 300_000);
+    assert_eq!(
+        online(client),
+        ("0-1".to_string(), "2".to_string()),
+        "one container without a CPU limit keeps the boot CPUs ({:.2} s)",
+        took.as_secs_f64()
+    );
+    // 3 + 0.5 CPUs → 4 online.
+    let took = update(client, talker, 50_000);
+    let up = online(client);
+    eprintln!(
+        "resize: vCPUs 2 → 4 took {:.2} s: online {up:?}",
+        took.as_secs_f64()
+    );
+    assert_eq!(up, ("0-3".to_string(), "4".to_string()));
+    // 0.5 + 0.5 CPUs → 1 online.
+    let took = update(client, sleeper, 50_000);
+    let down = online(client);
+    eprintln!(
+        "resize: vCPUs 4 → 1 took {:.2} s: online {down:?}",
+        took.as_secs_f64()
+    );
+    assert_eq!(down, ("0".to_string(), "1".to_string()));
 }
 
 /// No guest needed: a podvisor config file with an unknown key makes RunPodSandbox fail with

@@ -158,11 +158,12 @@ impl PodResources {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::grouping::ann;
 
-    fn rules() -> SizingRules {
+    /// Sizing rules for tests (also the resize tests').
+    pub(crate) fn rules() -> SizingRules {
         SizingRules {
             default_vcpus: 1,
             max_vcpus: 4,

@@ -304,18 +304,7 @@ impl Resizer {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rules() -> SizingRules {
-        SizingRules {
-            default_vcpus: 1,
-            max_vcpus: 4,
-            default_mem_mib: 256,
-            min_mem_mib: 64,
-            max_mem_mib: 4096,
-            guest_overhead_mib: 64,
-            memory_step_mib: 128,
-        }
-    }
+    use crate::sizing::tests::rules;
 
     const MIB: u64 = 1 << 20;
 
@@ -342,9 +331,9 @@ mod tests {
         assert_eq!(p.asked_mib(), None);
         assert_eq!(p.balloon_mib(), 0);
         p.set("b", mem(20 * MIB));
-        // 120 + 64 = 184, rounded up to 256.
-        assert_eq!(p.wanted_mib(), 256);
-        assert_eq!(p.balloon_mib(), 128);
+        // 120 + 48 = 168, rounded up to 192 (64 MiB steps).
+        assert_eq!(p.wanted_mib(), 192);
+        assert_eq!(p.balloon_mib(), 192);
         p.remove("a");
         p.remove("b");
         assert_eq!(p.balloon_mib(), 0, "no container: boot size");
@@ -354,14 +343,15 @@ mod tests {
     fn a_pod_created_at_its_limit_needs_no_balloon_and_cannot_grow_past_boot() {
         let r = rules();
         let boot = r.vm_mem_mib(256 * MIB);
+        assert_eq!(boot, 320);
         let mut p = PodSize::new(boot, 1, 1, r);
         p.set("app", mem(256 * MIB));
         assert_eq!(p.balloon_mib(), 0);
         p.set("app", mem(128 * MIB));
-        assert_eq!(p.wanted_mib(), 256);
-        assert_eq!(p.balloon_mib(), boot - 256);
+        assert_eq!(p.wanted_mib(), 192);
+        assert_eq!(p.balloon_mib(), 128);
         p.set("app", mem(1024 * MIB));
-        assert_eq!(p.asked_mib(), Some(1152));
+        assert_eq!(p.asked_mib(), Some(1088));
         assert_eq!(p.wanted_mib(), boot);
         assert_eq!(p.balloon_mib(), 0);
     }
