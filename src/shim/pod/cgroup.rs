@@ -10,10 +10,14 @@
 //! gets its parent's CPUs and memory nodes, or nobody could join it). Leaving moves the
 //! process back to where it was and removes what was created, deepest first.
 //!
-//! The cgroupfs driver's paths (`/kubepods/burstable/pod<uid>/<id>`) are handled; a
-//! systemd-driver path (`slice:prefix:name`, whose scope systemd must create over D-Bus)
-//! is refused with [`CgroupError::SystemdPath`], which the pod logs: it then stays in the
-//! shim's own cgroup as before.
+//! Both drivers' paths are handled: cgroupfs (`/kubepods/burstable/pod<uid>/<id>`) as is,
+//! systemd (`slice:prefix:name`, e.g. `kubepods-burstable-pod<uid>.slice:cri-containerd:<id>`)
+//! expanded the way systemd lays slices out: `/kubepods.slice/kubepods-burstable.slice/
+//! kubepods-burstable-pod<uid>.slice/cri-containerd-<id>.scope` ([`expand_systemd`]).
+//! runc asks systemd over D-Bus to create that scope; the shim creates the scope's
+//! directory itself inside the pod slice the kubelet had systemd make (a VM process needs
+//! no unit of its own, and the shim removes the directory when it leaves): the kubelet's
+//! accounting of the slice sees the VM either way, without a D-Bus client in the shim.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -21,9 +25,8 @@ use std::path::{Component, Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
     #[error(
-        "cgroupsPath {0:?} is a systemd-driver path (slice:prefix:name): podvisor joins \
-         cgroupfs-driver paths only; configure containerd and the kubelet with the cgroupfs \
-         driver to have the pod's VM accounted in the pod's cgroup"
+        "cgroupsPath {0:?} is not a systemd-driver path `<name>.slice:<prefix>:<name>` \
+         (slice names are dash-separated levels, e.g. kubepods-burstable-pod1.slice)"
     )]
     SystemdPath(String),
     #[error("cgroupsPath {0:?} is not an absolute path without `..`")]
@@ -123,10 +126,56 @@ fn current(proc_cgroup: &str, h: &Hierarchy) -> Option<PathBuf> {
     })
 }
 
-/// `cgroups_path` checked: absolute, no `..`, not a systemd-driver path.
+/// The cgroup path of a systemd-driver `slice:prefix:name`: the slice's levels (systemd
+/// nests `a-b-c.slice` in `a-b.slice` in `a.slice`; an empty slice is `system.slice`, `-.slice`
+/// the root) and the scope `prefix-name.scope` (or `name` itself when it is a slice).
+pub fn expand_systemd(cgroups_path: &str) -> Result<PathBuf, CgroupError> {
+    let bad = || CgroupError::SystemdPath(cgroups_path.to_string());
+    let mut parts = cgroups_path.split(':');
+    let (Some(slice), Some(prefix), Some(name), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad());
+    };
+    let slice = if slice.is_empty() {
+        "system.slice"
+    } else {
+        slice
+    };
+    let plain = |s: &str| !s.is_empty() && !s.contains(['/', '\0']) && s != "." && s != "..";
+    let mut path = PathBuf::from("/");
+    if slice != "-.slice" {
+        let stem = slice.strip_suffix(".slice").ok_or_else(bad)?;
+        if !plain(stem) || stem.starts_with('-') || stem.ends_with('-') || stem.contains("--") {
+            return Err(bad());
+        }
+        let mut level = String::new();
+        for part in stem.split('-') {
+            if !level.is_empty() {
+                level.push('-');
+            }
+            level.push_str(part);
+            path.push(format!("{level}.slice"));
+        }
+    }
+    if !plain(name) || (!prefix.is_empty() && !plain(prefix)) {
+        return Err(bad());
+    }
+    if name.ends_with(".slice") {
+        path.push(name);
+    } else if prefix.is_empty() {
+        path.push(format!("{name}.scope"));
+    } else {
+        path.push(format!("{prefix}-{name}.scope"));
+    }
+    Ok(path)
+}
+
+/// `cgroups_path` checked: an absolute path without `..` (cgroupfs driver), or a
+/// systemd-driver path expanded ([`expand_systemd`]).
 fn checked(cgroups_path: &str) -> Result<PathBuf, CgroupError> {
-    if !cgroups_path.starts_with('/') && cgroups_path.split(':').count() == 3 {
-        return Err(CgroupError::SystemdPath(cgroups_path.to_string()));
+    if !cgroups_path.starts_with('/') && cgroups_path.contains(':') {
+        return expand_systemd(cgroups_path);
     }
     let path = PathBuf::from(cgroups_path);
     let clean = path.is_absolute()
@@ -320,10 +369,36 @@ mod tests {
     #[test]
     fn checks_paths() {
         assert!(checked("/kubepods/burstable/pod1/abc").is_ok());
-        assert!(matches!(
-            checked("kubepods-pod1.slice:cri-containerd:abc"),
-            Err(CgroupError::SystemdPath(_))
-        ));
+        assert_eq!(
+            checked("kubepods-burstable-pod1.slice:cri-containerd:abc").unwrap(),
+            Path::new(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/cri-containerd-abc.scope"
+            )
+        );
+        for (systemd, path) in [
+            ("-.slice:p:x", "/p-x.scope"),
+            (":cri-containerd:x", "/system.slice/cri-containerd-x.scope"),
+            ("a.slice::x", "/a.slice/x.scope"),
+            ("a-b.slice:p:c.slice", "/a.slice/a-b.slice/c.slice"),
+        ] {
+            assert_eq!(checked(systemd).unwrap(), Path::new(path), "{systemd}");
+        }
+        for bad in [
+            "pod.slice:p",
+            "pod.slice:p:x:y",
+            "pod:p:x",
+            "a--b.slice:p:x",
+            "-a.slice:p:x",
+            "a/b.slice:p:x",
+            "a.slice:p:..",
+            "a.slice:p:",
+            "a.slice:p/q:x",
+        ] {
+            assert!(
+                matches!(checked(bad), Err(CgroupError::SystemdPath(_))),
+                "{bad}"
+            );
+        }
         for bad in ["relative/x", "/a/../b", ""] {
             assert!(
                 matches!(checked(bad), Err(CgroupError::BadPath(_))),
@@ -346,6 +421,21 @@ mod tests {
             .spawn()
             .unwrap();
         let path = format!("/podvisor-test-{}/pod/sandbox", std::process::id());
+        // The systemd driver's form lands in a scope of the slice's tree.
+        let systemd = format!("podvisortest{}-pod.slice:cri:sb", std::process::id());
+        let cg = PodCgroup::join(child.id(), &systemd).unwrap();
+        let scope = format!(
+            "/podvisortest{0}.slice/podvisortest{0}-pod.slice/cri-sb.scope",
+            std::process::id()
+        );
+        let now = std::fs::read_to_string(format!("/proc/{}/cgroup", child.id())).unwrap();
+        for line in now.lines() {
+            assert!(line.ends_with(&scope), "{line} after joining {systemd}");
+        }
+        drop(cg);
+        let after = std::fs::read_to_string(format!("/proc/{}/cgroup", child.id())).unwrap();
+        assert!(!after.contains("podvisortest"), "{after}");
+
         let cg = PodCgroup::join(child.id(), &path).unwrap();
         let dirs: Vec<PathBuf> = cg.dirs().map(Path::to_path_buf).collect();
         assert!(!dirs.is_empty());
