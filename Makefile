@@ -13,7 +13,7 @@ BIN := $(TARGET_DIR)/$(if $(filter release,$(PROFILE)),release,debug)/podvisor
 INITRD := $(OUT)/boot-test.cpio
 
 .DEFAULT_GOAL := run
-.PHONY: run deps build guest-kernel rootfs test test-unit test-guest lint fuzz bench bench-boot bench-devices bench-density bench-template bench-net clean
+.PHONY: run deps build guest-kernel rootfs test test-unit test-guest lint fuzz bench bench-boot bench-devices bench-density bench-alloc-free bench-template bench-net clean
 
 ## deps: install system packages (Debian) the build and tests need.
 deps:
@@ -72,7 +72,7 @@ lint: deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## bench: every benchmark table.
-bench: bench-boot bench-devices bench-density bench-template bench-net
+bench: bench-boot bench-devices bench-density bench-alloc-free bench-template bench-net
 
 ## bench-boot: boot figures for 1 vCPU / 128 MiB, median of 3 fresh processes.
 bench-boot: build rootfs
@@ -85,14 +85,14 @@ bench-boot: build rootfs
 bench-devices:
 	$(CARGO) bench -p devices --features test-utils --bench devices
 
-# $(call bench_pods,NAME,ARGS): `podvisor bench NAME ARGS` with the guest kernel and the agent
-# initramfs (built or reused), writing into $(OUT)/bench-NAME.
+# $(call bench_pods,NAME,ARGS[,OUTNAME]): `podvisor bench NAME ARGS` with the guest kernel and
+# the agent initramfs (built or reused), writing into $(OUT)/bench-OUTNAME (default NAME).
 define bench_pods
 	@mkdir -p $(OUT)
 	@bash rootfs/build-initramfs.sh $(OUT) agent-test
 	@kernel=$$(bash guest-kernel/build.sh) && \
 	  $(BIN) bench $(1) $(2) --kernel "$$kernel" \
-	    --initrd $(OUT)/agent-test.cpio --out $(OUT)/bench-$(1)
+	    --initrd $(OUT)/agent-test.cpio --out $(OUT)/bench-$(or $(3),$(1))
 endef
 
 ## bench-density: N idle busybox pods through a private containerd, podvisor next to runc:
@@ -102,6 +102,15 @@ endef
 DENSITY_ARGS ?= --pods 4 --parallel 2 --runtime both --mem-mib 128
 bench-density: build
 	$(call bench_pods,density,$(DENSITY_ARGS))
+
+## bench-alloc-free: pods that touch --alloc-mib MiB, free it and idle, podvisor next to
+## runc: host PSS per pod before, at the peak, right after the free and --reclaim-wait s
+## later (free page reporting gives the guest's freed memory back); writes
+## $(OUT)/bench-alloc-free/density.{md,json}. ~6 min here: the
+## emulated guest kernel touches about 1 MiB/s.
+ALLOC_FREE_ARGS ?= --pods 1 --runtime both --scenario alloc-free --alloc-mib 200 --mem-mib 384
+bench-alloc-free: build
+	$(call bench_pods,density,$(ALLOC_FREE_ARGS),alloc-free)
 
 ## bench-template: pod start from a template clone vs a cold boot vs runc, and the clones'
 ## memory split into shared template pages and private pages at N = 1, 10, 50; writes

@@ -704,6 +704,24 @@ mod tests {
     }
 
     #[test]
+    fn parked_vcpus_count_as_slots_and_fewer_than_online_mean_none() {
+        let shape = |vcpus, max_vcpus| GuestShape {
+            vcpus,
+            max_vcpus,
+            ..GuestShape::default()
+        };
+        assert_eq!(shape(2, 0).vcpu_slots(), 2);
+        assert_eq!(shape(2, 1).vcpu_slots(), 2);
+        assert_eq!(shape(2, 8).vcpu_slots(), 8);
+        // A shape saved before parked vCPUs existed reads as none.
+        let mut v = serde_json::to_value(shape(2, 8)).unwrap();
+        v.as_object_mut().unwrap().remove("max_vcpus");
+        v.as_object_mut().unwrap().remove("balloon");
+        let old: GuestShape = serde_json::from_value(v).unwrap();
+        assert_eq!((old.vcpu_slots(), old.balloon), (2, false));
+    }
+
+    #[test]
     fn rejects_bad_sizes_and_paths() {
         let with = |f: &dyn Fn(&mut GuestShape)| {
             let mut c = config();
@@ -712,6 +730,11 @@ mod tests {
         };
         assert_eq!(with(&|s| s.vcpus = 0), Err(ConfigError::Vcpus(0)));
         assert!(with(&|s| s.vcpus = MAX_VCPUS + 1).is_err());
+        assert_eq!(
+            with(&|s| s.max_vcpus = MAX_VCPUS + 1),
+            Err(ConfigError::Vcpus(MAX_VCPUS + 1))
+        );
+        assert_eq!(with(&|s| s.max_vcpus = MAX_VCPUS), Ok(()));
         assert_eq!(with(&|s| s.mem_mib = 16), Err(ConfigError::Memory(16)));
         assert!(matches!(
             with(&|s| s.kernel = "/nonexistent/vmlinux".into()),
