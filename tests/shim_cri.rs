@@ -673,12 +673,13 @@ fn cri_podvisor_pod_lifecycle() {
         TEST,
         &containerd,
         CRI_HANDLER_PODVISOR,
-        // 1.5 CPUs and 200 MiB: the shim sizes the VM to 2 vCPUs and 200 + 64 MiB rounded
-        // up to 128 MiB steps = 384 MiB (its defaults: 1 vCPU, 256 MiB).
+        // 0.8 CPUs and 200 MiB: the shim sizes the VM to 1 vCPU online (more parked, up to
+        // max_vcpus and the host's CPUs) and 200 + 64 MiB rounded up to 128 MiB steps =
+        // 384 MiB (its defaults: 256 MiB).
         PodWants {
             resources: Some(LinuxContainerResources {
                 cpu_period: 100_000,
-                cpu_quota: 150_000,
+                cpu_quota: 80_000,
                 memory_limit_in_bytes: 200 << 20,
                 ..Default::default()
             }),
@@ -689,10 +690,13 @@ fn cri_podvisor_pod_lifecycle() {
             // One shim process hosts the sandbox and both containers, with one VM.
             let pids = shim_pids(&sock);
             assert_eq!(pids.len(), 1, "podvisor shims: {pids:?}");
+            // max_vcpus = 4, at most the host's CPUs: this host's 2 give one parked vCPU.
+            let slots = host_cpus().clamp(2, 4);
+            let expected: Vec<String> = (0..slots).map(|n| format!("vcpu{n}")).collect();
             assert_eq!(
                 vcpu_threads(pids[0]),
-                ["vcpu0", "vcpu1", "vcpu2", "vcpu3"],
-                "one VM with max_vcpus vCPUs (the pod's 2 online, 2 parked)"
+                expected,
+                "one VM with its vCPU online and the others parked"
             );
             // Every thread of the shim (VMM, vCPUs, workers) is in the pod's cgroup (the
             // sandbox's cgroupsPath ends with its id), in every hierarchy, and the pod's
@@ -751,8 +755,8 @@ fn cri_podvisor_pod_lifecycle() {
             let nproc = exec_sync(client, rt, &run.container_ids[1], &["nproc"]);
             assert_eq!(
                 String::from_utf8_lossy(&nproc.stdout).trim(),
-                "2",
-                "guest CPUs"
+                "1",
+                "guest CPUs online"
             );
             // The pod's memory limit sized the VM: the guest sees about 384 MiB.
             let meminfo = exec_sync(client, rt, &run.container_ids[1], &["cat", "/proc/meminfo"]);
@@ -919,8 +923,8 @@ fn memory_resizes(client: &mut Client, rt: &tokio::runtime::Runtime, run: &PodRu
 }
 
 /// UpdateContainerResources resizes the pod's vCPUs: once every container has a CPU limit
-/// the guest has ⌈Σ quota / period⌉ CPUs online, up to the VM's `max_vcpus` (4 here; the
-/// pod booted with 2 online, the others parked).
+/// the guest has ⌈Σ quota / period⌉ CPUs online, up to the VM's vCPUs (the pod booted with
+/// 1 online, the others parked: raising to 2 starts a parked one).
 fn cpus_resize(client: &mut Client, rt: &tokio::runtime::Runtime, run: &PodRun) {
     let update = |client: &mut Client, id: &str, quota: i64| {
         let t = Instant::now();
@@ -953,29 +957,53 @@ fn cpus_resize(client: &mut Client, rt: &tokio::runtime::Runtime, run: &PodRun) 
         (online, nproc)
     };
     let (sleeper, talker) = (&run.container_ids[0], &run.container_ids[1]);
-    let took = update(client, sleeper, 300_000);
+    let took = update(client, sleeper, 150_000);
     assert_eq!(
         online(client),
-        ("0-1".to_string(), "2".to_string()),
+        ("0".to_string(), "1".to_string()),
         "one container without a CPU limit keeps the boot CPUs ({:.2} s)",
         took.as_secs_f64()
     );
-    // 3 + 0.5 CPUs → 4 online.
+    // 1.5 + 0.5 CPUs → 2 online: the parked vCPU starts.
     let took = update(client, talker, 50_000);
     let up = online(client);
     eprintln!(
-        "resize: vCPUs 2 → 4 took {:.2} s: online {up:?}",
+        "resize: vCPUs 1 → 2 took {:.2} s: online {up:?}",
         took.as_secs_f64()
     );
-    assert_eq!(up, ("0-3".to_string(), "4".to_string()));
+    assert_eq!(up, ("0-1".to_string(), "2".to_string()));
     // 0.5 + 0.5 CPUs → 1 online.
     let took = update(client, sleeper, 50_000);
     let down = online(client);
     eprintln!(
-        "resize: vCPUs 4 → 1 took {:.2} s: online {down:?}",
+        "resize: vCPUs 2 → 1 took {:.2} s: online {down:?}",
         took.as_secs_f64()
     );
     assert_eq!(down, ("0".to_string(), "1".to_string()));
+    // And back: an offlined vCPU comes online again.
+    let took = update(client, sleeper, 120_000);
+    let again = online(client);
+    eprintln!(
+        "resize: vCPUs 1 → 2 again took {:.2} s: online {again:?}",
+        took.as_secs_f64()
+    );
+    assert_eq!(again, ("0-1".to_string(), "2".to_string()));
+}
+
+/// The host's online CPUs.
+fn host_cpus() -> usize {
+    std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .ok()
+        .and_then(|s| {
+            s.trim()
+                .split(',')
+                .map(|r| match r.split_once('-') {
+                    Some((a, b)) => Some(b.parse::<usize>().ok()? - a.parse::<usize>().ok()? + 1),
+                    None => r.parse::<usize>().ok().map(|_| 1),
+                })
+                .sum::<Option<usize>>()
+        })
+        .unwrap_or(1)
 }
 
 /// No guest needed: a podvisor config file with an unknown key makes RunPodSandbox fail with

@@ -32,7 +32,8 @@
 //! true), `guest_overhead_mib` and `memory_step_mib` (a pod's VM from its CRI resources,
 //! `super::sizing`), `balloon` (default true: a virtio-balloon that resizes a running pod's
 //! memory and hands memory the guest frees back to the host, `super::pod::resize`),
-//! `resizable_vcpus` (default true: pod VMs have `max_vcpus` vCPUs, those beyond the pod's
+//! `resizable_vcpus` (default true: pod VMs have `max_vcpus` vCPUs, at most the host's CPUs,
+//! those beyond the pod's
 //! parked until an Update brings them online). `config/podvisor.toml` in the repository documents each key with its
 //! default.
 //!

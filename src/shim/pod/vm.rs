@@ -63,14 +63,26 @@ pub fn pod_vm_config(config: &ShimConfig, state: &StateDir) -> Result<VmConfig, 
     Ok(vm)
 }
 
-/// The vCPUs a pod VM has: with `resizable_vcpus`, `max_vcpus` (those beyond the pod's
-/// `vcpus` parked until an Update brings them online); else just `vcpus`.
+/// The vCPUs a pod VM has: with `resizable_vcpus`, `max_vcpus` but no more than the host
+/// has CPUs (those beyond the pod's `vcpus` parked until an Update brings them online; a
+/// parked vCPU costs a thread and the guest's per-CPU memory); else just `vcpus`.
 pub fn vcpu_slots(config: &ShimConfig) -> usize {
+    vcpu_slots_on(config, host_cpus())
+}
+
+fn vcpu_slots_on(config: &ShimConfig, host_cpus: usize) -> usize {
     if config.resizable_vcpus {
-        config.max_vcpus.max(config.vcpus)
+        config.max_vcpus.min(host_cpus).max(config.vcpus)
     } else {
         config.vcpus
     }
+}
+
+/// The host's online CPUs (not this process's share: the pod's cgroup may limit that).
+fn host_cpus() -> usize {
+    // SAFETY: sysconf reads a value of the system; no memory is involved.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(1)
 }
 
 /// How the pod VM comes up.
@@ -291,6 +303,20 @@ mod tests {
             .expect("garbage restores");
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(e.invalidates_snapshot(), "{e}");
+    }
+
+    #[test]
+    fn a_vm_has_max_vcpus_up_to_the_hosts_cpus_and_at_least_its_own() {
+        let config = |vcpus, max_vcpus, resizable_vcpus| ShimConfig {
+            vcpus,
+            max_vcpus,
+            resizable_vcpus,
+            ..ShimConfig::default()
+        };
+        assert_eq!(vcpu_slots_on(&config(1, 8, true), 2), 2);
+        assert_eq!(vcpu_slots_on(&config(1, 8, true), 16), 8);
+        assert_eq!(vcpu_slots_on(&config(4, 8, true), 2), 4);
+        assert_eq!(vcpu_slots_on(&config(2, 8, false), 16), 2);
     }
 
     #[test]
