@@ -94,7 +94,7 @@ pub fn alloc_free_markdown(runs: &[AllocFreeRun]) -> String {
             (Some(b), Some(p), Some(s)) if p - b > 1024.0 => {
                 format!("{:.0}%", 100.0 * (p - s) / (p - b))
             }
-            (Some(_), Some(_), Some(_)) => "never grew".into(),
+            (Some(_), Some(_), Some(_)) => "no growth seen (back within a sample)".into(),
             _ => "n/a".into(),
         };
         let _ = writeln!(
@@ -620,7 +620,7 @@ pub(crate) mod tests {
         ];
         let md = alloc_free_markdown(&runs);
         assert!(
-            md.contains("| runc | 1/1 | 2.0 | 2.0 | 2.0 | 2.0 | 0.0 | never grew | 2.0 s |"),
+            md.contains("| runc | 1/1 | 2.0 | 2.0 | 2.0 | 2.0 | 0.0 | no growth seen (back within a sample) | 2.0 s |"),
             "{md}"
         );
         assert!(
