@@ -244,6 +244,8 @@ fn guest_agent_runs_a_container() {
         .arg("--console")
         .arg(&console)
         .args(["--mem-mib", "256", "--timings", "--timeout", "1200"])
+        // One vCPU online, one parked: SetOnlineCpus below starts it.
+        .args(["--vcpus", "1", "--max-vcpus", "2"])
         .stdin(ProcStdio::null())
         .stdout(ProcStdio::piped())
         .stderr(ProcStdio::piped())
@@ -263,11 +265,33 @@ fn guest_agent_runs_a_container() {
     let version = client
         .get_version(ctx(), &GetVersionRequest::new())
         .unwrap();
-    assert_eq!(version.protocol_version, 1);
+    assert_eq!(
+        version.protocol_version,
+        podvisor_agent_protocol::PROTOCOL_VERSION
+    );
     eprintln!(
         "guest_agent: agent answered after {:.1} s",
         boot.elapsed().as_secs_f64()
     );
+
+    // The parked vCPU comes online and goes offline again; more than the VM has is refused.
+    let cpus = |count: u32| {
+        let mut req = SetOnlineCpusRequest::new();
+        req.count = count;
+        let t = Instant::now();
+        let r = client.set_online_cpus(ctx(), &req);
+        (r.map(|r| r.online), t.elapsed())
+    };
+    let (up, took) = cpus(2);
+    assert_eq!(up.unwrap(), 2);
+    eprintln!("guest_agent: parked vCPU online in {:.2} s", took.as_secs_f64());
+    assert_eq!(cpus(1).0.unwrap(), 1);
+    match cpus(3).0 {
+        Err(ttrpc::Error::RpcStatus(s)) => {
+            assert_eq!(s.code(), ttrpc::Code::INVALID_ARGUMENT, "{s:?}")
+        }
+        other => panic!("3 CPUs of a 2-vCPU VM: {other:?}"),
+    }
 
     // The sandbox mounts the share; the container's rootfs is in it.
     let mut req = CreateSandboxRequest::new();

@@ -206,7 +206,10 @@ fn version_and_health() {
         .client
         .get_version(ctx(), &GetVersionRequest::new())
         .unwrap();
-    assert_eq!(version.protocol_version, 1);
+    assert_eq!(
+        version.protocol_version,
+        podvisor_agent_protocol::PROTOCOL_VERSION
+    );
     assert_eq!(version.agent_version, env!("CARGO_PKG_VERSION"));
     let health = agent.client.health(ctx(), &HealthRequest::new()).unwrap();
     assert_eq!(
