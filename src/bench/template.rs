@@ -233,6 +233,7 @@ pub fn markdown(report: &Report, clones: &[usize]) -> String {
         mib(private)
     );
     out += &density::report::failures(report);
+    out += &density::report::where_the_time_goes(report);
     out
 }
 

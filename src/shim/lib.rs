@@ -35,6 +35,7 @@ mod spec;
 pub mod stdio;
 pub mod task;
 pub mod template;
+pub mod timeline;
 
 use std::path::Path;
 use std::sync::Arc;

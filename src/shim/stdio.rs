@@ -375,9 +375,34 @@ impl StdioPaths {
     }
 }
 
+/// Called once, when the first bytes of an output stream arrived.
+pub type FirstBytes = Box<dyn FnOnce() + Send>;
+
+/// Reads through `inner`, calling `first` when the first bytes arrive.
+struct Watched<R> {
+    inner: R,
+    first: Option<FirstBytes>,
+}
+
+impl<R: io::Read> io::Read for Watched<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            if let Some(first) = self.first.take() {
+                first();
+            }
+        }
+        Ok(n)
+    }
+}
+
 /// Copies an output stream (agent → host) until the agent closes it, in a thread of its
-/// own (the error: no thread could be started).
-pub fn copy_output(conn: UnixStream, to: Writer) -> io::Result<JoinHandle<()>> {
+/// own (the error: no thread could be started). `first` runs when the first bytes arrive.
+pub fn copy_output(
+    conn: UnixStream,
+    to: Writer,
+    first: Option<FirstBytes>,
+) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("stdio-out".into())
         .spawn(move || {
@@ -386,7 +411,11 @@ pub fn copy_output(conn: UnixStream, to: Writer) -> io::Result<JoinHandle<()>> {
                 let Some(mut w) = w else {
                     return Ok(0);
                 };
-                let n = io::copy(&mut conn, &mut w)?;
+                let mut watched = Watched {
+                    inner: &conn,
+                    first,
+                };
+                let n = io::copy(&mut watched, &mut w)?;
                 w.flush()?;
                 Ok(n)
             });
@@ -689,9 +718,39 @@ mod tests {
             let (a, mut b) = UnixStream::pair().unwrap();
             b.write_all(text.as_bytes()).unwrap();
             drop(b);
-            copy_output(a, writer).unwrap().join().unwrap();
+            copy_output(a, writer, None).unwrap().join().unwrap();
         }
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "out\nerr\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_first_bytes_of_an_output_are_reported_once() {
+        let dir = std::env::temp_dir().join(format!("podvisor-first-{}", std::process::id()));
+        let paths = StdioPaths {
+            stdout: format!("file://{}", dir.join("c.log").display()),
+            ..Default::default()
+        };
+        let w = paths.output_writers("c", "default").unwrap();
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = copy_output(
+            a,
+            w.stdout.unwrap(),
+            Some(Box::new(move || tx.send(()).unwrap())),
+        )
+        .unwrap();
+        assert!(
+            rx.recv_timeout(Duration::from_millis(100)).is_err(),
+            "nothing was written yet"
+        );
+        b.write_all(b"one").unwrap();
+        rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        b.write_all(b" two").unwrap();
+        drop(b);
+        t.join().unwrap();
+        assert!(rx.try_recv().is_err(), "reported once");
+        assert_eq!(std::fs::read_to_string(dir.join("c.log")).unwrap(), "one two");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -726,7 +785,7 @@ mod tests {
             let (a, mut b) = UnixStream::pair().unwrap();
             b.write_all(text.as_bytes()).unwrap();
             drop(b);
-            copy_output(a, writer).unwrap().join().unwrap();
+            copy_output(a, writer, None).unwrap().join().unwrap();
         }
         assert!(logger.wait().unwrap().success());
         let read = |s: &str| std::fs::read_to_string(format!("{}.{s}", out.display())).unwrap();
@@ -876,7 +935,7 @@ mod tests {
     fn started_output(name: &str) -> (PathBuf, PathBuf, JoinHandle<()>, UnixStream) {
         let (dir, path) = fifo(name);
         let (a, mut b) = UnixStream::pair().unwrap();
-        let t = copy_output(a, Writer::Path(path.to_string_lossy().into_owned())).unwrap();
+        let t = copy_output(a, Writer::Path(path.to_string_lossy().into_owned()), None).unwrap();
         b.write_all(b"early ").unwrap();
         (dir, path, t, b)
     }

@@ -28,6 +28,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use containerd_shim::api;
 use containerd_shim::protos::events::task::{TaskCreate, TaskIO};
@@ -48,6 +49,7 @@ use super::share::RootfsMount;
 use super::spec::BundleSpec;
 use super::stdio::{OutputSink, StdioPaths};
 use super::ShimConfig;
+use super::timeline::Timeline;
 
 /// containerd's event publisher, as the container layer's event sink.
 struct Publisher {
@@ -212,6 +214,7 @@ impl Service {
         spec: &BundleSpec,
         id: &str,
         options: Option<&containerd_shim::protos::protobuf::well_known_types::any::Any>,
+        received: Instant,
     ) -> Result<Arc<dyn PodRuntime>, ShimError> {
         let pod_id = pod_id(id, &spec.annotations);
         let mut slot = self.slot();
@@ -231,11 +234,13 @@ impl Service {
         config.apply_log_level();
         let containers = self.inner.containers.clone();
         let on_exit = Box::new(move |reason: String| containers.vm_exited(&reason));
+        let timeline = Timeline::new(&pod_id, received);
         let request = PodRequest {
             id: &pod_id,
             hostname: &spec.hostname,
             netns: spec.netns.as_deref(),
             cgroups_path: spec.cgroups_path.as_deref(),
+            timeline: &timeline,
         };
         let pod = self.inner.pods.create(&request, &config, on_exit)?;
         let host: Arc<dyn PodHost> = pod.clone();
@@ -247,12 +252,17 @@ impl Service {
         Ok(pod)
     }
 
-    fn create_container(&self, req: &api::CreateTaskRequest) -> Result<(), ShimError> {
+    /// `received`: when the Create arrived (the pod's timeline starts there).
+    fn create_container(
+        &self,
+        req: &api::CreateTaskRequest,
+        received: Instant,
+    ) -> Result<(), ShimError> {
         let id = req.id.as_str();
         let stdio = stdio_paths(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         check_sinks(&stdio)?;
         let spec = BundleSpec::read(Path::new(&req.bundle), &StateDir::container_in_guest(id))?;
-        let pod = self.pod_for(&spec, id, req.options.as_ref())?;
+        let pod = self.pod_for(&spec, id, req.options.as_ref(), received)?;
         // For `shim delete` after a SIGKILL: where this pod's state is.
         if let Some(run_dir) = pod.run_dir() {
             if let Err(e) = super::config::record_run_dir(Path::new(&req.bundle), &run_dir) {
@@ -290,6 +300,7 @@ impl Service {
         &self,
         req: &api::CreateTaskRequest,
     ) -> Result<api::CreateTaskResponse, ShimError> {
+        let received = Instant::now();
         log::info!("Create {} (bundle {})", req.id, req.bundle);
         check_id("container", &req.id)?;
         if !req.checkpoint.is_empty() {
@@ -300,7 +311,7 @@ impl Service {
         if self.containers().contains(&req.id) {
             return Err(ShimError::ContainerExists(req.id.clone()));
         }
-        self.create_container(req).inspect_err(|e| {
+        self.create_container(req, received).inspect_err(|e| {
             log::error!("Create {}: {e}", req.id);
             // A pod whose first container failed keeps nothing.
             if self.containers().is_empty() && self.slot().is_some() {

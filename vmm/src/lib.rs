@@ -17,7 +17,8 @@
 //! `event_loop` (the device event thread), `memory`, `loader` and `arch` (guest RAM,
 //! kernel/initrd loading, x86_64 boot set-up), `device_manager` (devices on buses,
 //! interrupts), `host` (host detection and its quirks), `seccomp` (the VMM threads'
-//! filters), `console_file` (the capped console log), `timings`, `exit`.
+//! filters), `console_file` (the capped console log), `timings`, `stats` (exit counts and
+//! vCPU CPU time for start timelines), `exit`.
 
 mod arch;
 pub mod config;
@@ -30,6 +31,7 @@ mod loader;
 mod memory;
 mod seccomp;
 pub mod snapshot;
+mod stats;
 mod timings;
 mod vcpu;
 mod vm;
@@ -42,6 +44,7 @@ pub use devices::virtio::balloon::{BalloonControl, BalloonStats};
 pub use exit::ExitReason;
 pub use host::HostKind;
 pub use snapshot::{SnapshotError, SnapshotInfo};
+pub use stats::{VmStats, VmStatsHandle};
 pub use timings::{BootTimings, MemoryUsage};
 pub use vcpu::VcpuState;
 pub use vm::{snapshot_support, RunningVm, Vm, VmError, VmReport, VmStopHandle};

@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::stats::{ExitKind, VmCounters};
 use crate::arch::regs::{self, BootProtocol};
 use crate::arch::{cpuid, msr, pagewalk};
 use crate::exit::{ExitReason, VmEvent};
@@ -378,6 +379,8 @@ pub struct VcpuContext {
     pub first_run: Arc<OnceLock<Instant>>,
     /// What saving the vCPU's state needs.
     pub save: SaveCaps,
+    /// The VM's exit counters and vCPU thread ids.
+    pub counters: Arc<VmCounters>,
 }
 
 /// The controller's handle on a running vCPU thread.
@@ -556,6 +559,7 @@ struct VcpuThread {
 
 impl VcpuThread {
     fn run(&mut self) {
+        self.ctx.counters.register_vcpu_thread(self.id);
         // Before the first KVM_RUN: from here on the thread handles guest-driven exits.
         if let Err(e) = crate::seccomp::confine_vcpu() {
             self.exit(ExitReason::VcpuError {
@@ -618,8 +622,14 @@ impl VcpuThread {
                 let _ = self.ctx.first_run.set(Instant::now());
             }
             let next = match self.fd.run() {
-                Ok(exit) => dispatch(self.id, exit, &self.ctx),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Next::Continue,
+                Ok(exit) => {
+                    self.ctx.counters.count(exit_kind(&exit));
+                    dispatch(self.id, exit, &self.ctx)
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.ctx.counters.count(ExitKind::Interrupted);
+                    Next::Continue
+                }
                 Err(e) => Next::Exit(ExitReason::VcpuError {
                     cpu: self.id,
                     message: format!("KVM_RUN failed: {e}"),
@@ -678,6 +688,16 @@ impl VcpuThread {
             rip,
             bytes,
         }
+    }
+}
+
+/// The kind of `exit`, for the VM's counters.
+fn exit_kind(exit: &VcpuExit) -> ExitKind {
+    match exit {
+        VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => ExitKind::PortIo,
+        VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..) => ExitKind::Mmio,
+        VcpuExit::Intr | VcpuExit::IrqWindowOpen => ExitKind::Interrupted,
+        _ => ExitKind::Other,
     }
 }
 

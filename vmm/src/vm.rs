@@ -36,6 +36,7 @@ use log::{info, warn};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::stats::{VmCounters, VmStatsHandle};
 use crate::arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, PVH_INFO_START, ZERO_PAGE_START};
 use crate::arch::regs::BootProtocol;
 use crate::arch::{boot, mptable};
@@ -463,6 +464,7 @@ impl Vm {
         let event_loop = EventLoop::start(subscribers)?;
 
         let mut vcpus = Vec::with_capacity(self.vcpu_fds.len());
+        let counters = Arc::new(VmCounters::new(self.vcpu_fds.len()));
         for (id, fd) in std::mem::take(&mut self.vcpu_fds).into_iter().enumerate() {
             let ctx = VcpuContext {
                 pio: pio.clone(),
@@ -471,6 +473,7 @@ impl Vm {
                 exits: events_tx.clone(),
                 first_run: first_run.clone(),
                 save: self.save_caps.clone(),
+                counters: counters.clone(),
             };
             match VcpuHandle::spawn(id, fd, ctx, paused) {
                 Ok(handle) => vcpus.push(handle),
@@ -488,6 +491,7 @@ impl Vm {
             stop: VmStopHandle { tx: events_tx },
             events: events_rx,
             first_run,
+            stats: VmStatsHandle(counters),
             memory_at_init: None,
             ended: None,
         })
@@ -825,6 +829,7 @@ pub struct RunningVm {
     stop: VmStopHandle,
     events: Receiver<VmEvent>,
     first_run: Arc<OnceLock<Instant>>,
+    stats: VmStatsHandle,
     memory_at_init: Option<MemoryUsage>,
     /// Why the VM ended, if it did while [`RunningVm::wait_for_init`] waited.
     ended: Option<ExitReason>,
@@ -834,6 +839,16 @@ impl RunningVm {
     /// A handle that stops this VM from another thread.
     pub fn stop_handle(&self) -> VmStopHandle {
         self.stop.clone()
+    }
+
+    /// The VM's exit counts and vCPU CPU time, readable from any thread.
+    pub fn stats(&self) -> VmStatsHandle {
+        self.stats.clone()
+    }
+
+    /// When vCPU 0 first entered `KVM_RUN` (the guest started running), once it has.
+    pub fn first_run(&self) -> Option<Instant> {
+        self.first_run.get().copied()
     }
 
     /// The host's handle on the VM's balloon, if its shape has one: set how much memory the

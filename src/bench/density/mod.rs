@@ -1191,6 +1191,17 @@ fn measure_run(
             to_first_output_ms: ms(pod.first_output()),
             ..PodRecord::default()
         };
+        if runtime != Runtime::Runc && containerd.dir().is_some() {
+            // The shim writes it into the pod's state dir once the pod printed.
+            let path = plan
+                .work_dir
+                .join("podvisor-run")
+                .join(&pod.id)
+                .join("timeline.json");
+            rec.timeline = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+        }
         if rec.error.is_none() {
             match measure_pod(runtime, &pod.id, containerd.sock(), plan.mem_mib) {
                 Ok(m) => {

@@ -16,6 +16,8 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use podvisor_shim::timeline::TimelineRecord;
+
 use super::memory::MemInfo;
 use super::stats::Summary;
 use super::{DensityError, Plan};
@@ -209,6 +211,10 @@ pub struct PodRecord {
     /// Pages only this pod maps (Private_Clean + Private_Dirty of its processes).
     #[serde(default)]
     pub private_kib: Option<u64>,
+    /// The shim's start timeline of the pod (podvisor pods; `timeline.json` in its state
+    /// dir, `podvisor_shim::timeline`).
+    #[serde(default)]
+    pub timeline: Option<TimelineRecord>,
 }
 
 /// Machine-wide memory before the first pod and after the last settled.
@@ -387,9 +393,101 @@ pub fn markdown(report: &Report) -> String {
         );
     }
     out += &failures(report);
+    out += &where_the_time_goes(report);
     out += &alloc_free_markdown(&report.alloc_free);
     if let Some(p) = super::overhead::pod_fixed(report) {
         out += &super::overhead::markdown(&p);
+    }
+    out
+}
+
+/// The median of `v` (none when empty).
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// "Where the time goes": per runtime run with timelines, each phase of the shim's start
+/// timeline (the time since the previous mark), median over the pods that have it, with
+/// the VM's exits and vCPU time in it and the shim process's CPU time.
+pub fn where_the_time_goes(report: &Report) -> String {
+    let mut out = String::new();
+    for r in &report.runs {
+        let timelines: Vec<&TimelineRecord> =
+            r.pods.iter().filter_map(|p| p.timeline.as_ref()).collect();
+        if timelines.is_empty() {
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "\n### Where the time goes: {} ({} pods with a timeline; median per phase, from the previous mark)\n",
+            r.runtime,
+            timelines.len()
+        );
+        out += "| phase | ms | vCPU ms | exits | port I/O | MMIO | interrupted | shim CPU ms |\n|---|---|---|---|---|---|---|---|\n";
+        // Phases in the order the first complete timeline has them.
+        let order: Vec<String> = timelines
+            .iter()
+            .max_by_key(|t| t.marks.len())
+            .map(|t| t.marks.iter().skip(1).map(|m| m.phase.clone()).collect())
+            .unwrap_or_default();
+        for phase in &order {
+            let steps: Vec<(f64, vmm::VmStats, f64)> = timelines
+                .iter()
+                .filter_map(|t| {
+                    let i = t.marks.iter().position(|m| &m.phase == phase)?;
+                    let (a, b) = (&t.marks[i.checked_sub(1)?], &t.marks[i]);
+                    let zero = vmm::VmStats::default();
+                    Some((
+                        b.at_ms - a.at_ms,
+                        b.vm.unwrap_or(zero).since(&a.vm.unwrap_or(zero)),
+                        b.process_cpu_ms - a.process_cpu_ms,
+                    ))
+                })
+                .collect();
+            let med = |f: &dyn Fn(&(f64, vmm::VmStats, f64)) -> f64| {
+                median(steps.iter().map(f).collect()).map_or("n/a".into(), |v| format!("{v:.0}"))
+            };
+            let _ = writeln!(
+                out,
+                "| {phase} | {} | {} | {} | {} | {} | {} | {} |",
+                med(&|s| s.0),
+                med(&|s| s.1.vcpu_cpu_ns as f64 / 1e6),
+                med(&|s| s.1.exits() as f64),
+                med(&|s| s.1.exits_port_io as f64),
+                med(&|s| s.1.exits_mmio as f64),
+                med(&|s| s.1.exits_interrupted as f64),
+                med(&|s| s.2),
+            );
+        }
+        let totals: Vec<f64> = timelines
+            .iter()
+            .filter(|t| t.complete)
+            .filter_map(|t| t.marks.last().map(|m| m.at_ms))
+            .collect();
+        let _ = writeln!(
+            out,
+            "\nCreate received → first output, median over {} complete timelines: {} ms; sources: {}.",
+            totals.len(),
+            median(totals).map_or("n/a".into(), |v| format!("{v:.0}")),
+            {
+                let mut s: Vec<&str> = timelines
+                    .iter()
+                    .map(|t| t.source.as_deref().unwrap_or("none"))
+                    .collect();
+                s.sort_unstable();
+                s.dedup();
+                s.join(", ")
+            }
+        );
     }
     out
 }
@@ -485,6 +583,7 @@ pub(crate) mod tests {
             rss_kib: Some(overhead + workload + 100),
             private_kib: Some(overhead),
             error: None,
+            timeline: None,
         }
     }
 
@@ -632,6 +731,45 @@ pub(crate) mod tests {
             "{md}"
         );
         assert_eq!(alloc_free_markdown(&[]), "");
+    }
+
+    #[test]
+    fn the_time_table_has_a_median_row_per_phase() {
+        use podvisor_shim::timeline::Mark;
+        let mark = |phase: &str, at_ms: f64, exits: u64, vcpu_ms: u64| Mark {
+            phase: phase.into(),
+            at_ms,
+            vm: Some(vmm::VmStats {
+                exits_port_io: exits,
+                vcpu_cpu_ns: vcpu_ms * 1_000_000,
+                ..Default::default()
+            }),
+            process_cpu_ms: at_ms / 2.0,
+        };
+        let mut r = sample();
+        for (i, p) in r.runs[1].pods.iter_mut().enumerate() {
+            let k = i as f64;
+            p.timeline = Some(TimelineRecord {
+                pod: p.id.clone(),
+                source: Some("template".into()),
+                container: Some(p.id.clone()),
+                complete: true,
+                marks: vec![
+                    mark("create", 0.0, 0, 0),
+                    mark("vm", 10.0 + k, 0, 0),
+                    mark("agent", 900.0 + k, 40, 300),
+                    mark("output", 5000.0, 100, 2000),
+                ],
+            });
+        }
+        let md = where_the_time_goes(&r);
+        assert!(md.contains("### Where the time goes: podvisor (4 pods"), "{md}");
+        assert!(md.contains("| vm | 12 | 0 | 0 | 0 | 0 | 0 | 6 |"), "{md}");
+        assert!(md.contains("| agent | 890 | 300 | 40 | 40 | 0 | 0 | 445 |"), "{md}");
+        assert!(md.contains("| output | 4098 | 1700 | 60 |"), "{md}");
+        assert!(md.contains("median over 4 complete timelines: 5000 ms; sources: template."), "{md}");
+        assert!(!md.contains("runc"), "{md}");
+        assert_eq!(median(vec![]), None);
     }
 
     #[test]

@@ -61,12 +61,15 @@ fn no_thread(source: std::io::Error) -> ShimError {
 }
 
 /// Starts the copies of a process whose streams the agent took; what they hold goes to `io`.
+/// `first_output`, if any, runs when the process's stdout (or its terminal) first carries
+/// bytes.
 pub fn wire(
     id: &str,
     namespace: &str,
     stdio: &StdioPaths,
     streams: Streams,
     io: &mut ProcessIo,
+    first_output: Option<FirstBytes>,
 ) -> Result<(), ShimError> {
     let w = stdio
         .output_writers(id, namespace)
@@ -77,7 +80,8 @@ pub fn wire(
             .try_clone()
             .map_err(|e| ShimError::Stdio(format!("clone the pty stream: {e}")))?;
         if let Some(out) = w.stdout {
-            io.outputs.push(copy_output(pty, out).map_err(no_thread)?);
+            io.outputs
+                .push(copy_output(pty, out, first_output).map_err(no_thread)?);
         }
         if !stdio.stdin.is_empty() {
             io.stdin = Some(copy_input(stdio.stdin.clone(), input).map_err(no_thread)?);
@@ -85,10 +89,12 @@ pub fn wire(
         return Ok(());
     }
     if let (Some(conn), Some(out)) = (streams.stdout, w.stdout) {
-        io.outputs.push(copy_output(conn, out).map_err(no_thread)?);
+        io.outputs
+            .push(copy_output(conn, out, first_output).map_err(no_thread)?);
     }
     if let (Some(conn), Some(out)) = (streams.stderr, w.stderr) {
-        io.outputs.push(copy_output(conn, out).map_err(no_thread)?);
+        io.outputs
+            .push(copy_output(conn, out, None).map_err(no_thread)?);
     }
     if let Some(conn) = streams.stdin {
         io.stdin = Some(copy_input(stdio.stdin.clone(), conn).map_err(no_thread)?);

@@ -36,7 +36,8 @@ use super::agent::{NewContainer, StatsResponse};
 use super::error::ShimError;
 use super::oom_events::{OomFilter, Verdict};
 use super::pod::{ContainerLimits, ContainerMounts, PodHost};
-use super::stdio::StdioPaths;
+use super::stdio::{FirstBytes, StdioPaths};
+use super::timeline;
 use super::{now, timestamp_ns};
 use process::{Exit, ProcState, Process};
 
@@ -239,7 +240,15 @@ impl Containers {
         spec_json: Vec<u8>,
         init: &mut Process,
     ) -> Result<(), ShimError> {
+        // The pod's first workload container has the container phases of its timeline.
+        let timeline = pod.timeline().filter(|t| t.claim(id));
+        let mark = |phase| {
+            if let Some(t) = &timeline {
+                t.mark_container(id, phase);
+            }
+        };
         pod.mount(id, mounts)?;
+        mark(timeline::phase::ROOTFS);
         let agent = pod.agent();
         let (streams, flags) = io::attach(agent.as_ref(), id, "", &init.stdio)?;
         init.guest_pid = agent.create_container(NewContainer {
@@ -248,7 +257,19 @@ impl Containers {
             rootfs: pod.guest_rootfs(id),
             stdio: flags,
         })?;
-        io::wire(id, &self.namespace, &init.stdio, streams, &mut init.io)
+        mark(timeline::phase::CONTAINER);
+        let first_output = timeline.map(|t| {
+            let id = id.to_string();
+            Box::new(move || t.mark_container(&id, timeline::phase::OUTPUT)) as FirstBytes
+        });
+        io::wire(
+            id,
+            &self.namespace,
+            &init.stdio,
+            streams,
+            &mut init.io,
+            first_output,
+        )
     }
 
     /// Starts a created process: the container's init, or an exec.
@@ -275,6 +296,9 @@ impl Containers {
         }
         if kind == ContainerKind::Workload {
             pod.agent().start_container(id)?;
+            if let Some(t) = pod.timeline() {
+                t.mark_container(id, timeline::phase::START);
+            }
         }
         self.with_proc(id, "", |c| c.init.state.start())?
             .map_err(|r| refused(id, "", r))?;
@@ -309,7 +333,7 @@ impl Containers {
             let p = c.proc_mut(exec_id).expect("checked by with_proc");
             p.guest_pid = pid;
             p.state.start().map_err(|r| refused(id, exec_id, r))?;
-            io::wire(id, &self.namespace, &p.stdio, streams, &mut p.io)
+            io::wire(id, &self.namespace, &p.stdio, streams, &mut p.io, None)
         })??;
         emit(
             self.events.as_ref(),

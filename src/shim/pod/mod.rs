@@ -32,6 +32,7 @@ use super::agent::{Agent, AgentError, TtrpcAgent};
 use super::net::{NetError, PodNetwork};
 use super::share::{self, PodShare, RootfsMount, ShareError};
 use super::spec::HostBind;
+use super::timeline::{phase, Timeline};
 use super::{file_tail, template, ShimConfig};
 
 /// Console lines quoted in errors.
@@ -107,8 +108,16 @@ pub trait PodHost: Send + Sync {
     fn guest_rootfs(&self, id: &str) -> String;
     /// The VM stopped or is being torn down: the agent will not answer.
     fn is_down(&self) -> bool;
+    /// The pod's start timeline (none for a pod without one).
+    fn timeline(&self) -> Option<Arc<Timeline>> {
+        None
+    }
     /// Workload container `id` now has `limits`: the pod's VM follows (see [`resize`]). A
     /// pod without a VM of its own size has nothing to do.
+    fn timeline(&self) -> Option<Arc<Timeline>> {
+        Some(self.timeline.clone())
+    }
+
     fn set_limits(&self, id: &str, limits: ContainerLimits) -> Result<(), ResizeError> {
         let _ = (id, limits);
         Ok(())
@@ -152,6 +161,8 @@ pub struct PodRequest<'a> {
     pub netns: Option<&'a Path>,
     /// The pod's host cgroup (`linux.cgroupsPath`), which the shim process joins.
     pub cgroups_path: Option<&'a str>,
+    /// The pod's start timeline, marked as the pod comes up.
+    pub timeline: &'a Arc<Timeline>,
 }
 
 /// Pods as VMs of this process ([`Pod::create`]).
@@ -184,6 +195,8 @@ pub struct Pod {
     cgroup: Mutex<Option<PodCgroup>>,
     /// The VM's size as its containers' limits want it.
     size: Resizer,
+    /// The pod's start, phase by phase.
+    timeline: Arc<Timeline>,
 }
 
 /// The pod's network wiring, when its sandbox spec names a network namespace (`netns`).
@@ -297,6 +310,7 @@ impl Pod {
             root: config.run_dir.join(id),
         };
         share::create_pod_dir(&config.run_dir, &state.root).map_err(PodError::StateDir)?;
+        req.timeline.set_file(state.timeline());
         let mut partial = Partial {
             state,
             cgroup: req.cgroups_path.and_then(|path| join_cgroup(id, path)),
@@ -304,8 +318,9 @@ impl Pod {
             network: None,
             vm: None,
         };
-        match Self::bring_up(id, req.hostname, config, req.netns, on_exit, &mut partial) {
+        match Self::bring_up(req, config, on_exit, &mut partial) {
             Ok(agent) => Ok(Pod {
+                timeline: req.timeline.clone(),
                 size: Resizer::new(
                     id,
                     PodSize::new(
@@ -327,6 +342,7 @@ impl Pod {
                 cgroup: Mutex::new(partial.cgroup.take()),
             }),
             Err(e) => {
+                req.timeline.finish(false);
                 partial.undo("the sandbox could not be set up");
                 Err(e)
             }
@@ -334,17 +350,16 @@ impl Pod {
     }
 
     fn bring_up(
-        id: &str,
-        hostname: &str,
+        req: &PodRequest,
         config: &ShimConfig,
-        netns: Option<&Path>,
         on_exit: OnVmExit,
         partial: &mut Partial,
     ) -> Result<TtrpcAgent, PodError> {
+        let (id, timeline) = (req.id, req.timeline);
         let state = partial.state.clone();
         partial.share = Some(PodShare::create(&state.root).map_err(PodError::Share)?);
         let mut vm_config = pod_vm_config(config, &state)?;
-        partial.network = pod_network(id, netns)?;
+        partial.network = pod_network(id, req.netns)?;
         // One NIC per wired interface, with the CNI interface's MAC and MTU.
         for nic in partial.network.iter().flat_map(|n| &n.nics) {
             vm_config.add_nic(NetConfig {
@@ -354,7 +369,11 @@ impl Pod {
             });
         }
         let source = vm::VmSource::choose(id, config, vm_config);
+        timeline.set_source(source.kind());
+        timeline.mark(phase::SOURCE);
         let started = vm::spawn(source, on_exit)?;
+        timeline.set_vm(started.stats.clone());
+        timeline.mark(phase::VM);
         let vm = partial.vm.insert(started);
         log::info!("pod VM {id} started; waiting for the agent");
         let booted = Instant::now();
@@ -374,11 +393,14 @@ impl Pod {
             version.agent_version,
             booted.elapsed().as_secs_f64()
         );
-        agent.create_sandbox(sandbox_request(id, hostname)?)?;
+        timeline.mark(phase::AGENT);
+        agent.create_sandbox(sandbox_request(id, req.hostname)?)?;
+        timeline.mark(phase::SANDBOX);
         // The guest NICs get the CNI interfaces' names, addresses and routes before any
         // container runs (they share the VM's network namespace).
         if let Some(net) = &partial.network {
             agent.configure_network(&net.request)?;
+            timeline.mark(phase::NETWORK);
         }
         Ok(agent)
     }
@@ -413,6 +435,7 @@ impl Pod {
     /// stopped too.
     pub fn destroy(&self) {
         self.destroyed.store(true, Ordering::SeqCst);
+        self.timeline.finish(false);
         if let Err(e) = self.agent.destroy_sandbox() {
             log::warn!("{e}; stopping the VM without it");
         }

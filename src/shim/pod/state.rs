@@ -27,6 +27,11 @@ impl StateDir {
     pub fn console(&self) -> PathBuf {
         self.root.join("console.log")
     }
+    /// The pod's start timeline, written once it has its first output
+    /// (`crate::timeline`).
+    pub fn timeline(&self) -> PathBuf {
+        self.root.join("timeline.json")
+    }
     /// A container's directory in the share as the guest sees it.
     pub fn container_in_guest(id: &str) -> String {
         format!("{SHARED_IN_GUEST}/{id}")

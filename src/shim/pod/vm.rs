@@ -13,7 +13,8 @@ use std::time::Instant;
 
 use vmm::config::{GuestShape, HostBindings, ShareConfig, DEFAULT_CMDLINE, DEFAULT_GUEST_CID};
 use vmm::{
-    BalloonControl, ConsoleConfig, RestoreConfig, Vm, VmConfig, VmError, VmReport, VmStopHandle,
+    BalloonControl, ConsoleConfig, RestoreConfig, Vm, VmConfig, VmError, VmReport, VmStatsHandle,
+    VmStopHandle,
 };
 
 use super::state::{StateDir, SHARE_TAG};
@@ -94,6 +95,14 @@ pub enum VmSource {
 }
 
 impl VmSource {
+    /// How the VM comes up, for the pod's timeline: `template` or `boot`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            VmSource::Boot(_) => "boot",
+            VmSource::Template(..) => "template",
+        }
+    }
+
     /// A template clone when the settings allow one and a template can be had, else a
     /// cold boot of `vm`.
     pub fn choose(pod: &str, config: &ShimConfig, vm: VmConfig) -> VmSource {
@@ -169,17 +178,19 @@ fn start<T>(
 /// Called once when the pod VM has stopped, with the reason.
 pub type OnVmExit = Box<dyn FnOnce(String) + Send>;
 
-/// A started pod VM: its waiting thread, the handle that stops it and its balloon.
+/// A started pod VM: its waiting thread, the handle that stops it, its balloon and its
+/// counters.
 pub struct VmThread {
     pub handle: JoinHandle<VmReport>,
     pub stop: VmStopHandle,
     pub balloon: Option<BalloonControl>,
+    pub stats: VmStatsHandle,
 }
 
 /// Builds, starts and waits for the VM in its own thread; returns once it runs, or with
 /// the error that kept it from running. `on_exit` runs when the started VM stops.
 pub fn spawn(source: VmSource, on_exit: OnVmExit) -> Result<VmThread, PodError> {
-    type Started = (VmStopHandle, Option<BalloonControl>);
+    type Started = (VmStopHandle, Option<BalloonControl>, VmStatsHandle);
     let (ready, started) = mpsc::channel::<Result<Started, VmError>>();
     let handle = std::thread::Builder::new()
         .name("vm-wait".into())
@@ -192,7 +203,11 @@ pub fn spawn(source: VmSource, on_exit: OnVmExit) -> Result<VmThread, PodError> 
             );
             match running {
                 Ok(running) => {
-                    let _ = ready.send(Ok((running.stop_handle(), running.balloon())));
+                    let _ = ready.send(Ok((
+                        running.stop_handle(),
+                        running.balloon(),
+                        running.stats(),
+                    )));
                     let report = running.wait(None);
                     log::info!("VM stopped: {}", report.reason);
                     on_exit(report.reason.to_string());
@@ -211,10 +226,11 @@ pub fn spawn(source: VmSource, on_exit: OnVmExit) -> Result<VmThread, PodError> 
         })
         .map_err(PodError::VmThread)?;
     match started.recv() {
-        Ok(Ok((stop, balloon))) => Ok(VmThread {
+        Ok(Ok((stop, balloon, stats))) => Ok(VmThread {
             handle,
             stop,
             balloon,
+            stats,
         }),
         Ok(Err(e)) => {
             let _ = handle.join();
