@@ -284,7 +284,10 @@ fn guest_agent_runs_a_container() {
     };
     let (up, took) = cpus(2);
     assert_eq!(up.unwrap(), 2);
-    eprintln!("guest_agent: parked vCPU online in {:.2} s", took.as_secs_f64());
+    eprintln!(
+        "guest_agent: parked vCPU online in {:.2} s",
+        took.as_secs_f64()
+    );
     assert_eq!(cpus(1).0.unwrap(), 1);
     match cpus(3).0 {
         Err(ttrpc::Error::RpcStatus(s)) => {

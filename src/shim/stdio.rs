@@ -406,7 +406,6 @@ pub fn copy_output(
     std::thread::Builder::new()
         .name("stdio-out".into())
         .spawn(move || {
-            let mut conn = conn;
             let result = to.open(&conn).and_then(|w| {
                 let Some(mut w) = w else {
                     return Ok(0);
@@ -750,7 +749,10 @@ mod tests {
         drop(b);
         t.join().unwrap();
         assert!(rx.try_recv().is_err(), "reported once");
-        assert_eq!(std::fs::read_to_string(dir.join("c.log")).unwrap(), "one two");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("c.log")).unwrap(),
+            "one two"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

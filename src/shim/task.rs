@@ -48,8 +48,8 @@ use super::pod::{ContainerMounts, PodFactory, PodHost, PodRequest, PodRuntime, S
 use super::share::RootfsMount;
 use super::spec::BundleSpec;
 use super::stdio::{OutputSink, StdioPaths};
-use super::ShimConfig;
 use super::timeline::Timeline;
+use super::ShimConfig;
 
 /// containerd's event publisher, as the container layer's event sink.
 struct Publisher {

@@ -204,7 +204,11 @@ pub fn summary(r: &TimelineRecord) -> String {
     let mut line = format!(
         "pod {} start{} ({}):",
         r.pod,
-        if r.complete { "" } else { " (no output before it ended)" },
+        if r.complete {
+            ""
+        } else {
+            " (no output before it ended)"
+        },
         r.source.as_deref().unwrap_or("no VM")
     );
     let zero = VmStats::default();
@@ -263,13 +267,15 @@ mod tests {
         assert!(r.complete);
         assert!(r.marks[1].at_ms >= 5.0);
         assert!(r.marks.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
-        let written: TimelineRecord = serde_json::from_slice(
-            &std::fs::read(dir.path().join("timeline.json")).unwrap(),
-        )
-        .unwrap();
+        let written: TimelineRecord =
+            serde_json::from_slice(&std::fs::read(dir.path().join("timeline.json")).unwrap())
+                .unwrap();
         assert_eq!(written, r);
         let line = summary(&r);
-        assert!(line.starts_with("pod p1 start (template): source +"), "{line}");
+        assert!(
+            line.starts_with("pod p1 start (template): source +"),
+            "{line}"
+        );
         assert!(line.contains(" output +"), "{line}");
     }
 

@@ -128,7 +128,9 @@ fn thread_cpu_ns(tid: i32) -> Option<u64> {
     let mut fields = rest.split_whitespace().skip(11);
     let ticks: u64 = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
     // SAFETY: sysconf reads a constant of the system; no memory is involved.
-    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100).max(1);
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .unwrap_or(100)
+        .max(1);
     Some(ticks * 1_000_000_000 / hz)
 }
 
@@ -158,7 +160,12 @@ mod tests {
         let after = VmStatsHandle(c).read();
         let d = after.since(&before);
         assert_eq!(
-            (before.exits_port_io, before.exits_mmio, d.exits_other, after.exits()),
+            (
+                before.exits_port_io,
+                before.exits_mmio,
+                d.exits_other,
+                after.exits()
+            ),
             (2, 1, 1, 5)
         );
         assert!(d.vcpu_cpu_ns >= 10_000_000, "{d:?}");

@@ -30,11 +30,11 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::stats::{ExitKind, VmCounters};
 use crate::arch::regs::{self, BootProtocol};
 use crate::arch::{cpuid, msr, pagewalk};
 use crate::exit::{ExitReason, VmEvent};
 use crate::memory::GuestMem;
+use crate::stats::{ExitKind, VmCounters};
 
 /// Errors of vCPU creation and set-up.
 #[derive(Debug, thiserror::Error)]

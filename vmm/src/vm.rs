@@ -36,7 +36,6 @@ use log::{info, warn};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::stats::{VmCounters, VmStatsHandle};
 use crate::arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, PVH_INFO_START, ZERO_PAGE_START};
 use crate::arch::regs::BootProtocol;
 use crate::arch::{boot, mptable};
@@ -53,6 +52,7 @@ use crate::memory::{self, GuestMem, MemoryError};
 use crate::snapshot::{
     self, DevicesState, HostFingerprint, KvmVmState, SnapshotError, SnapshotInfo, SnapshotState,
 };
+use crate::stats::{VmCounters, VmStatsHandle};
 use crate::timings::{BootTimings, MemoryUsage};
 use crate::vcpu::{self, SaveCaps, VcpuContext, VcpuError, VcpuHandle};
 

@@ -763,11 +763,20 @@ pub(crate) mod tests {
             });
         }
         let md = where_the_time_goes(&r);
-        assert!(md.contains("### Where the time goes: podvisor (4 pods"), "{md}");
+        assert!(
+            md.contains("### Where the time goes: podvisor (4 pods"),
+            "{md}"
+        );
         assert!(md.contains("| vm | 12 | 0 | 0 | 0 | 0 | 0 | 6 |"), "{md}");
-        assert!(md.contains("| agent | 890 | 300 | 40 | 40 | 0 | 0 | 445 |"), "{md}");
+        assert!(
+            md.contains("| agent | 890 | 300 | 40 | 40 | 0 | 0 | 445 |"),
+            "{md}"
+        );
         assert!(md.contains("| output | 4098 | 1700 | 60 |"), "{md}");
-        assert!(md.contains("median over 4 complete timelines: 5000 ms; sources: template."), "{md}");
+        assert!(
+            md.contains("median over 4 complete timelines: 5000 ms; sources: template."),
+            "{md}"
+        );
         assert!(!md.contains("runc"), "{md}");
         assert_eq!(median(vec![]), None);
     }

@@ -5,7 +5,7 @@ use std::os::unix::net::UnixStream;
 
 use crate::agent::{Agent, StdioFlags, StreamKind};
 use crate::error::ShimError;
-use crate::stdio::{copy_input, copy_output, StdioPaths};
+use crate::stdio::{copy_input, copy_output, FirstBytes, StdioPaths};
 
 use super::process::ProcessIo;
 

@@ -114,10 +114,6 @@ pub trait PodHost: Send + Sync {
     }
     /// Workload container `id` now has `limits`: the pod's VM follows (see [`resize`]). A
     /// pod without a VM of its own size has nothing to do.
-    fn timeline(&self) -> Option<Arc<Timeline>> {
-        Some(self.timeline.clone())
-    }
-
     fn set_limits(&self, id: &str, limits: ContainerLimits) -> Result<(), ResizeError> {
         let _ = (id, limits);
         Ok(())
@@ -490,6 +486,10 @@ impl PodHost for Pod {
 
     fn is_down(&self) -> bool {
         self.destroyed.load(Ordering::SeqCst) || self.vm_stopped()
+    }
+
+    fn timeline(&self) -> Option<Arc<Timeline>> {
+        Some(self.timeline.clone())
     }
 
     fn set_limits(&self, id: &str, limits: ContainerLimits) -> Result<(), ResizeError> {
