@@ -660,7 +660,8 @@ fn cri_podvisor_pod_lifecycle() {
             cri: true,
             // The pod needs more memory than the default, within this file's limit.
             podvisor_config: Some(
-                "memory_mib = 256\nmax_memory_mib = 512\nmax_vcpus = 4\nagent_timeout_secs = 900\n"
+                "memory_mib = 256\nmax_memory_mib = 512\nmax_vcpus = 4\nmemory_step_mib = 64\n\
+                 agent_timeout_secs = 900\n"
                     .into(),
             ),
             ..Default::default()
@@ -674,8 +675,8 @@ fn cri_podvisor_pod_lifecycle() {
         &containerd,
         CRI_HANDLER_PODVISOR,
         // 0.8 CPUs and 200 MiB: the shim sizes the VM to 1 vCPU online (more parked, up to
-        // max_vcpus and the host's CPUs) and 200 + 64 MiB rounded up to 128 MiB steps =
-        // 384 MiB (its defaults: 256 MiB).
+        // max_vcpus and the host's CPUs) and 200 + 64 MiB rounded up to 64 MiB steps =
+        // 320 MiB (its defaults: 256 MiB).
         PodWants {
             resources: Some(LinuxContainerResources {
                 cpu_period: 100_000,
@@ -758,7 +759,7 @@ fn cri_podvisor_pod_lifecycle() {
                 "1",
                 "guest CPUs online"
             );
-            // The pod's memory limit sized the VM: the guest sees about 384 MiB.
+            // The pod's memory limit sized the VM: the guest sees about 320 MiB.
             let meminfo = exec_sync(client, rt, &run.container_ids[1], &["cat", "/proc/meminfo"]);
             let text = String::from_utf8_lossy(&meminfo.stdout);
             let total_kib: u64 = text
@@ -768,8 +769,8 @@ fn cri_podvisor_pod_lifecycle() {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or_else(|| panic!("no MemTotal in {text:?}"));
             assert!(
-                (320 * 1024..=384 * 1024).contains(&total_kib),
-                "guest MemTotal {total_kib} kB for a 384 MiB VM"
+                (256 * 1024..=320 * 1024).contains(&total_kib),
+                "guest MemTotal {total_kib} kB for a 320 MiB VM"
             );
             memory_comes_back(client, rt, run, shim);
             memory_resizes(client, rt, run, total_kib);
@@ -815,7 +816,7 @@ fn guest_mem_total(client: &mut Client, rt: &tokio::runtime::Runtime, id: &str) 
     kib_field(&text, "MemTotal").unwrap_or_else(|| panic!("no MemTotal in {text:?}"))
 }
 
-/// A container touches 64 MiB and frees it: the pod's host memory (the shim's PSS) grows,
+/// A container touches 32 MiB and frees it: the pod's host memory (the shim's PSS) grows,
 /// then comes back near where it was once the guest reports the freed memory on its
 /// balloon.
 fn memory_comes_back(client: &mut Client, rt: &tokio::runtime::Runtime, run: &PodRun, shim: u32) {
@@ -836,7 +837,7 @@ fn memory_comes_back(client: &mut Client, rt: &tokio::runtime::Runtime, run: &Po
             client,
             rt,
             &run.container_ids[1],
-            &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
+            &["dd", "if=/dev/zero", "of=/dev/null", "bs=32M", "count=1"],
         );
         done.store(true, Ordering::SeqCst);
         dd
@@ -851,13 +852,13 @@ fn memory_comes_back(client: &mut Client, rt: &tokio::runtime::Runtime, run: &Po
     let peak = peak.load(Ordering::SeqCst);
     eprintln!("alloc-free: shim PSS {before} KiB before, {peak} KiB at the peak");
     assert!(
-        peak >= before + 32 * 1024,
-        "touching 64 MiB in the guest grew the shim's PSS from {before} to {peak} KiB only"
+        peak >= before + 16 * 1024,
+        "touching 32 MiB in the guest grew the shim's PSS from {before} to {peak} KiB only"
     );
     let deadline = freed + Duration::from_secs(180);
     loop {
         let now = pss_kib(shim);
-        if now <= before + 16 * 1024 {
+        if now <= before + 12 * 1024 {
             eprintln!(
                 "alloc-free: shim PSS back to {now} KiB {:.1} s after the free",
                 freed.elapsed().as_secs_f64()
@@ -874,7 +875,7 @@ fn memory_comes_back(client: &mut Client, rt: &tokio::runtime::Runtime, run: &Po
 }
 
 /// UpdateContainerResources resizes the pod's VM: once every container has a memory limit
-/// the VM follows their sum (+ the guest's overhead, in 128 MiB steps), down and back up to
+/// the VM follows their sum (+ the guest's overhead, in 64 MiB steps), down and back up to
 /// the size it was built with. `full_kib` is the guest's MemTotal at that size.
 fn memory_resizes(client: &mut Client, rt: &tokio::runtime::Runtime, run: &PodRun, full_kib: u64) {
     let update = |client: &mut Client, id: &str, mib: i64| {
@@ -904,19 +905,19 @@ fn memory_resizes(client: &mut Client, rt: &tokio::runtime::Runtime, run: &PodRu
         total, full_kib,
         "a container without a limit keeps the VM whole"
     );
-    // 100 + 50 + 64 MiB → a 256 MiB VM: the balloon takes 128 MiB.
+    // 100 + 50 + 64 MiB → a 256 MiB VM: the balloon takes 64 MiB.
     let took = update(client, talker, 50);
     let lowered = guest_mem_total(client, rt, talker);
     eprintln!(
-        "resize: VM 384 → 256 MiB took {:.2} s: guest MemTotal {lowered} kB",
+        "resize: VM 320 → 256 MiB took {:.2} s: guest MemTotal {lowered} kB",
         took.as_secs_f64()
     );
-    assert_eq!(full_kib - lowered, 128 * 1024, "the guest lost 128 MiB");
-    // 200 + 50 + 64 MiB → 384 MiB, the size it was built with.
+    assert_eq!(full_kib - lowered, 64 * 1024, "the guest lost 64 MiB");
+    // 200 + 50 + 64 MiB → 320 MiB, the size it was built with.
     let took = update(client, sleeper, 200);
     let raised = guest_mem_total(client, rt, talker);
     eprintln!(
-        "resize: VM 256 → 384 MiB took {:.2} s: guest MemTotal {raised} kB",
+        "resize: VM 256 → 320 MiB took {:.2} s: guest MemTotal {raised} kB",
         took.as_secs_f64()
     );
     assert_eq!(raised, full_kib, "the guest has its memory back");

@@ -148,14 +148,27 @@ mod tests {
         let before = VmStatsHandle(c.clone()).read();
         assert_eq!(before.vcpu_cpu_ns, 0, "no vCPU thread yet");
         let c2 = c.clone();
+        let (burnt, done) = std::sync::mpsc::channel();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
         std::thread::spawn(move || {
             c2.register_vcpu_thread(1);
-            // Burn some CPU, then stay alive long enough to be read.
-            let t = std::time::Instant::now();
-            while t.elapsed() < std::time::Duration::from_millis(30) {}
-            std::thread::sleep(std::time::Duration::from_millis(200));
+            // Burn 20 ms of this thread's own CPU time (however loaded the host is), then
+            // stay alive until read.
+            let cpu_ns = || {
+                let mut ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                // SAFETY: `ts` is a valid timespec for the call.
+                unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+                u64::try_from(ts.tv_sec).unwrap() * 1_000_000_000
+                    + u64::try_from(ts.tv_nsec).unwrap()
+            };
+            while cpu_ns() < 20_000_000 {}
+            burnt.send(()).unwrap();
+            let _ = stopped.recv();
         });
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        done.recv().unwrap();
         c.count(ExitKind::Other);
         let after = VmStatsHandle(c).read();
         let d = after.since(&before);
@@ -169,5 +182,6 @@ mod tests {
             (2, 1, 1, 5)
         );
         assert!(d.vcpu_cpu_ns >= 10_000_000, "{d:?}");
+        stop.send(()).unwrap();
     }
 }
