@@ -874,25 +874,41 @@ fn memory_comes_back(client: &mut Client, rt: &tokio::runtime::Runtime, run: &Po
     }
 }
 
+/// UpdateContainerResources of container `id` to `linux`; returns how long it took.
+fn update_resources(
+    client: &mut Client,
+    rt: &tokio::runtime::Runtime,
+    id: &str,
+    linux: LinuxContainerResources,
+) -> Duration {
+    let t = Instant::now();
+    let what = format!("UpdateContainerResources {id} to {linux:?}");
+    rt.block_on(client.update_container_resources(req(
+        UpdateContainerResourcesRequest {
+            container_id: id.to_string(),
+            linux: Some(linux),
+            ..Default::default()
+        },
+        Duration::from_secs(900),
+    )))
+    .unwrap_or_else(|e| panic!("{what}: {e}"));
+    t.elapsed()
+}
+
 /// UpdateContainerResources resizes the pod's VM: once every container has a memory limit
 /// the VM follows their sum (+ the guest's overhead, in 64 MiB steps), down and back up to
 /// the size it was built with. `full_kib` is the guest's MemTotal at that size.
 fn memory_resizes(client: &mut Client, rt: &tokio::runtime::Runtime, run: &PodRun, full_kib: u64) {
     let update = |client: &mut Client, id: &str, mib: i64| {
-        let t = Instant::now();
-        rt.block_on(client.update_container_resources(req(
-            UpdateContainerResourcesRequest {
-                container_id: id.to_string(),
-                linux: Some(LinuxContainerResources {
-                    memory_limit_in_bytes: mib << 20,
-                    ..Default::default()
-                }),
+        update_resources(
+            client,
+            rt,
+            id,
+            LinuxContainerResources {
+                memory_limit_in_bytes: mib << 20,
                 ..Default::default()
             },
-            Duration::from_secs(900),
-        )))
-        .unwrap_or_else(|e| panic!("UpdateContainerResources {id} to {mib} MiB: {e}"));
-        t.elapsed()
+        )
     };
     let (sleeper, talker) = (&run.container_ids[0], &run.container_ids[1]);
     let took = update(client, sleeper, 100);
@@ -928,21 +944,16 @@ fn memory_resizes(client: &mut Client, rt: &tokio::runtime::Runtime, run: &PodRu
 /// 1 online, the others parked: raising to 2 starts a parked one).
 fn cpus_resize(client: &mut Client, rt: &tokio::runtime::Runtime, run: &PodRun) {
     let update = |client: &mut Client, id: &str, quota: i64| {
-        let t = Instant::now();
-        rt.block_on(client.update_container_resources(req(
-            UpdateContainerResourcesRequest {
-                container_id: id.to_string(),
-                linux: Some(LinuxContainerResources {
-                    cpu_period: 100_000,
-                    cpu_quota: quota,
-                    ..Default::default()
-                }),
+        update_resources(
+            client,
+            rt,
+            id,
+            LinuxContainerResources {
+                cpu_period: 100_000,
+                cpu_quota: quota,
                 ..Default::default()
             },
-            Duration::from_secs(900),
-        )))
-        .unwrap_or_else(|e| panic!("UpdateContainerResources {id} to quota {quota}: {e}"));
-        t.elapsed()
+        )
     };
     let online = |client: &mut Client| {
         let out = exec_sync(
