@@ -1,5 +1,6 @@
 //! `density.png`: start latency and host memory per pod against the pod's start order
-//! (1..N), every runtime of the run side by side (plotters, bitmap backend).
+//! (1..N), every runtime of the run side by side, and, for pods with the shim's start
+//! timeline, a stacked bar per pod of where its start time went (plotters, bitmap backend).
 //!
 //! Text goes through `ab_glyph` with DejaVu Sans read at run time (Debian package
 //! fonts-dejavu-core, installed by `make deps`): no fontconfig/freetype needed.
@@ -84,16 +85,132 @@ fn short(v: f64) -> String {
     s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
-/// Draws the two panels into `path` (PNG).
+/// (label, the pod's marks as (phase, seconds since Create)) of every pod with a timeline.
+type PodPhases = Vec<(String, Vec<(String, f64)>)>;
+
+fn timelines(report: &Report) -> PodPhases {
+    report
+        .runs
+        .iter()
+        .flat_map(|r| {
+            r.pods.iter().filter_map(move |p| {
+                let t = p.timeline.as_ref()?;
+                let marks = t
+                    .marks
+                    .iter()
+                    .map(|m| (m.phase.clone(), m.at_ms / 1000.0))
+                    .collect();
+                Some((format!("{} #{}", r.runtime, p.index + 1), marks))
+            })
+        })
+        .collect()
+}
+
+/// A colour per phase, by the phase's position in the first timeline that has it.
+fn phase_colour(i: usize) -> RGBColor {
+    const PALETTE: [RGBColor; 10] = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(127, 127, 127),
+        RGBColor(188, 189, 34),
+        RGBColor(23, 190, 207),
+    ];
+    PALETTE[i % PALETTE.len()]
+}
+
+/// The third panel: one stacked bar per pod with a start timeline, a segment per phase
+/// (the time since the previous mark).
+fn draw_phases(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    pods: &PodPhases,
+) -> Result<(), String> {
+    let n = pods.len();
+    let top = pods
+        .iter()
+        .filter_map(|(_, m)| m.last().map(|l| l.1))
+        .fold(0.1, f64::max)
+        * 1.1;
+    let mut chart = ChartBuilder::on(area)
+        .caption(
+            "where the start time goes: per pod with a timeline, Create received -> first output",
+            ("sans-serif", 22),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0.5..(n as f64 + 0.5), 0.0..top)
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc("pod with a timeline (start order)")
+        .y_desc("seconds")
+        .x_labels(n.clamp(1, 20) + 1)
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|e| e.to_string())?;
+    let mut order: Vec<String> = Vec::new();
+    for (_, marks) in pods {
+        for (phase, _) in marks.iter().skip(1) {
+            if !order.contains(phase) {
+                order.push(phase.clone());
+            }
+        }
+    }
+    for (i, phase) in order.iter().enumerate() {
+        let c = phase_colour(i);
+        let bars: Vec<Rectangle<(f64, f64)>> = pods
+            .iter()
+            .enumerate()
+            .filter_map(|(k, (_, marks))| {
+                let j = marks.iter().position(|(p, _)| p == phase)?;
+                let (from, to) = (marks[j.checked_sub(1)?].1, marks[j].1);
+                let x = (k + 1) as f64;
+                Some(Rectangle::new(
+                    [(x - 0.35, from), (x + 0.35, to)],
+                    c.filled(),
+                ))
+            })
+            .collect();
+        chart
+            .draw_series(bars)
+            .map_err(|e| e.to_string())?
+            .label(phase.as_str())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], c.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .label_font(("sans-serif", 14))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Draws the panels into `path` (PNG): latency and memory per pod, and where the start time
+/// goes for pods with a timeline.
 pub fn draw(report: &Report, path: &Path) -> Result<(), PlotError> {
     ensure_font()?;
     let err = |e: &dyn std::fmt::Display| PlotError::Draw {
         path: path.display().to_string(),
         detail: e.to_string(),
     };
-    let root = BitMapBackend::new(path, (1100, 850)).into_drawing_area();
+    let timelines = timelines(report);
+    let height = if timelines.is_empty() { 850 } else { 1300 };
+    let root = BitMapBackend::new(path, (1100, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
-    let (top, bottom) = root.split_vertically(420);
+    let (top, rest) = root.split_vertically(420);
+    let (bottom, phases) = rest.split_vertically(430);
+    if !timelines.is_empty() {
+        draw_phases(&phases, &timelines).map_err(|e| err(&e))?;
+    }
     let x_range = 0.5..(report.config.pods.max(1) as f64 + 0.5);
 
     // Latency, seconds, log scale (runc is ~1000x faster than a podvisor pod here).
@@ -228,7 +345,33 @@ mod tests {
             return;
         }
         let path = std::env::temp_dir().join(format!("podvisor-plot-{}.png", std::process::id()));
-        draw(&crate::density::report::tests::sample(), &path).unwrap();
+        let mut report = crate::density::report::tests::sample();
+        draw(&report, &path).unwrap();
+        let plain = std::fs::read(&path).unwrap();
+        // With timelines: a third panel (a taller image).
+        report.runs[1].pods[0].timeline = Some(podvisor_shim::timeline::TimelineRecord {
+            pod: "p".into(),
+            source: Some("template".into()),
+            container: Some("p".into()),
+            complete: true,
+            marks: ["create", "vm", "agent", "container", "output"]
+                .iter()
+                .enumerate()
+                .map(|(i, phase)| podvisor_shim::timeline::Mark {
+                    phase: phase.to_string(),
+                    at_ms: (i * i) as f64 * 500.0,
+                    vm: None,
+                    process_cpu_ms: 0.0,
+                })
+                .collect(),
+        });
+        let tall = std::env::temp_dir().join(format!("podvisor-plot-t-{}.png", std::process::id()));
+        draw(&report, &tall).unwrap();
+        let with_phases = std::fs::read(&tall).unwrap();
+        std::fs::remove_file(&tall).unwrap();
+        // PNG IHDR: the height is the big-endian u32 at bytes 20..24.
+        let height = |png: &[u8]| u32::from_be_bytes([png[20], png[21], png[22], png[23]]);
+        assert_eq!((height(&plain), height(&with_phases)), (850, 1300));
         let bytes = std::fs::read(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
