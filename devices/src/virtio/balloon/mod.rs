@@ -33,6 +33,9 @@
 //! * inflate and deflate buffers must be device-readable, reporting buffers device-writable;
 //!   a descriptor the other way round is skipped (counted), a length that is not a multiple
 //!   of 4 on the inflate/deflate queues loses its trailing bytes;
+//! * a chain is read up to 64 descriptors and, on the inflate/deflate queues, 64 KiB of
+//!   frame numbers: the rest is skipped and counted, so a chain (up to 2^32 bytes through
+//!   an indirect table) costs bounded memory and work;
 //! * every chain goes back with used length 0, whatever it held; a broken available ring
 //!   puts the device into `DEVICE_NEEDS_RESET`;
 //! * a pass serves at most [`CHAIN_BUDGET`] chains and then kicks itself, so a guest flooding

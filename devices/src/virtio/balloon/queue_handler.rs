@@ -19,9 +19,15 @@ use crate::virtio::common::{
 use crate::virtio::net::RateLimitedWarn;
 use crate::virtio::{GuestMem, QueuePosition};
 
-/// Most page frame numbers one descriptor may carry (64 KiB of them; Linux sends 256 per
-/// chain). A larger descriptor is skipped: the device never reads an unbounded buffer.
+/// Most bytes of page frame numbers one chain may carry (16 Ki frames; Linux sends 256 per
+/// chain). A descriptor that would go past it is skipped: the device never reads, or holds,
+/// an unbounded amount of them (a chain can be 2^32 bytes long, through an indirect table
+/// of 65,535 descriptors that all name one buffer).
 pub const MAX_PFN_BYTES: u32 = 64 << 10;
+/// Most descriptors of a chain the device looks at (Linux uses 1 for inflate and deflate,
+/// at most 32 for a report); the rest of a longer chain is skipped, so that one chain is
+/// bounded work on the event loop.
+pub const MAX_CHAIN_DESCRIPTORS: usize = 64;
 
 /// What exists only while the device is active.
 pub(crate) struct Active {
@@ -119,8 +125,28 @@ fn serve(
     Ok(more)
 }
 
+/// Whether descriptor `index` of chain `head` is past [`MAX_CHAIN_DESCRIPTORS`]; if so,
+/// the rest of the chain is counted as one rejection.
+fn past_limit(
+    index: usize,
+    what: &str,
+    head: u16,
+    shared: &Shared,
+    warn: &mut RateLimitedWarn,
+) -> bool {
+    if index < MAX_CHAIN_DESCRIPTORS {
+        return false;
+    }
+    shared.reject(1);
+    warn.warn(format_args!(
+        "{what} chain {head} has more than {MAX_CHAIN_DESCRIPTORS} descriptors; the rest is skipped"
+    ));
+    true
+}
+
 /// The page frame numbers of a chain's device-readable buffers (little-endian `u32`s),
-/// in order; what cannot be read is counted as rejected.
+/// in order, at most [`MAX_PFN_BYTES`] of them; what cannot be read is counted as
+/// rejected.
 fn pfns(
     mem: &GuestMem,
     chain: DescriptorChain<&GuestMem>,
@@ -130,7 +156,11 @@ fn pfns(
 ) -> Vec<u32> {
     let head = chain.head_index();
     let mut out = Vec::new();
+    let mut room = MAX_PFN_BYTES as usize;
     for (index, desc) in chain.enumerate() {
+        if past_limit(index, what, head, shared, warn) {
+            break;
+        }
         if desc.is_write_only() {
             shared.reject(1);
             warn.warn(format_args!(
@@ -138,15 +168,17 @@ fn pfns(
             ));
             continue;
         }
-        if desc.len() > MAX_PFN_BYTES {
+        let len = (desc.len() as usize) & !3;
+        if len > room {
             shared.reject(1);
             warn.warn(format_args!(
-                "{what} chain {head}: descriptor {index} has {} bytes, more than {MAX_PFN_BYTES}; skipped",
+                "{what} chain {head}: descriptor {index} has {} bytes, more than the {room} left \
+                 of the chain's {MAX_PFN_BYTES}; skipped",
                 desc.len()
             ));
             continue;
         }
-        let mut bytes = vec![0u8; (desc.len() as usize) & !3];
+        let mut bytes = vec![0u8; len];
         if let Err(e) = mem.read_slice(&mut bytes, desc.addr()) {
             shared.reject(1);
             warn.warn(format_args!(
@@ -155,6 +187,7 @@ fn pfns(
             ));
             continue;
         }
+        room -= len;
         out.extend(
             bytes
                 .chunks_exact(4)
@@ -214,6 +247,9 @@ fn report(
 ) {
     let head = chain.head_index();
     for (index, desc) in chain.enumerate() {
+        if past_limit(index, "reporting", head, shared, warn) {
+            break;
+        }
         if !desc.is_write_only() {
             shared.reject(1);
             warn.warn(format_args!(

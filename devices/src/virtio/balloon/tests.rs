@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use vm_memory::GuestAddress;
 
-use super::queue_handler::MAX_PFN_BYTES;
+use super::queue_handler::{MAX_CHAIN_DESCRIPTORS, MAX_PFN_BYTES};
 use super::*;
 use crate::virtio::features::{bit, VIRTIO_F_VERSION_1};
 use crate::virtio::status::{DEVICE_NEEDS_RESET, DRIVER_OK};
@@ -51,7 +51,7 @@ impl Guest {
 
     fn setup_queues(&mut self, n: u32) {
         for i in 0..n {
-            let q = self.drv.setup_queue(i, 64);
+            let q = self.drv.setup_queue(i, 128);
             self.drv.queues.push(q);
         }
     }
@@ -229,6 +229,42 @@ fn hostile_frames_and_ranges_are_refused_and_touch_nothing() {
         !g.needs_reset(),
         "bad frames are the guest's loss, not a broken device"
     );
+}
+
+#[test]
+fn a_chain_carries_at_most_64_kib_of_frame_numbers() {
+    let mut g = Guest::running(true);
+    // Two descriptors of 48 KiB each naming the same page: only the first fits.
+    let per_desc = (MAX_PFN_BYTES as usize * 3 / 4) / 4;
+    let buf = g.pfn_buf(&vec![pfn(PAGES); per_desc]);
+    assert_eq!(g.serve(INFLATEQ, &[buf, buf]), 0);
+    let stats = g.control.stats();
+    assert_eq!(stats.inflated_pages, per_desc as u64, "{stats:?}");
+    assert_eq!(stats.rejected, 1, "{stats:?}");
+}
+
+#[test]
+fn a_chain_is_read_up_to_its_descriptor_limit() {
+    let mut g = Guest::running(true);
+    let n = MAX_CHAIN_DESCRIPTORS + 6;
+    let one = g.pfn_buf(&[pfn(PAGES)]);
+    assert_eq!(g.serve(INFLATEQ, &vec![one; n]), 0);
+    let stats = g.control.stats();
+    assert_eq!(
+        stats.inflated_pages, MAX_CHAIN_DESCRIPTORS as u64,
+        "{stats:?}"
+    );
+    assert_eq!(stats.rejected, 1, "{stats:?}");
+
+    let page: Buf = (GuestAddress(PAGES), u32::try_from(PAGE_SIZE).unwrap(), true);
+    assert_eq!(g.serve(REPORTINGQ, &vec![page; n]), 0);
+    let stats = g.control.stats();
+    assert_eq!(
+        stats.reported_bytes,
+        MAX_CHAIN_DESCRIPTORS as u64 * PAGE_SIZE,
+        "{stats:?}"
+    );
+    assert_eq!(stats.rejected, 2, "{stats:?}");
 }
 
 #[test]
