@@ -234,6 +234,11 @@ impl MmioDriver {
         b
     }
 
+    /// Writes `data` to the device config space at `offset`.
+    pub fn write_config(&mut self, offset: u64, data: &[u8]) {
+        self.transport.write(regs::CONFIG + offset, data);
+    }
+
     /// The `Status` register.
     pub fn status(&mut self) -> u32 {
         self.read32(regs::STATUS)

@@ -37,8 +37,6 @@ use vmm::BalloonControl;
 use crate::agent::{Agent, AgentError};
 use crate::sizing::SizingRules;
 
-/// Pages of 4 KiB in a MiB.
-const PAGES_PER_MIB: u64 = 256;
 /// How often [`Resizer::apply`] looks at the driver's progress.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -292,7 +290,7 @@ impl Resizer {
                 return Err(ResizeError::Timeout {
                     wanted_mib,
                     target_mib: balloon_mib,
-                    held_mib: u64::from(held) / PAGES_PER_MIB,
+                    held_mib: balloon.actual_mib(),
                     waited: start.elapsed(),
                 });
             }

@@ -107,6 +107,11 @@ impl BalloonControl {
         self.0.actual_pages.load(Ordering::SeqCst)
     }
 
+    /// [`actual_pages`](Self::actual_pages) in whole MiB.
+    pub fn actual_mib(&self) -> u64 {
+        u64::from(self.actual_pages()) >> (20 - PAGE_SHIFT)
+    }
+
     /// Whether the driver runs the device (it can follow a target now).
     pub fn driver_running(&self) -> bool {
         lock(&self.0.interrupt).is_some()

@@ -110,10 +110,11 @@ fn the_target_is_in_the_config_space_and_a_new_one_is_announced() {
     assert_eq!(g.drv.read_config(0, 4), 512u32.to_le_bytes());
 
     // The driver writes `actual`; `num_pages` and partial writes are not its to change.
-    g.drv.transport_write_config(ACTUAL, &300u32.to_le_bytes());
-    g.drv.transport_write_config(0, &7u32.to_le_bytes());
-    g.drv.transport_write_config(ACTUAL, &[1, 2]);
+    g.drv.write_config(ACTUAL, &300u32.to_le_bytes());
+    g.drv.write_config(0, &7u32.to_le_bytes());
+    g.drv.write_config(ACTUAL, &[1, 2]);
     assert_eq!(g.control.actual_pages(), 300);
+    assert_eq!(g.control.actual_mib(), 1, "whole MiB");
     assert_eq!(g.control.target_pages(), 512);
     assert_eq!(g.drv.read_config(4, 4), 300u32.to_le_bytes());
 
@@ -125,14 +126,6 @@ fn the_target_is_in_the_config_space_and_a_new_one_is_announced() {
 }
 
 const ACTUAL: u64 = 4;
-
-impl MmioDriver {
-    fn transport_write_config(&mut self, offset: u64, data: &[u8]) {
-        use crate::bus::BusDevice;
-        self.transport
-            .write(crate::virtio::mmio::regs::CONFIG + offset, data);
-    }
-}
 
 #[test]
 fn inflated_pages_are_discarded_and_deflated_ones_counted() {
@@ -306,7 +299,7 @@ fn a_driver_that_took_reporting_must_set_up_its_queue() {
 fn target_actual_and_queues_survive_a_snapshot() {
     let mut g = Guest::running(true);
     g.control.set_target_pages(300);
-    g.drv.transport_write_config(ACTUAL, &200u32.to_le_bytes());
+    g.drv.write_config(ACTUAL, &200u32.to_le_bytes());
     let buf = g.pfn_buf(&[pfn(PAGES)]);
     g.serve(INFLATEQ, &[buf]);
     let saved = g.drv.transport.save();
