@@ -10,6 +10,8 @@
 //!   process's bindings for it ([`HostBindings`]) — validated up front.
 //! * [`Vm`] (creating, starting, pausing and stopping a VM; [`Vm::restore`]) and what it
 //!   reports ([`VmReport`], [`ExitReason`], [`BootTimings`]).
+//! * [`VmStats`] (a running VM's exits and vCPU CPU time, for start timelines) and the
+//!   `/proc` CPU-time readers it uses ([`stat_cpu_ticks`], [`clock_ticks_per_sec`]).
 //! * [`snapshot`]: the snapshot format (also read by `podvisor template list` and the fuzz
 //!   targets).
 //!
@@ -44,7 +46,7 @@ pub use devices::virtio::balloon::{BalloonControl, BalloonStats};
 pub use exit::ExitReason;
 pub use host::HostKind;
 pub use snapshot::{SnapshotError, SnapshotInfo};
-pub use stats::{VmStats, VmStatsHandle};
+pub use stats::{clock_ticks_per_sec, stat_cpu_ticks, VmStats, VmStatsHandle};
 pub use timings::{BootTimings, MemoryUsage};
 pub use vcpu::VcpuState;
 pub use vm::{snapshot_support, RunningVm, Vm, VmError, VmReport, VmStopHandle};

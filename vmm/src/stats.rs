@@ -124,19 +124,37 @@ fn thread_cpu_ns(tid: i32) -> Option<u64> {
         }
     }
     let stat = std::fs::read_to_string(format!("{dir}/stat")).ok()?;
+    Some(stat_cpu_ticks(&stat)? * 1_000_000_000 / clock_ticks_per_sec())
+}
+
+/// `utime + stime` (clock ticks) of a `/proc/<pid>/stat` or `/proc/<pid>/task/<tid>/stat`
+/// line: fields 14 and 15, counted after the closing parenthesis of the command name
+/// (which may hold spaces and parentheses).
+pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
     let rest = &stat[stat.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace().skip(11);
-    let ticks: u64 = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`; 100 if it says nothing usable).
+pub fn clock_ticks_per_sec() -> u64 {
     // SAFETY: sysconf reads a constant of the system; no memory is involved.
-    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
-        .unwrap_or(100)
-        .max(1);
-    Some(ticks * 1_000_000_000 / hz)
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(t).ok().filter(|&t| t > 0).unwrap_or(100)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_ticks_are_counted_after_the_command_name() {
+        let stat = "1234 (containerd-shim (v2) x) S 1 1234 1234 0 -1 4194560 100 0 0 0 37 5 0 0 20 0 9 0 100 0 0";
+        assert_eq!(stat_cpu_ticks(stat), Some(42));
+        assert_eq!(stat_cpu_ticks("1 (x) S 1"), None);
+    }
 
     #[test]
     fn counts_exits_and_reads_the_threads_cpu_time() {

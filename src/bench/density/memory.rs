@@ -207,26 +207,11 @@ pub fn meminfo() -> Result<MemInfo, MemoryError> {
 
 pub use podvisor_test_kit::processes::{descendants, shim_pids};
 
+pub use vmm::clock_ticks_per_sec;
+
 /// A process's CPU time so far (user + system, every thread), in clock ticks.
 pub fn cpu_ticks(pid: u32) -> Option<u64> {
-    parse_cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
-}
-
-/// `utime + stime` of a `/proc/<pid>/stat` line (fields 14 and 15; the command name in
-/// parentheses may hold spaces, so fields are counted after its closing parenthesis).
-pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
-}
-
-/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
-pub fn clock_ticks_per_sec() -> u64 {
-    // SAFETY: sysconf reads a constant of the system; no memory is involved.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    u64::try_from(t).ok().filter(|&t| t > 0).unwrap_or(100)
+    vmm::stat_cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
 /// KSM's state (`/sys/kernel/mm/ksm`): `run` and `pages_sharing` (pages saved).
@@ -259,13 +244,6 @@ pub fn set_ksm_run(value: u32) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cpu_ticks_are_counted_after_the_command_name() {
-        let stat = "1234 (containerd-shim (v2) x) S 1 1234 1234 0 -1 4194560 100 0 0 0 37 5 0 0 20 0 9 0 100 0 0";
-        assert_eq!(parse_cpu_ticks(stat), Some(42));
-        assert_eq!(parse_cpu_ticks("1 (x) S 1"), None);
-    }
 
     /// From a real `containerd-shim-podvisor-v2` (trimmed: the guest RAM mapping of a
     /// 128 MiB VM, the binary, heap, a thread stack and the vDSO).
