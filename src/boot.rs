@@ -108,6 +108,12 @@ pub struct BootArgs {
     /// Stop the VM after this many seconds (exit status 3).
     #[arg(long)]
     pub timeout: Option<u64>,
+    /// Sample where the guest's vCPUs are this many times a second and print the most
+    /// sampled guest-kernel functions when the VM stops: from the start to the guest's
+    /// init (boot-timer marker), and after it. Functions are named from the `System.map`
+    /// next to the kernel. 0: off.
+    #[arg(long, value_name = "HZ", default_value_t = 0)]
+    pub profile_hz: u32,
     /// Seccomp filters of the threads that handle guest data: enforce (a forbidden
     /// syscall ends the process with SIGSYS), log (allowed and recorded in the kernel's
     /// audit log: to find what a new code path needs) or off.
@@ -186,6 +192,7 @@ impl BootArgs {
             },
             quirks: self.host.host_quirks,
             seccomp: self.seccomp,
+            profile_hz: self.profile_hz,
         }
     }
 
@@ -238,7 +245,27 @@ pub fn run(args: BootArgs, process_start: Instant) -> Result<u8, Box<dyn std::er
             return snapshot_and_stop(running, dir, args.snapshot_after);
         }
     }
+    let profile = running.profile();
+    let mut profiles = Vec::new();
+    if let Some(profile) = &profile {
+        let _ = running.wait_for_init(timeout);
+        profiles.push(("start to init", profile.take()));
+    }
     let report = running.wait(timeout);
+    if let Some(profile) = &profile {
+        profiles.push(("after init", profile.take()));
+        let system_map = args.kernel.as_ref().map(|k| k.with_file_name("System.map"));
+        let symbols = system_map
+            .as_deref()
+            .and_then(|p| vmm::SymbolMap::load(p).ok())
+            .unwrap_or_default();
+        if symbols.is_empty() {
+            eprintln!("podvisor: no System.map next to the kernel: functions stay unnamed");
+        }
+        for (what, samples) in &profiles {
+            eprint!("{}", format_profile(what, samples, &symbols, 40));
+        }
+    }
     let _ = std::io::stdout().flush();
     let code = report.reason.exit_code();
     if code == 0 {
@@ -259,6 +286,25 @@ pub fn run(args: BootArgs, process_start: Instant) -> Result<u8, Box<dyn std::er
     }
     // Exit codes are 0, 1 or 3 (`ExitReason::exit_code`).
     Ok(u8::try_from(code).unwrap_or(u8::MAX))
+}
+
+/// A guest profile as a table: the `top` most sampled functions with their share.
+fn format_profile(
+    what: &str,
+    samples: &vmm::GuestSamples,
+    symbols: &vmm::SymbolMap,
+    top: usize,
+) -> String {
+    let total = samples.total();
+    let mut out = format!("guest profile, {what}: {total} samples\n");
+    for (function, n) in samples.by_function(symbols).into_iter().take(top) {
+        out.push_str(&format!(
+            "  {:>6} {:>5.1}%  {function}\n",
+            n,
+            n as f64 * 100.0 / total.max(1) as f64
+        ));
+    }
+    out
 }
 
 /// `--snapshot`: waits `after` seconds, pauses, saves, stops. Exit status 0 once saved.

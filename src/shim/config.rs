@@ -34,7 +34,9 @@
 //! memory and hands memory the guest frees back to the host, `super::pod::resize`),
 //! `resizable_vcpus` (default true: pod VMs have `max_vcpus` vCPUs, at most the host's CPUs,
 //! those beyond the pod's
-//! parked until an Update brings them online). `config/podvisor.toml` in the repository documents each key with its
+//! parked until an Update brings them online), `guest_profile_hz` (default 0, off; also
+//! `PODVISOR_GUEST_PROFILE_HZ`: sample where each pod's guest runs, per start phase, into
+//! its timeline; a diagnostic). `config/podvisor.toml` in the repository documents each key with its
 //! default.
 //!
 //! Per pod, before the `io.podvisor.config.*` annotations: with `size_from_pod`, the
@@ -163,6 +165,8 @@ pub struct ShimConfig {
     pub balloon: bool,
     /// Give pod VMs `max_vcpus` vCPUs, parked beyond the pod's: CPU resize on Update.
     pub resizable_vcpus: bool,
+    /// Guest samples per second per vCPU for the start timeline's guest profile (0: off).
+    pub guest_profile_hz: u32,
     /// The KVM device node (`PODVISOR_KVM_DEVICE`).
     pub kvm_device: PathBuf,
     /// Host quirks: detected, or forced (`PODVISOR_HOST_QUIRKS`).
@@ -197,6 +201,7 @@ impl Default for ShimConfig {
             memory_step_mib: DEFAULT_MEMORY_STEP_MIB,
             balloon: true,
             resizable_vcpus: true,
+            guest_profile_hz: 0,
             max_templates: DEFAULT_MAX_TEMPLATES,
             kvm_device: PathBuf::from(vmm::config::DEFAULT_KVM_DEVICE),
             host_quirks: HostQuirks::Auto,
@@ -260,6 +265,7 @@ struct FileConfig {
     memory_step_mib: Option<u64>,
     balloon: Option<bool>,
     resizable_vcpus: Option<bool>,
+    guest_profile_hz: Option<u32>,
     max_templates: Option<usize>,
 }
 
@@ -464,6 +470,7 @@ impl ShimConfig {
             memory_step_mib: file.memory_step_mib.unwrap_or(d.memory_step_mib),
             balloon: file.balloon.unwrap_or(d.balloon),
             resizable_vcpus: file.resizable_vcpus.unwrap_or(d.resizable_vcpus),
+            guest_profile_hz: file.guest_profile_hz.unwrap_or(d.guest_profile_hz),
             kvm_device: d.kvm_device,
             host_quirks: d.host_quirks,
             memory: d.memory,
@@ -512,6 +519,9 @@ impl ShimConfig {
         if let Some(n) = num(env, "PODVISOR_MEM_MIB")? {
             self.mem_mib = n;
         }
+        if let Some(n) = num(env, GUEST_PROFILE_HZ_ENV)? {
+            self.guest_profile_hz = n;
+        }
         if let Some(n) = num(env, "PODVISOR_AGENT_TIMEOUT_SECS")? {
             self.agent_timeout = Duration::from_secs(n);
         }
@@ -557,6 +567,7 @@ impl ShimConfig {
             memory: self.memory,
             quirks: self.host_quirks,
             seccomp: self.seccomp,
+            profile_hz: self.guest_profile_hz,
         }
     }
 
@@ -577,6 +588,12 @@ impl ShimConfig {
                 message,
             })
         };
+        if self.guest_profile_hz > MAX_GUEST_PROFILE_HZ {
+            return invalid(format!(
+                "guest_profile_hz = {}: sample at most {MAX_GUEST_PROFILE_HZ} times a second (or 0: off)",
+                self.guest_profile_hz
+            ));
+        }
         if self.max_templates == 0 {
             return invalid(
                 "max_templates = 0: keep at least 1 (or set template = \"off\")".into(),
@@ -781,8 +798,13 @@ const ENV_VARS: &[&str] = &[
     HOST_QUIRKS_ENV,
     NORESERVE_ENV,
     KSM_ENV,
+    GUEST_PROFILE_HZ_ENV,
 ];
 
+/// The most guest profile samples a second per vCPU (each one is a vCPU exit).
+pub const MAX_GUEST_PROFILE_HZ: u32 = 10_000;
+/// Overrides `guest_profile_hz`.
+pub const GUEST_PROFILE_HZ_ENV: &str = "PODVISOR_GUEST_PROFILE_HZ";
 /// Environment variable naming the KVM device (default `/dev/kvm`).
 pub const KVM_DEVICE_ENV: &str = "PODVISOR_KVM_DEVICE";
 /// Environment variable that overrides host detection (`pvm` or `none`; else detected).

@@ -592,6 +592,7 @@ mod tests {
             },
             quirks: vmm::HostQuirks::Pvm,
             seccomp: vmm::SeccompMode::Off,
+            profile_hz: 100,
         };
         assert_eq!(key(&other.shape), base);
         std::fs::remove_dir_all(&dir).unwrap();

@@ -9,12 +9,26 @@
 //! difference between two marks. When the first output arrives (or the pod goes down
 //! first) the timeline is logged as one info line and written as JSON to the pod's state
 //! dir (`timeline.json`, [`TimelineRecord`]), where `podvisor bench` reads it.
+//!
+//! With `guest_profile_hz` set, each mark also holds where the guest's vCPUs were during
+//! the phase it ends: the most sampled guest-kernel functions (named from the kernel's
+//! `System.map`, next to the kernel) and the samples in guest user space.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use vmm::{VmStats, VmStatsHandle};
+use vmm::{GuestProfileHandle, SymbolMap, VmStats, VmStatsHandle};
+
+/// Functions kept per phase in a guest profile; the rest are summed as `(other)`.
+const PROFILE_TOP: usize = 40;
+
+/// Samples of one function (or `[user]`, `(other)`) in a phase's guest profile.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProfileEntry {
+    pub function: String,
+    pub samples: u64,
+}
 
 /// The phases, in the order a pod goes through them.
 pub mod phase {
@@ -50,6 +64,10 @@ pub struct Mark {
     pub vm: Option<VmStats>,
     /// The shim process's CPU time so far (every thread, vCPUs included), ms.
     pub process_cpu_ms: f64,
+    /// Where the guest was since the previous mark, most sampled first (a profiled pod
+    /// only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guest_profile: Vec<ProfileEntry>,
 }
 
 /// A pod's timeline as logged and written.
@@ -78,6 +96,7 @@ pub struct Timeline {
     start: Instant,
     inner: Mutex<Inner>,
     vm: OnceLock<VmStatsHandle>,
+    profile: OnceLock<(GuestProfileHandle, SymbolMap)>,
 }
 
 /// The process's CPU time so far, ms.
@@ -105,6 +124,7 @@ impl Timeline {
                 ..Inner::default()
             }),
             vm: OnceLock::new(),
+            profile: OnceLock::new(),
         });
         t.push(phase::CREATE, start);
         t
@@ -116,6 +136,11 @@ impl Timeline {
 
     fn push(&self, phase: &str, at: Instant) {
         let vm = self.vm.get().map(VmStatsHandle::read);
+        let guest_profile = self
+            .profile
+            .get()
+            .map(|(handle, symbols)| top_functions(&handle.take(), symbols))
+            .unwrap_or_default();
         let mut inner = self.lock();
         if inner.finished {
             return;
@@ -125,6 +150,7 @@ impl Timeline {
             at_ms: at.saturating_duration_since(self.start).as_secs_f64() * 1000.0,
             vm,
             process_cpu_ms: process_cpu_ms(),
+            guest_profile,
         });
     }
 
@@ -141,6 +167,21 @@ impl Timeline {
     /// The running VM's counters, read at every later mark.
     pub fn set_vm(&self, stats: VmStatsHandle) {
         let _ = self.vm.set(stats);
+    }
+
+    /// The VM's guest profile, taken at every later mark; kernel functions are named from
+    /// `system_map` (unnamed, as `?`, if it cannot be read).
+    pub fn set_profile(&self, profile: GuestProfileHandle, system_map: &std::path::Path) {
+        let symbols = SymbolMap::load(system_map).unwrap_or_else(|e| {
+            log::warn!(
+                "guest profile: cannot read {}: {e}; kernel functions stay unnamed",
+                system_map.display()
+            );
+            SymbolMap::default()
+        });
+        // What ran before the VM started belongs to no phase.
+        profile.take();
+        let _ = self.profile.set((profile, symbols));
     }
 
     /// Where the JSON goes when the timeline is finished.
@@ -197,6 +238,24 @@ impl Timeline {
     pub fn record(&self) -> TimelineRecord {
         self.lock().record.clone()
     }
+}
+
+/// The `PROFILE_TOP` most sampled functions of `samples`, then `(other)` for the rest.
+fn top_functions(samples: &vmm::GuestSamples, symbols: &SymbolMap) -> Vec<ProfileEntry> {
+    let all = samples.by_function(symbols);
+    let rest: u64 = all.iter().skip(PROFILE_TOP).map(|f| f.1).sum();
+    let mut top: Vec<ProfileEntry> = all
+        .into_iter()
+        .take(PROFILE_TOP)
+        .map(|(function, samples)| ProfileEntry { function, samples })
+        .collect();
+    if rest > 0 {
+        top.push(ProfileEntry {
+            function: "(other)".into(),
+            samples: rest,
+        });
+    }
+    top
 }
 
 /// One line: each phase's duration and the VM's exits and vCPU time in it, then totals.

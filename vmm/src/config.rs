@@ -197,6 +197,9 @@ pub struct HostSettings {
     /// Seccomp filters of the threads that handle guest data (one mode per process: the
     /// first VM's wins).
     pub seccomp: SeccompMode,
+    /// Guest samples per second per vCPU for a profile of where the guest runs (0: off,
+    /// the default; see [`crate::GuestProfileHandle`]).
+    pub profile_hz: u32,
 }
 
 impl Default for HostSettings {
@@ -206,6 +209,7 @@ impl Default for HostSettings {
             memory: MemoryKnobs::default(),
             quirks: HostQuirks::Auto,
             seccomp: SeccompMode::default(),
+            profile_hz: 0,
         }
     }
 }

@@ -11,7 +11,9 @@
 //! * [`Vm`] (creating, starting, pausing and stopping a VM; [`Vm::restore`]) and what it
 //!   reports ([`VmReport`], [`ExitReason`], [`BootTimings`]).
 //! * [`VmStats`] (a running VM's exits and vCPU CPU time, for start timelines) and the
-//!   `/proc` CPU-time readers it uses ([`stat_cpu_ticks`], [`clock_ticks_per_sec`]).
+//!   `/proc` CPU-time readers it uses ([`stat_cpu_ticks`], [`clock_ticks_per_sec`]);
+//!   a sampling profile of the guest's RIPs ([`GuestProfileHandle`], [`SymbolMap`]),
+//!   a diagnostic that is off by default.
 //! * [`snapshot`]: the snapshot format (also read by `podvisor template list` and the fuzz
 //!   targets).
 //!
@@ -20,7 +22,7 @@
 //! kernel/initrd loading, x86_64 boot set-up), `device_manager` (devices on buses,
 //! interrupts), `host` (host detection and its quirks), `seccomp` (the VMM threads'
 //! filters), `console_file` (the capped console log), `timings`, `stats` (exit counts and
-//! vCPU CPU time for start timelines), `exit`.
+//! vCPU CPU time for start timelines), `profile` (the guest sampler), `exit`.
 
 mod arch;
 pub mod config;
@@ -31,6 +33,7 @@ mod exit;
 mod host;
 mod loader;
 mod memory;
+mod profile;
 mod seccomp;
 pub mod snapshot;
 mod stats;
@@ -45,6 +48,7 @@ pub use config::{
 pub use devices::virtio::balloon::{BalloonControl, BalloonStats};
 pub use exit::ExitReason;
 pub use host::HostKind;
+pub use profile::{GuestProfileHandle, GuestSamples, SymbolMap};
 pub use snapshot::{SnapshotError, SnapshotInfo};
 pub use stats::{clock_ticks_per_sec, stat_cpu_ticks, VmStats, VmStatsHandle};
 pub use timings::{BootTimings, MemoryUsage};

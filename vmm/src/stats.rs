@@ -45,6 +45,14 @@ impl VmCounters {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The vCPU threads' ids, by vCPU (0 for a thread not started yet).
+    pub fn vcpu_thread_ids(&self) -> Vec<i32> {
+        self.vcpu_tids
+            .iter()
+            .map(|t| t.load(Ordering::Relaxed))
+            .collect()
+    }
+
     /// vCPU `id`'s thread is the calling thread.
     pub fn register_vcpu_thread(&self, id: usize) {
         if let Some(slot) = self.vcpu_tids.get(id) {

@@ -381,6 +381,8 @@ pub struct VcpuContext {
     pub save: SaveCaps,
     /// The VM's exit counters and vCPU thread ids.
     pub counters: Arc<VmCounters>,
+    /// The guest profile's samples, when the VM is profiled.
+    pub profile: Option<Arc<crate::profile::ProfileShared>>,
 }
 
 /// The controller's handle on a running vCPU thread.
@@ -628,6 +630,7 @@ impl VcpuThread {
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.ctx.counters.count(ExitKind::Interrupted);
+                    self.sample();
                     Next::Continue
                 }
                 Err(e) => Next::Exit(ExitReason::VcpuError {
@@ -663,6 +666,23 @@ impl VcpuThread {
                 .changed
                 .wait(st)
                 .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Counts where the guest is, if the profiler asked this vCPU for a sample.
+    fn sample(&self) {
+        let Some(profile) = &self.ctx.profile else {
+            return;
+        };
+        if !profile.wants_sample(self.id) {
+            return;
+        }
+        if let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) {
+            profile.record(crate::profile::Where::of(
+                regs.rip,
+                sregs.cr0,
+                sregs.cs.selector,
+            ));
         }
     }
 

@@ -49,6 +49,7 @@ use crate::host::HostKind;
 use crate::loader::{self, LoaderError};
 use crate::lock;
 use crate::memory::{self, GuestMem, MemoryError};
+use crate::profile::{GuestProfileHandle, Sampler};
 use crate::snapshot::{
     self, DevicesState, HostFingerprint, KvmVmState, SnapshotError, SnapshotInfo, SnapshotState,
 };
@@ -98,6 +99,8 @@ pub enum VmError {
     },
     #[error("cannot create the balloon device: {0}")]
     Balloon(std::io::Error),
+    #[error("cannot start the guest profiler thread: {0}; run without profile_hz")]
+    ProfileThread(std::io::Error),
     #[error("vsock {path}: {source}")]
     Vsock {
         path: std::path::PathBuf,
@@ -465,6 +468,13 @@ impl Vm {
 
         let mut vcpus = Vec::with_capacity(self.vcpu_fds.len());
         let counters = Arc::new(VmCounters::new(self.vcpu_fds.len()));
+        let sampler = match self.config.bindings.host.profile_hz {
+            0 => None,
+            hz => Some(
+                Sampler::start(hz, counters.clone(), self.vcpu_fds.len())
+                    .map_err(VmError::ProfileThread)?,
+            ),
+        };
         for (id, fd) in std::mem::take(&mut self.vcpu_fds).into_iter().enumerate() {
             let ctx = VcpuContext {
                 pio: pio.clone(),
@@ -474,6 +484,7 @@ impl Vm {
                 first_run: first_run.clone(),
                 save: self.save_caps.clone(),
                 counters: counters.clone(),
+                profile: sampler.as_ref().map(Sampler::shared),
             };
             match VcpuHandle::spawn(id, fd, ctx, paused) {
                 Ok(handle) => vcpus.push(handle),
@@ -492,6 +503,7 @@ impl Vm {
             events: events_rx,
             first_run,
             stats: VmStatsHandle(counters),
+            sampler,
             memory_at_init: None,
             ended: None,
         })
@@ -830,6 +842,8 @@ pub struct RunningVm {
     events: Receiver<VmEvent>,
     first_run: Arc<OnceLock<Instant>>,
     stats: VmStatsHandle,
+    /// The guest profiler, when asked for.
+    sampler: Option<Sampler>,
     memory_at_init: Option<MemoryUsage>,
     /// Why the VM ended, if it did while [`RunningVm::wait_for_init`] waited.
     ended: Option<ExitReason>,
@@ -844,6 +858,12 @@ impl RunningVm {
     /// The VM's exit counts and vCPU CPU time, readable from any thread.
     pub fn stats(&self) -> VmStatsHandle {
         self.stats.clone()
+    }
+
+    /// The guest profile's samples, when the VM is profiled
+    /// ([`HostSettings::profile_hz`](crate::HostSettings)).
+    pub fn profile(&self) -> Option<GuestProfileHandle> {
+        self.sampler.as_ref().map(Sampler::handle)
     }
 
     /// When vCPU 0 first entered `KVM_RUN` (the guest started running), once it has.

@@ -493,9 +493,46 @@ struct KernelSigaction {
     mask: u64,
 }
 
-/// Default disposition for every ignored signal and an empty signal mask. Runs in the
-/// container's init process just before execve. Raw rt_sigaction because glibc's wrapper
-/// refuses its reserved signals 32 and 33, which arrive ignored too.
+/// Signals the agent ignores (bit `n - 1` for signal `n`), noted once at start-up by
+/// [`note_ignored_signals`]; `u64::MAX` until then (every signal is checked).
+static IGNORED_SIGNALS: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// The disposition of `signal` (raw rt_sigaction: glibc's wrapper refuses its reserved
+/// signals 32 and 33).
+fn disposition(signal: u32) -> Option<usize> {
+    let mut old = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    // SAFETY: rt_sigaction with a null new action writes the current one into `old`, a
+    // valid kernel sigaction of the size passed (8-byte mask).
+    let got = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            signal,
+            std::ptr::null::<KernelSigaction>(),
+            &mut old as *mut KernelSigaction,
+            8usize,
+        )
+    };
+    (got == 0).then_some(old.handler)
+}
+
+/// Notes which signals the agent ignores, so that each container process resets just
+/// those (a syscall per signal is costly where the guest kernel is slow). Call once at
+/// start-up, after the agent set its own dispositions; the agent ignores no signal later.
+pub fn note_ignored_signals() {
+    let mask = (1..=64u32)
+        .filter(|&s| disposition(s) == Some(libc::SIG_IGN))
+        .fold(0u64, |m, s| m | 1 << (s - 1));
+    IGNORED_SIGNALS.store(mask, Ordering::Relaxed);
+}
+
+/// Default disposition for every signal the agent ignores and an empty signal mask. Runs
+/// in the container's init process just before execve (ignored signals stay ignored
+/// across execve).
 fn reset_signals() {
     let default = KernelSigaction {
         handler: libc::SIG_DFL,
@@ -503,36 +540,22 @@ fn reset_signals() {
         restorer: 0,
         mask: 0,
     };
-    for signal in 1..=64 {
-        let mut old = KernelSigaction {
-            handler: libc::SIG_DFL,
-            flags: 0,
-            restorer: 0,
-            mask: 0,
-        };
-        // SAFETY: rt_sigaction with a null new action writes the current one into `old`,
-        // a valid kernel sigaction of the size passed (8-byte mask).
-        let got = unsafe {
+    let noted = IGNORED_SIGNALS.load(Ordering::Relaxed);
+    for signal in (1..=64u32).filter(|s| noted & (1 << (s - 1)) != 0) {
+        // Unless noted, check first: only ignored signals need a change.
+        if noted == u64::MAX && disposition(signal) != Some(libc::SIG_IGN) {
+            continue;
+        }
+        // SAFETY: installs SIG_DFL from `default`, valid for the call; no handler runs.
+        unsafe {
             libc::syscall(
                 libc::SYS_rt_sigaction,
                 signal,
-                std::ptr::null::<KernelSigaction>(),
-                &mut old as *mut KernelSigaction,
+                &default as *const KernelSigaction,
+                std::ptr::null_mut::<KernelSigaction>(),
                 8usize,
             )
         };
-        if got == 0 && old.handler == libc::SIG_IGN {
-            // SAFETY: installs SIG_DFL from `default`, valid for the call; no handler runs.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_rt_sigaction,
-                    signal,
-                    &default as *const KernelSigaction,
-                    std::ptr::null_mut::<KernelSigaction>(),
-                    8usize,
-                )
-            };
-        }
     }
     // SAFETY: an empty, initialized set; pthread_sigmask copies it.
     unsafe {
@@ -556,13 +579,16 @@ pub struct Container {
 
 impl Container {
     /// CreateContainer: writes the adapted bundle and creates the container; its init
-    /// process waits for `start`.
+    /// process waits for `start`. Its cgroup is `spare` (an empty cgroup made ahead of
+    /// time, relative to the cgroup root, `crate::cgroup_pool`) or else
+    /// `<cgroup parent>/<id>`, made by libcontainer.
     pub fn create(
         layout: &Layout,
         reaper: &Reaper,
         id: &str,
         spec_json: &[u8],
         rootfs: &str,
+        spare: Option<String>,
         io: ProcessIo,
     ) -> Result<Arc<Self>, ContainerError> {
         validate_id(id)?;
@@ -589,7 +615,10 @@ impl Container {
             root.set_path(PathBuf::from(rootfs));
         }
         spec.set_root(Some(root));
-        let cgroup_path = PathBuf::from(format!("/{}/{id}", layout.cgroup_parent));
+        let cgroup_path = match &spare {
+            Some(relative) => PathBuf::from(format!("/{relative}")),
+            None => PathBuf::from(format!("/{}/{id}", layout.cgroup_parent)),
+        };
         let cgroup = Cgroup::new(&cgroup_path);
         let mut linux = spec
             .linux()
@@ -615,6 +644,7 @@ impl Container {
             let (builder, console) = builder(layout, id, child)?;
             let guard = reaper.lock_spawn();
             let _watch = crate::stall::watch(format!("create {id}"));
+            let meter = log::log_enabled!(log::Level::Debug).then(crate::cost::SpawnMeter::start);
             let lc = builder
                 .as_init(&bundle)
                 .with_systemd(false)
@@ -627,9 +657,12 @@ impl Container {
             if let Some(console) = console {
                 attach_console(&init, console)?;
             }
-            log::info!(
-                "container {id} created, init pid {pid}, cgroup {}",
-                cgroup.path().display()
+            log::debug!(
+                "container {id} created, init pid {pid}, cgroup {}{}",
+                cgroup.path().display(),
+                meter
+                    .map(|m| format!(": {}", m.finish(pid)))
+                    .unwrap_or_default()
             );
             Ok(lc)
         })();
@@ -637,6 +670,9 @@ impl Container {
             Ok(lc) => lc,
             Err(err) => {
                 let _ = fs::remove_dir_all(&bundle);
+                if spare.is_some() {
+                    cgroup.remove();
+                }
                 init.release_io();
                 return Err(err);
             }
@@ -677,7 +713,7 @@ impl Container {
         let _guard = reaper.lock_spawn();
         self.lc().start().map_err(lc_err(&self.id, "start"))?;
         self.started.store(true, Ordering::Release);
-        log::info!("container {} started", self.id);
+        log::debug!("container {} started", self.id);
         Ok(())
     }
 
@@ -755,7 +791,7 @@ impl Container {
             process.release_io();
             return Err(err);
         }
-        log::info!("exec {} started, pid {}", process.name(), process.pid());
+        log::debug!("exec {} started, pid {}", process.name(), process.pid());
         self.execs().insert(exec_id.to_string(), process.clone());
         Ok(process)
     }

@@ -10,7 +10,8 @@
 //!   when the host has v1/hybrid there; DestroySandbox makes the agent exit.
 //!
 //! Modules: `server` (RPC handlers) → `sandbox` (the pod) → `container` (libcontainer) →
-//! `process` / `stream` (stdio pumps) / `cgroup` / `oom`; `network` (ConfigureNetwork,
+//! `process` / `stream` (stdio pumps) / `cgroup` / `cgroup_pool` (container cgroups made
+//! ahead of time) / `oom`; `cost` (what an operation cost the guest, logged); `network` (ConfigureNetwork,
 //! rtnetlink); `reaper` collects children;
 //! `listener` binds vsock or Unix sockets; `error` maps failures to ttrpc codes.
 //!
@@ -18,7 +19,9 @@
 //! listener + per connection reader/writer/handlers, and one pump per attached stdio stream.
 
 mod cgroup;
+mod cgroup_pool;
 mod container;
+mod cost;
 mod cpus;
 mod error;
 mod listener;
@@ -41,6 +44,7 @@ use std::time::Duration;
 
 use log::LevelFilter;
 
+use crate::cgroup_pool::CgroupPool;
 use crate::container::Layout;
 use crate::listener::ListenAddr;
 use crate::oom::OomWatcher;
@@ -64,7 +68,9 @@ usage: podvisor-agent [options]
   --private-cgroup2     host test: mount cgroup v2 on /sys/fs/cgroup in a private mount
                         namespace if the host has v1/hybrid there
   --cpu-dir DIR         the CPUs SetOnlineCpus changes (default /sys/devices/system/cpu
-                        when PID 1; none otherwise)
+                        as PID 1 on vsock; none otherwise)
+  --cgroup-spares N     container cgroups made ahead of time (default 2 as PID 1 on
+                        vsock, 0 otherwise: containers get <cgroup-parent>/<id>)
   --log-level LEVEL     error|warn|info|debug|trace (default info)
   --version             print the agent and protocol versions
 ";
@@ -78,6 +84,8 @@ enum ArgsError {
     Unknown(String),
     #[error("bad log level {0:?}")]
     LogLevel(String),
+    #[error("--cgroup-spares {0:?}: give a count (0 for none)")]
+    Number(String),
     #[error("--listen is required when not running as PID 1")]
     NoListen,
     #[error(transparent)]
@@ -92,6 +100,7 @@ struct Args {
     resolv_conf: PathBuf,
     private_cgroup2: bool,
     cpu_dir: Option<PathBuf>,
+    cgroup_spares: usize,
     log_level: LevelFilter,
 }
 
@@ -102,7 +111,8 @@ fn parse_args() -> Result<Option<Args>, ArgsError> {
     let mut cgroup_parent = "podvisor".to_string();
     let mut resolv_conf = PathBuf::from("/etc/resolv.conf");
     let mut private_cgroup2 = false;
-    let mut cpu_dir = (std::process::id() == 1).then(|| PathBuf::from("/sys/devices/system/cpu"));
+    let mut cpu_dir = None;
+    let mut cgroup_spares = None;
     let mut log_level = LevelFilter::Info;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -117,6 +127,10 @@ fn parse_args() -> Result<Option<Args>, ArgsError> {
             "--cgroup-parent" => cgroup_parent = value()?,
             "--resolv-conf" => resolv_conf = value()?.into(),
             "--cpu-dir" => cpu_dir = Some(value()?.into()),
+            "--cgroup-spares" => {
+                let n = value()?;
+                cgroup_spares = Some(n.parse().map_err(|_| ArgsError::Number(n))?);
+            }
             "--log-level" => {
                 let level = value()?;
                 log_level = level.parse().map_err(|_| ArgsError::LogLevel(level))?;
@@ -148,6 +162,11 @@ fn parse_args() -> Result<Option<Args>, ArgsError> {
         None => return Err(ArgsError::NoListen),
     };
     let stream_listen = stream_listen.unwrap_or_else(|| listen.stream_addr());
+    // The guest's defaults; a host test agent (PID 1 of its own PID namespace, on a Unix
+    // socket) touches no CPUs and makes no cgroups ahead unless told.
+    let guest = listen.is_vsock() && std::process::id() == 1;
+    let cpu_dir = cpu_dir.or_else(|| guest.then(|| PathBuf::from("/sys/devices/system/cpu")));
+    let cgroup_spares = cgroup_spares.unwrap_or(if guest { 2 } else { 0 });
     Ok(Some(Args {
         listen,
         stream_listen,
@@ -156,6 +175,7 @@ fn parse_args() -> Result<Option<Args>, ArgsError> {
         resolv_conf,
         private_cgroup2,
         cpu_dir,
+        cgroup_spares,
         log_level,
     }))
 }
@@ -181,6 +201,8 @@ enum StartError {
     },
     #[error("ttrpc server: {0:?}")]
     Ttrpc(ttrpc::Error),
+    #[error("cannot start the cgroup pool's thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
 fn run(args: &Args, guest: bool) -> Result<(), StartError> {
@@ -209,7 +231,11 @@ fn run(args: &Args, guest: bool) -> Result<(), StartError> {
         base_env: pid1::inherited_env(),
         owns_machine: guest,
     };
-    let sandbox = Arc::new(Sandbox::new(config, reaper, streams, oom));
+    // Before the agent answers: a template VM is saved once it does, with these in it.
+    let cgroups = CgroupPool::guest(&args.cgroup_parent, args.cgroup_spares);
+    cgroups.fill();
+    cgroups.start_refills().map_err(StartError::Thread)?;
+    let sandbox = Arc::new(Sandbox::new(config, reaper, streams, oom, cgroups));
     let service =
         server::AgentService::new(sandbox.clone(), cpus::for_dir(args.cpu_dir.as_deref()));
 
@@ -253,6 +279,7 @@ fn main() {
     if guest {
         pid1::setup();
     }
+    container::note_ignored_signals();
     let result = run(&args, guest);
     if let Err(err) = &result {
         log::error!("{err}");

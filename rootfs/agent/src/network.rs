@@ -305,7 +305,7 @@ pub fn configure(
         }
         nl.set_up(iface.index, true)
             .map_err(netlink(format!("bringing {name} up")))?;
-        log::info!(
+        log::debug!(
             "network interface {name} (index {}): mtu {:?}, addresses {:?}",
             iface.index,
             iface.mtu,
@@ -328,7 +328,7 @@ pub fn configure(
             "adding the route {dst}{via} (device index {})",
             route.oif
         )))?;
-        log::info!("route {dst}{via} dev index {}", route.oif);
+        log::debug!("route {dst}{via} dev index {}", route.oif);
     }
     if let Some(path) = resolv_conf.filter(|_| !req.resolv_conf.is_empty()) {
         std::fs::write(path, &req.resolv_conf).map_err(|source| NetworkError::Write {

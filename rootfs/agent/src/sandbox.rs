@@ -15,6 +15,7 @@ use podvisor_agent_protocol::agent::{
 };
 
 use crate::cgroup::{Cgroup, CGROUP_ROOT};
+use crate::cgroup_pool::CgroupPool;
 use crate::container::{validate_id, Container, Layout, ProcessIo};
 use crate::error::{RpcError, RpcResult};
 use crate::oom::{OomError, OomWatcher};
@@ -120,6 +121,8 @@ pub struct Sandbox {
     reaper: Arc<Reaper>,
     streams: Arc<Streams>,
     oom: Arc<OomWatcher>,
+    /// Container cgroups made ahead of time.
+    cgroups: Arc<CgroupPool>,
     state: Mutex<State>,
     /// Set when DestroySandbox finished; `main` waits for it.
     destroyed: (Mutex<bool>, Condvar),
@@ -168,6 +171,7 @@ impl Sandbox {
         reaper: Arc<Reaper>,
         streams: Arc<Streams>,
         oom: Arc<OomWatcher>,
+        cgroups: Arc<CgroupPool>,
     ) -> Self {
         let guest_env = config.base_env.clone();
         Self {
@@ -175,6 +179,7 @@ impl Sandbox {
             reaper,
             streams,
             oom,
+            cgroups,
             state: Mutex::new(State {
                 guest_env,
                 ..State::default()
@@ -218,7 +223,7 @@ impl Sandbox {
             (!data.is_empty()).then_some(data.as_str()),
         )
         .map_err(mount_err)?;
-        log::info!(
+        log::debug!(
             "mounted {} {} on {}",
             shared.fstype,
             shared.source,
@@ -250,7 +255,7 @@ impl Sandbox {
                 }
             }
             add_entropy(&req.entropy).map_err(SandboxError::Entropy)?;
-            log::info!("{} bytes of host entropy added", req.entropy.len());
+            log::debug!("{} bytes of host entropy added", req.entropy.len());
         }
         if !req.hostname.is_empty() {
             nix::unistd::sethostname(&req.hostname).map_err(|source| SandboxError::Hostname {
@@ -272,10 +277,10 @@ impl Sandbox {
         }
         crate::container::merge_env(&mut state.guest_env, &req.guest_env);
         if !state.guest_env.is_empty() {
-            log::info!("environment added to every process: {:?}", state.guest_env);
+            log::debug!("environment added to every process: {:?}", state.guest_env);
         }
         state.created = true;
-        log::info!("sandbox {} created", req.sandbox_id);
+        log::debug!("sandbox {} created", req.sandbox_id);
         Ok(())
     }
 
@@ -289,7 +294,7 @@ impl Sandbox {
             .owns_machine
             .then_some(self.config.resolv_conf.as_path());
         crate::network::configure(req, resolv_conf)?;
-        log::info!(
+        log::debug!(
             "network configured: {} interface(s), {} route(s)",
             req.interfaces.len(),
             req.routes.len()
@@ -320,6 +325,7 @@ impl Sandbox {
             id,
             &req.oci_spec_json,
             &req.rootfs,
+            self.cgroups.take(),
             ProcessIo {
                 stdio,
                 attached,
@@ -460,6 +466,7 @@ impl Sandbox {
                 log::warn!("destroy: unmounting {target}: {err}");
             }
         }
+        self.cgroups.drain();
         Cgroup::new(&PathBuf::from(&self.config.layout.cgroup_parent)).remove();
         // The host stops the VM as soon as this call answers: what the containers wrote
         // to the shared file systems must be on the host by then.

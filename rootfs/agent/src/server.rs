@@ -39,6 +39,21 @@ fn done(method: &str, result: RpcResult<()>) -> Reply<Empty> {
 
 type Reply<T> = ttrpc::Result<T>;
 
+/// Runs one container operation and, at debug level, logs what it cost the guest
+/// (`crate::cost`; reading the guest's counters is itself costly where the guest kernel is
+/// slow, and so is every console byte: nothing of this on the default path).
+fn metered<T>(method: &str, id: &str, f: impl FnOnce() -> RpcResult<T>) -> RpcResult<T> {
+    if !log::log_enabled!(log::Level::Debug) {
+        return f();
+    }
+    let meter = crate::cost::Meter::start();
+    let result = f();
+    if result.is_ok() {
+        log::debug!("{method} {id}: {}", meter.finish());
+    }
+    result
+}
+
 /// Logs a failed request and turns the result into ttrpc's.
 fn reply<T>(method: &str, result: RpcResult<T>) -> Reply<T> {
     result.map_err(|err| {
@@ -82,7 +97,9 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: CreateContainerRequest,
     ) -> Reply<CreateContainerResponse> {
-        let pid = self.sandbox.create_container(&req);
+        let pid = metered("CreateContainer", &req.container_id, || {
+            self.sandbox.create_container(&req)
+        });
         reply(
             "CreateContainer",
             pid.map(|pid| CreateContainerResponse {
@@ -95,7 +112,9 @@ impl Agent for AgentService {
     fn start_container(&self, _: &TtrpcContext, req: ContainerRequest) -> Reply<Empty> {
         done(
             "StartContainer",
-            self.sandbox.start_container(&req.container_id),
+            metered("StartContainer", &req.container_id, || {
+                self.sandbox.start_container(&req.container_id)
+            }),
         )
     }
 
@@ -111,7 +130,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: ExecProcessRequest,
     ) -> Reply<ExecProcessResponse> {
-        let pid = self.sandbox.exec(&req);
+        let pid = metered("ExecProcess", &req.exec_id, || self.sandbox.exec(&req));
         reply(
             "ExecProcess",
             pid.map(|pid| ExecProcessResponse {

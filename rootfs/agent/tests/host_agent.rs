@@ -17,6 +17,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::Command;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use podvisor_agent_protocol::agent::*;
 use podvisor_agent_protocol::agent_ttrpc::AgentClient;
@@ -79,7 +80,12 @@ impl Agent {
 
     /// Starts the agent with extra `unshare` namespace options (e.g. `--net`).
     fn start_in(namespaces: &[&str]) -> Self {
-        let mut process = HostAgent::start(&agent_bin(), namespaces);
+        Self::start_with(namespaces, &[])
+    }
+
+    /// Starts the agent with extra `unshare` namespace options and agent options.
+    fn start_with(namespaces: &[&str], agent_args: &[&str]) -> Self {
+        let mut process = HostAgent::start_with_args(&agent_bin(), namespaces, agent_args);
         let url = format!("unix://{}", process.rpc_socket().display());
         let client = wait_for("the agent to listen", TIMEOUT, || {
             if let Some(status) = process.try_wait() {
@@ -438,6 +444,78 @@ fn shared_mounts_and_binds() {
         eprintln!("SKIP pids update: the host's cgroup2 has no pids controller");
     }
     agent.remove("u").unwrap();
+}
+
+/// The container cgroups in this test's cgroup parent that `prefix` names, sorted.
+fn cgroups_named(parent: &std::path::Path, prefix: &str) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(parent)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// With `--cgroup-spares`, the agent makes empty container cgroups before it answers (a
+/// template VM is saved with them) and a container takes one: its processes, limits and
+/// removal go with that cgroup, no cgroup named after the container is made, and the pool
+/// is refilled once creates are quiet. Without spares every container gets
+/// `<parent>/<id>` (the other tests).
+#[test]
+fn cgroups_made_ahead_of_time() {
+    require_host!();
+    let mut agent = Agent::start_with(&[], &["--cgroup-spares", "2"]);
+    let parent = agent.process.cgroup_parent();
+    assert_eq!(cgroups_named(&parent, "ctr-"), ["ctr-0", "ctr-1"]);
+    let mut req = CreateSandboxRequest::new();
+    req.sandbox_id = "pod".into();
+    agent.client.create_sandbox(ctx(), &req).unwrap();
+
+    agent.run_sleeper("a");
+    assert!(!agent.container_cgroup("a").exists(), "no cgroup by id");
+    let busy: Vec<String> = cgroups_named(&parent, "ctr-")
+        .into_iter()
+        .filter(|n| {
+            !fs::read_to_string(parent.join(n).join("cgroup.procs"))
+                .unwrap_or_default()
+                .trim()
+                .is_empty()
+        })
+        .collect();
+    assert_eq!(busy.len(), 1, "the container runs in one spare: {busy:?}");
+    let taken = parent.join(&busy[0]);
+    if cgroup2_has("pids") {
+        let mut update = UpdateResourcesRequest::new();
+        update.container_id = "a".into();
+        update.oci_resources_json = br#"{"pids": {"limit": 42}}"#.to_vec();
+        agent.client.update_resources(ctx(), &update).unwrap();
+        let max = fs::read_to_string(taken.join("pids.max")).unwrap();
+        assert_eq!(max.trim(), "42");
+    }
+    agent.remove("a").unwrap();
+    assert!(!taken.exists(), "removed with its container");
+
+    // Quiet for a while: the pool is back to two spares, with new names.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cgroups_named(&parent, "ctr-").len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let spares = cgroups_named(&parent, "ctr-");
+    assert_eq!(spares.len(), 2, "{spares:?}");
+    assert!(
+        !spares.contains(&busy[0]),
+        "a used cgroup is not handed out again"
+    );
+    assert!(agent.destroy().success());
+    assert!(
+        !parent.exists(),
+        "destroy removes the spares and the parent"
+    );
 }
 
 #[test]

@@ -13,7 +13,8 @@
 //! 4. teardown: kill + delete every task and container, wait for their shims to go.
 //!
 //! Then [`report`] writes `density.md` + `density.json` and [`plot`] `density.png` into
-//! `--out`. Teardown also runs on errors and on Ctrl-C/SIGTERM (then exit status 130):
+//! `--out` (podvisor pods' guest consoles go to `consoles/<pod>.log` there before
+//! teardown). Teardown also runs on errors and on Ctrl-C/SIGTERM (then exit status 130):
 //! pods first ([`Pods`]' drop), then the private containerd with its work dir
 //! (`Containerd`'s drop), then KSM's `run` is restored ([`KsmGuard`]).
 //!
@@ -253,6 +254,11 @@ pub struct GuestArgs {
     /// The podvisor shim binary. Default: containerd-shim-podvisor-v2 next to this binary.
     #[arg(long)]
     pub shim: Option<PathBuf>,
+    /// Sample where each podvisor pod's guest runs this many times a second (the shim's
+    /// PODVISOR_GUEST_PROFILE_HZ): the report adds the most sampled guest functions per
+    /// start phase. A diagnostic (each sample is a vCPU exit); 0: off.
+    #[arg(long, default_value_t = 0)]
+    pub guest_profile_hz: u32,
 }
 
 /// Errors of the density harness; each says what to do.
@@ -343,6 +349,7 @@ pub struct Plan {
     pub scenario: Scenario,
     pub alloc_mib: u64,
     pub reclaim_wait: Duration,
+    pub guest_profile_hz: u32,
 }
 
 /// The shim's default guest memory (src/shim/config.rs), used when --mem-mib is not given.
@@ -476,6 +483,7 @@ pub fn plan(args: &DensityArgs) -> Result<Plan, DensityError> {
         scenario: args.scenario,
         alloc_mib: args.alloc_mib,
         reclaim_wait: Duration::from_secs(args.reclaim_wait),
+        guest_profile_hz: args.guest.guest_profile_hz,
     })
 }
 
@@ -528,6 +536,12 @@ impl Plan {
                 self.work_dir.join("templates").display().to_string(),
             ),
         ];
+        if self.guest_profile_hz > 0 {
+            env.push((
+                "PODVISOR_GUEST_PROFILE_HZ".to_string(),
+                self.guest_profile_hz.to_string(),
+            ));
+        }
         for (k, v) in [
             ("PODVISOR_KERNEL", &self.kernel),
             ("PODVISOR_INITRD", &self.initrd),
@@ -1193,14 +1207,19 @@ fn measure_run(
         };
         if runtime != Runtime::Runc && containerd.dir().is_some() {
             // The shim writes it into the pod's state dir once the pod printed.
-            let path = plan
-                .work_dir
-                .join("podvisor-run")
-                .join(&pod.id)
-                .join("timeline.json");
-            rec.timeline = std::fs::read(&path)
+            let state = plan.work_dir.join("podvisor-run").join(&pod.id);
+            rec.timeline = std::fs::read(state.join("timeline.json"))
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok());
+            // The guest's console (kernel and agent log, with what each container
+            // operation cost the guest) goes before the pod and its state dir do.
+            let consoles = plan.out.join("consoles");
+            if std::fs::create_dir_all(&consoles).is_ok() {
+                let _ = std::fs::copy(
+                    state.join("console.log"),
+                    consoles.join(format!("{}.log", pod.id)),
+                );
+            }
         }
         if rec.error.is_none() {
             match measure_pod(runtime, &pod.id, containerd.sock(), plan.mem_mib) {

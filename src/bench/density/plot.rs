@@ -355,6 +355,7 @@ mod tests {
                     at_ms: (i * i) as f64 * 500.0,
                     vm: None,
                     process_cpu_ms: 0.0,
+                    guest_profile: Vec::new(),
                 })
                 .collect(),
         });

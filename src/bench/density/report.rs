@@ -488,8 +488,50 @@ pub fn where_the_time_goes(report: &Report) -> String {
                 s.join(", ")
             }
         );
+        out += &guest_profile(&timelines, &order);
     }
     out
+}
+
+/// Functions named per phase in the guest profile table.
+const PROFILE_FUNCTIONS: usize = 8;
+
+/// The guest profile per phase, summed over the pods (profiled runs only): the most
+/// sampled functions with their share of the phase's samples.
+fn guest_profile(timelines: &[&TimelineRecord], order: &[String]) -> String {
+    let mut rows = String::new();
+    for phase in order {
+        let mut by: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+        for m in timelines
+            .iter()
+            .flat_map(|t| &t.marks)
+            .filter(|m| &m.phase == phase)
+        {
+            for e in &m.guest_profile {
+                *by.entry(e.function.as_str()).or_default() += e.samples;
+            }
+        }
+        let total: u64 = by.values().sum();
+        if total == 0 {
+            continue;
+        }
+        let mut top: Vec<(&str, u64)> = by.into_iter().collect();
+        top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        let named: Vec<String> = top
+            .iter()
+            .take(PROFILE_FUNCTIONS)
+            .map(|(f, n)| format!("{f} {:.0}%", *n as f64 * 100.0 / total as f64))
+            .collect();
+        let _ = writeln!(rows, "| {phase} | {total} | {} |", named.join(", "));
+    }
+    if rows.is_empty() {
+        return rows;
+    }
+    format!(
+        "\nGuest profile (where the vCPUs were; samples summed over the pods, `[user]` is guest \
+         user space, `(other)` the functions past each pod's top 40):\n\n\
+         | phase | samples | most sampled |\n|---|---|---|\n{rows}"
+    )
 }
 
 /// Writes `text` to `dir/name` (creating `dir`); returns the path.
@@ -745,6 +787,7 @@ pub(crate) mod tests {
                 ..Default::default()
             }),
             process_cpu_ms: at_ms / 2.0,
+            guest_profile: Vec::new(),
         };
         let mut r = sample();
         for (i, p) in r.runs[1].pods.iter_mut().enumerate() {

@@ -369,6 +369,9 @@ impl Pod {
         timeline.mark(phase::SOURCE);
         let started = vm::spawn(source, on_exit)?;
         timeline.set_vm(started.stats.clone());
+        if let (Some(profile), Some(kernel)) = (&started.profile, &config.kernel) {
+            timeline.set_profile(profile.clone(), &kernel.with_file_name("System.map"));
+        }
         timeline.mark(phase::VM);
         let vm = partial.vm.insert(started);
         log::info!("pod VM {id} started; waiting for the agent");

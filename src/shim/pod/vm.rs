@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use vmm::config::{GuestShape, HostBindings, ShareConfig, DEFAULT_CMDLINE, DEFAULT_GUEST_CID};
 use vmm::{
-    BalloonControl, ConsoleConfig, RestoreConfig, Vm, VmConfig, VmError, VmReport, VmStatsHandle,
-    VmStopHandle,
+    BalloonControl, ConsoleConfig, GuestProfileHandle, RestoreConfig, Vm, VmConfig, VmError,
+    VmReport, VmStatsHandle, VmStopHandle,
 };
 
 use super::state::{StateDir, SHARE_TAG};
@@ -178,20 +178,28 @@ fn start<T>(
 /// Called once when the pod VM has stopped, with the reason.
 pub type OnVmExit = Box<dyn FnOnce(String) + Send>;
 
-/// A started pod VM: its waiting thread, the handle that stops it, its balloon and its
-/// counters.
+/// A started pod VM: its waiting thread and its handles.
 pub struct VmThread {
     pub handle: JoinHandle<VmReport>,
     pub stop: VmStopHandle,
     pub balloon: Option<BalloonControl>,
     pub stats: VmStatsHandle,
+    /// The guest profile, when `guest_profile_hz` asks for one.
+    pub profile: Option<GuestProfileHandle>,
+}
+
+/// What the VM's thread hands back once the VM runs.
+struct Handles {
+    stop: VmStopHandle,
+    balloon: Option<BalloonControl>,
+    stats: VmStatsHandle,
+    profile: Option<GuestProfileHandle>,
 }
 
 /// Builds, starts and waits for the VM in its own thread; returns once it runs, or with
 /// the error that kept it from running. `on_exit` runs when the started VM stops.
 pub fn spawn(source: VmSource, on_exit: OnVmExit) -> Result<VmThread, PodError> {
-    type Started = (VmStopHandle, Option<BalloonControl>, VmStatsHandle);
-    let (ready, started) = mpsc::channel::<Result<Started, VmError>>();
+    let (ready, started) = mpsc::channel::<Result<Handles, VmError>>();
     let handle = std::thread::Builder::new()
         .name("vm-wait".into())
         .spawn(move || {
@@ -203,11 +211,12 @@ pub fn spawn(source: VmSource, on_exit: OnVmExit) -> Result<VmThread, PodError> 
             );
             match running {
                 Ok(running) => {
-                    let _ = ready.send(Ok((
-                        running.stop_handle(),
-                        running.balloon(),
-                        running.stats(),
-                    )));
+                    let _ = ready.send(Ok(Handles {
+                        stop: running.stop_handle(),
+                        balloon: running.balloon(),
+                        stats: running.stats(),
+                        profile: running.profile(),
+                    }));
                     let report = running.wait(None);
                     log::info!("VM stopped: {}", report.reason);
                     on_exit(report.reason.to_string());
@@ -226,11 +235,12 @@ pub fn spawn(source: VmSource, on_exit: OnVmExit) -> Result<VmThread, PodError> 
         })
         .map_err(PodError::VmThread)?;
     match started.recv() {
-        Ok(Ok((stop, balloon, stats))) => Ok(VmThread {
+        Ok(Ok(h)) => Ok(VmThread {
             handle,
-            stop,
-            balloon,
-            stats,
+            stop: h.stop,
+            balloon: h.balloon,
+            stats: h.stats,
+            profile: h.profile,
         }),
         Ok(Err(e)) => {
             let _ = handle.join();

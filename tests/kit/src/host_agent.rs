@@ -132,6 +132,11 @@ impl HostAgent {
     /// Starts `agent_bin` with extra `unshare` namespace options (e.g. `--net`). Returns
     /// once its RPC socket exists; callers connect and wait for GetVersion themselves.
     pub fn start(agent_bin: &Path, namespaces: &[&str]) -> Self {
+        Self::start_with_args(agent_bin, namespaces, &[])
+    }
+
+    /// [`HostAgent::start`] with extra agent options (e.g. `--cgroup-spares 2`).
+    pub fn start_with_args(agent_bin: &Path, namespaces: &[&str], agent_args: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("pva-")
             .tempdir_in("/tmp")
@@ -166,6 +171,7 @@ impl HostAgent {
             .arg("--resolv-conf")
             .arg(dir.path().join("resolv.conf"))
             .args(["--log-level", "debug"])
+            .args(agent_args)
             .env("GLIBC_TUNABLES", "glibc.malloc.check=0")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
