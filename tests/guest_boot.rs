@@ -32,6 +32,8 @@ fn cli_boots_one_vcpu_to_init_and_powers_off() {
             "--timings",
             "--timings-json",
             json.to_str().unwrap(),
+            "--profile-hz",
+            "200",
             "--timeout",
             BOOT_TIMEOUT,
         ],
@@ -63,6 +65,33 @@ fn cli_boots_one_vcpu_to_init_and_powers_off() {
     assert!(guest_kib > 1024 && guest_kib <= 128 * 1024, "{record}");
     assert!(record["vmm_rss_kib"].as_u64().unwrap() > 0, "{record}");
     assert!(stderr.contains("guest time to init"), "{stderr}");
+    // The guest profile: samples before init, named from the kernel's System.map (the
+    // kernel build leaves it next to vmlinux), and after init.
+    let samples = |what: &str| -> u64 {
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with(&format!("guest profile, {what}: ")))
+            .unwrap_or_else(|| panic!("no {what} profile in:\n{stderr}"));
+        line.split(": ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(samples("start to init") > 10, "{stderr}");
+    samples("after init");
+    assert!(!stderr.contains("functions stay unnamed"), "{stderr}");
+    assert!(
+        stderr.contains("%  start_kernel")
+            || stderr.contains("%  memmap_init_range")
+            || stderr.contains("%  __init_single_page")
+            || stderr.contains("%  clear_bss")
+            || stderr.contains("%  __orc_find"),
+        "boot-time kernel functions named: {stderr}"
+    );
 }
 
 #[test]

@@ -291,6 +291,7 @@ fn build(scratch: &Path, dir: &Path, config: &VmConfig, timeout: Duration) -> Re
     if let Some(v) = &mut cfg.bindings.vsock {
         *v = scratch.join("vsock.sock");
     }
+    let config_vsock = cfg.bindings.vsock.clone();
     // The template's NICs sit on taps that reach nothing; clones get their pods' taps.
     for (i, t) in cfg.bindings.taps.iter_mut().enumerate() {
         let tap = super::net::tap::create_detached(&format!("pvtpl{i}"))
@@ -309,6 +310,15 @@ fn build(scratch: &Path, dir: &Path, config: &VmConfig, timeout: Duration) -> Re
         return Err(format!(
             "the template VM's agent did not come up ({reason}); last console lines:\n{tail}"
         ));
+    }
+    // Warm the agent: its first RPC connection sets up what every later one reuses (the
+    // ttrpc server's first connection, the agent's heap), so each clone does not redo it
+    // after restore. SETTLE then lets the connection's threads end before the save.
+    if let Some(vsock) = &config_vsock {
+        match super::agent::TtrpcAgent::connect(vsock, timeout, || false) {
+            Ok((agent, _)) => drop(agent),
+            Err(e) => log::warn!("template build: warming the agent: {e}"),
+        }
     }
     std::thread::sleep(SETTLE);
     let snap = scratch.join("snapshot");
