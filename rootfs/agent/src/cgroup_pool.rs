@@ -170,6 +170,29 @@ impl CgroupPool {
     }
 }
 
+/// Makes cgroup `dir` (under the cgroup v2 mount `root`) as libcontainer would: every
+/// available controller enabled for the children of each ancestor, missing directories
+/// created. An existing `dir` (a spare) is left as it is.
+pub fn ensure_cgroup(root: &Path, dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let relative = dir.strip_prefix(root).map_err(|_| {
+        std::io::Error::other(format!("{} is not under {}", dir.display(), root.display()))
+    })?;
+    let mut current = root.to_path_buf();
+    for component in relative.components() {
+        CgroupPool::enable_controllers(&current);
+        current.push(component);
+        match fs::create_dir(&current) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,6 +232,16 @@ mod tests {
         assert!(!root.path().join("pod/ctr-1").exists());
         assert!(root.path().join("pod/ctr-0").exists(), "not ours");
         assert_eq!(pool.fill(), 0, "a drained pool stays empty");
+    }
+
+    #[test]
+    fn a_cgroup_is_made_with_its_ancestors_and_a_spare_is_kept() {
+        let root = fake_root();
+        let dir = root.path().join("pod/c1");
+        ensure_cgroup(root.path(), &dir).unwrap();
+        assert!(dir.is_dir());
+        ensure_cgroup(root.path(), &dir).unwrap();
+        assert!(ensure_cgroup(root.path(), Path::new("/elsewhere/x")).is_err());
     }
 
     #[test]

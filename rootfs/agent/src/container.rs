@@ -28,13 +28,14 @@ use std::fs::{self, File, OpenOptions};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use libcontainer::config::YoukiConfig;
 use libcontainer::container::builder::ContainerBuilder;
-use libcontainer::container::Container as LcContainer;
+use libcontainer::container::{Container as LcContainer, ContainerStatus};
 use libcontainer::error::LibcontainerError;
 use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::default::DefaultExecutor;
@@ -208,6 +209,9 @@ pub struct Layout {
     pub state_dir: PathBuf,
     /// Pod cgroup, relative to /sys/fs/cgroup (e.g. "podvisor").
     pub cgroup_parent: String,
+    /// Create containers whose spec allows it with the lean launcher (`crate::launcher`)
+    /// rather than libcontainer.
+    pub lean: bool,
 }
 
 impl Layout {
@@ -532,8 +536,8 @@ pub fn note_ignored_signals() {
 
 /// Default disposition for every signal the agent ignores and an empty signal mask. Runs
 /// in the container's init process just before execve (ignored signals stay ignored
-/// across execve).
-fn reset_signals() {
+/// across execve); async-signal-safe (the lean launcher's child calls it).
+pub(crate) fn reset_signals() {
     let default = KernelSigaction {
         handler: libc::SIG_DFL,
         flags: 0,
@@ -565,6 +569,112 @@ fn reset_signals() {
     }
 }
 
+/// The lean launcher's plan for `spec`, if the agent uses it and the spec allows it
+/// (terminals go through libcontainer's console socket).
+fn lean_plan(
+    layout: &Layout,
+    spec: &Spec,
+    child: &ChildStdio,
+) -> Option<crate::launcher::Prepared> {
+    if !layout.lean || child.console.is_some() {
+        return None;
+    }
+    let root = spec.root().as_ref()?.path();
+    let process = spec.process().as_ref()?;
+    let has_home = process
+        .env()
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .any(|e| e.starts_with("HOME=") && e.len() > "HOME=".len());
+    let home = if has_home {
+        None
+    } else {
+        crate::launcher::home_of(root, process.user().uid())
+    };
+    match crate::launcher::plan(spec, home.as_deref()) {
+        Ok(plan) => Some(plan),
+        Err(reason) => {
+            log::debug!("creating with libcontainer: the spec has {reason}");
+            None
+        }
+    }
+}
+
+/// Creates the container's init process with the lean launcher in `cgroup` (made here
+/// unless it is a spare, with the spec's resources), then libcontainer's state for it
+/// (state.json, youki_config.json), so that exec, kill and delete work as for any
+/// container. Returns the state and the init's start pipe.
+#[allow(clippy::too_many_arguments)]
+fn launch_lean(
+    layout: &Layout,
+    reaper: &Reaper,
+    id: &str,
+    spec: &Spec,
+    bundle: &Path,
+    cgroup: &Cgroup,
+    plan: &crate::launcher::Prepared,
+    child: ChildStdio,
+    init: &Arc<Process>,
+) -> Result<(LcContainer, OwnedFd), ContainerError> {
+    let io_err = |what| {
+        let id = id.to_string();
+        move |source| ContainerError::Io { id, what, source }
+    };
+    crate::cgroup_pool::ensure_cgroup(Path::new(crate::cgroup::CGROUP_ROOT), cgroup.path())
+        .map_err(io_err("creating the container's cgroup"))?;
+    if let Some(resources) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
+        cgroup.apply(resources)?;
+    }
+    let cgroup_dir = File::open(cgroup.path()).map_err(io_err("opening the container's cgroup"))?;
+    let container_root = layout.lc_root().join(id);
+    fs::create_dir(&container_root).map_err(io_err("creating the container's state dir"))?;
+    let launched = {
+        let guard = reaper.lock_spawn();
+        let _watch = crate::stall::watch(format!("create {id}"));
+        plan.launch(
+            [
+                child.stdin.as_raw_fd(),
+                child.stdout.as_raw_fd(),
+                child.stderr.as_raw_fd(),
+            ],
+            &OwnedFd::from(cgroup_dir),
+            |pid| guard.register(pid, init),
+        )
+    };
+    drop(child);
+    let state = launched.map_err(|e| e.to_string()).and_then(|launched| {
+        let mut lc = LcContainer::new(
+            id,
+            ContainerStatus::Created,
+            Some(launched.pid),
+            bundle,
+            &container_root,
+        )
+        .map_err(|e| chain(&e))?;
+        lc.set_systemd(false)
+            .set_annotations(spec.annotations().clone());
+        lc.save().map_err(|e| chain(&e))?;
+        YoukiConfig::from_spec(spec, id)
+            .and_then(|c| c.save(&container_root))
+            .map_err(|e| chain(&e))?;
+        Ok((lc, launched.start))
+    });
+    state.map_err(|message| {
+        let _ = fs::remove_dir_all(&container_root);
+        let pid = init.pid();
+        if pid > 0 && init.exit().is_none() {
+            kill_cgroup_pid(pid.cast_unsigned(), Signal::SIGKILL);
+        }
+        ContainerError::Libcontainer {
+            id: id.to_string(),
+            what: "create",
+            message,
+            invalid_input: false,
+        }
+    })
+}
+
 /// A container and its processes.
 pub struct Container {
     pub id: String,
@@ -572,6 +682,8 @@ pub struct Container {
     pub cgroup: Cgroup,
     pub init: Arc<Process>,
     lc: Mutex<LcContainer>,
+    /// A lean-launched init's start pipe (`crate::launcher`), until StartContainer.
+    lean_start: Mutex<Option<OwnedFd>>,
     started: AtomicBool,
     execs: Mutex<HashMap<String, Arc<Process>>>,
     exec_seq: AtomicU64,
@@ -641,6 +753,22 @@ impl Container {
         let init = Process::new(id, "");
         let created = (|| {
             let child = wire_stdio(layout, &init, io)?;
+            if let Some(plan) = lean_plan(layout, &spec, &child) {
+                let meter =
+                    log::log_enabled!(log::Level::Debug).then(crate::cost::SpawnMeter::start);
+                let (lc, start) = launch_lean(
+                    layout, reaper, id, &spec, &bundle, &cgroup, &plan, child, &init,
+                )?;
+                log::debug!(
+                    "container {id} created (lean), init pid {}, cgroup {}{}",
+                    init.pid(),
+                    cgroup.path().display(),
+                    meter
+                        .map(|m| format!(": {}", m.finish(init.pid())))
+                        .unwrap_or_default()
+                );
+                return Ok((lc, Some(start)));
+            }
             let (builder, console) = builder(layout, id, child)?;
             let guard = reaper.lock_spawn();
             let _watch = crate::stall::watch(format!("create {id}"));
@@ -664,10 +792,10 @@ impl Container {
                     .map(|m| format!(": {}", m.finish(pid)))
                     .unwrap_or_default()
             );
-            Ok(lc)
+            Ok((lc, None))
         })();
-        let lc = match created {
-            Ok(lc) => lc,
+        let (lc, lean_start) = match created {
+            Ok(created) => created,
             Err(err) => {
                 let _ = fs::remove_dir_all(&bundle);
                 if spare.is_some() {
@@ -683,6 +811,7 @@ impl Container {
             cgroup,
             init,
             lc: Mutex::new(lc),
+            lean_start: Mutex::new(lean_start),
             started: AtomicBool::new(false),
             execs: Mutex::new(HashMap::new()),
             exec_seq: AtomicU64::new(0),
@@ -711,7 +840,27 @@ impl Container {
             return Err(ContainerError::Stopped(self.id.clone()));
         }
         let _guard = reaper.lock_spawn();
-        self.lc().start().map_err(lc_err(&self.id, "start"))?;
+        let lean_start = self
+            .lean_start
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match lean_start {
+            Some(start) => {
+                let mut pipe = File::from(start);
+                std::io::Write::write_all(&mut pipe, &[1]).map_err(|source| {
+                    ContainerError::Io {
+                        id: self.id.clone(),
+                        what: "starting the init process",
+                        source,
+                    }
+                })?;
+                let mut lc = self.lc();
+                lc.set_status(ContainerStatus::Running);
+                lc.save().map_err(lc_err(&self.id, "start"))?;
+            }
+            None => self.lc().start().map_err(lc_err(&self.id, "start"))?,
+        }
         self.started.store(true, Ordering::Release);
         log::debug!("container {} started", self.id);
         Ok(())

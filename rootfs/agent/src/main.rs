@@ -10,8 +10,8 @@
 //!   when the host has v1/hybrid there; DestroySandbox makes the agent exit.
 //!
 //! Modules: `server` (RPC handlers) → `sandbox` (the pod) → `container` (libcontainer) →
-//! `process` / `stream` (stdio pumps) / `cgroup` / `cgroup_pool` (container cgroups made
-//! ahead of time) / `oom`; `cost` (what an operation cost the guest, logged); `network` (ConfigureNetwork,
+//! `launcher` (the lean init process) / `process` / `stream` (stdio pumps) / `cgroup` /
+//! `cgroup_pool` (container cgroups made ahead of time) / `oom`; `cost` (what an operation cost the guest, logged); `network` (ConfigureNetwork,
 //! rtnetlink); `reaper` collects children;
 //! `listener` binds vsock or Unix sockets; `error` maps failures to ttrpc codes.
 //!
@@ -24,6 +24,7 @@ mod container;
 mod cost;
 mod cpus;
 mod error;
+mod launcher;
 mod listener;
 mod logger;
 mod network;
@@ -69,6 +70,8 @@ usage: podvisor-agent [options]
                         namespace if the host has v1/hybrid there
   --cpu-dir DIR         the CPUs SetOnlineCpus changes (default /sys/devices/system/cpu
                         as PID 1 on vsock; none otherwise)
+  --launcher KIND       lean (default: containers whose spec allows it get a one-clone
+                        init process, the others libcontainer's) or libcontainer (all)
   --cgroup-spares N     container cgroups made ahead of time (default 2 as PID 1 on
                         vsock, 0 otherwise: containers get <cgroup-parent>/<id>)
   --log-level LEVEL     error|warn|info|debug|trace (default info)
@@ -86,6 +89,8 @@ enum ArgsError {
     LogLevel(String),
     #[error("--cgroup-spares {0:?}: give a count (0 for none)")]
     Number(String),
+    #[error("--launcher {0:?}: use lean or libcontainer")]
+    Launcher(String),
     #[error("--listen is required when not running as PID 1")]
     NoListen,
     #[error(transparent)]
@@ -101,6 +106,7 @@ struct Args {
     private_cgroup2: bool,
     cpu_dir: Option<PathBuf>,
     cgroup_spares: usize,
+    lean: bool,
     log_level: LevelFilter,
 }
 
@@ -113,6 +119,7 @@ fn parse_args() -> Result<Option<Args>, ArgsError> {
     let mut private_cgroup2 = false;
     let mut cpu_dir = None;
     let mut cgroup_spares = None;
+    let mut lean = true;
     let mut log_level = LevelFilter::Info;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -127,6 +134,13 @@ fn parse_args() -> Result<Option<Args>, ArgsError> {
             "--cgroup-parent" => cgroup_parent = value()?,
             "--resolv-conf" => resolv_conf = value()?.into(),
             "--cpu-dir" => cpu_dir = Some(value()?.into()),
+            "--launcher" => {
+                lean = match value()?.as_str() {
+                    "lean" => true,
+                    "libcontainer" => false,
+                    other => return Err(ArgsError::Launcher(other.to_string())),
+                }
+            }
             "--cgroup-spares" => {
                 let n = value()?;
                 cgroup_spares = Some(n.parse().map_err(|_| ArgsError::Number(n))?);
@@ -176,6 +190,7 @@ fn parse_args() -> Result<Option<Args>, ArgsError> {
         private_cgroup2,
         cpu_dir,
         cgroup_spares,
+        lean,
         log_level,
     }))
 }
@@ -226,6 +241,7 @@ fn run(args: &Args, guest: bool) -> Result<(), StartError> {
         layout: Layout {
             state_dir: args.state_dir.clone(),
             cgroup_parent: args.cgroup_parent.clone(),
+            lean: args.lean,
         },
         resolv_conf: args.resolv_conf.clone(),
         base_env: pid1::inherited_env(),

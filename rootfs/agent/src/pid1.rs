@@ -216,12 +216,6 @@ fn root_to_bind_mount() -> Result<(), Pid1Error> {
 
 /// Guest-mode setup. Failures are logged: PID 1 keeps going and serves what it can.
 pub fn setup() {
-    // One malloc arena for every thread: each ttrpc connection and stdio stream starts
-    // threads, and a thread's own arena is fresh pages the guest kernel must map and zero
-    // (costly where it is emulated) for an agent that is mostly idle.
-    // SAFETY: mallopt only changes the allocator's parameters; no allocation is live
-    // across it that depends on them.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     if let Err(err) = root_to_bind_mount() {
         log::error!("{err}; containers cannot pivot_root");
     }

@@ -291,11 +291,29 @@ fn output_and_exit_code() {
 
 /// The OCI spec is honoured: user, cwd, env, rlimits, no_new_privs, capabilities,
 /// read-only rootfs, masked (file and directory) and read-only paths, hostname, PID
-/// namespace, default signal dispositions.
+/// namespace, default signal dispositions. By the lean launcher (the agent's default for
+/// this spec) and by libcontainer, with the same result.
 #[test]
 fn spec_features() {
     require_host!();
     let agent = Agent::start();
+    spec_features_with(&agent);
+    assert!(
+        agent.process.log().contains("container f created (lean)"),
+        "the lean launcher made it:\n{}",
+        agent.process.log()
+    );
+}
+
+#[test]
+fn spec_features_libcontainer() {
+    require_host!();
+    let agent = Agent::start_with(&[], &["--launcher", "libcontainer"]);
+    spec_features_with(&agent);
+    assert!(!agent.process.log().contains("(lean)"));
+}
+
+fn spec_features_with(agent: &Agent) {
     let script = "id -u; id -g; id -G; pwd; echo $GREETING; ulimit -n; hostname; \
         grep NoNewPrivs /proc/self/status | tr -d ' \t'; grep CapBnd /proc/self/status | tr -d ' \t'; \
         grep -E '^Sig(Ign|Blk)' /proc/self/status | tr -d ' \t'; \
@@ -343,6 +361,43 @@ fn spec_features() {
         "{out}"
     );
     agent.remove("f").unwrap();
+}
+
+/// An image's symlinks cannot point a mount outside the container's root: with `/escape`
+/// a symlink to a directory of the agent's host, a tmpfs mounted at `/escape/x` lands in
+/// the root (the lean launcher resolves targets with RESOLVE_IN_ROOT), and the host
+/// directory gets nothing.
+#[test]
+fn mount_targets_stay_in_the_root() {
+    require_host!();
+    let agent = Agent::start();
+    let outside = agent.dir().join("outside");
+    fs::create_dir(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, agent.rootfs.join("escape")).unwrap();
+    let mut spec = spec(
+        &[
+            "sh",
+            "-c",
+            "grep -c '/outside/x ' /proc/self/mountinfo; ls /escape",
+        ],
+        false,
+    );
+    spec["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"destination": "/escape/x", "type": "tmpfs", "source": "tmpfs"}));
+    let out = collect(agent.attach(StreamKind::Stdout, "e", ""));
+    agent.create("e", &spec, stdio(false, true, false)).unwrap();
+    agent.start_container("e").unwrap();
+    assert_eq!(agent.wait("e", "").unwrap(), 0);
+    assert_eq!(String::from_utf8(out.join().unwrap()).unwrap(), "1\nx\n");
+    assert_eq!(
+        fs::read_dir(&outside).unwrap().count(),
+        0,
+        "nothing made outside the root"
+    );
+    assert!(agent.process.log().contains("container e created (lean)"));
+    agent.remove("e").unwrap();
 }
 
 /// An OCI seccomp profile: mkdir/mkdirat fail with EPERM (errnoRet 1), the rest is allowed.
