@@ -425,15 +425,17 @@ pub fn plan(spec: &Spec, home: Option<&str>) -> Result<Prepared, Unsupported> {
         {
             return unsupported("a namespace joined by path");
         }
-        clone_flags |= u64::from(match ns.typ() {
-            LinuxNamespaceType::Pid => libc::CLONE_NEWPID,
-            LinuxNamespaceType::Ipc => libc::CLONE_NEWIPC,
-            LinuxNamespaceType::Uts => libc::CLONE_NEWUTS,
-            LinuxNamespaceType::Mount => libc::CLONE_NEWNS,
-            LinuxNamespaceType::Cgroup => libc::CLONE_NEWCGROUP,
-            other => return unsupported(format!("a new {other:?} namespace")),
-        }
-        .cast_unsigned());
+        clone_flags |= u64::from(
+            match ns.typ() {
+                LinuxNamespaceType::Pid => libc::CLONE_NEWPID,
+                LinuxNamespaceType::Ipc => libc::CLONE_NEWIPC,
+                LinuxNamespaceType::Uts => libc::CLONE_NEWUTS,
+                LinuxNamespaceType::Mount => libc::CLONE_NEWNS,
+                LinuxNamespaceType::Cgroup => libc::CLONE_NEWCGROUP,
+                other => return unsupported(format!("a new {other:?} namespace")),
+            }
+            .cast_unsigned(),
+        );
     }
     if clone_flags & u64::from(libc::CLONE_NEWNS.cast_unsigned()) == 0 {
         return unsupported("no mount namespace");

@@ -231,6 +231,7 @@ fn run(args: &Args, guest: bool) -> Result<(), StartError> {
     })?;
     let reaper = Arc::new(Reaper::default());
     reaper.start()?;
+    stall::start();
     let streams = Arc::new(Streams::default());
     let stream_fd = args.stream_listen.bind()?;
     streams
