@@ -16,9 +16,12 @@ const STALL_AFTER: Duration = Duration::from_secs(20);
 /// The calls being watched, by a sequence number: what each is and when it began. One
 /// watchdog thread (started with the first watch) serves them all, so a watch costs no
 /// thread of its own (a thread is costly where the guest kernel is emulated).
+/// The last sequence number given, and the calls being watched by sequence number.
+type Calls = (u64, HashMap<u64, (String, Instant)>);
+
 #[derive(Default)]
 struct Watched {
-    calls: Mutex<(u64, HashMap<u64, (String, Instant)>)>,
+    calls: Mutex<Calls>,
     changed: Condvar,
 }
 
