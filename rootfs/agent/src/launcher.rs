@@ -77,6 +77,7 @@ struct Caps {
 pub struct Prepared {
     clone_flags: u64,
     hostname: Option<CString>,
+    domainname: Option<CString>,
     root_propagation: c_ulong,
     root_propagation_after: Option<c_ulong>,
     rootfs: CString,
@@ -108,7 +109,7 @@ const STEPS: &[&str] = &[
     "ready",
     "setting up stdio",
     "setsid",
-    "sethostname",
+    "setting the host or domain name",
     "setting the root's mount propagation",
     "bind-mounting the rootfs",
     "opening the rootfs",
@@ -242,7 +243,8 @@ pub fn mount_flags(options: &[String]) -> Option<(c_ulong, Option<c_ulong>, Vec<
             "tmpcopyup" | "idmap" | "ridmap" | "remount" | "mand" | "nomand" | "recursive" => {
                 return None
             }
-            other if other.starts_with("r") && other.len() > 1 && other[1..].starts_with("ro") => {
+            // Recursive flags (rro, rnosuid, ...) need mount_setattr.
+            other if other.len() > 1 && other.starts_with('r') && is_flag_word(&other[1..]) => {
                 return None
             }
             other => {
@@ -256,6 +258,31 @@ pub fn mount_flags(options: &[String]) -> Option<(c_ulong, Option<c_ulong>, Vec<
     }
     let _ = clear;
     Some((flags, propagation, data))
+}
+
+/// Whether `word` is one of the flag options of [`mount_flags`].
+fn is_flag_word(word: &str) -> bool {
+    matches!(
+        word,
+        "ro" | "rw"
+            | "nosuid"
+            | "suid"
+            | "nodev"
+            | "dev"
+            | "noexec"
+            | "exec"
+            | "sync"
+            | "async"
+            | "dirsync"
+            | "noatime"
+            | "atime"
+            | "nodiratime"
+            | "diratime"
+            | "relatime"
+            | "norelatime"
+            | "strictatime"
+            | "nostrictatime"
+    )
 }
 
 fn cstr(s: impl Into<Vec<u8>>, what: &str) -> Result<CString, Unsupported> {
@@ -510,6 +537,14 @@ pub fn plan(spec: &Spec, home: Option<&str>) -> Result<Prepared, Unsupported> {
             clone_flags & u64::from(libc::CLONE_NEWUTS.cast_unsigned()) != 0,
         ) {
             (Some(h), true) => Some(cstr(h.as_str(), "the hostname")?),
+            _ => None,
+        },
+        domainname: match (
+            spec.domainname(),
+            clone_flags & u64::from(libc::CLONE_NEWUTS.cast_unsigned()) != 0,
+        ) {
+            (Some(d), true) => Some(cstr(d.as_str(), "the domain name")?),
+            (Some(_), false) => return unsupported("a domain name without a UTS namespace"),
             _ => None,
         },
         root_propagation,
@@ -1506,6 +1541,7 @@ mod tests {
             "ociVersion": "1.0.2",
             "root": {"path": "/run/r", "readonly": true},
             "hostname": "h",
+            "domainname": "d",
             "process": {
                 "args": ["sh", "-c", "true"],
                 "env": ["PATH=/usr/bin:/bin"],
@@ -1547,6 +1583,7 @@ mod tests {
         );
         assert_eq!(p.clone_flags, ns);
         assert_eq!(p.hostname.as_deref(), Some(c"h"));
+        assert_eq!(p.domainname.as_deref(), Some(c"d"));
         assert!(p.root_readonly && p.no_new_privs && p.dev_tmpfs);
         assert_eq!(
             p.candidates,
