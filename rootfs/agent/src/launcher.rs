@@ -888,6 +888,12 @@ fn setup(p: &Prepared, fds: &ChildFds) -> Result<*const libc::c_char, Fail> {
                 Step::Hostname,
             )?;
         }
+        if let Some(d) = &p.domainname {
+            check_int(
+                libc::setdomainname(d.as_ptr(), d.as_bytes().len()),
+                Step::Hostname,
+            )?;
+        }
         if let Some(adj) = &p.oom_score_adj {
             let fd = check_int(
                 libc::open(

@@ -315,6 +315,7 @@ fn spec_features_libcontainer() {
 
 fn spec_features_with(agent: &Agent) {
     let script = "id -u; id -g; id -G; pwd; echo $GREETING; ulimit -n; hostname; \
+        cat /proc/sys/kernel/domainname; \
         grep NoNewPrivs /proc/self/status | tr -d ' \t'; grep CapBnd /proc/self/status | tr -d ' \t'; \
         grep -E '^Sig(Ign|Blk)' /proc/self/status | tr -d ' \t'; \
         touch /bin/x 2>/dev/null && echo rootfs-writable || echo rootfs-ro; \
@@ -324,6 +325,7 @@ fn spec_features_with(agent: &Agent) {
     let mut spec = spec(&["sh", "-c", script], false);
     spec["process"]["user"] = json!({"uid": 1000, "gid": 1000, "additionalGids": [5, 7]});
     spec["process"]["cwd"] = json!("/tmp");
+    spec["domainname"] = json!("pod.example");
     spec["process"]["env"] = json!(["PATH=/bin", "GREETING=hi there"]);
     spec["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": 321, "soft": 321}]);
     // CAP_KILL (bit 5) only. (A non-root user has no effective capabilities after exec
@@ -347,6 +349,7 @@ fn spec_features_with(agent: &Agent) {
             "hi there",
             "321",
             "ctr",
+            "pod.example",
             "NoNewPrivs:1",
             "CapBnd:0000000000000020",
             // Nothing ignored or blocked is inherited from the agent (Rust ignores SIGPIPE).
