@@ -908,16 +908,7 @@ fn setup(p: &Prepared, fds: &ChildFds) -> Result<*const libc::c_char, Fail> {
                 return Err(Fail(Step::OomScore, errno()));
             }
         }
-        check_int(
-            libc::mount(
-                std::ptr::null(),
-                c"/".as_ptr(),
-                std::ptr::null(),
-                p.root_propagation,
-                std::ptr::null(),
-            ),
-            Step::RootPropagation,
-        )?;
+        change_mount(c"/".as_ptr(), p.root_propagation, Step::RootPropagation)?;
         check_int(
             libc::mount(
                 p.rootfs.as_ptr(),
@@ -950,26 +941,12 @@ fn setup(p: &Prepared, fds: &ChildFds) -> Result<*const libc::c_char, Fail> {
         check_int(libc::chdir(c"/".as_ptr()), Step::Detach)?;
         libc::close(root);
         if let Some(flags) = p.root_propagation_after {
-            check_int(
-                libc::mount(
-                    std::ptr::null(),
-                    c"/".as_ptr(),
-                    std::ptr::null(),
-                    flags,
-                    std::ptr::null(),
-                ),
-                Step::RootPropagationAfter,
-            )?;
+            change_mount(c"/".as_ptr(), flags, Step::RootPropagationAfter)?;
         }
         if p.root_readonly {
-            check_int(
-                libc::mount(
-                    std::ptr::null(),
-                    c"/".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-                    std::ptr::null(),
-                ),
+            change_mount(
+                c"/".as_ptr(),
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
                 Step::RootReadonly,
             )?;
         }
@@ -1008,6 +985,21 @@ fn setup(p: &Prepared, fds: &ChildFds) -> Result<*const libc::c_char, Fail> {
     }
 }
 
+/// `mount(NULL, path, NULL, flags, NULL)`: a remount or a propagation change.
+unsafe fn change_mount(path: *const libc::c_char, flags: c_ulong, step: Step) -> Result<(), Fail> {
+    check_int(
+        libc::mount(
+            std::ptr::null(),
+            path,
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        ),
+        step,
+    )
+    .map(drop)
+}
+
 /// Resolves (creating what is missing) and mounts one spec mount inside `root`.
 unsafe fn mount_one(root: RawFd, m: &PreMount) -> Result<(), Fail> {
     let flags = if m.file {
@@ -1043,28 +1035,10 @@ unsafe fn mount_one(root: RawFd, m: &PreMount) -> Result<(), Fail> {
             let on = FdPath::new(fd);
             let r = (|| {
                 if let Some(flags) = m.remount {
-                    check_int(
-                        libc::mount(
-                            std::ptr::null(),
-                            on.as_ptr(),
-                            std::ptr::null(),
-                            flags,
-                            std::ptr::null(),
-                        ),
-                        Step::Remount,
-                    )?;
+                    change_mount(on.as_ptr(), flags, Step::Remount)?;
                 }
                 if let Some(flags) = m.propagation {
-                    check_int(
-                        libc::mount(
-                            std::ptr::null(),
-                            on.as_ptr(),
-                            std::ptr::null(),
-                            flags,
-                            std::ptr::null(),
-                        ),
-                        Step::Propagation,
-                    )?;
+                    change_mount(on.as_ptr(), flags, Step::Propagation)?;
                 }
                 Ok(())
             })();
@@ -1542,38 +1516,37 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// The host tier's spec (the usual shape), with a user, capabilities with an ambient
+    /// one, an OOM score, a domain name and two more mounts: a cgroup (v1 name) and a bind.
     fn base() -> serde_json::Value {
-        json!({
-            "ociVersion": "1.0.2",
-            "root": {"path": "/run/r", "readonly": true},
-            "hostname": "h",
-            "domainname": "d",
-            "process": {
-                "args": ["sh", "-c", "true"],
-                "env": ["PATH=/usr/bin:/bin"],
-                "cwd": "/",
-                "user": {"uid": 1000, "gid": 1000, "additionalGids": [5]},
-                "capabilities": {"bounding": ["CAP_KILL", "CAP_CHOWN"], "effective": ["CAP_KILL"],
-                                 "permitted": ["CAP_KILL"], "ambient": ["CAP_KILL"]},
-                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 512}],
-                "noNewPrivileges": true,
-                "oomScoreAdj": 100
-            },
-            "mounts": [
-                {"destination": "/proc", "type": "proc", "source": "proc"},
-                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-                 "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-                {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-                 "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
-                {"destination": "/data", "type": "bind", "source": "/tmp",
-                 "options": ["rbind", "ro", "rprivate"]}
-            ],
-            "linux": {
-                "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
-                "maskedPaths": ["/proc/kcore"],
-                "readonlyPaths": ["/proc/sys"]
-            }
-        })
+        let mut v = podvisor_test_kit::host_agent::spec(&["sh", "-c", "true"], false);
+        v["root"]["path"] = json!("/run/r");
+        v["hostname"] = json!("h");
+        v["domainname"] = json!("d");
+        v["process"]["env"] = json!(["PATH=/usr/bin:/bin"]);
+        v["process"]["user"] = json!({"uid": 1000, "gid": 1000, "additionalGids": [5]});
+        v["process"]["capabilities"] = json!({"bounding": ["CAP_KILL", "CAP_CHOWN"],
+            "effective": ["CAP_KILL"], "permitted": ["CAP_KILL"], "ambient": ["CAP_KILL"]});
+        v["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 512}]);
+        v["process"]["oomScoreAdj"] = json!(100);
+        let mounts = v["mounts"].as_array_mut().unwrap();
+        mounts.push(
+            json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+            "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}),
+        );
+        mounts.push(
+            json!({"destination": "/data", "type": "bind", "source": "/tmp",
+            "options": ["rbind", "ro", "rprivate"]}),
+        );
+        v
+    }
+
+    /// The planned mount of `target` (relative to the root).
+    fn mount<'a>(p: &'a Prepared, target: &std::ffi::CStr) -> &'a PreMount {
+        p.mounts
+            .iter()
+            .find(|m| m.target.as_c_str() == target)
+            .unwrap()
     }
 
     fn spec(v: serde_json::Value) -> Spec {
@@ -1602,14 +1575,14 @@ mod tests {
         assert_eq!(caps.ambient, 1 << 5);
         assert_eq!(p.rlimits[0].1.rlim_cur, 512);
         assert_eq!(p.oom_score_adj.as_deref(), Some(c"100"));
-        let dev = &p.mounts[1];
+        let dev = mount(&p, c"dev");
         assert_eq!(dev.fstype.as_deref(), Some(c"tmpfs"));
         assert_eq!(dev.flags, libc::MS_NOSUID | libc::MS_STRICTATIME);
         assert_eq!(dev.data.as_deref(), Some(c"mode=755,size=65536k"));
-        let cg = &p.mounts[2];
+        let cg = mount(&p, c"sys/fs/cgroup");
         assert_eq!(cg.fstype.as_deref(), Some(c"cgroup2"), "v1 name, v2 mount");
         assert_eq!(cg.target.as_c_str(), c"sys/fs/cgroup");
-        let bind = &p.mounts[3];
+        let bind = mount(&p, c"data");
         assert_eq!(bind.flags, libc::MS_BIND | libc::MS_REC);
         assert_eq!(
             bind.remount,
@@ -1663,7 +1636,7 @@ mod tests {
             ),
             (
                 "options",
-                Box::new(|v| v["mounts"][3]["options"] = json!(["rbind", "rshared"])),
+                Box::new(|v| v["mounts"][7]["options"] = json!(["rbind", "rshared"])),
             ),
             (
                 "mount type",
@@ -1689,7 +1662,7 @@ mod tests {
             ),
             (
                 "'..'",
-                Box::new(|v| v["mounts"][3]["destination"] = json!("/data/../../x")),
+                Box::new(|v| v["mounts"][7]["destination"] = json!("/data/../../x")),
             ),
         ];
         for (reason, change) in cases {
