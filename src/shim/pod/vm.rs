@@ -22,6 +22,14 @@ use super::PodError;
 use crate::config::TemplateMode;
 use crate::{template, ShimConfig};
 
+/// A pod VM's kernel command line: the VMM's default plus `quiet`. Boot messages stay in
+/// the guest's kernel log; only warnings and worse reach the console, where each byte is a
+/// trapped port write (measured here: a cold boot to the agent 24.3 s → 21.8 s).
+/// `podvisor boot` keeps them on the console (it is for debugging a boot).
+fn pod_cmdline() -> String {
+    format!("{DEFAULT_CMDLINE} quiet")
+}
+
 /// The pod VM's configuration for `config`: its shape, and its bindings to the pod's host
 /// paths under `state` and the shim's host settings (a template build replaces the paths
 /// with scratch ones; bindings never enter the template key). The pod's NICs are added
@@ -46,7 +54,7 @@ pub fn pod_vm_config(config: &ShimConfig, state: &StateDir) -> Result<VmConfig, 
         shape: GuestShape {
             kernel,
             initrd: Some(initrd),
-            cmdline: DEFAULT_CMDLINE.to_string(),
+            cmdline: pod_cmdline(),
             vcpus: config.vcpus,
             max_vcpus: vcpu_slots(config),
             mem_mib: config.mem_mib,
@@ -343,6 +351,13 @@ mod tests {
         assert_eq!(vcpu_slots_on(&config(1, 8, true), 16), 8);
         assert_eq!(vcpu_slots_on(&config(4, 8, true), 2), 4);
         assert_eq!(vcpu_slots_on(&config(2, 8, false), 16), 2);
+    }
+
+    #[test]
+    fn pods_boot_quiet() {
+        let line = pod_cmdline();
+        assert!(line.starts_with(DEFAULT_CMDLINE), "{line}");
+        assert!(line.split(' ').any(|w| w == "quiet"), "{line}");
     }
 
     #[test]
