@@ -112,9 +112,8 @@ impl VmStatsHandle {
             exits_interrupted: c.interrupted.load(Ordering::Relaxed),
             exits_other: c.other.load(Ordering::Relaxed),
             vcpu_cpu_ns: c
-                .vcpu_tids
-                .iter()
-                .map(|t| t.load(Ordering::Relaxed))
+                .vcpu_thread_ids()
+                .into_iter()
                 .filter(|&t| t > 0)
                 .filter_map(thread_cpu_ns)
                 .sum(),

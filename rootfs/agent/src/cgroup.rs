@@ -49,6 +49,22 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
 }
 
 /// True if `path` is a cgroup v2 mount.
+/// Enables, for the children of cgroup `dir`, every controller `dir` has that is not
+/// enabled yet; returns the ones that could not be (with why).
+pub fn enable_controllers(dir: &Path) -> Vec<(String, std::io::Error)> {
+    let available = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+    let enabled = fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+    available
+        .split_whitespace()
+        .filter(|c| !enabled.split_whitespace().any(|e| e == *c))
+        .filter_map(|c| {
+            fs::write(dir.join("cgroup.subtree_control"), format!("+{c}"))
+                .err()
+                .map(|err| (c.to_string(), err))
+        })
+        .collect()
+}
+
 pub fn is_cgroup2(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
         .map(|fs| fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)

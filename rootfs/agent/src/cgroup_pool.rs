@@ -80,30 +80,10 @@ impl CgroupPool {
         self.spares().len()
     }
 
-    /// Enables every available controller for the children of `dir` (best effort, as
-    /// libcontainer does: one that cannot be enabled fails its limits later).
-    fn enable_controllers(dir: &Path) {
-        let available = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
-        let enabled = fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
-        for controller in available.split_whitespace() {
-            if enabled.split_whitespace().any(|c| c == controller) {
-                continue;
-            }
-            if let Err(err) =
-                fs::write(dir.join("cgroup.subtree_control"), format!("+{controller}"))
-            {
-                log::debug!("cannot enable {controller} in {}: {err}", dir.display());
-            }
-        }
-    }
-
     fn make_one(&self) -> std::io::Result<String> {
         let parent = self.root.join(&self.parent);
-        Self::enable_controllers(&self.root);
-        if !parent.exists() {
-            fs::create_dir(&parent)?;
-        }
-        Self::enable_controllers(&parent);
+        ensure_cgroup(&self.root, &parent)?;
+        enable_controllers(&parent);
         loop {
             let n = self.next.fetch_add(1, Ordering::Relaxed);
             let relative = format!("{}/ctr-{n}", self.parent);
@@ -170,6 +150,14 @@ impl CgroupPool {
     }
 }
 
+/// Enables every available controller for the children of `dir` (best effort, as
+/// libcontainer does: one that cannot be enabled fails its limits later).
+fn enable_controllers(dir: &Path) {
+    for (controller, err) in crate::cgroup::enable_controllers(dir) {
+        log::debug!("cannot enable {controller} in {}: {err}", dir.display());
+    }
+}
+
 /// Makes cgroup `dir` (under the cgroup v2 mount `root`) as libcontainer would: every
 /// available controller enabled for the children of each ancestor, missing directories
 /// created. An existing `dir` (a spare) is left as it is.
@@ -182,7 +170,7 @@ pub fn ensure_cgroup(root: &Path, dir: &Path) -> std::io::Result<()> {
     })?;
     let mut current = root.to_path_buf();
     for component in relative.components() {
-        CgroupPool::enable_controllers(&current);
+        enable_controllers(&current);
         current.push(component);
         match fs::create_dir(&current) {
             Ok(()) => {}

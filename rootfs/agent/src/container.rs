@@ -580,25 +580,40 @@ fn lean_plan(
         return None;
     }
     let root = spec.root().as_ref()?.path();
-    let process = spec.process().as_ref()?;
-    let has_home = process
-        .env()
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .any(|e| e.starts_with("HOME=") && e.len() > "HOME=".len());
-    let home = if has_home {
-        None
-    } else {
-        crate::launcher::home_of(root, process.user().uid())
-    };
-    match crate::launcher::plan(spec, home.as_deref()) {
+    match crate::launcher::plan(spec, |uid| crate::launcher::home_of(root, uid)) {
         Ok(plan) => Some(plan),
         Err(reason) => {
             log::debug!("creating with libcontainer: the spec has {reason}");
             None
         }
     }
+}
+
+/// Creates the container with libcontainer (its init process waits for `start` on
+/// libcontainer's notify socket).
+fn launch_libcontainer(
+    layout: &Layout,
+    reaper: &Reaper,
+    id: &str,
+    bundle: &Path,
+    child: ChildStdio,
+    init: &Arc<Process>,
+) -> Result<LcContainer, ContainerError> {
+    let (builder, console) = builder(layout, id, child)?;
+    let guard = reaper.lock_spawn();
+    let _watch = crate::stall::watch(format!("create {id}"));
+    let lc = builder
+        .as_init(bundle)
+        .with_systemd(false)
+        .with_detach(true)
+        .build()
+        .map_err(lc_err(id, "create"))?;
+    guard.register(lc.pid().map(Pid::as_raw).unwrap_or(0), init);
+    drop(guard);
+    if let Some(console) = console {
+        attach_console(init, console)?;
+    }
+    Ok(lc)
 }
 
 /// Creates the container's init process with the lean launcher in `cgroup` (made here
@@ -753,46 +768,29 @@ impl Container {
         let init = Process::new(id, "");
         let created = (|| {
             let child = wire_stdio(layout, &init, io)?;
-            if let Some(plan) = lean_plan(layout, &spec, &child) {
-                let meter =
-                    log::log_enabled!(log::Level::Debug).then(crate::cost::SpawnMeter::start);
-                let (lc, start) = launch_lean(
-                    layout, reaper, id, &spec, &bundle, &cgroup, &plan, child, &init,
-                )?;
-                log::debug!(
-                    "container {id} created (lean), init pid {}, cgroup {}{}",
-                    init.pid(),
-                    cgroup.path().display(),
-                    meter
-                        .map(|m| format!(": {}", m.finish(init.pid())))
-                        .unwrap_or_default()
-                );
-                return Ok((lc, Some(start)));
-            }
-            let (builder, console) = builder(layout, id, child)?;
-            let guard = reaper.lock_spawn();
-            let _watch = crate::stall::watch(format!("create {id}"));
             let meter = log::log_enabled!(log::Level::Debug).then(crate::cost::SpawnMeter::start);
-            let lc = builder
-                .as_init(&bundle)
-                .with_systemd(false)
-                .with_detach(true)
-                .build()
-                .map_err(lc_err(id, "create"))?;
-            let pid = lc.pid().map(Pid::as_raw).unwrap_or(0);
-            guard.register(pid, &init);
-            drop(guard);
-            if let Some(console) = console {
-                attach_console(&init, console)?;
-            }
+            let (lc, start, how) = match lean_plan(layout, &spec, &child) {
+                Some(plan) => {
+                    let (lc, start) = launch_lean(
+                        layout, reaper, id, &spec, &bundle, &cgroup, &plan, child, &init,
+                    )?;
+                    (lc, Some(start), " (lean)")
+                }
+                None => (
+                    launch_libcontainer(layout, reaper, id, &bundle, child, &init)?,
+                    None,
+                    "",
+                ),
+            };
+            let pid = init.pid();
             log::debug!(
-                "container {id} created, init pid {pid}, cgroup {}{}",
+                "container {id} created{how}, init pid {pid}, cgroup {}{}",
                 cgroup.path().display(),
                 meter
                     .map(|m| format!(": {}", m.finish(pid)))
                     .unwrap_or_default()
             );
-            Ok((lc, None))
+            Ok((lc, start))
         })();
         let (lc, lean_start) = match created {
             Ok(created) => created,

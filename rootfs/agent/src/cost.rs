@@ -185,6 +185,19 @@ mod tests {
     }
 }
 
+/// The command name of a `/proc/<pid>/stat` line and the fields after it (the first is
+/// field 3, the state): the name may hold spaces and parentheses, so it ends at the last
+/// ") ".
+pub fn stat_fields(stat: &str) -> Option<(&str, Vec<&str>)> {
+    let (open, close) = (stat.find('(')?, stat.rfind(") ")?);
+    (open < close).then(|| {
+        (
+            &stat[open + 1..close],
+            stat[close + 2..].split(' ').collect(),
+        )
+    })
+}
+
 /// CPU time (user + system) and page faults of one process or thread.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -220,18 +233,17 @@ impl Usage {
         Usage::parse_stat(&stat, ticks_per_sec())
     }
 
-    /// minflt (field 10) + majflt (12) and utime (14) + stime (15) of a stat line, counted
-    /// after the command name's closing parenthesis.
+    /// minflt (field 10) + majflt (12) and utime (14) + stime (15) of a stat line.
     fn parse_stat(stat: &str, ticks_per_sec: u64) -> Usage {
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        let Some((_, fields)) = stat_fields(stat) else {
             return Usage::default();
         };
-        let f: Vec<u64> = rest
-            .split_whitespace()
-            .map(|v| v.parse().unwrap_or(0))
-            .collect();
-        // `rest` starts at field 3 (state).
-        let at = |field: usize| f.get(field - 3).copied().unwrap_or(0);
+        let at = |field: usize| {
+            fields
+                .get(field - 3)
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         Usage {
             cpu_ms: (at(14) + at(15)) * 1000 / ticks_per_sec.max(1),
             faults: at(10) + at(12),

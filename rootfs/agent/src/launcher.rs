@@ -86,6 +86,8 @@ pub struct Prepared {
     dev_tmpfs: bool,
     /// Add the /dev/core symlink (the guest has /proc/kcore).
     kcore: bool,
+    /// The highest capability the kernel knows.
+    last_cap: u32,
     root_readonly: bool,
     masked: Vec<CString>,
     readonly: Vec<CString>,
@@ -197,34 +199,45 @@ impl std::fmt::Display for ChildFailure {
     }
 }
 
+/// The OCI mount options that are mount flags: (option, flags it sets, flags it clears).
+const FLAG_OPTIONS: &[(&str, c_ulong, c_ulong)] = &[
+    ("ro", libc::MS_RDONLY, 0),
+    ("rw", 0, libc::MS_RDONLY),
+    ("nosuid", libc::MS_NOSUID, 0),
+    ("suid", 0, libc::MS_NOSUID),
+    ("nodev", libc::MS_NODEV, 0),
+    ("dev", 0, libc::MS_NODEV),
+    ("noexec", libc::MS_NOEXEC, 0),
+    ("exec", 0, libc::MS_NOEXEC),
+    ("sync", libc::MS_SYNCHRONOUS, 0),
+    ("async", 0, libc::MS_SYNCHRONOUS),
+    ("dirsync", libc::MS_DIRSYNC, 0),
+    ("noatime", libc::MS_NOATIME, 0),
+    ("atime", 0, libc::MS_NOATIME),
+    ("nodiratime", libc::MS_NODIRATIME, 0),
+    ("diratime", 0, libc::MS_NODIRATIME),
+    ("relatime", libc::MS_RELATIME, 0),
+    ("norelatime", 0, libc::MS_RELATIME),
+    ("strictatime", libc::MS_STRICTATIME, 0),
+    ("nostrictatime", 0, libc::MS_STRICTATIME),
+];
+
+fn flag_option(word: &str) -> Option<(c_ulong, c_ulong)> {
+    FLAG_OPTIONS
+        .iter()
+        .find(|(name, _, _)| *name == word)
+        .map(|&(_, set, clear)| (set, clear))
+}
+
 /// Mount flags and data of OCI mount `options`; `None` for an option this launcher does
 /// not implement (the spec goes to libcontainer).
 pub fn mount_flags(options: &[String]) -> Option<(c_ulong, Option<c_ulong>, Vec<String>)> {
     let mut flags: c_ulong = 0;
-    let mut clear: c_ulong = 0;
     let mut propagation = None;
     let mut data = Vec::new();
     for o in options {
-        let (set, unset): (c_ulong, c_ulong) = match o.as_str() {
-            "ro" => (libc::MS_RDONLY, 0),
-            "rw" => (0, libc::MS_RDONLY),
-            "nosuid" => (libc::MS_NOSUID, 0),
-            "suid" => (0, libc::MS_NOSUID),
-            "nodev" => (libc::MS_NODEV, 0),
-            "dev" => (0, libc::MS_NODEV),
-            "noexec" => (libc::MS_NOEXEC, 0),
-            "exec" => (0, libc::MS_NOEXEC),
-            "sync" => (libc::MS_SYNCHRONOUS, 0),
-            "async" => (0, libc::MS_SYNCHRONOUS),
-            "dirsync" => (libc::MS_DIRSYNC, 0),
-            "noatime" => (libc::MS_NOATIME, 0),
-            "atime" => (0, libc::MS_NOATIME),
-            "nodiratime" => (libc::MS_NODIRATIME, 0),
-            "diratime" => (0, libc::MS_NODIRATIME),
-            "relatime" => (libc::MS_RELATIME, 0),
-            "norelatime" => (0, libc::MS_RELATIME),
-            "strictatime" => (libc::MS_STRICTATIME, 0),
-            "nostrictatime" => (0, libc::MS_STRICTATIME),
+        let (set, clear) = match o.as_str() {
+            word if flag_option(word).is_some() => flag_option(word)?,
             "bind" => (libc::MS_BIND, 0),
             "rbind" => (libc::MS_BIND | libc::MS_REC, 0),
             "private" | "rprivate" | "slave" | "rslave" | "unbindable" | "runbindable" => {
@@ -244,7 +257,11 @@ pub fn mount_flags(options: &[String]) -> Option<(c_ulong, Option<c_ulong>, Vec<
                 return None
             }
             // Recursive flags (rro, rnosuid, ...) need mount_setattr.
-            other if other.len() > 1 && other.starts_with('r') && is_flag_word(&other[1..]) => {
+            other
+                if other.len() > 1
+                    && other.starts_with('r')
+                    && flag_option(&other[1..]).is_some() =>
+            {
                 return None
             }
             other => {
@@ -253,36 +270,14 @@ pub fn mount_flags(options: &[String]) -> Option<(c_ulong, Option<c_ulong>, Vec<
             }
         };
         flags |= set;
-        flags &= !unset;
-        clear |= unset;
+        flags &= !clear;
     }
-    let _ = clear;
     Some((flags, propagation, data))
 }
 
-/// Whether `word` is one of the flag options of [`mount_flags`].
-fn is_flag_word(word: &str) -> bool {
-    matches!(
-        word,
-        "ro" | "rw"
-            | "nosuid"
-            | "suid"
-            | "nodev"
-            | "dev"
-            | "noexec"
-            | "exec"
-            | "sync"
-            | "async"
-            | "dirsync"
-            | "noatime"
-            | "atime"
-            | "nodiratime"
-            | "diratime"
-            | "relatime"
-            | "norelatime"
-            | "strictatime"
-            | "nostrictatime"
-    )
+/// A namespace flag of `clone(2)` as clone3's 64-bit flags.
+fn ns_flag(flag: c_int) -> u64 {
+    u64::from(flag.cast_unsigned())
 }
 
 fn cstr(s: impl Into<Vec<u8>>, what: &str) -> Result<CString, Unsupported> {
@@ -347,10 +342,7 @@ fn pre_mount(m: &Mount) -> Result<PreMount, Unsupported> {
     Ok(PreMount {
         target: cstr(parts.join("/"), "a mount destination")?,
         file,
-        source: match (&source, bind) {
-            (Some(s), _) => Some(cstr(s.as_str(), "a mount source")?),
-            (None, _) => None,
-        },
+        source: source.map(|s| cstr(s, "a mount source")).transpose()?,
         fstype: fstype.map(|t| cstr(t, "a mount type")).transpose()?,
         flags: if bind {
             flags & (libc::MS_BIND | libc::MS_REC)
@@ -396,9 +388,13 @@ fn cap_mask(set: &Option<oci_spec::runtime::Capabilities>) -> u64 {
 }
 
 /// Decides whether `spec` (adapted by the agent: root path, cgroups path, env) can be
-/// launched lean, and builds what the child needs. `home` is the HOME to add if the env
-/// has none (from the image's /etc/passwd, read by the caller).
-pub fn plan(spec: &Spec, home: Option<&str>) -> Result<Prepared, Unsupported> {
+/// launched lean, and builds what the child needs. If the env has no HOME, `home_of`
+/// gives the process user's (the caller reads the image's /etc/passwd, [`home_of`]);
+/// `/` if it has none.
+pub fn plan(
+    spec: &Spec,
+    home_of: impl FnOnce(u32) -> Option<String>,
+) -> Result<Prepared, Unsupported> {
     let process = spec
         .process()
         .as_ref()
@@ -452,19 +448,16 @@ pub fn plan(spec: &Spec, home: Option<&str>) -> Result<Prepared, Unsupported> {
         {
             return unsupported("a namespace joined by path");
         }
-        clone_flags |= u64::from(
-            match ns.typ() {
-                LinuxNamespaceType::Pid => libc::CLONE_NEWPID,
-                LinuxNamespaceType::Ipc => libc::CLONE_NEWIPC,
-                LinuxNamespaceType::Uts => libc::CLONE_NEWUTS,
-                LinuxNamespaceType::Mount => libc::CLONE_NEWNS,
-                LinuxNamespaceType::Cgroup => libc::CLONE_NEWCGROUP,
-                other => return unsupported(format!("a new {other:?} namespace")),
-            }
-            .cast_unsigned(),
-        );
+        clone_flags |= ns_flag(match ns.typ() {
+            LinuxNamespaceType::Pid => libc::CLONE_NEWPID,
+            LinuxNamespaceType::Ipc => libc::CLONE_NEWIPC,
+            LinuxNamespaceType::Uts => libc::CLONE_NEWUTS,
+            LinuxNamespaceType::Mount => libc::CLONE_NEWNS,
+            LinuxNamespaceType::Cgroup => libc::CLONE_NEWCGROUP,
+            other => return unsupported(format!("a new {other:?} namespace")),
+        });
     }
-    if clone_flags & u64::from(libc::CLONE_NEWNS.cast_unsigned()) == 0 {
+    if clone_flags & ns_flag(libc::CLONE_NEWNS) == 0 {
         return unsupported("no mount namespace");
     }
     let (root_propagation, root_propagation_after) = match linux.rootfs_propagation().as_deref() {
@@ -494,9 +487,11 @@ pub fn plan(spec: &Spec, home: Option<&str>) -> Result<Prepared, Unsupported> {
     let Some(program) = args.first() else {
         return unsupported("no args");
     };
+    let user = process.user();
     let mut env = process.env().clone().unwrap_or_default();
     if !env.iter().any(|e| e.starts_with("HOME=")) {
-        env.push(format!("HOME={}", home.unwrap_or("/")));
+        let home = home_of(user.uid());
+        env.push(format!("HOME={}", home.as_deref().unwrap_or("/")));
     }
     let path_var = env
         .iter()
@@ -515,7 +510,6 @@ pub fn plan(spec: &Spec, home: Option<&str>) -> Result<Prepared, Unsupported> {
             .map(|d| format!("{}/{program}", d.trim_end_matches('/')))
             .collect()
     };
-    let user = process.user();
     let caps = process.capabilities().as_ref().map(|c| Caps {
         bounding: cap_mask(c.bounding()),
         effective: cap_mask(c.effective()),
@@ -530,19 +524,14 @@ pub fn plan(spec: &Spec, home: Option<&str>) -> Result<Prepared, Unsupported> {
             .map(|p| cstr(p.as_str(), what))
             .collect()
     };
+    let uts = clone_flags & ns_flag(libc::CLONE_NEWUTS) != 0;
     Ok(Prepared {
         clone_flags,
-        hostname: match (
-            spec.hostname(),
-            clone_flags & u64::from(libc::CLONE_NEWUTS.cast_unsigned()) != 0,
-        ) {
+        hostname: match (spec.hostname(), uts) {
             (Some(h), true) => Some(cstr(h.as_str(), "the hostname")?),
             _ => None,
         },
-        domainname: match (
-            spec.domainname(),
-            clone_flags & u64::from(libc::CLONE_NEWUTS.cast_unsigned()) != 0,
-        ) {
+        domainname: match (spec.domainname(), uts) {
             (Some(d), true) => Some(cstr(d.as_str(), "the domain name")?),
             (Some(_), false) => return unsupported("a domain name without a UTS namespace"),
             _ => None,
@@ -552,7 +541,8 @@ pub fn plan(spec: &Spec, home: Option<&str>) -> Result<Prepared, Unsupported> {
         rootfs: cstr(root.path().as_os_str().as_encoded_bytes(), "the root path")?,
         mounts,
         dev_tmpfs,
-        kcore: Path::new("/proc/kcore").exists(),
+        kcore: guest().kcore,
+        last_cap: guest().last_cap,
         root_readonly: root.readonly().unwrap_or(false),
         masked: list(linux.masked_paths(), "a masked path")?,
         readonly: list(linux.readonly_paths(), "a read-only path")?,
@@ -1240,7 +1230,7 @@ unsafe fn ids_and_caps(p: &Prepared) -> Result<(), Fail> {
     };
     // The permitted set (kept over the uid change) effective again, for the bounding-set
     // drops (a uid change cleared the effective set).
-    let last = last_cap();
+    let last = p.last_cap;
     let kept = permitted()?;
     check(capset(kept, kept, 0), Step::Capset)?;
     for cap in 0..=last {
@@ -1272,12 +1262,27 @@ unsafe fn ids_and_caps(p: &Prepared) -> Result<(), Fail> {
     Ok(())
 }
 
+/// What every plan needs to know of the guest, looked up once.
+struct Guest {
+    kcore: bool,
+    last_cap: u32,
+}
+
+fn guest() -> &'static Guest {
+    static GUEST: std::sync::OnceLock<Guest> = std::sync::OnceLock::new();
+    GUEST.get_or_init(|| Guest {
+        kcore: Path::new("/proc/kcore").exists(),
+        last_cap: last_cap(),
+    })
+}
+
 /// The highest capability this kernel knows (CAP_LAST_CAP), probed with
 /// `PR_CAPBSET_READ` (no file read).
-unsafe fn last_cap() -> u32 {
+fn last_cap() -> u32 {
     let mut last = 0;
     for cap in 0..64u32 {
-        if libc::prctl(libc::PR_CAPBSET_READ, libc::c_ulong::from(cap), 0, 0, 0) < 0 {
+        // SAFETY: PR_CAPBSET_READ only reads this thread's bounding set.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_READ, libc::c_ulong::from(cap), 0, 0, 0) } < 0 {
             break;
         }
         last = cap;
@@ -1555,7 +1560,11 @@ mod tests {
 
     #[test]
     fn a_usual_spec_is_planned_with_every_field() {
-        let p = plan(&spec(base()), Some("/home/u")).unwrap();
+        let p = plan(&spec(base()), |uid| {
+            assert_eq!(uid, 1000);
+            Some("/home/u".into())
+        })
+        .unwrap();
         let ns = u64::from(
             (libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNS)
                 .cast_unsigned(),
@@ -1668,7 +1677,7 @@ mod tests {
         for (reason, change) in cases {
             let mut v = base();
             change(&mut v);
-            let err = plan(&spec(v), None).unwrap_err();
+            let err = plan(&spec(v), |_| None).unwrap_err();
             assert!(err.0.contains(reason), "{reason}: {err}");
         }
     }

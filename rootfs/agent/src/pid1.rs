@@ -174,17 +174,8 @@ pub fn loopback_up() -> Result<(), Pid1Error> {
 
 /// Enables every available controller for children of the cgroup root.
 fn enable_controllers() {
-    let root = Path::new(CGROUP_ROOT);
-    let Ok(available) = fs::read_to_string(root.join("cgroup.controllers")) else {
-        return;
-    };
-    for controller in available.split_whitespace() {
-        if let Err(err) = fs::write(
-            root.join("cgroup.subtree_control"),
-            format!("+{controller}"),
-        ) {
-            log::warn!("cannot enable cgroup controller {controller}: {err}");
-        }
+    for (controller, err) in crate::cgroup::enable_controllers(Path::new(CGROUP_ROOT)) {
+        log::warn!("cannot enable cgroup controller {controller}: {err}");
     }
 }
 

@@ -125,13 +125,9 @@ pub fn process_table() -> String {
             continue;
         }
         let stat = read("stat");
-        let (comm, rest) = match (stat.find('('), stat.rfind(") ")) {
-            (Some(a), Some(b)) if a < b => (&stat[a + 1..b], &stat[b + 2..]),
-            _ => ("?", ""),
-        };
         // After the name: state (field 3 of stat), ppid (4), minflt (10), majflt (12),
         // utime (14) and stime (15), in clock ticks.
-        let fields: Vec<&str> = rest.split(' ').collect();
+        let (comm, fields) = crate::cost::stat_fields(&stat).unwrap_or(("?", Vec::new()));
         let field = |n: usize| fields.get(n - 3).copied().unwrap_or("?");
         let (state, ppid) = (field(3), field(4));
         let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
