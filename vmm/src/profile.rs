@@ -9,7 +9,8 @@
 //! resets them: the shim's start timeline takes one profile per phase. [`SymbolMap`] turns
 //! kernel addresses into function names from the kernel's `System.map`.
 //!
-//! Each sample is one extra exit (counted as "interrupted" in [`crate::VmStats`]) and two
+//! The guest chooses its RIPs, so a period keeps at most [`MAX_RIPS`] distinct ones and
+//! counts the rest as unrecorded. Each sample is one extra exit (counted as "interrupted" in [`crate::VmStats`]) and two
 //! register reads; at 1 kHz that is well under 1% of a vCPU.
 
 use std::collections::HashMap;
@@ -31,12 +32,18 @@ pub struct GuestSamples {
     /// Samples of vCPUs that have not started (real mode: parked beyond the guest's
     /// `maxcpus`, or never woken).
     pub not_started: u64,
+    /// Kernel samples at RIPs beyond the first [`MAX_RIPS`] of the period (the guest
+    /// chooses its RIPs: the map of them is bounded).
+    pub unrecorded: u64,
 }
+
+/// The most distinct guest-kernel RIPs one period of samples keeps.
+pub const MAX_RIPS: usize = 16_384;
 
 impl GuestSamples {
     /// Every sample.
     pub fn total(&self) -> u64 {
-        self.user + self.not_started + self.kernel.values().sum::<u64>()
+        self.user + self.not_started + self.unrecorded + self.kernel.values().sum::<u64>()
     }
 
     /// Samples per function, most first: kernel RIPs named through `symbols` (unknown ones
@@ -52,6 +59,9 @@ impl GuestSamples {
         }
         if self.not_started > 0 {
             out.push(("[not started]".to_string(), self.not_started));
+        }
+        if self.unrecorded > 0 {
+            out.push(("[unrecorded]".to_string(), self.unrecorded));
         }
         out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         out
@@ -105,7 +115,15 @@ impl ProfileShared {
         match at {
             Where::User => s.user += 1,
             Where::NotStarted => s.not_started += 1,
-            Where::Kernel(rip) => *s.kernel.entry(rip).or_default() += 1,
+            Where::Kernel(rip) => {
+                if let Some(n) = s.kernel.get_mut(&rip) {
+                    *n += 1;
+                } else if s.kernel.len() < MAX_RIPS {
+                    s.kernel.insert(rip, 1);
+                } else {
+                    s.unrecorded += 1;
+                }
+            }
         }
     }
 }
@@ -258,6 +276,7 @@ ffffffff81003000 W weak_fn
             ]),
             user: 7,
             not_started: 2,
+            unrecorded: 0,
         };
         assert_eq!(s.total(), 19);
         assert_eq!(
@@ -270,6 +289,25 @@ ffffffff81003000 W weak_fn
                 ("?".to_string(), 1),
             ]
         );
+    }
+
+    #[test]
+    fn a_guest_that_spreads_its_rips_cannot_grow_the_map_past_its_bound() {
+        let shared = ProfileShared {
+            requested: Vec::new(),
+            samples: Mutex::new(GuestSamples::default()),
+            stop: AtomicBool::new(false),
+        };
+        let n = MAX_RIPS as u64 + 1000;
+        for i in 0..n {
+            shared.record(Where::Kernel(0xffffffff81000000 + i));
+        }
+        shared.record(Where::Kernel(0xffffffff81000000));
+        let s = GuestProfileHandle(Arc::new(shared)).take();
+        assert_eq!(s.kernel.len(), MAX_RIPS);
+        assert_eq!(s.unrecorded, 1000);
+        assert_eq!(s.total(), n + 1, "every sample counted");
+        assert_eq!(s.kernel[&0xffffffff81000000], 2, "known RIPs still count");
     }
 
     #[test]

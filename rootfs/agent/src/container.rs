@@ -796,9 +796,9 @@ impl Container {
             Ok(created) => created,
             Err(err) => {
                 let _ = fs::remove_dir_all(&bundle);
-                if spare.is_some() {
-                    cgroup.remove();
-                }
+                // Empty after a failed create, whoever made it (a spare, the lean path or
+                // libcontainer): nothing of the container stays.
+                cgroup.remove();
                 init.release_io();
                 return Err(err);
             }

@@ -489,6 +489,8 @@ pub fn plan(
     };
     let user = process.user();
     let mut env = process.env().clone().unwrap_or_default();
+    // An empty HOME counts as none (as libcontainer and runc have it).
+    env.retain(|e| e != "HOME=");
     if !env.iter().any(|e| e.starts_with("HOME=")) {
         let home = home_of(user.uid());
         env.push(format!("HOME={}", home.as_deref().unwrap_or("/")));
@@ -1599,6 +1601,24 @@ mod tests {
         );
         assert_eq!(bind.propagation, Some(libc::MS_PRIVATE | libc::MS_REC));
         assert!(bind.fstype.is_none() && bind.data.is_none());
+    }
+
+    #[test]
+    fn home_is_the_users_unless_the_env_sets_one() {
+        let env_of = |env: serde_json::Value, home: Option<&str>| {
+            let mut v = base();
+            v["process"]["env"] = env;
+            let p = plan(&spec(v), |_| home.map(str::to_string)).unwrap();
+            p.envp
+                .iter()
+                .filter_map(|e| e.to_str().ok()?.strip_prefix("HOME=").map(str::to_string))
+                .collect::<Vec<_>>()
+        };
+        let path = "PATH=/bin";
+        assert_eq!(env_of(json!([path, "HOME=/x"]), Some("/home/u")), ["/x"]);
+        assert_eq!(env_of(json!([path]), Some("/home/u")), ["/home/u"]);
+        assert_eq!(env_of(json!([path]), None), ["/"]);
+        assert_eq!(env_of(json!([path, "HOME="]), Some("/home/u")), ["/home/u"]);
     }
 
     #[test]

@@ -366,6 +366,24 @@ fn spec_features_with(agent: &Agent) {
     agent.remove("f").unwrap();
 }
 
+/// A create that fails (here: no such executable, found before the process is reported
+/// ready) leaves nothing: no cgroup, no state, no bundle.
+#[test]
+fn a_failed_create_leaves_no_cgroup() {
+    require_host!();
+    let agent = Agent::start();
+    let err = agent
+        .create("nx", &spec(&["/no/such/program"], false), Stdio::new())
+        .unwrap_err();
+    assert!(
+        format!("{err:?}").contains("finding the executable"),
+        "{err:?}"
+    );
+    assert!(!agent.container_cgroup("nx").exists(), "the cgroup is gone");
+    assert!(!agent.dir().join("s/c/nx").exists());
+    assert!(!agent.dir().join("s/bundles/nx").exists());
+}
+
 /// An image's symlinks cannot point a mount outside the container's root: with `/escape`
 /// a symlink to a directory of the agent's host, a tmpfs mounted at `/escape/x` lands in
 /// the root (the lean launcher resolves targets with RESOLVE_IN_ROOT), and the host
