@@ -4,15 +4,18 @@
 //! rootfs is a busybox tree the test builds on the host inside a virtio-fs share.
 //!
 //! Checks: the agent answers on vsock port 1024 and marks the boot timer; CreateSandbox
-//! mounts the share; ConfigureNetwork works through the guest's rtnetlink (NOT_FOUND for a
+//! mounts the share and sets the pod's sysctls (an unknown one is refused by name, the IPC
+//! ones show in a container sharing the VM's IPC namespace); ConfigureNetwork works through the guest's rtnetlink (NOT_FOUND for a
 //! NIC the VM lacks, loopback-only success); a container prints to a stdout stream (port 1025) and exits 42, which
 //! WaitProcess reports after the output; a second container reads the agent's own
 //! /proc/1/status (VmRSS, printed) under a seccomp profile that makes mkdir fail with
 //! EPERM; a third container under a 4 MiB memory limit (the guest's cgroup2 has the
 //! memory controller, unlike many hosts of the fast tier): Stats while it waits on its
 //! stdin stream (memory usage, the limit, pids), then dd fills a 32 MiB buffer until the
-//! OOM killer ends it and GetOOMEvent names it; RemoveContainer; DestroySandbox resets the
-//! VM and `podvisor boot` exits 0.
+//! OOM killer ends it and GetOOMEvent names it; SIGTERM right after StartContainer ends a
+//! `top` that is its PID namespace's init (held until its handler is in place); a program
+//! the kernel cannot execute fails StartContainer; RemoveContainer; DestroySandbox resets
+//! the VM and `podvisor boot` exits 0.
 
 mod common;
 
@@ -47,6 +50,8 @@ const MEM_LIMIT: u64 = 4 << 20;
 const SECCOMP_DENY_MKDIR: &str =
     include_str!("../rootfs/agent/tests/fixtures/seccomp-deny-mkdir.json");
 const SHARE_TAG: &str = "rootfs";
+/// CRI's grace period is 30 s by default; a stop that needs it was lost.
+const STOP_GRACE: Duration = Duration::from_secs(30);
 const SHARED_IN_GUEST: &str = "/run/podvisor/shared";
 
 fn ctx() -> ttrpc::context::Context {
@@ -229,6 +234,10 @@ fn guest_agent_runs_a_container() {
     let dir = temp_path("agent");
     let share = dir.join("share");
     common::build_busybox_rootfs(&share.join("rootfs"));
+    // An executable file that is no program (ENOEXEC at execve).
+    let bogus = share.join("rootfs/not-a-program");
+    std::fs::write(&bogus, b"not a program\n").unwrap();
+    std::fs::set_permissions(&bogus, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let uds = dir.join("vsock.sock");
     let console = dir.join("console.log");
 
@@ -310,6 +319,20 @@ fn guest_agent_runs_a_container() {
     let err = client.create_sandbox(ctx(), &req).unwrap_err();
     assert!(err.to_string().contains("host entropy"), "{err}");
     req.entropy = podvisor_shim::template::entropy().unwrap();
+    // The pod's sysctls are the VM's: one the guest kernel lacks is refused by name.
+    req.sysctls
+        .insert("kernel.no_such_parameter".into(), "1".into());
+    match client.create_sandbox(ctx(), &req) {
+        Err(ttrpc::Error::RpcStatus(s)) => {
+            assert_eq!(s.code(), ttrpc::Code::INVALID_ARGUMENT, "{s:?}");
+            assert!(s.message().contains("kernel.no_such_parameter"), "{s:?}");
+        }
+        other => panic!("CreateSandbox with an unknown sysctl: {other:?}"),
+    }
+    req.sysctls.clear();
+    req.sysctls
+        .insert("kernel.shm_rmid_forced".into(), "1".into());
+    req.sysctls.insert("fs.mqueue.msg_max".into(), "100".into());
     client.create_sandbox(ctx(), &req).unwrap();
 
     // ConfigureNetwork through the guest kernel's rtnetlink. The VM has no NIC here: a
@@ -347,13 +370,21 @@ fn guest_agent_runs_a_container() {
     // A request larger than one vsock receive buffer (a 12 KB spec crosses several
     // packets) arrives intact (it did not while glibc memcpy still used YMM registers on
     // PVM hosts: see vmm::host::GLIBC_NO_AVX_TUNABLES).
-    let mut big = spec(&["sh", "-c", "echo ${#BIG}"], &["pid", "uts", "mount"]);
+    // It shares the VM's IPC namespace (as CRI's containers do): the pod's IPC sysctls.
+    let mut big = spec(
+        &[
+            "sh",
+            "-c",
+            "echo ${#BIG} $(cat /proc/sys/kernel/shm_rmid_forced /proc/sys/fs/mqueue/msg_max)",
+        ],
+        &["pid", "uts", "mount"],
+    );
     big["process"]["env"]
         .as_array_mut()
         .unwrap()
         .push(json!(format!("BIG={}", "x".repeat(12_000))));
     let (status, out) = run_container(&client, &mut vm, &uds, "big", &big);
-    assert_eq!((status, out.as_str()), (0, "12000\n"));
+    assert_eq!((status, out.as_str()), (0, "12000 1 100\n"));
 
     // The agent keeps serving after a container died. Without a PID namespace the
     // container's /proc shows the agent as PID 1: its idle RSS. On a PVM host the
@@ -439,7 +470,64 @@ fn guest_agent_runs_a_container() {
         mem_start.elapsed().as_secs_f64()
     );
 
-    for id in ["c1", "rss", "mem"] {
+    // A stop as CRI does it: SIGTERM right after StartContainer answered, to a container's
+    // init in its own PID namespace (busybox `top`, critest's default command, catches
+    // SIGTERM once it runs). The init may not have its handler yet (here the guest kernel
+    // makes exec slow): the signal is held until it has, not dropped, so the stop ends it
+    // at once, as with runc, instead of after a grace period.
+    let id = "top";
+    let drain = attach_stdout(&mut vm, &uds, id);
+    let mut req = CreateContainerRequest::new();
+    req.container_id = id.into();
+    req.oci_spec_json =
+        serde_json::to_vec(&spec(&["top"], &["pid", "ipc", "uts", "mount"])).unwrap();
+    req.rootfs = format!("{SHARED_IN_GUEST}/rootfs");
+    let mut stdio = podvisor_agent_protocol::agent::Stdio::new();
+    stdio.stdout = true;
+    req.stdio = Some(stdio).into();
+    client.create_container(ctx(), &req).unwrap();
+    let mut req = ContainerRequest::new();
+    req.container_id = id.into();
+    client.start_container(ctx(), &req).unwrap();
+    let stop = Instant::now();
+    let mut req = SignalProcessRequest::new();
+    req.container_id = id.into();
+    req.signal = libc::SIGTERM as u32;
+    client.signal_process(ctx(), &req).unwrap();
+    let mut req = ProcessRequest::new();
+    req.container_id = id.into();
+    let waited = client.wait_process(
+        ttrpc::context::with_timeout(i64::try_from(STOP_GRACE.as_nanos()).unwrap()),
+        &req,
+    );
+    let status = waited.map(|r| r.exit_status).unwrap_or_else(|e| {
+        let mut kill = SignalProcessRequest::new();
+        kill.container_id = id.into();
+        kill.signal = libc::SIGKILL as u32;
+        let _ = client.signal_process(ctx(), &kill);
+        panic!("SIGTERM right after start did not end top within {STOP_GRACE:?}: {e}")
+    });
+    assert_eq!(status, 128 + libc::SIGTERM, "SIGTERM ends top");
+    eprintln!(
+        "guest_agent: SIGTERM right after start ended top in {:.2} s",
+        stop.elapsed().as_secs_f64()
+    );
+    drain.join().unwrap();
+
+    // StartContainer answers once the process runs its program: an executable file that
+    // the kernel cannot execute is Start's error, not a silent exit.
+    let id = "noexec";
+    let mut req = CreateContainerRequest::new();
+    req.container_id = id.into();
+    req.oci_spec_json = serde_json::to_vec(&spec(&["/not-a-program"], &["pid", "mount"])).unwrap();
+    req.rootfs = format!("{SHARED_IN_GUEST}/rootfs");
+    client.create_container(ctx(), &req).unwrap();
+    let mut req = ContainerRequest::new();
+    req.container_id = id.into();
+    let err = client.start_container(ctx(), &req).unwrap_err();
+    assert!(err.to_string().contains("Exec format error"), "{err}");
+
+    for id in ["c1", "rss", "mem", "top", "noexec"] {
         let mut req = ContainerRequest::new();
         req.container_id = id.into();
         client.remove_container(ctx(), &req).unwrap();

@@ -1,5 +1,5 @@
 //! Kubernetes CRI tier of the shim: a private containerd with its CRI plugin on
-//! (handlers `runc` and `podvisor`, host networking so no CNI is involved) driven by a CRI v1
+//! (handlers `runc` and `podvisor`, CNI's bridge plugin for pod networks) driven by a CRI v1
 //! client of our own (`k8s-cri` over tonic on containerd's Unix socket), as kubelet would:
 //! RunPodSandbox → CreateContainer ×2 → StartContainer ×2 → ExecSync → ContainerStats →
 //! StopPodSandbox → RemovePodSandbox, then nothing may be left.
@@ -652,27 +652,22 @@ fn cri_podvisor_pod_lifecycle() {
     }
     let _vms = common::vm_slots::take(1);
     let dir = temp_path("cri-podvisor");
-    let containerd = Containerd::start_with(
-        &dir,
-        &guest.kernel,
-        &initrd,
-        ContainerdOptions {
-            cri: true,
-            // The pod needs more memory than the default, within this file's limit.
-            podvisor_config: Some(
-                "memory_mib = 256\nmax_memory_mib = 512\nmax_vcpus = 4\nmemory_step_mib = 64\n\
-                 agent_timeout_secs = 900\n"
-                    .into(),
-            ),
-            ..Default::default()
-        },
+    // The pod needs more memory than the default, within this file's limit.
+    let config = Some(
+        "memory_mib = 256\nmax_memory_mib = 512\nmax_vcpus = 4\nmemory_step_mib = 64\n\
+         agent_timeout_secs = 900\n"
+            .into(),
     );
-    import_cri_images(&containerd, &dir.join("images"));
+    // Not destructured: containerd must stop before the bridge goes.
+    let Some(env) = start_cri_with_cni(TEST, &dir, &guest.kernel, &initrd, config) else {
+        return;
+    };
+    let containerd = &env.containerd;
 
     let sock = containerd.sock();
     let run = pod_lifecycle(
         TEST,
-        &containerd,
+        containerd,
         CRI_HANDLER_PODVISOR,
         // 0.8 CPUs and 200 MiB: the shim sizes the VM to 1 vCPU online (more parked, up to
         // max_vcpus and the host's CPUs) and 200 + 64 MiB rounded up to 64 MiB steps =
@@ -684,6 +679,7 @@ fn cri_podvisor_pod_lifecycle() {
                 memory_limit_in_bytes: 200 << 20,
                 ..Default::default()
             }),
+            pod_network: true,
             ..Default::default()
         },
         RUN_TIMEOUT,
@@ -790,7 +786,7 @@ fn cri_podvisor_pod_lifecycle() {
         run.sandbox_id,
         run_dir.display()
     );
-    assert_no_tasks_or_mounts(&containerd);
+    assert_no_tasks_or_mounts(containerd);
     let log = containerd.log();
     assert!(!log.contains("publishing /tasks"), "an event failed");
 }
@@ -1030,17 +1026,12 @@ fn cri_podvisor_bad_config_fails_cleanly() {
     }
     let dir = temp_path("cri-badconfig");
     let missing = dir.join("no-kernel");
-    let containerd = Containerd::start_with(
-        &dir,
-        &missing,
-        &missing,
-        ContainerdOptions {
-            cri: true,
-            podvisor_config: Some("vcpus = 1\nmemory = 512\n".into()),
-            ..Default::default()
-        },
-    );
-    import_cri_images(&containerd, &dir.join("images"));
+    let config = Some("vcpus = 1\nmemory = 512\n".into());
+    // Not destructured: containerd must stop before the bridge goes.
+    let Some(env) = start_cri_with_cni(TEST, &dir, &missing, &missing, config) else {
+        return;
+    };
+    let containerd = &env.containerd;
     let config_path = containerd.podvisor_config_path();
 
     let (rt, mut client) = cri_client(&containerd.sock());
@@ -1048,7 +1039,14 @@ fn cri_podvisor_bad_config_fails_cleanly() {
     let err = rt
         .block_on(client.run_pod_sandbox(req(
             RunPodSandboxRequest {
-                config: Some(pod_config(TEST, &log_dir, &PodWants::default())),
+                config: Some(pod_config(
+                    TEST,
+                    &log_dir,
+                    &PodWants {
+                        pod_network: true,
+                        ..Default::default()
+                    },
+                )),
                 runtime_handler: CRI_HANDLER_PODVISOR.into(),
             },
             Duration::from_secs(120),
@@ -1094,7 +1092,79 @@ fn cri_podvisor_bad_config_fails_cleanly() {
     );
     wait_gone("podvisor shim", || shim_pids(&containerd.sock()));
     let _ = containerd.ctr(&["-n", "k8s.io", "container", "rm", "badconfig"]);
-    assert_no_tasks_or_mounts(&containerd);
+    assert_no_tasks_or_mounts(containerd);
+    assert_eq!(
+        std::fs::read_dir(containerd.run_dir())
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0,
+        "state left under {}",
+        containerd.run_dir().display()
+    );
+}
+
+/// A pod that asks for the host's network, PID or IPC namespace is refused at RunPodSandbox
+/// with an error naming the Kubernetes field (a VM cannot share them with the host), and
+/// nothing of it stays. No guest is needed: the shim refuses the spec before it boots.
+#[test]
+fn cri_podvisor_refuses_host_namespaces() {
+    const TEST: &str = "cri_podvisor_refuses_host_namespaces";
+    if !have_tools(TEST) {
+        return;
+    }
+    let dir = temp_path("cri-hostns");
+    let missing = dir.join("no-kernel");
+    // Not destructured: containerd must stop before the bridge goes.
+    let Some(env) = start_cri_with_cni(TEST, &dir, &missing, &missing, None) else {
+        return;
+    };
+    let containerd = &env.containerd;
+    let (rt, mut client) = cri_client(&containerd.sock());
+    let log_dir = dir.join("pod-logs");
+    let (node, pod) = (NamespaceMode::Node as i32, NamespaceMode::Pod as i32);
+    for (field, network, pid, ipc) in [
+        ("hostNetwork", node, pod, pod),
+        ("hostPID", pod, node, pod),
+        ("hostIPC", pod, pod, node),
+    ] {
+        let mut config = pod_config(
+            &format!("{TEST}-{}", field.to_lowercase()),
+            &log_dir,
+            &PodWants {
+                pod_network: true,
+                ..Default::default()
+            },
+        );
+        let options = config
+            .linux
+            .as_mut()
+            .and_then(|l| l.security_context.as_mut())
+            .and_then(|s| s.namespace_options.as_mut())
+            .unwrap();
+        (options.network, options.pid, options.ipc) = (network, pid, ipc);
+        let err = rt
+            .block_on(client.run_pod_sandbox(req(
+                RunPodSandboxRequest {
+                    config: Some(config),
+                    runtime_handler: CRI_HANDLER_PODVISOR.into(),
+                },
+                Duration::from_secs(120),
+            )))
+            .expect_err(field);
+        eprintln!("{TEST}: {field}: {}", err.message());
+        assert!(
+            err.message().contains(field) && err.message().contains("own VM"),
+            "{field}: {err}"
+        );
+    }
+    wait_gone("podvisor shim", || shim_pids(&containerd.sock()));
+    let pods = rt
+        .block_on(client.list_pod_sandbox(req(ListPodSandboxRequest::default(), CALL)))
+        .expect("ListPodSandbox")
+        .into_inner()
+        .items;
+    assert!(pods.is_empty(), "pods left: {pods:?}");
+    assert_no_tasks_or_mounts(containerd);
     assert_eq!(
         std::fs::read_dir(containerd.run_dir())
             .map(|d| d.count())

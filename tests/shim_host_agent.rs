@@ -353,6 +353,12 @@ fn bundle(dir: &Path, id: &str, args: &[&str], annotations: &[(&str, &str)]) -> 
     let bundle = dir.join(id);
     std::fs::create_dir_all(&bundle).unwrap();
     let mut spec = spec(args, false);
+    // A bundle from containerd: the container has a network namespace of its own (the
+    // shim refuses the host's), which the shim maps to the VM's.
+    spec["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"type": "network"}));
     spec["annotations"] = annotations
         .iter()
         .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))

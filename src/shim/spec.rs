@@ -14,6 +14,11 @@
 //!   becomes a new namespace;
 //! - hooks (host binaries), AppArmor/SELinux labels (host LSMs) are dropped.
 //!
+//! Refused: a spec without a network, PID or IPC namespace entry asks to share the host's
+//! (Kubernetes' `hostNetwork`, `hostPID`, `hostIPC`). A VM has its own kernel and cannot
+//! share those with the host; running the container with the VM's instead would silently
+//! break what the pod asked for, so Create fails with [`SpecError::HostNamespace`].
+//!
 //! The agent sets `linux.cgroupsPath` itself.
 
 use std::collections::HashMap;
@@ -60,6 +65,8 @@ pub struct BundleSpec {
     pub cgroups_path: Option<String>,
     /// `linux.resources`' memory and CPU limits.
     pub limits: crate::pod::ContainerLimits,
+    /// `linux.sysctl`: for a sandbox's spec, the pod's kernel parameters (the VM's).
+    pub sysctls: HashMap<String, String>,
     pub guest: GuestSpec,
 }
 
@@ -77,6 +84,41 @@ pub enum SpecError {
     RelativeBind(PathBuf),
     #[error("config.json: {0}")]
     Serialize(serde_json::Error),
+    #[error(
+        "config.json: linux.namespaces has no {kind} namespace, so the container would share \
+         the host's (Kubernetes: {field}: true); a podvisor pod runs in its own VM, which \
+         cannot share the host's {kind} namespace: drop {field}, or run this pod with a \
+         RuntimeClass of a container runtime such as runc"
+    )]
+    HostNamespace {
+        kind: &'static str,
+        field: &'static str,
+    },
+}
+
+/// Namespaces a container in a VM always has of its own: (type, its name, the Kubernetes
+/// field that asks for the host's instead).
+const OWN_NAMESPACES: [(LinuxNamespaceType, &str, &str); 3] = [
+    (LinuxNamespaceType::Network, "network", "hostNetwork"),
+    (LinuxNamespaceType::Pid, "pid", "hostPID"),
+    (LinuxNamespaceType::Ipc, "ipc", "hostIPC"),
+];
+
+/// Refuses a spec that shares the host's network, PID or IPC namespace.
+fn check_own_namespaces(spec: &Spec) -> Result<(), SpecError> {
+    let listed = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .map(|nss| nss.iter().map(|ns| ns.typ()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    match OWN_NAMESPACES
+        .iter()
+        .find(|(typ, _, _)| !listed.contains(typ))
+    {
+        Some(&(_, kind, field)) => Err(SpecError::HostNamespace { kind, field }),
+        None => Ok(()),
+    }
 }
 
 /// Reads `<bundle>/config.json`.
@@ -126,6 +168,11 @@ impl BundleSpec {
             limits: crate::pod::ContainerLimits::of(
                 spec.linux().as_ref().and_then(|l| l.resources().as_ref()),
             ),
+            sysctls: spec
+                .linux()
+                .as_ref()
+                .and_then(|l| l.sysctl().clone())
+                .unwrap_or_default(),
             guest: adapt(spec, container_dir)?,
         })
     }
@@ -151,6 +198,7 @@ pub fn guest_spec(config_json: &[u8], container_dir: &str) -> Result<GuestSpec, 
 }
 
 fn adapt(mut spec: Spec, container_dir: &str) -> Result<GuestSpec, SpecError> {
+    check_own_namespaces(&spec)?;
     spec.set_hooks(None);
     let readonly = spec
         .root()
@@ -313,11 +361,39 @@ mod tests {
         assert!(guest_spec(b"\"spec\"", "/x").is_err());
         assert!(guest_spec(b"{", "/x").is_err());
         assert!(guest_spec(br#"{"process": 3}"#, "/x").is_err());
-        let rel = br#"{"mounts": [{"destination": "/a", "type": "bind", "source": "rel"}]}"#;
+        let rel = br#"{"mounts": [{"destination": "/a", "type": "bind", "source": "rel"}],
+            "linux": {"namespaces": [{"type": "network"}, {"type": "pid"}, {"type": "ipc"}]}}"#;
         assert!(guest_spec(rel, "/x")
             .unwrap_err()
             .to_string()
             .contains("not absolute"));
+    }
+
+    #[test]
+    fn refuses_the_host_namespaces() {
+        let with = |types: &[&str]| {
+            let nss: Vec<Value> = types
+                .iter()
+                .map(|t| serde_json::json!({"type": t}))
+                .collect();
+            serde_json::to_vec(&serde_json::json!({"linux": {"namespaces": nss}})).unwrap()
+        };
+        assert!(guest_spec(&with(&["network", "pid", "ipc", "mount"]), "/x").is_ok());
+        for (types, field) in [
+            (&["pid", "ipc", "mount"][..], "hostNetwork"),
+            (&["network", "ipc", "mount"][..], "hostPID"),
+            (&["network", "pid", "mount"][..], "hostIPC"),
+            (&[][..], "hostNetwork"),
+        ] {
+            let err = guest_spec(&with(types), "/x").unwrap_err().to_string();
+            assert!(
+                err.contains(field) && err.contains("own VM"),
+                "{types:?}: {err}"
+            );
+        }
+        // No linux section at all shares every namespace with the host.
+        let err = guest_spec(b"{}", "/x").unwrap_err().to_string();
+        assert!(err.contains("hostNetwork"), "{err}");
     }
 
     #[test]

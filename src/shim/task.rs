@@ -240,6 +240,7 @@ impl Service {
             hostname: &spec.hostname,
             netns: spec.netns.as_deref(),
             cgroups_path: spec.cgroups_path.as_deref(),
+            sysctls: &spec.sysctls,
             timeline: &timeline,
         };
         let pod = self.inner.pods.create(&request, &config, on_exit)?;

@@ -52,7 +52,7 @@ pub mod stream;
 pub mod vsock;
 
 /// Version of the protocol in `proto/agent.proto`, returned by `GetVersion`.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// vsock port of the agent's ttrpc server in the guest.
 pub const RPC_VSOCK_PORT: u32 = 1024;

@@ -31,7 +31,7 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libcontainer::config::YoukiConfig;
 use libcontainer::container::builder::ContainerBuilder;
@@ -47,6 +47,7 @@ use podvisor_agent_protocol::agent::Stdio;
 
 use crate::cgroup::{Cgroup, CgroupError};
 use crate::error::RpcError;
+use crate::held_signal;
 use crate::process::{Process, ProcessError};
 use crate::reaper::Reaper;
 use crate::stream::{self, Attached};
@@ -55,6 +56,9 @@ use crate::stream::{self, Attached};
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the agent waits for libcontainer to hand over a pty master.
 const CONSOLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long StartContainer waits for a lean-launched init's `execve` (an exec takes well
+/// under a second even where the guest kernel is emulated; past this, Start answers).
+const EXEC_WAIT: Duration = Duration::from_secs(10);
 
 /// Errors of container operations.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +110,12 @@ pub enum ContainerError {
         what: &'static str,
         message: String,
         invalid_input: bool,
+    },
+    #[error("container {id}: {source}")]
+    Launch {
+        id: String,
+        #[source]
+        source: crate::launcher::LaunchError,
     },
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
@@ -631,7 +641,7 @@ fn launch_lean(
     plan: &crate::launcher::Prepared,
     child: ChildStdio,
     init: &Arc<Process>,
-) -> Result<(LcContainer, OwnedFd), ContainerError> {
+) -> Result<(LcContainer, crate::launcher::Starter), ContainerError> {
     let io_err = |what| {
         let id = id.to_string();
         move |source| ContainerError::Io { id, what, source }
@@ -697,9 +707,12 @@ pub struct Container {
     pub cgroup: Cgroup,
     pub init: Arc<Process>,
     lc: Mutex<LcContainer>,
-    /// A lean-launched init's start pipe (`crate::launcher`), until StartContainer.
-    lean_start: Mutex<Option<OwnedFd>>,
+    /// A lean-launched init's starter (`crate::launcher`), until StartContainer.
+    lean_start: Mutex<Option<crate::launcher::Starter>>,
     started: AtomicBool,
+    /// When StartContainer released the init (signals to it may be held a while after:
+    /// [`crate::held_signal`]).
+    started_at: Mutex<Option<Instant>>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
     exec_seq: AtomicU64,
 }
@@ -811,6 +824,7 @@ impl Container {
             lc: Mutex::new(lc),
             lean_start: Mutex::new(lean_start),
             started: AtomicBool::new(false),
+            started_at: Mutex::new(None),
             execs: Mutex::new(HashMap::new()),
             exec_seq: AtomicU64::new(0),
         }))
@@ -837,29 +851,44 @@ impl Container {
         if self.init.exit().is_some() {
             return Err(ContainerError::Stopped(self.id.clone()));
         }
-        let _guard = reaper.lock_spawn();
+        let guard = reaper.lock_spawn();
         let lean_start = self
             .lean_start
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        match lean_start {
-            Some(start) => {
-                let mut pipe = File::from(start);
-                std::io::Write::write_all(&mut pipe, &[1]).map_err(|source| {
-                    ContainerError::Io {
-                        id: self.id.clone(),
-                        what: "starting the init process",
-                        source,
-                    }
-                })?;
+        let io_err = |what| {
+            let id = self.id.clone();
+            move |source| ContainerError::Io { id, what, source }
+        };
+        let execing = match lean_start {
+            Some(starter) => {
+                let execing = starter
+                    .release()
+                    .map_err(io_err("starting the init process"))?;
                 let mut lc = self.lc();
                 lc.set_status(ContainerStatus::Running);
                 lc.save().map_err(lc_err(&self.id, "start"))?;
+                Some(execing)
             }
-            None => self.lc().start().map_err(lc_err(&self.id, "start"))?,
-        }
+            None => {
+                self.lc().start().map_err(lc_err(&self.id, "start"))?;
+                None
+            }
+        };
+        *self.started_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         self.started.store(true, Ordering::Release);
+        drop(guard);
+        // Start answers once the container runs its program, as runc's does: a failed
+        // execve is Start's error, not a silent exit 127.
+        if let Some(execing) = execing {
+            execing
+                .wait(EXEC_WAIT)
+                .map_err(|source| ContainerError::Launch {
+                    id: self.id.clone(),
+                    source,
+                })?;
+        }
         log::debug!("container {} started", self.id);
         Ok(())
     }
@@ -967,10 +996,38 @@ impl Container {
         if process.exit().is_some() || process.pid() == 0 {
             return Err(ContainerError::ProcessFinished(process.name()));
         }
-        kill(Pid::from_raw(process.pid()), sig).map_err(|source| ContainerError::Signal {
+        let pid = process.pid();
+        if exec_id.is_empty() && self.hold_signal(pid, sig) {
+            return Ok(());
+        }
+        kill(Pid::from_raw(pid), sig).map_err(|source| ContainerError::Signal {
             name: process.name(),
             source,
         })
+    }
+
+    /// Holds `sig` for the init (`pid`, alive, under the reaper's lock) if it would be lost
+    /// now ([`crate::held_signal`]); false if it is to be sent at once.
+    fn hold_signal(&self, pid: i32, sig: Signal) -> bool {
+        let started = *self.started_at.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(at) = started.filter(|t| t.elapsed() < held_signal::HOLD_WINDOW) else {
+            return false;
+        };
+        if !held_signal::must_hold(sig, started, held_signal::view(pid, sig)) {
+            return false;
+        }
+        let held = held_signal::pidfd(pid)
+            .and_then(|pidfd| held_signal::hold(self.init.name(), pid, pidfd, sig, at));
+        match held {
+            Ok(()) => {
+                log::debug!("{sig} for {} held: its init has no handler yet", self.id);
+                true
+            }
+            Err(e) => {
+                log::warn!("cannot hold {sig} for {} ({e}): sending it now", self.id);
+                false
+            }
+        }
     }
 
     /// Forgets an exec process (killing it if it still runs).

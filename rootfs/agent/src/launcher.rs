@@ -29,6 +29,7 @@
 use std::ffi::{c_int, c_ulong, CString};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Component, Path};
+use std::time::Duration;
 
 use libcontainer::capabilities::CapabilityExt;
 use oci_spec::runtime::{LinuxNamespaceType, Mount, PosixRlimitType, Spec};
@@ -140,6 +141,7 @@ const STEPS: &[&str] = &[
     "finding the executable",
     "closing descriptors",
     "adjusting the root's propagation",
+    "executing the container's process",
 ];
 
 #[derive(Clone, Copy)]
@@ -176,6 +178,7 @@ enum Step {
     FindExecutable,
     CloseFds,
     RootPropagationAfter,
+    Exec,
 }
 
 /// A child's failure: the step and the errno.
@@ -595,8 +598,93 @@ pub fn plan(
 /// A launched init process, waiting for its start byte.
 pub struct Launched {
     pub pid: i32,
-    /// Writing a byte starts the process; closing it unstarted makes the process exit.
-    pub start: OwnedFd,
+    pub start: Starter,
+}
+
+/// What starts a launched init: a byte on its start pipe lets it `execve` (closing the pipe
+/// unstarted makes it exit); the read end of its ready pipe, close-on-exec in the child,
+/// then reaches EOF once `execve` succeeded, or brings a record saying why it failed.
+pub struct Starter {
+    start: OwnedFd,
+    exec_done: OwnedFd,
+}
+
+impl Starter {
+    /// Lets the init `execve`; [`Execing::wait`] then waits for it.
+    pub fn release(self) -> std::io::Result<Execing> {
+        let byte = [1u8];
+        // SAFETY: writes one byte from `byte` to the start pipe this value owns.
+        let n = unsafe { libc::write(self.start.as_raw_fd(), byte.as_ptr().cast(), 1) };
+        if n != 1 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Execing {
+            exec_done: self.exec_done,
+        })
+    }
+}
+
+/// A released init on its way through `execve`.
+pub struct Execing {
+    exec_done: OwnedFd,
+}
+
+impl Execing {
+    /// Waits up to `timeout` for the init's `execve`: Ok once it succeeded (or if the wait
+    /// timed out: the process may still be loading), the failure if it failed.
+    pub fn wait(self, timeout: Duration) -> Result<(), LaunchError> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut record = [0u8; 8];
+        let mut got = 0;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let mut pfd = libc::pollfd {
+                fd: self.exec_done.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = c_int::try_from(left.as_millis()).unwrap_or(c_int::MAX);
+            // SAFETY: polls one valid pollfd.
+            let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if ready == 0 {
+                log::warn!("the container's process did not finish execve within {timeout:?}");
+                return Ok(());
+            }
+            if ready < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(LaunchError::Io {
+                    what: "waiting for execve",
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            // SAFETY: reads into the unfilled part of `record`.
+            let n = unsafe {
+                libc::read(
+                    self.exec_done.as_raw_fd(),
+                    record[got..].as_mut_ptr().cast(),
+                    record.len() - got,
+                )
+            };
+            match n {
+                0 if got == 0 => return Ok(()),
+                0 => return Err(LaunchError::ChildGone),
+                n if n > 0 => got += n.cast_unsigned(),
+                _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+                _ => {
+                    return Err(LaunchError::Io {
+                        what: "waiting for execve",
+                        source: std::io::Error::last_os_error(),
+                    })
+                }
+            }
+            if got == record.len() {
+                let (step, errno) = decode(record);
+                return Err(LaunchError::Child(ChildFailure { step, errno }));
+            }
+        }
+    }
 }
 
 /// Errors of a launch (the spec was accepted).
@@ -719,14 +807,16 @@ impl Prepared {
                 _ => return Err(io("reading the ready pipe")(std::io::Error::last_os_error())),
             }
         }
-        let step = u32::from_ne_bytes([record[0], record[1], record[2], record[3]]);
-        let errno = i32::from_ne_bytes([record[4], record[5], record[6], record[7]]);
+        let (step, errno) = decode(record);
         if step != 0 {
             return Err(LaunchError::Child(ChildFailure { step, errno }));
         }
         Ok(Launched {
             pid,
-            start: start_w,
+            start: Starter {
+                start: start_w,
+                exec_done: ready_r,
+            },
         })
     }
 }
@@ -758,6 +848,13 @@ fn check_int(ret: c_int, step: Step) -> Result<c_int, Fail> {
     } else {
         Ok(ret)
     }
+}
+
+/// The (step, errno) of a record.
+fn decode(record: [u8; 8]) -> (u32, i32) {
+    let step = u32::from_ne_bytes([record[0], record[1], record[2], record[3]]);
+    let errno = i32::from_ne_bytes([record[4], record[5], record[6], record[7]]);
+    (step, errno)
 }
 
 /// Writes the 8-byte (step, errno) record; step 0 is "ready".
@@ -845,6 +942,9 @@ fn child(
                 // SAFETY: execve of a C string path with null-terminated argv/envp arrays
                 // of C strings that live in `p` (this process's copy).
                 unsafe { libc::execve(exe, argv.as_ptr(), envp.as_ptr()) };
+                // Still here: execve failed. StartContainer reads why on the ready pipe
+                // (whose end closes on a successful execve).
+                report(fds.ready, Step::Exec as u32, errno());
                 let msg = b"podvisor: cannot execute the container's process\n";
                 // SAFETY: writes a static message to stderr.
                 unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };

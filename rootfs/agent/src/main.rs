@@ -24,6 +24,7 @@ mod container;
 mod cost;
 mod cpus;
 mod error;
+mod held_signal;
 mod launcher;
 mod listener;
 mod logger;
@@ -37,6 +38,7 @@ mod server;
 mod stall;
 mod stdin_control;
 mod stream;
+mod sysctl;
 
 use std::os::fd::IntoRawFd;
 use std::path::PathBuf;

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -57,6 +57,8 @@ pub enum SandboxError {
     Clock(nix::Error),
     #[error("seeding the guest's random pool: {0}")]
     Entropy(std::io::Error),
+    #[error(transparent)]
+    Sysctl(#[from] crate::sysctl::SysctlError),
     #[error(
         "CreateSandbox brought {0} bytes of host entropy, fewer than {MIN_ENTROPY}: a VM \
          cloned from a template would share its template's random state"
@@ -76,6 +78,9 @@ impl From<SandboxError> for RpcError {
             }
             SandboxError::ContainerNotFound(_) => RpcError::NotFound(msg),
             SandboxError::Destroying => RpcError::FailedPrecondition(msg),
+            SandboxError::Sysctl(
+                crate::sysctl::SysctlError::BadName(_) | crate::sysctl::SysctlError::Unknown { .. },
+            ) => RpcError::InvalidArgument(msg),
             _ => RpcError::Internal(msg),
         }
     }
@@ -262,6 +267,17 @@ impl Sandbox {
                 name: req.hostname.clone(),
                 source,
             })?;
+        }
+        if !req.sysctls.is_empty() {
+            if self.config.owns_machine {
+                crate::sysctl::apply(Path::new("/proc/sys"), &req.sysctls)
+                    .map_err(SandboxError::from)?;
+            } else {
+                log::warn!(
+                    "not the VM's agent: the pod's sysctls {:?} are not applied to this host",
+                    req.sysctls
+                );
+            }
         }
         if !req.dns.is_empty() {
             let path = &self.config.resolv_conf;

@@ -157,6 +157,8 @@ pub struct PodRequest<'a> {
     pub netns: Option<&'a Path>,
     /// The pod's host cgroup (`linux.cgroupsPath`), which the shim process joins.
     pub cgroups_path: Option<&'a str>,
+    /// The pod's kernel parameters (the sandbox spec's `linux.sysctl`), set in the VM.
+    pub sysctls: &'a std::collections::HashMap<String, String>,
     /// The pod's start timeline, marked as the pod comes up.
     pub timeline: &'a Arc<Timeline>,
 }
@@ -210,9 +212,14 @@ fn pod_network(id: &str, netns: Option<&Path>) -> Result<Option<PodNetwork>, Pod
 }
 
 /// The agent's CreateSandbox for pod `id`.
-fn sandbox_request(id: &str, hostname: &str) -> Result<CreateSandboxRequest, PodError> {
+fn sandbox_request(
+    id: &str,
+    hostname: &str,
+    sysctls: &std::collections::HashMap<String, String>,
+) -> Result<CreateSandboxRequest, PodError> {
     let mut req = CreateSandboxRequest::new();
     req.sandbox_id = id.to_string();
+    req.sysctls = sysctls.clone();
     // Per-pod identity (a template clone starts with the template's clock and pool).
     req.entropy = template::entropy().map_err(PodError::Entropy)?;
     req.realtime_ns = std::time::SystemTime::now()
@@ -393,7 +400,7 @@ impl Pod {
             booted.elapsed().as_secs_f64()
         );
         timeline.mark(phase::AGENT);
-        agent.create_sandbox(sandbox_request(id, req.hostname)?)?;
+        agent.create_sandbox(sandbox_request(id, req.hostname, req.sysctls)?)?;
         timeline.mark(phase::SANDBOX);
         // The guest NICs get the CNI interfaces' names, addresses and routes before any
         // container runs (they share the VM's network namespace).
