@@ -13,7 +13,9 @@
 //! memory controller, unlike many hosts of the fast tier): Stats while it waits on its
 //! stdin stream (memory usage, the limit, pids), then dd fills a 32 MiB buffer until the
 //! OOM killer ends it and GetOOMEvent names it; SIGTERM right after StartContainer ends a
-//! `top` that is its PID namespace's init (held until its handler is in place); a program
+//! `top` that is its PID namespace's init (held until its handler is in place); two
+//! containers in the pod's shared PID namespace see each other and its holder, and a
+//! container's leftover processes end with its init; a program
 //! the kernel cannot execute fails StartContainer; RemoveContainer; DestroySandbox resets
 //! the VM and `podvisor boot` exits 0.
 
@@ -514,6 +516,62 @@ fn guest_agent_runs_a_container() {
     );
     drain.join().unwrap();
 
+    // The pod's shared PID namespace (CRI's pod-level PID namespace): two containers that
+    // join it see each other, and its init is the agent's holder, as pause is with runc.
+    let pod_pid = |args: &[&str]| {
+        let mut s = spec(args, &["uts", "mount"]);
+        s["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "pid", "path": podvisor_agent_protocol::POD_PID_NAMESPACE}));
+        s
+    };
+    let mut req = CreateContainerRequest::new();
+    req.container_id = "pod-sleeper".into();
+    // Its init (not the namespace's: that is the holder) leaves a background child.
+    req.oci_spec_json =
+        serde_json::to_vec(&pod_pid(&["sh", "-c", "sleep 3600 & exec sleep 3601"])).unwrap();
+    req.rootfs = format!("{SHARED_IN_GUEST}/rootfs");
+    client.create_container(ctx(), &req).unwrap();
+    let mut req = ContainerRequest::new();
+    req.container_id = "pod-sleeper".into();
+    client.start_container(ctx(), &req).unwrap();
+    let (status, out) = run_container(
+        &client,
+        &mut vm,
+        &uds,
+        "pod-looker",
+        &pod_pid(&["sh", "-c", "cat /proc/[0-9]*/comm"]),
+    );
+    assert_eq!(status, 0, "{out}");
+    let names: Vec<&str> = out.lines().collect();
+    assert!(
+        names.contains(&"pod-pid-ns") && names.contains(&"sleep"),
+        "the pod's PID namespace holds {names:?}"
+    );
+    let mut req = SignalProcessRequest::new();
+    req.container_id = "pod-sleeper".into();
+    req.signal = libc::SIGKILL as u32;
+    client.signal_process(ctx(), &req).unwrap();
+    let mut req = ProcessRequest::new();
+    req.container_id = "pod-sleeper".into();
+    client.wait_process(ctx(), &req).unwrap();
+    // Its init's exit took its other processes with it (as containerd's runc shim kills
+    // a container's leftovers when it has no PID namespace of its own).
+    let (status, out) = run_container(
+        &client,
+        &mut vm,
+        &uds,
+        "pod-looker-2",
+        &pod_pid(&["sh", "-c", "cat /proc/[0-9]*/comm"]),
+    );
+    assert_eq!(status, 0, "{out}");
+    let names: Vec<&str> = out.lines().collect();
+    assert!(
+        names.contains(&"pod-pid-ns") && !names.contains(&"sleep"),
+        "after pod-sleeper's exit the pod's PID namespace holds {names:?}"
+    );
+
     // StartContainer answers once the process runs its program: an executable file that
     // the kernel cannot execute is Start's error, not a silent exit.
     let id = "noexec";
@@ -527,7 +585,16 @@ fn guest_agent_runs_a_container() {
     let err = client.start_container(ctx(), &req).unwrap_err();
     assert!(err.to_string().contains("Exec format error"), "{err}");
 
-    for id in ["c1", "rss", "mem", "top", "noexec"] {
+    for id in [
+        "c1",
+        "rss",
+        "mem",
+        "top",
+        "noexec",
+        "pod-sleeper",
+        "pod-looker",
+        "pod-looker-2",
+    ] {
         let mut req = ContainerRequest::new();
         req.container_id = id.into();
         client.remove_container(ctx(), &req).unwrap();

@@ -146,7 +146,9 @@ fn the_guest_cannot_change_the_skeleton_the_shim_mounts_into() {
     share
         .mount_rootfs("c2", &[], &pod.volume, false, &[])
         .unwrap();
-    share.bind("c2", 0, &pod.volume, false, false).unwrap();
+    share
+        .bind("c2", 0, &pod.volume, false, false, false)
+        .unwrap();
     pod.assert_outside_untouched();
     let view = share.container_view("c2");
     assert_eq!(
@@ -191,7 +193,9 @@ fn symlinks_in_the_skeleton_fail_the_mount_instead_of_following() {
         std::fs::remove_dir(skel.join(name)).unwrap();
         std::os::unix::fs::symlink(&pod.outside, skel.join(name)).unwrap();
     }
-    let err = share.bind("c2", 0, &pod.volume, true, false).unwrap_err();
+    let err = share
+        .bind("c2", 0, &pod.volume, true, false, false)
+        .unwrap_err();
     assert!(matches!(err, ShareError::Io { .. }), "{err}");
     let err = share
         .mount_rootfs("c2", &[], &pod.volume, false, &[])
@@ -247,8 +251,10 @@ fn read_only_binds_and_rootfs_are_read_only_on_the_host_and_nothing_is_setuid() 
     assert!(image.join("etc/hosts").is_file());
     assert!(image.join("data/vol").is_dir());
     pod.assert_outside_untouched();
-    share.bind("c", 0, &pod.volume, true, true).unwrap();
-    share.bind("c", 1, &pod.volume, false, false).unwrap();
+    share.bind("c", 0, &pod.volume, true, true, false).unwrap();
+    share
+        .bind("c", 1, &pod.volume, false, false, false)
+        .unwrap();
     let mut g = pod.guest();
     let erofs = Err(libc::EROFS);
     for dir in ["c/rootfs", "c/rootfs/etc", "c/mounts/0", "c/mounts/0/sub"] {
@@ -286,6 +292,63 @@ fn read_only_binds_and_rootfs_are_read_only_on_the_host_and_nothing_is_setuid() 
     drop(share);
     share::remove_pod_dir(&pod.root).unwrap();
     share::unmount_below(&sub);
+    pod.assert_volume_alive();
+}
+
+/// `mount(2)` with C strings made here; panics with the errno on failure.
+fn sys_mount(source: &str, target: &Path, fstype: &str, flags: libc::c_ulong, data: &str) {
+    let c = |s: &str| std::ffi::CString::new(s).unwrap();
+    let (source, target) = (c(source), c(&target.to_string_lossy()));
+    let (fstype, data) = (c(fstype), c(data));
+    // SAFETY: valid C strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "mount {target:?}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+#[test]
+fn a_host_to_container_volume_shows_the_hosts_later_mounts_to_the_guest() {
+    require_root!();
+    // CRI's HostToContainer (rslave): the volume's host source is a shared mount; a mount
+    // the host makes below it after the container started reaches the guest through the
+    // share. A private bind of the same volume does not see it, and guest-side mounts never
+    // become host mounts (the guest has no way to make one).
+    let pod = Pod::new("rslave");
+    let sub = pod.volume.join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let volume = pod.volume.to_string_lossy().into_owned();
+    sys_mount(&volume, &pod.volume, "", libc::MS_BIND, "");
+    sys_mount("", &pod.volume, "", libc::MS_SHARED | libc::MS_REC, "");
+    let share = PodShare::create(&pod.root).unwrap();
+    share.add_container("c").unwrap();
+    share.bind("c", 0, &pod.volume, true, false, true).unwrap();
+    share.bind("c", 1, &pod.volume, true, false, false).unwrap();
+    let mut g = pod.guest();
+    let follows = lookup(&mut g, "c/mounts/0/sub");
+    assert_eq!(g.lookup(follows, "flag").unwrap_err(), libc::ENOENT);
+
+    sys_mount("tmpfs", &sub, "tmpfs", 0, "size=64k");
+    std::fs::write(sub.join("flag"), "from the host").unwrap();
+    let mut g = pod.guest();
+    lookup(&mut g, "c/mounts/0/sub/flag");
+    let private = lookup(&mut g, "c/mounts/1/sub");
+    assert_eq!(g.lookup(private, "flag").unwrap_err(), libc::ENOENT);
+    pod.assert_outside_untouched();
+    drop(g);
+    share.remove_container("c").unwrap();
+    share::unmount_below(&pod.volume);
     pod.assert_volume_alive();
 }
 
@@ -384,7 +447,7 @@ fn a_racing_guest_never_lands_a_mount_outside_in_1000_container_set_ups() {
         share
             .mount_rootfs("c", &[], &pod.volume, false, &[])
             .unwrap();
-        share.bind("c", 0, &pod.volume, true, true).unwrap();
+        share.bind("c", 0, &pod.volume, true, true, false).unwrap();
         share.remove_container("c").unwrap();
     }
     stop.store(true, Ordering::Relaxed);

@@ -186,7 +186,7 @@ impl PodShare {
                 | OpenTreeFlags::AT_EMPTY_PATH,
         )
         .map_err(errno("open_tree", &skel_path))?;
-        set_attrs(tree.as_fd(), true, false).map_err(io_err("mount_setattr", &view_path))?;
+        set_attrs(tree.as_fd(), true, false, false).map_err(io_err("mount_setattr", &view_path))?;
         rustix::mount::move_mount(
             tree.as_fd(),
             "",
@@ -205,7 +205,8 @@ impl PodShare {
             Mode::empty(),
         )
         .map_err(errno("open", &view_path))?;
-        set_attrs(view.as_fd(), false, false).map_err(io_err("mount_setattr", &view_path))?;
+        set_attrs(view.as_fd(), false, false, false)
+            .map_err(io_err("mount_setattr", &view_path))?;
         if mount_id(view.as_fd(), "").ok() == mount_id(root_fd.as_fd(), "").ok() {
             return Err(ShareError::MountRemains(format!(
                 "{} did not become a mount",
@@ -264,7 +265,7 @@ impl PodShare {
         let name = self.container_view(cid).join("rootfs");
         let target = self.target(&rel, &name)?;
         if mounts.is_empty() {
-            bind_at(bundle_rootfs, true, false, target.as_fd(), &name)?;
+            bind_at(bundle_rootfs, true, false, false, target.as_fd(), &name)?;
         }
         for m in mounts {
             let opts = parse_options(&m.options);
@@ -273,6 +274,7 @@ impl PodShare {
                     Path::new(&m.source),
                     opts.flags & libc::MS_REC != 0,
                     opts.flags & libc::MS_RDONLY != 0,
+                    false,
                     target.as_fd(),
                     &name,
                 )?;
@@ -290,14 +292,15 @@ impl PodShare {
             )
             .map_err(errno("open", &name))?;
             make_mountpoints(root.as_fd(), mountpoints, &name);
-            set_attrs(root.as_fd(), true, true).map_err(io_err("mount_setattr", &name))?;
+            set_attrs(root.as_fd(), true, true, false).map_err(io_err("mount_setattr", &name))?;
         }
         Ok(())
     }
 
     /// Binds host `source` (recursively for `rbind`) at `<cid>/mounts/<n>`, read-only on the
-    /// host when `readonly`; a placeholder of the source's kind is made in the skeleton
-    /// first.
+    /// host when `readonly`, receiving the host's later mounts below `source` when
+    /// `follow_host` (HostToContainer propagation); a placeholder of the source's kind is
+    /// made in the skeleton first.
     pub fn bind(
         &self,
         cid: &str,
@@ -305,6 +308,7 @@ impl PodShare {
         source: &Path,
         recursive: bool,
         readonly: bool,
+        follow_host: bool,
     ) -> Result<(), ShareError> {
         let cid = component(cid)?;
         let rel = format!("{cid}/mounts/{n}");
@@ -330,7 +334,14 @@ impl PodShare {
             .map_err(errno("create", &name))?;
         }
         let target = self.target(&rel, &name)?;
-        bind_at(source, recursive, readonly, target.as_fd(), &name)
+        bind_at(
+            source,
+            recursive,
+            readonly,
+            follow_host,
+            target.as_fd(),
+            &name,
+        )
     }
 
     /// An O_PATH fd of `rel` in the view, where a mount goes.
@@ -410,9 +421,10 @@ fn make_mountpoints(root: BorrowedFd, points: &[(String, bool)], name: &Path) {
     }
 }
 
-/// `mount_setattr` on the mount `fd` (recursively when `recursive`): private, nosuid, nodev,
-/// and read-only when `readonly`.
-fn set_attrs(fd: BorrowedFd, readonly: bool, recursive: bool) -> io::Result<()> {
+/// `mount_setattr` on the mount `fd` (recursively when `recursive`): nosuid, nodev, private
+/// (or, when `follow_host`, a slave of the source's peer group: mounts the host makes below
+/// the source appear in the share too), and read-only when `readonly`.
+fn set_attrs(fd: BorrowedFd, readonly: bool, recursive: bool, follow_host: bool) -> io::Result<()> {
     /// `struct mount_attr` (linux/mount.h).
     #[repr(C)]
     struct MountAttr {
@@ -429,7 +441,11 @@ fn set_attrs(fd: BorrowedFd, readonly: bool, recursive: bool) -> io::Result<()> 
             | MOUNT_ATTR_NODEV
             | if readonly { MOUNT_ATTR_RDONLY } else { 0 },
         attr_clr: 0,
-        propagation: libc::MS_PRIVATE,
+        propagation: if follow_host {
+            libc::MS_SLAVE
+        } else {
+            libc::MS_PRIVATE
+        },
         userns_fd: 0,
     };
     let flags = libc::AT_EMPTY_PATH | if recursive { libc::AT_RECURSIVE } else { 0 };
@@ -452,11 +468,13 @@ fn set_attrs(fd: BorrowedFd, readonly: bool, recursive: bool) -> io::Result<()> 
 }
 
 /// Binds host `source` onto `target`: a detached copy (of the whole tree when `recursive`)
-/// made private, nosuid, nodev and, when `readonly`, read-only before it is attached.
+/// made nosuid, nodev, private (a slave of the source when `follow_host`) and, when
+/// `readonly`, read-only before it is attached.
 pub fn bind_at(
     source: &Path,
     recursive: bool,
     readonly: bool,
+    follow_host: bool,
     target: BorrowedFd,
     name: &Path,
 ) -> Result<(), ShareError> {
@@ -466,7 +484,8 @@ pub fn bind_at(
     }
     let tree =
         rustix::mount::open_tree(CWD, source, flags).map_err(errno("bind source", source))?;
-    set_attrs(tree.as_fd(), readonly, recursive).map_err(io_err("mount_setattr", name))?;
+    set_attrs(tree.as_fd(), readonly, recursive, follow_host)
+        .map_err(io_err("mount_setattr", name))?;
     rustix::mount::move_mount(
         tree.as_fd(),
         "",

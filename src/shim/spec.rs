@@ -10,14 +10,21 @@
 //!   container of the pod shares the VM's network (no per-container netns; creating one is
 //!   also among the slowest steps of a container start in an emulated guest kernel);
 //! - namespaces joined by path (CRI: the sandbox's `/proc/<pid>/ns/...`): UTS and IPC are
-//!   the VM's own, shared by the pod's containers, so the entry is dropped; any other kind
-//!   becomes a new namespace;
-//! - hooks (host binaries), AppArmor/SELinux labels (host LSMs) are dropped.
+//!   the VM's own, shared by the pod's containers, so the entry is dropped; PID joins the
+//!   pod's PID namespace in the VM (the agent makes it: [`POD_PID_NAMESPACE`]); any other
+//!   kind becomes a new namespace;
+//! - hooks (host binaries), AppArmor/SELinux labels (host LSMs) are dropped;
+//! - mount propagation is the host's business: a HostToContainer bind (`rslave`) is bound
+//!   into the share as a slave of its source ([`HostBind::follow_host`]), and the guest
+//!   sees the host's later mounts below it through virtio-fs; the guest mount and the
+//!   rootfs lose their propagation options (the guest has no host mounts to follow).
 //!
 //! Refused: a spec without a network, PID or IPC namespace entry asks to share the host's
 //! (Kubernetes' `hostNetwork`, `hostPID`, `hostIPC`). A VM has its own kernel and cannot
 //! share those with the host; running the container with the VM's instead would silently
-//! break what the pod asked for, so Create fails with [`SpecError::HostNamespace`].
+//! break what the pod asked for, so Create fails with [`SpecError::HostNamespace`]. So does
+//! Bidirectional mount propagation (`rshared`, [`SpecError::Bidirectional`]): a mount made
+//! in the guest cannot become a host mount.
 //!
 //! The agent sets `linux.cgroupsPath` itself.
 
@@ -25,6 +32,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{LinuxNamespaceType, Mount, Root, Spec};
+use podvisor_agent_protocol::POD_PID_NAMESPACE;
 
 /// A host path the shim must bind into the share before the container is created.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +46,9 @@ pub struct HostBind {
     /// The options make it read-only (`ro`): the host bind is read-only too (recursively
     /// for `rbind`), so the guest cannot write it through the share either.
     pub readonly: bool,
+    /// HostToContainer propagation (`rslave`/`slave`): the host bind is a slave of the
+    /// source, so mounts the host makes below it later reach the guest through the share.
+    pub follow_host: bool,
 }
 
 /// The adapted spec (JSON) and the host binds it relies on.
@@ -94,7 +105,19 @@ pub enum SpecError {
         kind: &'static str,
         field: &'static str,
     },
+    #[error(
+        "config.json: mount {destination} asks for Bidirectional mount propagation ({option}): \
+         mounts made inside a podvisor pod's VM cannot reach the host; use HostToContainer \
+         (rslave) or None, or run this pod with a RuntimeClass of a container runtime such \
+         as runc"
+    )]
+    Bidirectional { destination: String, option: String },
 }
+
+/// Mount options that ask for shared (Bidirectional) propagation.
+const SHARED_OPTIONS: [&str; 2] = ["shared", "rshared"];
+/// Mount options that ask for slave (HostToContainer) propagation.
+const SLAVE_OPTIONS: [&str; 2] = ["slave", "rslave"];
 
 /// Namespaces a container in a VM always has of its own: (type, its name, the Kubernetes
 /// field that asks for the host's instead).
@@ -230,8 +253,20 @@ fn adapt(mut spec: Spec, container_dir: &str) -> Result<GuestSpec, SpecError> {
         if !source.is_absolute() {
             return Err(SpecError::RelativeBind(source));
         }
-        let options = m.options().clone().unwrap_or_default();
+        let mut options = m.options().clone().unwrap_or_default();
+        if let Some(shared) = options
+            .iter()
+            .find(|o| SHARED_OPTIONS.contains(&o.as_str()))
+        {
+            return Err(SpecError::Bidirectional {
+                destination: m.destination().to_string_lossy().into_owned(),
+                option: shared.clone(),
+            });
+        }
+        let follow_host = options.iter().any(|o| SLAVE_OPTIONS.contains(&o.as_str()));
+        options.retain(|o| !SLAVE_OPTIONS.contains(&o.as_str()));
         let flags = super::mount::parse_options(&options).flags;
+        m.set_options(Some(options));
         let target = format!("mounts/{}", binds.len());
         m.set_source(Some(PathBuf::from(format!("{container_dir}/{target}"))));
         binds.push(HostBind {
@@ -239,12 +274,23 @@ fn adapt(mut spec: Spec, container_dir: &str) -> Result<GuestSpec, SpecError> {
             target,
             recursive: flags & libc::MS_REC != 0,
             readonly: flags & libc::MS_RDONLY != 0,
+            follow_host,
         });
     }
 
     let mut drop_hostname = false;
     if let Some(linux) = spec.linux_mut() {
         linux.set_mount_label(None);
+        let propagation = linux.rootfs_propagation().clone().unwrap_or_default();
+        if SHARED_OPTIONS.contains(&propagation.as_str()) {
+            return Err(SpecError::Bidirectional {
+                destination: "/ (linux.rootfsPropagation)".into(),
+                option: propagation,
+            });
+        }
+        if SLAVE_OPTIONS.contains(&propagation.as_str()) {
+            linux.set_rootfs_propagation(None);
+        }
         if let Some(nss) = linux.namespaces_mut() {
             nss.retain(|ns| {
                 let joined = ns
@@ -255,7 +301,13 @@ fn adapt(mut spec: Spec, container_dir: &str) -> Result<GuestSpec, SpecError> {
                     && !(joined && VM_NAMESPACES.contains(&ns.typ()))
             });
             for ns in nss.iter_mut() {
-                ns.set_path(None);
+                // Joining the sandbox's PID namespace is the pod's shared one in the VM.
+                let joined = ns
+                    .path()
+                    .as_ref()
+                    .is_some_and(|p| !p.as_os_str().is_empty());
+                let pod_pid = joined && ns.typ() == LinuxNamespaceType::Pid;
+                ns.set_path(pod_pid.then(|| PathBuf::from(POD_PID_NAMESPACE)));
             }
             // The VM's hostname is the pod's; no UTS namespace to set another in.
             drop_hostname = !nss.iter().any(|ns| ns.typ() == LinuxNamespaceType::Uts);
@@ -294,7 +346,7 @@ mod tests {
                 {"destination": "/dev/shm", "source": "/run/c/shm", "options": ["bind"]}
             ],
             "linux": {"mountLabel": "x", "namespaces": [
-                {"type": "pid"},
+                {"type": "pid", "path": "/proc/42/ns/pid"},
                 {"type": "network"},
                 {"type": "network", "path": "/var/run/netns/cni-1"},
                 {"type": "ipc", "path": "/proc/42/ns/ipc"},
@@ -316,12 +368,14 @@ mod tests {
                     target: "mounts/0".into(),
                     recursive: true,
                     readonly: true,
+                    follow_host: false,
                 },
                 HostBind {
                     source: "/run/c/shm".into(),
                     target: "mounts/1".into(),
                     recursive: false,
                     readonly: false,
+                    follow_host: false,
                 },
             ]
         );
@@ -349,7 +403,7 @@ mod tests {
         assert_eq!(
             nss,
             vec![
-                serde_json::json!({"type": "pid"}),
+                serde_json::json!({"type": "pid", "path": POD_PID_NAMESPACE}),
                 serde_json::json!({"type": "mount"}),
                 serde_json::json!({"type": "cgroup"}),
             ]
@@ -367,6 +421,45 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("not absolute"));
+    }
+
+    #[test]
+    fn host_to_container_binds_follow_the_host_and_bidirectional_is_refused() {
+        let with = |options: &[&str], rootfs_propagation: &str| {
+            let mut linux = serde_json::json!({"namespaces": [
+                {"type": "network"}, {"type": "pid"}, {"type": "ipc"}]});
+            if !rootfs_propagation.is_empty() {
+                linux["rootfsPropagation"] = rootfs_propagation.into();
+            }
+            serde_json::to_vec(&serde_json::json!({
+                "mounts": [{"destination": "/vol", "type": "bind", "source": "/host/vol",
+                            "options": options}],
+                "linux": linux,
+            }))
+            .unwrap()
+        };
+        let out = guest_spec(&with(&["rbind", "rslave", "rw"], "rslave"), "/c").unwrap();
+        assert!(out.binds[0].follow_host && out.binds[0].recursive);
+        let json: Value = serde_json::from_slice(&out.json).unwrap();
+        assert_eq!(
+            json["mounts"][0]["options"],
+            serde_json::json!(["rbind", "rw"])
+        );
+        assert!(json["linux"].get("rootfsPropagation").is_none());
+        let out = guest_spec(&with(&["rbind", "rprivate"], ""), "/c").unwrap();
+        assert!(!out.binds[0].follow_host);
+        for (options, propagation) in [
+            (&["rbind", "rshared"][..], "rshared"),
+            (&["rbind", "shared"][..], ""),
+            (&["rbind"][..], "rshared"),
+        ] {
+            let err = guest_spec(&with(options, propagation), "/c").unwrap_err();
+            assert!(
+                matches!(err, SpecError::Bidirectional { .. })
+                    && err.to_string().contains("Bidirectional"),
+                "{options:?} {propagation}: {err}"
+            );
+        }
     }
 
     #[test]

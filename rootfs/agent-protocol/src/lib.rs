@@ -54,6 +54,11 @@ pub mod vsock;
 /// Version of the protocol in `proto/agent.proto`, returned by `GetVersion`.
 pub const PROTOCOL_VERSION: u32 = 3;
 
+/// The `path` of a spec's `pid` namespace entry that joins the pod's PID namespace (CRI's
+/// pod-level PID namespace, `shareProcessNamespace`): the shim writes it for a container
+/// that joins the sandbox's PID namespace, and the agent makes that namespace once per pod.
+pub const POD_PID_NAMESPACE: &str = "/run/podvisor/pod-pid-namespace";
+
 /// vsock port of the agent's ttrpc server in the guest.
 pub const RPC_VSOCK_PORT: u32 = 1024;
 

@@ -42,7 +42,7 @@ use libcontainer::workload::default::DefaultExecutor;
 use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use oci_spec::runtime::{LinuxResources, Process as OciProcess, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process as OciProcess, Spec};
 use podvisor_agent_protocol::agent::Stdio;
 
 use crate::cgroup::{Cgroup, CgroupError};
@@ -737,6 +737,19 @@ impl Container {
                 what: "spec",
                 source,
             })?;
+        crate::pod_pid::resolve(&mut spec).map_err(|source| ContainerError::Io {
+            id: id.to_string(),
+            what: "making the pod's PID namespace",
+            source,
+        })?;
+        let own_pid_namespace = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|nss| {
+                nss.iter()
+                    .any(|ns| ns.typ() == LinuxNamespaceType::Pid && ns.path().is_none())
+            });
         let mut process = spec
             .process()
             .clone()
@@ -816,6 +829,20 @@ impl Container {
                 return Err(err);
             }
         };
+        if !own_pid_namespace {
+            // Its processes outlive its init (they are not in a PID namespace of their
+            // own that ends with it): as containerd's runc shim does, they are killed when
+            // the init exits, so none keeps running (or holds the container's output).
+            let (cgroup, name) = (cgroup.clone(), id.to_string());
+            init.set_on_exit(Box::new(move || {
+                if !cgroup.kill_all() {
+                    for pid in cgroup.pids().unwrap_or_default() {
+                        kill_cgroup_pid(pid, Signal::SIGKILL);
+                    }
+                }
+                log::debug!("container {name}: init exited, its other processes killed");
+            }));
+        }
         Ok(Arc::new(Self {
             id: id.to_string(),
             layout: layout.clone(),

@@ -31,6 +31,7 @@ mod logger;
 mod network;
 mod oom;
 mod pid1;
+mod pod_pid;
 mod process;
 mod reaper;
 mod sandbox;

@@ -54,7 +54,12 @@ pub struct Process {
     changed: Condvar,
     stdin: Mutex<Option<Arc<StdinControl>>>,
     pty: Mutex<Option<OwnedFd>>,
+    /// Runs once, right after the exit is recorded ([`Process::set_on_exit`]).
+    on_exit: Mutex<Option<OnExit>>,
 }
+
+/// What to do when a process exits.
+pub type OnExit = Box<dyn FnOnce() + Send>;
 
 impl Process {
     pub fn new(container_id: &str, exec_id: &str) -> Arc<Self> {
@@ -66,6 +71,7 @@ impl Process {
             changed: Condvar::new(),
             stdin: Mutex::new(None),
             pty: Mutex::new(None),
+            on_exit: Mutex::new(None),
         })
     }
 
@@ -141,6 +147,25 @@ impl Process {
         );
         if let Some(stdin) = self.stdin() {
             stdin.stop();
+        }
+        let on_exit = self
+            .on_exit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(f) = on_exit {
+            f();
+        }
+    }
+
+    /// Runs `f` once the process has exited (now, if it already has).
+    pub fn set_on_exit(&self, f: OnExit) {
+        let mut slot = self.on_exit.lock().unwrap_or_else(|e| e.into_inner());
+        if self.exit().is_some() {
+            drop(slot);
+            f();
+        } else {
+            *slot = Some(f);
         }
     }
 

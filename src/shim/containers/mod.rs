@@ -45,6 +45,10 @@ use process::{Exit, ProcState, Process};
 pub const VM_DIED_STATUS: u32 = 255;
 /// How long CloseIO waits for the stdin copy to reach EOF by itself.
 const CLOSE_IO_GRACE: Duration = Duration::from_secs(2);
+/// How long a process's reported exit waits for its output to be copied: the agent already
+/// waited for the output to close, so an output still open now is held by a leftover
+/// process (a background child); it is copied on, but the exit is not held back by it.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 
 /// Where task events go (containerd's publisher; a recorder in tests).
 pub trait EventSink: Send + Sync {
@@ -382,8 +386,19 @@ impl Containers {
                     .and_then(|c| c.proc_mut(&texec))
                     .map(|p| std::mem::take(&mut p.io.outputs))
                     .unwrap_or_default();
+                let deadline = std::time::Instant::now() + OUTPUT_DRAIN;
                 for t in outputs {
-                    let _ = t.join();
+                    while !t.is_finished() && std::time::Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    if t.is_finished() {
+                        let _ = t.join();
+                    } else {
+                        log::warn!(
+                            "{tid} {texec}: output still open {OUTPUT_DRAIN:?} after the exit \
+                             (a leftover process holds it?): reporting the exit, copying on"
+                        );
+                    }
                 }
                 this.finish(&tid, &texec, exit);
             });

@@ -184,6 +184,35 @@ fn create_start_exit_delete_of_a_workload() {
 }
 
 #[test]
+fn an_exit_is_reported_though_a_leftover_keeps_the_output_open() {
+    // The agent reported the exec's exit, but its stdout stream stays open (a background
+    // child of the exec holds the pipe in the guest): the exit is still published, after
+    // a bounded drain, and Wait returns.
+    let k = kit();
+    k.cs.create(&k.pod, spec("c1", ContainerKind::Workload))
+        .unwrap();
+    k.cs.start(&k.pod, "c1", "").unwrap();
+    let dir = std::env::temp_dir().join(format!("pv-drain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let stdio = StdioPaths {
+        stdout: format!("file://{}", dir.join("out.log").display()),
+        ..StdioPaths::default()
+    };
+    k.cs.add_exec("c1", "e1", stdio, b"{}".to_vec()).unwrap();
+    k.cs.start(&k.pod, "c1", "e1").unwrap();
+    let started = Instant::now();
+    k.fake.agent.exit("c1", "e1", 0);
+    let exit = wait_stopped(&k.cs, "c1", "e1");
+    assert_eq!(exit.status, 0);
+    assert!(
+        started.elapsed() >= OUTPUT_DRAIN,
+        "reported before the output had its drain time"
+    );
+    assert!(k.events.topics().contains(&"exit".to_string()));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn exec_start_kill_delete() {
     let k = kit();
     k.cs.create(&k.pod, spec("c1", ContainerKind::Workload))

@@ -480,7 +480,14 @@ impl PodHost for Pod {
             share.add_container(id)?;
             share.mount_rootfs(id, &m.rootfs, &m.bundle_rootfs, m.readonly, &m.mountpoints)?;
             for (n, b) in m.binds.iter().enumerate() {
-                share.bind(id, n, Path::new(&b.source), b.recursive, b.readonly)?;
+                share.bind(
+                    id,
+                    n,
+                    Path::new(&b.source),
+                    b.recursive,
+                    b.readonly,
+                    b.follow_host,
+                )?;
             }
             Ok(())
         })
