@@ -749,6 +749,15 @@ fn cri_podvisor_pod_lifecycle() {
                     usage >> 10
                 );
             }
+            // Each container has a cgroup namespace of its own (the guest is cgroup v2,
+            // whatever this host is): its cgroup is the root it sees.
+            let cgroup = exec_sync(
+                client,
+                rt,
+                &run.container_ids[1],
+                &["cat", "/proc/self/cgroup"],
+            );
+            assert_eq!(String::from_utf8_lossy(&cgroup.stdout), "0::/\n");
             let nproc = exec_sync(client, rt, &run.container_ids[1], &["nproc"]);
             assert_eq!(
                 String::from_utf8_lossy(&nproc.stdout).trim(),

@@ -13,6 +13,8 @@
 //!   the VM's own, shared by the pod's containers, so the entry is dropped; PID joins the
 //!   pod's PID namespace in the VM (the agent makes it: [`POD_PID_NAMESPACE`]); any other
 //!   kind becomes a new namespace;
+//! - every container gets a cgroup namespace of its own (the guest is cgroup v2, where
+//!   containerd gives one; on a cgroup v1 host it does not);
 //! - hooks (host binaries), AppArmor/SELinux labels (host LSMs) are dropped;
 //! - mount propagation is the host's business: a HostToContainer bind (`rslave`) is bound
 //!   into the share as a slave of its source ([`HostBind::follow_host`]), and the guest
@@ -309,6 +311,14 @@ fn adapt(mut spec: Spec, container_dir: &str) -> Result<GuestSpec, SpecError> {
                 let pod_pid = joined && ns.typ() == LinuxNamespaceType::Pid;
                 ns.set_path(pod_pid.then(|| PathBuf::from(POD_PID_NAMESPACE)));
             }
+            // A private cgroup namespace, as containerd gives containers on cgroup v2 hosts
+            // (the guest is one whatever the host is): the container sees its own cgroup
+            // as the root of /sys/fs/cgroup, with its own limits.
+            if !nss.iter().any(|ns| ns.typ() == LinuxNamespaceType::Cgroup) {
+                let mut cgroup = oci_spec::runtime::LinuxNamespace::default();
+                cgroup.set_typ(LinuxNamespaceType::Cgroup);
+                nss.push(cgroup);
+            }
             // The VM's hostname is the pod's; no UTS namespace to set another in.
             drop_hostname = !nss.iter().any(|ns| ns.typ() == LinuxNamespaceType::Uts);
         }
@@ -460,6 +470,21 @@ mod tests {
                 "{options:?} {propagation}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn every_container_gets_a_cgroup_namespace() {
+        // containerd on a cgroup v1 host lists none; the guest is cgroup v2.
+        let spec = br#"{"linux": {"namespaces": [
+            {"type": "network"}, {"type": "pid"}, {"type": "ipc"}, {"type": "mount"}]}}"#;
+        let out: Value = serde_json::from_slice(&guest_spec(spec, "/c").unwrap().json).unwrap();
+        let cgroups: Vec<&Value> = out["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|ns| ns["type"] == "cgroup")
+            .collect();
+        assert_eq!(cgroups, [&serde_json::json!({"type": "cgroup"})]);
     }
 
     #[test]

@@ -42,7 +42,9 @@ use libcontainer::workload::default::DefaultExecutor;
 use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process as OciProcess, Spec};
+use oci_spec::runtime::{
+    LinuxNamespaceType, LinuxResources, LinuxSeccomp, Process as OciProcess, Spec,
+};
 use podvisor_agent_protocol::agent::Stdio;
 
 use crate::cgroup::{Cgroup, CgroupError};
@@ -111,6 +113,8 @@ pub enum ContainerError {
         message: String,
         invalid_input: bool,
     },
+    #[error("not supported in a podvisor pod: {0}")]
+    Unsupported(&'static str),
     #[error("container {id}: {source}")]
     Launch {
         id: String,
@@ -132,6 +136,7 @@ impl From<ContainerError> for RpcError {
             | ContainerError::MissingSpec(_)
             | ContainerError::TerminalMismatch { .. }
             | ContainerError::BadSignal(_)
+            | ContainerError::Unsupported(_)
             | ContainerError::Libcontainer {
                 invalid_input: true,
                 ..
@@ -462,10 +467,13 @@ fn attach_console(process: &Arc<Process>, console: Console) -> Result<(), Contai
     Ok(())
 }
 
+/// A libcontainer builder for container `id`; `exec_seccomp` is the container's seccomp
+/// profile when the builder starts an exec process (see [`AgentExecutor`]).
 fn builder(
     layout: &Layout,
     id: &str,
     child: ChildStdio,
+    exec_seccomp: Option<LinuxSeccomp>,
 ) -> Result<(ContainerBuilder, Option<Console>), ContainerError> {
     let mut builder = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_root_path(layout.lc_root())
@@ -473,7 +481,9 @@ fn builder(
         .with_stdin(child.stdin)
         .with_stdout(child.stdout)
         .with_stderr(child.stderr)
-        .with_executor(AgentExecutor);
+        .with_executor(AgentExecutor {
+            seccomp: exec_seccomp,
+        });
     if let Some(console) = &child.console {
         builder = builder.with_console_socket(Some(&console.path));
     }
@@ -481,20 +491,52 @@ fn builder(
 }
 
 /// libcontainer's default executor (exec the spec's args), preceded by giving the new
-/// program the signal state a fresh process has: the agent ignores SIGPIPE (as every Rust
-/// program) and ignored signals stay ignored across execve.
+/// program the signal state a fresh process has (the agent ignores SIGPIPE, as every Rust
+/// program, and ignored signals stay ignored across execve) and, for an exec process of a
+/// container with a seccomp profile, that profile.
+///
+/// libcontainer confines a container's init with its profile but not the processes exec'd
+/// into it (its tenant drops `linux.seccomp`); runc confines both. Here the profile is
+/// loaded last, right before execve, as runc does when no_new_privs is set. Without
+/// no_new_privs, runc loads it before dropping capabilities, a step libcontainer offers no
+/// hook for: the profile is loaded as is when the process may (CAP_SYS_ADMIN), else with
+/// no_new_privs set first. An exec'd process is never left unconfined; in that last case a
+/// setuid program it runs gains no privileges (which runc would allow).
 #[derive(Clone)]
-struct AgentExecutor;
+struct AgentExecutor {
+    seccomp: Option<LinuxSeccomp>,
+}
 
 impl Executor for AgentExecutor {
     fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
         reset_signals();
+        if let Some(profile) = &self.seccomp {
+            load_exec_seccomp(profile)?;
+        }
         DefaultExecutor {}.exec(spec)
     }
 
     fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
         DefaultExecutor {}.validate(spec)
     }
+}
+
+/// Loads `profile` into this (exec'd) process: as is if it may, else after setting
+/// no_new_privs.
+fn load_exec_seccomp(profile: &LinuxSeccomp) -> Result<(), ExecutorError> {
+    if libcontainer::seccomp::initialize_seccomp(profile).is_ok() {
+        return Ok(());
+    }
+    // SAFETY: prctl(PR_SET_NO_NEW_PRIVS, 1) takes no pointers and only sets a flag.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(ExecutorError::Other(format!(
+            "setting no_new_privs for the container's seccomp profile: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    libcontainer::seccomp::initialize_seccomp(profile)
+        .map(|_| ())
+        .map_err(|e| ExecutorError::Other(format!("loading the container's seccomp profile: {e}")))
 }
 
 /// The kernel's `struct sigaction` on x86_64 (what the raw rt_sigaction syscall takes;
@@ -609,7 +651,7 @@ fn launch_libcontainer(
     child: ChildStdio,
     init: &Arc<Process>,
 ) -> Result<LcContainer, ContainerError> {
-    let (builder, console) = builder(layout, id, child)?;
+    let (builder, console) = builder(layout, id, child, None)?;
     let guard = reaper.lock_spawn();
     let _watch = crate::stall::watch(format!("create {id}"));
     let lc = builder
@@ -710,6 +752,8 @@ pub struct Container {
     /// A lean-launched init's starter (`crate::launcher`), until StartContainer.
     lean_start: Mutex<Option<crate::launcher::Starter>>,
     started: AtomicBool,
+    /// The spec's seccomp profile: exec'd processes are confined by it too.
+    seccomp: Option<LinuxSeccomp>,
     /// When StartContainer released the init (signals to it may be held a while after:
     /// [`crate::held_signal`]).
     started_at: Mutex<Option<Instant>>,
@@ -742,6 +786,15 @@ impl Container {
             what: "making the pod's PID namespace",
             source,
         })?;
+        let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
+        if seccomp
+            .as_ref()
+            .is_some_and(libcontainer::seccomp::is_notify)
+        {
+            return Err(ContainerError::Unsupported(
+                "a seccomp profile with SCMP_ACT_NOTIFY (no seccomp agent runs in the pod's VM)",
+            ));
+        }
         let own_pid_namespace = spec
             .linux()
             .as_ref()
@@ -852,6 +905,7 @@ impl Container {
             lean_start: Mutex::new(lean_start),
             started: AtomicBool::new(false),
             started_at: Mutex::new(None),
+            seccomp,
             execs: Mutex::new(HashMap::new()),
             exec_seq: AtomicU64::new(0),
         }))
@@ -973,7 +1027,7 @@ impl Container {
         let process = Process::new(&self.id, exec_id);
         let result = (|| {
             let child = wire_stdio(&self.layout, &process, io)?;
-            let (builder, console) = builder(&self.layout, &self.id, child)?;
+            let (builder, console) = builder(&self.layout, &self.id, child, self.seccomp.clone())?;
             let guard = reaper.lock_spawn();
             let _watch = crate::stall::watch(format!("exec {}/{exec_id}", self.id));
             let pid = builder

@@ -450,6 +450,32 @@ fn seccomp_profile() {
         }
         agent.remove(id).unwrap();
     }
+
+    // A process exec'd into the container is confined by the same profile, as with runc
+    // (libcontainer alone leaves it unconfined). Without no_new_privs and without
+    // CAP_SYS_ADMIN the profile is loaded after setting no_new_privs.
+    let mut spec = spec(&["sleep", "1000"], false);
+    spec["linux"]["seccomp"] = serde_json::from_str(SECCOMP_DENY_MKDIR).unwrap();
+    agent.create("sc-exec", &spec, Stdio::new()).unwrap();
+    agent.start_container("sc-exec").unwrap();
+    let check =
+        "mkdir /tmp/y 2>/dev/null; echo rc=$?; grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status";
+    for (exec_id, no_new_privs) in [("nnp", true), ("privs", false)] {
+        let out = collect(agent.attach(StreamKind::Stdout, "sc-exec", exec_id));
+        let mut process: Value =
+            serde_json::from_slice(&process_json(&["sh", "-c", check], false)).unwrap();
+        process["noNewPrivileges"] = no_new_privs.into();
+        let mut req = ExecProcessRequest::new();
+        req.container_id = "sc-exec".into();
+        req.exec_id = exec_id.into();
+        req.oci_process_json = serde_json::to_vec(&process).unwrap();
+        req.stdio = Some(stdio(false, true, false)).into();
+        agent.client.exec_process(ctx(), &req).unwrap();
+        assert_eq!(agent.wait("sc-exec", exec_id).unwrap(), 0);
+        let out = String::from_utf8(out.join().unwrap()).unwrap();
+        assert_eq!(out, "rc=1\nNoNewPrivs:\t1\nSeccomp:\t2\n", "exec {exec_id}");
+    }
+    agent.remove("sc-exec").unwrap();
 }
 
 /// CreateSandbox's shared mounts are visible to containers, which bind from them.
