@@ -9,7 +9,7 @@
 //! NIC the VM lacks, loopback-only success); a container prints to a stdout stream (port 1025) and exits 42, which
 //! WaitProcess reports after the output; a second container reads the agent's own
 //! /proc/1/status (VmRSS, printed) under a seccomp profile that makes mkdir fail with
-//! EPERM; a third container under a 4 MiB memory limit (the guest's cgroup2 has the
+//! EPERM, and with CAP_NET_ADMIN makes a bridge; a third container under a 4 MiB memory limit (the guest's cgroup2 has the
 //! memory controller, unlike many hosts of the fast tier): Stats while it waits on its
 //! stdin stream (memory usage, the limit, pids), then dd fills a 32 MiB buffer until the
 //! OOM killer ends it and GetOOMEvent names it; SIGTERM right after StartContainer ends a
@@ -397,15 +397,28 @@ fn guest_agent_runs_a_container() {
             "sh",
             "-c",
             "grep -E '^(Name|VmRSS|VmHWM)' /proc/1/status; echo GLIBC_TUNABLES=$GLIBC_TUNABLES; \
-             mkdir /tmp/x 2>&1; echo mkdir=$?",
+             brctl addbr pvbr0 2>&1 && echo bridge=ok; mkdir /tmp/x 2>&1; echo mkdir=$?",
         ],
         &["ipc", "uts", "mount"],
     );
     spec_rss["linux"]["seccomp"] = serde_json::from_str(SECCOMP_DENY_MKDIR).unwrap();
+    // With CAP_NET_ADMIN (and /sys, which brctl reads) it can make a bridge: the guest
+    // kernel has bridge support, as a privileged container expects.
+    spec_rss["mounts"].as_array_mut().unwrap().push(json!(
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+         "options": ["nosuid", "noexec", "nodev", "ro"]}
+    ));
+    for set in ["bounding", "effective", "permitted"] {
+        spec_rss["process"]["capabilities"][set]
+            .as_array_mut()
+            .unwrap()
+            .push(json!("CAP_NET_ADMIN"));
+    }
     let (status, out) = run_container(&client, &mut vm, &uds, "rss", &spec_rss);
     assert_eq!(status, 0, "{out}");
     assert!(out.contains("VmRSS:"), "{out}");
     assert!(out.contains("Operation not permitted"), "{out}");
+    assert!(out.contains("bridge=ok\n"), "{out}");
     assert!(out.ends_with("mkdir=1\n"), "{out}");
     if pvm_host() {
         assert!(out.contains("GLIBC_TUNABLES=glibc.cpu.hwcaps="), "{out}");
