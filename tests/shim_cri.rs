@@ -580,6 +580,69 @@ fn check_pod_network(
         }
     };
     assert_eq!(text, "hello-from-pod\n");
+
+    // PortForward as containerd serves it: a dial of 127.0.0.1:<port> inside the pod's
+    // network namespace reaches the pod's listener (with podvisor, in the VM).
+    let netns = pod_netns_path(client, rt, run);
+    let started = exec(
+        client,
+        &[
+            "sh",
+            "-c",
+            "(echo hello-via-forward | nc -l -p 8081 >/dev/null 2>&1) >/dev/null 2>&1 </dev/null &",
+        ],
+    );
+    assert_eq!(started.exit_code, 0);
+    let ns = podvisor_shim::Netns::open(&netns).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let text = loop {
+        let attempt = ns
+            .run("test-port-forward", || -> std::io::Result<String> {
+                let mut conn = TcpStream::connect_timeout(
+                    &(Ipv4Addr::LOCALHOST, 8081).into(),
+                    Duration::from_secs(5),
+                )?;
+                conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+                let mut text = String::new();
+                conn.read_to_string(&mut text)?;
+                Ok(text)
+            })
+            .unwrap();
+        match attempt {
+            Ok(text) if !text.is_empty() => break text,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no answer from 127.0.0.1:8081 in {}: {other:?}",
+                    netns.display()
+                );
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+    };
+    assert_eq!(text, "hello-via-forward\n");
+}
+
+/// The pod's network namespace, from containerd's verbose sandbox status.
+fn pod_netns_path(client: &mut Client, rt: &tokio::runtime::Runtime, run: &PodRun) -> PathBuf {
+    let status = rt
+        .block_on(client.pod_sandbox_status(req(
+            PodSandboxStatusRequest {
+                pod_sandbox_id: run.sandbox_id.clone(),
+                verbose: true,
+            },
+            CALL,
+        )))
+        .expect("PodSandboxStatus")
+        .into_inner();
+    let info: serde_json::Value =
+        serde_json::from_str(status.info.get("info").expect("verbose info")).unwrap();
+    info["runtimeSpec"]["linux"]["namespaces"]
+        .as_array()
+        .and_then(|nss| nss.iter().find(|ns| ns["type"] == "network"))
+        .and_then(|ns| ns["path"].as_str())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("no network namespace path in {info}"))
 }
 
 /// The same flow with runc: no guest needed. The pod gets its network from CNI (bridge

@@ -68,5 +68,14 @@ pub const STREAM_VSOCK_PORT: u32 = RPC_VSOCK_PORT + 1;
 /// Suffix added to the RPC Unix socket path to name the stream socket (host-test mode).
 pub const STREAM_SOCKET_SUFFIX: &str = ".stream";
 
+/// vsock port of the agent's port-forward listener (RPC port + 2): a connection starts with
+/// the guest TCP port to reach on 127.0.0.1 (2 bytes, big-endian), then carries that
+/// connection's bytes both ways.
+pub const PORT_FORWARD_VSOCK_PORT: u32 = RPC_VSOCK_PORT + 2;
+
+/// Suffix added to the RPC Unix socket path to name the port-forward socket (host-test
+/// mode).
+pub const PORT_FORWARD_SOCKET_SUFFIX: &str = ".forward";
+
 pub use protobuf;
 pub use ttrpc;

@@ -9,7 +9,9 @@ use std::str::FromStr;
 use nix::sys::socket::{
     accept4, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr, VsockAddr,
 };
-use podvisor_agent_protocol::{STREAM_SOCKET_SUFFIX, STREAM_VSOCK_PORT};
+use podvisor_agent_protocol::{
+    PORT_FORWARD_SOCKET_SUFFIX, PORT_FORWARD_VSOCK_PORT, STREAM_SOCKET_SUFFIX, STREAM_VSOCK_PORT,
+};
 
 /// Errors of parsing or binding a listening address.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +90,22 @@ impl ListenAddr {
             Self::Unix(path) => {
                 let mut name = path.clone().into_os_string();
                 name.push(STREAM_SOCKET_SUFFIX);
+                Self::Unix(PathBuf::from(name))
+            }
+        }
+    }
+
+    /// The port-forward listener that goes with this RPC listener: vsock port 1026
+    /// (RPC + 2), or the Unix socket path with `.forward` appended.
+    pub fn forward_addr(&self) -> ListenAddr {
+        match self {
+            Self::Vsock { cid, .. } => Self::Vsock {
+                cid: *cid,
+                port: PORT_FORWARD_VSOCK_PORT,
+            },
+            Self::Unix(path) => {
+                let mut name = path.clone().into_os_string();
+                name.push(PORT_FORWARD_SOCKET_SUFFIX);
                 Self::Unix(PathBuf::from(name))
             }
         }

@@ -24,6 +24,7 @@ mod container;
 mod cost;
 mod cpus;
 mod error;
+mod forward;
 mod held_signal;
 mod launcher;
 mod listener;
@@ -240,6 +241,8 @@ fn run(args: &Args, guest: bool) -> Result<(), StartError> {
     streams
         .serve(stream_fd, args.stream_listen.clone())
         .map_err(StartError::Streams)?;
+    let forward_addr = args.listen.forward_addr();
+    forward::serve(forward_addr.bind()?, forward_addr).map_err(StartError::Streams)?;
     let oom = OomWatcher::start()?;
     let config = SandboxConfig {
         layout: Layout {

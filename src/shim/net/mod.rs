@@ -31,6 +31,7 @@
 //!   container runs [`cleanup_stale`] on the namespace of the bundle's spec, which removes
 //!   ingress qdiscs whose redirects point at deleted links or at taps of ours, and those taps.
 
+pub mod forward;
 pub mod netns;
 pub mod tap;
 #[cfg(test)]
@@ -185,6 +186,8 @@ pub struct PodNetwork {
     /// What the agent must be told (ConfigureNetwork), after CreateSandbox.
     pub request: ConfigureNetworkRequest,
     netns: Netns,
+    /// Port forwarding into the VM ([`forward`]), once started.
+    forward: Option<forward::PortForward>,
     torn_down: bool,
 }
 
@@ -216,8 +219,16 @@ impl PodNetwork {
             nics,
             request,
             netns,
+            forward: None,
             torn_down: false,
         })
+    }
+
+    /// Starts forwarding containerd's PortForward dials in the namespace to the agent,
+    /// whose port-forward listener `connect` reaches ([`forward`]).
+    pub fn forward_ports(&mut self, connect: forward::Connect) -> io::Result<()> {
+        self.forward = Some(forward::PortForward::start(&self.netns, connect)?);
+        Ok(())
     }
 
     /// The namespace's path.
@@ -232,6 +243,7 @@ impl PodNetwork {
     }
 
     fn unwire(&mut self) -> Result<(), NetError> {
+        self.forward = None;
         let name = self.netns.path().to_string();
         let nics = std::mem::take(&mut self.nics);
         let pairs: Vec<(u32, u32, String)> = nics

@@ -17,6 +17,12 @@ pub struct Netns {
     path: String,
 }
 
+impl std::os::fd::AsRawFd for Netns {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
 impl Netns {
     /// Opens the namespace file at `path` (`/var/run/netns/cni-…`, `/proc/<pid>/ns/net`).
     pub fn open(path: &Path) -> io::Result<Self> {

@@ -497,3 +497,55 @@ fn what_a_dead_shim_left_is_cleaned_up() {
         assert!(nl.has_ingress_qdisc(eth0.index).unwrap());
     });
 }
+
+#[test]
+fn port_forward_steers_any_loopback_port_to_the_guest_and_stops_with_the_pod() {
+    if skip() {
+        return;
+    }
+    // containerd's PortForward dials 127.0.0.1:<port> in the pod's namespace, where
+    // nothing listens; each connection must reach the "agent" with the port dialled.
+    let pod_ns = new_netns();
+    in_ns(&pod_ns, |nl| {
+        up(nl, "lo");
+    });
+    let agent_ports = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = agent_ports.clone();
+    let connect: forward::Connect = std::sync::Arc::new(move || {
+        let (shim, mut agent) = std::os::unix::net::UnixStream::pair()?;
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let mut port = [0u8; 2];
+            agent.read_exact(&mut port).unwrap();
+            let port = u16::from_be_bytes(port);
+            seen.lock().unwrap().push(port);
+            let mut line = Vec::new();
+            agent.read_to_end(&mut line).unwrap();
+            write!(agent, "guest:{port}:").unwrap();
+            agent.write_all(&line).unwrap();
+        });
+        Ok(shim)
+    });
+    let netns = Netns::open(&fd_path(&pod_ns)).unwrap();
+    let forward = forward::PortForward::start(&netns, connect).unwrap();
+    let dial = |port: u16| {
+        netns
+            .run("test-dial", move || -> std::io::Result<String> {
+                use std::io::{Read, Write};
+                let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
+                c.write_all(b"hello")?;
+                c.shutdown(std::net::Shutdown::Write)?;
+                let mut out = String::new();
+                c.read_to_string(&mut out)?;
+                Ok(out)
+            })
+            .unwrap()
+    };
+    assert_eq!(dial(8080).unwrap(), "guest:8080:hello");
+    assert_eq!(dial(12345).unwrap(), "guest:12345:hello");
+    assert_eq!(*agent_ports.lock().unwrap(), [8080, 12345]);
+    drop(forward);
+    let err = dial(8080).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+}

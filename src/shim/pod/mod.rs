@@ -20,7 +20,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use podvisor_agent_protocol::agent::{CreateSandboxRequest, SharedMount};
-use podvisor_agent_protocol::PROTOCOL_VERSION;
+use podvisor_agent_protocol::vsock::connect_hybrid_vsock;
+use podvisor_agent_protocol::{PORT_FORWARD_VSOCK_PORT, PROTOCOL_VERSION};
+
+/// How long a port-forward connection to the agent may take to be accepted.
+const FORWARD_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 use vmm::config::{NetConfig, TapSource};
 
 pub use cgroup::{CgroupError, PodCgroup};
@@ -404,8 +408,19 @@ impl Pod {
         timeline.mark(phase::SANDBOX);
         // The guest NICs get the CNI interfaces' names, addresses and routes before any
         // container runs (they share the VM's network namespace).
-        if let Some(net) = &partial.network {
+        if let Some(net) = &mut partial.network {
             agent.configure_network(&net.request)?;
+            let vsock = state.vsock();
+            let connect: crate::net::forward::Connect = Arc::new(move || {
+                connect_hybrid_vsock(&vsock, PORT_FORWARD_VSOCK_PORT, FORWARD_CONNECT_TIMEOUT)
+            });
+            // Without it the pod runs; only PortForward cannot reach it.
+            if let Err(e) = net.forward_ports(connect) {
+                log::warn!(
+                    "pod {id}: port forwarding is off: {e} (it needs BPF sk_lookup, Linux 5.9+, \
+                     and CAP_BPF or CAP_SYS_ADMIN)"
+                );
+            }
             timeline.mark(phase::NETWORK);
         }
         Ok(agent)
