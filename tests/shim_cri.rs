@@ -871,10 +871,12 @@ fn kib_field(text: &str, field: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// The shim's PSS, KiB.
-fn pss_kib(shim: u32) -> u64 {
+/// The shim's anonymous memory: guest pages it holds privately (touched RAM, copies of a
+/// template's pages) and its own heap. Unlike PSS, it does not change when another process
+/// that shares the shim's file pages (its binary, a template) starts or exits.
+fn anon_kib(shim: u32) -> u64 {
     let rollup = std::fs::read_to_string(format!("/proc/{shim}/smaps_rollup")).unwrap();
-    kib_field(&rollup, "Pss").expect("Pss in smaps_rollup")
+    kib_field(&rollup, "Anonymous").expect("Anonymous in smaps_rollup")
 }
 
 /// The guest's MemTotal as container `id` sees it, kB.
@@ -884,12 +886,13 @@ fn guest_mem_total(client: &mut Client, rt: &tokio::runtime::Runtime, id: &str) 
     kib_field(&text, "MemTotal").unwrap_or_else(|| panic!("no MemTotal in {text:?}"))
 }
 
-/// A container touches 32 MiB and frees it: the pod's host memory (the shim's PSS) grows,
+/// A container touches 32 MiB and frees it: the pod's host memory (the shim's anonymous
+/// memory) grows,
 /// then comes back near where it was once the guest reports the freed memory on its
 /// balloon.
 fn memory_comes_back(client: &mut Client, rt: &tokio::runtime::Runtime, run: &PodRun, shim: u32) {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    let before = pss_kib(shim);
+    let before = anon_kib(shim);
     // The peak while the guest touches the memory (the guest may give some back before
     // the exec's answer arrives).
     let peak = AtomicU64::new(before);
@@ -897,7 +900,7 @@ fn memory_comes_back(client: &mut Client, rt: &tokio::runtime::Runtime, run: &Po
     let dd = std::thread::scope(|s| {
         s.spawn(|| {
             while !done.load(Ordering::SeqCst) {
-                peak.fetch_max(pss_kib(shim), Ordering::SeqCst);
+                peak.fetch_max(anon_kib(shim), Ordering::SeqCst);
                 std::thread::sleep(Duration::from_millis(200));
             }
         });
@@ -918,24 +921,24 @@ fn memory_comes_back(client: &mut Client, rt: &tokio::runtime::Runtime, run: &Po
     );
     let freed = Instant::now();
     let peak = peak.load(Ordering::SeqCst);
-    eprintln!("alloc-free: shim PSS {before} KiB before, {peak} KiB at the peak");
+    eprintln!("alloc-free: shim anonymous memory {before} KiB before, {peak} KiB at the peak");
     assert!(
         peak >= before + 16 * 1024,
-        "touching 32 MiB in the guest grew the shim's PSS from {before} to {peak} KiB only"
+        "touching 32 MiB in the guest grew the shim's anonymous memory from {before} to {peak} KiB only"
     );
     let deadline = freed + Duration::from_secs(180);
     loop {
-        let now = pss_kib(shim);
+        let now = anon_kib(shim);
         if now <= before + 12 * 1024 {
             eprintln!(
-                "alloc-free: shim PSS back to {now} KiB {:.1} s after the free",
+                "alloc-free: shim anonymous memory back to {now} KiB {:.1} s after the free",
                 freed.elapsed().as_secs_f64()
             );
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "the shim's PSS is still {now} KiB (before: {before}, at the peak: {peak}): the \
+            "the shim's anonymous memory is still {now} KiB (before: {before}, at the peak: {peak}): the \
              guest did not give the freed memory back"
         );
         std::thread::sleep(Duration::from_secs(1));
