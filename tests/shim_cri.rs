@@ -387,6 +387,30 @@ fn pod_lifecycle(
     run
 }
 
+/// No podvisor shim runs and CRI lists no pod.
+fn assert_no_pods(containerd: &Containerd, rt: &tokio::runtime::Runtime, client: &mut Client) {
+    wait_gone("podvisor shim", || shim_pids(&containerd.sock()));
+    let pods = rt
+        .block_on(client.list_pod_sandbox(req(ListPodSandboxRequest::default(), CALL)))
+        .expect("ListPodSandbox")
+        .into_inner()
+        .items;
+    assert!(pods.is_empty(), "pods left: {pods:?}");
+}
+
+/// No task, no mount and no pod state of podvisor left.
+fn assert_nothing_left(containerd: &Containerd) {
+    assert_no_tasks_or_mounts(containerd);
+    assert_eq!(
+        std::fs::read_dir(containerd.run_dir())
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0,
+        "state left under {}",
+        containerd.run_dir().display()
+    );
+}
+
 /// Waits up to a minute for `pids()` to be empty.
 fn wait_gone(what: &str, pids: impl Fn() -> Vec<u32>) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -1133,13 +1157,7 @@ fn cri_podvisor_bad_config_fails_cleanly() {
             && err.message().contains("unknown field `memory`"),
         "{err}"
     );
-    wait_gone("podvisor shim", || shim_pids(&containerd.sock()));
-    let pods = rt
-        .block_on(client.list_pod_sandbox(req(ListPodSandboxRequest::default(), CALL)))
-        .expect("ListPodSandbox")
-        .into_inner()
-        .items;
-    assert!(pods.is_empty(), "pods left: {pods:?}");
+    assert_no_pods(containerd, &rt, &mut client);
 
     // ctr run --runtime-config-path: the same runtime options.
     let (code, _, stderr) = common::containerd::run_bounded(
@@ -1167,15 +1185,7 @@ fn cri_podvisor_bad_config_fails_cleanly() {
     );
     wait_gone("podvisor shim", || shim_pids(&containerd.sock()));
     let _ = containerd.ctr(&["-n", "k8s.io", "container", "rm", "badconfig"]);
-    assert_no_tasks_or_mounts(containerd);
-    assert_eq!(
-        std::fs::read_dir(containerd.run_dir())
-            .map(|d| d.count())
-            .unwrap_or(0),
-        0,
-        "state left under {}",
-        containerd.run_dir().display()
-    );
+    assert_nothing_left(containerd);
 }
 
 /// A pod that asks for the host's network, PID or IPC namespace is refused at RunPodSandbox
@@ -1232,22 +1242,8 @@ fn cri_podvisor_refuses_host_namespaces() {
             "{field}: {err}"
         );
     }
-    wait_gone("podvisor shim", || shim_pids(&containerd.sock()));
-    let pods = rt
-        .block_on(client.list_pod_sandbox(req(ListPodSandboxRequest::default(), CALL)))
-        .expect("ListPodSandbox")
-        .into_inner()
-        .items;
-    assert!(pods.is_empty(), "pods left: {pods:?}");
-    assert_no_tasks_or_mounts(containerd);
-    assert_eq!(
-        std::fs::read_dir(containerd.run_dir())
-            .map(|d| d.count())
-            .unwrap_or(0),
-        0,
-        "state left under {}",
-        containerd.run_dir().display()
-    );
+    assert_no_pods(containerd, &rt, &mut client);
+    assert_nothing_left(containerd);
 }
 
 /// Pod networking on podvisor: CNI's bridge plugin makes the pod's network

@@ -7,7 +7,7 @@
 //! Only the host reaches the listener (vsock peers are checked as for the other ports).
 //! A port nobody listens on closes the connection, which containerd reports to its client.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
@@ -55,25 +55,10 @@ fn carry(mut conn: UnixStream) -> io::Result<()> {
     let (mut tcp_in, mut conn_out) = (tcp.try_clone()?, conn.try_clone()?);
     let (mut tcp_out, mut conn_in) = (tcp, conn);
     spawn_small(format!("forward-{port}"), move || {
-        let _ = copy(&mut conn_in, &mut tcp_in);
+        let _ = io::copy(&mut conn_in, &mut tcp_in);
         let _ = tcp_in.shutdown(Shutdown::Write);
     })?;
-    let _ = copy(&mut tcp_out, &mut conn_out);
+    let _ = io::copy(&mut tcp_out, &mut conn_out);
     let _ = conn_out.shutdown(Shutdown::Write);
     Ok(())
-}
-
-fn copy(from: &mut impl Read, to: &mut impl Write) -> io::Result<u64> {
-    let mut buf = [0u8; 16 << 10];
-    let mut total = 0;
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        to.write_all(&buf[..n])?;
-        total += n as u64;
-    }
 }

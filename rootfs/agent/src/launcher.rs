@@ -715,18 +715,39 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 /// The kernel's `struct clone_args` (clone3).
 #[repr(C)]
 #[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
+pub(crate) struct CloneArgs {
+    pub flags: u64,
+    pub pidfd: u64,
+    pub child_tid: u64,
+    pub parent_tid: u64,
+    pub exit_signal: u64,
+    pub stack: u64,
+    pub stack_size: u64,
+    pub tls: u64,
+    pub set_tid: u64,
+    pub set_tid_size: u64,
+    pub cgroup: u64,
+}
+
+/// `clone3(args)`: the child's pid in the parent, 0 in the child.
+///
+/// # Safety
+/// Without `CLONE_VM` the child is a copy of this multi-threaded process: until it execs
+/// or exits it may only make raw syscalls on data prepared before the call (no allocation,
+/// no lock).
+pub(crate) unsafe fn clone3(args: &CloneArgs) -> std::io::Result<libc::c_long> {
+    // SAFETY: a valid clone_args of the size passed; the caller keeps the child's rules.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(pid)
 }
 
 impl Prepared {
@@ -761,16 +782,9 @@ impl Prepared {
             cgroup: u64::from(cgroup.as_raw_fd().cast_unsigned()),
             ..CloneArgs::default()
         };
-        // SAFETY: clone3 without CLONE_VM: the child gets a copy of this process and
-        // runs `child`, which only makes syscalls on data prepared above and never
-        // returns.
-        let pid = unsafe {
-            libc::syscall(
-                libc::SYS_clone3,
-                &args as *const CloneArgs,
-                std::mem::size_of::<CloneArgs>(),
-            )
-        };
+        // SAFETY: the child runs `child`, which only makes syscalls on data prepared
+        // above and never returns.
+        let pid = unsafe { clone3(&args) }.map_err(io("clone3"))?;
         if pid == 0 {
             let ends = ChildFds {
                 stdio,
@@ -778,12 +792,6 @@ impl Prepared {
                 start: start_r.as_raw_fd(),
             };
             child(self, &ends, &argv, &envp);
-        }
-        if pid < 0 {
-            return Err(LaunchError::Io {
-                what: "clone3",
-                source: std::io::Error::last_os_error(),
-            });
         }
         let pid = i32::try_from(pid).unwrap_or(i32::MAX);
         register(pid);
@@ -1847,7 +1855,7 @@ mod tests {
                 std::io::Error::from_raw_os_error(libc::EINVAL)
             )
         );
-        assert_eq!(STEPS.len(), Step::RootPropagationAfter as usize + 1);
+        assert_eq!(STEPS.len(), Step::Exec as usize + 1);
     }
 
     #[test]

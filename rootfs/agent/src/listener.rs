@@ -82,30 +82,23 @@ impl ListenAddr {
     /// The stdio stream listener that goes with this RPC listener: vsock port 1025
     /// (RPC + 1), or the Unix socket path with `.stream` appended.
     pub fn stream_addr(&self) -> ListenAddr {
-        match self {
-            Self::Vsock { cid, .. } => Self::Vsock {
-                cid: *cid,
-                port: STREAM_VSOCK_PORT,
-            },
-            Self::Unix(path) => {
-                let mut name = path.clone().into_os_string();
-                name.push(STREAM_SOCKET_SUFFIX);
-                Self::Unix(PathBuf::from(name))
-            }
-        }
+        self.sibling(STREAM_VSOCK_PORT, STREAM_SOCKET_SUFFIX)
     }
 
     /// The port-forward listener that goes with this RPC listener: vsock port 1026
     /// (RPC + 2), or the Unix socket path with `.forward` appended.
     pub fn forward_addr(&self) -> ListenAddr {
+        self.sibling(PORT_FORWARD_VSOCK_PORT, PORT_FORWARD_SOCKET_SUFFIX)
+    }
+
+    /// Another listener of the agent next to this one: vsock `port` on the same CID, or
+    /// this Unix socket path with `suffix` appended.
+    fn sibling(&self, port: u32, suffix: &str) -> ListenAddr {
         match self {
-            Self::Vsock { cid, .. } => Self::Vsock {
-                cid: *cid,
-                port: PORT_FORWARD_VSOCK_PORT,
-            },
+            Self::Vsock { cid, .. } => Self::Vsock { cid: *cid, port },
             Self::Unix(path) => {
                 let mut name = path.clone().into_os_string();
-                name.push(PORT_FORWARD_SOCKET_SUFFIX);
+                name.push(suffix);
                 Self::Unix(PathBuf::from(name))
             }
         }

@@ -14,6 +14,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Mutex;
 
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
+
+use crate::launcher::{clone3, CloneArgs};
 pub use podvisor_agent_protocol::POD_PID_NAMESPACE;
 
 /// The holder of the pod's PID namespace, once made.
@@ -22,20 +24,6 @@ static HOLDER: Mutex<Option<Holder>> = Mutex::new(None);
 struct Holder {
     pid: i32,
     pidfd: OwnedFd,
-}
-
-/// The kernel's `struct clone_args` (clone3), as far as used here.
-#[repr(C)]
-#[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
 }
 
 /// The holder's whole life: no descriptors, SIGCHLD blocked and waited for, every child
@@ -67,20 +55,11 @@ fn spawn() -> std::io::Result<Holder> {
         exit_signal: libc::SIGCHLD as u64,
         ..CloneArgs::default()
     };
-    // SAFETY: clone3 without CLONE_VM: the child runs `holder_main`, which only makes raw
-    // syscalls and never returns.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
+    // SAFETY: the child runs `holder_main`, which only makes raw syscalls and never
+    // returns.
+    let pid = unsafe { clone3(&args) }?;
     if pid == 0 {
         holder_main();
-    }
-    if pid < 0 {
-        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: CLONE_PIDFD stored a new descriptor owned by nobody else.
     let pidfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(pidfd) };

@@ -16,7 +16,7 @@
 //! it (closing the link detaches the program); the shim only copies bytes between
 //! containerd's socket and the vsock stream, it parses nothing the guest sends.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -346,25 +346,10 @@ fn carry(client: TcpStream, port: u16, connect: &Connect) -> io::Result<()> {
             let _ = io::copy(&mut client, &mut guest_in);
             let _ = guest_in.shutdown(Shutdown::Write);
         })?;
-    let _ = copy_down(&mut guest, &mut client_out);
+    let _ = io::copy(&mut guest, &mut client_out);
     let _ = client_out.shutdown(Shutdown::Write);
     let _ = upstream.join();
     Ok(())
-}
-
-fn copy_down(from: &mut UnixStream, to: &mut TcpStream) -> io::Result<u64> {
-    let mut buf = [0u8; 16 << 10];
-    let mut total = 0;
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        to.write_all(&buf[..n])?;
-        total += n as u64;
-    }
 }
 
 #[cfg(test)]
