@@ -1274,12 +1274,31 @@ fn cri_podvisor_pod_network() {
         TEST,
         containerd,
         CRI_HANDLER_PODVISOR,
+        // 1.5 CPUs: a 2-vCPU VM (this host's 2 CPUs are its vCPU slots), a clone of the
+        // one-vCPU template of its memory size with the second vCPU brought online after
+        // the restore, instead of a cold boot of a template of its own.
         PodWants {
             pod_network: true,
+            resources: Some(LinuxContainerResources {
+                cpu_period: 100_000,
+                cpu_quota: 150_000,
+                ..Default::default()
+            }),
             ..Default::default()
         },
         RUN_TIMEOUT,
-        &|client, rt, run| check_pod_network(TEST, client, rt, run, cni),
+        &|client, rt, run| {
+            check_pod_network(TEST, client, rt, run, cni);
+            if host_cpus() >= 2 {
+                let nproc = exec_sync(client, rt, &run.container_ids[1], &["nproc"]);
+                assert_eq!(String::from_utf8_lossy(&nproc.stdout).trim(), "2");
+                let log = containerd.log();
+                assert!(
+                    log.contains("2 vCPUs online after the restore"),
+                    "the 2-vCPU pod did not start from the one-vCPU template"
+                );
+            }
+        },
     );
     wait_gone("podvisor shim", || shim_pids(&sock));
     assert_no_tasks_or_mounts(containerd);

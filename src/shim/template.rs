@@ -50,13 +50,24 @@ fn template_mac(index: usize) -> [u8; 6] {
 }
 
 /// The template's shape for a pod of shape `pod`: the same, but for the NICs' MACs, which
-/// are the template's own.
+/// are the template's own, and with one vCPU online when the VM has parked vCPUs
+/// (`max_vcpus` > 1): a pod that wants more brings them online after the restore
+/// ([`online_after_restore`]), so pods of any vCPU count share one template.
 pub fn shape(pod: &GuestShape) -> GuestShape {
     let mut shape = pod.clone();
     for (i, nic) in shape.nics.iter_mut().enumerate() {
         nic.mac = Some(template_mac(i));
     }
+    if shape.max_vcpus > 1 {
+        shape.vcpus = 1;
+    }
     shape
+}
+
+/// The vCPUs a clone of `pod`'s template must bring online after the restore, if more
+/// than the template's one.
+pub fn online_after_restore(pod: &GuestShape) -> Option<usize> {
+    (shape(pod).vcpus < pod.vcpus).then_some(pod.vcpus)
 }
 
 /// A file's content identity in the key: size and modification time (absent: the file
@@ -509,6 +520,30 @@ mod tests {
             key_of(&with_nic(nic("t0", 1, 9000))),
             "the MTU does"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn pods_of_any_vcpu_count_share_the_one_vcpu_template_when_vcpus_can_be_parked() {
+        let dir = temp_dir("tvcpus");
+        let base = config(&dir);
+        let with = |vcpus, max_vcpus| {
+            let mut c = base.clone();
+            c.shape.vcpus = vcpus;
+            c.shape.max_vcpus = max_vcpus;
+            c
+        };
+        let one = with(1, 4);
+        for vcpus in [2, 4] {
+            let pod = with(vcpus, 4);
+            assert_eq!(key(&pod.shape), key(&one.shape), "{vcpus} vCPUs");
+            assert_eq!(online_after_restore(&pod.shape), Some(vcpus));
+            assert_eq!(restore_config(dir.clone(), &pod).shape.unwrap().vcpus, 1);
+        }
+        assert_eq!(online_after_restore(&one.shape), None);
+        // Other vCPU slot counts are other templates (the VM has that many vCPUs).
+        assert_eq!(key(&with(2, 2).shape), key(&with(1, 2).shape));
+        assert_ne!(key(&with(1, 2).shape), key(&one.shape));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
