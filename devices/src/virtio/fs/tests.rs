@@ -1387,8 +1387,14 @@ fn flags_the_host_fd_refuses_leave_the_handle_open() {
 
 // ---- Bounds on what the guest holds open ------------------------------------------------
 
-fn open_fds() -> usize {
-    fs::read_dir("/proc/self/fd").unwrap().count()
+/// This process's descriptors of files at or below `dir` (other tests of the binary run
+/// in parallel threads and open descriptors of their own meanwhile).
+fn open_fds_under(dir: &Path) -> usize {
+    fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter(|e| fs::read_link(e.path()).is_ok_and(|target| target.starts_with(dir)))
+        .count()
 }
 
 #[test]
@@ -1401,7 +1407,7 @@ fn a_guest_holding_too_many_inodes_or_handles_gets_enfile_and_recovers() {
         limits,
         ..Default::default()
     });
-    let fds_before = open_fds();
+    let fds_before = open_fds_under(f.dir.as_path());
     // Create (and keep) far more files than the cap: the inode cap answers ENFILE, and the
     // file created on the host is not pinned.
     let mut kept = Vec::new();
@@ -1421,7 +1427,7 @@ fn a_guest_holding_too_many_inodes_or_handles_gets_enfile_and_recovers() {
     // Lookups of existing files are capped the same way.
     assert_eq!(f.c.lookup(ROOT, "f1999").unwrap_err(), libc::ENFILE);
     // The process's fds stayed bounded by the caps.
-    let grown = open_fds().saturating_sub(fds_before);
+    let grown = open_fds_under(f.dir.as_path()).saturating_sub(fds_before);
     assert!(
         grown <= limits.max_inodes + limits.max_handles,
         "{grown} fds"
