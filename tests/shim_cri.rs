@@ -469,6 +469,20 @@ fn start_cri_with_cni(
     Some(CriWithCni { containerd, cni })
 }
 
+/// [`start_cri_with_cni`] for a test that needs no guest (the podvisor handler's kernel and
+/// initrd do not exist: the shim must fail, or refuse, before it boots anything).
+fn start_cri_without_guest(
+    test: &str,
+    dir: &Path,
+    podvisor_config: Option<String>,
+) -> Option<CriWithCni> {
+    if !have_tools(test) {
+        return None;
+    }
+    let missing = dir.join("no-kernel");
+    start_cri_with_cni(test, dir, &missing, &missing, podvisor_config)
+}
+
 /// Serves one HTTP answer `body` on `ip` (port chosen by the kernel); the thread returns the
 /// request's first line, or None when nobody came within `timeout`.
 fn serve_once(
@@ -1120,14 +1134,10 @@ fn host_cpus() -> usize {
 #[test]
 fn cri_podvisor_bad_config_fails_cleanly() {
     const TEST: &str = "cri_podvisor_bad_config_fails_cleanly";
-    if !have_tools(TEST) {
-        return;
-    }
     let dir = temp_path("cri-badconfig");
-    let missing = dir.join("no-kernel");
     let config = Some("vcpus = 1\nmemory = 512\n".into());
     // Not destructured: containerd must stop before the bridge goes.
-    let Some(env) = start_cri_with_cni(TEST, &dir, &missing, &missing, config) else {
+    let Some(env) = start_cri_without_guest(TEST, &dir, config) else {
         return;
     };
     let containerd = &env.containerd;
@@ -1194,13 +1204,9 @@ fn cri_podvisor_bad_config_fails_cleanly() {
 #[test]
 fn cri_podvisor_refuses_host_namespaces() {
     const TEST: &str = "cri_podvisor_refuses_host_namespaces";
-    if !have_tools(TEST) {
-        return;
-    }
     let dir = temp_path("cri-hostns");
-    let missing = dir.join("no-kernel");
     // Not destructured: containerd must stop before the bridge goes.
-    let Some(env) = start_cri_with_cni(TEST, &dir, &missing, &missing, None) else {
+    let Some(env) = start_cri_without_guest(TEST, &dir, None) else {
         return;
     };
     let containerd = &env.containerd;
