@@ -191,6 +191,49 @@ fn attach_stdout(vm: &mut Vm, uds: &Path, id: &str) -> JoinHandle<String> {
     collect(conn)
 }
 
+/// CreateContainer `id` of `spec` with its rootfs in the share and the `stdio` streams
+/// (attached before); returns the init's pid.
+fn create(
+    client: &AgentClient,
+    id: &str,
+    spec: &Value,
+    stdio: podvisor_agent_protocol::agent::Stdio,
+) -> ttrpc::Result<u32> {
+    let mut req = CreateContainerRequest::new();
+    req.container_id = id.into();
+    req.oci_spec_json = serde_json::to_vec(spec).unwrap();
+    req.rootfs = format!("{SHARED_IN_GUEST}/rootfs");
+    req.stdio = Some(stdio).into();
+    client.create_container(ctx(), &req).map(|r| r.pid)
+}
+
+/// StartContainer `id`.
+fn start(client: &AgentClient, id: &str) -> ttrpc::Result<Empty> {
+    let mut req = ContainerRequest::new();
+    req.container_id = id.into();
+    client.start_container(ctx(), &req)
+}
+
+/// Stdio with just a stdout stream.
+fn stdout_only() -> podvisor_agent_protocol::agent::Stdio {
+    let mut stdio = podvisor_agent_protocol::agent::Stdio::new();
+    stdio.stdout = true;
+    stdio
+}
+
+/// The names of the processes a container `id` of `spec` (which lists them) sees.
+fn pod_processes(
+    client: &AgentClient,
+    vm: &mut Vm,
+    uds: &Path,
+    id: &str,
+    spec: &Value,
+) -> Vec<String> {
+    let (status, out) = run_container(client, vm, uds, id, spec);
+    assert_eq!(status, 0, "{out}");
+    out.lines().map(String::from).collect()
+}
+
 /// Creates and starts container `id` with a stdout stream; returns (exit status, stdout).
 fn run_container(
     client: &AgentClient,
@@ -200,18 +243,9 @@ fn run_container(
     spec: &Value,
 ) -> (i32, String) {
     let out = attach_stdout(vm, uds, id);
-    let mut req = CreateContainerRequest::new();
-    req.container_id = id.into();
-    req.oci_spec_json = serde_json::to_vec(spec).unwrap();
-    req.rootfs = format!("{SHARED_IN_GUEST}/rootfs");
-    let mut stdio = podvisor_agent_protocol::agent::Stdio::new();
-    stdio.stdout = true;
-    req.stdio = Some(stdio).into();
-    let pid = client.create_container(ctx(), &req).unwrap().pid;
+    let pid = create(client, id, spec, stdout_only()).unwrap();
     assert!(pid > 0);
-    let mut req = ContainerRequest::new();
-    req.container_id = id.into();
-    client.start_container(ctx(), &req).unwrap();
+    start(client, id).unwrap();
     let mut req = ProcessRequest::new();
     req.container_id = id.into();
     let status = client.wait_process(ctx(), &req).unwrap().exit_status;
@@ -443,17 +477,12 @@ fn guest_agent_runs_a_container() {
     StreamHeader::new(StreamKind::Stdin, id, "")
         .attach(&mut stdin)
         .expect("stdin stream attach");
-    let mut req = CreateContainerRequest::new();
-    req.container_id = id.into();
-    req.oci_spec_json = serde_json::to_vec(&spec_mem).unwrap();
-    req.rootfs = format!("{SHARED_IN_GUEST}/rootfs");
     let mut stdio = podvisor_agent_protocol::agent::Stdio::new();
     stdio.stdin = true;
-    req.stdio = Some(stdio).into();
-    client.create_container(ctx(), &req).unwrap();
+    create(&client, id, &spec_mem, stdio).unwrap();
+    start(&client, id).unwrap();
     let mut req = ContainerRequest::new();
     req.container_id = id.into();
-    client.start_container(ctx(), &req).unwrap();
     let stats = client.stats(ctx(), &req).unwrap();
     assert!(stats.has_memory, "no memory stats: {stats:?}");
     assert!(stats.memory.usage > 0, "{stats:?}");
@@ -492,18 +521,9 @@ fn guest_agent_runs_a_container() {
     // at once, as with runc, instead of after a grace period.
     let id = "top";
     let drain = attach_stdout(&mut vm, &uds, id);
-    let mut req = CreateContainerRequest::new();
-    req.container_id = id.into();
-    req.oci_spec_json =
-        serde_json::to_vec(&spec(&["top"], &["pid", "ipc", "uts", "mount"])).unwrap();
-    req.rootfs = format!("{SHARED_IN_GUEST}/rootfs");
-    let mut stdio = podvisor_agent_protocol::agent::Stdio::new();
-    stdio.stdout = true;
-    req.stdio = Some(stdio).into();
-    client.create_container(ctx(), &req).unwrap();
-    let mut req = ContainerRequest::new();
-    req.container_id = id.into();
-    client.start_container(ctx(), &req).unwrap();
+    let top = spec(&["top"], &["pid", "ipc", "uts", "mount"]);
+    create(&client, id, &top, stdout_only()).unwrap();
+    start(&client, id).unwrap();
     let stop = Instant::now();
     let mut req = SignalProcessRequest::new();
     req.container_id = id.into();
@@ -539,27 +559,14 @@ fn guest_agent_runs_a_container() {
             .push(json!({"type": "pid", "path": podvisor_agent_protocol::POD_PID_NAMESPACE}));
         s
     };
-    let mut req = CreateContainerRequest::new();
-    req.container_id = "pod-sleeper".into();
     // Its init (not the namespace's: that is the holder) leaves a background child.
-    req.oci_spec_json =
-        serde_json::to_vec(&pod_pid(&["sh", "-c", "sleep 3600 & exec sleep 3601"])).unwrap();
-    req.rootfs = format!("{SHARED_IN_GUEST}/rootfs");
-    client.create_container(ctx(), &req).unwrap();
-    let mut req = ContainerRequest::new();
-    req.container_id = "pod-sleeper".into();
-    client.start_container(ctx(), &req).unwrap();
-    let (status, out) = run_container(
-        &client,
-        &mut vm,
-        &uds,
-        "pod-looker",
-        &pod_pid(&["sh", "-c", "cat /proc/[0-9]*/comm"]),
-    );
-    assert_eq!(status, 0, "{out}");
-    let names: Vec<&str> = out.lines().collect();
+    let sleeper = pod_pid(&["sh", "-c", "sleep 3600 & exec sleep 3601"]);
+    create(&client, "pod-sleeper", &sleeper, Default::default()).unwrap();
+    start(&client, "pod-sleeper").unwrap();
+    let looker = pod_pid(&["sh", "-c", "cat /proc/[0-9]*/comm"]);
+    let names = pod_processes(&client, &mut vm, &uds, "pod-looker", &looker);
     assert!(
-        names.contains(&"pod-pid-ns") && names.contains(&"sleep"),
+        names.iter().any(|n| n == "pod-pid-ns") && names.iter().any(|n| n == "sleep"),
         "the pod's PID namespace holds {names:?}"
     );
     let mut req = SignalProcessRequest::new();
@@ -571,31 +578,18 @@ fn guest_agent_runs_a_container() {
     client.wait_process(ctx(), &req).unwrap();
     // Its init's exit took its other processes with it (as containerd's runc shim kills
     // a container's leftovers when it has no PID namespace of its own).
-    let (status, out) = run_container(
-        &client,
-        &mut vm,
-        &uds,
-        "pod-looker-2",
-        &pod_pid(&["sh", "-c", "cat /proc/[0-9]*/comm"]),
-    );
-    assert_eq!(status, 0, "{out}");
-    let names: Vec<&str> = out.lines().collect();
+    let names = pod_processes(&client, &mut vm, &uds, "pod-looker-2", &looker);
     assert!(
-        names.contains(&"pod-pid-ns") && !names.contains(&"sleep"),
+        names.iter().any(|n| n == "pod-pid-ns") && !names.iter().any(|n| n == "sleep"),
         "after pod-sleeper's exit the pod's PID namespace holds {names:?}"
     );
 
     // StartContainer answers once the process runs its program: an executable file that
     // the kernel cannot execute is Start's error, not a silent exit.
     let id = "noexec";
-    let mut req = CreateContainerRequest::new();
-    req.container_id = id.into();
-    req.oci_spec_json = serde_json::to_vec(&spec(&["/not-a-program"], &["pid", "mount"])).unwrap();
-    req.rootfs = format!("{SHARED_IN_GUEST}/rootfs");
-    client.create_container(ctx(), &req).unwrap();
-    let mut req = ContainerRequest::new();
-    req.container_id = id.into();
-    let err = client.start_container(ctx(), &req).unwrap_err();
+    let noexec = spec(&["/not-a-program"], &["pid", "mount"]);
+    create(&client, id, &noexec, Default::default()).unwrap();
+    let err = start(&client, id).unwrap_err();
     assert!(err.to_string().contains("Exec format error"), "{err}");
 
     for id in [

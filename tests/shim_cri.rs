@@ -541,18 +541,17 @@ fn check_pod_network(
     run: &PodRun,
     cni: &CniNetwork,
 ) {
-    let status = rt
+    let sandbox = rt
         .block_on(client.pod_sandbox_status(req(
             PodSandboxStatusRequest {
                 pod_sandbox_id: run.sandbox_id.clone(),
-                verbose: false,
+                verbose: true,
             },
             CALL,
         )))
         .expect("PodSandboxStatus")
-        .into_inner()
-        .status
-        .expect("sandbox status");
+        .into_inner();
+    let status = sandbox.status.as_ref().expect("sandbox status");
     let ip: Ipv4Addr = status
         .network
         .as_ref()
@@ -580,101 +579,68 @@ fn check_pod_network(
         server.join().unwrap().as_deref(),
         Some("GET /pod-network HTTP/1.1")
     );
-    // Host → pod: a listener in the pod, started in the background.
-    let started = exec(
-        client,
-        &[
-            "sh",
-            "-c",
-            "(echo hello-from-pod | nc -l -p 8080 >/dev/null 2>&1) >/dev/null 2>&1 </dev/null &",
-        ],
-    );
-    assert_eq!(started.exit_code, 0);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let text = loop {
-        let attempt = TcpStream::connect_timeout(&(ip, 8080).into(), Duration::from_secs(5))
-            .and_then(|mut conn| {
-                conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-                let mut text = String::new();
-                let mut buf = [0u8; 64];
-                while !text.contains('\n') {
-                    let n = conn.read(&mut buf)?;
-                    if n == 0 {
-                        break;
-                    }
-                    text.push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-                Ok(text)
-            });
-        match attempt {
-            Ok(text) if !text.is_empty() => break text,
-            other => {
-                assert!(
-                    Instant::now() < deadline,
-                    "no answer from {ip}:8080: {other:?}"
-                );
-                std::thread::sleep(Duration::from_millis(300));
-            }
-        }
+    // A listener in the pod, started in the background, answering `line` once on `port`.
+    let serve_in_pod = |client: &mut Client, port: u16, line: &str| {
+        let script =
+            format!("(echo {line} | nc -l -p {port} >/dev/null 2>&1) >/dev/null 2>&1 </dev/null &");
+        assert_eq!(exec(client, &["sh", "-c", &script]).exit_code, 0);
     };
+    // Host → pod.
+    serve_in_pod(client, 8080, "hello-from-pod");
+    let text = first_line(&format!("{ip}:8080"), || {
+        TcpStream::connect_timeout(&(ip, 8080).into(), Duration::from_secs(5))
+    });
     assert_eq!(text, "hello-from-pod\n");
 
     // PortForward as containerd serves it: a dial of 127.0.0.1:<port> inside the pod's
     // network namespace reaches the pod's listener (with podvisor, in the VM).
-    let netns = pod_netns_path(client, rt, run);
-    let started = exec(
-        client,
-        &[
-            "sh",
-            "-c",
-            "(echo hello-via-forward | nc -l -p 8081 >/dev/null 2>&1) >/dev/null 2>&1 </dev/null &",
-        ],
-    );
-    assert_eq!(started.exit_code, 0);
+    let netns = netns_path_of(&sandbox);
+    serve_in_pod(client, 8081, "hello-via-forward");
     let ns = podvisor_shim::Netns::open(&netns).unwrap();
+    let text = first_line(&format!("127.0.0.1:8081 in {}", netns.display()), || {
+        ns.run("test-port-forward", || {
+            TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, 8081).into(), Duration::from_secs(5))
+        })
+        .unwrap()
+    });
+    assert_eq!(text, "hello-via-forward\n");
+}
+
+/// The first line a listener at `what` answers on a connection `dial` makes, retried for up
+/// to a minute while the listener comes up.
+fn first_line(what: &str, dial: impl Fn() -> std::io::Result<TcpStream>) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let text = loop {
-        let attempt = ns
-            .run("test-port-forward", || -> std::io::Result<String> {
-                let mut conn = TcpStream::connect_timeout(
-                    &(Ipv4Addr::LOCALHOST, 8081).into(),
-                    Duration::from_secs(5),
-                )?;
-                conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-                let mut text = String::new();
-                conn.read_to_string(&mut text)?;
-                Ok(text)
-            })
-            .unwrap();
+    loop {
+        let attempt = dial().and_then(|mut conn| {
+            conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut text = String::new();
+            let mut buf = [0u8; 64];
+            while !text.contains('\n') {
+                let n = conn.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                text.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+            Ok(text)
+        });
         match attempt {
-            Ok(text) if !text.is_empty() => break text,
+            Ok(text) if !text.is_empty() => return text,
             other => {
                 assert!(
                     Instant::now() < deadline,
-                    "no answer from 127.0.0.1:8081 in {}: {other:?}",
-                    netns.display()
+                    "no answer from {what}: {other:?}"
                 );
                 std::thread::sleep(Duration::from_millis(300));
             }
         }
-    };
-    assert_eq!(text, "hello-via-forward\n");
+    }
 }
 
 /// The pod's network namespace, from containerd's verbose sandbox status.
-fn pod_netns_path(client: &mut Client, rt: &tokio::runtime::Runtime, run: &PodRun) -> PathBuf {
-    let status = rt
-        .block_on(client.pod_sandbox_status(req(
-            PodSandboxStatusRequest {
-                pod_sandbox_id: run.sandbox_id.clone(),
-                verbose: true,
-            },
-            CALL,
-        )))
-        .expect("PodSandboxStatus")
-        .into_inner();
+fn netns_path_of(sandbox: &PodSandboxStatusResponse) -> PathBuf {
     let info: serde_json::Value =
-        serde_json::from_str(status.info.get("info").expect("verbose info")).unwrap();
+        serde_json::from_str(sandbox.info.get("info").expect("verbose info")).unwrap();
     info["runtimeSpec"]["linux"]["namespaces"]
         .as_array()
         .and_then(|nss| nss.iter().find(|ns| ns["type"] == "network"))

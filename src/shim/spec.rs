@@ -33,7 +33,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::{LinuxNamespaceType, Mount, Root, Spec};
+use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Mount, Root, Spec};
 use podvisor_agent_protocol::POD_PID_NAMESPACE;
 
 /// A host path the shim must bind into the share before the container is created.
@@ -203,6 +203,13 @@ impl BundleSpec {
     }
 }
 
+/// Whether a namespace entry joins an existing namespace (a non-empty `path`).
+fn joins(ns: &LinuxNamespace) -> bool {
+    ns.path()
+        .as_ref()
+        .is_some_and(|p| !p.as_os_str().is_empty())
+}
+
 /// Namespaces a pod's containers share as the VM's own when the spec joins the sandbox's.
 const VM_NAMESPACES: [LinuxNamespaceType; 2] = [LinuxNamespaceType::Uts, LinuxNamespaceType::Ipc];
 
@@ -295,27 +302,19 @@ fn adapt(mut spec: Spec, container_dir: &str) -> Result<GuestSpec, SpecError> {
         }
         if let Some(nss) = linux.namespaces_mut() {
             nss.retain(|ns| {
-                let joined = ns
-                    .path()
-                    .as_ref()
-                    .is_some_and(|p| !p.as_os_str().is_empty());
                 ns.typ() != LinuxNamespaceType::Network
-                    && !(joined && VM_NAMESPACES.contains(&ns.typ()))
+                    && !(joins(ns) && VM_NAMESPACES.contains(&ns.typ()))
             });
             for ns in nss.iter_mut() {
                 // Joining the sandbox's PID namespace is the pod's shared one in the VM.
-                let joined = ns
-                    .path()
-                    .as_ref()
-                    .is_some_and(|p| !p.as_os_str().is_empty());
-                let pod_pid = joined && ns.typ() == LinuxNamespaceType::Pid;
+                let pod_pid = joins(ns) && ns.typ() == LinuxNamespaceType::Pid;
                 ns.set_path(pod_pid.then(|| PathBuf::from(POD_PID_NAMESPACE)));
             }
             // A private cgroup namespace, as containerd gives containers on cgroup v2 hosts
             // (the guest is one whatever the host is): the container sees its own cgroup
             // as the root of /sys/fs/cgroup, with its own limits.
             if !nss.iter().any(|ns| ns.typ() == LinuxNamespaceType::Cgroup) {
-                let mut cgroup = oci_spec::runtime::LinuxNamespace::default();
+                let mut cgroup = LinuxNamespace::default();
                 cgroup.set_typ(LinuxNamespaceType::Cgroup);
                 nss.push(cgroup);
             }

@@ -29,7 +29,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -751,11 +751,10 @@ pub struct Container {
     lc: Mutex<LcContainer>,
     /// A lean-launched init's starter (`crate::launcher`), until StartContainer.
     lean_start: Mutex<Option<crate::launcher::Starter>>,
-    started: AtomicBool,
     /// The spec's seccomp profile: exec'd processes are confined by it too.
     seccomp: Option<LinuxSeccomp>,
-    /// When StartContainer released the init (signals to it may be held a while after:
-    /// [`crate::held_signal`]).
+    /// When StartContainer released the init; None until then (signals to it may be held
+    /// a while after: [`crate::held_signal`]).
     started_at: Mutex<Option<Instant>>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
     exec_seq: AtomicU64,
@@ -903,7 +902,6 @@ impl Container {
             init,
             lc: Mutex::new(lc),
             lean_start: Mutex::new(lean_start),
-            started: AtomicBool::new(false),
             started_at: Mutex::new(None),
             seccomp,
             execs: Mutex::new(HashMap::new()),
@@ -919,14 +917,19 @@ impl Container {
         self.execs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// When StartContainer released the init, if it has.
+    fn started_at(&self) -> Option<Instant> {
+        *self.started_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// True once started and while the init process lives.
     pub fn is_running(&self) -> bool {
-        self.started.load(Ordering::Acquire) && self.init.exit().is_none()
+        self.started_at().is_some() && self.init.exit().is_none()
     }
 
     /// StartContainer.
     pub fn start(&self, reaper: &Reaper) -> Result<(), ContainerError> {
-        if self.started.load(Ordering::Acquire) {
+        if self.started_at().is_some() {
             return Err(ContainerError::AlreadyStarted(self.id.clone()));
         }
         if self.init.exit().is_some() {
@@ -958,7 +961,6 @@ impl Container {
             }
         };
         *self.started_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-        self.started.store(true, Ordering::Release);
         drop(guard);
         // Start answers once the container runs its program, as runc's does: a failed
         // execve is Start's error, not a silent exit 127.
@@ -1090,11 +1092,11 @@ impl Container {
     /// Holds `sig` for the init (`pid`, alive, under the reaper's lock) if it would be lost
     /// now ([`crate::held_signal`]); false if it is to be sent at once.
     fn hold_signal(&self, pid: i32, sig: Signal) -> bool {
-        let started = *self.started_at.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(at) = started.filter(|t| t.elapsed() < held_signal::HOLD_WINDOW) else {
+        // Only a young init's status is read (each read is guest-kernel work).
+        let Some(at) = self.started_at().filter(|&t| held_signal::young(t)) else {
             return false;
         };
-        if !held_signal::must_hold(sig, started, held_signal::view(pid, sig)) {
+        if !held_signal::must_hold(sig, held_signal::view(pid, sig)) {
             return false;
         }
         let held = held_signal::pidfd(pid)

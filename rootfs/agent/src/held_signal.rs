@@ -68,11 +68,16 @@ pub fn parse_status(status: &str, signal: i32) -> Option<SignalView> {
     })
 }
 
-/// Whether a signal to a container's init started at `started` must be held now.
-pub fn must_hold(signal: Signal, started: Option<Instant>, view: Option<SignalView>) -> bool {
-    let young = started.is_some_and(|t| t.elapsed() < HOLD_WINDOW);
+/// Whether an init started at `started` is still in its hold window.
+pub fn young(started: Instant) -> bool {
+    started.elapsed() < HOLD_WINDOW
+}
+
+/// Whether `signal` to a young container init whose status is `view` must be held: the
+/// kernel would drop it now.
+pub fn must_hold(signal: Signal, view: Option<SignalView>) -> bool {
     let dropped_by_kernel = view.is_some_and(|v| v.namespace_init && !v.handled);
-    young && dropped_by_kernel && !matches!(signal, Signal::SIGKILL | Signal::SIGSTOP)
+    dropped_by_kernel && !matches!(signal, Signal::SIGKILL | Signal::SIGSTOP)
 }
 
 /// The status view of `pid` for `signal`, if the process can be read.
@@ -203,18 +208,16 @@ mod tests {
 
     #[test]
     fn only_young_namespace_inits_without_a_handler_wait() {
-        let now = Some(Instant::now());
         let bare = parse_status(INIT_DEFAULT, 15);
         let catches = parse_status(INIT_CATCHES_TERM, 15);
-        assert!(must_hold(Signal::SIGTERM, now, bare));
-        assert!(!must_hold(Signal::SIGKILL, now, bare));
-        assert!(!must_hold(Signal::SIGTERM, now, catches));
-        assert!(!must_hold(Signal::SIGTERM, now, parse_status(NOT_INIT, 15)));
-        assert!(!must_hold(Signal::SIGTERM, None, bare));
-        assert!(!must_hold(Signal::SIGTERM, now, None));
-        let old = Instant::now().checked_sub(HOLD_WINDOW + Duration::from_secs(1));
-        if old.is_some() {
-            assert!(!must_hold(Signal::SIGTERM, old, bare));
+        assert!(must_hold(Signal::SIGTERM, bare));
+        assert!(!must_hold(Signal::SIGKILL, bare));
+        assert!(!must_hold(Signal::SIGTERM, catches));
+        assert!(!must_hold(Signal::SIGTERM, parse_status(NOT_INIT, 15)));
+        assert!(!must_hold(Signal::SIGTERM, None));
+        assert!(young(Instant::now()));
+        if let Some(old) = Instant::now().checked_sub(HOLD_WINDOW + Duration::from_secs(1)) {
+            assert!(!young(old));
         }
     }
 }

@@ -633,58 +633,78 @@ impl Execing {
     /// Waits up to `timeout` for the init's `execve`: Ok once it succeeded (or if the wait
     /// timed out: the process may still be loading), the failure if it failed.
     pub fn wait(self, timeout: Duration) -> Result<(), LaunchError> {
-        let deadline = std::time::Instant::now() + timeout;
-        let mut record = [0u8; 8];
-        let mut got = 0;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let mut pfd = libc::pollfd {
-                fd: self.exec_done.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let ms = c_int::try_from(left.as_millis()).unwrap_or(c_int::MAX);
-            // SAFETY: polls one valid pollfd.
-            let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if ready == 0 {
+        match read_report(&self.exec_done, Some(timeout), "waiting for execve")? {
+            Report::Closed => Ok(()),
+            Report::TimedOut => {
                 log::warn!("the container's process did not finish execve within {timeout:?}");
-                return Ok(());
+                Ok(())
             }
-            if ready < 0 {
-                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(LaunchError::Io {
-                    what: "waiting for execve",
-                    source: std::io::Error::last_os_error(),
-                });
-            }
-            // SAFETY: reads into the unfilled part of `record`.
-            let n = unsafe {
-                libc::read(
-                    self.exec_done.as_raw_fd(),
-                    record[got..].as_mut_ptr().cast(),
-                    record.len() - got,
-                )
-            };
-            match n {
-                0 if got == 0 => return Ok(()),
-                0 => return Err(LaunchError::ChildGone),
-                n if n > 0 => got += n.cast_unsigned(),
-                _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
-                _ => {
-                    return Err(LaunchError::Io {
-                        what: "waiting for execve",
-                        source: std::io::Error::last_os_error(),
-                    })
-                }
-            }
-            if got == record.len() {
-                let (step, errno) = decode(record);
-                return Err(LaunchError::Child(ChildFailure { step, errno }));
-            }
+            Report::Record(failure) => Err(LaunchError::Child(failure)),
         }
     }
+}
+
+/// What a child's ready pipe brought.
+enum Report {
+    /// A (step, errno) record: step 0 is "ready", any other a failure.
+    Record(ChildFailure),
+    /// Closed before any byte: the child exec'd (its end is close-on-exec) or exited.
+    Closed,
+    /// Nothing within the timeout.
+    TimedOut,
+}
+
+/// Reads one 8-byte record of [`report`] from `fd`, waiting up to `timeout` (None: for as
+/// long as it takes). A pipe closed in the middle of a record is [`LaunchError::ChildGone`].
+fn read_report(
+    fd: &OwnedFd,
+    timeout: Option<Duration>,
+    what: &'static str,
+) -> Result<Report, LaunchError> {
+    let io = |source| LaunchError::Io { what, source };
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    let mut record = [0u8; 8];
+    let mut got = 0;
+    while got < record.len() {
+        let ms = deadline.map_or(-1, |d| {
+            let left = d.saturating_duration_since(std::time::Instant::now());
+            c_int::try_from(left.as_millis()).unwrap_or(c_int::MAX)
+        });
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one valid pollfd.
+        match unsafe { libc::poll(&mut pfd, 1, ms) } {
+            0 => return Ok(Report::TimedOut),
+            r if r < 0 => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(io(e));
+            }
+            _ => {}
+        }
+        // SAFETY: reads into the unfilled part of `record`.
+        let n = unsafe {
+            libc::read(
+                fd.as_raw_fd(),
+                record[got..].as_mut_ptr().cast(),
+                record.len() - got,
+            )
+        };
+        match n {
+            0 if got == 0 => return Ok(Report::Closed),
+            0 => return Err(LaunchError::ChildGone),
+            n if n > 0 => got += n.cast_unsigned(),
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return Err(io(std::io::Error::last_os_error())),
+        }
+    }
+    let (step, errno) = decode(record);
+    Ok(Report::Record(ChildFailure { step, errno }))
 }
 
 /// Errors of a launch (the spec was accepted).
@@ -797,27 +817,10 @@ impl Prepared {
         register(pid);
         drop(ready_w);
         drop(start_r);
-        let mut record = [0u8; 8];
-        let mut got = 0;
-        while got < record.len() {
-            // SAFETY: reads into the unfilled part of `record`.
-            let n = unsafe {
-                libc::read(
-                    ready_r.as_raw_fd(),
-                    record[got..].as_mut_ptr().cast(),
-                    record.len() - got,
-                )
-            };
-            match n {
-                0 => return Err(LaunchError::ChildGone),
-                n if n > 0 => got += n.cast_unsigned(),
-                _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
-                _ => return Err(io("reading the ready pipe")(std::io::Error::last_os_error())),
-            }
-        }
-        let (step, errno) = decode(record);
-        if step != 0 {
-            return Err(LaunchError::Child(ChildFailure { step, errno }));
+        match read_report(&ready_r, None, "reading the ready pipe")? {
+            Report::Record(ChildFailure { step: 0, .. }) => {}
+            Report::Record(failure) => return Err(LaunchError::Child(failure)),
+            Report::Closed | Report::TimedOut => return Err(LaunchError::ChildGone),
         }
         Ok(Launched {
             pid,
