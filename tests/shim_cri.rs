@@ -372,12 +372,7 @@ fn pod_lifecycle(
     }
     remove.expect("RemovePodSandbox");
 
-    let pods = rt
-        .block_on(client.list_pod_sandbox(req(ListPodSandboxRequest::default(), CALL)))
-        .expect("ListPodSandbox")
-        .into_inner()
-        .items;
-    assert!(pods.is_empty(), "pods left: {pods:?}");
+    assert_no_pods(&rt, &mut client);
     let containers = rt
         .block_on(client.list_containers(req(ListContainersRequest::default(), CALL)))
         .expect("ListContainers")
@@ -387,9 +382,8 @@ fn pod_lifecycle(
     run
 }
 
-/// No podvisor shim runs and CRI lists no pod.
-fn assert_no_pods(containerd: &Containerd, rt: &tokio::runtime::Runtime, client: &mut Client) {
-    wait_gone("podvisor shim", || shim_pids(&containerd.sock()));
+/// CRI lists no pod.
+fn assert_no_pods(rt: &tokio::runtime::Runtime, client: &mut Client) {
     let pods = rt
         .block_on(client.list_pod_sandbox(req(ListPodSandboxRequest::default(), CALL)))
         .expect("ListPodSandbox")
@@ -1133,7 +1127,8 @@ fn cri_podvisor_bad_config_fails_cleanly() {
             && err.message().contains("unknown field `memory`"),
         "{err}"
     );
-    assert_no_pods(containerd, &rt, &mut client);
+    wait_gone("podvisor shim", || shim_pids(&containerd.sock()));
+    assert_no_pods(&rt, &mut client);
 
     // ctr run --runtime-config-path: the same runtime options.
     let (code, _, stderr) = common::containerd::run_bounded(
@@ -1214,7 +1209,8 @@ fn cri_podvisor_refuses_host_namespaces() {
             "{field}: {err}"
         );
     }
-    assert_no_pods(containerd, &rt, &mut client);
+    wait_gone("podvisor shim", || shim_pids(&containerd.sock()));
+    assert_no_pods(&rt, &mut client);
     assert_nothing_left(containerd);
 }
 
